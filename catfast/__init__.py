@@ -1,0 +1,35 @@
+"""catfast: a kernel-optimized engine for LoRA adapters on Stable-Diffusion-family UNets.
+
+Public API (importing catfast loads only torch; diffusers, peft, triton and onnx load on first use):
+  cat_loss(unet, scheduler, ...)       the CAT objective (reference now; fused in a later release)
+  merge_lora_ / unmerge_lora_          in-place multi-layer LoRA merge (C++ extension when built)
+  read_adapter / write_adapter         LoRA safetensors in diffusers/peft and kohya formats
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "cat_loss": "catfast.train.objective",
+    "CatLossOutput": "catfast.train.objective",
+    "merge_lora_": "catfast.ops.merge",
+    "unmerge_lora_": "catfast.ops.merge",
+    "read_adapter": "catfast.adapters.formats",
+    "write_adapter": "catfast.adapters.formats",
+    "detect_format": "catfast.adapters.formats",
+    "LoraAdapter": "catfast.adapters.adapter",
+    "LoraLayer": "catfast.adapters.adapter",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'catfast' has no attribute {name!r}")

@@ -1,0 +1,131 @@
+"""Capability probes, each computed once: torch, CUDA, Triton, the C++ extension, and the libraries
+catfast integrates with. `python -m catfast.env` prints them with the reason for anything missing.
+Nothing here imports triton, diffusers or onnx until a probe is asked for."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One probe's answer: whether the thing is usable, its version, and why not when it is not."""
+
+    name: str
+    available: bool
+    version: str | None = None
+    detail: str | None = None
+
+
+@functools.cache
+def has_cuda() -> Capability:
+    import torch
+
+    if not torch.cuda.is_available():
+        reason = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
+        return Capability("cuda", False, torch.version.cuda, reason)
+    name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    return Capability("cuda", True, torch.version.cuda, f"{name}, sm_{major}{minor}")
+
+
+@functools.cache
+def has_triton() -> Capability:
+    """Triton is usable when it imports and either a CUDA device is present or TRITON_INTERPRET=1."""
+    try:
+        import triton
+    except Exception as e:
+        return Capability("triton", False, None, f"import failed: {type(e).__name__}: {e}")
+    if has_cuda().available:
+        return Capability("triton", True, triton.__version__, "compiles for the CUDA device")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return Capability("triton", True, triton.__version__, "CPU interpreter (TRITON_INTERPRET=1), slow")
+    return Capability("triton", False, triton.__version__, "no CUDA device; set TRITON_INTERPRET=1 to interpret on CPU")
+
+
+@functools.cache
+def has_ext() -> Capability:
+    from catfast._ext import EXT, EXT_ERROR, build_info
+
+    if EXT is None:
+        return Capability("catfast._C", False, None, EXT_ERROR)
+    info = build_info() or {}
+    return Capability("catfast._C", True, None, f"built against torch {info.get('torch', '?')}")
+
+
+def _package(dist: str, name: str | None = None) -> Capability:
+    try:
+        return Capability(name or dist, True, importlib.metadata.version(dist))
+    except importlib.metadata.PackageNotFoundError:
+        return Capability(name or dist, False, None, "not installed")
+
+
+@functools.cache
+def has_onnxruntime() -> Capability:
+    try:
+        import onnxruntime as ort
+    except Exception as e:
+        return Capability("onnxruntime", False, None, f"import failed: {type(e).__name__}: {e}")
+    return Capability("onnxruntime", True, ort.__version__, "providers: " + ", ".join(ort.get_available_providers()))
+
+
+def _tool(name: str, version_args: list[str]) -> Capability:
+    path = shutil.which(name)
+    if path is None:
+        return Capability(name, False, None, "not on PATH")
+    try:
+        out = subprocess.run([path, *version_args], capture_output=True, text=True, timeout=20).stdout
+        lines = [ln for ln in out.splitlines() if ln.strip()]
+        line = next((ln for ln in lines if "release" in ln), lines[0] if lines else "")
+    except (OSError, subprocess.SubprocessError) as e:
+        line = f"version query failed: {e}"
+    return Capability(name, True, None, line.strip())
+
+
+def report() -> list[Capability]:
+    """Every probe, in the order `python -m catfast.env` prints them."""
+    import torch
+
+    return [
+        Capability("python", True, sys.version.split()[0]),
+        Capability("torch", True, torch.__version__, f"{torch.get_num_threads()} CPU threads"),
+        has_cuda(),
+        has_triton(),
+        has_ext(),
+        _package("diffusers"),
+        _package("peft"),
+        _package("transformers"),
+        _package("safetensors"),
+        _package("onnx"),
+        has_onnxruntime(),
+        _tool("c++", ["--version"]),
+        _tool("nvcc", ["--version"]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    caps = report()
+    if "--json" in argv:
+        print(json.dumps([asdict(c) for c in caps], indent=2))
+        return 0
+    from catfast import __version__
+
+    print(f"catfast {__version__}")
+    for c in caps:
+        state = "yes" if c.available else "no "
+        version = c.version or ""
+        detail = f"  ({c.detail})" if c.detail else ""
+        print(f"  {c.name:<14} {state}  {version:<14}{detail}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
