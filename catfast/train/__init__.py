@@ -1,0 +1,1 @@
+"""Training: the CAT objective (reference and, later, fused), trainer, data and checkpoints."""

@@ -1,0 +1,167 @@
+"""The CAT objective (Contrastive Adapter Training, arXiv 2404.07554), as a function of one batch.
+
+Semantics (DESIGN.md, "The CAT objective"), for B samples sharing z0, eps and t:
+  z_t    = scheduler.add_noise(z0, eps, t)
+  target = eps (epsilon models) or scheduler.get_velocity(z0, eps, t) (v-prediction)
+  L_LDM  = mse(unet_{W+dW}(z_t, t, c ), target)                      adapter, trigger caption
+  L_CAT  = mse(unet_{W+dW}(z_t, t, c-), sg(unet_W(z_t, t, c-)))      adapter vs frozen base, stripped caption
+  L      = L_LDM + cat_weight * L_CAT
+With ``snr_gamma``, both terms are min-SNR weighted per sample: min(SNR_t, gamma) / SNR_t for epsilon
+and min(SNR_t, gamma) / (SNR_t + 1) for v-prediction (the diffusers training scripts' convention).
+Losses are reduced in fp32 whatever the UNet's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+
+# A text condition: encoder hidden states [B, L, D], or for SDXL-style UNets a dict with
+# "encoder_hidden_states" and "added_cond_kwargs" ({"text_embeds": [B, P], "time_ids": [B, 6]}).
+Condition = Union[torch.Tensor, dict[str, Any]]
+
+MODES = ("reference", "fused")
+
+
+@dataclass
+class CatLossOutput:
+    """Scalar fp32 tensors. ``total`` carries the graph; ``ldm`` and ``cat`` are its two terms.
+
+    When ``cat_weight == 0`` the CAT passes are skipped (plain LoRA cost) and ``cat`` is 0.
+    """
+
+    total: torch.Tensor
+    ldm: torch.Tensor
+    cat: torch.Tensor
+
+
+def cat_loss(
+    unet: torch.nn.Module,
+    scheduler: Any,
+    *,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Condition,
+    cond_stripped: Condition,
+    cat_weight: float = 1.0,
+    mode: str = "reference",
+    snr_gamma: float | None = None,
+) -> CatLossOutput:
+    """CAT loss for one batch. Gradients land on the UNet's LoRA parameters.
+
+    Args:
+      unet: a diffusers UNet2DConditionModel with a peft LoRA adapter attached and active
+        (``unet.add_adapter(LoraConfig(...))``).
+      scheduler: a diffusers noise scheduler with ``add_noise``, ``get_velocity``, ``alphas_cumprod``
+        and ``config.prediction_type`` in {"epsilon", "v_prediction"} (DDPMScheduler).
+      latents: clean latents z0 ``[B, C, H, W]``; noise: eps, same shape; timesteps: ``[B]`` ints.
+      cond / cond_stripped: text conditions for the caption with and without the trigger word.
+      cat_weight: lambda; 0 gives the plain LoRA loss.
+      mode: "reference" runs the base pass (adapter disabled, no_grad) and then the two adapter
+        passes as one batched call, as a careful diffusers user would. "fused" is the one-call
+        row-planned pass (not in this release).
+      snr_gamma: min-SNR-gamma weighting of both terms, or None.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "fused":
+        raise NotImplementedError("mode='fused' (the one-call row-planned CAT pass) is not implemented yet; "
+                                  "use mode='reference'")
+    if cat_weight < 0:
+        raise ValueError(f"cat_weight must be >= 0, got {cat_weight}")
+    _check_batch(unet, latents, noise, timesteps, cond, cond_stripped)
+
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = _target(scheduler, latents, noise, timesteps).float()
+    weights = _min_snr_weights(scheduler, timesteps, snr_gamma)
+
+    if cat_weight == 0:
+        pred = _predict(unet, noisy, timesteps, cond)
+        ldm = _weighted_mse(pred, target, weights)
+        return CatLossOutput(total=ldm, ldm=ldm, cat=torch.zeros((), device=ldm.device))
+
+    with torch.no_grad():
+        unet.disable_adapters()
+        try:
+            base = _predict(unet, noisy, timesteps, cond_stripped).float()
+        finally:
+            unet.enable_adapters()
+    pred_both = _predict(unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
+                         _concat_conditions(cond, cond_stripped))
+    pred, pred_stripped = pred_both.chunk(2)
+    ldm = _weighted_mse(pred, target, weights)
+    cat = _weighted_mse(pred_stripped, base, weights)
+    return CatLossOutput(total=ldm + cat_weight * cat, ldm=ldm, cat=cat)
+
+
+def compute_snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR_t = abar_t / (1 - abar_t) per sample, fp32, ``[B]``."""
+    abar = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return abar / (1.0 - abar)
+
+
+def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}; catfast trains epsilon and v_prediction models")
+
+
+def _min_snr_weights(scheduler: Any, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor | None:
+    if snr_gamma is None:
+        return None
+    if snr_gamma <= 0:
+        raise ValueError(f"snr_gamma must be > 0 or None, got {snr_gamma}")
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=float(snr_gamma))
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped / snr
+
+
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (per_sample * weights).mean()
+
+
+def _predict(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
+    dtype = next(unet.parameters()).dtype
+    if isinstance(cond, dict):
+        return unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+                    added_cond_kwargs=cond.get("added_cond_kwargs")).sample
+    return unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond).sample
+
+
+def _concat_conditions(a: Condition, b: Condition) -> Condition:
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    added = {k: torch.cat([v, b["added_cond_kwargs"][k]]) for k, v in (a.get("added_cond_kwargs") or {}).items()}
+    return {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]]),
+            "added_cond_kwargs": added or None}
+
+
+def _batch_of(cond: Condition) -> int:
+    return (cond if isinstance(cond, torch.Tensor) else cond["encoder_hidden_states"]).shape[0]
+
+
+def _check_batch(unet, latents, noise, timesteps, cond, cond_stripped) -> None:
+    if not getattr(unet, "peft_config", None):
+        raise ValueError("cat_loss needs a UNet with a LoRA adapter attached: unet.add_adapter(LoraConfig(...))")
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be [B, C, H, W], got shape {tuple(latents.shape)}")
+    if noise.shape != latents.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != latents shape {tuple(latents.shape)}")
+    batch = latents.shape[0]
+    if timesteps.shape != (batch,):
+        raise ValueError(f"timesteps must be [B]=[{batch}], got shape {tuple(timesteps.shape)}")
+    for name, c in (("cond", cond), ("cond_stripped", cond_stripped)):
+        if _batch_of(c) != batch:
+            raise ValueError(f"{name} has batch {_batch_of(c)}, latents have batch {batch}")
