@@ -13,7 +13,7 @@ def merge_lora_ref_(
 
     Shapes: W ``[out, in]`` (Linear) or ``[out, in, kh, kw]`` (Conv2d); A (down) ``[r, in]`` or
     ``[r, in, kh, kw]``; B (up) ``[out, r]`` or ``[out, r, 1, 1]``. The delta is computed in fp32 and W
-    is rounded once to its dtype. Unmerge is the same call with ``-s``.
+    is rounded once to its dtype (fp64 weights accumulate in fp64). Unmerge is the same call with ``-s``.
     """
     if not (len(weights) == len(downs) == len(ups) == len(scales)):
         raise ValueError(
@@ -24,8 +24,9 @@ def merge_lora_ref_(
         _check_layer(i, w, a, b)
     for w, a, b, s in zip(weights, downs, ups, scales):
         out, rank = w.shape[0], a.shape[0]
-        delta = b.reshape(out, rank).float() @ a.reshape(rank, -1).float()
-        w.copy_((w.float() + s * delta.view(w.shape)).to(w.dtype))
+        acc = torch.promote_types(w.dtype, torch.float32)
+        delta = b.reshape(out, rank).to(acc) @ a.reshape(rank, -1).to(acc)
+        w.copy_((w.to(acc) + s * delta.view(w.shape)).to(w.dtype))
 
 
 def _check_layer(i: int, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -1,0 +1,46 @@
+"""catfast imports and reports its environment without triton, diffusers, onnx or the extension."""
+
+import json
+import subprocess
+import sys
+
+BLOCK = "import sys\nfor m in {mods!r}: sys.modules[m] = None\n"
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_import_pulls_in_no_optional_library():
+    r = _run("import sys, catfast\n"
+             "heavy = [m for m in ('triton', 'diffusers', 'peft', 'onnx', 'onnxruntime', 'transformers') if m in sys.modules]\n"
+             "print(heavy)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_import_and_merge_work_when_triton_extension_and_diffusers_are_missing():
+    mods = ["triton", "diffusers", "peft", "onnx", "onnxruntime", "catfast._C"]
+    r = _run(BLOCK.format(mods=mods) + (
+        "import torch, catfast\n"
+        "from catfast import env\n"
+        "w = torch.zeros(4, 4); catfast.merge_lora_([w], [torch.ones(1, 4)], [torch.ones(4, 1)], [2.0])\n"
+        "assert torch.equal(w, torch.full((4, 4), 2.0))\n"
+        "print(env.has_triton().available, env.has_ext().available)\n"
+        "print(env.has_ext().detail)"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "False False"
+    assert "catfast._C" in lines[1] or "import" in lines[1]  # the reason names what failed
+
+
+def test_env_module_prints_capabilities_with_reasons():
+    r = subprocess.run([sys.executable, "-m", "catfast.env"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in ("torch", "cuda", "triton", "catfast._C", "diffusers", "onnxruntime"):
+        assert name in r.stdout
+    r = subprocess.run([sys.executable, "-m", "catfast.env", "--json"], capture_output=True, text=True, timeout=120)
+    caps = {c["name"]: c for c in json.loads(r.stdout)}
+    assert caps["torch"]["available"]
+    for c in caps.values():
+        assert c["available"] or c["detail"], f"{c['name']} unavailable without a reason"
