@@ -1,11 +1,24 @@
 """Random-weight model factories: `tiny` (tests), `small` (CPU benchmarks), `sd15` and `sdxl` (real
-shapes for GPU benchmarks). No hub access: everything is built from configs in this file."""
+shapes for GPU benchmarks), plus `tiny-sdxl` (SDXL's structure at tiny size, for testing SDXL code paths).
+No hub access: everything is built from configs in this file.
+
+`build_unet` gives one UNet; `build_base` every component of a pipeline; `init_model_folder` writes them
+as a complete diffusers folder that `load_base` and diffusers' own pipelines load offline."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
 import torch
 
+from catfast.errors import ModelLoadError
+
 MODEL_NAMES = ("tiny", "small", "sd15", "sdxl")
+ALL_MODEL_NAMES = MODEL_NAMES + ("tiny-sdxl",)
 
 # UNet2DConditionModel configs. tiny/small keep SD1.5's structure (cross-attn down/up blocks, a
 # cross-attn mid block, attn1/attn2/ff in every transformer block) at a fraction of the width.
@@ -65,13 +78,32 @@ _UNET_CONFIGS: dict[str, dict] = {
         projection_class_embeddings_input_dim=2816,
         norm_num_groups=32,
     ),
+    # SDXL's structure (two text encoders, text_time added conditioning, linear projections, several
+    # transformer layers per block) at tiny size: cross_attention_dim 64 = 32 + 32, 80 = 32 + 6 * 8.
+    "tiny-sdxl": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        norm_num_groups=8,
+    ),
 }
 
 
 def unet_config(name: str) -> dict:
     """The UNet2DConditionModel config of a named factory model (a fresh copy)."""
     if name not in _UNET_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ALL_MODEL_NAMES)}")
     return dict(_UNET_CONFIGS[name])
 
 
@@ -79,6 +111,219 @@ def build_unet(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A UNet2DConditionModel of the named shape with seeded random weights."""
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(name))
+    unet = _seeded(seed, lambda: UNet2DConditionModel(**unet_config(name)))
     return unet if dtype == torch.float32 else unet.to(dtype)
+
+
+def _seeded(seed: int, make):
+    """`make()` under torch.manual_seed(seed), leaving the caller's global RNG state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+# CLIP text encoders. vocab_size and the special token ids come from catfast's offline tokenizer (real
+# CLIP-L/bigG have 49,408 tokens: their embedding tables are larger than these, the rest is the same).
+_CLIP_L = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
+)
+# OpenCLIP ViT-bigG/14 text tower, as text_encoder_2 of SDXL (hidden 1280, pooled projection 1280).
+_CLIP_BIGG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
+_CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+_TEXT_CONFIGS: dict[str, tuple[dict, dict | None]] = {  # (text_encoder, text_encoder_2 or None)
+    "tiny": (_CLIP_TINY, None),
+    "small": (
+        dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256),
+        None,
+    ),
+    "sd15": (_CLIP_L, None),
+    "sdxl": (_CLIP_L, _CLIP_BIGG),
+    "tiny-sdxl": (_CLIP_TINY, dict(_CLIP_TINY, hidden_act="gelu")),
+}
+
+# AutoencoderKL configs. sd15/sdxl: the real SD VAE (8x downsampling); tiny: 2 blocks (2x), small: 4 thin
+# blocks (8x, like SD). scaling_factor: SD1.5's 0.18215, SDXL's 0.13025.
+_SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    act_fn="silu",
+)
+_TINY_VAE = dict(
+    _SD_VAE,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=8,
+    sample_size=32,
+)
+_VAE_CONFIGS: dict[str, dict] = {
+    "tiny": dict(_TINY_VAE, scaling_factor=0.18215),
+    "small": dict(
+        _SD_VAE, block_out_channels=(32, 64, 128, 128), layers_per_block=1, sample_size=256, scaling_factor=0.18215
+    ),
+    "sd15": dict(_SD_VAE, sample_size=512, scaling_factor=0.18215),
+    "sdxl": dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    "tiny-sdxl": dict(_TINY_VAE, scaling_factor=0.13025),
+}
+
+# SD's training noise schedule (the DDPM view of the PNDM config SD1.5 and SDXL ship).
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type="epsilon",
+    clip_sample=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
+
+def _is_xl(name: str) -> bool:
+    return _TEXT_CONFIGS[name][1] is not None
+
+
+def _text_encoder(name: str, which: int, seed: int):
+    """CLIPTextModel (which=1) or CLIPTextModelWithProjection (which=2, SDXL) of the named model."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from catfast.integrations.tokenizer import BOS, EOS, vocab_and_merges
+
+    vocab = vocab_and_merges()[0]
+    fields = dict(
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
+    )
+    config = CLIPTextConfig(**{**fields, **_TEXT_CONFIGS[name][which - 1]})
+    cls = CLIPTextModel if which == 1 else CLIPTextModelWithProjection
+    return _seeded(seed, lambda: cls(config)).eval()
+
+
+def _vae(name: str, seed: int):
+    from diffusers import AutoencoderKL
+
+    return _seeded(seed, lambda: AutoencoderKL(**_VAE_CONFIGS[name])).eval()
+
+
+def _scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULER_CONFIG)
+
+
+def _component_makers(name: str, seed: int) -> dict:
+    """Component name -> zero-argument builder, in diffusers' model_index naming. Each builder is seeded
+    on its own (unet: seed, as build_unet; text_encoder: seed+1; text_encoder_2: seed+2; vae: seed+3), so
+    one component can be built, saved and freed before the next (sdxl is ~14 GB in fp32)."""
+    from catfast.integrations.tokenizer import build_tokenizer
+
+    unet_config(name)  # validates the name
+    makers = {
+        "unet": lambda: build_unet(name, seed=seed).eval(),
+        "text_encoder": lambda: _text_encoder(name, 1, seed + 1),
+        "tokenizer": build_tokenizer,
+        "vae": lambda: _vae(name, seed + 3),
+        "scheduler": _scheduler,
+    }
+    if _is_xl(name):
+        makers["text_encoder_2"] = lambda: _text_encoder(name, 2, seed + 2)
+        makers["tokenizer_2"] = build_tokenizer
+    return makers
+
+
+def build_base(name: str, *, seed: int = 0):
+    """Every component of the named model, fp32 with seeded random weights, as a `BaseModel` (eval mode).
+    The UNet equals `build_unet(name, seed=seed)`."""
+    from catfast.integrations.models import BaseModel
+
+    return BaseModel(**{key: make() for key, make in _component_makers(name, seed).items()})
+
+
+def _model_index(name: str) -> dict:
+    """diffusers' model_index.json for the named model, as StableDiffusion(XL)Pipeline.save_pretrained
+    writes it (no safety checker, no feature extractor)."""
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if _is_xl(name) else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if _is_xl(name):
+        index.update(
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+            force_zeros_for_empty_prompt=True,
+        )
+    else:
+        index.update(safety_checker=[None, None], requires_safety_checker=False)
+    return dict(sorted(index.items()))
+
+
+def _save_component(key: str, obj, out_dir: Path) -> None:
+    from catfast.integrations.tokenizer import save_tokenizer
+
+    if key.startswith("tokenizer"):
+        save_tokenizer(obj, out_dir)
+    elif isinstance(obj, torch.nn.Module):
+        obj.save_pretrained(out_dir, safe_serialization=True)
+    else:  # scheduler
+        obj.save_pretrained(out_dir)
+
+
+def init_model_folder(name: str, out_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the named random-weight model as a complete diffusers folder (model_index.json, unet/,
+    text_encoder/, tokenizer/, vae/, scheduler/, and text_encoder_2/ tokenizer_2/ for SDXL; safetensors)
+    and return its path. Components are built, saved and freed one at a time. The folder is written
+    beside the target under a temporary name and renamed into place, so a crash never leaves a half
+    folder at `out_dir`. An existing non-empty `out_dir` is refused unless `overwrite`."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise ModelLoadError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ModelLoadError(f"{out}: folder exists and is not empty (pass overwrite=True / --overwrite to replace)")
+    makers = _component_makers(name, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        for key, make in makers.items():
+            component = make()
+            _save_component(key, component, tmp / key)
+            del component
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(name), indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out

@@ -1,0 +1,313 @@
+"""Base models: the `BaseModel` bundle, prompt encoding, and loaders for local diffusers folders and
+single UNet weight files (diffusers or original LDM/SD naming). Nothing here touches the hub.
+
+What `--base` accepts (`resolve_base`):
+- a diffusers folder (model_index.json + unet/ text_encoder/ tokenizer/ vae/ scheduler/, and
+  text_encoder_2/ tokenizer_2/ for SDXL), e.g. one written by `catfast models init`;
+- a single UNet weights file (`.safetensors`; pickle formats only with allow_pickle) together with
+  `config=` a diffusers folder: the file replaces that folder's UNet weights, and the folder supplies
+  the UNet config, text encoders, tokenizers, VAE and scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from catfast.errors import ModelLoadError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+LDM_UNET_PREFIX = "model.diffusion_model."
+
+
+@dataclass
+class BaseModel:
+    """A Stable Diffusion (1.x/2.x-style) or SDXL base: every component a training or sampling run needs.
+    `scheduler` is a DDPMScheduler carrying the training noise schedule. `path` is the folder it came from
+    (None when built in memory); `unet_file` the single UNet file that replaced the folder's UNet, if any."""
+
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    vae: Any
+    scheduler: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    path: Path | None = None
+    unet_file: Path | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True for SDXL-style bases (two text encoders, added text/time conditioning)."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for SD, 2 for the tiny factory VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode_prompt(self, prompts: list[str], *, image_size: tuple[int, int] | None = None):
+        """See `encode_prompt`."""
+        return encode_prompt(self, prompts, image_size=image_size)
+
+
+def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    """(B, L) token ids, padded/truncated to the tokenizer's model_max_length (77)."""
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids.to(device)
+
+
+@torch.no_grad()
+def encode_prompt(base: BaseModel, prompts: list[str], *, image_size: tuple[int, int] | None = None):
+    """Text conditioning for the UNet, without gradients (catfast's text encoders are frozen).
+
+    SD: returns encoder_hidden_states, a (B, 77, D) tensor (the text encoder's last hidden state; D = 768
+    for SD1.5, 32 for tiny), in the text encoder's dtype and device.
+    SDXL: returns a dict {"encoder_hidden_states": (B, 77, D1 + D2) — the penultimate hidden states of both
+    encoders concatenated (2048 for SDXL), "added_cond_kwargs": {"text_embeds": (B, P) pooled projection of
+    text_encoder_2 (1280), "time_ids": (B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)}},
+    with image_size = (h, w) in pixels (default: the UNet's native size). `unet(z, t, **cond)` accepts it.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("encode_prompt takes a list of prompts, not one string")
+    encoder = base.text_encoder
+    ids = _tokens(base.tokenizer, prompts, encoder.device)
+    if not base.is_sdxl:
+        return encoder(ids)[0]
+    out_1 = encoder(ids, output_hidden_states=True)
+    encoder_2 = base.text_encoder_2
+    out_2 = encoder_2(_tokens(base.tokenizer_2, prompts, encoder_2.device), output_hidden_states=True)
+    hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2].to(out_1.hidden_states[-2])], dim=-1)
+    if image_size is None:
+        side = base.unet.config.sample_size * base.vae_scale_factor
+        image_size = (side, side)
+    h, w = image_size
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=hidden.dtype, device=hidden.device).repeat(len(prompts), 1)
+    pooled = out_2.text_embeds.to(hidden)
+    return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers folders
+
+_REQUIRED = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+
+
+def _read_model_index(folder: Path) -> dict[str, list]:
+    """The components (name -> [library, class]) model_index.json names, after checking the folder and
+    that each of them has its subfolder."""
+    if not folder.exists():
+        raise ModelLoadError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: not a folder (a single UNet file needs config= a diffusers folder)")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{folder}: not a diffusers folder: model_index.json is missing")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{index_file}: not readable JSON: {e}") from None
+    components = {
+        k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1]
+    }
+    required = _REQUIRED + (("text_encoder_2", "tokenizer_2") if "text_encoder_2" in components else ())
+    for name in required:
+        if name not in components:
+            raise ModelLoadError(f"{folder}: model_index.json names no {name!r} component")
+        if not (folder / name).is_dir():
+            raise ModelLoadError(f"{folder}: component {name!r} is missing: no {name}/ subfolder")
+    return {name: components[name] for name in required}
+
+
+def _load_component(folder: Path, name: str, dtype: torch.dtype):
+    """One component from `folder/name`, local files only; any failure becomes a ModelLoadError."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    sub = folder / name
+    try:
+        if name.startswith("tokenizer"):
+            return CLIPTokenizer.from_pretrained(sub, local_files_only=True)
+        if name == "scheduler":  # the training schedule, whatever sampler class the folder names
+            return DDPMScheduler.from_pretrained(sub, local_files_only=True)
+        if name == "unet":
+            model = UNet2DConditionModel.from_pretrained(sub, torch_dtype=dtype, local_files_only=True)
+        elif name == "vae":
+            model = AutoencoderKL.from_pretrained(sub, torch_dtype=dtype, local_files_only=True)
+        else:
+            cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            model = cls.from_pretrained(sub, local_files_only=True).to(dtype)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # diffusers/transformers/safetensors raise many types for bad files
+        raise ModelLoadError(f"{sub}: cannot load {name}: {type(e).__name__}: {e}") from None
+    return model.eval().requires_grad_(False)
+
+
+def load_base(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    unet_file: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+) -> BaseModel:
+    """Load every component of the local diffusers folder `path` (never the hub). Models are in eval mode
+    with requires_grad False, in `dtype` on `device`; the scheduler is a DDPMScheduler built from the
+    folder's scheduler config. With `unet_file`, the UNet comes from that single file (see
+    `load_unet_file`) with the folder's unet/config.json, and the folder's UNet weights are not read."""
+    folder = Path(path)
+    components = _read_model_index(folder)
+    loaded = {}
+    for name in components:
+        if name == "unet" and unet_file is not None:
+            loaded[name] = load_unet_file(unet_file, folder / "unet", allow_pickle=allow_pickle, dtype=dtype)
+            loaded[name].eval().requires_grad_(False)
+        else:
+            loaded[name] = _load_component(folder, name, dtype)
+    for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if enc in loaded and len(loaded[tok]) > loaded[enc].config.vocab_size:
+            raise ModelLoadError(
+                f"{folder}: {tok} has {len(loaded[tok])} tokens but {enc} only {loaded[enc].config.vocab_size}"
+            )
+    for component in loaded.values():
+        if isinstance(component, torch.nn.Module):
+            component.to(device)
+    return BaseModel(**loaded, path=folder, unet_file=None if unet_file is None else Path(unet_file))
+
+
+def resolve_base(
+    spec: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> BaseModel:
+    """What every `--base SPEC [--config DIR]` means: SPEC a diffusers folder (config must be None), or
+    SPEC a single UNet weights file with `config` the diffusers folder that supplies the rest."""
+    spec = Path(spec)
+    if spec.is_dir():
+        if config is not None:
+            raise ModelLoadError(f"{spec}: is a diffusers folder; config= is only for a single UNet file")
+        return load_base(spec, dtype=dtype, device=device)
+    if not spec.exists():
+        raise ModelLoadError(f"{spec}: no such file or folder")
+    if config is None:
+        raise ModelLoadError(
+            f"{spec}: a single UNet file needs config= (--config) a diffusers folder that supplies the UNet "
+            "config, text encoder(s), tokenizer(s), VAE and scheduler"
+        )
+    return load_base(config, dtype=dtype, device=device, unet_file=spec, allow_pickle=allow_pickle)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# single UNet files
+
+
+def _unet_config(config: str | os.PathLike | dict) -> tuple[dict, str]:
+    """(UNet config dict, where it came from) from a dict, a config.json, a unet/ folder or a diffusers folder."""
+    if isinstance(config, dict):
+        return dict(config), "the given config"
+    src = Path(config)
+    for candidate in (src, src / "config.json", src / "unet" / "config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text()), str(candidate)
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"{candidate}: not readable JSON: {e}") from None
+    raise ModelLoadError(f"{src}: no UNet config here (expected a config.json, a unet/ folder or a diffusers folder)")
+
+
+def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """Tensors of one weights file: safetensors, or (only with allow_pickle) a torch pickle read with
+    weights_only=True. A Lightning-style {"state_dict": {...}} wrapper is unwrapped; non-tensors dropped."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from None
+    if suffix not in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"{path}: unknown weights format {suffix!r}; expected .safetensors")
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{path}: refusing to load a pickle checkpoint ({suffix}): unpickling can run arbitrary code. "
+            "Convert it to .safetensors, or pass allow_pickle=True (--allow-pickle) to load it with "
+            "torch.load(weights_only=True), which accepts only tensors and plain containers."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot load pickle checkpoint with weights_only=True: {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _fit_problems(got: dict[str, torch.Tensor], want: dict[str, torch.Size]) -> str | None:
+    """None if `got` has exactly the keys and shapes of `want`; else a short report of what differs."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    mismatched = [k for k in want if k in got and tuple(got[k].shape) != tuple(want[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if mismatched:
+        k = mismatched[0]
+        problems.append(
+            f"{len(mismatched)} shape mismatches (e.g. {k}: file {tuple(got[k].shape)} vs model {tuple(want[k])})"
+        )
+    return "; ".join(problems) or None
+
+
+def load_unet_file(
+    path: str | os.PathLike,
+    config: str | os.PathLike | dict,
+    *,
+    allow_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
+    """A UNet2DConditionModel from ONE weights file plus a local config (a config.json, a unet/ folder, a
+    diffusers folder, or a config dict). The file may use diffusers naming or the original LDM/SD naming
+    (`model.diffusion_model.*`, e.g. a full SD checkpoint; its VAE/text keys are ignored), which is
+    converted with diffusers' own `convert_ldm_unet_checkpoint`. Pickle formats (.ckpt/.pt/.pth/.bin) are
+    refused unless allow_pickle. The file's tensors become the parameters (no second copy when the file
+    already has `dtype`). Keys and shapes must fit the config exactly, else ModelLoadError."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    cfg, cfg_src = _unet_config(config)
+    state = _read_state_dict(path, allow_pickle)
+    if any(k.startswith(LDM_UNET_PREFIX) for k in state):
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+        try:
+            state = convert_ldm_unet_checkpoint(state, cfg)
+        except Exception as e:
+            raise ModelLoadError(
+                f"{path}: LDM UNet weights do not fit the config from {cfg_src}: {type(e).__name__}: {e}"
+            ) from None
+        state = {k: v for k, v in state.items() if v is not None}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+    problems = _fit_problems(state, {k: v.shape for k, v in unet.state_dict().items()})
+    if problems:
+        raise ModelLoadError(f"{path}: UNet weights do not fit the config from {cfg_src}: {problems}")
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet.to(dtype)
