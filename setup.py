@@ -27,9 +27,14 @@ def _say(msg: str) -> None:
     print(f"catfast setup: {msg}", file=sys.stderr, flush=True)
 
 
-def _write_build_info(info: dict) -> None:
-    with open(BUILD_INFO, "w") as f:
-        json.dump(info, f, indent=2)
+def _write_build_info(info: dict, build_lib: str | None = None) -> None:
+    """Record the build for catfast._ext, in the source tree and (for wheels) in build_lib."""
+    paths = [BUILD_INFO]
+    if build_lib and os.path.isdir(os.path.join(build_lib, "catfast")):
+        paths.append(os.path.join(build_lib, "catfast", "_build_info.json"))
+    for path in paths:
+        with open(path, "w") as f:
+            json.dump(info, f, indent=2)
 
 
 def _extension_or_reason():
@@ -70,21 +75,15 @@ def _extension_or_reason():
             except Exception as e:
                 self._give_up(e)
                 return
-            _write_build_info({"built": True, "torch": torch.__version__, "compiler": compiler, "debug": debug})
-
-        def build_extension(self, extension):
-            try:
-                super().build_extension(extension)
-            except Exception as e:
-                self._give_up(e)
-                raise
+            info = {"built": True, "torch": torch.__version__, "compiler": compiler, "debug": debug}
+            _write_build_info(info, None if self.inplace else self.build_lib)
 
         def _give_up(self, err):
             reason = f"compiling catfast._C failed ({type(err).__name__}: {err})"
             if os.environ.get("CATFAST_REQUIRE_EXT") == "1":
                 raise SystemExit(f"catfast setup: {reason} and CATFAST_REQUIRE_EXT=1")
             _say(reason + "; installing without it")
-            _write_build_info({"built": False, "reason": reason})
+            _write_build_info({"built": False, "reason": reason}, None if self.inplace else self.build_lib)
 
     return [ext], {"build_ext": TolerantBuildExt}, None
 
