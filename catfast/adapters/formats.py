@@ -1,0 +1,492 @@
+"""LoRA safetensors files: detect, read and write the diffusers/peft and kohya formats.
+
+Formats (``detect_format``):
+  "peft"       ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``, ``text_encoder_2.``);
+               alpha from the ``lora_adapter_metadata`` JSON diffusers writes (``unet.lora_alpha``,
+               ``unet.alpha_pattern``, ...), else alpha = rank, as diffusers assumes.
+  "diffusers"  the older ``<path>.lora.down.weight`` / ``.lora.up.weight`` (and ``lora_linear_layer``,
+               and ``attn1.processor.to_q_lora.down.weight``) that diffusers' training scripts still write.
+  "kohya"      ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and
+               ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for the text encoders; SDXL files in SGM
+               names (``input_blocks_4_1_...``) are mapped to diffusers paths.
+
+Alpha survives every read, write and conversion: ``write_adapter`` stores per-layer alphas in a form
+diffusers' own ``load_lora_weights`` restores. Pure torch + safetensors (no diffusers, no peft).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+
+import safetensors
+import safetensors.torch
+import torch
+
+from catfast.adapters.adapter import (
+    COMPONENTS,
+    LoraAdapter,
+    LoraLayer,
+    layer_key,
+    most_common,
+    pair_problem,
+    pattern_value,
+    split_key,
+)
+from catfast.errors import AdapterFormatError, CatfastError
+
+FORMATS = ("peft", "diffusers", "kohya")
+WRITE_FORMATS = ("diffusers", "kohya")  # "diffusers" writes the peft key style ("peft" is an alias)
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig().lora_alpha: what diffusers gets when metadata omits lora_alpha
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+_KOHYA_PREFIXES["lora_te2_"] = "text_encoder_2"
+
+# diffusers/peft keys: [component.]<path>.<role>.weight, and [component.]<path>.alpha.
+_DIFFUSERS_ROLES = {
+    "lora_A": "down",
+    "lora_B": "up",
+    "lora.down": "down",
+    "lora.up": "up",
+    "lora_linear_layer.down": "down",
+    "lora_linear_layer.up": "up",
+}
+_PREFIX = r"^(?:(?P<component>" + "|".join(COMPONENTS) + r")\.)?"
+_DIFFUSERS_KEY = re.compile(
+    _PREFIX + r"(?P<path>.+)\.(?P<role>" + "|".join(map(re.escape, _DIFFUSERS_ROLES)) + r")\.weight$"
+)
+_PROCESSOR_KEY = re.compile(
+    _PREFIX + r"(?P<path>.+?)\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$"
+)
+_ALPHA_KEY = re.compile(_PREFIX + r"(?P<path>.+)\.alpha$")
+_OLD_STYLE = re.compile(r"\.lora\.(down|up)\.|\.lora_linear_layer\.|_lora\.(down|up)\.")
+# Oldest attention-processor names -> module names (the text encoder's CLIPAttention calls them q_proj ...).
+_PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_PROCESSOR_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+_KOHYA_KEY = re.compile(
+    r"^(?P<prefix>lora_(?:unet|te|te1|te2)_)(?P<stem>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$"
+)
+_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+_UNSUPPORTED = {
+    "dora_scale": "DoRA (dora_scale)",
+    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
+    "lora_B.bias": "LoRA with bias (lora_bias=True)",
+    "hada_": "LyCORIS LoHa",
+    "lokr_": "LyCORIS LoKr",
+    "oft_": "OFT",
+}
+
+# Module-name components that contain "_": kohya replaces every "." by "_", so these are re-joined
+# (longest first) when mapping a kohya name back. Checked against the Linear/Conv2d names of the
+# tiny, SD1.5 and SDXL UNets and of CLIPTextModel / CLIPTextModelWithProjection (tests).
+_MULTI_WORD = {
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "time_embedding",
+    "add_embedding", "linear_1", "linear_2", "encoder_hid_proj", "class_embedding", "conv_norm_out",
+    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "text_projection",
+    "final_layer_norm", "layer_norm1", "layer_norm2", "token_embedding", "position_embedding",
+}  # fmt: skip
+_MAX_WORDS = max(name.count("_") + 1 for name in _MULTI_WORD)
+
+# SGM (sd-scripts' SDXL UNet) names -> diffusers, for the parts outside input/middle/output blocks.
+_SGM_FIXED = {
+    "input_blocks_0_0": "conv_in",
+    "out_2": "conv_out",
+    "time_embed_0": "time_embedding_linear_1",
+    "time_embed_2": "time_embedding_linear_2",
+    "label_emb_0_0": "add_embedding_linear_1",
+    "label_emb_0_2": "add_embedding_linear_2",
+}
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj"}
+_SGM_RESNET["skip_connection"] = "conv_shortcut"
+_SGM_BLOCK = re.compile(r"^(?P<kind>input_blocks|output_blocks|middle_block)_(?P<i>\d+)_(?:(?P<j>\d+)_)?(?P<rest>.+)$")
+SDXL_LAYERS_PER_BLOCK = 2
+
+
+# ----------------------------------------------------------------------------------------- detect
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """The format of a LoRA state dict from its keys: "kohya", "diffusers" (old ``lora.down`` or
+    processor style, possibly mixed with ``lora_A``) or "peft".
+
+    Raises AdapterFormatError when no key looks like LoRA."""
+    keys = list(keys)
+    if any(k.startswith(tuple(_KOHYA_PREFIXES)) for k in keys):
+        return "kohya"
+    if any(_OLD_STYLE.search(k) for k in keys):
+        return "diffusers"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft"
+    raise AdapterFormatError(
+        f"no LoRA keys recognised (expected lora_A/lora_B, lora.down/up or kohya lora_unet_); {_few(keys)}"
+    )
+
+
+def _few(keys: Iterable[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return "keys: " + ", ".join(keys[:n]) + more
+
+
+# ------------------------------------------------------------------------------------------- read
+
+
+def read_adapter(path: str | os.PathLike, *, models: Mapping[str, torch.nn.Module] | None = None) -> LoraAdapter:
+    """Read a LoRA safetensors file in any supported format.
+
+    ``models`` ({"unet": unet, "text_encoder": te, ...}, optional): kohya names of those components
+    are resolved against the models' real Linear/Conv2d module names (and SGM block numbers use the
+    UNet's ``config.layers_per_block``) instead of the naming rule. Every problem raises
+    AdapterFormatError naming the file: not safetensors (pickle is refused), corrupt or truncated,
+    unknown keys, a layer missing one half, rank mismatch between down and up.
+    """
+    source = os.fspath(path)
+    tensors, header = _load_safetensors(source)
+    try:
+        fmt = detect_format(tensors)
+        if fmt == "kohya":
+            layers = _parse_kohya(tensors, models or {})
+        else:
+            layers = _parse_diffusers(tensors, _lora_config_metadata(header))
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"{source}: {e}") from None
+    metadata = {k: v for k, v in header.items() if k not in ("format", LORA_ADAPTER_METADATA_KEY)}
+    return LoraAdapter(layers=layers, metadata=metadata, source_format=fmt, path=source)
+
+
+def _load_safetensors(source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not os.path.isfile(source):
+        raise AdapterFormatError(f"{source}: no such file")
+    with open(source, "rb") as f:
+        head = f.read(8)
+    if source.lower().endswith(_PICKLE_SUFFIXES) or head.startswith((b"PK\x03\x04", b"\x80")):
+        raise AdapterFormatError(
+            f"{source}: looks like a pickle/torch.save checkpoint (.bin/.pt); catfast reads only .safetensors, "
+            "because loading a pickle can run arbitrary code. Convert it where you trust the file, e.g. "
+            "safetensors.torch.save_file(torch.load(src, weights_only=True), dst)"
+        )
+    try:
+        with safetensors.safe_open(source, framework="pt") as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError, and OSError/ValueError from some corruptions
+        raise AdapterFormatError(f"{source}: not a readable safetensors file (corrupt or truncated): {e}") from None
+    if not tensors:
+        raise AdapterFormatError(f"{source}: contains no tensors")
+    return tensors, header
+
+
+def _lora_config_metadata(header: dict[str, str]) -> dict[str, dict]:
+    """diffusers' ``lora_adapter_metadata`` JSON split per component: {"unet": {"r": 4, "lora_alpha": 8, ...}}."""
+    raw = header.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"metadata {LORA_ADAPTER_METADATA_KEY} is not valid JSON: {e}") from None
+    if not isinstance(flat, dict):
+        raise AdapterFormatError(f"metadata {LORA_ADAPTER_METADATA_KEY} must be a JSON object")
+    per_component: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field = key.partition(".")
+        if component in COMPONENTS and field:
+            per_component.setdefault(component, {})[field] = value
+    return per_component
+
+
+def _unsupported(keys: Iterable[str]) -> None:
+    for key in keys:
+        for marker, what in _UNSUPPORTED.items():
+            if marker in key:
+                raise AdapterFormatError(f"{what} adapters are not supported (key {key})")
+
+
+def _parse_diffusers(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> dict[str, LoraLayer]:
+    """Layers of a peft/diffusers-style state dict. Keys without a component prefix are the UNet's."""
+    halves: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    alphas: dict[tuple[str, str], float] = {}
+    unknown = []
+    _unsupported(tensors)
+    for key, tensor in tensors.items():
+        key_ = key.replace(".processor.", ".")
+        if m := _PROCESSOR_KEY.match(key_):
+            component = m["component"] or "unet"
+            names = _PROCESSOR_UNET if component == "unet" else _PROCESSOR_TEXT
+            where, role = (component, f"{m['path']}.{names[m['proj']]}"), m["role"]
+        elif m := _DIFFUSERS_KEY.match(key_):
+            where, role = (m["component"] or "unet", m["path"]), _DIFFUSERS_ROLES[m["role"]]
+        elif (m := _ALPHA_KEY.match(key_)) and tensor.numel() == 1:
+            alphas[(m["component"] or "unet", m["path"])] = float(tensor.item())
+            continue
+        else:
+            unknown.append(key)
+            continue
+        halves.setdefault(where, {})[role] = tensor
+    if unknown:
+        raise AdapterFormatError(f"unknown keys in a {detect_format(tensors)} LoRA file: {_few(unknown)}")
+    stray = set(alphas) - set(halves)
+    if stray:
+        raise AdapterFormatError(f"alpha without LoRA weights for {', '.join(sorted(p for _, p in stray))}")
+
+    layers = {}
+    for (component, path), pair in halves.items():
+        down, up = _pair(f"{component}.{path}", pair)
+        rank = down.shape[0]
+        alpha = alphas.get((component, path))
+        if alpha is None:
+            alpha = _alpha_from_config(configs.get(component), path, rank)
+        layers[layer_key(component, path)] = LoraLayer(down=down, up=up, alpha=alpha)
+    return layers
+
+
+def _alpha_from_config(config: dict | None, path: str, rank: int) -> float:
+    """The alpha peft gives module ``path`` under diffusers' LoraConfig metadata (None: alpha = rank)."""
+    if not config:
+        return float(rank)
+    if config.get("use_dora"):
+        raise AdapterFormatError("DoRA adapters (use_dora in lora_adapter_metadata) are not supported")
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
+    # rsLoRA scales by alpha / sqrt(r); keep the same scale as alpha' / r.
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
+def _pair(name: str, pair: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if "down" not in pair or "up" not in pair:
+        have, missing = ("down", "up") if "down" in pair else ("up", "down")
+        raise AdapterFormatError(f"layer {name} has {have} weights but no {missing} weights")
+    problem = pair_problem(pair["down"], pair["up"])
+    if problem:
+        raise AdapterFormatError(f"layer {name}: {problem}")
+    return pair["down"], pair["up"]
+
+
+def _parse_kohya(tensors: dict[str, torch.Tensor], models: Mapping[str, torch.nn.Module]) -> dict[str, LoraLayer]:
+    """Layers of a kohya/A1111 state dict; alpha defaults to the rank when a layer has no ``.alpha``."""
+    _unsupported(tensors)
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        m = _KOHYA_KEY.match(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        groups.setdefault((_KOHYA_PREFIXES[m["prefix"]], m["stem"]), {})[_KOHYA_ROLES[m["role"]]] = tensor
+    if unknown:
+        raise AdapterFormatError(f"unknown keys in a kohya LoRA file: {_few(unknown)}")
+
+    resolvers = {c: _KohyaResolver(c, models.get(c)) for c in {c for c, _ in groups}}
+    layers, unresolved = {}, []
+    for (component, stem), group in groups.items():
+        name = f"{component}:{stem}"
+        if "alpha" in group and "down" not in group and "up" not in group:
+            raise AdapterFormatError(f"layer {name} has an alpha but no LoRA weights")
+        down, up = _pair(name, group)
+        path = resolvers[component].path(stem)
+        if path is None:
+            unresolved.append(stem)
+            continue
+        alpha = float(group["alpha"].item()) if "alpha" in group else float(down.shape[0])
+        layers[layer_key(component, path)] = LoraLayer(down=down, up=up, alpha=alpha)
+    if unresolved:
+        raise AdapterFormatError(
+            f"kohya layers that match no Linear/Conv2d module of the given model: {_few(unresolved)}"
+        )
+    return layers
+
+
+class _KohyaResolver:
+    """Maps kohya name stems of one component to module paths: by the model's real module names when
+    a model is given, else by the naming rule (``kohya_to_path``)."""
+
+    def __init__(self, component: str, model: torch.nn.Module | None):
+        self.component = component
+        self.layers_per_block = SDXL_LAYERS_PER_BLOCK
+        self.known: dict[str, str] | None = None
+        if model is not None:
+            lpb = getattr(getattr(model, "config", None), "layers_per_block", None)
+            self.layers_per_block = lpb if isinstance(lpb, int) else self.layers_per_block
+            self.known = {}
+            for name, module in model.named_modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    path = split_key(layer_key(component, name))[1]
+                    self.known[path.replace(".", "_")] = path
+
+    def path(self, stem: str) -> str | None:
+        if self.component == "unet":
+            stem = sgm_to_diffusers_stem(stem, self.layers_per_block)
+        if self.known is not None:
+            return self.known.get(stem)
+        return kohya_to_path(stem)
+
+
+def kohya_to_path(stem: str) -> str:
+    """Rule for a kohya name stem -> module path: split at "_" and re-join known multi-word names,
+    longest first (``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in``)."""
+    words, parts, i = stem.split("_"), [], 0
+    while i < len(words):
+        for n in range(min(_MAX_WORDS, len(words) - i), 0, -1):
+            candidate = "_".join(words[i : i + n])
+            if n == 1 or candidate in _MULTI_WORD:
+                parts.append(candidate)
+                i += n
+                break
+    return ".".join(parts)
+
+
+def path_to_kohya(component: str, path: str, *, sdxl_text_encoders: bool = False) -> str:
+    """The kohya name stem (with prefix) of a module path: ``lora_unet_down_blocks_0_...``."""
+    if component == "unet":
+        prefix = "lora_unet_"
+    elif component == "text_encoder":
+        prefix = "lora_te1_" if sdxl_text_encoders else "lora_te_"
+    else:
+        prefix = "lora_te2_"
+    return prefix + path.replace(".", "_")
+
+
+def sgm_to_diffusers_stem(stem: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> str:
+    """An SGM/LDM UNet name stem (sd-scripts' SDXL: ``input_blocks_4_1_transformer_blocks_0_attn1_to_q``)
+    in diffusers spelling (``down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q``); other stems
+    pass through. ``layers_per_block`` is the UNet config's (2 for SDXL)."""
+    if stem in _SGM_FIXED:
+        return _SGM_FIXED[stem]
+    m = _SGM_BLOCK.match(stem)
+    if m is None:
+        return stem
+    kind, i, j, rest = m["kind"], int(m["i"]), m["j"], m["rest"]
+    per_level = layers_per_block + 1
+    if kind == "middle_block":
+        if i not in (0, 1, 2) or j is not None:
+            raise AdapterFormatError(f"SGM name {stem}: middle_block has children 0..2 (resnet, attention, resnet)")
+        inner = "attentions_0" if i == 1 else f"resnets_{i // 2}"
+        return f"mid_block_{inner}_{_sgm_inner(inner, rest)}"
+    if j is None:
+        raise AdapterFormatError(f"SGM name {stem} has no layer index after {kind}_{i}")
+    j = int(j)
+    if kind == "input_blocks":
+        level, layer = divmod(i - 1, per_level)
+        if rest == "op":
+            return f"down_blocks_{level}_downsamplers_0_conv"
+        inner = f"resnets_{layer}" if j == 0 else f"attentions_{layer}"
+        return f"down_blocks_{level}_{inner}_{_sgm_inner(inner, rest)}"
+    level, layer = divmod(i, per_level)
+    if j == 2 or (j == 1 and rest == "conv"):
+        return f"up_blocks_{level}_upsamplers_0_conv"
+    inner = f"resnets_{layer}" if j == 0 else f"attentions_{layer}"
+    return f"up_blocks_{level}_{inner}_{_sgm_inner(inner, rest)}"
+
+
+def _sgm_inner(inner: str, rest: str) -> str:
+    """Names inside an SGM ResBlock differ from diffusers' ResnetBlock2D; transformer names agree."""
+    if inner.startswith("resnets"):
+        if rest not in _SGM_RESNET:
+            raise AdapterFormatError(f"SGM ResBlock layer {rest!r} has no diffusers counterpart")
+        return _SGM_RESNET[rest]
+    return rest
+
+
+# ------------------------------------------------------------------------------------------ write
+
+
+def write_adapter(
+    adapter: LoraAdapter, path: str | os.PathLike, format: str = "diffusers", *, overwrite: bool = False
+) -> None:
+    """Write ``adapter`` as safetensors, atomically (temp file in the same folder, fsync, os.replace).
+
+    "diffusers" (alias "peft"): peft keys (``unet.<path>.lora_A.weight``) plus diffusers'
+    ``lora_adapter_metadata`` JSON (r, lora_alpha, rank_pattern, alpha_pattern, target_modules per
+    component), which ``pipe.load_lora_weights`` turns into the LoraConfig: rank and alpha restored.
+    "kohya": ``lora_unet_...lora_down.weight`` / ``lora_up.weight`` / ``.alpha`` per layer.
+    Tensor dtypes are kept; alphas are stored in float32 (kohya) or JSON.
+    """
+    format = "diffusers" if format == "peft" else format
+    if format not in WRITE_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(WRITE_FORMATS)}, got {format!r}")
+    dest = os.fspath(path)
+    if os.path.exists(dest) and not overwrite:
+        raise CatfastError(f"{dest} exists; pass overwrite=True to replace it")
+    if not adapter.layers:
+        raise AdapterFormatError(f"{adapter.where()}: adapter has no layers to write")
+    tensors, lora_metadata = _kohya_state_dict(adapter) if format == "kohya" else _peft_state_dict(adapter)
+    metadata = {**adapter.metadata, "format": "pt"}
+    if lora_metadata:
+        metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(lora_metadata, indent=2, sort_keys=True)
+    _atomic_save(tensors, metadata, dest)
+
+
+def _peft_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, lora_metadata = {}, {}
+    for component in adapter.components():
+        layers = adapter.component(component)
+        for path, layer in layers.items():
+            tensors[f"{component}.{path}.lora_A.weight"] = layer.down.contiguous()
+            tensors[f"{component}.{path}.lora_B.weight"] = layer.up.contiguous()
+        config = lora_config_kwargs({_config_path(component, p): v for p, v in layers.items()})
+        lora_metadata.update({f"{component}.{k}": v for k, v in config.items()})
+    return tensors, lora_metadata
+
+
+def _config_path(component: str, path: str) -> str:
+    # peft matches target names as suffixes, so the text encoders' "encoder.layers..." fits both the
+    # flattened CLIPTextModel of transformers 5 and models that keep `text_model.`.
+    return path.removeprefix("text_model.") if component != "unet" else path
+
+
+def lora_config_kwargs(layers: Mapping[str, LoraLayer]) -> dict:
+    """peft ``LoraConfig`` arguments that give every module path in ``layers`` its rank and alpha:
+    the most common rank/alpha as defaults, the rest as exact (regex-escaped) rank/alpha patterns."""
+    ranks = {p: layer.rank for p, layer in layers.items()}
+    alphas = {p: _plain(layer.alpha) for p, layer in layers.items()}
+    r, lora_alpha = most_common(list(ranks.values())), most_common(list(alphas.values()))
+    return {
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != lora_alpha},
+        "target_modules": sorted(layers),
+    }
+
+
+def _plain(alpha: float) -> float | int:
+    return int(alpha) if float(alpha).is_integer() else alpha
+
+
+def _kohya_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict]:
+    sdxl = "text_encoder_2" in adapter.components()
+    tensors = {}
+    for key, layer in adapter.layers.items():
+        name = path_to_kohya(*split_key(key), sdxl_text_encoders=sdxl)
+        tensors[f"{name}.lora_down.weight"] = layer.down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = layer.up.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+    return tensors, {}
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], dest: str) -> None:
+    folder = os.path.dirname(os.path.abspath(dest))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

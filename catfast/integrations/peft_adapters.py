@@ -1,0 +1,102 @@
+"""Attach a catfast ``LoraAdapter`` to a diffusers UNet (or transformers text encoder) as a peft LoRA
+adapter, and read a peft-attached adapter back (how the trainer saves its result).
+
+The peft config gives every layer its own rank and alpha (exact module names in ``target_modules``,
+``rank_pattern`` and ``alpha_pattern``), so the attached model computes the same output as
+``catfast.adapters.merge.merge_adapter_``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from catfast.adapters.adapter import LoraAdapter, LoraLayer, layer_key
+from catfast.adapters.formats import lora_config_kwargs
+from catfast.adapters.merge import resolve_targets
+from catfast.errors import CatfastError
+
+
+def attach_adapter(
+    model: torch.nn.Module, adapter: LoraAdapter, adapter_name: str = "default", component: str = "unet"
+) -> list[str]:
+    """Add the ``component`` layers of ``adapter`` to ``model`` as peft adapter ``adapter_name`` and
+    load its weights; the new adapter becomes the active one (``model.set_adapter``). Returns the
+    module names it targets.
+
+    Shapes are validated first (AdapterShapeError, model untouched); if anything fails after peft has
+    injected layers, the half-made adapter is removed again.
+    """
+    from peft import LoraConfig
+
+    targets = resolve_targets(model, adapter, component)
+    if adapter_name in (getattr(model, "peft_config", None) or {}):
+        raise CatfastError(f"{adapter.where()}: the model already has an adapter named {adapter_name!r}")
+    layers = {name: adapter.component(component)[path] for path, (name, _) in targets.items()}
+    had_peft = bool(getattr(model, "peft_config", None))
+    model.add_adapter(LoraConfig(**lora_config_kwargs(layers)), adapter_name=adapter_name)
+    try:
+        _load_weights(model, layers, adapter_name)
+    except BaseException:
+        _remove(model, adapter_name, had_peft)
+        raise
+    return sorted(layers)
+
+
+@torch.no_grad()
+def _load_weights(model: torch.nn.Module, layers: dict[str, LoraLayer], adapter_name: str) -> None:
+    named = dict(model.named_modules())
+    for name, layer in layers.items():
+        wrapper = named[name]
+        if wrapper.r[adapter_name] != layer.rank or not math.isclose(
+            wrapper.scaling[adapter_name], layer.scale, rel_tol=1e-12
+        ):
+            raise CatfastError(
+                f"peft gave {name} rank {wrapper.r[adapter_name]} / scale {wrapper.scaling[adapter_name]}, "
+                f"expected {layer.rank} / {layer.scale}"
+            )
+        for param, value in (
+            (wrapper.lora_A[adapter_name].weight, layer.down),
+            (wrapper.lora_B[adapter_name].weight, layer.up),
+        ):
+            param.copy_(value.reshape(param.shape))
+
+
+def _remove(model: torch.nn.Module, adapter_name: str, had_peft: bool) -> None:
+    """Undo a partial ``attach_adapter``: delete the adapter, and unwrap peft layers if it was the only one."""
+    from diffusers.utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not had_peft:
+        recurse_remove_peft_layers(model)
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        model._hf_peft_config_loaded = False
+        return
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and adapter_name in module.lora_A:
+            module.delete_adapter(adapter_name)
+    model.peft_config.pop(adapter_name, None)
+
+
+def extract_adapter(model: torch.nn.Module, adapter_name: str = "default", component: str = "unet") -> LoraAdapter:
+    """The peft LoRA adapter ``adapter_name`` of ``model`` as a ``LoraAdapter`` (copies of the weights;
+    alpha is peft's ``lora_alpha``, rescaled for rsLoRA so that ``alpha / r`` is the layer's scale)."""
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, PeftLoraLayer) or adapter_name not in module.lora_A:
+            continue
+        if module.use_dora.get(adapter_name) or getattr(module, "lora_bias", {}).get(adapter_name):
+            raise CatfastError(f"{name}: DoRA / lora_bias adapters cannot be extracted as plain LoRA")
+        r, alpha = module.r[adapter_name], float(module.lora_alpha[adapter_name])
+        if module.use_rslora.get(adapter_name):
+            alpha *= math.sqrt(r)
+        down = module.lora_A[adapter_name].weight.detach().clone()
+        up = module.lora_B[adapter_name].weight.detach().clone()
+        layers[layer_key(component, name)] = LoraLayer(down=down, up=up, alpha=alpha)
+    if not layers:
+        raise CatfastError(f"the model has no peft LoRA adapter named {adapter_name!r}")
+    return LoraAdapter(layers=layers, source_format="memory")
