@@ -42,6 +42,7 @@ from catfast.errors import AdapterFormatError, CatfastError
 FORMATS = ("peft", "diffusers", "kohya")
 WRITE_FORMATS = ("diffusers", "kohya")  # "diffusers" writes the peft key style ("peft" is an alias)
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+_BARE = ""  # the component of keys (and LoraConfig metadata) written without a component prefix
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig().lora_alpha: what diffusers gets when metadata omits lora_alpha
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -167,8 +168,10 @@ def _load_safetensors(source: str) -> tuple[dict[str, torch.Tensor], dict[str, s
     if not os.path.isfile(source):
         raise AdapterFormatError(f"{source}: no such file")
     with open(source, "rb") as f:
-        head = f.read(8)
-    if source.lower().endswith(_PICKLE_SUFFIXES) or head.startswith((b"PK\x03\x04", b"\x80")):
+        head = f.read(9)  # safetensors: u64 little-endian header length, then the JSON header
+    is_safetensors = len(head) == 9 and head[8:] == b"{"
+    is_pickle = source.lower().endswith(_PICKLE_SUFFIXES) or head.startswith((b"PK\x03\x04", b"\x80"))
+    if is_pickle and not is_safetensors:
         raise AdapterFormatError(
             f"{source}: looks like a pickle/torch.save checkpoint (.bin/.pt); catfast reads only .safetensors, "
             "because loading a pickle can run arbitrary code. Convert it where you trust the file, e.g. "
@@ -186,7 +189,9 @@ def _load_safetensors(source: str) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 
 def _lora_config_metadata(header: dict[str, str]) -> dict[str, dict]:
-    """diffusers' ``lora_adapter_metadata`` JSON split per component: {"unet": {"r": 4, "lora_alpha": 8, ...}}."""
+    """diffusers' ``lora_adapter_metadata`` JSON split per component: {"unet": {"r": 4, "lora_alpha": 8, ...}}.
+    ``save_lora_weights`` prefixes the LoraConfig fields ("unet.r"); ``unet.save_lora_adapter`` does not
+    (its keys are unprefixed too): those land under "" (_BARE)."""
     raw = header.get(LORA_ADAPTER_METADATA_KEY)
     if not raw:
         return {}
@@ -199,8 +204,9 @@ def _lora_config_metadata(header: dict[str, str]) -> dict[str, dict]:
     per_component: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
-        if component in COMPONENTS and field:
-            per_component.setdefault(component, {})[field] = value
+        if component not in COMPONENTS or not field:
+            component, field = _BARE, key
+        per_component.setdefault(component, {})[field] = value
     return per_component
 
 
@@ -212,7 +218,8 @@ def _unsupported(keys: Iterable[str]) -> None:
 
 
 def _parse_diffusers(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> dict[str, LoraLayer]:
-    """Layers of a peft/diffusers-style state dict. Keys without a component prefix are the UNet's."""
+    """Layers of a peft/diffusers-style state dict. Keys without a component prefix (_BARE while
+    parsing) are the UNet's."""
     halves: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     alphas: dict[tuple[str, str], float] = {}
     unknown = []
@@ -220,13 +227,13 @@ def _parse_diffusers(tensors: dict[str, torch.Tensor], configs: dict[str, dict])
     for key, tensor in tensors.items():
         key_ = key.replace(".processor.", ".")
         if m := _PROCESSOR_KEY.match(key_):
-            component = m["component"] or "unet"
-            names = _PROCESSOR_UNET if component == "unet" else _PROCESSOR_TEXT
+            component = m["component"] or _BARE
+            names = _PROCESSOR_TEXT if component.startswith("text_encoder") else _PROCESSOR_UNET
             where, role = (component, f"{m['path']}.{names[m['proj']]}"), m["role"]
         elif m := _DIFFUSERS_KEY.match(key_):
-            where, role = (m["component"] or "unet", m["path"]), _DIFFUSERS_ROLES[m["role"]]
+            where, role = (m["component"] or _BARE, m["path"]), _DIFFUSERS_ROLES[m["role"]]
         elif (m := _ALPHA_KEY.match(key_)) and tensor.numel() == 1:
-            alphas[(m["component"] or "unet", m["path"])] = float(tensor.item())
+            alphas[(m["component"] or _BARE, m["path"])] = float(tensor.item())
             continue
         else:
             unknown.append(key)
@@ -240,12 +247,12 @@ def _parse_diffusers(tensors: dict[str, torch.Tensor], configs: dict[str, dict])
 
     layers = {}
     for (component, path), pair in halves.items():
-        down, up = _pair(f"{component}.{path}", pair)
-        rank = down.shape[0]
+        down, up = _pair(f"{component or 'unet'}.{path}", pair)
         alpha = alphas.get((component, path))
         if alpha is None:
-            alpha = _alpha_from_config(configs.get(component), path, rank)
-        layers[layer_key(component, path)] = LoraLayer(down=down, up=up, alpha=alpha)
+            config = configs.get(component) or (configs.get("unet") if component == _BARE else None)
+            alpha = _alpha_from_config(config, path, down.shape[0])
+        layers[layer_key(component or "unet", path)] = LoraLayer(down=down, up=up, alpha=alpha)
     return layers
 
 
