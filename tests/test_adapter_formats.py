@@ -405,6 +405,15 @@ def test_missing_file(tmp_path):
         read_adapter(tmp_path / "nope.safetensors")
 
 
+def test_folder_with_several_files_is_ambiguous(unet, tmp_path):
+    _write_good(tmp_path, unet, "kohya")
+    _write_good(tmp_path, unet, "diffusers")
+    with pytest.raises(AdapterFormatError, match=r"expected pytorch_lora_weights\.safetensors or one"):
+        read_adapter(tmp_path)
+    os.rename(tmp_path / "good_kohya.safetensors", tmp_path / "pytorch_lora_weights.safetensors")
+    assert read_adapter(tmp_path).source_format == "kohya"
+
+
 def _rewrite(path, out, edit):
     tensors = safetensors.torch.load_file(path)
     edit(tensors)

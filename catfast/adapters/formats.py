@@ -42,6 +42,7 @@ from catfast.errors import AdapterFormatError, CatfastError
 FORMATS = ("peft", "diffusers", "kohya")
 WRITE_FORMATS = ("diffusers", "kohya")  # "diffusers" writes the peft key style ("peft" is an alias)
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers.loaders.lora_base.LORA_WEIGHT_NAME_SAFE
 _BARE = ""  # the component of keys (and LoraConfig metadata) written without a component prefix
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig().lora_alpha: what diffusers gets when metadata omits lora_alpha
 
@@ -142,7 +143,7 @@ def _few(keys: Iterable[str], n: int = 5) -> str:
 
 
 def read_adapter(path: str | os.PathLike, *, models: Mapping[str, torch.nn.Module] | None = None) -> LoraAdapter:
-    """Read a LoRA safetensors file in any supported format.
+    """Read a LoRA safetensors file in any supported format (a folder: its ``pytorch_lora_weights.safetensors``).
 
     ``models`` ({"unet": unet, "text_encoder": te, ...}, optional): kohya names of those components
     are resolved against the models' real Linear/Conv2d module names (and SGM block numbers use the
@@ -151,6 +152,8 @@ def read_adapter(path: str | os.PathLike, *, models: Mapping[str, torch.nn.Modul
     unknown keys, a layer missing one half, rank mismatch between down and up.
     """
     source = os.fspath(path)
+    if os.path.isdir(source):
+        source = _weights_file(source)
     tensors, header = _load_safetensors(source)
     try:
         fmt = detect_format(tensors)
@@ -162,6 +165,17 @@ def read_adapter(path: str | os.PathLike, *, models: Mapping[str, torch.nn.Modul
         raise AdapterFormatError(f"{source}: {e}") from None
     metadata = {k: v for k, v in header.items() if k not in ("format", LORA_ADAPTER_METADATA_KEY)}
     return LoraAdapter(layers=layers, metadata=metadata, source_format=fmt, path=source)
+
+
+def _weights_file(folder: str) -> str:
+    """The LoRA file of a folder diffusers saved into (``pytorch_lora_weights.safetensors``), or its only
+    ``.safetensors`` file."""
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if DIFFUSERS_WEIGHT_NAME in found:
+        return os.path.join(folder, DIFFUSERS_WEIGHT_NAME)
+    if len(found) != 1:
+        raise AdapterFormatError(f"{folder}: expected {DIFFUSERS_WEIGHT_NAME} or one .safetensors file, found {found}")
+    return os.path.join(folder, found[0])
 
 
 def _load_safetensors(source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -425,7 +439,7 @@ def write_adapter(
     if not adapter.layers:
         raise AdapterFormatError(f"{adapter.where()}: adapter has no layers to write")
     tensors, lora_metadata = _kohya_state_dict(adapter) if format == "kohya" else _peft_state_dict(adapter)
-    metadata = {**adapter.metadata, "format": "pt"}
+    metadata = {**{str(k): str(v) for k, v in adapter.metadata.items()}, "format": "pt"}
     if lora_metadata:
         metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(lora_metadata, indent=2, sort_keys=True)
     _atomic_save(tensors, metadata, dest)
