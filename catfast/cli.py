@@ -29,6 +29,18 @@ def _friendly(fn):
 @click.version_option(package_name="catfast")
 def main() -> None:
     """catfast: train (CAT), serve and export LoRA adapters for Stable-Diffusion UNets."""
+    _quiet_library_progress_bars()
+
+
+def _quiet_library_progress_bars() -> None:
+    """diffusers/transformers draw a bar per component load or save; catfast draws its own per job."""
+    import importlib
+
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            importlib.import_module(name).disable_progress_bar()
+        except ImportError:
+            pass
 
 
 @main.command("env")
@@ -46,7 +58,7 @@ def models() -> None:
 
 
 @models.command("init")
-@click.argument("name", type=click.Choice(["tiny", "small", "sd15", "sdxl"]))
+@click.argument("name", type=click.Choice(["tiny", "tiny-sdxl", "small", "sd15", "sdxl"]))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
@@ -57,6 +69,36 @@ def models_init(name: str, out_dir: str, seed: int, overwrite: bool) -> None:
 
     path = init_model_folder(name, out_dir, seed=seed, overwrite=overwrite)
     click.echo(f"wrote {name} model to {path}")
+
+
+@main.command("cat-step")
+@click.option("--base", required=True, type=click.Path(), help="Base model: a diffusers folder.")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--caption", default="sks, a star on a plain background", show_default=True,
+              help="Training caption; must contain the trigger.")
+@click.option("--trigger", default="sks", show_default=True)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Training image (default: a drawn star).")
+@click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--alpha", default=4.0, show_default=True, type=float)
+@click.option("--cat-weight", default=1.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the trained adapter here (diffusers format).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@_friendly
+def cat_step(base, steps, caption, trigger, image, rank, alpha, cat_weight, lr, seed, out, overwrite) -> None:
+    """Take a few reference CAT training steps on one image (a smoke run of the whole path)."""
+    from catfast.train.quickstart import run_cat_steps
+
+    try:
+        records = run_cat_steps(base, steps=steps, caption=caption, trigger=trigger, image_path=image, rank=rank,
+                                alpha=alpha, cat_weight=cat_weight, lr=lr, seed=seed, out=out, overwrite=overwrite)
+    except (ValueError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from None
+    for r in records:
+        click.echo(f"step {r.step}: loss {r.loss:.5f}  ldm {r.ldm:.5f}  cat {r.cat:.3e}  ({r.seconds * 1e3:.0f} ms)")
+    if out:
+        click.echo(f"wrote adapter to {out}")
 
 
 @main.group()

@@ -100,3 +100,28 @@ def extract_adapter(model: torch.nn.Module, adapter_name: str = "default", compo
     if not layers:
         raise CatfastError(f"the model has no peft LoRA adapter named {adapter_name!r}")
     return LoraAdapter(layers=layers, source_format="memory")
+
+
+def add_lora(
+    model: torch.nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: tuple[str, ...] | list[str],
+    adapter_name: str = "default",
+) -> list[str]:
+    """Attach a fresh, trainable peft LoRA (A Kaiming-random, B zero, scale ``alpha / rank``) to every
+    module whose name ends with one of ``target_modules``; freeze everything else. Returns the names of
+    the LoRA parameters that will train."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise CatfastError(f"LoRA rank must be >= 1, got {rank}")
+    if adapter_name in (getattr(model, "peft_config", None) or {}):
+        raise CatfastError(f"the model already has an adapter named {adapter_name!r}")
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True),
+        adapter_name=adapter_name,
+    )
+    return [name for name, p in model.named_parameters() if p.requires_grad]
