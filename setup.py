@@ -17,7 +17,6 @@ import shutil
 import sys
 
 from setuptools import setup
-from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join(HERE, "catfast", "_build_info.json")
@@ -45,9 +44,13 @@ def _extension_or_reason():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as e:  # torch missing in an isolated build env is the common case
-        return [], {}, (
-            f"torch is not importable in the build environment ({type(e).__name__}: {e}); "
-            "install torch first and build with `pip install --no-build-isolation .`"
+        return (
+            [],
+            {},
+            (
+                f"torch is not importable in the build environment ({type(e).__name__}: {e}); "
+                "install torch first and build with `pip install --no-build-isolation .`"
+            ),
         )
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:

@@ -89,7 +89,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"merge of {len(shapes)} SD1.5 attention layers ({params / 1e6:.1f}M weights), rank {args.rank}, {args.dtype}")
+    print(
+        f"merge of {len(shapes)} SD1.5 attention layers ({params / 1e6:.1f}M weights), rank {args.rank}, {args.dtype}"
+    )
     for name, ms in result["median_ms"].items():
         print(f"  {name:<10} {ms:8.2f} ms")
 

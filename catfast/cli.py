@@ -74,8 +74,12 @@ def models_init(name: str, out_dir: str, seed: int, overwrite: bool) -> None:
 @main.command("cat-step")
 @click.option("--base", required=True, type=click.Path(), help="Base model: a diffusers folder.")
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--caption", default="sks, a star on a plain background", show_default=True,
-              help="Training caption; must contain the trigger.")
+@click.option(
+    "--caption",
+    default="sks, a star on a plain background",
+    show_default=True,
+    help="Training caption; must contain the trigger.",
+)
 @click.option("--trigger", default="sks", show_default=True)
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Training image (default: a drawn star).")
 @click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
@@ -91,8 +95,20 @@ def cat_step(base, steps, caption, trigger, image, rank, alpha, cat_weight, lr, 
     from catfast.train.quickstart import run_cat_steps
 
     try:
-        records = run_cat_steps(base, steps=steps, caption=caption, trigger=trigger, image_path=image, rank=rank,
-                                alpha=alpha, cat_weight=cat_weight, lr=lr, seed=seed, out=out, overwrite=overwrite)
+        records = run_cat_steps(
+            base,
+            steps=steps,
+            caption=caption,
+            trigger=trigger,
+            image_path=image,
+            rank=rank,
+            alpha=alpha,
+            cat_weight=cat_weight,
+            lr=lr,
+            seed=seed,
+            out=out,
+            overwrite=overwrite,
+        )
     except (ValueError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
     for r in records:

@@ -25,7 +25,8 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
         diff = (actual.double() - expected.double()).abs()
         idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
         raise AssertionError(
-            f"{what}: relative error {err:.3e} > {rtol:.1e} (worst at {idx}: {actual[idx].item()} vs {expected[idx].item()})"
+            f"{what}: relative error {err:.3e} > {rtol:.1e} "
+            f"(worst at {idx}: {actual[idx].item()} vs {expected[idx].item()})"
         )
 
 

@@ -41,8 +41,21 @@ def _unet_out(unet):
 def test_quick_start_path_and_diffusers_loads_both_formats(tiny_folder, tmp_path):
     adapter = tmp_path / "adapter.safetensors"
     kohya = tmp_path / "adapter_kohya.safetensors"
-    r = catfast("cat-step", "--base", tiny_folder, "--steps", "3", "--rank", "4", "--alpha", "2", "--lr", "1e-2",
-                "--out", adapter)
+    r = catfast(
+        "cat-step",
+        "--base",
+        tiny_folder,
+        "--steps",
+        "3",
+        "--rank",
+        "4",
+        "--alpha",
+        "2",
+        "--lr",
+        "1e-2",
+        "--out",
+        adapter,
+    )
     assert "step 3: loss" in r.stdout
     catfast("adapter", "convert", adapter, kohya, "--to", "kohya")
     infos = [json.loads(catfast("adapter", "info", f, "--json").stdout) for f in (adapter, kohya)]
@@ -71,8 +84,10 @@ def diffusers_written_file(tmp_path):
     unet.add_adapter(LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_v", "proj_in"]))
     randomize_lora_(unet)
     StableDiffusionPipeline.save_lora_weights(
-        tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        tmp_path,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
     return tmp_path / "pytorch_lora_weights.safetensors"
 
 

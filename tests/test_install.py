@@ -12,22 +12,29 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_import_pulls_in_no_optional_library():
-    r = _run("import sys, catfast\n"
-             "heavy = [m for m in ('triton', 'diffusers', 'peft', 'onnx', 'onnxruntime', 'transformers') if m in sys.modules]\n"
-             "print(heavy)")
+    r = _run(
+        "import sys, catfast\n"
+        "optional = ('triton', 'diffusers', 'peft', 'onnx', 'onnxruntime', 'transformers')\n"
+        "heavy = [m for m in optional if m in sys.modules]\n"
+        "print(heavy)"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
 
 
 def test_import_and_merge_work_when_triton_extension_and_diffusers_are_missing():
     mods = ["triton", "diffusers", "peft", "onnx", "onnxruntime", "catfast._C"]
-    r = _run(BLOCK.format(mods=mods) + (
-        "import torch, catfast\n"
-        "from catfast import env\n"
-        "w = torch.zeros(4, 4); catfast.merge_lora_([w], [torch.ones(1, 4)], [torch.ones(4, 1)], [2.0])\n"
-        "assert torch.equal(w, torch.full((4, 4), 2.0))\n"
-        "print(env.has_triton().available, env.has_ext().available)\n"
-        "print(env.has_ext().detail)"))
+    r = _run(
+        BLOCK.format(mods=mods)
+        + (
+            "import torch, catfast\n"
+            "from catfast import env\n"
+            "w = torch.zeros(4, 4); catfast.merge_lora_([w], [torch.ones(1, 4)], [torch.ones(4, 1)], [2.0])\n"
+            "assert torch.equal(w, torch.full((4, 4), 2.0))\n"
+            "print(env.has_triton().available, env.has_ext().available)\n"
+            "print(env.has_ext().detail)"
+        )
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "False False"

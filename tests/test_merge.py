@@ -16,7 +16,14 @@ if os.environ.get("CI") and EXT is None:
 needs_ext = pytest.mark.skipif(EXT is None, reason=f"catfast._C not built: {EXT_ERROR}")
 
 # (weight shape, rank): real SD1.5 attention/ff shapes, odd ones, and a 3x3 conv (LoCon)
-LAYERS = [((320, 320), 4), ((1280, 768), 16), ((431, 123), 1), ((97, 64), 128), ((64, 32, 3, 3), 8), ((40, 24, 1, 1), 3)]
+LAYERS = [
+    ((320, 320), 4),
+    ((1280, 768), 16),
+    ((431, 123), 1),
+    ((97, 64), 128),
+    ((64, 32, 3, 3), 8),
+    ((40, 24, 1, 1), 3),
+]
 
 
 def _layers(dtype, seed=0):

@@ -16,8 +16,13 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.
 
 
 def _scheduler(prediction_type="epsilon"):
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                         beta_end=0.012, prediction_type=prediction_type)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+    )
 
 
 def _lora_unet(unet, rank=4, alpha=8.0, seed=1):
@@ -115,7 +120,8 @@ def test_gradients_match_three_separate_passes(tiny):
     z_t = sched.add_noise(b["latents"], b["noise"], b["timesteps"])
     teacher = base(z_t, b["timesteps"], encoder_hidden_states=b["cond_stripped"]).sample
     loss = F.mse_loss(unet(z_t, b["timesteps"], encoder_hidden_states=b["cond"]).sample, b["noise"]) + F.mse_loss(
-        unet(z_t, b["timesteps"], encoder_hidden_states=b["cond_stripped"]).sample, teacher)
+        unet(z_t, b["timesteps"], encoder_hidden_states=b["cond_stripped"]).sample, teacher
+    )
     loss.backward()
     for name, g in _lora_grads(unet).items():
         assert_rel_close(got[name], g, 1e-4, name)
@@ -138,9 +144,15 @@ def test_base_pass_is_no_grad_with_adapter_disabled(tiny):
 
     def hook(module, args, kwargs, output):
         lora_layers = [m for m in module.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A")]
-        calls.append(dict(rows=args[0].shape[0], grad_enabled=torch.is_grad_enabled(),
-                          requires_grad=output.sample.requires_grad,
-                          disabled=all(m.disable_adapters for m in lora_layers), out=output.sample.detach()))
+        calls.append(
+            dict(
+                rows=args[0].shape[0],
+                grad_enabled=torch.is_grad_enabled(),
+                requires_grad=output.sample.requires_grad,
+                disabled=all(m.disable_adapters for m in lora_layers),
+                out=output.sample.detach(),
+            )
+        )
 
     handle = unet.register_forward_hook(hook, with_kwargs=True)
     b = _batch()
@@ -162,15 +174,22 @@ def test_base_pass_is_no_grad_with_adapter_disabled(tiny):
 
 def test_sdxl_style_added_conditions():
     cfg = unet_config("tiny")
-    cfg.update(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+    cfg.update(
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8
+    )
     torch.manual_seed(0)
     unet, base = _lora_unet(UNet2DConditionModel(**cfg))
     b = _batch()
     g = torch.Generator().manual_seed(9)
 
     def cond(hidden):
-        return {"encoder_hidden_states": hidden,
-                "added_cond_kwargs": {"text_embeds": torch.randn(2, 16, generator=g), "time_ids": torch.rand(2, 6, generator=g)}}
+        return {
+            "encoder_hidden_states": hidden,
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(2, 16, generator=g),
+                "time_ids": torch.rand(2, 6, generator=g),
+            },
+        }
 
     c, c_minus = cond(b.pop("cond")), cond(b.pop("cond_stripped"))
     sched = _scheduler()

@@ -69,8 +69,9 @@ def cat_loss(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "fused":
-        raise NotImplementedError("mode='fused' (the one-call row-planned CAT pass) is not implemented yet; "
-                                  "use mode='reference'")
+        raise NotImplementedError(
+            "mode='fused' (the one-call row-planned CAT pass) is not implemented yet; use mode='reference'"
+        )
     if cat_weight < 0:
         raise ValueError(f"cat_weight must be >= 0, got {cat_weight}")
     _check_batch(unet, latents, noise, timesteps, cond, cond_stripped)
@@ -90,8 +91,9 @@ def cat_loss(
             base = _predict(unet, noisy, timesteps, cond_stripped).float()
         finally:
             unet.enable_adapters()
-    pred_both = _predict(unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
-                         _concat_conditions(cond, cond_stripped))
+    pred_both = _predict(
+        unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), _concat_conditions(cond, cond_stripped)
+    )
     pred, pred_stripped = pred_both.chunk(2)
     ldm = _weighted_mse(pred, target, weights)
     cat = _weighted_mse(pred_stripped, base, weights)
@@ -135,8 +137,12 @@ def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
 def _predict(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
     dtype = next(unet.parameters()).dtype
     if isinstance(cond, dict):
-        return unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-                    added_cond_kwargs=cond.get("added_cond_kwargs")).sample
+        return unet(
+            noisy.to(dtype),
+            timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs=cond.get("added_cond_kwargs"),
+        ).sample
     return unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond).sample
 
 
@@ -144,8 +150,10 @@ def _concat_conditions(a: Condition, b: Condition) -> Condition:
     if isinstance(a, torch.Tensor):
         return torch.cat([a, b])
     added = {k: torch.cat([v, b["added_cond_kwargs"][k]]) for k, v in (a.get("added_cond_kwargs") or {}).items()}
-    return {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]]),
-            "added_cond_kwargs": added or None}
+    return {
+        "encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]]),
+        "added_cond_kwargs": added or None,
+    }
 
 
 def _batch_of(cond: Condition) -> int:

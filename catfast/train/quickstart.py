@@ -40,8 +40,13 @@ def synthetic_image(size: int, seed: int = 0):
     bg, fg = (torch.randint(0, 256, (2, 3), generator=gen)).tolist()
     img = Image.new("RGB", (size, size), tuple(bg))
     c, r_out, r_in = size / 2, size * 0.4, size * 0.16
-    points = [(c + (r_out if k % 2 == 0 else r_in) * math.sin(k * math.pi / 5),
-               c - (r_out if k % 2 == 0 else r_in) * math.cos(k * math.pi / 5)) for k in range(10)]
+    points = [
+        (
+            c + (r_out if k % 2 == 0 else r_in) * math.sin(k * math.pi / 5),
+            c - (r_out if k % 2 == 0 else r_in) * math.cos(k * math.pi / 5),
+        )
+        for k in range(10)
+    ]
     ImageDraw.Draw(img).polygon(points, fill=tuple(fg))
     return img
 
@@ -111,8 +116,17 @@ def run_cat_steps(
         t0 = time.perf_counter()
         noise = torch.randn(z0.shape, generator=gen)
         timesteps = torch.randint(0, num_train_timesteps, (1,), generator=gen)
-        loss = cat_loss(unet, base.scheduler, latents=z0, noise=noise, timesteps=timesteps, cond=cond,
-                        cond_stripped=cond_stripped, cat_weight=cat_weight, mode="reference")
+        loss = cat_loss(
+            unet,
+            base.scheduler,
+            latents=z0,
+            noise=noise,
+            timesteps=timesteps,
+            cond=cond,
+            cond_stripped=cond_stripped,
+            cat_weight=cat_weight,
+            mode="reference",
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # the LoRA parameters, not the frozen UNet
