@@ -4,13 +4,17 @@
 //   W: [out, in] (Linear) or [out, in, kh, kw] (Conv2d), float32 / float16 / bfloat16, contiguous
 //   A ("down"): [r, in] or [r, in, kh, kw];  B ("up"): [out, r] or [out, r, 1, 1]; any float dtype
 //   W <- cast(float(W) + s * (float(B) @ float(A)))          one rounding per element
-// The delta is accumulated in fp32 and W is rounded once, so a bf16/fp16 merge is never worse than
-// torch's `W += s * (B @ A)` (which rounds B @ A to the low dtype first, then rounds the sum).
-// All layers go into one parallel_for over (layer, row-block) work items, so a whole UNet's worth
-// of small layers is one call instead of hundreds of launches.
+// The update is accumulated in fp32 and a bf16/fp16 W is rounded once, so the merge is never worse
+// than torch's `W += s * (B @ A)` in the weight dtype (which rounds B @ A first, then the sum).
+// Every layer is validated before any is written, so a bad layer leaves all weights untouched.
+//
+// Each layer is one fp32 addmm_ into W (or into an fp32 copy of a bf16/fp16 W, copied back), using
+// ATen's BLAS and its vectorised dtype conversions. benchmarks/bench_merge.py on the 2-thread dev CPU
+// (128 SD1.5 attention projections, 93.5M weights, rank 16), per merge: 32 / 60 / 44 ms for
+// fp32 / bf16 / fp16, against 105 / 103 / 229 ms for the first version, a hand-written
+// fp32-accumulating row loop over all layers in one parallel_for (its scalar fp16/bf16 conversions
+// dominated).
 #include <torch/extension.h>
-
-#include <ATen/Parallel.h>
 
 #include <vector>
 
@@ -18,36 +22,13 @@
 
 namespace {
 
-constexpr int64_t kRowsPerItem = 8;
-
 struct LayerView {
   at::Tensor weight;  // [out, K] view of W, original dtype
-  at::Tensor down;    // [r, K] float32, contiguous
-  at::Tensor up;      // [out, r] float32, contiguous, already multiplied by the scale
-  int64_t out, k, rank;
+  at::Tensor down;    // [r, K] float32
+  at::Tensor up;      // [out, r] float32
 };
 
-template <typename scalar_t>
-void merge_rows(const LayerView& layer, int64_t row_begin, int64_t row_end, std::vector<float>& delta) {
-  scalar_t* w = layer.weight.data_ptr<scalar_t>();
-  const float* a = layer.down.data_ptr<float>();
-  const float* b = layer.up.data_ptr<float>();
-  const int64_t k_len = layer.k;
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    std::fill(delta.begin(), delta.end(), 0.0f);
-    for (int64_t j = 0; j < layer.rank; ++j) {
-      const float coef = b[row * layer.rank + j];
-      if (coef == 0.0f) continue;
-      const float* a_row = a + j * k_len;
-      float* d = delta.data();
-      for (int64_t c = 0; c < k_len; ++c) d[c] += coef * a_row[c];
-    }
-    scalar_t* w_row = w + row * k_len;
-    for (int64_t c = 0; c < k_len; ++c) w_row[c] = static_cast<scalar_t>(static_cast<float>(w_row[c]) + delta[c]);
-  }
-}
-
-LayerView make_view(int64_t i, const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, double scale) {
+LayerView make_view(int64_t i, const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up) {
   CATFAST_CHECK_CPU(weight);
   CATFAST_CHECK_CONTIGUOUS(weight);
   CATFAST_CHECK_FLOATING(weight);
@@ -64,14 +45,7 @@ LayerView make_view(int64_t i, const at::Tensor& weight, const at::Tensor& down,
   TORCH_CHECK(up.numel() == out * rank, "layer ", i, ": up ", up.sizes(), " must be [out, r(,1,1)] with r=", rank);
   TORCH_CHECK(down.numel() == rank * k, "layer ", i, ": down ", down.sizes(), " does not match weight ",
               weight.sizes());
-  LayerView view;
-  view.weight = weight.view({out, k});
-  view.down = down.to(at::kFloat).contiguous().view({rank, k});
-  view.up = (up.to(at::kFloat).reshape({out, rank}) * scale).contiguous();
-  view.out = out;
-  view.k = k;
-  view.rank = rank;
-  return view;
+  return {weight.view({out, k}), down.to(at::kFloat).reshape({rank, k}), up.to(at::kFloat).reshape({out, rank})};
 }
 
 }  // namespace
@@ -82,28 +56,19 @@ void merge_lora_(std::vector<at::Tensor> weights, std::vector<at::Tensor> downs,
   TORCH_CHECK(downs.size() == n && ups.size() == n && scales.size() == n,
               "merge_lora_: weights, downs, ups and scales must have the same length, got ", n, ", ", downs.size(),
               ", ", ups.size(), ", ", scales.size());
-  // Validate every layer before writing any: a bad layer must leave all weights untouched.
   std::vector<LayerView> layers;
   layers.reserve(n);
-  for (size_t i = 0; i < n; ++i) layers.push_back(make_view(static_cast<int64_t>(i), weights[i], downs[i], ups[i], scales[i]));
+  for (size_t i = 0; i < n; ++i) layers.push_back(make_view(static_cast<int64_t>(i), weights[i], downs[i], ups[i]));
 
-  std::vector<std::pair<int64_t, int64_t>> items;  // (layer, first row)
-  for (size_t i = 0; i < n; ++i)
-    for (int64_t row = 0; row < layers[i].out; row += kRowsPerItem) items.emplace_back(static_cast<int64_t>(i), row);
-
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> delta;
-    for (int64_t it = begin; it < end; ++it) {
-      const LayerView& layer = layers[items[it].first];
-      const int64_t row0 = items[it].second;
-      const int64_t row1 = std::min(row0 + kRowsPerItem, layer.out);
-      delta.resize(layer.k);
-      switch (layer.weight.scalar_type()) {
-        case at::kFloat: merge_rows<float>(layer, row0, row1, delta); break;
-        case at::kHalf: merge_rows<at::Half>(layer, row0, row1, delta); break;
-        case at::kBFloat16: merge_rows<at::BFloat16>(layer, row0, row1, delta); break;
-        default: TORCH_CHECK(false, "unreachable dtype");
-      }
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < n; ++i) {
+    LayerView& layer = layers[i];
+    if (layer.weight.scalar_type() == at::kFloat) {
+      layer.weight.addmm_(layer.up, layer.down, /*beta=*/1.0, /*alpha=*/scales[i]);
+    } else {
+      at::Tensor acc = layer.weight.to(at::kFloat);
+      acc.addmm_(layer.up, layer.down, /*beta=*/1.0, /*alpha=*/scales[i]);
+      layer.weight.copy_(acc);
     }
-  });
+  }
 }
