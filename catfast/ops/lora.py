@@ -1,0 +1,222 @@
+"""The row-planned LoRA linear as an autograd Function, with its backend choice.
+
+Backends: "triton" (catfast/kernels/lora_gemm.py; CUDA, or the CPU interpreter under
+TRITON_INTERPRET=1) and "torch" (pure-torch math with the same row-aware saving). The choice is made
+per call: ``CATFAST_BACKEND=torch|triton`` forces one; otherwise triton when it can run on the
+tensors' device, else torch.
+
+What backward keeps (DESIGN.md, "No work and no memory for the teacher rows' backward"): the input
+rows and the rank-r product T = X A^T of the samples with ``needs_grad`` only, plus references to
+the weights. Backward computes dX only for those rows (zeros elsewhere) and dA/dB per adapter slot
+from those rows only. The base weight and bias are frozen (no dW/db).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from catfast.rows import NO_ADAPTER, RowPlan
+
+BACKENDS = ("triton", "torch")
+
+
+def triton_not_supported_reasons(x: torch.Tensor) -> list[str]:
+    """Why the Triton kernels cannot run on ``x`` (empty: they can)."""
+    from catfast.env import has_triton
+
+    reasons = []
+    cap = has_triton()
+    if not cap.available:
+        reasons.append(f"triton unavailable: {cap.detail}")
+    elif x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reasons.append(f"tensors on {x.device.type}, and TRITON_INTERPRET=1 is not set")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {x.dtype} is not float32/float16/bfloat16")
+    return reasons
+
+
+def choose_backend(x: torch.Tensor) -> str:
+    forced = os.environ.get("CATFAST_BACKEND")
+    if forced in BACKENDS:
+        if forced == "triton":
+            reasons = triton_not_supported_reasons(x)
+            if reasons:
+                raise RuntimeError("CATFAST_BACKEND=triton but it cannot run: " + "; ".join(reasons))
+        return forced
+    return "torch" if triton_not_supported_reasons(x) else "triton"
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    plan: RowPlan,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``lora_linear_ref`` semantics (see catfast/reference/lora.py) with row-aware backward.
+
+    Shapes: x ``[N, ..., in]``, weight ``[out, in]``, bias ``[out]``/None, lora_a ``[S, r, in]``,
+    lora_b ``[S, out, r]``, plan of length N. Checks everything before any kernel runs.
+    """
+    _check(x, weight, bias, lora_a, lora_b, plan)
+    backend = backend or choose_backend(x)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend)
+
+
+def _check(x, weight, bias, lora_a, lora_b, plan: RowPlan) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"x must be [N, ..., in], got shape {tuple(x.shape)}")
+    plan.validate(num_slots=lora_a.shape[0], batch=x.shape[0])
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features but weight is {tuple(weight.shape)}")
+    if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[2] != in_f or lora_b.shape[1] != out_f:
+        raise ValueError(
+            f"lora_a {tuple(lora_a.shape)} / lora_b {tuple(lora_b.shape)} do not fit weight "
+            f"{tuple(weight.shape)} (expected [S, r, {in_f}] and [S, {out_f}, r])"
+        )
+    if lora_a.shape[0] != lora_b.shape[0] or lora_a.shape[1] != lora_b.shape[2]:
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} disagree on slots or rank")
+    tensors = {"weight": weight, "lora_a": lora_a, "lora_b": lora_b, "plan.slots": plan.slots}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for name in ("weight", "lora_a", "lora_b", "bias"):
+        if name in tensors and tensors[name].dtype != x.dtype:
+            raise ValueError(f"{name} is {tensors[name].dtype} but x is {x.dtype}")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("the base weight and bias must be frozen (requires_grad=False); only LoRA A/B train")
+
+
+def _grad_row_index(grad_samples: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+    """Flat row indices of the given samples (each owns rows_per_sample consecutive rows)."""
+    offsets = torch.arange(rows_per_sample, device=grad_samples.device)
+    return (grad_samples[:, None] * rows_per_sample + offsets[None, :]).flatten()
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Row-planned LoRA linear; saves and differentiates only the rows of samples with needs_grad."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, plan: RowPlan, backend: str):
+        n, in_f = x.shape[0], x.shape[-1]
+        x2 = x.reshape(-1, in_f).contiguous()
+        rows = x2.shape[0] // n
+        grad_samples = plan.grad_samples()
+        need_low = grad_samples.numel() > 0 and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        if backend == "triton":
+            from catfast.kernels.lora_gemm import lora_gemm
+
+            y2, low = lora_gemm(
+                x2,
+                weight.t(),
+                bias,
+                lora_a.transpose(1, 2),
+                lora_b.transpose(1, 2),
+                plan.slots,
+                plan.scales,
+                rows,
+                store_low=need_low,
+            )
+        else:
+            y2, low = _torch_gemm(x2, weight, bias, lora_a, lora_b, plan, rows, store_low=need_low)
+
+        index = _grad_row_index(grad_samples, rows)
+        ctx.rows, ctx.x_shape, ctx.backend = rows, x.shape, backend
+        ctx.plan = plan.select(grad_samples)
+        ctx.grad_samples = grad_samples
+        x_rows = x2.index_select(0, index) if grad_samples.numel() else x2[:0]
+        low_rows = low.index_select(0, index) if need_low else None
+        ctx.save_for_backward(x_rows, low_rows, weight, lora_a, lora_b)
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_rows, low_rows, weight, lora_a, lora_b = ctx.saved_tensors
+        plan, rows, n_grad = ctx.plan, ctx.rows, ctx.grad_samples.numel()
+        dx = da = db = None
+        if n_grad == 0:
+            dx = torch.zeros(ctx.x_shape, device=dy.device, dtype=dy.dtype) if ctx.needs_input_grad[0] else None
+            return (
+                dx,
+                None,
+                None,
+                torch.zeros_like(lora_a) if ctx.needs_input_grad[3] else None,
+                torch.zeros_like(lora_b) if ctx.needs_input_grad[4] else None,
+                None,
+                None,
+            )
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy_rows = dy2.index_select(0, _grad_row_index(ctx.grad_samples, rows)).contiguous()
+        need_ab = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        if ctx.backend == "triton":
+            from catfast.kernels.lora_gemm import lora_gemm
+
+            dx_rows, up_low = lora_gemm(
+                dy_rows, weight, None, lora_b, lora_a, plan.slots, plan.scales, rows, store_low=need_ab
+            )
+        else:
+            dx_rows, up_low = _torch_gemm(
+                dy_rows, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), plan, rows, store_low=need_ab
+            )
+        if ctx.needs_input_grad[0]:
+            dx = torch.zeros((dy2.shape[0], weight.shape[1]), device=dy.device, dtype=dy.dtype)
+            dx.index_copy_(0, _grad_row_index(ctx.grad_samples, rows), dx_rows)
+            dx = dx.view(ctx.x_shape)
+        if need_ab:
+            da, db = _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan, rows, lora_a.shape[0], ctx.backend)
+            da = da.to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+            db = db.to(lora_b.dtype) if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db, None, None
+
+
+def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, store_low: bool):
+    """Torch twin of kernels.lora_gemm: (X W^T + b + s (X A^T) B^T, T = X A^T fp32 or None).
+    weight [out, in]; lora_a [S, r, in]; lora_b [S, out, r]."""
+    n = plan.slots.numel()
+    y = torch.nn.functional.linear(x2, weight, bias)
+    has = plan.slots != NO_ADAPTER
+    idx = torch.where(has, plan.slots, torch.zeros_like(plan.slots))
+    xs = x2.view(n, rows, -1)
+    low = torch.bmm(xs.float(), lora_a[idx].float().transpose(1, 2)) * has.view(n, 1, 1)  # [n, rows, r]
+    scale = (plan.scales * has).view(n, 1, 1)
+    delta = torch.bmm(low * scale, lora_b[idx].float().transpose(1, 2))
+    y = (y.float() + delta.view_as(y)).to(x2.dtype)
+    return y, (low.reshape(n * rows, -1) if store_low else None)
+
+
+def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, num_slots: int, backend: str):
+    """dA [S, r, in] and dB [S, out, r] (fp32) from the grad rows, summed per adapter slot."""
+    order = torch.argsort(plan.slots, stable=True)
+    slots_sorted = plan.slots[order]
+    keep = slots_sorted != NO_ADAPTER
+    order, slots_sorted = order[keep], slots_sorted[keep]
+    counts = torch.bincount(slots_sorted, minlength=num_slots) * rows
+    seg = torch.zeros(num_slots + 1, dtype=torch.int64, device=x_rows.device)
+    seg[1:] = torch.cumsum(counts, 0)
+    index = _grad_row_index(order, rows)
+    row_scale = plan.scales[order].repeat_interleave(rows).float()
+    x_s, dy_s = x_rows.index_select(0, index), dy_rows.index_select(0, index)
+    low_s, up_s = low_rows.index_select(0, index), up_low.index_select(0, index)
+    if backend == "triton":
+        from catfast.kernels.lora_gemm import segment_outer
+
+        return segment_outer(up_s, x_s, row_scale, seg), segment_outer(dy_s, low_s, row_scale, seg)
+    da = torch.zeros((num_slots, up_s.shape[1], x_s.shape[1]), device=x_rows.device, dtype=torch.float32)
+    db = torch.zeros((num_slots, dy_s.shape[1], low_s.shape[1]), device=x_rows.device, dtype=torch.float32)
+    for s in range(num_slots):
+        lo, hi = int(seg[s]), int(seg[s + 1])
+        if hi > lo:
+            scaled = row_scale[lo:hi, None]
+            da[s] = (up_s[lo:hi].float() * scaled).t() @ x_s[lo:hi].float()
+            db[s] = (dy_s[lo:hi].float() * scaled).t() @ low_s[lo:hi].float()
+    return da, db
