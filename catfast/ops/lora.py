@@ -57,23 +57,29 @@ def lora_linear(
     plan: RowPlan,
     *,
     backend: str | None = None,
+    validate_plan: bool = True,
 ) -> torch.Tensor:
     """``lora_linear_ref`` semantics (see catfast/reference/lora.py) with row-aware backward.
 
     Shapes: x ``[N, ..., in]``, weight ``[out, in]``, bias ``[out]``/None, lora_a ``[S, r, in]``,
-    lora_b ``[S, out, r]``, plan of length N. Checks everything before any kernel runs.
+    lora_b ``[S, out, r]``, plan of length N. Checks everything before any kernel runs;
+    ``validate_plan=False`` skips the slot-range check (a device sync on GPU) for callers that
+    validated the plan once per UNet call.
     """
-    _check(x, weight, bias, lora_a, lora_b, plan)
+    _check(x, weight, bias, lora_a, lora_b, plan, validate_plan)
     backend = backend or choose_backend(x)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend)
 
 
-def _check(x, weight, bias, lora_a, lora_b, plan: RowPlan) -> None:
+def _check(x, weight, bias, lora_a, lora_b, plan: RowPlan, validate_plan: bool) -> None:
     if x.dim() < 2:
         raise ValueError(f"x must be [N, ..., in], got shape {tuple(x.shape)}")
-    plan.validate(num_slots=lora_a.shape[0], batch=x.shape[0])
+    if validate_plan:
+        plan.validate(num_slots=lora_a.shape[0], batch=x.shape[0])
+    elif len(plan) != x.shape[0]:
+        raise ValueError(f"row plan has {len(plan)} rows but the batch has {x.shape[0]} samples")
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"x has {x.shape[-1]} features but weight is {tuple(weight.shape)}")

@@ -62,16 +62,14 @@ def cat_loss(
       cond / cond_stripped: text conditions for the caption with and without the trigger word.
       cat_weight: lambda; 0 gives the plain LoRA loss.
       mode: "reference" runs the base pass (adapter disabled, no_grad) and then the two adapter
-        passes as one batched call, as a careful diffusers user would. "fused" is the one-call
-        row-planned pass (not in this release).
+        passes as one batched call, as a careful diffusers user would. "fused" runs all 3B rows as
+        ONE UNet call with a row plan ([trigger | stripped] on the active adapter with grad, then the
+        teacher rows on the base without grad) through catfast's row-planned LoRA layers; the UNet is
+        patched for the call (and left as the caller had it), or used as patched by ``patch_unet``.
       snr_gamma: min-SNR-gamma weighting of both terms, or None.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "fused":
-        raise NotImplementedError(
-            "mode='fused' (the one-call row-planned CAT pass) is not implemented yet; use mode='reference'"
-        )
     if cat_weight < 0:
         raise ValueError(f"cat_weight must be >= 0, got {cat_weight}")
     _check_batch(unet, latents, noise, timesteps, cond, cond_stripped)
@@ -84,7 +82,16 @@ def cat_loss(
         pred = _predict(unet, noisy, timesteps, cond)
         ldm = _weighted_mse(pred, target, weights)
         return CatLossOutput(total=ldm, ldm=ldm, cat=torch.zeros((), device=ldm.device))
+    if mode == "fused":
+        pred, pred_stripped, base = _fused_predictions(unet, noisy, timesteps, cond, cond_stripped)
+        ldm = _weighted_mse(pred, target, weights)
+        cat = _weighted_mse(pred_stripped, base, weights)
+        return CatLossOutput(total=ldm + cat_weight * cat, ldm=ldm, cat=cat)
 
+    from catfast.integrations.patch import patch_report
+
+    if patch_report(unet) is not None:
+        raise ValueError("mode='reference' needs the plain peft UNet; call unpatch_unet(unet) first")
     with torch.no_grad():
         unet.disable_adapters()
         try:
@@ -98,6 +105,31 @@ def cat_loss(
     ldm = _weighted_mse(pred, target, weights)
     cat = _weighted_mse(pred_stripped, base, weights)
     return CatLossOutput(total=ldm + cat_weight * cat, ldm=ldm, cat=cat)
+
+
+def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped):
+    """(pred on c, pred on c-, detached teacher on c-) from one UNet call over 3B rows."""
+    from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
+    from catfast.rows import RowPlan
+
+    active = unet.active_adapters()
+    if len(active) != 1:
+        raise ValueError(f"fused CAT trains one adapter; the UNet has active adapters {active}")
+    temporary = patch_report(unet) is None
+    report = patch_unet(unet)
+    try:
+        if not report.patched:
+            raise ValueError(f"no LoRA layer of the UNet can be row-planned: {report.skipped}")
+        batch = noisy.shape[0]
+        plan = RowPlan.cat_step(batch, slot=report.slots.index(active[0]), device=noisy.device)
+        rows_cond = _concat_conditions(_concat_conditions(cond, cond_stripped), cond_stripped)
+        with row_plan(unet, plan):
+            out = _predict(unet, torch.cat([noisy] * 3), torch.cat([timesteps] * 3), rows_cond)
+    finally:
+        if temporary:
+            unpatch_unet(unet)
+    pred, pred_stripped, base = out.chunk(3)
+    return pred, pred_stripped, base.detach().float()
 
 
 def compute_snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:

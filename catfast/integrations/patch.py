@@ -1,0 +1,119 @@
+"""Swap the peft LoRA layers of a diffusers UNet for catfast's row-planned layers, and back.
+
+Instance-level and reversible: ``patch_unet`` replaces each supported peft layer instance in its
+parent module by a ``RowLoraLinear`` that shares its parameters (no copies); ``unpatch_unet`` puts
+the original instances back, so the UNet is exactly what it was. Nothing global is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from catfast.nn.row_lora import PlanHolder, RowLoraLinear
+from catfast.rows import RowPlan
+
+_STATE = "_catfast_patch"
+
+
+@dataclass
+class PatchReport:
+    """What ``patch_unet`` changed: patched module names, skipped ones with the reason, adapter slots."""
+
+    patched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    slots: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _PatchState:
+    holder: PlanHolder
+    originals: dict[str, torch.nn.Module]
+    report: PatchReport
+
+
+def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> PatchReport:
+    """Patch every peft LoRA Linear and 1x1 Conv2d of ``unet``; slot i is adapter ``adapters[i]``
+    (default: every peft adapter, in ``unet.peft_config`` order). Idempotent: a patched UNet returns its
+    existing report when the slots are the same, and raises when they differ."""
+    from peft.tuners.lora import Conv2d as PeftConv2d
+    from peft.tuners.lora import Linear as PeftLinear
+
+    configs = getattr(unet, "peft_config", None)
+    if not configs:
+        raise ValueError("the UNet has no LoRA adapter: attach one with unet.add_adapter(LoraConfig(...))")
+    slots = list(adapters) if adapters is not None else list(configs)
+    missing = [name for name in slots if name not in configs]
+    if missing:
+        raise ValueError(f"no adapter named {missing[0]!r} on the UNet (it has {list(configs)})")
+    state = getattr(unet, _STATE, None)
+    if state is not None:
+        if state.report.slots != slots:
+            raise ValueError(f"the UNet is patched with slots {state.report.slots}; unpatch_unet first")
+        return state.report
+
+    report, holder, originals = PatchReport(slots=slots), PlanHolder(), {}
+    for name, module in list(unet.named_modules()):
+        if not isinstance(module, (PeftLinear, PeftConv2d)):
+            continue
+        reason = _unsupported(module, slots)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, RowLoraLinear(module, slots, holder))
+        originals[name] = module
+        report.patched.append(name)
+    setattr(unet, _STATE, _PatchState(holder, originals, report))
+    return report
+
+
+def _unsupported(module: torch.nn.Module, slots: list[str]) -> str | None:
+    base = module.base_layer
+    if isinstance(base, torch.nn.Conv2d) and (base.kernel_size != (1, 1) or base.stride != (1, 1) or base.groups != 1):
+        return f"Conv2d kernel {base.kernel_size} (only 1x1 convolutions are row-planned)"
+    for name in slots:
+        if name not in module.lora_A:
+            return f"adapter {name!r} does not target this layer"
+        if module.use_dora.get(name):
+            return "DoRA"
+        dropout = module.lora_dropout[name]
+        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+            return f"lora_dropout={dropout.p} (the fused op has no dropout)"
+    return None
+
+
+def unpatch_unet(unet: torch.nn.Module) -> PatchReport:
+    """Put back the original peft layers; returns the report of the patch it undid."""
+    state = getattr(unet, _STATE, None)
+    if state is None:
+        raise ValueError("the UNet is not patched")
+    for name, original in state.originals.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, original)
+    delattr(unet, _STATE)
+    return state.report
+
+
+def patch_report(unet: torch.nn.Module) -> PatchReport | None:
+    """The report of the current patch, or None when the UNet is not patched."""
+    state = getattr(unet, _STATE, None)
+    return None if state is None else state.report
+
+
+@contextlib.contextmanager
+def row_plan(unet: torch.nn.Module, plan: RowPlan):
+    """Within the block, every patched layer of ``unet`` computes with ``plan``."""
+    state = getattr(unet, _STATE, None)
+    if state is None:
+        raise ValueError("row_plan needs a patched UNet: call catfast.integrations.patch.patch_unet(unet) first")
+    if state.holder.plan is not None:
+        raise RuntimeError("a row plan is already set on this UNet")
+    plan.validate(num_slots=len(state.report.slots))
+    state.holder.plan = plan
+    try:
+        yield
+    finally:
+        state.holder.plan = None

@@ -1,0 +1,75 @@
+"""Modules that hold adapter slots and call the row-planned LoRA op.
+
+``RowLoraLinear`` stands in for one peft LoRA layer (a ``lora.Linear``, or a 1x1 ``lora.Conv2d``)
+and shares every parameter with it: its ``base_layer``, ``lora_A`` and ``lora_B`` are the peft
+layer's own submodules, so parameter names, ``state_dict`` keys and optimizer state are unchanged
+while patched. With a row plan set on its ``PlanHolder`` it computes
+
+  y[n] = base(x[n]) + plan.scales[n] * scaling[slot] * B_slot(A_slot(x[n]))      slot = plan.slots[n]
+
+in one launch (catfast.ops.lora.lora_linear); with no plan it defers to the peft layer, exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from catfast.ops.lora import lora_linear
+from catfast.rows import RowPlan
+
+
+class PlanHolder:
+    """The row plan of the current UNet call, shared by every patched layer of one UNet."""
+
+    def __init__(self) -> None:
+        self.plan: RowPlan | None = None
+
+
+class RowLoraLinear(torch.nn.Module):
+    """Row-planned replacement of a peft LoRA Linear / 1x1 Conv2d; adapter ``slot_names[i]`` is slot i."""
+
+    def __init__(self, peft_layer: torch.nn.Module, slot_names: list[str], holder: PlanHolder):
+        super().__init__()
+        self.base_layer = peft_layer.base_layer
+        self.lora_A = peft_layer.lora_A
+        self.lora_B = peft_layer.lora_B
+        self.slot_names = list(slot_names)
+        self.is_conv = isinstance(self.base_layer, torch.nn.Conv2d)
+        self.__dict__["peft_layer"] = peft_layer  # not a submodule: its parameters are already ours
+        self.__dict__["holder"] = holder
+        self._scaling = [float(peft_layer.scaling[name]) for name in self.slot_names]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        plan = self.holder.plan
+        if plan is None or self.peft_layer.disable_adapters:
+            return self.peft_layer(x, *args, **kwargs)
+        if len(plan) != x.shape[0]:  # slots were validated once when the plan was set (row_plan)
+            raise ValueError(f"row plan has {len(plan)} rows but the batch has {x.shape[0]} samples")
+        lora_a, lora_b = self._stacked()
+        scales = plan.scales * torch.tensor(self._scaling, device=plan.scales.device)[plan.slots.clamp(min=0)]
+        row_plan = RowPlan(plan.slots, scales, plan.needs_grad)
+        weight = self.base_layer.weight
+        if not self.is_conv:
+            return lora_linear(x, weight, self.base_layer.bias, lora_a, lora_b, row_plan, validate_plan=False)
+        n, c, h, w = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        y = lora_linear(
+            tokens, weight.view(weight.shape[0], c), self.base_layer.bias, lora_a, lora_b, row_plan, validate_plan=False
+        )
+        return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``[S, r, in]`` and B ``[S, out, r]`` over the slots (ranks zero-padded to the largest); views
+        of the parameters when there is one slot, so gradients land on them directly."""
+        downs = [self.lora_A[name].weight.flatten(1) for name in self.slot_names]
+        ups = [self.lora_B[name].weight.flatten(1) for name in self.slot_names]
+        if len(downs) == 1:
+            return downs[0].unsqueeze(0), ups[0].unsqueeze(0)
+        r = max(d.shape[0] for d in downs)
+        downs = [F.pad(d, (0, 0, 0, r - d.shape[0])) for d in downs]
+        ups = [F.pad(u, (0, r - u.shape[1])) for u in ups]
+        return torch.stack(downs), torch.stack(ups)
+
+    def extra_repr(self) -> str:
+        return f"slots={self.slot_names}, conv1x1={self.is_conv}"

@@ -1,0 +1,168 @@
+"""The fused CAT pass (one UNet call over 3B rows with a row plan) against the reference objective,
+and patching: exact set of patched layers, shared parameters, exact round trip."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from peft import LoraConfig
+
+import catfast
+from catfast.env import has_triton
+from catfast.integrations.factory import build_unet
+from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
+from catfast.nn.row_lora import RowLoraLinear
+from catfast.rows import NO_ADAPTER, RowPlan
+from catfast.testing import assert_rel_close, randomize_lora_
+
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+ALL = ATTN + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def _unet(targets, rank, alpha, seed=0):
+    unet = build_unet("tiny", seed=seed).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
+    randomize_lora_(unet, seed=seed + 1)
+    return unet
+
+
+def _batch(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        latents=torch.randn(batch, 4, 16, 16, generator=g),
+        noise=torch.randn(batch, 4, 16, 16, generator=g),
+        timesteps=torch.randint(0, 1000, (batch,), generator=g),
+        cond=torch.randn(batch, 7, 32, generator=g),
+        cond_stripped=torch.randn(batch, 7, 32, generator=g),
+    )
+
+
+def _scheduler(kind="epsilon"):
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=kind,
+    )
+
+
+def _run(unet, sched, batch, mode, **kw):
+    unet.zero_grad(set_to_none=True)
+    out = catfast.cat_loss(unet, sched, **batch, mode=mode, **kw)
+    out.total.backward()
+    return out, {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("targets", "rank", "alpha"),
+    [(ATTN, 1, 1.0), (ALL, 4, 8.0), (["attn2.to_k", "proj_in", "ff.net.2"], 64, 16.0)],
+    ids=["attn-r1", "all-r4", "cross-proj-ff-r64"],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_fused_equals_reference(targets, rank, alpha, batch, kind, monkeypatch):
+    # the whole matrix on the torch backend; the Triton kernels (CPU interpreter, ~10 s per UNet step
+    # here) on one case below and against the reference op in tests/kernels
+    monkeypatch.setenv("CATFAST_BACKEND", "torch")
+    unet = _unet(targets, rank, alpha)
+    sched, b = _scheduler(kind), _batch(batch)
+    ref, ref_grads = _run(unet, sched, b, "reference", snr_gamma=5.0 if kind == "v_prediction" else None)
+    fused, grads = _run(unet, sched, b, "fused", snr_gamma=5.0 if kind == "v_prediction" else None)
+    for term in ("total", "ldm", "cat"):
+        assert_rel_close(getattr(fused, term).detach(), getattr(ref, term).detach(), 1e-5, term)
+    assert ref.cat.item() > 0 and grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name, g in ref_grads.items():
+        assert g.abs().sum() > 0
+        assert_rel_close(grads[name], g, 1e-4, name)
+    assert patch_report(unet) is None  # fused mode left the UNet as it found it
+
+
+@pytest.mark.skipif(not has_triton().available, reason=f"triton unavailable: {has_triton().detail}")
+def test_fused_equals_reference_with_triton_kernels(monkeypatch):
+    monkeypatch.setenv("CATFAST_BACKEND", "triton")
+    unet = _unet(ALL, 8, 4.0)
+    sched, b = _scheduler(), _batch(2)
+    ref, ref_grads = _run(unet, sched, b, "reference")
+    fused, grads = _run(unet, sched, b, "fused")
+    for term in ("total", "ldm", "cat"):
+        assert_rel_close(getattr(fused, term).detach(), getattr(ref, term).detach(), 1e-5, term)
+    for name, g in ref_grads.items():
+        assert_rel_close(grads[name], g, 1e-4, name)
+
+
+def test_one_unet_call_over_3b_rows():
+    unet = _unet(ATTN, 4, 4.0)
+    calls = []
+    handle = unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        catfast.cat_loss(unet, _scheduler(), **_batch(2), mode="fused")
+    finally:
+        handle.remove()
+    assert calls == [6]
+
+
+def test_patch_is_exact_shares_parameters_and_unpatches_exactly():
+    unet = _unet(ALL, 4, 8.0)
+    before_params = dict(unet.named_parameters())
+    before_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    peft_names = sorted(n for n, m in unet.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    x = _batch(2)
+    with torch.no_grad():
+        want = unet(x["latents"], x["timesteps"], x["cond"]).sample
+
+    report = patch_unet(unet)
+    assert sorted(report.patched) == peft_names and report.skipped == {} and report.slots == ["default"]
+    assert all(isinstance(unet.get_submodule(n), RowLoraLinear) for n in peft_names)
+    after = dict(unet.named_parameters())
+    assert after.keys() == before_params.keys() and all(after[k] is before_params[k] for k in after)
+    with torch.no_grad():  # no plan: defers to peft exactly
+        assert torch.equal(unet(x["latents"], x["timesteps"], x["cond"]).sample, want)
+        with row_plan(unet, RowPlan.build([NO_ADAPTER, 0], [1.0, 1.0], False)):
+            mixed = unet(x["latents"], x["timesteps"], x["cond"]).sample
+    unet.disable_adapters()
+    with torch.no_grad():  # the no-adapter row is the base model, the adapter row the peft model
+        base = copy.deepcopy(unet)
+        unpatch_unet(base)
+        base.disable_adapters()
+        assert_rel_close(mixed[0], base(x["latents"], x["timesteps"], x["cond"]).sample[0], 1e-5, "base row")
+    unet.enable_adapters()
+    assert_rel_close(mixed[1], want[1], 1e-5, "adapter row")
+
+    undone = unpatch_unet(unet)
+    assert undone.patched == report.patched and patch_report(unet) is None
+    assert all(not isinstance(m, RowLoraLinear) for m in unet.modules())
+    state = unet.state_dict()
+    assert state.keys() == before_state.keys() and all(torch.equal(state[k], before_state[k]) for k in state)
+
+
+def test_3x3_conv_lora_is_skipped_with_a_reason():
+    unet = build_unet("tiny").requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "conv1"]))
+    report = patch_unet(unet)
+    assert report.patched and report.skipped
+    assert all("1x1" in why for why in report.skipped.values())
+    unpatch_unet(unet)
+
+
+def test_bad_input_fails_before_any_kernel():
+    unet = _unet(ATTN, 4, 4.0)
+    b = _batch(2)
+    with pytest.raises(ValueError, match="needs a patched UNet"):
+        with row_plan(unet, RowPlan.build([0, 0])):
+            pass
+    patch_unet(unet)
+    with pytest.raises(ValueError, match="row plan has 3 rows but the batch has 2"):
+        with row_plan(unet, RowPlan.build([0, 0, 0])):
+            unet(b["latents"], b["timesteps"], b["cond"])
+    with pytest.raises(ValueError, match="slot 1 but the layer has 1 slot"):
+        with row_plan(unet, RowPlan.build([0, 1])):
+            unet(b["latents"], b["timesteps"], b["cond"])
+    with pytest.raises(ValueError, match="unpatch_unet"):
+        catfast.cat_loss(unet, _scheduler(), **b, mode="reference")
+    with pytest.raises(ValueError, match="no adapter named 'other'"):
+        patch_unet(unet, ["other"])
+    unpatch_unet(unet)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        patch_unet(build_unet("tiny"))
