@@ -171,5 +171,124 @@ def adapter_convert(src: str, dst: str, to_format: str, overwrite: bool) -> None
     click.echo(f"wrote {to_format} adapter ({len(adapter_obj.layers)} layers) to {dst}")
 
 
+@main.group("export")
+def export_group() -> None:
+    """Export a base model with LoRA adapters (ONNX)."""
+
+
+@export_group.command("onnx")
+@click.option("--base", required=True, type=click.Path(), help="Base model: a diffusers folder (read, never written).")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="[NAME=]FILE[:SCALE]",
+    help="LoRA file to apply (repeatable); SCALE multiplies its alpha/r (default 1).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the export to.")
+@click.option("--fp16", is_flag=True, help="Export fp16 weights and inputs (validated against fp32 PyTorch).")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (14..20).")
+@click.option(
+    "--components",
+    default="unet",
+    show_default=True,
+    help="Comma-separated: unet,text_encoder,vae_decoder (all three for `catfast run-onnx`).",
+)
+@click.option("--dynamic", is_flag=True, help="Dynamic height/width and text length (batch is always dynamic).")
+@click.option(
+    "--adapter-inputs",
+    is_flag=True,
+    help="One graph whose LoRA A/B are (optional) inputs; per-adapter weights are written next to it.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
+@_friendly
+def export_onnx_command(base, adapters, out, fp16, opset, components, dynamic, adapter_inputs, overwrite) -> None:
+    """Merge adapters into a copy of BASE (or make them graph inputs), export to ONNX, check every graph
+    with onnx.checker and against PyTorch in ONNX Runtime, and write OUT/manifest.json."""
+    from catfast.export.onnx import export_onnx
+
+    manifest = export_onnx(
+        base,
+        out,
+        adapters=adapters,
+        components=[c.strip() for c in components.split(",") if c.strip()],
+        fp16=fp16,
+        opset=opset,
+        dynamic=dynamic,
+        adapter_inputs=adapter_inputs,
+        overwrite=overwrite,
+        log=click.echo,
+    )
+    for name, comp in manifest["components"].items():
+        v = comp["validation"]
+        click.echo(
+            f"{name}: {comp['file']} ({comp['bytes'] / 1e6:.1f} MB), max abs err {v['max_abs_err']:.2e}, "
+            f"max rel err {v['max_rel_err']:.2e} <= {v['tolerance']:.0e} ({comp['dtype']})"
+        )
+
+
+@main.command("run-onnx")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Folder written by `catfast export onnx`.")
+@click.option("--prompt", required=True)
+@click.option("--adapter", default=None, help="Adapter NAME of an --adapter-inputs export (default: the base).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--negative-prompt", default="", show_default=True)
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--guidance-scale", default=7.5, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--height", type=int, default=None, help="Pixels (default: the model's native size).")
+@click.option("--width", type=int, default=None, help="Pixels (default: the model's native size).")
+@click.option(
+    "--provider", default=None, help="ONNX Runtime execution provider (default: CUDA if it starts, else CPU)."
+)
+@_friendly
+def run_onnx_command(
+    model_dir, prompt, adapter, out, negative_prompt, steps, guidance_scale, seed, height, width, provider
+):
+    """Generate an image with ONNX Runtime alone (tokenizer, text encoder, DDIM UNet loop, VAE decoder)."""
+    from catfast.export.runner import run_onnx
+
+    path, used = run_onnx(
+        model_dir,
+        prompt,
+        out,
+        adapter=adapter,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        height=height,
+        width=width,
+        provider=provider,
+    )
+    click.echo(f"wrote {path} ({used}, {steps} steps)")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks run in one process against the baseline, interleaved."""
+
+
+@bench.command("onnx")
+@click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15"]))
+@click.option("--reps", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
+    """UNet latency in ONNX Runtime (each provider that starts here; merged and adapter inputs) against
+    PyTorch with the same merged weights."""
+    from catfast.export.bench import bench_onnx
+
+    result = bench_onnx(model, reps=reps, batch=batch, rank=rank, log=(lambda s: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{model} UNet, batch {batch}, {result['device']}, median of {reps}:")
+    for name, ms in result["median_ms"].items():
+        click.echo(f"  {name:<45} {ms:9.2f} ms")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,153 @@
+"""`catfast bench onnx`: UNet latency in ONNX Runtime against PyTorch with the same merged weights, in one
+process, interleaved (each repetition times every contestant once, in turn), median of ``reps``.
+
+Contestants, at batch ``batch`` (CFG-style: 2) and the model's native latent size:
+  torch                     the diffusers UNet with the adapter merged (catfast's merge op), torch.no_grad
+  ort:<provider>:merged     the merged export, on each execution provider that starts here
+  ort:<provider>:adapter_inputs   the adapter-inputs export fed the same adapter's tensors
+
+The adapter is a seeded random rank-``rank`` LoRA (B nonzero, alpha != rank) on every attention projection
+(to_q/to_k/to_v/to_out.0), the most common SD LoRA target. Both exports are made with `export_onnx`, so their
+parity against torch is checked as for any export; the errors are reported next to the times.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from catfast.adapters.adapter import LoraAdapter, LoraLayer, layer_key
+from catfast.adapters.merge import merge_adapter_
+from catfast.export.onnx import AdapterSpec, export_onnx
+from catfast.export.runner import session, usable_providers
+
+TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
+
+
+def attention_adapter(unet: torch.nn.Module, rank: int = 8, alpha: float = 6.0, seed: int = 0) -> LoraAdapter:
+    """A random LoRA on every attention projection of ``unet`` (B nonzero; alpha != rank)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.endswith(TARGETS):
+            down = torch.randn(rank, m.in_features, generator=g) / m.in_features**0.5
+            up = torch.randn(m.out_features, rank, generator=g) * 0.1
+            layers[layer_key("unet", name)] = LoraLayer(down, up, alpha)
+    return LoraAdapter(layers)
+
+
+def _git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+    return r.stdout.strip() or "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_onnx(
+    model: str = "tiny",
+    *,
+    reps: int = 10,
+    batch: int = 2,
+    rank: int = 8,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Build the named random-weight model, export it twice (merged, adapter inputs), time every contestant
+    ``reps`` times interleaved after one warm-up round; one JSON-able dict with medians, ratios and parity."""
+    from catfast.integrations.factory import build_base
+
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    log(f"building {model}")
+    base = build_base(model)
+    unet = base.unet
+    adapter = attention_adapter(unet, rank=rank)
+    providers = providers or list(usable_providers())
+    with tempfile.TemporaryDirectory(prefix="catfast-bench-onnx-") as tmp:
+        spec = AdapterSpec(path="bench-adapter", name="bench", adapter=adapter)
+        merged = export_onnx(base, Path(tmp) / "merged", adapters=[spec], log=log)
+        inputs = export_onnx(base, Path(tmp) / "inputs", adapters=[spec], adapter_inputs=True, log=log)
+        errors = {
+            "merged": merged["components"]["unet"]["validation"]["max_rel_err"],
+            "adapter_inputs": inputs["components"]["unet"]["validation"]["max_rel_err"],
+        }
+        merge_adapter_(unet, adapter, "unet")  # torch contestant: the same merged weights
+        from safetensors.numpy import load_file
+
+        feeds = load_file(Path(tmp) / "inputs" / inputs["adapters"][0]["weights"]["unet"]["safetensors"])
+        g = torch.Generator().manual_seed(0)
+        s = unet.config.sample_size
+        x = torch.randn(batch, unet.config.in_channels, s, s, generator=g)
+        t = torch.full((batch,), 500.0)
+        c = torch.randn(batch, base.tokenizer.model_max_length, unet.config.cross_attention_dim, generator=g)
+        np_in = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": c.numpy()}
+
+        def torch_run():
+            with torch.no_grad():
+                return unet(x, t, c).sample
+
+        contestants: dict[str, Callable] = {"torch": torch_run}
+        for provider in providers:
+            for mode, folder, extra in (("merged", "merged", {}), ("adapter_inputs", "inputs", feeds)):
+                sess = session(Path(tmp) / folder / "unet" / "model.onnx", provider, threads=threads)
+                contestants[f"ort:{provider}:{mode}"] = lambda sess=sess, extra=extra: sess.run(
+                    None, {**np_in, **extra}
+                )
+        want = torch_run().double().numpy()
+        parity = {}
+        for name, run in contestants.items():
+            if name != "torch":
+                got = np.asarray(run()[0], dtype=np.float64)
+                parity[name] = float(np.abs(got - want).max() / np.abs(want).max())
+        times: dict[str, list[float]] = {name: [] for name in contestants}
+        log(f"timing {len(contestants)} contestants x {reps} reps, interleaved")
+        for rep in range(reps + 1):  # rep 0 warms up
+            for name, run in contestants.items():
+                t0 = time.perf_counter()
+                run()
+                if rep:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    median = {name: round(statistics.median(v), 2) for name, v in times.items()}
+    import onnxruntime as ort
+
+    result = {
+        "bench": "onnx",
+        "model": model,
+        "device": f"cpu ({_cpu_name()}, {threads} threads)",
+        "providers": providers,
+        "dtype": "fp32",
+        "shapes": {"sample": list(x.shape), "timestep": list(t.shape), "encoder_hidden_states": list(c.shape)},
+        "adapter": {"rank": rank, "alpha": 6.0, "layers": len(adapter.layers), "targets": list(TARGETS)},
+        "reps": reps,
+        "median_ms": median,
+        "min_ms": {name: round(min(v), 2) for name, v in times.items()},
+        "torch_over_ort": {n: round(median["torch"] / ms, 3) for n, ms in median.items() if n != "torch"},
+        "adapter_inputs_over_merged": {
+            p: round(median[f"ort:{p}:adapter_inputs"] / median[f"ort:{p}:merged"], 3) for p in providers
+        },
+        "export_rel_err": errors,
+        "timed_rel_err_vs_torch": parity,
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+        "git": _git_commit(),
+        "cpu_count": os.cpu_count(),
+    }
+    return result
