@@ -166,3 +166,31 @@ def test_bad_input_fails_before_any_kernel():
     unpatch_unet(unet)
     with pytest.raises(ValueError, match="no LoRA adapter"):
         patch_unet(build_unet("tiny"))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_no_wasted_teacher_work(batch, monkeypatch):
+    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (DESIGN.md)."""
+    from catfast.train.bench_step import _measure_once, _setup
+
+    monkeypatch.setenv("CATFAST_BACKEND", "torch")
+    unet, sched, args = _setup("tiny", batch, 4, torch.float32, "cpu", seed=batch)
+    ref = _measure_once(unet, sched, args, "reference")
+    fused = _measure_once(unet, sched, args, "fused")
+    assert fused["fwd_flops"] <= ref["fwd_flops"]
+    assert fused["bwd_flops"] <= 1.02 * ref["bwd_flops"]
+    assert fused["saved_bytes"] <= ref["saved_bytes"]
+    assert ref["saved_bytes"] > 0 and ref["bwd_flops"] > 0
+    for name, g in ref["grads"].items():
+        assert_rel_close(fused["grads"][name], g, 1e-4, name)
+
+
+def test_patch_report_lists_frozen_layers_and_attention():
+    unet = _unet(ATTN, 2, 2.0)
+    report = patch_unet(unet)
+    convs = {n for n, m in build_unet("tiny").named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    lora = {n.rsplit(".", 1)[0] if n.endswith(".base_layer") else n for n in report.patched}
+    assert set(report.frozen) == convs - lora
+    assert report.attention == sorted(unet.attn_processors)
+    unpatch_unet(unet)
+    assert not any(type(p).__name__ == "RowAttnProcessor" for p in unet.attn_processors.values())

@@ -205,8 +205,6 @@ def test_bad_input_is_refused_before_any_pass(tiny):
     unet, base = tiny
     sched = _scheduler()
     b = _batch()
-    with pytest.raises(NotImplementedError, match="fused"):
-        catfast.cat_loss(unet, sched, **b, mode="fused")
     with pytest.raises(ValueError, match="mode"):
         catfast.cat_loss(unet, sched, **b, mode="fast")
     with pytest.raises(ValueError, match="LoRA adapter"):

@@ -1,8 +1,11 @@
 """Swap the peft LoRA layers of a diffusers UNet for catfast's row-planned layers, and back.
 
 Instance-level and reversible: ``patch_unet`` replaces each supported peft layer instance in its
-parent module by a ``RowLoraLinear`` that shares its parameters (no copies); ``unpatch_unet`` puts
-the original instances back, so the UNet is exactly what it was. Nothing global is changed.
+parent module by a ``RowLoraLinear`` that shares its parameters (no copies), each other Conv2d /
+Linear by a row-aware frozen stand-in (same parameters, same names), and sets a row-aware attention
+processor (diffusers' official ``set_attn_processor``). ``unpatch_unet`` puts the original instances
+and processors back, so the UNet is exactly what it was. Nothing global is changed. Without a row
+plan, every patched module computes exactly what the original does.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from catfast.nn.row_frozen import RowAttnProcessor, RowFrozenConv2d, RowFrozenLinear
 from catfast.nn.row_lora import PlanHolder, RowLoraLinear
 from catfast.rows import RowPlan
 
@@ -20,17 +24,22 @@ _STATE = "_catfast_patch"
 
 @dataclass
 class PatchReport:
-    """What ``patch_unet`` changed: patched module names, skipped ones with the reason, adapter slots."""
+    """What ``patch_unet`` changed: patched LoRA layers, skipped ones with the reason, adapter slots,
+    the frozen Conv2d/Linear layers made row-aware, and the attention modules given the row-aware
+    processor."""
 
     patched: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     slots: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)
 
 
 @dataclass
 class _PatchState:
     holder: PlanHolder
     originals: dict[str, torch.nn.Module]
+    processors: dict
     report: PatchReport
 
 
@@ -66,7 +75,20 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
         setattr(unet.get_submodule(parent_name), child, RowLoraLinear(module, slots, holder))
         originals[name] = module
         report.patched.append(name)
-    setattr(unet, _STATE, _PatchState(holder, originals, report))
+    for name, module in list(unet.named_modules()):
+        if name in originals or any(part in name.split(".") for part in ("base_layer", "lora_A", "lora_B")):
+            continue
+        kind = {torch.nn.Conv2d: RowFrozenConv2d, torch.nn.Linear: RowFrozenLinear}.get(type(module))
+        if kind is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, kind(module, holder))
+        originals[name] = module
+        report.frozen.append(name)
+    processors = dict(unet.attn_processors)
+    unet.set_attn_processor({name: RowAttnProcessor(holder, proc) for name, proc in processors.items()})
+    report.attention = sorted(processors)
+    setattr(unet, _STATE, _PatchState(holder, originals, processors, report))
     return report
 
 
@@ -93,6 +115,7 @@ def unpatch_unet(unet: torch.nn.Module) -> PatchReport:
     for name, original in state.originals.items():
         parent_name, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent_name), child, original)
+    unet.set_attn_processor(state.processors)
     delattr(unet, _STATE)
     return state.report
 
@@ -112,8 +135,8 @@ def row_plan(unet: torch.nn.Module, plan: RowPlan):
     if state.holder.plan is not None:
         raise RuntimeError("a row plan is already set on this UNet")
     plan.validate(num_slots=len(state.report.slots))
-    state.holder.plan = plan
+    state.holder.set(plan)
     try:
         yield
     finally:
-        state.holder.plan = None
+        state.holder.set(None)

@@ -20,10 +20,26 @@ from catfast.rows import RowPlan
 
 
 class PlanHolder:
-    """The row plan of the current UNet call, shared by every patched layer of one UNet."""
+    """The row plan of the current UNet call, shared by every patched module of one UNet, with the
+    sample indices that need gradients and those that do not (computed once per call)."""
 
     def __init__(self) -> None:
         self.plan: RowPlan | None = None
+        self.grad_samples: torch.Tensor | None = None
+        self.other_samples: torch.Tensor | None = None
+
+    def set(self, plan: RowPlan | None) -> None:
+        self.plan = plan
+        if plan is None:
+            self.grad_samples = self.other_samples = None
+        else:
+            self.grad_samples = plan.grad_samples()
+            self.other_samples = torch.nonzero(~plan.needs_grad, as_tuple=False).flatten()
+
+    @property
+    def split(self) -> bool:
+        """True when some samples need gradients and some do not (the case worth row-aware work)."""
+        return self.plan is not None and self.grad_samples.numel() > 0 and self.other_samples.numel() > 0
 
 
 class RowLoraLinear(torch.nn.Module):

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from catfast.ops.grad_rows import ROWS_ONLY
 from catfast.rows import NO_ADAPTER, RowPlan
 
 BACKENDS = ("triton", "torch")
@@ -142,6 +143,9 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.grad_samples = grad_samples
         x_rows = x2.index_select(0, index) if grad_samples.numel() else x2[:0]
         low_rows = low.index_select(0, index) if need_low else None
+        for t in (x_rows, low_rows):  # already grad rows only: catfast.ops.grad_rows hooks keep them whole
+            if t is not None:
+                setattr(t, ROWS_ONLY, True)
         ctx.save_for_backward(x_rows, low_rows, weight, lora_a, lora_b)
         return y2.view(*x.shape[:-1], weight.shape[0])
 
@@ -164,6 +168,27 @@ class LoraLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dy_rows = dy2.index_select(0, _grad_row_index(ctx.grad_samples, rows)).contiguous()
         need_ab = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        if not ctx.needs_input_grad[0]:
+            # x needs no gradient (e.g. to_k/to_v on the text embeddings): only U = dY @ B, for dA
+            da, db = _adapter_grads(
+                x_rows,
+                dy_rows,
+                low_rows,
+                _lora_low(dy_rows, lora_b.transpose(1, 2), plan, rows),
+                plan,
+                rows,
+                lora_a.shape[0],
+                ctx.backend,
+            )
+            return (
+                None,
+                None,
+                None,
+                da.to(lora_a.dtype) if ctx.needs_input_grad[3] else None,
+                db.to(lora_b.dtype) if ctx.needs_input_grad[4] else None,
+                None,
+                None,
+            )
         if ctx.backend == "triton":
             from catfast.kernels.lora_gemm import lora_gemm
 
@@ -186,18 +211,31 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, store_low: bool):
-    """Torch twin of kernels.lora_gemm: (X W^T + b + s (X A^T) B^T, T = X A^T fp32 or None).
-    weight [out, in]; lora_a [S, r, in]; lora_b [S, out, r]."""
+    """Torch twin of kernels.lora_gemm: (X W^T + b + s (X A^T) B^T, T = X A^T fp32 or None), the
+    LoRA terms computed for the samples with an adapter only. weight [out, in]; lora_a [S, r, in];
+    lora_b [S, out, r]."""
     n = plan.slots.numel()
     y = torch.nn.functional.linear(x2, weight, bias)
-    has = plan.slots != NO_ADAPTER
-    idx = torch.where(has, plan.slots, torch.zeros_like(plan.slots))
-    xs = x2.view(n, rows, -1)
-    low = torch.bmm(xs.float(), lora_a[idx].float().transpose(1, 2)) * has.view(n, 1, 1)  # [n, rows, r]
-    scale = (plan.scales * has).view(n, 1, 1)
-    delta = torch.bmm(low * scale, lora_b[idx].float().transpose(1, 2))
-    y = (y.float() + delta.view_as(y)).to(x2.dtype)
-    return y, (low.reshape(n * rows, -1) if store_low else None)
+    low = torch.zeros((x2.shape[0], lora_a.shape[1]), device=x2.device, dtype=torch.float32) if store_low else None
+    with_adapter = torch.nonzero(plan.slots != NO_ADAPTER, as_tuple=False).flatten()
+    if with_adapter.numel() == 0:
+        return y, low
+    slots = plan.slots[with_adapter]
+    xs = x2.view(n, rows, -1).index_select(0, with_adapter).float()
+    low_sel = torch.bmm(xs, lora_a[slots].float().transpose(1, 2))  # [n_sel, rows, r]
+    delta = torch.bmm(low_sel * plan.scales[with_adapter].view(-1, 1, 1), lora_b[slots].float().transpose(1, 2))
+    y = y.view(n, rows, -1).float().index_add(0, with_adapter, delta).to(x2.dtype).view(x2.shape[0], -1)
+    if store_low:
+        low.view(n, rows, -1).index_copy_(0, with_adapter, low_sel)
+    return y, low
+
+
+def _lora_low(x2, lora_a, plan: RowPlan, rows: int) -> torch.Tensor:
+    """X @ A[slot]^T per sample, fp32 ``[M, r]`` (zeros for samples without an adapter)."""
+    n = plan.slots.numel()
+    idx = plan.slots.clamp(min=0)
+    low = torch.bmm(x2.view(n, rows, -1).float(), lora_a[idx].float().transpose(1, 2))
+    return (low * (plan.slots != NO_ADAPTER).view(n, 1, 1)).reshape(n * rows, -1)
 
 
 def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, num_slots: int, backend: str):

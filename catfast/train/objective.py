@@ -110,6 +110,7 @@ def cat_loss(
 def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped):
     """(pred on c, pred on c-, detached teacher on c-) from one UNet call over 3B rows."""
     from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
+    from catfast.ops.grad_rows import keep_grad_rows
     from catfast.rows import RowPlan
 
     active = unet.active_adapters()
@@ -123,7 +124,8 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped):
         batch = noisy.shape[0]
         plan = RowPlan.cat_step(batch, slot=report.slots.index(active[0]), device=noisy.device)
         rows_cond = _concat_conditions(_concat_conditions(cond, cond_stripped), cond_stripped)
-        with row_plan(unet, plan):
+        params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+        with row_plan(unet, plan), keep_grad_rows(plan.grad_samples(), len(plan), exclude=params):
             out = _predict(unet, torch.cat([noisy] * 3), torch.cat([timesteps] * 3), rows_cond)
     finally:
         if temporary:

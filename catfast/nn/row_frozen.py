@@ -1,0 +1,107 @@
+"""Row-aware stand-ins for the frozen parts of a patched UNet (DESIGN.md, "No work and no memory for
+the teacher rows' backward"): Conv2d / Linear layers without LoRA, and attention.
+
+With a row plan that mixes grad and no-grad samples, ``RowFrozenConv2d`` / ``RowFrozenLinear`` run
+every row in one launch but compute dX only for the grad samples, and ``RowAttnProcessor`` runs the
+attention core with autograd for the grad samples only. Without such a plan each defers to the
+original module / processor exactly. Parameters are the original ones, under the same names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from catfast.nn.row_lora import PlanHolder
+from catfast.ops.grad_rows import frozen_conv2d, frozen_linear, split_rows
+
+
+class _RowFrozen(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, holder: PlanHolder):
+        super().__init__()
+        self.weight = inner.weight
+        if inner.bias is not None:
+            self.bias = inner.bias
+        self.__dict__["inner"] = inner
+        self.__dict__["holder"] = holder
+
+    def _row_aware(self, x: torch.Tensor) -> bool:
+        return (
+            self.holder.split
+            and torch.is_grad_enabled()
+            and x.requires_grad
+            and x.shape[0] == len(self.holder.plan)
+            and not self.weight.requires_grad
+            and (self.inner.bias is None or not self.inner.bias.requires_grad)
+        )
+
+    def extra_repr(self) -> str:
+        return repr(self.inner)
+
+
+class RowFrozenConv2d(_RowFrozen):
+    """A frozen Conv2d whose backward spends work only on the grad samples."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._row_aware(x):
+            return self.inner(x)
+        return frozen_conv2d(x, self.inner, self.holder.grad_samples)
+
+
+class RowFrozenLinear(_RowFrozen):
+    """A frozen Linear whose backward spends work only on the grad samples."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._row_aware(x):
+            return self.inner(x)
+        return frozen_linear(x, self.inner, self.holder.grad_samples)
+
+
+class RowAttnProcessor:
+    """diffusers' AttnProcessor2_0 with the attention core split by the row plan: the grad samples with
+    autograd, the others under no_grad. Falls back to ``fallback`` for what it does not handle."""
+
+    def __init__(self, holder: PlanHolder, fallback):
+        self.holder = holder
+        self.fallback = fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if (
+            not self.holder.split
+            or attention_mask is not None
+            or attn.spatial_norm is not None
+            or hidden_states.shape[0] != len(self.holder.plan)
+            or kwargs
+        ):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = split_rows(
+            F.scaled_dot_product_attention, self.holder.grad_samples, self.holder.other_samples, query, key, value
+        )
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,135 @@
+"""Keep the backward pass of a row-planned call to the samples that need gradients.
+
+Three pieces, used together by the fused CAT pass (and measured in `catfast bench train-step`):
+- ``keep_grad_rows(grad_samples, num_samples)``: saved-tensor hooks that store only the grad samples'
+  rows of every batch-major activation autograd saves, and give back a full-size tensor (zeros in the
+  other rows) in backward. Reference-mode CAT saves nothing for the teacher (it runs under no_grad);
+  this makes the one-call fused pass save no more than that.
+- ``frozen_conv2d`` / ``frozen_linear``: frozen-weight conv and linear over all rows in one launch, whose
+  backward computes dX for the grad samples only (and saves no activation at all).
+- ``split_rows(fn, grad_samples, *tensors)``: runs ``fn`` on the grad samples with autograd and on the
+  others under no_grad (two launches; used for attention, where a row-aware backward would have to
+  recompute the forward).
+Rows of one sample are consecutive along dim 0 (batch-major), as in every UNet tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+ROWS_ONLY = "_catfast_rows_only"  # attribute marking a saved tensor that already holds only grad rows
+
+
+def sample_rows(samples: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+    """Flat dim-0 indices of ``samples`` when each sample owns ``rows_per_sample`` consecutive rows."""
+    offsets = torch.arange(rows_per_sample, device=samples.device)
+    return (samples[:, None] * rows_per_sample + offsets[None, :]).flatten()
+
+
+@contextlib.contextmanager
+def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[int] = frozenset()):
+    """Saved-tensor hooks: a saved float tensor whose dim 0 is a multiple of ``num_samples`` keeps only
+    the rows of ``grad_samples``; storages in ``exclude`` (parameters) and tensors marked ``ROWS_ONLY``
+    are saved as they are. Each distinct saved view is copied once, however many ops save it."""
+    # view key -> (weak reference to the saved tensor, its kept rows). The key is only trusted while
+    # that tensor is alive: once it dies, the allocator may hand the same address to a new tensor.
+    memo: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+    outer_pack, outer_unpack = _enclosing_hooks()
+
+    def keep(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, tuple]:
+        if (
+            t.dim() == 0
+            or not t.is_floating_point()
+            or t.shape[0] % num_samples
+            or getattr(t, ROWS_ONLY, False)
+            or t.untyped_storage().data_ptr() in exclude
+        ):
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+        hit = memo.get(key)
+        if hit is not None and hit[0]() is not None:
+            return hit[1], tuple(t.shape)
+        kept = t.index_select(0, sample_rows(grad_samples, t.shape[0] // num_samples))
+        memo[key] = (weakref.ref(t), kept)
+        return kept, tuple(t.shape)
+
+    def pack(t: torch.Tensor):
+        kept = keep(t)
+        if isinstance(kept, tuple):
+            return outer_pack(kept[0]), kept[1]
+        return outer_pack(kept), None
+
+    def unpack(packed):
+        stored, shape = packed
+        kept = outer_unpack(stored)
+        if shape is None:
+            return kept
+        full = kept.new_zeros(shape)
+        return full.index_copy_(0, sample_rows(grad_samples, shape[0] // num_samples), kept)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+    memo.clear()
+
+
+def _enclosing_hooks():
+    """The saved-tensor hooks active around ours (identity when none), so that ours compose with them:
+    what we keep is handed on to the enclosing pack hook (e.g. a byte counter, or CPU offloading)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks if hooks is not None else (lambda t: t, lambda t: t)
+
+
+class _FrozenRowsFunction(torch.autograd.Function):
+    """y = op(x) on every row; dX only for the grad samples' rows (weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv_args, grad_samples):
+        ctx.conv_args, ctx.x_shape = conv_args, x.shape
+        ctx.grad_samples = grad_samples
+        ctx.save_for_backward(weight)
+        if conv_args is None:
+            return F.linear(x, weight, bias)
+        return F.conv2d(x, weight, bias, *conv_args)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        index = ctx.grad_samples
+        dy_g = dy.index_select(0, index)
+        if ctx.conv_args is None:
+            dx_g = dy_g @ weight
+        else:
+            stride, padding, dilation, groups = ctx.conv_args
+            shape = (index.numel(), *ctx.x_shape[1:])
+            dx_g = torch.nn.grad.conv2d_input(shape, weight, dy_g, stride, padding, dilation, groups)
+        dx = dy.new_zeros(ctx.x_shape).index_copy_(0, index, dx_g.to(dy.dtype))
+        return dx, None, None, None, None
+
+
+def frozen_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, grad_samples: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` ([N, C, H, W], one launch) whose backward spends work only on ``grad_samples``."""
+    if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
+        return conv(x)
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _FrozenRowsFunction.apply(x, conv.weight, conv.bias, args, grad_samples)
+
+
+def frozen_linear(x: torch.Tensor, linear: torch.nn.Linear, grad_samples: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` ([N, ..., in], one launch) whose backward spends work only on ``grad_samples``
+    (x's first dim is the sample; rows of a sample are its inner dims)."""
+    return _FrozenRowsFunction.apply(x, linear.weight, linear.bias, None, grad_samples)
+
+
+def split_rows(fn, grad_samples: torch.Tensor, other_samples: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*tensors)`` for batch-major tensors, with autograd only for the ``grad_samples`` rows."""
+    grad_out = fn(*(t.index_select(0, grad_samples) for t in tensors))
+    with torch.no_grad():
+        other_out = fn(*(t.index_select(0, other_samples) for t in tensors))
+    out = grad_out.new_empty((grad_out.shape[0] + other_out.shape[0], *grad_out.shape[1:]))
+    out = out.index_copy(0, other_samples, other_out)
+    return out.index_copy(0, grad_samples, grad_out)
