@@ -290,5 +290,33 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
         click.echo(f"  {name:<45} {ms:9.2f} ms")
 
 
+@bench.command("train-step")
+@click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15", "sdxl"]))
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per mode.")
+@click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench_train_step_command(model, batch, steps, rank, dtype, as_json) -> None:
+    """The reference and the fused CAT step (plus the reference under torch.compile on a GPU),
+    interleaved in one process: time, FLOPs, bytes saved for backward, peak memory, parity."""
+    from catfast.train.bench_step import bench_train_step
+
+    result = bench_train_step(model, batch, steps, rank=rank, dtype=dtype)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{model} UNet, batch {batch}, {dtype}, {result['device']}, median of {steps} steps:")
+    for name, m in result["modes"].items():
+        flops = f"fwd {m['fwd_flops'] / 1e9:.2f} / bwd {m['bwd_flops'] / 1e9:.2f} GFLOP" if m["fwd_flops"] else ""
+        saved = f"saved {m['saved_bytes'] / 2**20:.1f} MiB" if m["saved_bytes"] is not None else ""
+        click.echo(f"  {name:<20} {m['median_ms']:10.1f} ms  {flops}  {saved}")
+    click.echo(
+        f"  parity: loss rel err {result['parity']['loss_rel_err']:.1e}, "
+        f"grad rel err {result['parity']['grad_rel_err']:.1e}; speedup {result['speedup']}x"
+    )
+
+
 if __name__ == "__main__":
     sys.exit(main())
