@@ -24,6 +24,42 @@ import torch.nn.functional as F
 ROWS_ONLY = "_catfast_rows_only"  # attribute marking a saved tensor that already holds only grad rows
 
 
+def as_range(samples: torch.Tensor) -> tuple[int, int] | None:
+    """(start, stop) when ``samples`` is an ascending run of consecutive indices (the CAT layout puts
+    the grad samples first), else None. Slicing such a run is a view: no gather, strides kept."""
+    n = samples.numel()
+    if n == 0:
+        return None
+    first, last = int(samples[0]), int(samples[-1])
+    return (first, last + 1) if last - first + 1 == n and bool((samples.diff() == 1).all()) else None
+
+
+def take_samples(t: torch.Tensor, samples: torch.Tensor, run: tuple[int, int] | None) -> torch.Tensor:
+    """Rows of ``samples`` along dim 0 (each sample owning t.shape[0] // num rows): a view for a run."""
+    return t[run[0] : run[1]] if run is not None else t.index_select(0, samples)
+
+
+def gather_rows(t: torch.Tensor, samples: torch.Tensor, run: tuple[int, int] | None, num_samples: int) -> torch.Tensor:
+    """A new tensor with the rows of ``samples`` (t.shape[0] = num_samples x rows per sample)."""
+    k = t.shape[0] // num_samples
+    if run is not None:
+        return t[run[0] * k : run[1] * k].clone()  # keeps t's strides (transposed views stay fast)
+    return t.index_select(0, sample_rows(samples, k))
+
+
+def scatter_rows(kept: torch.Tensor, shape, samples: torch.Tensor, run: tuple[int, int] | None, num_samples: int):
+    """The inverse of ``gather_rows``: a ``shape`` tensor with ``kept`` in the rows of ``samples``, zeros elsewhere."""
+    k = shape[0] // num_samples
+    if run is not None:
+        before, after = run[0] * k, shape[0] - run[1] * k
+        parts = [kept.new_zeros((before, *shape[1:]))] if before else []
+        parts.append(kept)
+        if after:
+            parts.append(kept.new_zeros((after, *shape[1:])))
+        return torch.cat(parts) if len(parts) > 1 else kept
+    return kept.new_zeros(shape).index_copy_(0, sample_rows(samples, k), kept)
+
+
 def sample_rows(samples: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
     """Flat dim-0 indices of ``samples`` when each sample owns ``rows_per_sample`` consecutive rows."""
     offsets = torch.arange(rows_per_sample, device=samples.device)
@@ -39,6 +75,7 @@ def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[in
     # that tensor is alive: once it dies, the allocator may hand the same address to a new tensor.
     memo: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
     outer_pack, outer_unpack = _enclosing_hooks()
+    run = as_range(grad_samples)
 
     def keep(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, tuple]:
         if (
@@ -53,7 +90,7 @@ def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[in
         hit = memo.get(key)
         if hit is not None and hit[0]() is not None:
             return hit[1], tuple(t.shape)
-        kept = t.index_select(0, sample_rows(grad_samples, t.shape[0] // num_samples))
+        kept = gather_rows(t, grad_samples, run, num_samples)
         memo[key] = (weakref.ref(t), kept)
         return kept, tuple(t.shape)
 
@@ -68,8 +105,7 @@ def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[in
         kept = outer_unpack(stored)
         if shape is None:
             return kept
-        full = kept.new_zeros(shape)
-        return full.index_copy_(0, sample_rows(grad_samples, shape[0] // num_samples), kept)
+        return scatter_rows(kept, shape, grad_samples, run, num_samples)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
@@ -100,15 +136,15 @@ class _FrozenRowsFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (weight,) = ctx.saved_tensors
         index = ctx.grad_samples
-        dy_g = dy.index_select(0, index)
+        run = as_range(index)
+        dy_g = take_samples(dy, index, run)
         if ctx.conv_args is None:
             dx_g = dy_g @ weight
         else:
             stride, padding, dilation, groups = ctx.conv_args
             shape = (index.numel(), *ctx.x_shape[1:])
             dx_g = torch.nn.grad.conv2d_input(shape, weight, dy_g, stride, padding, dilation, groups)
-        dx = dy.new_zeros(ctx.x_shape).index_copy_(0, index, dx_g.to(dy.dtype))
-        return dx, None, None, None, None
+        return scatter_rows(dx_g.to(dy.dtype), ctx.x_shape, index, run, ctx.x_shape[0]), None, None, None, None
 
 
 def frozen_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, grad_samples: torch.Tensor) -> torch.Tensor:
@@ -126,10 +162,17 @@ def frozen_linear(x: torch.Tensor, linear: torch.nn.Linear, grad_samples: torch.
 
 
 def split_rows(fn, grad_samples: torch.Tensor, other_samples: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn(*tensors)`` for batch-major tensors, with autograd only for the ``grad_samples`` rows."""
-    grad_out = fn(*(t.index_select(0, grad_samples) for t in tensors))
+    """``fn(*tensors)`` for batch-major tensors (one row per sample), with autograd only for the
+    ``grad_samples`` rows. Consecutive runs are sliced, keeping the inputs' strides: on the 2-thread
+    dev CPU, gathering attention's transposed q/k/v into contiguous copies made SDPA 2.3x slower.
+    The grad rows are cloned (strides preserved) so what ``fn`` saves does not pin the other rows."""
+    grad_run, other_run = as_range(grad_samples), as_range(other_samples)
+    grad_in = (take_samples(t, grad_samples, grad_run) for t in tensors)
+    grad_out = fn(*(t.clone() if grad_run is not None else t for t in grad_in))
     with torch.no_grad():
-        other_out = fn(*(t.index_select(0, other_samples) for t in tensors))
+        other_out = fn(*(take_samples(t, other_samples, other_run) for t in tensors))
+    if grad_run is not None and other_run is not None and grad_run[1] == other_run[0]:
+        return torch.cat([grad_out, other_out])
     out = grad_out.new_empty((grad_out.shape[0] + other_out.shape[0], *grad_out.shape[1:]))
     out = out.index_copy(0, other_samples, other_out)
     return out.index_copy(0, grad_samples, grad_out)
