@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from catfast.ops.grad_rows import ROWS_ONLY
+from catfast.ops.grad_rows import ROWS_ONLY, as_range, gather_rows, sample_rows, scatter_rows
 from catfast.rows import NO_ADAPTER, RowPlan
 
 BACKENDS = ("triton", "torch")
@@ -104,12 +104,6 @@ def _check(x, weight, bias, lora_a, lora_b, plan: RowPlan, validate_plan: bool) 
         raise ValueError("the base weight and bias must be frozen (requires_grad=False); only LoRA A/B train")
 
 
-def _grad_row_index(grad_samples: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
-    """Flat row indices of the given samples (each owns rows_per_sample consecutive rows)."""
-    offsets = torch.arange(rows_per_sample, device=grad_samples.device)
-    return (grad_samples[:, None] * rows_per_sample + offsets[None, :]).flatten()
-
-
 class LoraLinearFunction(torch.autograd.Function):
     """Row-planned LoRA linear; saves and differentiates only the rows of samples with needs_grad."""
 
@@ -119,30 +113,20 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_f).contiguous()
         rows = x2.shape[0] // n
         grad_samples = plan.grad_samples()
+        run = as_range(grad_samples)
         need_low = grad_samples.numel() > 0 and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         if backend == "triton":
             from catfast.kernels.lora_gemm import lora_gemm
 
-            y2, low = lora_gemm(
-                x2,
-                weight.t(),
-                bias,
-                lora_a.transpose(1, 2),
-                lora_b.transpose(1, 2),
-                plan.slots,
-                plan.scales,
-                rows,
-                store_low=need_low,
-            )
+            y2, low = lora_gemm(x2, weight.t(), bias, lora_a.transpose(1, 2), lora_b.transpose(1, 2), plan.slots,
+                                plan.scales, rows, store_low=need_low)  # fmt: skip
         else:
             y2, low = _torch_gemm(x2, weight, bias, lora_a, lora_b, plan, rows, store_low=need_low)
 
-        index = _grad_row_index(grad_samples, rows)
-        ctx.rows, ctx.x_shape, ctx.backend = rows, x.shape, backend
-        ctx.plan = plan.select(grad_samples)
-        ctx.grad_samples = grad_samples
-        x_rows = x2.index_select(0, index) if grad_samples.numel() else x2[:0]
-        low_rows = low.index_select(0, index) if need_low else None
+        ctx.rows, ctx.num_samples, ctx.x_shape, ctx.backend = rows, n, x.shape, backend
+        ctx.plan, ctx.grad_samples, ctx.run = plan.select(grad_samples), grad_samples, run
+        x_rows = gather_rows(x2, grad_samples, run, n)
+        low_rows = gather_rows(low, grad_samples, run, n) if need_low else None
         for t in (x_rows, low_rows):  # already grad rows only: catfast.ops.grad_rows hooks keep them whole
             if t is not None:
                 setattr(t, ROWS_ONLY, True)
@@ -152,61 +136,33 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x_rows, low_rows, weight, lora_a, lora_b = ctx.saved_tensors
-        plan, rows, n_grad = ctx.plan, ctx.rows, ctx.grad_samples.numel()
-        dx = da = db = None
-        if n_grad == 0:
-            dx = torch.zeros(ctx.x_shape, device=dy.device, dtype=dy.dtype) if ctx.needs_input_grad[0] else None
-            return (
-                dx,
-                None,
-                None,
-                torch.zeros_like(lora_a) if ctx.needs_input_grad[3] else None,
-                torch.zeros_like(lora_b) if ctx.needs_input_grad[4] else None,
-                None,
-                None,
-            )
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dy_rows = dy2.index_select(0, _grad_row_index(ctx.grad_samples, rows)).contiguous()
-        need_ab = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        if not ctx.needs_input_grad[0]:
-            # x needs no gradient (e.g. to_k/to_v on the text embeddings): only U = dY @ B, for dA
-            da, db = _adapter_grads(
-                x_rows,
-                dy_rows,
-                low_rows,
-                _lora_low(dy_rows, lora_b.transpose(1, 2), plan, rows),
-                plan,
-                rows,
-                lora_a.shape[0],
-                ctx.backend,
-            )
-            return (
-                None,
-                None,
-                None,
-                da.to(lora_a.dtype) if ctx.needs_input_grad[3] else None,
-                db.to(lora_b.dtype) if ctx.needs_input_grad[4] else None,
-                None,
-                None,
-            )
-        if ctx.backend == "triton":
-            from catfast.kernels.lora_gemm import lora_gemm
+        want_x, want_a, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        plan, rows = ctx.plan, ctx.rows
+        if ctx.grad_samples.numel() == 0:
+            return (dy.new_zeros(ctx.x_shape) if want_x else None, None, None,
+                    torch.zeros_like(lora_a) if want_a else None, torch.zeros_like(lora_b) if want_b else None,
+                    None, None)  # fmt: skip
+        dy_rows = gather_rows(dy.reshape(-1, dy.shape[-1]), ctx.grad_samples, ctx.run, ctx.num_samples).contiguous()
+        dx = up_low = None
+        if want_x:  # dX = dY W + s (dY B) A, and U = dY B for dA, in one launch
+            if ctx.backend == "triton":
+                from catfast.kernels.lora_gemm import lora_gemm
 
-            dx_rows, up_low = lora_gemm(
-                dy_rows, weight, None, lora_b, lora_a, plan.slots, plan.scales, rows, store_low=need_ab
-            )
-        else:
-            dx_rows, up_low = _torch_gemm(
-                dy_rows, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), plan, rows, store_low=need_ab
-            )
-        if ctx.needs_input_grad[0]:
-            dx = torch.zeros((dy2.shape[0], weight.shape[1]), device=dy.device, dtype=dy.dtype)
-            dx.index_copy_(0, _grad_row_index(ctx.grad_samples, rows), dx_rows)
-            dx = dx.view(ctx.x_shape)
-        if need_ab:
+                dx_rows, up_low = lora_gemm(dy_rows, weight, None, lora_b, lora_a, plan.slots, plan.scales, rows,
+                                            store_low=want_a or want_b)  # fmt: skip
+            else:
+                b_as_a, a_as_b = lora_b.transpose(1, 2), lora_a.transpose(1, 2)
+                dx_rows, up_low = _torch_gemm(dy_rows, weight.t(), None, b_as_a, a_as_b, plan, rows,
+                                              store_low=want_a or want_b)  # fmt: skip
+            flat_shape = (ctx.num_samples * rows, weight.shape[1])
+            dx = scatter_rows(dx_rows, flat_shape, ctx.grad_samples, ctx.run, ctx.num_samples).view(ctx.x_shape)
+        elif want_a or want_b:  # x needs no gradient (to_k/to_v on the text embeddings): only U = dY B
+            up_low = _lora_low(dy_rows, lora_b.transpose(1, 2), plan, rows)
+        da = db = None
+        if want_a or want_b:
             da, db = _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan, rows, lora_a.shape[0], ctx.backend)
-            da = da.to(lora_a.dtype) if ctx.needs_input_grad[3] else None
-            db = db.to(lora_b.dtype) if ctx.needs_input_grad[4] else None
+            da = da.to(lora_a.dtype) if want_a else None
+            db = db.to(lora_b.dtype) if want_b else None
         return dx, None, None, da, db, None, None
 
 
@@ -247,7 +203,7 @@ def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, 
     counts = torch.bincount(slots_sorted, minlength=num_slots) * rows
     seg = torch.zeros(num_slots + 1, dtype=torch.int64, device=x_rows.device)
     seg[1:] = torch.cumsum(counts, 0)
-    index = _grad_row_index(order, rows)
+    index = sample_rows(order, rows)
     row_scale = plan.scales[order].repeat_interleave(rows).float()
     x_s, dy_s = x_rows.index_select(0, index), dy_rows.index_select(0, index)
     low_s, up_s = low_rows.index_select(0, index), up_low.index_select(0, index)
