@@ -115,9 +115,7 @@ def _diffusers_pipe(tiny, adapter_file=None, scale=1.0):
 def test_merged_manifest_names_files_io_and_errors(merged, adapters):
     m = read_manifest(merged)
     assert m["mode"] == "merged" and m["dtype"] == "fp32" and m["opset"] == 17 and m["dynamic"]
-    assert [(a["name"], a["scale"], a["components"]) for a in m["adapters"]] == [
-        ("a1", 0.7, ["unet", "text_encoder"])
-    ]
+    assert [(a["name"], a["scale"], a["components"]) for a in m["adapters"]] == [("a1", 0.7, ["unet", "text_encoder"])]
     unet = m["components"]["unet"]
     assert unet["file"] == "unet/model.onnx" and unet["external_data"] is None
     assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
@@ -187,6 +185,8 @@ def test_adapter_inputs_equal_the_merged_export_and_torch(inputs, merged, adapte
     ort_adapter.Load(str(inputs / "adapters" / "second" / "unet.onnx_adapter"))
     options.add_active_adapter(ort_adapter)
     feeds = load_file(inputs / "adapters" / "second" / "unet.safetensors")
+    modes = {p.stat().st_mode for p in inputs.rglob("*") if p.is_file()}
+    assert len(modes) == 1, "every file of the export has the same (umask) mode"
     via_file = _ort_unet(sess, x, t, c, run_options=options)
     assert torch.equal(via_file, _ort_unet(sess, x, t, c, feeds))
     unet = copy.deepcopy(base.unet)
@@ -247,7 +247,8 @@ def test_external_data_export_loads_in_ort(tiny, adapters, tmp_path):
     unet = m["components"]["unet"]
     assert unet["external_data"] == "unet/model.onnx.data"
     assert sorted(p.name for p in (out / "unet").iterdir()) == ["model.onnx", "model.onnx.data"]
-    assert (out / "unet" / "model.onnx").stat().st_size < 0.2 * (out / "unet" / "model.onnx.data").stat().st_size
+    graph, data = (out / "unet" / "model.onnx").stat(), (out / "unet" / "model.onnx.data").stat()
+    assert graph.st_size < 0.2 * data.st_size and graph.st_mode == data.st_mode
     onnx.checker.check_model(str(out / "unet" / "model.onnx"))
     assert unet["validation"]["passed"]
     (out / "unet" / "model.onnx.data").unlink()
@@ -419,3 +420,30 @@ def test_bench_reports_times_and_parity():
     assert r["median_ms"]["torch"] > 0 and r["median_ms"]["ort:CPUExecutionProvider:merged"] > 0
     assert all(e <= FP32 for e in r["timed_rel_err_vs_torch"].values())
     assert export_mod.EXTERNAL_DATA_OVER < 2**31
+
+
+def test_per_tensor_external_files_are_gathered_into_one(tmp_path):
+    """What the TorchScript exporter writes for a >2 GB model (one file per tensor) becomes graph + one file."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    b = np.arange(4, dtype=np.float32)  # small: stays inline
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.tile(b, 16), "b")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 9  # what onnxruntime 1.31 reads (onnx 1.23 writes 14 by default)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    onnx.save_model(model, str(raw / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
+    assert sorted(p.name for p in raw.iterdir()) == ["model.onnx", "w"]  # b (256 bytes) stays inline
+    data = export_mod._finalize(raw, tmp_path / "out" / "model.onnx", 0, {})
+    assert data == "model.onnx.data" and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", data]
+    assert not raw.exists()
+    onnx.checker.check_model(str(tmp_path / "out" / "model.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    xv = np.ones((1, 64), np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": xv})[0], xv @ w + np.tile(b, 16), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 process, interleaved (each repetition times every contestant once, in turn), median of ``reps``.
 
 Contestants, at batch ``batch`` (CFG-style: 2) and the model's native latent size:
-  torch                     the diffusers UNet with the adapter merged (catfast's merge op), torch.no_grad
+  torch                     the diffusers UNet with the adapter merged (catfast's merge op), torch.no_grad, CPU
+  torch:cuda                the same on the GPU, when torch sees one (ORT's CUDA provider is compared to it)
   ort:<provider>:merged     the merged export, on each execution provider that starts here
   ort:<provider>:adapter_inputs   the adapter-inputs export fed the same adapter's tensors
 
@@ -13,6 +14,7 @@ parity against torch is checked as for any export; the errors are reported next 
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
@@ -106,16 +108,30 @@ def bench_onnx(
                 return unet(x, t, c).sample
 
         contestants: dict[str, Callable] = {"torch": torch_run}
+        if torch.cuda.is_available():  # on a GPU machine, compare CUDA providers with torch on the GPU too
+            unet_gpu = copy.deepcopy(unet).cuda()
+            xg, tg, cg = x.cuda(), t.cuda(), c.cuda()
+
+            def torch_cuda_run():
+                with torch.no_grad():
+                    out = unet_gpu(xg, tg, cg).sample
+                torch.cuda.synchronize()
+                return out
+
+            contestants["torch:cuda"] = torch_cuda_run
         for provider in providers:
             for mode, folder, extra in (("merged", "merged", {}), ("adapter_inputs", "inputs", feeds)):
                 sess = session(Path(tmp) / folder / "unet" / "model.onnx", provider, threads=threads)
                 contestants[f"ort:{provider}:{mode}"] = lambda sess=sess, extra=extra: sess.run(
                     None, {**np_in, **extra}
                 )
-        want = torch_run().double().numpy()
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as flops:
+            want = torch_run().double().numpy()
         parity = {}
         for name, run in contestants.items():
-            if name != "torch":
+            if name.startswith("ort:"):
                 got = np.asarray(run()[0], dtype=np.float64)
                 parity[name] = float(np.abs(got - want).max() / np.abs(want).max())
         times: dict[str, list[float]] = {name: [] for name in contestants}
@@ -140,7 +156,8 @@ def bench_onnx(
         "reps": reps,
         "median_ms": median,
         "min_ms": {name: round(min(v), 2) for name, v in times.items()},
-        "torch_over_ort": {n: round(median["torch"] / ms, 3) for n, ms in median.items() if n != "torch"},
+        "unet_gflop": round(flops.get_total_flops() / 1e9, 2),
+        "torch_over_ort": {n: round(median["torch"] / ms, 3) for n, ms in median.items() if n.startswith("ort:")},
         "adapter_inputs_over_merged": {
             p: round(median[f"ort:{p}:adapter_inputs"] / median[f"ort:{p}:merged"], 3) for p in providers
         },
