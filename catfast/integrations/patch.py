@@ -127,15 +127,25 @@ def patch_report(unet: torch.nn.Module) -> PatchReport | None:
 
 
 @contextlib.contextmanager
-def row_plan(unet: torch.nn.Module, plan: RowPlan):
-    """Within the block, every patched layer of ``unet`` computes with ``plan``."""
+def row_plan(unet: torch.nn.Module, plan: RowPlan, identical_groups: int = 1):
+    """Within the block, every patched layer of ``unet`` computes with ``plan``.
+
+    ``identical_groups=G`` promises that the call's inputs (sample and timestep) are G identical groups
+    of consecutive samples, so the prefix before the first LoRA layer or cross-attention runs once for
+    one group. Ignored for UNets whose prefix reads other inputs (SDXL's added text embeddings,
+    class embeddings, an encoder_hid_proj)."""
     state = getattr(unet, _STATE, None)
     if state is None:
         raise ValueError("row_plan needs a patched UNet: call catfast.integrations.patch.patch_unet(unet) first")
     if state.holder.plan is not None:
         raise RuntimeError("a row plan is already set on this UNet")
     plan.validate(num_slots=len(state.report.slots))
-    state.holder.set(plan)
+    if identical_groups < 1 or len(plan) % identical_groups:
+        raise ValueError(f"identical_groups={identical_groups} does not divide the {len(plan)} rows of the plan")
+    prefix_reads_other_inputs = (getattr(unet, "encoder_hid_proj", None) is not None
+                                 or getattr(unet, "class_embedding", None) is not None
+                                 or unet.config.addition_embed_type is not None)  # fmt: skip
+    state.holder.set(plan, 1 if prefix_reads_other_inputs else identical_groups)
     try:
         yield
     finally:

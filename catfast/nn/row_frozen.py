@@ -25,6 +25,15 @@ class _RowFrozen(torch.nn.Module):
         self.__dict__["inner"] = inner
         self.__dict__["holder"] = holder
 
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """In the shared prefix, this module's output computed on one group of identical samples and
+        repeated for the others; None outside it."""
+        holder = self.holder
+        if not holder.in_prefix or x.shape[0] != len(holder.plan):
+            return None
+        y = self.inner(x[: x.shape[0] // holder.prefix_groups])
+        return y.repeat(holder.prefix_groups, *([1] * (y.dim() - 1)))
+
     def _row_aware(self, x: torch.Tensor) -> bool:
         return (
             self.holder.split
@@ -43,6 +52,9 @@ class RowFrozenConv2d(_RowFrozen):
     """A frozen Conv2d whose backward spends work only on the grad samples."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self._shared(x)
+        if shared is not None:
+            return shared
         if not self._row_aware(x):
             return self.inner(x)
         return frozen_conv2d(x, self.inner, self.holder.grad_samples)
@@ -52,6 +64,9 @@ class RowFrozenLinear(_RowFrozen):
     """A frozen Linear whose backward spends work only on the grad samples."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self._shared(x)
+        if shared is not None:
+            return shared
         if not self._row_aware(x):
             return self.inner(x)
         return frozen_linear(x, self.inner, self.holder.grad_samples)
@@ -66,6 +81,8 @@ class RowAttnProcessor:
         self.fallback = fallback
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None:
+            self.holder.in_prefix = False  # the captions enter here: rows diverge
         if (
             not self.holder.split
             or attention_mask is not None

@@ -27,9 +27,16 @@ class PlanHolder:
         self.plan: RowPlan | None = None
         self.grad_samples: torch.Tensor | None = None
         self.other_samples: torch.Tensor | None = None
+        # Shared prefix: the call's inputs are `prefix_groups` identical groups of consecutive samples;
+        # until the first LoRA layer or cross-attention runs (`in_prefix`), frozen modules compute one
+        # group and repeat it.
+        self.prefix_groups = 1
+        self.in_prefix = False
 
-    def set(self, plan: RowPlan | None) -> None:
+    def set(self, plan: RowPlan | None, prefix_groups: int = 1) -> None:
         self.plan = plan
+        self.prefix_groups = prefix_groups
+        self.in_prefix = plan is not None and prefix_groups > 1
         if plan is None:
             self.grad_samples = self.other_samples = None
         else:
@@ -62,6 +69,7 @@ class RowLoraLinear(torch.nn.Module):
             return self.peft_layer(x, *args, **kwargs)
         if len(plan) != x.shape[0]:  # slots were validated once when the plan was set (row_plan)
             raise ValueError(f"row plan has {len(plan)} rows but the batch has {x.shape[0]} samples")
+        self.holder.in_prefix = False  # rows with different adapters diverge from here
         lora_a, lora_b = self._stacked()
         scales = plan.scales * torch.tensor(self._scaling, device=plan.scales.device)[plan.slots.clamp(min=0)]
         row_plan = RowPlan(plan.slots, scales, plan.needs_grad)

@@ -125,7 +125,7 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped):
         plan = RowPlan.cat_step(batch, slot=report.slots.index(active[0]), device=noisy.device)
         rows_cond = _concat_conditions(_concat_conditions(cond, cond_stripped), cond_stripped)
         params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-        with row_plan(unet, plan), keep_grad_rows(plan.grad_samples(), len(plan), exclude=params):
+        with row_plan(unet, plan, identical_groups=3), keep_grad_rows(plan.grad_samples(), len(plan), exclude=params):
             out = _predict(unet, torch.cat([noisy] * 3), torch.cat([timesteps] * 3), rows_cond)
     finally:
         if temporary:
