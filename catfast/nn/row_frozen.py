@@ -19,11 +19,22 @@ from catfast.ops.grad_rows import frozen_conv2d, frozen_linear, split_rows
 class _RowFrozen(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module, holder: PlanHolder):
         super().__init__()
-        self.weight = inner.weight
-        if inner.bias is not None:
-            self.bias = inner.bias
         self.__dict__["inner"] = inner
         self.__dict__["holder"] = holder
+        # the wrapped layer's own Parameters, under the same names (set directly: __getattr__ below
+        # would make register_parameter see them as existing attributes)
+        self._parameters["weight"] = inner.weight
+        if inner.bias is not None:
+            self._parameters["bias"] = inner.bias
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # in_channels, kernel_size, in_features, ... read by model code
+            inner = self.__dict__.get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """In the shared prefix, this module's output computed on one group of identical samples and
