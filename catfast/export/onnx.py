@@ -523,7 +523,8 @@ def _export_component(job: _Job, component: str) -> dict:
     t0 = time.perf_counter()
     source = _source_model(base, component)  # fp32, merged in merged mode
     reference = _graph(component, source)
-    model = copy.deepcopy(source).to(dtype) if dtype != torch.float32 else source
+    # nn.Module.to, not diffusers' override, which warns about fp32-kept modules the UNet does not have
+    model = torch.nn.Module.to(copy.deepcopy(source), dtype) if dtype != torch.float32 else source
     graph = _graph(component, model)
     ac = _adapter_component(component)
     lora_specs = lora_input_specs(model, [a for _, a in loaded], ac) if job.adapter_inputs and ac else []
