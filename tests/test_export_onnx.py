@@ -221,14 +221,17 @@ def test_lora_input_transform_matches_merge_and_detaches(base, adapters):
 
 @torch.no_grad()
 def test_fp16_export_within_its_tolerance(tiny, adapters, base, tmp_path):
-    m = export_onnx(tiny, tmp_path / "fp16", adapters=[str(adapters["paths"]["a2"])], fp16=True)
+    a1 = str(adapters["paths"]["a1"])
+    m = export_onnx(tiny, tmp_path / "fp16", adapters=[a1], fp16=True, components=["unet", "text_encoder"])
+    assert m["components"]["text_encoder"]["outputs"][0]["dtype"] == "float16"
+    assert m["components"]["text_encoder"]["validation"]["max_rel_err"] <= TOLERANCE["fp16"]
     unet_m = m["components"]["unet"]
     assert unet_m["dtype"] == "fp16" and unet_m["inputs"][0]["dtype"] == "float16"
     assert unet_m["inputs"][1]["dtype"] == "float32", "timestep stays fp32"
     x, t, c = _unet_inputs(2, seed=5, dtype=torch.float16)
     got = _ort_unet(_session(tmp_path / "fp16"), x, t, c).float()
     ref32 = copy.deepcopy(base.unet)
-    merge_adapter_(ref32, adapters["a2"])
+    merge_adapter_(ref32, adapters["a1"])
     want = ref32(x.float(), t, c.float()).sample
     torch_fp16 = copy.deepcopy(ref32).half()(x, t, c).sample.float()
     torch_err = rel_err(torch_fp16, want)
