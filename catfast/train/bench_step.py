@@ -33,7 +33,7 @@ def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, s
 
     unet = build_unet(model, seed=seed).requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS)))
-    randomize_lora_(unet, seed=seed + 1, std=0.02)
+    randomize_lora_(unet, seed=seed + 1, std=0.1)
     unet.to(device=device, dtype=dtype)
     cfg = unet.config
     g = torch.Generator().manual_seed(seed)
