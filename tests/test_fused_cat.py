@@ -144,6 +144,9 @@ def test_3x3_conv_lora_is_skipped_with_a_reason():
     assert report.patched and report.skipped
     assert all("1x1" in why for why in report.skipped.values())
     unpatch_unet(unet)
+    with pytest.raises(ValueError, match="cannot row-plan .* use mode='reference'"):
+        catfast.cat_loss(unet, _scheduler(), **_batch(1), mode="fused")
+    assert patch_report(unet) is None
 
 
 def test_bad_input_fails_before_any_kernel():

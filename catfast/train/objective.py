@@ -119,8 +119,12 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped):
     temporary = patch_report(unet) is None
     report = patch_unet(unet)
     try:
-        if not report.patched:
-            raise ValueError(f"no LoRA layer of the UNet can be row-planned: {report.skipped}")
+        if report.skipped:  # a peft layer left in place would apply the adapter to the teacher rows too
+            name, why = next(iter(report.skipped.items()))
+            raise ValueError(
+                f"mode='fused' cannot row-plan {len(report.skipped)} LoRA layer(s), e.g. {name}: {why}; "
+                "use mode='reference'"
+            )
         batch = noisy.shape[0]
         plan = RowPlan.cat_step(batch, slot=report.slots.index(active[0]), device=noisy.device)
         rows_cond = _concat_conditions(_concat_conditions(cond, cond_stripped), cond_stripped)
