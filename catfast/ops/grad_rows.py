@@ -35,7 +35,7 @@ def as_range(samples: torch.Tensor) -> tuple[int, int] | None:
 
 
 def take_samples(t: torch.Tensor, samples: torch.Tensor, run: tuple[int, int] | None) -> torch.Tensor:
-    """Rows of ``samples`` along dim 0 (each sample owning t.shape[0] // num rows): a view for a run."""
+    """Rows ``samples`` of ``t`` along dim 0 (one row per sample): a view for a run, else a gather."""
     return t[run[0] : run[1]] if run is not None else t.index_select(0, samples)
 
 
