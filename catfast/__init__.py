@@ -1,9 +1,11 @@
 """catfast: a kernel-optimized engine for LoRA adapters on Stable-Diffusion-family UNets.
 
 Public API (importing catfast loads only torch; diffusers, peft, triton and onnx load on first use):
-  cat_loss(unet, scheduler, ...)       the CAT objective (reference now; fused in a later release)
+  cat_loss(unet, scheduler, ...)       the CAT objective, mode="reference" or "fused" (one 3B-row UNet call)
   merge_lora_ / unmerge_lora_          in-place multi-layer LoRA merge (C++ extension when built)
   read_adapter / write_adapter         LoRA safetensors in diffusers/peft and kohya formats
+  RowPlan, lora_linear                 the row plan and the row-planned LoRA op (Triton or torch)
+  patch_unet / unpatch_unet / row_plan swap a UNet's peft LoRA layers for row-planned ones, and back
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ _LAZY = {
     "detect_format": "catfast.adapters.formats",
     "LoraAdapter": "catfast.adapters.adapter",
     "LoraLayer": "catfast.adapters.adapter",
+    "RowPlan": "catfast.rows",
+    "lora_linear": "catfast.ops.lora",
+    "patch_unet": "catfast.integrations.patch",
+    "unpatch_unet": "catfast.integrations.patch",
+    "row_plan": "catfast.integrations.patch",
 }
 
 __all__ = ["__version__", *_LAZY]
