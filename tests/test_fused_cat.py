@@ -225,3 +225,30 @@ def test_fused_with_sdxl_added_conditions(monkeypatch):
         assert_rel_close(getattr(fused, term).detach(), getattr(ref, term).detach(), 1e-5, term)
     for name, g_ref in ref_grads.items():
         assert_rel_close(grads[name], g_ref, 1e-4, name)
+
+
+def test_several_adapters_of_different_ranks_in_one_call():
+    """Rows on adapter "a" (rank 2), adapter "b" (rank 4, alpha 1) and the base, in one call, equal peft
+    running each adapter alone (multi-concept rows / a teacher made of base + frozen adapters)."""
+    unet = build_unet("tiny").requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=ALL), adapter_name="a")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=1, target_modules=ALL), adapter_name="b")
+    randomize_lora_(unet, seed=5)
+    x = _batch(3)
+    want = []
+    with torch.no_grad():
+        for name in ("a", "b", None):
+            if name is None:
+                unet.disable_adapters()
+            else:
+                unet.set_adapter(name)
+            want.append(unet(x["latents"], x["timesteps"], x["cond"]).sample)
+        unet.enable_adapters()
+        report = patch_unet(unet, ["a", "b"])
+        with row_plan(unet, RowPlan.build([0, 1, NO_ADAPTER], [1.0, 1.0, 0.0], False)):
+            got = unet(x["latents"], x["timesteps"], x["cond"]).sample
+    unpatch_unet(unet)
+    assert report.slots == ["a", "b"] and not report.skipped
+    for i in range(3):
+        assert_rel_close(got[i], want[i][i], 1e-5, f"row {i}")
+    assert (want[0][0] - want[1][0]).abs().max() > 1e-3  # the two adapters really differ
