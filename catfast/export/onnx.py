@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from catfast.adapters.adapter import LoraAdapter
 from catfast.adapters.merge import merge_adapter_, resolve_targets
 from catfast.errors import CatfastError, ModelLoadError
 from catfast.export.adapter_inputs import LoraInputsGraph, adapter_feeds, detach_lora_inputs, lora_input_specs
+from catfast.folders import check_target, staged_folder
 from catfast.integrations.models import BaseModel
 
 COMPONENTS = ("unet", "text_encoder", "vae_decoder")
@@ -358,23 +358,6 @@ def _check_fits(base, adapters: list[tuple[AdapterSpec, LoraAdapter]], component
     return applied
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 def _read_adapters(specs: Sequence[AdapterSpec], base) -> list[tuple[AdapterSpec, LoraAdapter]]:
     from catfast.adapters.formats import read_adapter
 
@@ -440,7 +423,7 @@ def export_onnx(
     if adapter_inputs and not specs:
         raise ExportError("--adapter-inputs needs at least one --adapter (its layers become the graph's LoRA inputs)")
     out = Path(out).absolute()
-    _prepare_out(out, overwrite)
+    check_target(out, overwrite, ExportError)
     for s in specs:
         if s.adapter is None and not os.path.exists(s.path):
             raise ExportError(f"{s.path}: no such adapter file")
@@ -456,34 +439,38 @@ def export_onnx(
     applied = _check_fits(base, loaded, components)
 
     saved = []  # (weight, original) of every weight a merge changes, restored at the end
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        if not adapter_inputs:  # merge every adapter (catfast's merge op: the C++ extension where built)
-            for spec, adapter in loaded:
-                for component in applied[spec.label]["components"]:
-                    model, ac = _source_model(base, component), _adapter_component(component)
-                    saved += [
-                        (t.weight, t.weight.detach().clone()) for _, t in resolve_targets(model, adapter, ac).values()
-                    ]
-                    n = merge_adapter_(model, adapter, ac, spec.scale)
-                    log(f"merged {n} {component} layers of {spec.label} at scale {spec.scale:g}")
-        job = _Job(base, loaded, tmp, dtype, dtype_name, opset, dynamic, adapter_inputs, external_data_over, log)
-        manifest_components = {component: _export_component(job, component) for component in components}
-        _copy_tokenizer_and_scheduler(base, tmp)
-        manifest = _manifest(
-            base, loaded, applied, job.adapter_files, manifest_components, dtype_name, opset, dynamic, adapter_inputs
-        )
-        manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(tmp, out)
+        with staged_folder(out) as tmp:
+            if not adapter_inputs:  # merge every adapter (catfast's merge op: the C++ extension where built)
+                for spec, adapter in loaded:
+                    for component in applied[spec.label]["components"]:
+                        model, ac = _source_model(base, component), _adapter_component(component)
+                        saved += [
+                            (t.weight, t.weight.detach().clone())
+                            for _, t in resolve_targets(model, adapter, ac).values()
+                        ]
+                        n = merge_adapter_(model, adapter, ac, spec.scale)
+                        log(f"merged {n} {component} layers of {spec.label} at scale {spec.scale:g}")
+            job = _Job(base, loaded, tmp, dtype, dtype_name, opset, dynamic, adapter_inputs, external_data_over, log)
+            manifest_components = {component: _export_component(job, component) for component in components}
+            _copy_tokenizer_and_scheduler(base, tmp)
+            manifest = _manifest(
+                base,
+                loaded,
+                applied,
+                job.adapter_files,
+                manifest_components,
+                dtype_name,
+                opset,
+                dynamic,
+                adapter_inputs,
+            )
+            manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         with torch.no_grad():
             for weight, original in reversed(saved):
                 weight.copy_(original)
-        if tmp.exists():
-            shutil.rmtree(tmp)
     log(f"wrote {out} in {manifest['export_seconds']:.1f} s")
     return manifest
 

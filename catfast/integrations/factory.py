@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
 from catfast.errors import ModelLoadError
+from catfast.folders import check_target, staged_folder
 
 MODEL_NAMES = ("tiny", "small", "sd15", "sdxl")
 ALL_MODEL_NAMES = MODEL_NAMES + ("tiny-sdxl",)
@@ -302,28 +301,12 @@ def init_model_folder(name: str, out_dir: str | os.PathLike, *, seed: int = 0, o
     beside the target under a temporary name and renamed into place, so a crash never leaves a half
     folder at `out_dir`. An existing non-empty `out_dir` is refused unless `overwrite`."""
     out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise ModelLoadError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ModelLoadError(f"{out}: folder exists and is not empty (pass overwrite=True / --overwrite to replace)")
+    check_target(out, overwrite, ModelLoadError)
     makers = _component_makers(name, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    with staged_folder(out) as tmp:
         for key, make in makers.items():
             component = make()
             _save_component(key, component, tmp / key)
             del component
         (tmp / "model_index.json").write_text(json.dumps(_model_index(name), indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

@@ -1,0 +1,40 @@
+"""Write a whole output folder atomically: refuse a non-empty target unless asked to overwrite, build
+the new folder beside it under a temporary name, and swap it into place only when complete, so a
+crash or a failed check never leaves a half-written folder at the target."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import uuid
+from pathlib import Path
+
+
+def check_target(out: Path, overwrite: bool, error: type[Exception]) -> None:
+    """Raise ``error`` when ``out`` is a file, or a non-empty folder and not ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise error(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise error(f"{out}: folder exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """Yield an empty temporary folder beside ``out``; when the block ends without an exception, it
+    replaces ``out`` (the old folder is removed only after the rename). The temporary folder is removed
+    in every case."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
