@@ -55,6 +55,14 @@ class _RowFrozen(torch.nn.Module):
             and (self.inner.bias is None or not self.inner.bias.requires_grad)
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self._shared(x)
+        if shared is not None:
+            return shared
+        if not self._row_aware(x):
+            return self.inner(x)
+        return self.row_aware_op(x, self.inner, self.holder.grad_samples)
+
     def extra_repr(self) -> str:
         return repr(self.inner)
 
@@ -62,25 +70,13 @@ class _RowFrozen(torch.nn.Module):
 class RowFrozenConv2d(_RowFrozen):
     """A frozen Conv2d whose backward spends work only on the grad samples."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared = self._shared(x)
-        if shared is not None:
-            return shared
-        if not self._row_aware(x):
-            return self.inner(x)
-        return frozen_conv2d(x, self.inner, self.holder.grad_samples)
+    row_aware_op = staticmethod(frozen_conv2d)
 
 
 class RowFrozenLinear(_RowFrozen):
     """A frozen Linear whose backward spends work only on the grad samples."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared = self._shared(x)
-        if shared is not None:
-            return shared
-        if not self._row_aware(x):
-            return self.inner(x)
-        return frozen_linear(x, self.inner, self.holder.grad_samples)
+    row_aware_op = staticmethod(frozen_linear)
 
 
 class RowAttnProcessor:
