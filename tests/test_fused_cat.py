@@ -10,7 +10,7 @@ from peft import LoraConfig
 
 import catfast
 from catfast.env import has_triton
-from catfast.integrations.factory import build_unet
+from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet
 from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
 from catfast.nn.row_lora import RowLoraLinear
 from catfast.rows import NO_ADAPTER, RowPlan
@@ -39,13 +39,7 @@ def _batch(batch, seed=0):
 
 
 def _scheduler(kind="epsilon"):
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=kind,
-    )
+    return DDPMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": kind})
 
 
 def _run(unet, sched, batch, mode, **kw):

@@ -9,20 +9,14 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 
 import catfast
-from catfast.integrations.factory import build_unet, unet_config
+from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet, unet_config
 from catfast.testing import assert_rel_close, randomize_lora_
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
 def _scheduler(prediction_type="epsilon"):
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=prediction_type,
-    )
+    return DDPMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type})
 
 
 def _lora_unet(unet, rank=4, alpha=8.0, seed=1):
