@@ -1,0 +1,383 @@
+"""Training data: concept folders -> examples (image, caption with and without the trigger), and the
+image transform (resize, crop, flip, aspect buckets) that turns one image into the pixel tensors whose
+VAE latents `catfast.train.cache` stores.
+
+A concept folder holds images (``IMAGE_SUFFIXES``, top level only) with captions from
+``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` per line, file names relative to the
+folder; it wins over a .txt) or a same-named ``.txt`` (``cat.png`` -> ``cat.txt``). Every caption
+must contain its concept's trigger as a whole word, or it is prepended (``"sks, " + caption``) with
+``prepend_trigger``. The CAT term's caption is ``strip_trigger(caption, trigger)``; it must not be
+empty (CAT compares adapter and base on a real prompt).
+
+Transform (one image -> its variants, all of one size):
+- Target size: ``resolution x resolution``, or with ``buckets`` the aspect bucket (below).
+- The image (EXIF orientation applied) is resized (Lanczos) to the smallest size that covers the
+  target, keeping its aspect ratio, then cropped to the target: centered with ``center_crop``, else
+  ``crop_variants`` crops at offsets drawn from the image's own hash (so the cache stays valid across
+  runs and seeds; identical offsets are kept once). ``random_flip`` adds the mirror of every crop.
+  Variant ``v`` is crop ``v // F``, flipped when ``F == 2 and v % 2 == 1`` (F = 2 with flips, else 1).
+- An image smaller than its target (it would be upscaled) is refused with a CatfastError naming the
+  file and both sizes, unless ``allow_upscale``.
+
+Aspect buckets (kohya-style): with step ``s`` (pixels; `bucket_step`: 8 x the VAE's scale factor, and
+at least what the UNet's downsampling needs, so 64 for SD1.5/SDXL), the buckets are every ``(w, h)``
+with ``w`` a multiple of ``s`` in ``[min_side, max_side]`` and ``h = floor(R^2 / w / s) * s`` in the
+same range, and their transposes (area <= R^2, ``min_side = max(s, floor(R/2 / s) * s)``,
+``max_side = 2R`` rounded down to ``s``). An image goes to the bucket of closest aspect ratio (in log
+space) among the buckets that fit inside it (no upscaling); when none fits, to the closest bucket
+overall, which needs ``allow_upscale``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from catfast.errors import CatfastError
+from catfast.train.captions import has_trigger, strip_trigger
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILE = "metadata.jsonl"
+ON_BAD_IMAGE = ("stop", "skip")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image. ``caption`` contains the trigger; ``caption_stripped`` is the CAT term's
+    caption (``strip_trigger(caption, trigger)``); ``concept`` indexes the concept list (0..K-1)."""
+
+    image: Path
+    caption: str
+    caption_stripped: str
+    concept: int
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A folder of images with captions, and the trigger word every caption carries."""
+
+    data: Path
+    trigger: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scanning
+
+
+def scan_concepts(
+    concepts: list[Concept],
+    *,
+    prepend_trigger: bool = False,
+    on_bad_image: str = "stop",
+    require_description: bool = True,
+) -> list[Example]:
+    """Every usable image of every concept, in concept order, then file-name order.
+
+    Each image is fully decoded once here so corrupt or unreadable files are found before any model
+    work: ``on_bad_image="stop"`` raises a CatfastError naming the file, ``"skip"`` warns (naming it)
+    and leaves it out. Raises CatfastError for a missing/empty folder, an image without a caption, a
+    caption without the trigger (unless ``prepend_trigger``), an empty caption after stripping the
+    trigger (only with ``require_description``: plain LoRA, cat_weight 0, never uses it), a bad
+    metadata.jsonl line, and empty or repeated triggers.
+    """
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise CatfastError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
+    if not concepts:
+        raise CatfastError("no concepts given: pass at least one data folder with its trigger")
+    triggers = [c.trigger.strip() for c in concepts]
+    for concept, trigger in zip(concepts, triggers):
+        if not trigger:
+            raise CatfastError(f"{concept.data}: the trigger word is empty")
+    if len(set(triggers)) != len(triggers):
+        raise CatfastError(f"each concept needs its own trigger; got {triggers}")
+
+    examples = []
+    for index, (concept, trigger) in enumerate(zip(concepts, triggers)):
+        folder = Path(concept.data)
+        captions = _folder_captions(folder)
+        if not captions:
+            raise CatfastError(
+                f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the data folder; put the concept's "
+                "images there with same-named .txt captions or a metadata.jsonl"
+            )
+        usable = 0
+        for image, caption in captions.items():
+            problem = _image_problem(image)
+            if problem is not None:
+                if on_bad_image == "stop":
+                    raise CatfastError(
+                        f"{image}: unreadable or corrupt image ({problem}); fix or remove it, "
+                        "or pass --on-bad-image skip to leave it out"
+                    )
+                warnings.warn(f"{image}: skipped, unreadable or corrupt image ({problem})", stacklevel=2)
+                continue
+            if caption is None:
+                raise CatfastError(
+                    f"{image}: no caption: write {image.with_suffix('.txt').name} beside it or add a line "
+                    f'{{"file_name": "{image.relative_to(folder).as_posix()}", "text": ...}} to {METADATA_FILE}'
+                )
+            examples.append(_example(image, caption, trigger, index, prepend_trigger, require_description))
+            usable += 1
+        if usable == 0:
+            raise CatfastError(f"{folder}: every image was skipped as unreadable or corrupt; no training data")
+    return examples
+
+
+def _example(
+    image: Path, caption: str, trigger: str, concept: int, prepend_trigger: bool, require_description: bool
+) -> Example:
+    caption = " ".join(caption.split())  # newlines and runs of spaces -> one space
+    if not has_trigger(caption, trigger):
+        if not prepend_trigger:
+            raise CatfastError(
+                f"{image}: caption {caption!r} does not contain the trigger {trigger!r}; add it, or pass "
+                "--prepend-trigger to put it in front of every caption"
+            )
+        caption = f"{trigger}, {caption}" if caption else trigger
+    stripped = strip_trigger(caption, trigger)
+    if not stripped and require_description:
+        raise CatfastError(
+            f"{image}: caption {caption!r} is only the trigger; CAT needs a description of the image to "
+            f'compare with the base model (e.g. "{trigger}, a photo of a dog on grass")'
+        )
+    return Example(image=image, caption=caption, caption_stripped=stripped, concept=concept)
+
+
+def _folder_captions(folder: Path) -> dict[Path, str | None]:
+    """image path -> caption (None when it has none), sorted by path: top-level images and every file
+    metadata.jsonl names; metadata.jsonl captions win over .txt files."""
+    if not folder.exists():
+        raise CatfastError(f"{folder}: no such data folder")
+    if not folder.is_dir():
+        raise CatfastError(f"{folder}: the data path must be a folder of images")
+    metadata = _read_metadata(folder)
+    images = {p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    images |= set(metadata)
+    images = {p for p in images if not p.name.startswith(".")}
+    captions = {}
+    for image in sorted(images):
+        if image in metadata:
+            captions[image] = metadata[image]
+            continue
+        txt = image.with_suffix(".txt")
+        captions[image] = _read_text(txt) if txt.is_file() else None
+    return captions
+
+
+def _read_metadata(folder: Path) -> dict[Path, str]:
+    """{image path: caption} from folder/metadata.jsonl, or {} when there is none."""
+    meta = folder / METADATA_FILE
+    if not meta.is_file():
+        return {}
+    out: dict[Path, str] = {}
+    for number, line in enumerate(_read_text(meta, strip=False).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{meta}, line {number}"
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise CatfastError(f"{where}: not valid JSON: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise CatfastError(f'{where}: expected an object like {{"file_name": "a.png", "text": "..."}}')
+        text = row.get("text", row.get("caption"))
+        if not isinstance(text, str):
+            raise CatfastError(f'{where}: no "text" caption (a string) for {row["file_name"]!r}')
+        image = folder / row["file_name"]
+        if not image.is_file():
+            raise CatfastError(f"{where}: names {row['file_name']!r}, but {image} does not exist")
+        if image in out:
+            raise CatfastError(f"{where}: {row['file_name']!r} appears twice")
+        out[image] = text
+    return out
+
+
+def _read_text(path: Path, strip: bool = True) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+        return text.strip() if strip else text
+    except (OSError, UnicodeDecodeError) as e:
+        raise CatfastError(f"{path}: cannot read it as UTF-8 text: {e}") from None
+
+
+def _image_problem(path: Path) -> str | None:
+    """None if the file decodes completely as an image, else why not (one line)."""
+    try:
+        load_image(path)
+    except CatfastError as e:
+        return f"{type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ else str(e)
+    return None
+
+
+def load_image(path: Path, data: bytes | None = None):
+    """The image (from ``data``, the file's bytes, when given) as an RGB PIL image with its EXIF
+    orientation applied. CatfastError naming the file when it cannot be read or decoded completely
+    (truncated, corrupt, unreadable, too large)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise CatfastError(f"{path}: cannot decode image: {type(e).__name__}: {e}") from e
+
+
+def image_size(path: Path, data: bytes) -> tuple[int, int]:
+    """(width, height) of the image in ``data`` after its EXIF orientation, from the header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            transposed = img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
+    except Exception as e:
+        raise CatfastError(f"{path}: cannot decode image: {type(e).__name__}: {e}") from e
+    return (h, w) if transposed else (w, h)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transform
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How an image becomes training pixels (see the module docstring). ``crop_variants`` random crops
+    are cached per image when not ``center_crop`` (it must be 1 with ``center_crop``);
+    ``allow_upscale`` accepts images smaller than their target size."""
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+    buckets: bool = False
+    crop_variants: int = 1
+    allow_upscale: bool = False
+
+    def __post_init__(self):
+        if self.resolution < 8:
+            raise CatfastError(f"resolution must be at least 8 pixels, got {self.resolution}")
+        if self.crop_variants < 1:
+            raise CatfastError(f"crop_variants must be >= 1, got {self.crop_variants}")
+        if self.center_crop and self.crop_variants != 1:
+            raise CatfastError(
+                f"crop_variants={self.crop_variants} needs random crops; turn center_crop off or use 1 variant"
+            )
+
+    def key(self) -> str:
+        """Stable string of every field that changes the pixels (allow_upscale does not: it only decides
+        whether an upscaled image is an error). Bump the version when the transform's code changes."""
+        return (
+            f"v1;res={self.resolution};center={int(self.center_crop)};flip={int(self.random_flip)};"
+            f"buckets={int(self.buckets)};crops={self.crop_variants};resample=lanczos"
+        )
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Where one image's variants come from. Sizes are (width, height) in pixels: ``original`` the
+    image's, ``resized`` after the cover-resize, ``target`` the bucket (or square) size. ``variants``
+    holds (left, top, flipped) per variant; left/top index the crop in the resized image."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    target: tuple[int, int]
+    variants: tuple[tuple[int, int, bool], ...]
+
+
+def bucket_step(base) -> int:
+    """Pixels per bucket side step: 8 x the VAE's scale factor, and at least the multiple the UNet's
+    downsampling needs (64 for SD1.5, SDXL and small; 16 for tiny)."""
+    return max(8 * base.vae_scale_factor, size_multiple(base))
+
+
+def size_multiple(base) -> int:
+    """Image sides must be multiples of this: VAE scale factor x the UNet's total downsampling."""
+    return base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+
+
+def bucket_sizes(resolution: int, step: int) -> list[tuple[int, int]]:
+    """Every aspect bucket (width, height) for ``resolution`` with sides multiples of ``step``, sorted."""
+    area = resolution * resolution
+    min_side = max(step, (resolution // 2) // step * step)
+    max_side = max(min_side, (2 * resolution) // step * step)
+    buckets = set()
+    for w in range(min_side, max_side + 1, step):
+        h = min(max_side, area // w // step * step)
+        if h >= min_side:
+            buckets |= {(w, h), (h, w)}
+    return sorted(buckets)
+
+
+def plan_image(path: Path, size: tuple[int, int], transform: Transform, step: int, digest: str) -> ImagePlan:
+    """The ImagePlan of an image of ``size`` (w, h). ``step`` is `bucket_step` (bucket sides) and
+    ``digest`` the hex hash of the image bytes (it seeds the random crop offsets). Raises CatfastError
+    naming the file and both sizes when the image would be upscaled and not ``transform.allow_upscale``."""
+    w, h = size
+    if transform.buckets:
+        target = _choose_bucket(size, bucket_sizes(transform.resolution, step))
+    else:
+        target = (transform.resolution, transform.resolution)
+    scale = max(target[0] / w, target[1] / h)
+    if scale > 1 and not transform.allow_upscale:
+        kind = "its aspect bucket" if transform.buckets else "the training resolution"
+        raise CatfastError(
+            f"{path}: image is {w}x{h} pixels, smaller than {kind} {target[0]}x{target[1]} "
+            f"(resolution {transform.resolution}); use a larger image, a lower resolution, or allow_upscale "
+            "(--allow-upscale) to enlarge it"
+        )
+    # round, but never below the target (float error could leave the cover one pixel short)
+    resized = (max(target[0], round(w * scale)), max(target[1], round(h * scale)))
+    slack = (resized[0] - target[0], resized[1] - target[1])
+    if transform.center_crop:
+        crops = [(slack[0] // 2, slack[1] // 2)]
+    else:
+        rng = random.Random(f"catfast-crop:{digest}:{transform.key()}")
+        crops = []
+        for _ in range(transform.crop_variants):
+            crop = (rng.randint(0, slack[0]), rng.randint(0, slack[1]))
+            if crop not in crops:
+                crops.append(crop)
+    flips = (False, True) if transform.random_flip else (False,)
+    variants = tuple((left, top, flip) for left, top in crops for flip in flips)
+    return ImagePlan(original=(w, h), resized=resized, target=target, variants=variants)
+
+
+def _choose_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """Closest aspect ratio (log space) among buckets that fit in ``size``; else among all buckets."""
+    w, h = size
+    fitting = [b for b in buckets if b[0] <= w and b[1] <= h] or buckets
+    aspect = math.log(w / h)
+    return min(fitting, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+
+
+def render(image, plan: ImagePlan) -> torch.Tensor:
+    """The variants of ``image`` (an RGB PIL image of size ``plan.original``) as ``[V, 3, H, W]`` fp32
+    pixels in [-1, 1], H x W = the target size."""
+    from PIL import Image
+
+    resized = image.resize(plan.resized, Image.LANCZOS)
+    tw, th = plan.target
+    out = []
+    for left, top, flip in plan.variants:
+        crop = resized.crop((left, top, left + tw, top + th))
+        if flip:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(th, tw, 3)
+        out.append(pixels.permute(2, 0, 1))
+    return torch.stack(out).float().div(127.5).sub(1.0)
+
+
+def sdxl_time_ids(plan: ImagePlan) -> torch.Tensor:
+    """SDXL's micro-conditioning per variant, ``[V, 6]`` = (orig_h, orig_w, crop_top, crop_left,
+    target_h, target_w) as in diffusers' SDXL training script; a flipped crop's left is mirrored."""
+    (ow, oh), (rw, _), (tw, th) = plan.original, plan.resized, plan.target
+    rows = [[oh, ow, top, (rw - left - tw) if flip else left, th, tw] for left, top, flip in plan.variants]
+    return torch.tensor(rows, dtype=torch.float32)
