@@ -126,6 +126,16 @@ def patch_report(unet: torch.nn.Module) -> PatchReport | None:
     return None if state is None else state.report
 
 
+def active_adapters(unet: torch.nn.Module) -> list[str]:
+    """The UNet's active peft adapters, patched or not (while patched, diffusers' ``active_adapters()``
+    finds no peft layer in the module tree and returns None)."""
+    state = getattr(unet, _STATE, None)
+    if state is None:
+        return list(unet.active_adapters() or [])
+    peft_layers = [m for name, m in state.originals.items() if name in state.report.patched]
+    return list(peft_layers[0].active_adapters) if peft_layers else []
+
+
 @contextlib.contextmanager
 def row_plan(unet: torch.nn.Module, plan: RowPlan, identical_groups: int = 1):
     """Within the block, every patched layer of ``unet`` computes with ``plan``.
@@ -146,7 +156,36 @@ def row_plan(unet: torch.nn.Module, plan: RowPlan, identical_groups: int = 1):
                                  or getattr(unet, "class_embedding", None) is not None
                                  or unet.config.addition_embed_type is not None)  # fmt: skip
     state.holder.set(plan, 1 if prefix_reads_other_inputs else identical_groups)
+    checkpointed = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
+    originals = [m._gradient_checkpointing_func for m in checkpointed]
+    for module, func in zip(checkpointed, originals):
+        module._gradient_checkpointing_func = _replaying_plan(state.holder, func)
     try:
         yield
     finally:
+        for module, func in zip(checkpointed, originals):
+            module._gradient_checkpointing_func = func
         state.holder.set(None)
+
+
+def _replaying_plan(holder: PlanHolder, checkpoint_func):
+    """diffusers' gradient-checkpointing function, with the block's recomputation (during backward,
+    after the row plan is gone) run under the row-plan state the block saw in the forward; without it
+    the recomputed rows would take the plain peft path and the gradients would be silently wrong."""
+
+    def checkpointed(block, *args):
+        seen = holder.snapshot()
+
+        def run(*inputs):
+            if holder.plan is seen[0]:  # the forward itself
+                return block(*inputs)
+            current = holder.snapshot()
+            holder.restore(seen)
+            try:
+                return block(*inputs)
+            finally:
+                holder.restore(current)
+
+        return checkpoint_func(run, *args)
+
+    return checkpointed

@@ -43,6 +43,13 @@ class PlanHolder:
             self.grad_samples = plan.grad_samples()
             self.other_samples = torch.nonzero(~plan.needs_grad, as_tuple=False).flatten()
 
+    def snapshot(self) -> tuple:
+        """The whole state, for ``restore`` (a checkpointed block replays its forward with it)."""
+        return (self.plan, self.grad_samples, self.other_samples, self.prefix_groups, self.in_prefix)
+
+    def restore(self, state: tuple) -> None:
+        self.plan, self.grad_samples, self.other_samples, self.prefix_groups, self.in_prefix = state
+
     @property
     def split(self) -> bool:
         """True when some samples need gradients and some do not (the case worth row-aware work)."""
@@ -71,6 +78,8 @@ class RowLoraLinear(torch.nn.Module):
             raise ValueError(f"row plan has {len(plan)} rows but the batch has {x.shape[0]} samples")
         self.holder.in_prefix = False  # rows with different adapters diverge from here
         lora_a, lora_b = self._stacked()
+        if lora_a.dtype != x.dtype:  # fp32 LoRA parameters on a bf16/fp16 UNet (peft's cast_training_params)
+            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         scales = plan.scales * torch.tensor(self._scaling, device=plan.scales.device)[plan.slots.clamp(min=0)]
         row_plan = RowPlan(plan.slots, scales, plan.needs_grad)
         weight = self.base_layer.weight

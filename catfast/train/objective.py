@@ -13,6 +13,7 @@ Losses are reduced in fp32 whatever the UNet's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -50,6 +51,7 @@ def cat_loss(
     cat_weight: float = 1.0,
     mode: str = "reference",
     snr_gamma: float | None = None,
+    adapters: Sequence[str] | None = None,
 ) -> CatLossOutput:
     """CAT loss for one batch. Gradients land on the UNet's LoRA parameters.
 
@@ -67,57 +69,104 @@ def cat_loss(
         teacher rows on the base without grad) through catfast's row-planned LoRA layers; the UNet is
         patched for the call (and left as the caller had it), or used as patched by ``patch_unet``.
       snr_gamma: min-SNR-gamma weighting of both terms, or None.
+      adapters: the adapter of each sample (``[B]`` names; multi-concept training, one adapter per
+        concept), or None for the UNet's one active adapter. The teacher is the base model either way.
+
+    ``unet`` may be wrapped in DistributedDataParallel: the wrapper runs the forward (so gradients are
+    synchronised), the wrapped UNet is patched and checked.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if cat_weight < 0:
         raise ValueError(f"cat_weight must be >= 0, got {cat_weight}")
-    _check_batch(unet, latents, noise, timesteps, cond, cond_stripped)
+    model = _unwrap(unet)
+    _check_batch(model, latents, noise, timesteps, cond, cond_stripped, adapters)
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = _target(scheduler, latents, noise, timesteps).float()
     weights = _min_snr_weights(scheduler, timesteps, snr_gamma)
-
-    if cat_weight == 0:
-        pred = _predict(unet, noisy, timesteps, cond)
-        ldm = _weighted_mse(pred, target, weights)
-        return CatLossOutput(total=ldm, ldm=ldm, cat=torch.zeros((), device=ldm.device))
-    if mode == "fused":
-        pred, pred_stripped, base = _fused_predictions(unet, noisy, timesteps, cond, cond_stripped)
-        ldm = _weighted_mse(pred, target, weights)
-        cat = _weighted_mse(pred_stripped, base, weights)
-        return CatLossOutput(total=ldm + cat_weight * cat, ldm=ldm, cat=cat)
-
-    from catfast.integrations.patch import patch_report
-
-    if patch_report(unet) is not None:
-        raise ValueError("mode='reference' needs the plain peft UNet; call unpatch_unet(unet) first")
-    with torch.no_grad():
-        unet.disable_adapters()
-        try:
-            base = _predict(unet, noisy, timesteps, cond_stripped).float()
-        finally:
-            unet.enable_adapters()
-    pred_both = _predict(
-        unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), _concat_conditions(cond, cond_stripped)
-    )
-    pred, pred_stripped = pred_both.chunk(2)
+    predictions = _fused_predictions if mode == "fused" else _reference_predictions
+    pred, pred_stripped, base = predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, cat_weight > 0)
     ldm = _weighted_mse(pred, target, weights)
+    if pred_stripped is None:  # cat_weight == 0: the plain LoRA loss, without the CAT passes
+        return CatLossOutput(total=ldm, ldm=ldm, cat=torch.zeros((), device=ldm.device))
     cat = _weighted_mse(pred_stripped, base, weights)
     return CatLossOutput(total=ldm + cat_weight * cat, ldm=ldm, cat=cat)
 
 
-def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped):
-    """(pred on c, pred on c-, detached teacher on c-) from one UNet call over 3B rows."""
-    from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
-    from catfast.ops.grad_rows import keep_grad_rows
-    from catfast.rows import RowPlan
+def _unwrap(unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet inside a DistributedDataParallel wrapper (or the UNet itself)."""
+    return unet.module if isinstance(unet, torch.nn.parallel.DistributedDataParallel) else unet
 
-    active = unet.active_adapters()
-    if len(active) != 1:
-        raise ValueError(f"fused CAT trains one adapter; the UNet has active adapters {active}")
-    temporary = patch_report(unet) is None
-    report = patch_unet(unet)
+
+def _reference_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, with_teacher):
+    """(pred on c, pred on c- or None, detached base on c- or None) as a careful diffusers user computes
+    them: the teacher pass with the adapters disabled under no_grad, then the adapter passes batched
+    (one batched call per adapter when samples use different adapters)."""
+    from catfast.integrations.patch import patch_report
+
+    model = _unwrap(unet)
+    if patch_report(model) is not None:
+        raise ValueError("mode='reference' needs the plain peft UNet; call unpatch_unet(unet) first")
+    base = None
+    if with_teacher:
+        with torch.no_grad():
+            model.disable_adapters()
+            try:
+                base = _predict(unet, noisy, timesteps, cond_stripped).float()
+            finally:
+                model.enable_adapters()
+    if adapters is None:
+        return (*_adapter_passes(unet, noisy, timesteps, cond, cond_stripped, with_teacher), base)
+    active = model.active_adapters()
+    pred = torch.empty_like(noisy)
+    pred_stripped = torch.empty_like(noisy) if with_teacher else None
+    try:
+        for name in dict.fromkeys(adapters):
+            model.set_adapter(name)
+            idx = torch.tensor([i for i, a in enumerate(adapters) if a == name], device=noisy.device)
+            p, p_stripped = _adapter_passes(
+                unet, noisy[idx], timesteps[idx], _select(cond, idx), _select(cond_stripped, idx), with_teacher
+            )
+            pred = pred.index_copy(0, idx, p.to(pred.dtype))
+            if with_teacher:
+                pred_stripped = pred_stripped.index_copy(0, idx, p_stripped.to(pred.dtype))
+    finally:
+        model.set_adapter(active)
+    return pred, pred_stripped, base
+
+
+def _adapter_passes(unet, noisy, timesteps, cond, cond_stripped, with_stripped):
+    """The adapter's predictions on c and (with_stripped) on c-, as one batched call."""
+    if not with_stripped:
+        return _predict(unet, noisy, timesteps, cond), None
+    both = _predict(
+        unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), _concat_conditions(cond, cond_stripped)
+    )
+    return both.chunk(2)
+
+
+def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, with_teacher):
+    """(pred on c, pred on c-, detached teacher on c-) from one UNet call over 3B rows (B rows and
+    (pred, None, None) without the teacher)."""
+    from catfast.integrations.patch import active_adapters, patch_report, patch_unet, row_plan, unpatch_unet
+    from catfast.ops.grad_rows import keep_grad_rows
+    from catfast.rows import NO_ADAPTER, RowPlan
+
+    model = _unwrap(unet)
+    if adapters is None:
+        active = active_adapters(model)
+        if len(active) != 1:
+            raise ValueError(
+                "fused CAT trains one adapter unless adapters= names each sample's; "
+                f"the UNet has active adapters {active}"
+            )
+        adapters = active * noisy.shape[0]
+    temporary = patch_report(model) is None
+    if temporary and getattr(model, "is_gradient_checkpointing", False):
+        # backward recomputes checkpointed blocks after a temporary patch is undone: wrong rows, silently
+        raise ValueError("mode='fused' with gradient checkpointing needs a patched UNet: call patch_unet(unet) first")
+    report = patch_unet(model)
     try:
         if report.skipped:  # a peft layer left in place would apply the adapter to the teacher rows too
             name, why = next(iter(report.skipped.items()))
@@ -126,14 +175,22 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped):
                 "use mode='reference'"
             )
         batch = noisy.shape[0]
-        plan = RowPlan.cat_step(batch, slot=report.slots.index(active[0]), device=noisy.device)
-        rows_cond = _concat_conditions(_concat_conditions(cond, cond_stripped), cond_stripped)
-        params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-        with row_plan(unet, plan, identical_groups=3), keep_grad_rows(plan.grad_samples(), len(plan), exclude=params):
-            out = _predict(unet, torch.cat([noisy] * 3), torch.cat([timesteps] * 3), rows_cond)
+        slots = [report.slots.index(name) for name in adapters]
+        if with_teacher:  # [trigger | stripped] on the adapters with grad, then the teacher rows
+            groups, rows_cond = 3, _concat_conditions(_concat_conditions(cond, cond_stripped), cond_stripped)
+            slots, needs_grad = slots * 2 + [NO_ADAPTER] * batch, [True] * 2 * batch + [False] * batch
+        else:
+            groups, rows_cond, needs_grad = 1, cond, True
+        plan = RowPlan.build(slots, needs_grad=needs_grad, device=noisy.device)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        grad_rows = keep_grad_rows(plan.grad_samples(), len(plan), exclude=params)
+        with row_plan(model, plan, identical_groups=groups), grad_rows:
+            out = _predict(unet, torch.cat([noisy] * groups), torch.cat([timesteps] * groups), rows_cond)
     finally:
         if temporary:
-            unpatch_unet(unet)
+            unpatch_unet(model)
+    if not with_teacher:
+        return out, None, None
     pred, pred_stripped, base = out.chunk(3)
     return pred, pred_stripped, base.detach().float()
 
@@ -173,15 +230,18 @@ def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
 
 
 def _predict(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Condition) -> torch.Tensor:
-    dtype = next(unet.parameters()).dtype
+    """The UNet's prediction, with inputs cast to its compute dtype (that of its frozen weights: the
+    LoRA parameters may be fp32 on a bf16/fp16 UNet)."""
+    dtype = _unwrap(unet).conv_in.weight.dtype
     if isinstance(cond, dict):
+        added = {k: v.to(dtype) if k == "text_embeds" else v for k, v in (cond.get("added_cond_kwargs") or {}).items()}
         return unet(
             noisy.to(dtype),
             timesteps,
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            added_cond_kwargs=cond.get("added_cond_kwargs"),
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+            added_cond_kwargs=added or None,
         ).sample
-    return unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond).sample
+    return unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample
 
 
 def _concat_conditions(a: Condition, b: Condition) -> Condition:
@@ -194,13 +254,27 @@ def _concat_conditions(a: Condition, b: Condition) -> Condition:
     }
 
 
+def _select(cond: Condition, idx: torch.Tensor) -> Condition:
+    if isinstance(cond, torch.Tensor):
+        return cond[idx]
+    added = {k: v[idx] for k, v in (cond.get("added_cond_kwargs") or {}).items()}
+    return {"encoder_hidden_states": cond["encoder_hidden_states"][idx], "added_cond_kwargs": added or None}
+
+
 def _batch_of(cond: Condition) -> int:
     return (cond if isinstance(cond, torch.Tensor) else cond["encoder_hidden_states"]).shape[0]
 
 
-def _check_batch(unet, latents, noise, timesteps, cond, cond_stripped) -> None:
-    if not getattr(unet, "peft_config", None):
+def _check_batch(unet, latents, noise, timesteps, cond, cond_stripped, adapters) -> None:
+    configs = getattr(unet, "peft_config", None)
+    if not configs:
         raise ValueError("cat_loss needs a UNet with a LoRA adapter attached: unet.add_adapter(LoraConfig(...))")
+    if adapters is not None:
+        if len(adapters) != latents.shape[0]:
+            raise ValueError(f"adapters names {len(adapters)} samples but the batch has {latents.shape[0]}")
+        unknown = sorted(set(adapters) - set(configs))
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r} on the UNet (it has {list(configs)})")
     if latents.dim() != 4:
         raise ValueError(f"latents must be [B, C, H, W], got shape {tuple(latents.shape)}")
     if noise.shape != latents.shape:
