@@ -117,6 +117,75 @@ def cat_step(base, steps, caption, trigger, image, rank, alpha, cat_weight, lr, 
         click.echo(f"wrote adapter to {out}")
 
 
+def _set_option(ctx, param, values) -> dict:
+    """``--set KEY=VALUE`` pairs; VALUE is read as a TOML value (42, 1e-4, true, ["a", "b"]) or a string."""
+    import tomllib
+
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx=ctx, param=param)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@main.command("train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML, YAML or JSON file of options.")
+@click.option("--base", help="Base model: a diffusers folder, or a single UNet file with --base-config.")
+@click.option("--base-config", help="The diffusers folder that completes a single-file --base.")
+@click.option("--data", help="Folder of images with .txt captions or a metadata.jsonl.")
+@click.option("--trigger", help="The trigger word every caption contains.")
+@click.option("--out", help="Output folder (adapter, metrics, samples, checkpoints).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps [900].")
+@click.option("--seed", type=int, help="[42]")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Steps between checkpoints; 0: none [150].")
+@click.option("--sample-every", type=click.IntRange(min=0), help="Steps between sample grids; 0: none [0].")
+@click.option("--sample-prompt", "sample_prompts", multiple=True, help="Sample prompt (repeatable; no trigger).")
+@click.option("--rank", type=click.IntRange(min=1), help="LoRA rank [1].")
+@click.option("--alpha", type=float, help="LoRA alpha [= rank].")
+@click.option("--lr", type=float, help="AdamW learning rate [1e-4].")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "linear"]), help="[constant]")
+@click.option("--warmup-steps", type=click.IntRange(min=0), help="[0]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Per process [1].")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per optimizer step [1].")
+@click.option("--resolution", type=click.IntRange(min=8), help="Pixels [the model's native size].")
+@click.option("--cat-weight", type=click.FloatRange(min=0), help="lambda of the CAT term; 0: plain LoRA [1.0].")
+@click.option("--snr-gamma", type=float, help="Min-SNR-gamma weighting [off].")
+@click.option("--timesteps", type=click.Choice(["uniform", "chain-of-forgetting"]), help="[uniform]")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), help="[no]")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--max-grad-norm", type=float, help="Clip the LoRA gradients' norm [1.0].")
+@click.option("--format", "format_", type=click.Choice(["diffusers", "kohya"]), help="Adapter file format.")
+@click.option("--prepend-trigger/--no-prepend-trigger", default=None, help="Put the trigger before captions.")
+@click.option("--on-bad-image", type=click.Choice(["stop", "skip"]), help="Unreadable images: stop or skip [stop].")
+@click.option("--mode", type=click.Choice(["fused", "reference"]), help="CAT step implementation [fused].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[auto]")
+@click.option("--set", "settings", multiple=True, callback=_set_option, metavar="KEY=VALUE", help="Any option.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
+@click.option("--overwrite", is_flag=True, help="Start over in an OUT that holds an earlier run.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_friendly
+def train_command(config_file, settings, resume, overwrite, no_progress, format_, sample_prompts, **flags) -> None:
+    """Train a CAT LoRA adapter on a folder of captioned images (multi-concept via a config's concepts).
+    Every option can be set in --config; flags override it. Defaults follow the CAT paper."""
+    from catfast.train.config import TrainConfig
+    from catfast.train.trainer import train
+
+    overrides = {**settings, **flags, "format": format_, "sample_prompts": list(sample_prompts) or None}
+    config = TrainConfig.load(config_file, overrides)
+    result = train(config, resume=resume, overwrite=overwrite, progress=not no_progress)
+    if not result.adapters:  # a rank other than 0 under torchrun
+        return
+    rate = f", {result.steps_per_second:.3f} steps/s" if result.steps_per_second else ""
+    click.echo(f"trained {result.steps - result.start_step} steps in {result.seconds:.1f} s{rate}")
+    for path in dict.fromkeys(result.adapters.values()):
+        click.echo(f"wrote adapter to {path}")
+
+
 @main.group()
 def adapter() -> None:
     """Inspect and convert LoRA adapter files (diffusers/peft and kohya safetensors)."""

@@ -1,0 +1,250 @@
+"""Training checkpoints: written atomically, read back for `--resume`.
+
+A checkpoint is the folder ``OUT/checkpoints/step-NNNNNNN/`` holding
+  lora.safetensors   the trainable LoRA parameters by name (their training dtype, fp32)
+  state.pt           optimizer, lr scheduler and GradScaler state dicts (torch.save; read weights_only)
+  rng.pt             python / numpy / torch (CPU, CUDA) global RNG states and the trainer's noise generator
+  trainer.json       step, data position (epoch, batch index in that epoch's order), the settings that
+                     affect the result and their hash, the world size
+It is written into a hidden ``.step-NNNNNNN.partial-*`` folder, every file fsynced, and renamed into
+place only when complete; older checkpoints beyond ``keep`` are removed only after that. Any failure
+(a full disk, a permission error) removes the partial folder and raises CheckpointError, leaving
+every checkpoint that existed intact. A ``step-*`` folder is therefore always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from catfast.errors import CatfastError
+from catfast.train.config import TrainConfig, differing_settings
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+FILES = ("lora.safetensors", "state.pt", "rng.pt", "trainer.json")
+
+
+class CheckpointError(CatfastError):
+    """A checkpoint cannot be written, read, or resumed from."""
+
+
+@dataclass
+class TrainState:
+    """Everything `--resume` needs to continue as if the run had not stopped.
+
+    ``step``: optimizer steps done. ``epoch``, ``batch_index``: the next micro-batch is batch
+    ``batch_index`` of epoch ``epoch``'s order. ``lora``: parameter name -> tensor. ``settings``: the
+    config's `result_settings()` plus ``world_size``; ``config_hash`` their digest.
+    """
+
+    step: int
+    epoch: int
+    batch_index: int
+    lora: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    rng: dict
+    settings: dict[str, Any]
+    config_hash: str
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``folder``, ascending by step."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int = 1) -> Path:
+    """Write ``state`` as ``folder/step-NNNNNNN`` atomically, then keep only the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    final = folder / checkpoint_name(state.step)
+    tmp = folder / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale(folder)
+        tmp.mkdir()
+        lora = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.lora.items()}
+        save_file(lora, str(tmp / "lora.safetensors"), metadata={"step": str(state.step)})
+        torch.save(
+            {"optimizer": state.optimizer, "scheduler": state.scheduler, "scaler": state.scaler}, tmp / "state.pt"
+        )
+        torch.save(state.rng, tmp / "rng.pt")
+        meta = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_index": state.batch_index,
+            "config_hash": state.config_hash,
+            "settings": state.settings,
+        }
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for name in FILES:
+            _fsync_file(tmp / name)
+        if final.exists():  # the same step written again (a resumed run): swap, then drop the old one
+            old = folder / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(folder)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = [p.name for _, p in list_checkpoints(folder)]
+        why = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise CheckpointError(
+            f"cannot write the step {state.step} checkpoint in {folder}: {why}. "
+            f"Existing checkpoints are intact: {', '.join(kept) or 'none'}"
+        ) from e
+    for _, old_path in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old_path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike) -> TrainState:
+    """Read a checkpoint folder written by `save_checkpoint`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: not a complete checkpoint ({name} is missing)")
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+        lora = load_file(path / "lora.safetensors")
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {type(e).__name__}: {e}") from None
+    return TrainState(
+        step=int(meta["step"]),
+        epoch=int(meta["epoch"]),
+        batch_index=int(meta["batch_index"]),
+        lora=lora,
+        optimizer=state["optimizer"],
+        scheduler=state["scheduler"],
+        scaler=state["scaler"],
+        rng=rng,
+        settings=meta["settings"],
+        config_hash=meta["config_hash"],
+    )
+
+
+def read_settings(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """(settings, config hash) of a checkpoint, without loading its tensors."""
+    file = Path(path) / "trainer.json"
+    try:
+        meta = json.loads(file.read_text())
+        return meta["settings"], meta["config_hash"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{file}: cannot read checkpoint metadata: {e}") from None
+
+
+def check_resumable(path: str | os.PathLike, config: TrainConfig, world_size: int = 1) -> None:
+    """Raise CheckpointError naming every differing setting when ``path`` was written by a run whose
+    result-affecting settings differ from ``config``'s (or ran with another number of processes)."""
+    saved, _ = read_settings(path)
+    current = run_settings(config, world_size)
+    diffs = differing_settings(saved, current)
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written with different settings ({'; '.join(diffs)}). "
+            "Resume with the same settings, or start a new run in another --out folder"
+        )
+
+
+def run_settings(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """What a checkpoint records as its settings: the result settings and the number of processes
+    (the global batch and each rank's share of it depend on it)."""
+    return {**config.result_settings(), "world_size": world_size}
+
+
+# ----------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng(generator: torch.Generator | None = None) -> dict:
+    """Global python / numpy / torch (and CUDA) RNG states, and ``generator``'s, as tensors and lists
+    (so that ``torch.load(weights_only=True)`` reads them back)."""
+    version, internal, gauss = random.getstate()
+    rng: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        rng["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        rng["generator"] = generator.get_state()
+    return rng
+
+
+def restore_rng(rng: dict, generator: torch.Generator | None = None) -> None:
+    """Inverse of `capture_rng`."""
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(rng["torch"])
+    if "numpy" in rng:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if generator is not None and "generator" in rng:
+        generator.set_state(rng["generator"])
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _remove_stale(folder: Path) -> None:
+    """Partial folders are left only by a process that died while writing; nothing refers to them. An
+    ``.old-`` folder is a complete checkpoint set aside for a same-step rewrite: put it back when the
+    rewrite did not land, else drop it."""
+    for p in folder.iterdir():
+        name, _, tag = p.name.lstrip(".").partition(".")
+        if not (p.name.startswith(".step-") and _STEP_DIR.match(name)):
+            continue
+        if tag.startswith("old-") and not (folder / name).exists():
+            p.rename(folder / name)
+        elif tag.startswith(("old-", "partial-")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

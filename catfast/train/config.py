@@ -1,0 +1,335 @@
+"""`TrainConfig`: every option of `catfast train`, with the CAT paper's defaults, loaded from a TOML,
+YAML or JSON file and overridden by command-line flags.
+
+Defaults follow the official CAT configs (cat-method.md §1.3): LoRA on to_q/to_k/to_v/to_out.0 of
+every attention, rank 1 with alpha = rank, AdamW lr 1e-4 (betas 0.9/0.999, eps 1e-8, weight decay
+1e-2), constant lr, batch 1, seed 42, cat_weight 1.0, random crop + flip, clip norm 1.0 (applied to
+the LoRA parameters), 900 steps with a checkpoint every 150.
+
+A config file is flat (``rank = 4``; dashes and underscores both work) and may hold a list of
+concepts for a multi-concept run::
+
+    base = "models/sd15"
+    out = "runs/statue"
+    [[concepts]]
+    data = "data/statue"
+    trigger = "shs"
+
+`result_settings()` lists the settings that change the trained adapter; `--resume` compares them
+with the checkpoint's and names the keys that differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catfast.errors import CatfastError
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+TIMESTEP_DISTRIBUTIONS = ("uniform", "chain-of-forgetting")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+FORMATS = ("diffusers", "kohya")
+BAD_IMAGE_POLICIES = ("stop", "skip")
+CONCEPT_ADAPTERS = ("per-concept", "shared")
+MODES = ("fused", "reference")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Settings that do not change the trained adapter: where things go, how often files are written, what
+# the samples look like, and the device. `steps` matters only through a decaying lr schedule (below).
+_NOT_RESULT = {
+    "out",
+    "cache_dir",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "sample_every",
+    "sample_prompts",
+    "sample_steps",
+    "sample_guidance",
+    "sample_seed",
+    "sample_base",
+    "format",
+    "device",
+}
+
+
+class ConfigError(CatfastError):
+    """A config file or option is unreadable, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class ConceptConfig:
+    """One concept: a folder of images (+ captions) and the trigger word its captions carry."""
+
+    data: str
+    trigger: str
+
+
+@dataclass
+class TrainConfig:
+    """Every `catfast train` option. ``concepts`` is derived from ``data``/``trigger`` when not given."""
+
+    # what to train on
+    base: str | None = None
+    base_config: str | None = None  # the diffusers folder that completes a single UNet file given as base
+    data: str | None = None
+    trigger: str | None = None
+    concepts: list[ConceptConfig] = field(default_factory=list)
+    concept_adapters: str = "per-concept"  # several concepts: one adapter each, or one shared adapter
+    out: str | None = None
+    # adapter
+    rank: int = 1
+    alpha: float | None = None  # None: alpha = rank (scale 1, as diffusers' LoRAAttnProcessor of the paper)
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # objective
+    cat_weight: float = 1.0
+    snr_gamma: float | None = None
+    timesteps: str = "uniform"
+    timestep_power: float = 1.0  # chain-of-forgetting: P(t) proportional to (t + 1) ** timestep_power
+    mode: str = "fused"
+    # optimization
+    steps: int = 900
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    # data
+    resolution: int | None = None  # None: the UNet's native size
+    center_crop: bool = False
+    random_flip: bool = True
+    crop_variants: int = 4
+    buckets: bool = False
+    prepend_trigger: bool = False
+    on_bad_image: str = "stop"
+    cache_dir: str | None = None  # None: OUT/cache
+    # output
+    checkpoint_every: int = 150
+    keep_checkpoints: int = 1
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)  # None given: the first stripped captions
+    sample_steps: int = 25
+    sample_guidance: float = 7.5
+    sample_seed: int = 0
+    sample_base: bool = True  # a base-model column next to the adapter's
+    format: str = "diffusers"
+    device: str = "auto"
+
+    # ------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """A config from plain values (file contents); keys may use dashes. Unknown keys -> ConfigError."""
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        valid = cls.field_names()
+        unknown = sorted(k for k in values if k not in valid)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        converted = {k: _convert(k, v, kinds[k], source) for k, v in values.items()}
+        return cls(**converted)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """The file's settings (TOML, YAML or JSON by suffix), then ``overrides`` (values that are None are
+        not set), validated."""
+        values = read_config_file(path) if path is not None else {}
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key.replace("-", "_")] = value
+        config = cls.from_dict(values, source=str(path) if path is not None else "options")
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Fill ``concepts`` from data/trigger and check every option; ConfigError names the bad one."""
+        if self.base is None:
+            raise ConfigError("no base model: pass --base PATH (a diffusers folder) or set base in the config file")
+        if self.out is None:
+            raise ConfigError("no output folder: pass --out DIR or set out in the config file")
+        if not self.concepts:
+            if self.data is None or self.trigger is None:
+                raise ConfigError("no training data: pass --data DIR and --trigger WORD (or a concepts list)")
+            self.concepts = [ConceptConfig(self.data, self.trigger)]
+        elif (self.data is not None or self.trigger is not None) and self.concepts != [
+            ConceptConfig(str(self.data), str(self.trigger))
+        ]:
+            raise ConfigError("give either data/trigger or a concepts list, not both")
+        triggers = [c.trigger for c in self.concepts]
+        if any(not t.strip() for t in triggers):
+            raise ConfigError("a trigger word must not be empty")
+        if len(set(triggers)) != len(triggers):
+            raise ConfigError(f"concepts need distinct triggers, got {triggers}")
+        for name, choices in (
+            ("lr_schedule", LR_SCHEDULES),
+            ("timesteps", TIMESTEP_DISTRIBUTIONS),
+            ("mixed_precision", MIXED_PRECISION),
+            ("format", FORMATS),
+            ("on_bad_image", BAD_IMAGE_POLICIES),
+            ("concept_adapters", CONCEPT_ADAPTERS),
+            ("mode", MODES),
+            ("device", DEVICES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name, low in (
+            ("rank", 1),
+            ("steps", 1),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("crop_variants", 1),
+            ("keep_checkpoints", 1),
+            ("sample_steps", 1),
+            ("warmup_steps", 0),
+            ("checkpoint_every", 0),
+            ("sample_every", 0),
+        ):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "cat_weight", "weight_decay", "adam_eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("snr_gamma", "max_grad_norm", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be > 0 (or unset), got {value}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ConfigError(f"adam betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if self.resolution is not None and self.resolution < 8:
+            raise ConfigError(f"resolution must be >= 8 pixels, got {self.resolution}")
+        if not self.targets:
+            raise ConfigError("targets must name at least one module (e.g. to_q)")
+        if self.mixed_precision != "no" and self.mode == "reference":
+            raise ConfigError("mixed precision trains fp32 LoRA weights on a half UNet, which needs mode = fused")
+
+    # ---------------------------------------------------------------------------------- identity
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (concepts as dicts)."""
+        return dataclasses.asdict(self)
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change the trained adapter (paths resolved). ``steps`` counts only under a
+        decaying lr schedule: with a constant one, the first k steps do not depend on it."""
+        values = {k: v for k, v in self.to_dict().items() if k not in _NOT_RESULT and k not in ("data", "trigger")}
+        values["base"] = _resolved(self.base)
+        values["base_config"] = _resolved(self.base_config)
+        values["concepts"] = [{"data": _resolved(c.data), "trigger": c.trigger} for c in self.concepts]
+        if self.lr_schedule == "constant":
+            del values["steps"]
+        return values
+
+    def result_hash(self) -> str:
+        """A stable hex digest of `result_settings()`."""
+        blob = json.dumps(self.result_settings(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every result setting that differs, sorted by key."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Key/value pairs of a .toml, .yaml/.yml or .json file (a table/mapping at the top)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text()
+        if suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml/.yml or .json")
+    except ConfigError:
+        raise
+    except Exception as e:  # tomllib/yaml/json each raise their own error types
+        raise ConfigError(f"{path}: cannot parse: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a table of options, got {type(values).__name__}")
+    return values
+
+
+def _resolved(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _convert(key: str, value: Any, kind: str, source: str) -> Any:
+    """``value`` checked (and coerced where lossless) against the annotation string ``kind``."""
+    if key == "concepts":
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: concepts must be a list of {{data, trigger}} tables")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, ConceptConfig):
+                out.append(item)
+                continue
+            if not isinstance(item, dict) or set(item) != {"data", "trigger"}:
+                raise ConfigError(f"{source}: concepts[{i}] must have exactly the keys data and trigger, got {item!r}")
+            out.append(ConceptConfig(str(item["data"]), str(item["trigger"])))
+        return out
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{source}: {key} cannot be empty")
+    base = kind.replace(" | None", "")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            if not isinstance(value, (str, Path)):
+                raise ValueError
+            return str(value)
+        if base == "list[str]":
+            if isinstance(value, str):
+                return [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return list(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be {kind.replace(' | None', ' (or empty)')}, got {value!r}") from None
+    raise AssertionError(f"no converter for {key}: {kind}")
