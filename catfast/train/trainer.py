@@ -179,7 +179,7 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
         t0 = time.perf_counter()
         stats = torch.zeros(3, device=device)
         for micro in range(config.grad_accum):
-            keys, start, n = batches.next_shard(dist)
+            keys, start, n, count = batches.next_shard(dist)
             batch = _collate(dataset, keys, device, weight_dtype)
             # drawn for the whole global batch on every rank: W processes compute what one would
             mine = slice(start, start + len(keys))
@@ -202,7 +202,7 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
                 )
                 # DDP averages the ranks' gradients; weighting each rank's mean by its share of the
                 # global batch makes that average the global batch's mean
-                scale = len(keys) * dist.world / n / config.grad_accum
+                scale = count * dist.world / n / config.grad_accum
                 scaler.scale(loss.total * scale).backward()
             stats += torch.stack([loss.total.detach(), loss.ldm.detach(), loss.cat.detach()]) * scale
         if config.max_grad_norm is not None:
@@ -342,6 +342,7 @@ def _prepare_out(out: Path, config: TrainConfig, dist: _Dist, *, resume: bool, o
         raise CatfastError(
             f"{out} holds an earlier run ({', '.join(sorted(ours))}); {hint}pass --overwrite to start over"
         )
+    dist.barrier()  # every rank has looked at OUT before rank 0 writes to it
     if dist.main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -481,27 +482,27 @@ class _BatchStream:
 
         return batch_order(self.dataset, self.global_batch, self.seed, epoch)
 
-    def next_shard(self, dist: _Dist) -> tuple[list, int, int]:
-        """(this rank's contiguous share of the next global batch, its offset in it, the global batch
-        size). Global batches smaller than the world (a short last batch) are passed over."""
-        while True:
-            if self.index >= len(self.order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self.order = self._order(self.epoch)
-            keys = list(self.order[self.index])
-            self.index += 1
-            if len(keys) >= dist.world:
-                break
+    def next_shard(self, dist: _Dist) -> tuple[list, int, int, int]:
+        """(keys to compute, their offset in the next global batch, the global batch size, how many of
+        the keys count). A rank's share is contiguous; a rank left without samples (a short last batch)
+        computes the batch's first sample with weight 0, since every DDP rank must run each step."""
+        if self.index >= len(self.order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self.order = self._order(self.epoch)
+        keys = [tuple(k) for k in self.order[self.index]]
+        self.index += 1
         n = len(keys)
         sizes = [n // dist.world + (1 if r < n % dist.world else 0) for r in range(dist.world)]
-        start = sum(sizes[: dist.rank])
-        return keys[start : start + sizes[dist.rank]], start, n
+        start, count = sum(sizes[: dist.rank]), sizes[dist.rank]
+        if count == 0:
+            return keys[:1], 0, n, 0
+        return keys[start : start + count], start, n, count
 
 
 def _collate(dataset, keys, device, dtype) -> dict:
     from catfast.train.cache import collate
 
-    batch = collate([dataset[tuple(k)] for k in keys])
+    batch = collate([dataset[k] for k in keys])
     return {
         "latents": batch["latents"].to(device, non_blocking=True),
         "cond": _to(batch["cond"], device, dtype),
