@@ -32,9 +32,11 @@ class PlanHolder:
         # group and repeat it.
         self.prefix_groups = 1
         self.in_prefix = False
+        self.input_memo: dict = {}  # lora_linear's per-call memo of saved input rows
 
     def set(self, plan: RowPlan | None, prefix_groups: int = 1) -> None:
         self.plan = plan
+        self.input_memo = {}
         self.prefix_groups = prefix_groups
         self.in_prefix = plan is not None and prefix_groups > 1
         if plan is None:
@@ -84,7 +86,16 @@ class RowLoraLinear(torch.nn.Module):
         row_plan = RowPlan(plan.slots, scales, plan.needs_grad)
         weight = self.base_layer.weight
         if not self.is_conv:
-            return lora_linear(x, weight, self.base_layer.bias, lora_a, lora_b, row_plan, validate_plan=False)
+            return lora_linear(
+                x,
+                weight,
+                self.base_layer.bias,
+                lora_a,
+                lora_b,
+                row_plan,
+                validate_plan=False,
+                input_memo=self.holder.input_memo,
+            )
         n, c, h, w = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
         y = lora_linear(

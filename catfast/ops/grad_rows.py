@@ -51,12 +51,14 @@ def scatter_rows(kept: torch.Tensor, shape, samples: torch.Tensor, run: tuple[in
     """The inverse of ``gather_rows``: a ``shape`` tensor with ``kept`` in the rows of ``samples``, zeros elsewhere."""
     k = shape[0] // num_samples
     if run is not None:
-        before, after = run[0] * k, shape[0] - run[1] * k
-        parts = [kept.new_zeros((before, *shape[1:]))] if before else []
-        parts.append(kept)
-        if after:
-            parts.append(kept.new_zeros((after, *shape[1:])))
-        return torch.cat(parts) if len(parts) > 1 else kept
+        lo, hi = run[0] * k, run[1] * k
+        if lo == 0 and hi == shape[0]:
+            return kept
+        full = kept.new_empty(shape)  # one copy and one fill (zeros + cat wrote the zero rows twice)
+        full[lo:hi].copy_(kept)
+        full[:lo].zero_()
+        full[hi:].zero_()
+        return full
     return kept.new_zeros(shape).index_copy_(0, sample_rows(samples, k), kept)
 
 

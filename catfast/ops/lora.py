@@ -14,6 +14,7 @@ from those rows only. The base weight and bias are frozen (no dW/db).
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -59,19 +60,21 @@ def lora_linear(
     *,
     backend: str | None = None,
     validate_plan: bool = True,
+    input_memo: dict | None = None,
 ) -> torch.Tensor:
     """``lora_linear_ref`` semantics (see catfast/reference/lora.py) with row-aware backward.
 
     Shapes: x ``[N, ..., in]``, weight ``[out, in]``, bias ``[out]``/None, lora_a ``[S, r, in]``,
     lora_b ``[S, out, r]``, plan of length N. Checks everything before any kernel runs;
     ``validate_plan=False`` skips the slot-range check (a device sync on GPU) for callers that
-    validated the plan once per UNet call.
+    validated the plan once per UNet call. ``input_memo``: a dict that lives for one UNet call, so
+    that layers reading the same input tensor (to_q / to_k / to_v) save its grad rows once.
     """
     _check(x, weight, bias, lora_a, lora_b, plan, validate_plan)
     backend = backend or choose_backend(x)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend)
+    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend, input_memo)
 
 
 def _check(x, weight, bias, lora_a, lora_b, plan: RowPlan, validate_plan: bool) -> None:
@@ -108,7 +111,7 @@ class LoraLinearFunction(torch.autograd.Function):
     """Row-planned LoRA linear; saves and differentiates only the rows of samples with needs_grad."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, plan: RowPlan, backend: str):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, plan: RowPlan, backend: str, input_memo):
         n, in_f = x.shape[0], x.shape[-1]
         x2 = x.reshape(-1, in_f).contiguous()
         rows = x2.shape[0] // n
@@ -125,7 +128,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
         ctx.rows, ctx.num_samples, ctx.x_shape, ctx.backend = rows, n, x.shape, backend
         ctx.plan, ctx.grad_samples, ctx.run = plan.select(grad_samples), grad_samples, run
-        x_rows = gather_rows(x2, grad_samples, run, n)
+        x_rows = _input_rows(x, x2, grad_samples, run, input_memo)
         low_rows = gather_rows(low, grad_samples, run, n) if need_low else None
         for t in (x_rows, low_rows):  # already grad rows only: catfast.ops.grad_rows hooks keep them whole
             if t is not None:
@@ -141,21 +144,35 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx.grad_samples.numel() == 0:
             return (dy.new_zeros(ctx.x_shape) if want_x else None, None, None,
                     torch.zeros_like(lora_a) if want_a else None, torch.zeros_like(lora_b) if want_b else None,
-                    None, None)  # fmt: skip
-        dy_rows = gather_rows(dy.reshape(-1, dy.shape[-1]), ctx.grad_samples, ctx.run, ctx.num_samples).contiguous()
+                    None, None, None)  # fmt: skip
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        run = ctx.run
+        if run is not None:  # a view: the CAT layout puts the grad samples first
+            dy_rows = dy2[run[0] * rows : run[1] * rows].contiguous()
+        else:
+            dy_rows = gather_rows(dy2, ctx.grad_samples, run, ctx.num_samples).contiguous()
         dx = up_low = None
         if want_x:  # dX = dY W + s (dY B) A, and U = dY B for dA, in one launch
+            flat_shape = (ctx.num_samples * rows, weight.shape[1])
             if ctx.backend == "triton":
                 from catfast.kernels.lora_gemm import lora_gemm
 
                 dx_rows, up_low = lora_gemm(dy_rows, weight, None, lora_b, lora_a, plan.slots, plan.scales, rows,
                                             store_low=want_a or want_b)  # fmt: skip
+                dx = scatter_rows(dx_rows, flat_shape, ctx.grad_samples, run, ctx.num_samples)
             else:
+                # the grad rows' dX is written straight into the full-size result when they are one run
+                dx = dy.new_empty(flat_shape) if run is not None else None
+                into = dx[run[0] * rows : run[1] * rows] if run is not None else None
                 b_as_a, a_as_b = lora_b.transpose(1, 2), lora_a.transpose(1, 2)
                 dx_rows, up_low = _torch_gemm(dy_rows, weight.t(), None, b_as_a, a_as_b, plan, rows,
-                                              store_low=want_a or want_b)  # fmt: skip
-            flat_shape = (ctx.num_samples * rows, weight.shape[1])
-            dx = scatter_rows(dx_rows, flat_shape, ctx.grad_samples, ctx.run, ctx.num_samples).view(ctx.x_shape)
+                                              store_low=want_a or want_b, out=into)  # fmt: skip
+                if run is not None:
+                    dx[: run[0] * rows].zero_()
+                    dx[run[1] * rows :].zero_()
+                else:
+                    dx = scatter_rows(dx_rows, flat_shape, ctx.grad_samples, run, ctx.num_samples)
+            dx = dx.view(ctx.x_shape)
         elif want_a or want_b:  # x needs no gradient (to_k/to_v on the text embeddings): only U = dY B
             up_low = _lora_low(dy_rows, lora_b.transpose(1, 2), plan, rows)
         da = db = None
@@ -163,15 +180,35 @@ class LoraLinearFunction(torch.autograd.Function):
             da, db = _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan, rows, lora_a.shape[0], ctx.backend)
             da = da.to(lora_a.dtype) if want_a else None
             db = db.to(lora_b.dtype) if want_b else None
-        return dx, None, None, da, db, None, None
+        return dx, None, None, da, db, None, None, None
 
 
-def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, store_low: bool):
+def _input_rows(x, x2, grad_samples, run, memo: dict | None) -> torch.Tensor:
+    """The grad samples' rows of ``x`` (as ``x2`` [M, in]), gathered once per input tensor and call:
+    to_q, to_k and to_v read the same tensor (each kept its own copy before: 3x the saved bytes and
+    copies of a self-attention input)."""
+    key = (id(x), x._version)
+    hit = memo.get(key) if memo is not None else None
+    if hit is not None and hit[0]() is x:
+        return hit[1]
+    kept = gather_rows(x2, grad_samples, run, x.shape[0])
+    if memo is not None:
+        memo[key] = (weakref.ref(x), kept)
+    return kept
+
+
+def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, store_low: bool, out=None):
     """Torch twin of kernels.lora_gemm: (X W^T + b + s (X A^T) B^T, T = X A^T fp32 or None), the
     LoRA terms computed for the samples with an adapter only. weight [out, in]; lora_a [S, r, in];
-    lora_b [S, out, r]. The rank-r product is accumulated in fp32."""
+    lora_b [S, out, r]. The rank-r product is accumulated in fp32. ``out``: a contiguous [M, out]
+    tensor to write the result into."""
     n = plan.slots.numel()
-    y = torch.nn.functional.linear(x2, weight, bias)
+    if out is None:
+        y = torch.nn.functional.linear(x2, weight, bias)
+    elif bias is None:
+        y = torch.mm(x2, weight.t(), out=out)
+    else:
+        y = torch.addmm(bias, x2, weight.t(), out=out)
     low = torch.zeros((x2.shape[0], lora_a.shape[1]), device=x2.device, dtype=torch.float32) if store_low else None
     with_adapter = torch.nonzero(plan.slots != NO_ADAPTER, as_tuple=False).flatten()
     if with_adapter.numel() == 0:
@@ -209,10 +246,13 @@ def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, 
     counts = torch.bincount(slots_sorted, minlength=num_slots) * rows
     seg = torch.zeros(num_slots + 1, dtype=torch.int64, device=x_rows.device)
     seg[1:] = torch.cumsum(counts, 0)
-    index = sample_rows(order, rows)
     row_scale = plan.scales[order].repeat_interleave(rows).float()
-    x_s, dy_s = x_rows.index_select(0, index), dy_rows.index_select(0, index)
-    low_s, up_s = low_rows.index_select(0, index), up_low.index_select(0, index)
+    if order.numel() == plan.slots.numel() and bool((order == torch.arange(order.numel(), device=order.device)).all()):
+        x_s, dy_s, low_s, up_s = x_rows, dy_rows, low_rows, up_low  # already grouped by slot (one adapter)
+    else:
+        index = sample_rows(order, rows)
+        x_s, dy_s = x_rows.index_select(0, index), dy_rows.index_select(0, index)
+        low_s, up_s = low_rows.index_select(0, index), up_low.index_select(0, index)
     if backend == "triton":
         from catfast.kernels.lora_gemm import segment_outer
 
