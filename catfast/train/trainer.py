@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
     unet = base.unet
     names, params = _add_adapters(unet, config)
     if weight_dtype != torch.float32:  # half frozen UNet, fp32 LoRA weights (peft's cast_training_params)
-        unet.to(weight_dtype)
+        torch.nn.Module.to(unet, weight_dtype)  # not diffusers' .to, which warns about this very cast
         for p in params.values():
             p.data = p.data.float()
     if config.gradient_checkpointing:
@@ -135,6 +136,9 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
+        # fused: one kernel for all LoRA tensors on CUDA. The dev CPU, 140 LoRA tensors: foreach 1.9 ms,
+        # per tensor 3.2 ms, fused 440 ms per step
+        **({"fused": True} if device.type == "cuda" else {"foreach": True}),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
@@ -404,8 +408,10 @@ def _add_adapters(unet, config: TrainConfig) -> tuple[list[str], dict[str, torch
 
     count = len(config.concepts) if config.concept_adapters == "per-concept" else 1
     names = ["default"] if count == 1 else [f"concept{i}" for i in range(count)]
-    for name in names:
-        add_lora(unet, rank=config.rank, alpha=config.lora_alpha, target_modules=config.targets, adapter_name=name)
+    with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for name in names:
+            add_lora(unet, rank=config.rank, alpha=config.lora_alpha, target_modules=config.targets, adapter_name=name)
     if len(names) > 1:
         unet.set_adapter(names)
     pattern = re.compile(r"\.lora_[AB]\.(" + "|".join(map(re.escape, names)) + r")\.weight$")
