@@ -166,6 +166,8 @@ def test_cli_kill_resume_matches_uninterrupted_run_and_diffusers_loads_it(tiny, 
     runner = CliRunner()
     r = runner.invoke(main, ["train", "--config", str(config), "--out", str(killed), "--resume", "--lr", "0.01"])
     assert r.exit_code == 1 and "lr: 0.001 -> 0.01" in r.output and "Traceback" not in r.output
+    r = runner.invoke(main, ["train", "--config", str(config), "--out", str(killed), "--resume", "--steps", "2"])
+    assert r.exit_code == 1 and "and steps is 2; raise --steps" in r.output
     assert list_checkpoints(killed / "checkpoints")
 
 

@@ -34,7 +34,6 @@ from catfast.train.checkpoint import (
     TrainState,
     capture_rng,
     check_resumable,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     restore_rng,
@@ -335,10 +334,13 @@ def _prepare_out(out: Path, config: TrainConfig, dist: _Dist, *, resume: bool, o
     if resume:
         if overwrite:
             raise CatfastError("--resume continues the run in OUT and --overwrite starts it over; pass one")
-        latest = latest_checkpoint(ckpt_dir)
-        if latest is None:
+        found = list_checkpoints(ckpt_dir)
+        if not found:
             raise CatfastError(f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume")
+        step, latest = found[-1]
         check_resumable(latest, config, dist.world)
+        if step >= config.steps:
+            raise CatfastError(f"--resume: {latest} is at step {step}, and steps is {config.steps}; raise --steps")
         return latest
     ours = [name for name in OUTPUTS if (out / name).exists()] + [p.name for p in _adapter_files(out)]
     if ours and not overwrite:
