@@ -303,6 +303,29 @@ def test_config_files_overrides_and_unknown_keys(tmp_path):
     assert TrainConfig.load(None, cosine).result_hash() != TrainConfig.load(None, {**cosine, "steps": 10}).result_hash()
 
 
+def test_lr_schedules_and_timestep_distributions():
+    from diffusers import DDPMScheduler
+
+    from catfast.integrations.factory import SCHEDULER_CONFIG
+    from catfast.train.trainer import _lr_lambda, _sample_timesteps, _timestep_probs
+
+    base = dict(base="b", out="o", data="d", trigger="t", steps=10, warmup_steps=2)
+    factors = {
+        kind: [_lr_lambda(TrainConfig.load(None, {**base, "lr_schedule": kind}))(s) for s in range(10)]
+        for kind in ("constant", "linear", "cosine")
+    }
+    assert factors["constant"] == pytest.approx([1 / 3, 2 / 3] + [1.0] * 8)
+    assert factors["linear"][2:] == pytest.approx([1 - i / 8 for i in range(8)])
+    assert factors["cosine"][2] == 1.0 and factors["cosine"][6] == pytest.approx(0.5)
+
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    gen = torch.Generator().manual_seed(0)
+    for kind, mean in (("uniform", 499.5), ("chain-of-forgetting", 666.0)):  # P(t) ~ t + 1: E[t] = 2T/3
+        probs = _timestep_probs(TrainConfig.load(None, {**base, "timesteps": kind}), scheduler)
+        t = _sample_timesteps(probs, 20000, gen, 1000)
+        assert t.min() >= 0 and t.max() <= 999 and abs(t.float().mean().item() - mean) < 8, kind
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
