@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from catfast.nn.plan_holder import PlanHolder
 from catfast.nn.row_frozen import RowAttnProcessor, RowFrozenConv2d, RowFrozenLinear
-from catfast.nn.row_lora import PlanHolder, RowLoraLinear
+from catfast.nn.row_lora import RowLoraLinear
 from catfast.rows import RowPlan
 
 _STATE = "_catfast_patch"
@@ -137,13 +138,15 @@ def active_adapters(unet: torch.nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def row_plan(unet: torch.nn.Module, plan: RowPlan, identical_groups: int = 1):
+def row_plan(unet: torch.nn.Module, plan: RowPlan, identical_groups: int = 1, twin_groups: bool = False):
     """Within the block, every patched layer of ``unet`` computes with ``plan``.
 
     ``identical_groups=G`` promises that the call's inputs (sample and timestep) are G identical groups
     of consecutive samples, so the prefix before the first LoRA layer or cross-attention runs once for
-    one group. Ignored for UNets whose prefix reads other inputs (SDXL's added text embeddings,
-    class embeddings, an encoder_hid_proj)."""
+    one group. ``twin_groups`` adds that groups 0 and 1 have the same plan too (they differ only in the
+    text condition), so they are computed once until the first cross-attention (see
+    catfast.nn.plan_holder). Both are ignored for UNets whose prefix reads other inputs (SDXL's added
+    text embeddings, class embeddings, an encoder_hid_proj)."""
     state = getattr(unet, _STATE, None)
     if state is None:
         raise ValueError("row_plan needs a patched UNet: call catfast.integrations.patch.patch_unet(unet) first")
@@ -155,7 +158,10 @@ def row_plan(unet: torch.nn.Module, plan: RowPlan, identical_groups: int = 1):
     prefix_reads_other_inputs = (getattr(unet, "encoder_hid_proj", None) is not None
                                  or getattr(unet, "class_embedding", None) is not None
                                  or unet.config.addition_embed_type is not None)  # fmt: skip
-    state.holder.set(plan, 1 if prefix_reads_other_inputs else identical_groups)
+    if prefix_reads_other_inputs:
+        state.holder.set(plan)
+    else:
+        state.holder.set(plan, identical_groups, twin_groups)
     checkpointed = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
     originals = [m._gradient_checkpointing_func for m in checkpointed]
     for module, func in zip(checkpointed, originals):
@@ -177,7 +183,7 @@ def _replaying_plan(holder: PlanHolder, checkpoint_func):
         seen = holder.snapshot()
 
         def run(*inputs):
-            if holder.plan is seen[0]:  # the forward itself
+            if holder.plan is seen["plan"]:  # the forward itself
                 return block(*inputs)
             current = holder.snapshot()
             holder.restore(seen)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from catfast.nn.row_lora import PlanHolder
+from catfast.nn.plan_holder import PlanHolder
 from catfast.ops.grad_rows import frozen_conv2d, frozen_linear, split_rows
 
 
@@ -59,6 +59,8 @@ class _RowFrozen(torch.nn.Module):
         shared = self._shared(x)
         if shared is not None:
             return shared
+        if self.holder.shares_twins(x):
+            return self.holder.twin_shared(x, self.forward)
         if not self._row_aware(x):
             return self.inner(x)
         return self.row_aware_op(x, self.inner, self.holder.grad_samples)
@@ -89,7 +91,11 @@ class RowAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None:
-            self.holder.in_prefix = False  # the captions enter here: rows diverge
+            self.holder.cross_attention_reached()
+        elif (
+            self.holder.shares_twins(hidden_states) and attention_mask is None and temb is None and not kwargs
+        ):  # self-attention between the first LoRA layer and the first cross-attention
+            return self.holder.twin_shared(hidden_states, lambda rows: self(attn, rows))
         if (
             not self.holder.split
             or attention_mask is not None

@@ -15,47 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from catfast.nn.plan_holder import PlanHolder
 from catfast.ops.lora import lora_linear
 from catfast.rows import RowPlan
-
-
-class PlanHolder:
-    """The row plan of the current UNet call, shared by every patched module of one UNet, with the
-    sample indices that need gradients and those that do not (computed once per call)."""
-
-    def __init__(self) -> None:
-        self.plan: RowPlan | None = None
-        self.grad_samples: torch.Tensor | None = None
-        self.other_samples: torch.Tensor | None = None
-        # Shared prefix: the call's inputs are `prefix_groups` identical groups of consecutive samples;
-        # until the first LoRA layer or cross-attention runs (`in_prefix`), frozen modules compute one
-        # group and repeat it.
-        self.prefix_groups = 1
-        self.in_prefix = False
-        self.input_memo: dict = {}  # lora_linear's per-call memo of saved input rows
-
-    def set(self, plan: RowPlan | None, prefix_groups: int = 1) -> None:
-        self.plan = plan
-        self.input_memo = {}
-        self.prefix_groups = prefix_groups
-        self.in_prefix = plan is not None and prefix_groups > 1
-        if plan is None:
-            self.grad_samples = self.other_samples = None
-        else:
-            self.grad_samples = plan.grad_samples()
-            self.other_samples = torch.nonzero(~plan.needs_grad, as_tuple=False).flatten()
-
-    def snapshot(self) -> tuple:
-        """The whole state, for ``restore`` (a checkpointed block replays its forward with it)."""
-        return (self.plan, self.grad_samples, self.other_samples, self.prefix_groups, self.in_prefix)
-
-    def restore(self, state: tuple) -> None:
-        self.plan, self.grad_samples, self.other_samples, self.prefix_groups, self.in_prefix = state
-
-    @property
-    def split(self) -> bool:
-        """True when some samples need gradients and some do not (the case worth row-aware work)."""
-        return self.plan is not None and self.grad_samples.numel() > 0 and self.other_samples.numel() > 0
 
 
 class RowLoraLinear(torch.nn.Module):
@@ -78,7 +40,9 @@ class RowLoraLinear(torch.nn.Module):
             return self.peft_layer(x, *args, **kwargs)
         if len(plan) != x.shape[0]:  # slots were validated once when the plan was set (row_plan)
             raise ValueError(f"row plan has {len(plan)} rows but the batch has {x.shape[0]} samples")
-        self.holder.in_prefix = False  # rows with different adapters diverge from here
+        self.holder.lora_layer_reached()
+        if self.holder.shares_twins(x):
+            return self.holder.twin_shared(x, lambda rows: self.forward(rows, *args, **kwargs))
         lora_a, lora_b = self._stacked()
         if lora_a.dtype != x.dtype:  # fp32 LoRA parameters on a bf16/fp16 UNet (peft's cast_training_params)
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)

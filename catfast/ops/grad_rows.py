@@ -16,6 +16,7 @@ Rows of one sample are consecutive along dim 0 (batch-major), as in every UNet t
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 
 import torch
@@ -68,6 +69,20 @@ def sample_rows(samples: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
     return (samples[:, None] * rows_per_sample + offsets[None, :]).flatten()
 
 
+_paused = threading.local()
+
+
+@contextlib.contextmanager
+def rows_as_they_are():
+    """Within the block, ``keep_grad_rows`` saves tensors whole: for computations on a subset of the
+    call's samples, whose dim 0 no longer maps onto the call's samples."""
+    _paused.depth = getattr(_paused, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _paused.depth -= 1
+
+
 @contextlib.contextmanager
 def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[int] = frozenset()):
     """Saved-tensor hooks: a saved float tensor whose dim 0 is a multiple of ``num_samples`` keeps only
@@ -85,7 +100,8 @@ def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[in
 
     def keep(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, tuple]:
         if (
-            t.dim() == 0
+            getattr(_paused, "depth", 0)
+            or t.dim() == 0
             or not t.is_floating_point()
             or t.shape[0] % num_samples
             or getattr(t, ROWS_ONLY, False)

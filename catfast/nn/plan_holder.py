@@ -1,0 +1,110 @@
+"""The state of one row-planned UNet call, shared by every patched module of that UNet.
+
+Besides the plan, it tracks which rows are still identical, so shared work runs once (DESIGN.md,
+"Shared prefix"). With the fused CAT layout [trigger | stripped | teacher] (G = 3 groups of B samples):
+- prefix: all groups are identical until the first LoRA layer or cross-attention; frozen modules
+  compute one group and repeat it.
+- twins: after the first LoRA layer, groups 0 and 1 (the adapter on both captions) stay identical until
+  the first cross-attention, where the captions enter; every patched module computes groups 1.. only
+  and group 0 is copied from group 1. In backward the two copies' gradients add up in group 1's
+  computation, so its backward also runs once.
+Unpatched modules between them (norms, activations, residual adds) still see all rows.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from catfast.ops.grad_rows import rows_as_they_are
+from catfast.rows import RowPlan
+
+
+class PlanHolder:
+    """The row plan of the current call, its grad / other sample indices (computed once per call),
+    and the sharing stage (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.set(None)
+
+    def set(self, plan: RowPlan | None, prefix_groups: int = 1, twin_groups: bool = False) -> None:
+        """Start a call with ``plan`` (None ends it). ``prefix_groups``: the inputs are that many identical
+        groups of consecutive samples. ``twin_groups``: groups 0 and 1 also have the same plan and differ
+        only in the text condition (requires prefix_groups >= 2)."""
+        twin = _twin_state(plan, prefix_groups) if plan is not None and twin_groups else None  # may raise
+        self.plan = plan
+        self.input_memo: dict = {}  # lora_linear's per-call memo of saved input rows
+        self.prefix_groups = prefix_groups
+        self.in_prefix = plan is not None and prefix_groups > 1
+        self.twins = False
+        self._twin = twin  # (group size, the plan's state restricted to groups 1..)
+        self._twin_views: dict = {}
+        self.grad_samples = self.other_samples = None
+        if plan is not None:
+            self.grad_samples = plan.grad_samples()
+            self.other_samples = torch.nonzero(~plan.needs_grad, as_tuple=False).flatten()
+
+    def snapshot(self) -> dict:
+        """The whole state, for ``restore`` (a checkpointed block replays its forward with it)."""
+        return dict(self.__dict__)
+
+    def restore(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def split(self) -> bool:
+        """True when some samples need gradients and some do not (the case worth row-aware work)."""
+        return self.plan is not None and self.grad_samples.numel() > 0 and self.other_samples.numel() > 0
+
+    def lora_layer_reached(self) -> None:
+        """Rows with and without adapters diverge here; the twin groups do not."""
+        if self.in_prefix:
+            self.in_prefix = False
+            self.twins = self._twin is not None
+
+    def cross_attention_reached(self) -> None:
+        """The captions enter here: every group diverges."""
+        self.in_prefix = self.twins = False
+
+    def shares_twins(self, x: torch.Tensor) -> bool:
+        return self.twins and x.shape[0] == len(self.plan)
+
+    def twin_shared(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """``fn(x)`` for a module in the twins stage: ``fn`` runs on groups 1.. with the plan restricted to
+        them, and group 0's output is group 1's. ``x`` is ``[N, ...]`` (N = plan rows)."""
+        size, (plan, grad_samples, other_samples) = self._twin
+        view = self._twin_view(x, size)
+        outer = self.snapshot()
+        self.plan, self.grad_samples, self.other_samples = plan, grad_samples, other_samples
+        self.in_prefix = self.twins = False
+        try:
+            with rows_as_they_are():  # the restricted rows are not the call's N-sample batch
+                y = fn(view)
+        finally:
+            self.restore(outer)
+        return torch.cat([y[:size], y])
+
+    def _twin_view(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """``x[size:]``, the same view object for the same input (to_q / to_k / to_v share their memo)."""
+        hit = self._twin_views.get(id(x))
+        if hit is not None and hit[0]() is x:
+            return hit[1]
+        view = x[size:]
+        self._twin_views[id(x)] = (weakref.ref(x), view)
+        return view
+
+
+def _twin_state(plan: RowPlan, prefix_groups: int):
+    if prefix_groups < 2:
+        raise ValueError("twin_groups needs identical_groups >= 2")
+    size, dev = len(plan) // prefix_groups, plan.slots.device
+    first, second = (plan.select(torch.arange(i * size, (i + 1) * size, device=dev)) for i in (0, 1))
+    if not all(torch.equal(a, b) for a, b in zip(_fields(first), _fields(second))):
+        raise ValueError("twin_groups: groups 0 and 1 of the row plan differ")
+    rest = plan.select(torch.arange(size, len(plan), device=dev))
+    return size, (rest, rest.grad_samples(), torch.nonzero(~rest.needs_grad, as_tuple=False).flatten())
+
+
+def _fields(plan: RowPlan) -> tuple[torch.Tensor, ...]:
+    return plan.slots, plan.scales, plan.needs_grad
