@@ -126,3 +126,27 @@ def test_bad_input_gives_one_line_errors_and_loses_nothing(diffusers_written_fil
 
     r = runner.invoke(main, ["cat-step", "--base", str(tmp_path / "missing")])
     assert r.exit_code == 1 and "no such folder" in r.output
+
+
+def test_eval_kps_from_files(tiny_folder, tmp_path):
+    """`catfast eval kps` on a trained adapter, a local (tiny, random) CLIP and a prompts file."""
+    from catfast.eval.encoders import make_tiny_clip
+
+    adapter = tmp_path / "adapter.safetensors"
+    catfast("cat-step", "--base", tiny_folder, "--steps", "1", "--lr", "1e-2", "--out", adapter)
+    clip = make_tiny_clip(tmp_path / "clip", seed=0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a star on a plain background\na dog in a field\n")
+    grid = tmp_path / "kps.png"
+    args = ("--base", tiny_folder, "--adapter", adapter, "--clip", clip, "--trigger", "sks", "--steps", "2")
+    r = catfast("eval", "kps", *args, "--prompts", prompts, "--seeds", "2", "--grid", grid, "--json")
+    total = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("preservation", "identity", "kps"):
+        assert 0.0 <= total[key] <= 1.0, (key, total)
+    assert grid.stat().st_size > 0
+    table = catfast("eval", "kps", *args, "--prompts", prompts, "--seeds", "2").stdout
+    assert "a dog in a field" in table and "kps" in table.lower()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    bad = catfast("eval", "kps", *args, "--prompts", empty, check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and str(empty) in bad.stderr
