@@ -1,11 +1,14 @@
-"""Write a whole output folder atomically: refuse a non-empty target unless asked to overwrite, build
-the new folder beside it under a temporary name, and swap it into place only when complete, so a
-crash or a failed check never leaves a half-written folder at the target."""
+"""Write outputs atomically, so a crash or a failed check never leaves a half-written file or folder:
+``write_atomic`` for one file; for a whole folder, refuse a non-empty target unless asked to
+overwrite, build the new folder beside it under a temporary name, and swap it into place only when
+complete."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -38,3 +41,26 @@ def staged_folder(out: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, os.replace, then fsync the
+    folder: readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

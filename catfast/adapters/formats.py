@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 
 import safetensors
@@ -38,6 +37,7 @@ from catfast.adapters.adapter import (
     split_key,
 )
 from catfast.errors import AdapterFormatError, CatfastError
+from catfast.folders import write_atomic
 
 FORMATS = ("peft", "diffusers", "kohya")
 WRITE_FORMATS = ("diffusers", "kohya")  # "diffusers" writes the peft key style ("peft" is an alias)
@@ -494,20 +494,4 @@ def _kohya_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], di
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], dest: str) -> None:
-    folder = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(dest, safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))

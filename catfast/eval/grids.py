@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from pathlib import Path
+
+from catfast.folders import write_atomic
 
 LABEL_PAD = 4  # pixels around a label
 
@@ -38,26 +37,3 @@ def save_grid(images, rows: int, cols: int, path, labels=None) -> None:
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     write_atomic(path, buf.getvalue())
-
-
-def write_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then os.replace: readers see
-    the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -35,8 +35,9 @@ import torch
 
 from catfast.errors import CatfastError
 from catfast.eval.encoders import ImageTextEncoder
-from catfast.eval.grids import save_grid, write_atomic
+from catfast.eval.grids import save_grid
 from catfast.eval.sampler import sample_images
+from catfast.folders import write_atomic
 
 AGGREGATES = ("harmonic", "arithmetic")
 KPS_ADAPTER_NAME = "kps_eval"  # the peft name an adapter file is attached under for the evaluation

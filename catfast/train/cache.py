@@ -208,14 +208,16 @@ def _offload(base) -> None:
 
 
 def _write_entry(path: Path, entry: _Entry, example: Example) -> None:
-    from catfast.adapters.formats import _atomic_save  # the project's one atomic safetensors writer
+    import safetensors.torch
+
+    from catfast.folders import write_atomic
 
     tensors = {"latents": entry.latents, "hidden": entry.hidden}
     if entry.pooled is not None:
         tensors.update(pooled=entry.pooled, time_ids=entry.time_ids)
     meta = {"format": CACHE_FORMAT, "image": str(example.image), "caption": example.caption}
     try:
-        _atomic_save({k: v.contiguous() for k, v in tensors.items()}, meta, str(path))
+        write_atomic(path, safetensors.torch.save({k: v.cpu().contiguous() for k, v in tensors.items()}, meta))
     except OSError as e:  # the temp file is already removed; existing entries are untouched
         raise CatfastError(f"{path}: cannot write the cache entry for {example.image}: {e}") from None
 

@@ -574,7 +574,7 @@ def write_loss_plot(losses: list[float], path: Path, size: tuple[int, int] = (64
 
     from PIL import Image, ImageDraw
 
-    from catfast.eval.grids import write_atomic
+    from catfast.folders import write_atomic
 
     w, h = size
     left, right, top, bottom = 56, 12, 12, 28
