@@ -174,7 +174,7 @@ def save_encoder(net: AttributeNet, path: str | os.PathLike) -> None:
     """fp16 safetensors, written atomically."""
     from safetensors.torch import save
 
-    from catfast.eval.grids import write_atomic
+    from catfast.folders import write_atomic
 
     write_atomic(
         path, save({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()})
