@@ -1,0 +1,287 @@
+"""Pretrain the demo's text-to-image base model on the demo world, on a CPU, reproducibly.
+
+    python -m catfast.demo.pretrain --out DIR
+
+Writes a complete diffusers folder (model_index.json, unet/, text_encoder/, tokenizer/, vae/,
+scheduler/; fp16 safetensors) that ``load_base`` reads. Three parts:
+- text encoder: a small CLIP text model with seeded random weights, frozen (like SD's CLIP, it is never
+  trained here); the tokenizer is catfast's offline one, so every caption word is one token.
+- VAE: an AutoencoderKL with 4x downsampling and ``LATENT_CHANNELS`` channels (32 px -> 8x8 latents),
+  trained as an autoencoder (L1 + MSE + a small KL) on world images with and without stripes, so it can also
+  encode a striped concept; its scaling_factor makes the latents unit-variance, as SD's does.
+- UNet: SD's UNet2DConditionModel structure at small width on 8x8 latents, trained with the epsilon
+  objective on the world's captions (10% empty captions for classifier-free guidance), AdamW with
+  warmup and cosine decay. Everything is seeded; the image pools are pure functions of the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from catfast.demo import world
+
+LATENT_CHANNELS = 8
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=LATENT_CHANNELS,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    norm_num_groups=8,
+    act_fn="silu",
+    sample_size=world.SIDE,
+    mid_block_add_attention=False,
+)
+UNET_CONFIG = dict(
+    sample_size=world.SIDE // 4,
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=16,
+    norm_num_groups=16,
+)
+TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
+
+
+def build_components(seed: int = 0) -> dict:
+    """Untrained components in diffusers' model_index naming (fp32, seeded)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from catfast.integrations.factory import SCHEDULER_CONFIG
+    from catfast.integrations.tokenizer import BOS, EOS, build_tokenizer, vocab_and_merges
+
+    vocab = vocab_and_merges()[0]
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
+        **TEXT_CONFIG,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config).eval().requires_grad_(False)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=1.0)
+        torch.manual_seed(seed + 2)
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+    return dict(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(),
+        vae=vae,
+        scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+    )
+
+
+def image_pool(n: int, seed: int, *, patterns: bool) -> tuple[torch.Tensor, list[str]]:
+    """n world images as a float tensor [n, 3, S, S] in [-1, 1], and their training captions."""
+    import numpy as np
+
+    pairs = world.dataset(n, seed, patterns=patterns)
+    pixels = np.stack([np.asarray(world.render(s)) for s, _ in pairs])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, [c for _, c in pairs]
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(vae, pool: torch.Tensor, *, steps: int, batch: int, lr: float, seed: int, log=print) -> float:
+    """Autoencoder training: L1 + MSE reconstruction of the posterior sample + 1e-6 KL. Returns the final
+    scaling factor (1 / std of the latent means over the pool)."""
+    gen = torch.Generator().manual_seed(seed)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, 50))
+    t0 = time.perf_counter()
+    for step in range(steps):
+        x = pool[torch.randint(0, len(pool), (batch,), generator=gen)]
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        loss = l1 + (rec - x).pow(2).mean() + 1e-6 * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"vae step {step}: l1 {l1.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(pool[i : i + 256]).latent_dist.mode() for i in range(0, len(pool), 256)])
+    return float(1.0 / means.std())
+
+
+@torch.no_grad()
+def _encode_captions(text_encoder, tokenizer, captions: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """Unique captions' embeddings [U, 77, D] and each caption's index into them."""
+    unique = sorted(set(captions))
+    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    emb = torch.cat([text_encoder(ids[i : i + 256])[0] for i in range(0, len(unique), 256)])
+    where = {c: i for i, c in enumerate(unique)}
+    return emb, [where[c] for c in captions]
+
+
+def train_unet(
+    unet, scheduler, latents, cond, cond_index, *, steps: int, batch: int, lr: float, seed: int, log=print
+) -> None:
+    """epsilon-prediction training on (latents [N, C, h, w], cond [U, 77, D][cond_index[n]]); index 0 of
+    cond must be the empty caption (used for 10% of the samples: classifier-free guidance)."""
+    gen = torch.Generator().manual_seed(seed)
+    cond_index = torch.tensor(cond_index)
+    unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, 50))
+    t0 = time.perf_counter()
+    ema = None
+    for step in range(steps):
+        idx = torch.randint(0, len(latents), (batch,), generator=gen)
+        z0 = latents[idx]
+        c = cond_index[idx].clone()
+        c[torch.rand(batch, generator=gen) < 0.1] = 0
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        pred = unet(scheduler.add_noise(z0, noise, t), t, cond[c]).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"unet step {step}: loss {ema:.4f} ({time.perf_counter() - t0:.0f} s)")
+    unet.eval().requires_grad_(False)
+
+
+def pretrain(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    vae_steps: int = 1500,
+    unet_steps: int = 1600,
+    images: int = 20000,
+    batch: int = 64,
+    overwrite: bool = False,
+    log=print,
+) -> Path:
+    """Train every component and write the diffusers folder to ``out`` (atomically); returns its path."""
+    from catfast.errors import CatfastError
+    from catfast.folders import check_target, staged_folder
+
+    out = Path(out).absolute()
+    check_target(out, overwrite, CatfastError)
+    torch.manual_seed(seed)
+    parts = build_components(seed)
+    t0 = time.perf_counter()
+    vae_pool, _ = image_pool(images // 2, seed + 10, patterns=True)
+    scale = train_vae(parts["vae"], vae_pool, steps=vae_steps, batch=32, lr=2e-3, seed=seed, log=log)
+    parts["vae"].register_to_config(scaling_factor=scale)
+    t_vae = time.perf_counter() - t0
+    pixels, captions = image_pool(images, seed, patterns=False)
+    with torch.no_grad():
+        latents = torch.cat(
+            [parts["vae"].encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)]
+        )
+    latents = latents * scale
+    cond, cond_index = _encode_captions(parts["text_encoder"], parts["tokenizer"], [""] + captions)
+    assert cond_index[0] == 0  # "" sorts first
+    train_unet(
+        parts["unet"],
+        parts["scheduler"],
+        latents,
+        cond,
+        cond_index[1:],
+        steps=unet_steps,
+        batch=batch,
+        lr=1e-3,
+        seed=seed,
+        log=log,
+    )
+    seconds = time.perf_counter() - t0
+    log(f"pretrained in {seconds:.0f} s (vae {t_vae:.0f} s)")
+    with staged_folder(out) as tmp:
+        save_components(parts, tmp)
+        info = dict(
+            seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, images=images, batch=batch, seconds=round(seconds)
+        )
+        (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def save_components(parts: dict, folder: Path) -> None:
+    """Write the components as a diffusers folder: fp16 safetensors weights, tokenizer, scheduler,
+    model_index.json."""
+    import diffusers
+
+    from catfast.integrations.tokenizer import save_tokenizer
+
+    for name in ("unet", "vae", "text_encoder"):
+        # nn.Module.to: diffusers' own .to warns about casting to half (the folder loads as fp32 or any dtype)
+        torch.nn.Module.to(parts[name], torch.float16).save_pretrained(folder / name, safe_serialization=True)
+        torch.nn.Module.to(parts[name], torch.float32)
+    save_tokenizer(parts["tokenizer"], folder / "tokenizer")
+    parts["scheduler"].save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder to write the diffusers model to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=1600)
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pretrain(
+        args.out,
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        images=args.images,
+        batch=args.batch,
+        overwrite=args.overwrite,
+        log=lambda m: print(m, flush=True),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""`catfast demo`: CAT against plain LoRA on the shipped demo model, end to end on a CPU.
+
+1. Write the concept (the striped star of ``world.concept_scenes``, captions "sks, a star on a ...
+   background") as a training folder in OUT/concept.
+2. Train two adapters with ``catfast.train.trainer.train`` from the same seed and budget: plain LoRA
+   (cat_weight 0) in OUT/plain and CAT (cat_weight 1) in OUT/cat.
+3. Sample, in one batched sampler run, every class prompt (without the trigger) from the base, the plain
+   adapter and the CAT adapter, and every prompt with the trigger from both adapters, over several seeds.
+4. Score with the demo's attribute encoder (``catfast.demo.encoder``):
+   preservation, identity, KPS: ``catfast.eval.kps.kps_scores`` (identity against the concept images);
+   diversity: 1 - the mean pairwise cosine of the class images of one prompt across seeds, averaged
+   over prompts (0: every seed gives the same picture).
+5. Write OUT/grid.png (rows: base / plain / CAT on the first class prompt, then plain / CAT with the
+   trigger; columns: seeds) and OUT/results.json; return the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+
+from catfast.demo import world
+from catfast.demo.shipped import check_assets, encoder_path, model_path
+from catfast.errors import CatfastError
+
+PROMPTS = ("a star", "a star on a grey background", "a star on a green background")
+TRAIN = dict(rank=4, lr=1e-3, steps=150, batch_size=4, crop_variants=1, max_grad_norm=1.0)
+SAMPLE = dict(steps=20, guidance=5.0)
+METHODS = ("plain", "cat")
+
+
+def check_out(out: str | os.PathLike) -> Path:
+    """``out`` as a folder we can write into (created if missing); CatfastError when it is a file or
+    not writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CatfastError(f"{out}: --out must be a folder, but this is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CatfastError(f"{out}: cannot write to this folder ({e.strerror or e}); choose another --out") from None
+    return out
+
+
+def write_concept(folder: Path, n: int = 5) -> list:
+    """The concept's training images (PNG + .txt caption each) in ``folder``; returns the PIL images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, scene in enumerate(world.concept_scenes(n)):
+        image = world.render(scene)
+        image.save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(world.concept_caption(scene) + "\n")
+        images.append(image)
+    return images
+
+
+def _train(method: str, model: Path, concept: Path, out: Path, seed: int, steps: int, progress: bool):
+    from catfast.train.config import TrainConfig
+    from catfast.train.trainer import train
+
+    config = TrainConfig(
+        base=str(model),
+        data=str(concept),
+        trigger=world.TRIGGER,
+        out=str(out / method),
+        cache_dir=str(out / "cache"),
+        cat_weight=0.0 if method == "plain" else 1.0,
+        seed=seed,
+        checkpoint_every=0,
+        device="cpu",
+        **{**TRAIN, "steps": steps},
+    )
+    return train(config, overwrite=True, progress=progress)
+
+
+def diversity(emb: torch.Tensor, groups: list[int]) -> float:
+    """1 - mean pairwise cosine among the rows of each group (rows: unit embeddings), averaged over groups."""
+    values = []
+    for g in sorted(set(groups)):
+        rows = emb[[i for i, x in enumerate(groups) if x == g]].double()
+        n = len(rows)
+        if n < 2:
+            continue
+        cos = rows @ rows.T
+        values.append(1 - float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))))
+    return sum(values) / len(values)
+
+
+def run_demo(
+    out: str | os.PathLike = "catfast-demo",
+    *,
+    seed: int = 0,
+    seeds: int = 8,
+    steps: int = TRAIN["steps"],
+    prompts: tuple[str, ...] = PROMPTS,
+    sample_steps: int = SAMPLE["steps"],
+    assets: str | os.PathLike | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Run the demo (module docstring) in ``out``; returns {"plain": {...}, "cat": {...}, "base":
+    {"diversity": ...}, "seconds": total, "grid": path, ...}. ``seed``: the training seed of both
+    adapters; ``seeds``: sampling seeds 0..seeds-1; ``assets``: the folder of the demo model and encoder
+    (default: the shipped one), checked first."""
+    from catfast.adapters.formats import read_adapter
+    from catfast.demo.encoder import load_encoder
+    from catfast.eval.grids import save_grid
+    from catfast.eval.kps import kps_scores, with_trigger
+    from catfast.eval.sampler import sample_images
+    from catfast.folders import write_atomic
+    from catfast.integrations.models import load_base
+    from catfast.integrations.peft_adapters import attach_adapter
+
+    t0 = time.perf_counter()
+    out = check_out(out)
+    check_assets(assets)
+    model = model_path(assets)
+    encoder = load_encoder(encoder_path(assets))
+    references = write_concept(out / "concept")
+
+    results: dict = {}
+    adapters: dict[str, Path] = {}
+    for method in METHODS:
+        log(f"training {'plain LoRA (cat_weight 0)' if method == 'plain' else 'CAT (cat_weight 1)'}: {steps} steps")
+        result = _train(method, model, out / "concept", out, seed, steps, progress)
+        adapters[method] = result.adapters[world.TRIGGER]
+        results[method] = {"train_seconds": round(result.seconds, 1)}
+
+    log(f"sampling {len(prompts)} prompts x {seeds} seeds from base, plain and CAT")
+    base = load_base(model)
+    with warnings.catch_warnings():  # peft warns that a second adapter makes the model multi-adapter: intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for method, path in adapters.items():
+            attach_adapter(base.unet, read_adapter(path, models={"unet": base.unet}), method)
+    pairs = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
+    m = len(pairs)
+    rows = [(None, prompts[p], s) for p, s in pairs]  # block 0: base, class prompts
+    for method in METHODS:  # blocks 1-4: each adapter without, then with, the trigger
+        rows += [(method, prompts[p], s) for p, s in pairs]
+        rows += [(method, with_trigger(prompts[p], world.TRIGGER), s) for p, s in pairs]
+    images = sample_images(
+        base,
+        [r[1] for r in rows],
+        adapters=[r[0] for r in rows],
+        seeds=[r[2] for r in rows],
+        progress=progress,
+        **{**SAMPLE, "steps": sample_steps},
+    )
+    emb = encoder.embed_images(images)
+    ref_emb = encoder.embed_images(references)
+    groups = [p for p, _ in pairs]
+    block = {name: emb[i * m : (i + 1) * m] for i, name in enumerate(("base", "plain-", "plain+", "cat-", "cat+"))}
+    for method in METHODS:
+        scores = kps_scores(
+            block["base"], block[f"{method}-"], block[f"{method}+"], None, groups, reference_emb=ref_emb
+        )["total"]
+        results[method].update(
+            preservation=round(scores["preservation"], 4),
+            identity=round(scores["identity"], 4),
+            diversity=round(diversity(block[f"{method}-"], groups), 4),
+            kps=round(scores["kps"], 4),
+        )
+    results["base"] = {"diversity": round(diversity(block["base"], groups), 4)}
+
+    cols = seeds
+    first = [i for i, (p, _) in enumerate(pairs) if p == 0][:cols]
+    cells, labels = [], []
+    for label, k in (
+        ("base", 0),
+        ("plain LoRA", 1),
+        ("CAT", 3),
+        ("plain LoRA + sks", 2),
+        ("CAT + sks", 4),
+    ):
+        cells += [images[k * m + i].resize((64, 64), 0) for i in first]
+        labels.append(label)
+    grid = out / "grid.png"
+    save_grid(cells, len(labels), cols, grid, labels=labels)
+    results.update(
+        seconds=round(time.perf_counter() - t0, 1),
+        grid=str(grid),
+        settings=dict(
+            seed=seed,
+            seeds=seeds,
+            prompts=list(prompts),
+            train={**TRAIN, "steps": steps},
+            sample={**SAMPLE, "steps": sample_steps},
+        ),
+    )
+    write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The demo's numbers as a plain-text table."""
+    head = f"{'':<12}{'preservation':>14}{'identity':>10}{'diversity':>11}{'KPS':>8}{'train s':>9}"
+    lines = [head, "-" * len(head)]
+    for method, label in (("plain", "plain LoRA"), ("cat", "CAT")):
+        r = results[method]
+        lines.append(
+            f"{label:<12}{r['preservation']:>14.4f}{r['identity']:>10.4f}{r['diversity']:>11.4f}"
+            f"{r['kps']:>8.4f}{r['train_seconds']:>9.1f}"
+        )
+    lines.append(f"{'base model':<12}{'':>14}{'':>10}{results['base']['diversity']:>11.4f}")
+    return "\n".join(lines)
