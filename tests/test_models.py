@@ -403,3 +403,27 @@ def test_unet_file_that_does_not_fit(tiny_dir, tmp_path):
         load_unet_file(tiny_dir / "unet" / "config.json", tiny_dir)
     with pytest.raises(ModelLoadError, match="no UNet config"):
         load_unet_file(file, tmp_path)
+
+
+def test_hub_id_from_the_local_hub_cache_and_a_clear_error_offline(tiny_dir, tmp_path):
+    """`--base owner/name`: found in the hub cache offline (the layout huggingface_hub writes), and a
+    one-line ModelLoadError for an id the cache does not hold."""
+    import subprocess
+    import sys
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-sd"
+    shutil.copytree(tiny_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = (
+        "import sys\nfrom catfast.integrations.models import resolve_base\nfrom catfast.errors import ModelLoadError\n"
+        "base = resolve_base('acme/tiny-sd')\nprint(type(base.unet).__name__, base.path)\n"
+        "try:\n    resolve_base('acme/not-cached')\nexcept ModelLoadError as e:\n    print('ERROR', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    loaded, error = r.stdout.strip().splitlines()[-2:]
+    assert loaded.startswith("UNet2DConditionModel") and revision in loaded
+    assert error.startswith("ERROR acme/not-cached: not a local file or folder") and "Hugging Face Hub" in error

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,8 +192,11 @@ def resolve_base(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
 ) -> BaseModel:
-    """What every `--base SPEC [--config DIR]` means: SPEC a diffusers folder (config must be None), or
-    SPEC a single UNet weights file with `config` the diffusers folder that supplies the rest."""
+    """What every `--base SPEC [--config DIR]` means: SPEC a diffusers folder (config must be None), a
+    single UNet weights file with `config` the diffusers folder that supplies the rest, or a Hugging
+    Face Hub model id ("owner/name", fetched or found in the local hub cache; see `hub_folder`)."""
+    if config is None and not Path(spec).exists() and _HUB_ID.fullmatch(str(spec)):
+        return load_base(hub_folder(str(spec)), dtype=dtype, device=device)
     spec = Path(spec)
     if spec.is_dir():
         if config is not None:
@@ -206,6 +210,27 @@ def resolve_base(
             "config, text encoder(s), tokenizer(s), VAE and scheduler"
         )
     return load_base(config, dtype=dtype, device=device, unet_file=spec, allow_pickle=allow_pickle)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# a diffusers repo's pipeline files, without the duplicates many carry (fp16 / non-EMA variants, the
+# single-file checkpoints at the root, pickles and other frameworks' weights)
+_HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.ckpt", "*.bin", "*.msgpack", "*.h5", "*.onnx*", "*.pb", "*.pt", "*.pth"]
+
+
+def hub_folder(repo_id: str) -> Path:
+    """The local folder of the hub repo ``repo_id``: from the local hub cache when it is there (always with
+    HF_HUB_OFFLINE=1), else downloaded into it. ModelLoadError when neither works."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, ignore_patterns=_HUB_IGNORE))
+    except Exception as e:  # offline, unknown repo, gated, network: hub raises many types
+        raise ModelLoadError(
+            f"{repo_id}: not a local file or folder, and the Hugging Face Hub did not provide it "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); pass a local "
+            "diffusers folder, or go online"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
