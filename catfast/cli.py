@@ -135,7 +135,9 @@ def _set_option(ctx, param, values) -> dict:
 
 @main.command("train")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML, YAML or JSON file of options.")
-@click.option("--base", help="Base model: a diffusers folder, a hub id (owner/name: online, or in the hub cache), or a UNet file with --base-config.")
+@click.option(
+    "--base", help="Base model: a diffusers folder, a hub id (owner/name), or a UNet file with --base-config."
+)
 @click.option("--base-config", help="The diffusers folder that completes a single-file --base.")
 @click.option("--data", help="Folder of images with .txt captions or a metadata.jsonl.")
 @click.option("--trigger", help="The trigger word every caption contains.")
