@@ -43,6 +43,18 @@ def staged_folder(out: Path):
             shutil.rmtree(tmp)
 
 
+def ensure_writable_folder(out: Path, error: type[Exception]) -> None:
+    """Create ``out`` if missing and check a file can be written in it; ``error`` names the folder and
+    the OS's reason otherwise (before any long work starts)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise error(f"{out}: cannot write to this folder ({e.strerror or e}); choose another output folder") from None
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, os.replace, then fsync the
     folder: readers see the old file or the new one, never a partial one."""

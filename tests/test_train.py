@@ -395,7 +395,7 @@ def test_bad_input_fails_early_with_clear_messages(tiny, data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     r = run("--data", data, "--out", blocker / "out")
-    assert r.exit_code == 1 and "cannot write to the output folder" in r.output
+    assert r.exit_code == 1 and "cannot write to this folder" in r.output
 
     r = run("--data", data, "--out", tmp_path / "o3", "--resume")
     assert r.exit_code == 1 and "no checkpoint" in r.output

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from catfast.errors import CatfastError
+from catfast.folders import ensure_writable_folder
 from catfast.train.checkpoint import (
     TrainState,
     capture_rng,
@@ -350,13 +351,7 @@ def _prepare_out(out: Path, config: TrainConfig, dist: _Dist, *, resume: bool, o
         )
     dist.barrier()  # every rank has looked at OUT before rank 0 writes to it
     if dist.main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise CatfastError(f"{out}: cannot write to the output folder: {e.strerror or e}") from None
+        ensure_writable_folder(out, CatfastError)
         for name in ours:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
