@@ -431,8 +431,8 @@ def bench_train_step_command(model, batch, steps, rank, dtype, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object on the last line.")
 @_friendly
 def demo_command(out: str, seed: int, seeds: int, as_json: bool) -> None:
-    """Train plain LoRA and CAT on the shipped demo model, sample, score, and write a grid (about 5 min on
-    a 2-core CPU): CAT keeps the class diverse and preserved while learning the concept."""
+    """Train plain LoRA and CAT on the shipped demo model, sample, score, and write a grid (a few minutes
+    on a 2-core CPU): CAT keeps the class diverse and preserved while learning the concept."""
     from catfast.demo.run import format_table, run_demo
 
     result = run_demo(out, seed=seed, seeds=seeds, progress=not as_json, log=click.echo)

@@ -183,10 +183,14 @@ def pretrain(
     unet_steps: int = 1600,
     images: int = 20000,
     batch: int = 64,
+    lr: float = 1e-3,
+    init: str | Path | None = None,
     overwrite: bool = False,
     log=print,
 ) -> Path:
-    """Train every component and write the diffusers folder to ``out`` (atomically); returns its path."""
+    """Train every component and write the diffusers folder to ``out`` (atomically); returns its path.
+    ``init``: a folder an earlier run wrote: keep its text encoder and VAE and continue training its UNet
+    (a second stage, e.g. at a lower ``lr``) instead of starting from random weights."""
     from catfast.errors import CatfastError
     from catfast.folders import check_target, staged_folder
 
@@ -195,9 +199,17 @@ def pretrain(
     torch.manual_seed(seed)
     parts = build_components(seed)
     t0 = time.perf_counter()
-    vae_pool, _ = image_pool(images // 2, seed + 10, patterns=True)
-    scale = train_vae(parts["vae"], vae_pool, steps=vae_steps, batch=32, lr=2e-3, seed=seed, log=log)
-    parts["vae"].register_to_config(scaling_factor=scale)
+    if init is None:
+        vae_pool, _ = image_pool(images // 2, seed + 10, patterns=True)
+        scale = train_vae(parts["vae"], vae_pool, steps=vae_steps, batch=32, lr=2e-3, seed=seed, log=log)
+        parts["vae"].register_to_config(scaling_factor=scale)
+    else:
+        from catfast.integrations.models import load_base
+
+        loaded = load_base(init)
+        parts.update(unet=loaded.unet.requires_grad_(True), vae=loaded.vae, text_encoder=loaded.text_encoder)
+        scale, vae_steps = loaded.vae.config.scaling_factor, 0
+        seed = seed + 1000  # a second stage draws other batches and noise than the first
     t_vae = time.perf_counter() - t0
     pixels, captions = image_pool(images, seed, patterns=False)
     with torch.no_grad():
@@ -215,7 +227,7 @@ def pretrain(
         cond_index[1:],
         steps=unet_steps,
         batch=batch,
-        lr=1e-3,
+        lr=lr,
         seed=seed,
         log=log,
     )
@@ -223,9 +235,10 @@ def pretrain(
     log(f"pretrained in {seconds:.0f} s (vae {t_vae:.0f} s)")
     with staged_folder(out) as tmp:
         save_components(parts, tmp)
-        info = dict(
-            seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, images=images, batch=batch, seconds=round(seconds)
-        )
+        info = dict(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, images=images, batch=batch, lr=lr)
+        if init is not None:
+            info["init"] = json.loads((Path(init) / "pretrain.json").read_text())
+        info["seconds"] = round(seconds) + (info.get("init") or {}).get("seconds", 0)
         (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
 
@@ -267,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=1600)
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3, help="UNet learning rate")
+    parser.add_argument("--init", default=None, help="continue the UNet of this earlier output (second stage)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible)")
     args = parser.parse_args(argv)
@@ -278,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         unet_steps=args.unet_steps,
         images=args.images,
         batch=args.batch,
+        lr=args.lr,
+        init=args.init,
         overwrite=args.overwrite,
         log=lambda m: print(m, flush=True),
     )
