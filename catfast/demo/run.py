@@ -30,7 +30,7 @@ from catfast.demo.shipped import check_assets, encoder_path, model_path
 from catfast.errors import CatfastError
 
 PROMPTS = ("a star", "a star on a grey background", "a star on a green background")
-TRAIN = dict(rank=4, lr=1e-3, steps=300, batch_size=4, crop_variants=1, max_grad_norm=1.0)
+TRAIN = dict(rank=4, lr=1e-3, steps=150, batch_size=4, crop_variants=1, max_grad_norm=1.0)
 SAMPLE = dict(steps=20, guidance=5.0)
 METHODS = ("plain", "cat")
 
