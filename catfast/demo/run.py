@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 import warnings
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from catfast.demo import world
 from catfast.demo.shipped import check_assets, encoder_path, model_path
 from catfast.errors import CatfastError
+from catfast.folders import ensure_writable_folder
 
 PROMPTS = ("a star", "a star on a grey background", "a star on a green background")
 TRAIN = dict(rank=4, lr=1e-3, steps=150, batch_size=4, crop_variants=1, max_grad_norm=1.0)
@@ -41,13 +41,7 @@ def check_out(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CatfastError(f"{out}: --out must be a folder, but this is a file")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CatfastError(f"{out}: cannot write to this folder ({e.strerror or e}); choose another --out") from None
+    ensure_writable_folder(out, CatfastError)
     return out
 
 
