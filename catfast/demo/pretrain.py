@@ -58,21 +58,12 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 def build_components(seed: int = 0) -> dict:
     """Untrained components in diffusers' model_index naming (fp32, seeded)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    from catfast.integrations.factory import SCHEDULER_CONFIG
-    from catfast.integrations.tokenizer import BOS, EOS, build_tokenizer, vocab_and_merges
+    from catfast.integrations.factory import SCHEDULER_CONFIG, clip_text_config
+    from catfast.integrations.tokenizer import build_tokenizer
 
-    vocab = vocab_and_merges()[0]
-    text_config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[EOS],
-        **TEXT_CONFIG,
-    )
+    text_config = clip_text_config(**TEXT_CONFIG)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(text_config).eval().requires_grad_(False)

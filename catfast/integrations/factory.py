@@ -196,9 +196,10 @@ def _is_xl(name: str) -> bool:
     return _TEXT_CONFIGS[name][1] is not None
 
 
-def _text_encoder(name: str, which: int, seed: int):
-    """CLIPTextModel (which=1) or CLIPTextModelWithProjection (which=2, SDXL) of the named model."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def clip_text_config(**sizes):
+    """A transformers CLIPTextConfig for catfast's offline tokenizer (its vocabulary and special tokens,
+    77 positions, quick_gelu), with ``sizes`` (hidden_size, num_hidden_layers, ...) on top."""
+    from transformers import CLIPTextConfig
 
     from catfast.integrations.tokenizer import BOS, EOS, vocab_and_merges
 
@@ -211,7 +212,14 @@ def _text_encoder(name: str, which: int, seed: int):
         eos_token_id=vocab[EOS],
         pad_token_id=vocab[EOS],
     )
-    config = CLIPTextConfig(**{**fields, **_TEXT_CONFIGS[name][which - 1]})
+    return CLIPTextConfig(**{**fields, **sizes})
+
+
+def _text_encoder(name: str, which: int, seed: int):
+    """CLIPTextModel (which=1) or CLIPTextModelWithProjection (which=2, SDXL) of the named model."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    config = clip_text_config(**_TEXT_CONFIGS[name][which - 1])
     cls = CLIPTextModel if which == 1 else CLIPTextModelWithProjection
     return _seeded(seed, lambda: cls(config)).eval()
 
