@@ -442,7 +442,7 @@ def write_adapter(
     metadata = {**{str(k): str(v) for k, v in adapter.metadata.items()}, "format": "pt"}
     if lora_metadata:
         metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(lora_metadata, indent=2, sort_keys=True)
-    _atomic_save(tensors, metadata, dest)
+    write_atomic(dest, safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))
 
 
 def _peft_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict]:
@@ -491,7 +491,3 @@ def _kohya_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], di
         tensors[f"{name}.lora_up.weight"] = layer.up.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
     return tensors, {}
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], dest: str) -> None:
-    write_atomic(dest, safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))

@@ -133,8 +133,8 @@ def active_adapters(unet: torch.nn.Module) -> list[str]:
     state = getattr(unet, _STATE, None)
     if state is None:
         return list(unet.active_adapters() or [])
-    peft_layers = [m for name, m in state.originals.items() if name in state.report.patched]
-    return list(peft_layers[0].active_adapters) if peft_layers else []
+    first = next((state.originals[name] for name in state.report.patched), None)
+    return list(first.active_adapters) if first is not None else []
 
 
 @contextlib.contextmanager

@@ -52,15 +52,23 @@ def scatter_rows(kept: torch.Tensor, shape, samples: torch.Tensor, run: tuple[in
     """The inverse of ``gather_rows``: a ``shape`` tensor with ``kept`` in the rows of ``samples``, zeros elsewhere."""
     k = shape[0] // num_samples
     if run is not None:
-        lo, hi = run[0] * k, run[1] * k
-        if lo == 0 and hi == shape[0]:
+        if run[0] == 0 and run[1] == num_samples:
             return kept
-        full = kept.new_empty(shape)  # one copy and one fill (zeros + cat wrote the zero rows twice)
-        full[lo:hi].copy_(kept)
-        full[:lo].zero_()
-        full[hi:].zero_()
+        full, rows = zeros_outside(kept, shape, run, num_samples)  # one copy and one fill
+        rows.copy_(kept)
         return full
     return kept.new_zeros(shape).index_copy_(0, sample_rows(samples, k), kept)
+
+
+def zeros_outside(like: torch.Tensor, shape, run: tuple[int, int], num_samples: int):
+    """(full, rows): a new ``shape`` tensor (``like``'s dtype and device), zero outside the samples of
+    ``run``, and the view of their rows, still to be written (an op can write its result there)."""
+    k = shape[0] // num_samples
+    lo, hi = run[0] * k, run[1] * k
+    full = like.new_empty(shape)
+    full[:lo].zero_()
+    full[hi:].zero_()
+    return full, full[lo:hi]
 
 
 def sample_rows(samples: torch.Tensor, rows_per_sample: int) -> torch.Tensor:

@@ -17,7 +17,15 @@ import weakref
 
 import torch
 
-from catfast.ops.grad_rows import ROWS_ONLY, as_range, gather_rows, sample_rows, scatter_rows, take_samples
+from catfast.ops.grad_rows import (
+    ROWS_ONLY,
+    as_range,
+    gather_rows,
+    sample_rows,
+    scatter_rows,
+    take_samples,
+    zeros_outside,
+)
 from catfast.rows import NO_ADAPTER, RowPlan
 
 BACKENDS = ("triton", "torch")
@@ -146,12 +154,9 @@ class LoraLinearFunction(torch.autograd.Function):
             return (dy.new_zeros(ctx.x_shape) if want_x else None, None, None,
                     torch.zeros_like(lora_a) if want_a else None, torch.zeros_like(lora_b) if want_b else None,
                     None, None, None)  # fmt: skip
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        run = ctx.run
-        if run is not None:  # a view: the CAT layout puts the grad samples first
-            dy_rows = dy2[run[0] * rows : run[1] * rows].contiguous()
-        else:
-            dy_rows = gather_rows(dy2, ctx.grad_samples, run, ctx.num_samples).contiguous()
+        run = ctx.run  # a view when the grad samples are one run (the CAT layout puts them first)
+        dy_rows = take_samples(dy.reshape(ctx.num_samples, rows, -1), ctx.grad_samples, run)
+        dy_rows = dy_rows.reshape(-1, dy.shape[-1]).contiguous()
         dx = up_low = None
         if want_x:  # dX = dY W + s (dY B) A, and U = dY B for dA, in one launch
             flat_shape = (ctx.num_samples * rows, weight.shape[1])
@@ -163,15 +168,11 @@ class LoraLinearFunction(torch.autograd.Function):
                 dx = scatter_rows(dx_rows, flat_shape, ctx.grad_samples, run, ctx.num_samples)
             else:
                 # the grad rows' dX is written straight into the full-size result when they are one run
-                dx = dy.new_empty(flat_shape) if run is not None else None
-                into = dx[run[0] * rows : run[1] * rows] if run is not None else None
+                dx, into = zeros_outside(dy, flat_shape, run, ctx.num_samples) if run is not None else (None, None)
                 b_as_a, a_as_b = lora_b.transpose(1, 2), lora_a.transpose(1, 2)
                 dx_rows, up_low = _torch_gemm(dy_rows, weight.t(), None, b_as_a, a_as_b, plan, rows,
                                               store_low=want_a or want_b, out=into)  # fmt: skip
-                if run is not None:
-                    dx[: run[0] * rows].zero_()
-                    dx[run[1] * rows :].zero_()
-                else:
+                if run is None:
                     dx = scatter_rows(dx_rows, flat_shape, ctx.grad_samples, run, ctx.num_samples)
             dx = dx.view(ctx.x_shape)
         elif want_a or want_b:  # x needs no gradient (to_k/to_v on the text embeddings): only U = dY B
