@@ -51,3 +51,24 @@ def randomize_lora_(module: torch.nn.Module, *, seed: int = 0, std: float = 0.1)
     if count == 0:
         raise ValueError("no peft LoRA parameters found to randomise")
     return count
+
+
+def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
+    """A silent ``FlopCounterMode`` that also counts the CPU flash-attention kernels (torch 2.13 has no
+    formula for them, so on a CPU every attention core counted 0 FLOPs), with torch's own SDPA formulas."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+        },
+    )

@@ -14,7 +14,7 @@ from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet
 from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
 from catfast.nn.row_lora import RowLoraLinear
 from catfast.rows import NO_ADAPTER, RowPlan
-from catfast.testing import assert_close_to_ref, assert_rel_close, randomize_lora_
+from catfast.testing import assert_close_to_ref, assert_rel_close, flop_counter, randomize_lora_
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 ALL = ATTN + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -342,8 +342,6 @@ def test_fused_with_gradient_checkpointing(monkeypatch):
 def test_twin_groups_share_work_until_the_first_cross_attention(monkeypatch):
     """The adapter rows on both captions are computed once until the first cross-attention: same output
     and LoRA gradients as computing them apart, fewer forward and backward FLOPs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _unet(ALL, 4, 4.0)
     patch_unet(unet)
@@ -353,11 +351,11 @@ def test_twin_groups_share_work_until_the_first_cross_attention(monkeypatch):
     results = {}
     for twins in (False, True):
         unet.zero_grad(set_to_none=True)
-        with FlopCounterMode(display=False) as fwd, row_plan(unet, plan, identical_groups=3, twin_groups=twins):
+        with flop_counter() as fwd, row_plan(unet, plan, identical_groups=3, twin_groups=twins):
             out = unet(
                 torch.cat([b["latents"]] * 3), torch.cat([b["timesteps"]] * 3), encoder_hidden_states=cond
             ).sample
-        with FlopCounterMode(display=False) as bwd:
+        with flop_counter() as bwd:
             out[:4].square().mean().backward()
         grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
         results[twins] = out.detach(), grads, fwd.get_total_flops(), bwd.get_total_flops()

@@ -125,9 +125,9 @@ def bench_onnx(
                 contestants[f"ort:{provider}:{mode}"] = lambda sess=sess, extra=extra: sess.run(
                     None, {**np_in, **extra}
                 )
-        from torch.utils.flop_counter import FlopCounterMode
+        from catfast.testing import flop_counter
 
-        with FlopCounterMode(display=False) as flops:
+        with flop_counter() as flops:
             want = torch_run().double().numpy()
         parity = {}
         for name, run in contestants.items():

@@ -67,6 +67,14 @@ class PlanHolder:
         """The captions enter here: every group diverges."""
         self.in_prefix = self.twins = False
 
+    def prefix_shared(self, x: torch.Tensor, fn) -> torch.Tensor | None:
+        """In the shared prefix, ``fn`` computed on the first of the identical groups of ``x`` ([N, ...],
+        N = plan rows) and repeated for the others; None outside it."""
+        if not self.in_prefix or x.shape[0] != len(self.plan):
+            return None
+        y = fn(x[: x.shape[0] // self.prefix_groups])
+        return y.repeat(self.prefix_groups, *([1] * (y.dim() - 1)))
+
     def shares_twins(self, x: torch.Tensor) -> bool:
         return self.twins and x.shape[0] == len(self.plan)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from catfast.nn.plan_holder import PlanHolder
+from catfast.nn.row_lora import RowLoraLinear
 from catfast.ops.grad_rows import frozen_conv2d, frozen_linear, split_rows
 
 
@@ -36,15 +37,6 @@ class _RowFrozen(torch.nn.Module):
                 raise
             return getattr(inner, name)
 
-    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
-        """In the shared prefix, this module's output computed on one group of identical samples and
-        repeated for the others; None outside it."""
-        holder = self.holder
-        if not holder.in_prefix or x.shape[0] != len(holder.plan):
-            return None
-        y = self.inner(x[: x.shape[0] // holder.prefix_groups])
-        return y.repeat(holder.prefix_groups, *([1] * (y.dim() - 1)))
-
     def _row_aware(self, x: torch.Tensor) -> bool:
         return (
             self.holder.split
@@ -56,7 +48,7 @@ class _RowFrozen(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared = self._shared(x)
+        shared = self.holder.prefix_shared(x, self.inner)
         if shared is not None:
             return shared
         if self.holder.shares_twins(x):
@@ -88,14 +80,26 @@ class RowAttnProcessor:
     def __init__(self, holder: PlanHolder, fallback):
         self.holder = holder
         self.fallback = fallback
+        self._holds_lora: bool | None = None  # whether this attention module has a row-planned LoRA layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        holder = self.holder
         if encoder_hidden_states is not None:
-            self.holder.cross_attention_reached()
-        elif (
-            self.holder.shares_twins(hidden_states) and attention_mask is None and temb is None and not kwargs
-        ):  # self-attention between the first LoRA layer and the first cross-attention
-            return self.holder.twin_shared(hidden_states, lambda rows: self(attn, rows))
+            holder.cross_attention_reached()
+        elif attention_mask is None and temb is None and not kwargs:
+            if holder.in_prefix:  # the first self-attention: its rows are still identical across groups
+                if self._holds_lora is None:
+                    self._holds_lora = any(isinstance(m, RowLoraLinear) for m in attn.modules())
+                if self._holds_lora:
+                    # the teacher rows diverge inside; the adapter groups stay twins through the whole core
+                    # (sharing only the projections ran the attention core, the bulk of its cost, on all rows)
+                    holder.lora_layer_reached()
+                else:
+                    shared = holder.prefix_shared(hidden_states, lambda rows: self.fallback(attn, rows))
+                    if shared is not None:
+                        return shared
+            if holder.shares_twins(hidden_states):
+                return holder.twin_shared(hidden_states, lambda rows: self(attn, rows))
         if (
             not self.holder.split
             or attention_mask is not None

@@ -15,9 +15,8 @@ import subprocess
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from catfast.testing import rel_err
+from catfast.testing import flop_counter, rel_err
 from catfast.train.objective import cat_loss
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -71,9 +70,9 @@ def _measure_once(unet, sched, batch_args, mode) -> dict:
         return t
 
     unet.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with flop_counter() as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = cat_loss(unet, sched, **batch_args, mode=mode)
-    with FlopCounterMode(display=False) as bwd:
+    with flop_counter() as bwd:
         out.total.backward()
     grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
     return dict(
