@@ -24,6 +24,7 @@ from catfast.integrations.peft_adapters import add_lora, extract_adapter
 from catfast.testing import randomize_lora_
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LOCON = TARGETS + ("conv1", "conv2", "conv", "conv_shortcut")  # kohya LoCon: 3x3, stride-2 and 1x1 convs
 STEPS = 2
 
 
@@ -44,11 +45,11 @@ def _torch_backend(monkeypatch):
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
 
 
-def _base(*adapters: tuple[str, int]):
+def _base(*adapters: tuple[str, int], targets=TARGETS):
     """The tiny base with randomized (non-zero) peft adapters of the given (name, rank)."""
     base = build_base("tiny")
     for name, rank in adapters:
-        add_lora(base.unet, rank=rank, alpha=4.0, target_modules=TARGETS, adapter_name=name)
+        add_lora(base.unet, rank=rank, alpha=4.0, target_modules=targets, adapter_name=name)
     if adapters:  # each adapter its own random weights (peft starts lora_B at zero)
         randomize_lora_(base.unet, seed=1, std=0.3)
     return base
@@ -94,8 +95,9 @@ def _diff(a: Image.Image, b: Image.Image) -> int:
 # ---------------------------------------------------------------------------------------------- sampler
 
 
-def test_each_row_equals_diffusers_pipeline_for_that_row_alone():
-    base = _base(("a", 4))
+@pytest.mark.parametrize("targets", [TARGETS, LOCON], ids=["attention", "locon"])
+def test_each_row_equals_diffusers_pipeline_for_that_row_alone(targets):
+    base = _base(("a", 4), targets=targets)
     rows = [("a photo of a cat", "a", 3), ("a photo of a cat", None, 3), ("a red car", None, 7)]
     images = sample_images(
         base, [r[0] for r in rows], adapters=[r[1] for r in rows], seeds=[r[2] for r in rows], steps=STEPS, guidance=7.5

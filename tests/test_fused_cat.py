@@ -12,12 +12,13 @@ import catfast
 from catfast.env import has_triton
 from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet
 from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
-from catfast.nn.row_lora import RowLoraLinear
+from catfast.nn.row_lora import RowLoraLayer
 from catfast.rows import NO_ADAPTER, RowPlan
 from catfast.testing import assert_close_to_ref, assert_rel_close, flop_counter, randomize_lora_
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 ALL = ATTN + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+LOCON = ATTN + ["conv1", "conv2", "conv", "conv_shortcut"]  # kohya LoCon: resnet 3x3, stride-2, 1x1 convs
 
 
 def _unet(targets, rank, alpha, seed=0):
@@ -51,8 +52,8 @@ def _run(unet, sched, batch, mode, **kw):
 
 @pytest.mark.parametrize(
     ("targets", "rank", "alpha"),
-    [(ATTN, 1, 1.0), (ALL, 4, 8.0), (["attn2.to_k", "proj_in", "ff.net.2"], 64, 16.0)],
-    ids=["attn-r1", "all-r4", "cross-proj-ff-r64"],
+    [(ATTN, 1, 1.0), (ALL, 4, 8.0), (["attn2.to_k", "proj_in", "ff.net.2"], 64, 16.0), (LOCON, 4, 8.0)],
+    ids=["attn-r1", "all-r4", "cross-proj-ff-r64", "locon-r4"],
 )
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
@@ -108,7 +109,7 @@ def test_patch_is_exact_shares_parameters_and_unpatches_exactly():
 
     report = patch_unet(unet)
     assert sorted(report.patched) == peft_names and report.skipped == {} and report.slots == ["default"]
-    assert all(isinstance(unet.get_submodule(n), RowLoraLinear) for n in peft_names)
+    assert all(isinstance(unet.get_submodule(n), RowLoraLayer) for n in peft_names)
     after = dict(unet.named_parameters())
     assert after.keys() == before_params.keys() and all(after[k] is before_params[k] for k in after)
     with torch.no_grad():  # no plan: defers to peft exactly
@@ -126,21 +127,26 @@ def test_patch_is_exact_shares_parameters_and_unpatches_exactly():
 
     undone = unpatch_unet(unet)
     assert undone.patched == report.patched and patch_report(unet) is None
-    assert all(not isinstance(m, RowLoraLinear) for m in unet.modules())
+    assert all(not isinstance(m, RowLoraLayer) for m in unet.modules())
     state = unet.state_dict()
     assert state.keys() == before_state.keys() and all(torch.equal(state[k], before_state[k]) for k in state)
 
 
-def test_3x3_conv_lora_is_skipped_with_a_reason():
+def test_locon_layers_are_row_planned_and_lora_bias_is_skipped_with_a_reason():
     unet = build_unet("tiny").requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "conv1"]))
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=LOCON))
     report = patch_unet(unet)
-    assert report.patched and report.skipped
-    assert all("1x1" in why for why in report.skipped.values())
+    kernels = {unet.get_submodule(name).kernel for name in report.patched}
+    assert report.skipped == {} and (3, 3) in kernels and (1, 1) in kernels
     unpatch_unet(unet)
+    biased = build_unet("tiny").requires_grad_(False)
+    biased.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], lora_bias=True))
+    report = patch_unet(biased)
+    assert not report.patched and report.skipped and all("lora_bias" in why for why in report.skipped.values())
+    unpatch_unet(biased)
     with pytest.raises(ValueError, match="cannot row-plan .* use mode='reference'"):
-        catfast.cat_loss(unet, _scheduler(), **_batch(1), mode="fused")
-    assert patch_report(unet) is None
+        catfast.cat_loss(biased, _scheduler(), **_batch(1), mode="fused")
+    assert patch_report(biased) is None
 
 
 def test_bad_input_fails_before_any_kernel():

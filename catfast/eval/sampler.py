@@ -116,13 +116,13 @@ class _slots:
 def _unplannable(unet, report) -> str | None:
     """Why a row plan would not give each row its own adapter, or None. A peft layer left unpatched would
     apply the active adapter to every row; a disabled adapter makes patched layers ignore the plan."""
-    from catfast.nn.row_lora import RowLoraLinear
+    from catfast.nn.row_lora import RowLoraLayer
 
     if report.skipped:
         name, why = next(iter(report.skipped.items()))
         return f"{len(report.skipped)} LoRA layer(s) are not row-plannable, e.g. {name}: {why}"
     for module in unet.modules():
-        if isinstance(module, RowLoraLinear) and module.peft_layer.disable_adapters:
+        if isinstance(module, RowLoraLayer) and module.peft_layer.disable_adapters:
             return "the UNet's adapters are disabled (unet.disable_adapters()); call unet.enable_adapters() first"
     return None
 

@@ -1,7 +1,7 @@
 """Swap the peft LoRA layers of a diffusers UNet for catfast's row-planned layers, and back.
 
 Instance-level and reversible: ``patch_unet`` replaces each supported peft layer instance in its
-parent module by a ``RowLoraLinear`` that shares its parameters (no copies), each other Conv2d /
+parent module by a ``RowLoraLayer`` that shares its parameters (no copies), each other Conv2d /
 Linear by a row-aware frozen stand-in (same parameters, same names), and sets a row-aware attention
 processor (diffusers' official ``set_attn_processor``). ``unpatch_unet`` puts the original instances
 and processors back, so the UNet is exactly what it was. Nothing global is changed. Without a row
@@ -17,7 +17,7 @@ import torch
 
 from catfast.nn.plan_holder import PlanHolder
 from catfast.nn.row_frozen import RowAttnProcessor, RowFrozenConv2d, RowFrozenLinear
-from catfast.nn.row_lora import RowLoraLinear
+from catfast.nn.row_lora import RowLoraLayer
 from catfast.rows import RowPlan
 
 _STATE = "_catfast_patch"
@@ -45,7 +45,7 @@ class _PatchState:
 
 
 def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> PatchReport:
-    """Patch every peft LoRA Linear and 1x1 Conv2d of ``unet``; slot i is adapter ``adapters[i]``
+    """Patch every peft LoRA Linear and Conv2d of ``unet``; slot i is adapter ``adapters[i]``
     (default: every peft adapter, in ``unet.peft_config`` order). Idempotent: a patched UNet returns its
     existing report when the slots are the same, and raises when they differ."""
     from peft.tuners.lora import Conv2d as PeftConv2d
@@ -73,7 +73,7 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
             report.skipped[name] = reason
             continue
         parent_name, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent_name), child, RowLoraLinear(module, slots, holder))
+        setattr(unet.get_submodule(parent_name), child, RowLoraLayer(module, slots, holder))
         originals[name] = module
         report.patched.append(name)
     for name, module in list(unet.named_modules()):
@@ -95,13 +95,17 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
 
 def _unsupported(module: torch.nn.Module, slots: list[str]) -> str | None:
     base = module.base_layer
-    if isinstance(base, torch.nn.Conv2d) and (base.kernel_size != (1, 1) or base.stride != (1, 1) or base.groups != 1):
-        return f"Conv2d kernel {base.kernel_size} (only 1x1 convolutions are row-planned)"
+    if isinstance(base, torch.nn.Conv2d) and (
+        base.groups != 1 or base.padding_mode != "zeros" or not isinstance(base.padding, tuple)
+    ):
+        return f"Conv2d with groups={base.groups}, padding={base.padding!r} ({base.padding_mode})"
     for name in slots:
         if name not in module.lora_A:
             return f"adapter {name!r} does not target this layer"
         if module.use_dora.get(name):
             return "DoRA"
+        if getattr(module, "lora_bias", {}).get(name):
+            return "lora_bias (a bias on lora_B)"
         dropout = module.lora_dropout[name]
         if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
             return f"lora_dropout={dropout.p} (the fused op has no dropout)"

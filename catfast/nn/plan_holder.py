@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from catfast.ops.grad_rows import rows_as_they_are
+from catfast.ops.grad_rows import sub_batch_rows
 from catfast.rows import RowPlan
 
 
@@ -87,7 +87,7 @@ class PlanHolder:
         self.plan, self.grad_samples, self.other_samples = plan, grad_samples, other_samples
         self.in_prefix = self.twins = False
         try:
-            with rows_as_they_are():  # the restricted rows are not the call's N-sample batch
+            with sub_batch_rows(grad_samples, len(plan)):  # the restricted rows are not the call's samples
                 y = fn(view)
         finally:
             self.restore(outer)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from catfast.nn.plan_holder import PlanHolder
-from catfast.nn.row_lora import RowLoraLinear
+from catfast.nn.row_lora import RowLoraLayer
 from catfast.ops.grad_rows import frozen_conv2d, frozen_linear, split_rows
 
 
@@ -89,7 +89,7 @@ class RowAttnProcessor:
         elif attention_mask is None and temb is None and not kwargs:
             if holder.in_prefix:  # the first self-attention: its rows are still identical across groups
                 if self._holds_lora is None:
-                    self._holds_lora = any(isinstance(m, RowLoraLinear) for m in attn.modules())
+                    self._holds_lora = any(isinstance(m, RowLoraLayer) for m in attn.modules())
                 if self._holds_lora:
                     # the teacher rows diverge inside; the adapter groups stay twins through the whole core
                     # (sharing only the projections ran the attention core, the bulk of its cost, on all rows)

@@ -77,18 +77,27 @@ def sample_rows(samples: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
     return (samples[:, None] * rows_per_sample + offsets[None, :]).flatten()
 
 
-_paused = threading.local()
+_active = threading.local()  # .stack: (token, exclude) of the open keep_grad_rows contexts, innermost last
+
+
+def _open_contexts() -> list:
+    if not hasattr(_active, "stack"):
+        _active.stack = []
+    return _active.stack
 
 
 @contextlib.contextmanager
-def rows_as_they_are():
-    """Within the block, ``keep_grad_rows`` saves tensors whole: for computations on a subset of the
-    call's samples, whose dim 0 no longer maps onto the call's samples."""
-    _paused.depth = getattr(_paused, "depth", 0) + 1
-    try:
+def sub_batch_rows(grad_samples: torch.Tensor, num_samples: int):
+    """Within an open ``keep_grad_rows``: for computations on a sub-batch of the call's samples (whose
+    dim 0 no longer maps onto the call's samples), keep the grad rows of that sub-batch instead
+    (``grad_samples`` of its ``num_samples``), with the same exclusions; the enclosing context saves
+    what this one keeps as it is. Without an open context: nothing."""
+    stack = _open_contexts()
+    if not stack:
         yield
-    finally:
-        _paused.depth -= 1
+        return
+    with keep_grad_rows(grad_samples, num_samples, exclude=stack[-1][1]):
+        yield
 
 
 @contextlib.contextmanager
@@ -105,10 +114,11 @@ def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[in
     memo: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
     outer_pack, outer_unpack = _enclosing_hooks()
     run = as_range(grad_samples)
+    token, stack = object(), _open_contexts()
 
     def keep(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, tuple]:
         if (
-            getattr(_paused, "depth", 0)
+            stack[-1][0] is not token  # a sub_batch_rows context inside this one decided already
             or t.dim() == 0
             or not t.is_floating_point()
             or t.shape[0] % num_samples
@@ -137,9 +147,13 @@ def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[in
             return kept
         return scatter_rows(kept, shape, grad_samples, run, num_samples)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
-    memo.clear()
+    stack.append((token, exclude))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        stack.pop()
+        memo.clear()
 
 
 def _enclosing_hooks():

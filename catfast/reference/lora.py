@@ -43,3 +43,37 @@ def lora_linear_ref(
     low = torch.bmm(flat, lora_a[idx].transpose(1, 2))  # [N, L, r]
     delta = torch.bmm(low * scale.view(n, 1, 1), lora_b[idx].transpose(1, 2))  # [N, L, out]
     return (y + delta.view(y.shape)).to(out_dtype)
+
+
+def lora_conv2d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    plan: RowPlan,
+    *,
+    stride=1,
+    padding=0,
+) -> torch.Tensor:
+    """Row-planned LoRA Conv2d with a k x k down projection (kohya's LoCon; peft's ``lora.Conv2d``).
+
+    Semantics, for every sample n:
+      y[n] = conv(x[n], weight, bias) + scales[n] * conv1x1(conv(x[n], A[slots[n]]), B[slots[n]])
+    where both k x k convolutions use ``stride`` and ``padding``, with no LoRA term where
+    ``slots[n] == NO_ADAPTER``.
+
+    Shapes: x ``[N, in, H, W]``; weight ``[out, in, kh, kw]``; bias ``[out]`` or None; lora_a
+    ``[S, r, in, kh, kw]``; lora_b ``[S, out, r]``; y ``[N, out, H', W']``. One sample at a time: the
+    spec, not a fast path. Differentiable in x, A and B.
+    """
+    F = torch.nn.functional
+    rows = []
+    for n in range(x.shape[0]):
+        y = F.conv2d(x[n : n + 1], weight, bias, stride, padding)
+        slot = int(plan.slots[n])
+        if slot != NO_ADAPTER:
+            low = F.conv2d(x[n : n + 1], lora_a[slot], None, stride, padding)
+            y = y + plan.scales[n].to(y.dtype) * F.conv2d(low, lora_b[slot][:, :, None, None])
+        rows.append(y)
+    return torch.cat(rows)
