@@ -402,14 +402,20 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per mode.")
 @click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option(
+    "--targets",
+    default="to_q,to_k,to_v,to_out.0",  # the CAT paper's targets (bench_step.TARGETS)
+    show_default=True,
+    help="LoRA target modules, comma-separated (add conv1,conv2,conv,conv_shortcut for kohya LoCon).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
-def bench_train_step_command(model, batch, steps, rank, dtype, as_json) -> None:
+def bench_train_step_command(model, batch, steps, rank, dtype, targets, as_json) -> None:
     """The reference and the fused CAT step (plus the reference under torch.compile on a GPU),
     interleaved in one process: time, FLOPs, bytes saved for backward, peak memory, parity."""
     from catfast.train.bench_step import bench_train_step
 
-    result = bench_train_step(model, batch, steps, rank=rank, dtype=dtype)
+    result = bench_train_step(model, batch, steps, rank=rank, dtype=dtype, targets=targets.split(","))
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -2,6 +2,7 @@
 and patching: exact set of patched layers, shared parameters, exact round trip."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -379,3 +380,34 @@ def test_twin_groups_share_work_until_the_first_cross_attention(monkeypatch):
     with row_plan(unet, plan, identical_groups=3):  # the failed call left no plan behind
         pass
     unpatch_unet(unet)
+
+
+def test_bench_train_step_command_reports_both_modes_with_locon_targets(monkeypatch):
+    """`catfast bench train-step` end to end on the tiny UNet, LoCon targets included: one JSON object with
+    both modes' time, FLOPs (attention counted) and saved bytes, and the parity of the two modes."""
+    from click.testing import CliRunner
+
+    from catfast.cli import main
+
+    monkeypatch.setenv("CATFAST_BACKEND", "torch")
+    targets = "to_q,to_k,to_v,to_out.0,conv1,conv"
+    args = ["bench", "train-step", "--model", "tiny", "--steps", "1", "--targets", targets, "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    assert result["targets"] == targets.split(",") and result["model"] == "tiny"
+    ref, fused = result["modes"]["reference"], result["modes"]["fused"]
+    assert ref["median_ms"] > 0 and fused["median_ms"] > 0
+    assert fused["fwd_flops"] < ref["fwd_flops"] and fused["bwd_flops"] <= 1.02 * ref["bwd_flops"]
+    assert result["parity"]["loss_rel_err"] < 1e-5 and result["parity"]["grad_rel_err"] < 1e-4
+
+
+def test_flop_counter_counts_cpu_attention():
+    """torch has no FLOP formula for the CPU flash-attention kernels; catfast's counter adds torch's SDPA ones."""
+    q, k, v = (torch.randn(2, 4, 64, 8, requires_grad=True) for _ in range(3))
+    with flop_counter() as fwd:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with flop_counter() as bwd:
+        out.sum().backward()
+    assert fwd.get_total_flops() == 2 * (2 * 2 * 4 * 64 * 64 * 8)  # QK^T and PV, 2 FLOPs per multiply-add
+    assert bwd.get_total_flops() > fwd.get_total_flops()

@@ -23,7 +23,7 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TOKENS = 77
 
 
-def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, seed: int):
+def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, seed: int, targets=TARGETS):
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
@@ -31,7 +31,7 @@ def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, s
     from catfast.testing import randomize_lora_
 
     unet = build_unet(model, seed=seed).requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS)))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
     randomize_lora_(unet, seed=seed + 1, std=0.1)
     unet.to(device=device, dtype=dtype)
     cfg = unet.config
@@ -93,11 +93,12 @@ def bench_train_step(
     dtype: str = "fp32",
     device: str | None = None,
     seed: int = 0,
+    targets: tuple[str, ...] | list[str] = TARGETS,
 ) -> dict:
     """Run the benchmark and return the result object (see the module docstring)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    unet, sched, batch_args = _setup(model, batch, rank, torch_dtype, device, seed)
+    unet, sched, batch_args = _setup(model, batch, rank, torch_dtype, device, seed, targets)
     modes = ["reference", "fused"]
     results = {m: _measure_once(unet, sched, batch_args, m) for m in modes}
     loss_fns = {m: cat_loss for m in modes}
@@ -133,6 +134,7 @@ def bench_train_step(
         "model": model,
         "batch": batch,
         "rank": rank,
+        "targets": list(targets),
         "steps": steps,
         "latent": list(batch_args["latents"].shape[1:]),
         "torch": torch.__version__,
