@@ -4,8 +4,11 @@
 
 Writes a complete diffusers folder (model_index.json, unet/, text_encoder/, tokenizer/, vae/,
 scheduler/; fp16 safetensors) that ``load_base`` reads. Three parts:
-- text encoder: a small CLIP text model with seeded random weights, frozen (like SD's CLIP, it is never
-  trained here); the tokenizer is catfast's offline one, so every caption word is one token.
+- text encoder: a small CLIP text model with seeded random weights; the tokenizer is catfast's offline
+  one, so every caption word is one token. Frozen in a first stage; ``--train-text`` trains it jointly
+  with the UNet. A frozen random encoder maps every caption to nearly the same embedding (cosine 0.82-0.97
+  to the empty caption), so the UNet follows words weakly and classifier-free guidance must amplify small
+  differences; a trained one separates the captions.
 - VAE: an AutoencoderKL with 4x downsampling and ``LATENT_CHANNELS`` channels (32 px -> 8x8 latents),
   trained as an autoencoder (L1 + MSE + a small KL) on world images with and without stripes, so it can also
   encode a striped concept; its scaling_factor makes the latents unit-variance, as SD's does.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -135,14 +139,28 @@ def _encode_captions(text_encoder, tokenizer, captions: list[str]) -> tuple[torc
 
 
 def train_unet(
-    unet, scheduler, latents, cond, cond_index, *, steps: int, batch: int, lr: float, seed: int, log=print
+    unet,
+    scheduler,
+    latents,
+    encode,
+    cond_index,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    text_params=(),
+    log=print,
 ) -> None:
-    """epsilon-prediction training on (latents [N, C, h, w], cond [U, 77, D][cond_index[n]]); index 0 of
-    cond must be the empty caption (used for 10% of the samples: classifier-free guidance)."""
+    """epsilon-prediction training on latents [N, C, h, w] with caption index ``cond_index[n]``;
+    ``encode(indices [B]) -> [B, 77, D]`` gives the text condition of caption indices. Index 0 must be the
+    empty caption (used for 10% of the samples: classifier-free guidance). ``text_params``: text encoder
+    parameters trained jointly (``encode`` then runs the encoder with grad)."""
     gen = torch.Generator().manual_seed(seed)
     cond_index = torch.tensor(cond_index)
     unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    params = list(unet.parameters()) + list(text_params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, 50))
     t0 = time.perf_counter()
     ema = None
@@ -153,11 +171,11 @@ def train_unet(
         c[torch.rand(batch, generator=gen) < 0.1] = 0
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        pred = unet(scheduler.add_noise(z0, noise, t), t, cond[c]).sample
+        pred = unet(scheduler.add_noise(z0, noise, t), t, encode(c)).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
@@ -176,12 +194,15 @@ def pretrain(
     batch: int = 64,
     lr: float = 1e-3,
     init: str | Path | None = None,
+    train_text: bool = False,
     overwrite: bool = False,
+    command: str | None = None,
     log=print,
 ) -> Path:
     """Train every component and write the diffusers folder to ``out`` (atomically); returns its path.
     ``init``: a folder an earlier run wrote: keep its text encoder and VAE and continue training its UNet
-    (a second stage, e.g. at a lower ``lr``) instead of starting from random weights."""
+    (a second stage, e.g. at a lower ``lr``) instead of starting from random weights. ``train_text``: train
+    the text encoder jointly with the UNet. ``command``: recorded in pretrain.json (how to rerun)."""
     from catfast.errors import CatfastError
     from catfast.folders import check_target, staged_folder
 
@@ -208,25 +229,55 @@ def pretrain(
             [parts["vae"].encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)]
         )
     latents = latents * scale
-    cond, cond_index = _encode_captions(parts["text_encoder"], parts["tokenizer"], [""] + captions)
-    assert cond_index[0] == 0  # "" sorts first
+    tokenizer, text_encoder = parts["tokenizer"], parts["text_encoder"]
+    unique = sorted(set([""] + captions))  # "" sorts first: index 0 is the empty caption
+    where = {c: i for i, c in enumerate(unique)}
+    cond_index = [where[c] for c in captions]
+    if train_text:
+        ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        ids = ids.input_ids
+        text_encoder.train().requires_grad_(True)
+
+        def encode(c):
+            return text_encoder(ids[c])[0]
+
+        text_params = list(text_encoder.parameters())
+    else:
+        cond, _ = _encode_captions(text_encoder, tokenizer, unique)
+
+        def encode(c):
+            return cond[c]
+
+        text_params = []
     train_unet(
         parts["unet"],
         parts["scheduler"],
         latents,
-        cond,
-        cond_index[1:],
+        encode,
+        cond_index,
         steps=unet_steps,
         batch=batch,
         lr=lr,
         seed=seed,
+        text_params=text_params,
         log=log,
     )
+    text_encoder.eval().requires_grad_(False)
     seconds = time.perf_counter() - t0
     log(f"pretrained in {seconds:.0f} s (vae {t_vae:.0f} s)")
     with staged_folder(out) as tmp:
         save_components(parts, tmp)
-        info = dict(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, images=images, batch=batch, lr=lr)
+        info = dict(
+            seed=seed,
+            vae_steps=vae_steps,
+            unet_steps=unet_steps,
+            images=images,
+            batch=batch,
+            lr=lr,
+            train_text=train_text,
+        )
+        if command:
+            info["command"] = command
         if init is not None:
             info["init"] = json.loads((Path(init) / "pretrain.json").read_text())
         info["seconds"] = round(seconds) + (info.get("init") or {}).get("seconds", 0)
@@ -273,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3, help="UNet learning rate")
     parser.add_argument("--init", default=None, help="continue the UNet of this earlier output (second stage)")
+    parser.add_argument("--train-text", action="store_true", help="train the text encoder jointly with the UNet")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible)")
     args = parser.parse_args(argv)
@@ -286,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
         batch=args.batch,
         lr=args.lr,
         init=args.init,
+        train_text=args.train_text,
         overwrite=args.overwrite,
+        command="python -m catfast.demo.pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
         log=lambda m: print(m, flush=True),
     )
 
