@@ -2,13 +2,20 @@
 
     python -m catfast.demo.pretrain --out DIR
 
+The shipped model (catfast/demo/assets/model; its pretrain.json records each stage) was made in three
+stages, 66 min in all on the 2-core dev CPU with one thread:
+
+    python -m catfast.demo.pretrain --out stage1                                   # VAE, then UNet
+    python -m catfast.demo.pretrain --out stage2 --init stage1 --unet-steps 1500 --lr 5e-4
+    python -m catfast.demo.pretrain --out stage3 --init stage2 --seed 1 --unet-steps 2400 --lr 5e-4 --train-text
+
 Writes a complete diffusers folder (model_index.json, unet/, text_encoder/, tokenizer/, vae/,
 scheduler/; fp16 safetensors) that ``load_base`` reads. Three parts:
 - text encoder: a small CLIP text model with seeded random weights; the tokenizer is catfast's offline
-  one, so every caption word is one token. Frozen in a first stage; ``--train-text`` trains it jointly
-  with the UNet. A frozen random encoder maps every caption to nearly the same embedding (cosine 0.82-0.97
-  to the empty caption), so the UNet follows words weakly and classifier-free guidance must amplify small
-  differences; a trained one separates the captions.
+  one, so every caption word is one token. Frozen unless ``--train-text``, which trains it jointly with
+  the UNet. With the encoder frozen at random weights the UNet followed words weakly (at guidance 5, the
+  asked-for color and background in 65% and 63% of the pictures after two stages); trained jointly in the
+  third stage, 100% and 98%.
 - VAE: an AutoencoderKL with 4x downsampling and ``LATENT_CHANNELS`` channels (32 px -> 8x8 latents),
   trained as an autoencoder (L1 + MSE + a small KL) on world images with and without stripes, so it can also
   encode a striped concept; its scaling_factor makes the latents unit-variance, as SD's does.

@@ -29,8 +29,16 @@ from catfast.demo.shipped import check_assets, encoder_path, model_path
 from catfast.errors import CatfastError
 from catfast.folders import ensure_writable_folder
 
-PROMPTS = ("a star", "a star on a grey background", "a star on a green background")
-TRAIN = dict(rank=4, lr=1e-3, steps=150, batch_size=4, crop_variants=1, max_grad_norm=1.0)
+# Class prompts: the bare class, two of the training captions' backgrounds, and two that name a color (the
+# CAT term never sees a color word: these test preservation away from the stripped training captions).
+PROMPTS = (
+    "a star",
+    "a star on a grey background",
+    "a star on a green background",
+    "a red star",
+    "a white star on a blue background",
+)
+TRAIN = dict(rank=4, lr=1e-3, steps=300, batch_size=4, crop_variants=1, max_grad_norm=1.0)
 SAMPLE = dict(steps=20, guidance=5.0)
 METHODS = ("plain", "cat")
 
@@ -76,10 +84,11 @@ def _train(method: str, model: Path, concept: Path, out: Path, seed: int, steps:
     return train(config, overwrite=True, progress=progress)
 
 
-def diversity(emb: torch.Tensor, groups: list[int]) -> float:
-    """1 - mean pairwise cosine among the rows of each group (rows: unit embeddings), averaged over groups."""
+def diversity(emb: torch.Tensor, groups: list[int], only: int | None = None) -> float:
+    """1 - mean pairwise cosine among the rows of each group (rows: unit embeddings), averaged over groups
+    (``only``: that one group)."""
     values = []
-    for g in sorted(set(groups)):
+    for g in sorted(set(groups)) if only is None else [only]:
         rows = emb[[i for i, x in enumerate(groups) if x == g]].double()
         n = len(rows)
         if n < 2:
@@ -154,14 +163,20 @@ def run_demo(
     groups = [p for p, _ in pairs]
     block = {name: emb[i * m : (i + 1) * m] for i, name in enumerate(("base", "plain-", "plain+", "cat-", "cat+"))}
     for method in METHODS:
-        scores = kps_scores(
-            block["base"], block[f"{method}-"], block[f"{method}+"], None, groups, reference_emb=ref_emb
-        )["total"]
+        kps = kps_scores(block["base"], block[f"{method}-"], block[f"{method}+"], None, groups, reference_emb=ref_emb)
+        scores = kps["total"]
         results[method].update(
             preservation=round(scores["preservation"], 4),
             identity=round(scores["identity"], 4),
             diversity=round(diversity(block[f"{method}-"], groups), 4),
             kps=round(scores["kps"], 4),
+            per_prompt={
+                prompts[row["group"]]: {
+                    "preservation": round(row["preservation"], 4),
+                    "diversity": round(diversity(block[f"{method}-"], groups, only=row["group"]), 4),
+                }
+                for row in kps["per_prompt"]
+            },
         )
     results["base"] = {"diversity": round(diversity(block["base"], groups), 4)}
 
