@@ -22,7 +22,7 @@ from catfast.rows import RowPlan
 
 
 class PlanHolder:
-    """The row plan of the current call, its grad / other sample indices (computed once per call),
+    """The row plan of the current call, the per-layer-scaled plans derived from it (made once per call),
     and the sharing stage (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -40,10 +40,7 @@ class PlanHolder:
         self.twins = False
         self._twin = twin  # (group size, the plan's state restricted to groups 1..)
         self._twin_views: dict = {}
-        self.grad_samples = self.other_samples = None
-        if plan is not None:
-            self.grad_samples = plan.grad_samples()
-            self.other_samples = torch.nonzero(~plan.needs_grad, as_tuple=False).flatten()
+        self._scaled: dict = {}
 
     def snapshot(self) -> dict:
         """The whole state, for ``restore`` (a checkpointed block replays its forward with it)."""
@@ -55,7 +52,18 @@ class PlanHolder:
     @property
     def split(self) -> bool:
         """True when some samples need gradients and some do not (the case worth row-aware work)."""
-        return self.plan is not None and self.grad_samples.numel() > 0 and self.other_samples.numel() > 0
+        return self.plan is not None and bool(self.plan.layout.grad_samples) and bool(self.plan.layout.other_samples)
+
+    def scaled_plan(self, scaling: tuple[float, ...]) -> RowPlan:
+        """The current plan with each sample's scale times ``scaling[slot]`` (a LoRA layer's alpha / r per
+        slot), made once per call and scaling: layers with the same scaling share it and what it caches."""
+        key = (id(self.plan), scaling)
+        hit = self._scaled.get(key)
+        if hit is None:
+            plan = self.plan
+            per_slot = torch.tensor(scaling, dtype=plan.scales.dtype, device=plan.scales.device)
+            hit = self._scaled[key] = plan.with_scales(plan.scales * per_slot[plan.slots.clamp(min=0)])
+        return hit
 
     def lora_layer_reached(self) -> None:
         """Rows with and without adapters diverge here; the twin groups do not."""
@@ -81,13 +89,13 @@ class PlanHolder:
     def twin_shared(self, x: torch.Tensor, fn) -> torch.Tensor:
         """``fn(x)`` for a module in the twins stage: ``fn`` runs on groups 1.. with the plan restricted to
         them, and group 0's output is group 1's. ``x`` is ``[N, ...]`` (N = plan rows)."""
-        size, (plan, grad_samples, other_samples) = self._twin
+        size, plan = self._twin
         view = self._twin_view(x, size)
         outer = self.snapshot()
-        self.plan, self.grad_samples, self.other_samples = plan, grad_samples, other_samples
+        self.plan = plan
         self.in_prefix = self.twins = False
         try:
-            with sub_batch_rows(grad_samples, len(plan)):  # the restricted rows are not the call's samples
+            with sub_batch_rows(plan):  # the restricted rows are not the call's samples
                 y = fn(view)
         finally:
             self.restore(outer)
@@ -106,13 +114,8 @@ class PlanHolder:
 def _twin_state(plan: RowPlan, prefix_groups: int):
     if prefix_groups < 2:
         raise ValueError("twin_groups needs identical_groups >= 2")
-    size, dev = len(plan) // prefix_groups, plan.slots.device
-    first, second = (plan.select(torch.arange(i * size, (i + 1) * size, device=dev)) for i in (0, 1))
-    if not all(torch.equal(a, b) for a, b in zip(_fields(first), _fields(second))):
+    size = len(plan) // prefix_groups
+    first, second = (plan.select(range(i * size, (i + 1) * size)) for i in (0, 1))
+    if first.layout != second.layout or not torch.equal(first.scales, second.scales):
         raise ValueError("twin_groups: groups 0 and 1 of the row plan differ")
-    rest = plan.select(torch.arange(size, len(plan), device=dev))
-    return size, (rest, rest.grad_samples(), torch.nonzero(~rest.needs_grad, as_tuple=False).flatten())
-
-
-def _fields(plan: RowPlan) -> tuple[torch.Tensor, ...]:
-    return plan.slots, plan.scales, plan.needs_grad
+    return size, plan.select(range(size, len(plan)))

@@ -55,7 +55,7 @@ class _RowFrozen(torch.nn.Module):
             return self.holder.twin_shared(x, self.forward)
         if not self._row_aware(x):
             return self.inner(x)
-        return self.row_aware_op(x, self.inner, self.holder.grad_samples)
+        return self.row_aware_op(x, self.inner, self.holder.plan)
 
     def extra_repr(self) -> str:
         return repr(self.inner)
@@ -129,9 +129,7 @@ class RowAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = split_rows(
-            F.scaled_dot_product_attention, self.holder.grad_samples, self.holder.other_samples, query, key, value
-        )
+        out = split_rows(F.scaled_dot_product_attention, self.holder.plan, query, key, value)
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:

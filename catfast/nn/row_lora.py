@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from catfast.nn.plan_holder import PlanHolder
 from catfast.ops.lora import lora_linear
 from catfast.ops.lora_conv import lora_conv2d
-from catfast.rows import RowPlan
 
 
 class RowLoraLayer(torch.nn.Module):
@@ -35,7 +34,7 @@ class RowLoraLayer(torch.nn.Module):
         self.kernel = tuple(self.base_layer.kernel_size) if self.is_conv else None
         self.__dict__["peft_layer"] = peft_layer  # not a submodule: its parameters are already ours
         self.__dict__["holder"] = holder
-        self._scaling = [float(peft_layer.scaling[name]) for name in self.slot_names]
+        self._scaling = tuple(float(peft_layer.scaling[name]) for name in self.slot_names)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         plan = self.holder.plan
@@ -49,15 +48,14 @@ class RowLoraLayer(torch.nn.Module):
         lora_a, lora_b = self._stacked()
         if lora_a.dtype != x.dtype:  # fp32 LoRA parameters on a bf16/fp16 UNet (peft's cast_training_params)
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        scales = plan.scales * torch.tensor(self._scaling, device=plan.scales.device)[plan.slots.clamp(min=0)]
-        row_plan = RowPlan(plan.slots, scales, plan.needs_grad)
+        row_plan = self.holder.scaled_plan(self._scaling)
         weight = self.base_layer.weight
         if self.is_conv:
             # 1x1 ones too: as tokens through lora_linear they needed an NHWC copy, and that copy (not the
             # NCHW tensor the norm before saves) was saved: small UNet, LoRA on every conv, 1 thread:
             # 97.5 MB saved and 697 ms a step that way, 93.2 MB and 663 ms this way
             lora_a = lora_a.view(*lora_a.shape[:2], *weight.shape[1:])
-            return lora_conv2d(x, self.base_layer, lora_a, lora_b, row_plan, self.holder.grad_samples)
+            return lora_conv2d(x, self.base_layer, lora_a, lora_b, row_plan)
         return lora_linear(
             x,
             weight,

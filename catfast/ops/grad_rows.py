@@ -1,16 +1,17 @@
 """Keep the backward pass of a row-planned call to the samples that need gradients.
 
 Three pieces, used together by the fused CAT pass (and measured in `catfast bench train-step`):
-- ``keep_grad_rows(grad_samples, num_samples)``: saved-tensor hooks that store only the grad samples'
+- ``keep_grad_rows(plan)``: saved-tensor hooks that store only the grad samples'
   rows of every batch-major activation autograd saves, and give back a full-size tensor (zeros in the
   other rows) in backward. Reference-mode CAT saves nothing for the teacher (it runs under no_grad);
   this makes the one-call fused pass save no more than that.
 - ``frozen_conv2d`` / ``frozen_linear``: frozen-weight conv and linear over all rows in one launch, whose
   backward computes dX for the grad samples only (and saves no activation at all).
-- ``split_rows(fn, grad_samples, *tensors)``: runs ``fn`` on the grad samples with autograd and on the
+- ``split_rows(fn, plan, *tensors)``: runs ``fn`` on the grad samples with autograd and on the
   others under no_grad (two launches; used for attention, where a row-aware backward would have to
   recompute the forward).
-Rows of one sample are consecutive along dim 0 (batch-major), as in every UNet tensor.
+Rows of one sample are consecutive along dim 0 (batch-major), as in every UNet tensor. Which samples
+need gradients comes from the plan's host layout (catfast.rows), so none of this reads the device.
 """
 
 from __future__ import annotations
@@ -22,17 +23,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from catfast.rows import RowPlan, run_of
+
 ROWS_ONLY = "_catfast_rows_only"  # attribute marking a saved tensor that already holds only grad rows
-
-
-def as_range(samples: torch.Tensor) -> tuple[int, int] | None:
-    """(start, stop) when ``samples`` is an ascending run of consecutive indices (the CAT layout puts
-    the grad samples first), else None. Slicing such a run is a view: no gather, strides kept."""
-    n = samples.numel()
-    if n == 0:
-        return None
-    first, last = int(samples[0]), int(samples[-1])
-    return (first, last + 1) if last - first + 1 == n and bool((samples.diff() == 1).all()) else None
 
 
 def take_samples(t: torch.Tensor, samples: torch.Tensor, run: tuple[int, int] | None) -> torch.Tensor:
@@ -87,23 +80,23 @@ def _open_contexts() -> list:
 
 
 @contextlib.contextmanager
-def sub_batch_rows(grad_samples: torch.Tensor, num_samples: int):
+def sub_batch_rows(plan: RowPlan):
     """Within an open ``keep_grad_rows``: for computations on a sub-batch of the call's samples (whose
-    dim 0 no longer maps onto the call's samples), keep the grad rows of that sub-batch instead
-    (``grad_samples`` of its ``num_samples``), with the same exclusions; the enclosing context saves
-    what this one keeps as it is. Without an open context: nothing."""
+    dim 0 no longer maps onto the call's samples), keep the grad rows of that sub-batch instead (``plan``
+    is the sub-batch's), with the same exclusions; the enclosing context saves what this one keeps as it
+    is. Without an open context: nothing."""
     stack = _open_contexts()
     if not stack:
         yield
         return
-    with keep_grad_rows(grad_samples, num_samples, exclude=stack[-1][1]):
+    with keep_grad_rows(plan, exclude=stack[-1][1]):
         yield
 
 
 @contextlib.contextmanager
-def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[int] = frozenset()):
-    """Saved-tensor hooks: a saved float tensor whose dim 0 is a multiple of ``num_samples`` keeps only
-    the rows of ``grad_samples``; storages in ``exclude`` (parameters) and tensors marked ``ROWS_ONLY``
+def keep_grad_rows(plan: RowPlan, exclude: set[int] = frozenset()):
+    """Saved-tensor hooks: a saved float tensor whose dim 0 is a multiple of the plan's length keeps only
+    the rows of the plan's grad samples; storages in ``exclude`` (parameters) and tensors marked ``ROWS_ONLY``
     are saved as they are. Each distinct saved view is copied once, however many ops save it.
 
     Assumes what autograd saves with such a dim 0 is batch-major, each sample's rows consecutive: true
@@ -113,7 +106,7 @@ def keep_grad_rows(grad_samples: torch.Tensor, num_samples: int, exclude: set[in
     # that tensor is alive: once it dies, the allocator may hand the same address to a new tensor.
     memo: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
     outer_pack, outer_unpack = _enclosing_hooks()
-    run = as_range(grad_samples)
+    grad_samples, num_samples, run = plan.grad_samples(), len(plan), run_of(plan.layout.grad_samples)
     token, stack = object(), _open_contexts()
 
     def keep(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, tuple]:
@@ -168,9 +161,9 @@ class _FrozenRowsFunction(torch.autograd.Function):
     """y = op(x) on every row; dX only for the grad samples' rows (weights are frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv_args, grad_samples):
+    def forward(ctx, x, weight, bias, conv_args, plan):
         ctx.conv_args, ctx.x_shape = conv_args, x.shape
-        ctx.grad_samples = grad_samples
+        ctx.grad_samples, ctx.run = plan.grad_samples(), run_of(plan.layout.grad_samples)
         ctx.save_for_backward(weight)
         if conv_args is None:
             return F.linear(x, weight, bias)
@@ -179,8 +172,7 @@ class _FrozenRowsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (weight,) = ctx.saved_tensors
-        index = ctx.grad_samples
-        run = as_range(index)
+        index, run = ctx.grad_samples, ctx.run
         dy_g = take_samples(dy, index, run)
         if ctx.conv_args is None:
             dx_g = dy_g @ weight
@@ -191,26 +183,27 @@ class _FrozenRowsFunction(torch.autograd.Function):
         return scatter_rows(dx_g.to(dy.dtype), ctx.x_shape, index, run, ctx.x_shape[0]), None, None, None, None
 
 
-def frozen_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, grad_samples: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` ([N, C, H, W], one launch) whose backward spends work only on ``grad_samples``."""
+def frozen_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, plan: RowPlan) -> torch.Tensor:
+    """``conv(x)`` ([N, C, H, W], one launch) whose backward spends work only on the plan's grad samples."""
     if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
         return conv(x)
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    return _FrozenRowsFunction.apply(x, conv.weight, conv.bias, args, grad_samples)
+    return _FrozenRowsFunction.apply(x, conv.weight, conv.bias, args, plan)
 
 
-def frozen_linear(x: torch.Tensor, linear: torch.nn.Linear, grad_samples: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` ([N, ..., in], one launch) whose backward spends work only on ``grad_samples``
-    (x's first dim is the sample; rows of a sample are its inner dims)."""
-    return _FrozenRowsFunction.apply(x, linear.weight, linear.bias, None, grad_samples)
+def frozen_linear(x: torch.Tensor, linear: torch.nn.Linear, plan: RowPlan) -> torch.Tensor:
+    """``linear(x)`` ([N, ..., in], one launch) whose backward spends work only on the plan's grad
+    samples (x's first dim is the sample; rows of a sample are its inner dims)."""
+    return _FrozenRowsFunction.apply(x, linear.weight, linear.bias, None, plan)
 
 
-def split_rows(fn, grad_samples: torch.Tensor, other_samples: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn(*tensors)`` for batch-major tensors (one row per sample), with autograd only for the
-    ``grad_samples`` rows. Consecutive runs are sliced, keeping the inputs' strides: on the 2-thread
+def split_rows(fn, plan: RowPlan, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*tensors)`` for batch-major tensors (one row per sample), with autograd only for the plan's
+    grad samples' rows. Consecutive runs are sliced, keeping the inputs' strides: on the 2-thread
     dev CPU, gathering attention's transposed q/k/v into contiguous copies made SDPA 2.3x slower.
     The grad rows are cloned (strides preserved) so what ``fn`` saves does not pin the other rows."""
-    grad_run, other_run = as_range(grad_samples), as_range(other_samples)
+    grad_samples, other_samples = plan.grad_samples(), plan.other_samples()
+    grad_run, other_run = run_of(plan.layout.grad_samples), run_of(plan.layout.other_samples)
     grad_in = (take_samples(t, grad_samples, grad_run) for t in tensors)
     grad_out = fn(*(t.clone() if grad_run is not None else t for t in grad_in))
     with torch.no_grad():

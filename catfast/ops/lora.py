@@ -17,16 +17,8 @@ import weakref
 
 import torch
 
-from catfast.ops.grad_rows import (
-    ROWS_ONLY,
-    as_range,
-    gather_rows,
-    sample_rows,
-    scatter_rows,
-    take_samples,
-    zeros_outside,
-)
-from catfast.rows import NO_ADAPTER, RowPlan
+from catfast.ops.grad_rows import ROWS_ONLY, gather_rows, sample_rows, scatter_rows, take_samples, zeros_outside
+from catfast.rows import NO_ADAPTER, RowPlan, run_of
 
 BACKENDS = ("triton", "torch")
 
@@ -124,8 +116,7 @@ class LoraLinearFunction(torch.autograd.Function):
         n, in_f = x.shape[0], x.shape[-1]
         x2 = x.reshape(-1, in_f).contiguous()
         rows = x2.shape[0] // n
-        grad_samples = plan.grad_samples()
-        run = as_range(grad_samples)
+        grad_samples, run = plan.grad_samples(), run_of(plan.layout.grad_samples)
         need_low = grad_samples.numel() > 0 and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         if backend == "triton":
             from catfast.kernels.lora_gemm import lora_gemm
@@ -136,7 +127,7 @@ class LoraLinearFunction(torch.autograd.Function):
             y2, low = _torch_gemm(x2, weight, bias, lora_a, lora_b, plan, rows, store_low=need_low)
 
         ctx.rows, ctx.num_samples, ctx.x_shape, ctx.backend = rows, n, x.shape, backend
-        ctx.plan, ctx.grad_samples, ctx.run = plan.select(grad_samples), grad_samples, run
+        ctx.plan, ctx.grad_samples, ctx.run = plan.grad_plan, grad_samples, run
         x_rows = _input_rows(x, x2, grad_samples, run, input_memo)
         low_rows = gather_rows(low, grad_samples, run, n) if need_low else None
         for t in (x_rows, low_rows):  # already grad rows only: catfast.ops.grad_rows hooks keep them whole
@@ -212,14 +203,14 @@ def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, s
     else:
         y = torch.addmm(bias, x2, weight.t(), out=out)
     low = torch.zeros((x2.shape[0], lora_a.shape[1]), device=x2.device, dtype=torch.float32) if store_low else None
-    with_adapter = torch.nonzero(plan.slots != NO_ADAPTER, as_tuple=False).flatten()
-    if with_adapter.numel() == 0:
+    if not plan.layout.adapter_samples:
         return y, low
-    run = as_range(with_adapter)
-    slots = plan.slots[with_adapter]
+    with_adapter, run = plan.index(plan.layout.adapter_samples), run_of(plan.layout.adapter_samples)
+    slots = take_samples(plan.slots, with_adapter, run)
     xs = take_samples(x2.view(n, rows, -1), with_adapter, run)
     low_sel = torch.bmm(xs.float(), lora_a[slots].float().transpose(1, 2))  # [n_sel, rows, r]
-    delta = torch.bmm(low_sel * plan.scales[with_adapter].view(-1, 1, 1), lora_b[slots].float().transpose(1, 2))
+    scales = take_samples(plan.scales, with_adapter, run)
+    delta = torch.bmm(low_sel * scales.view(-1, 1, 1), lora_b[slots].float().transpose(1, 2))
     y3 = y.view(n, rows, -1)
     if run is not None:  # the CAT layout: one run, added in place (index_add_ ran as scatter_add: 18% of a
         # profiled fused step on the dev CPU)
@@ -241,28 +232,30 @@ def _lora_low(x2, lora_a, plan: RowPlan, rows: int) -> torch.Tensor:
 
 def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, num_slots: int, backend: str):
     """dA [S, r, in] and dB [S, out, r] (fp32) from the grad rows, summed per adapter slot."""
-    order = torch.argsort(plan.slots, stable=True)
-    slots_sorted = plan.slots[order]
-    keep = slots_sorted != NO_ADAPTER
-    order, slots_sorted = order[keep], slots_sorted[keep]
-    counts = torch.bincount(slots_sorted, minlength=num_slots) * rows
-    seg = torch.zeros(num_slots + 1, dtype=torch.int64, device=x_rows.device)
-    seg[1:] = torch.cumsum(counts, 0)
-    row_scale = plan.scales[order].repeat_interleave(rows).float()
-    if order.numel() == plan.slots.numel() and bool((order == torch.arange(order.numel(), device=order.device)).all()):
+    layout = plan.layout
+    order = sorted(layout.adapter_samples, key=lambda i: layout.slots[i])  # grouped by slot, stable
+    bounds = [0] * (num_slots + 1)  # sample bounds of each slot's group in that order
+    for i in order:
+        bounds[layout.slots[i] + 1] += 1
+    for s in range(num_slots):
+        bounds[s + 1] += bounds[s]
+    index = plan.index(order)
+    row_scale = plan.scales[index].repeat_interleave(rows).float()
+    if order == list(range(len(plan))):
         x_s, dy_s, low_s, up_s = x_rows, dy_rows, low_rows, up_low  # already grouped by slot (one adapter)
     else:
-        index = sample_rows(order, rows)
-        x_s, dy_s = x_rows.index_select(0, index), dy_rows.index_select(0, index)
-        low_s, up_s = low_rows.index_select(0, index), up_low.index_select(0, index)
+        rows_index = sample_rows(index, rows)
+        x_s, dy_s = x_rows.index_select(0, rows_index), dy_rows.index_select(0, rows_index)
+        low_s, up_s = low_rows.index_select(0, rows_index), up_low.index_select(0, rows_index)
     if backend == "triton":
         from catfast.kernels.lora_gemm import segment_outer
 
+        seg = plan.index([b * rows for b in bounds])  # made once per plan: a host-to-device copy syncs
         return segment_outer(up_s, x_s, row_scale, seg), segment_outer(dy_s, low_s, row_scale, seg)
     da = torch.zeros((num_slots, up_s.shape[1], x_s.shape[1]), device=x_rows.device, dtype=torch.float32)
     db = torch.zeros((num_slots, dy_s.shape[1], low_s.shape[1]), device=x_rows.device, dtype=torch.float32)
     for s in range(num_slots):
-        lo, hi = int(seg[s]), int(seg[s + 1])
+        lo, hi = bounds[s] * rows, bounds[s + 1] * rows
         if hi > lo:
             scaled = row_scale[lo:hi, None]
             da[s] = (up_s[lo:hi].float() * scaled).t() @ x_s[lo:hi].float()

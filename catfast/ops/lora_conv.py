@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from catfast.ops.grad_rows import as_range, frozen_conv2d, scatter_rows, take_samples
-from catfast.rows import NO_ADAPTER, RowPlan
+from catfast.ops.grad_rows import frozen_conv2d, scatter_rows, take_samples
+from catfast.rows import RowPlan, run_of
 
 
 def lora_conv2d(
@@ -26,25 +26,18 @@ def lora_conv2d(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     plan: RowPlan,
-    grad_samples: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base(x)`` plus each sample's LoRA term. Shapes: x ``[N, in, H, W]``; lora_a
     ``[S, r, in, kh, kw]`` (base's kernel); lora_b ``[S, out, r]``; plan of length N (scales already
-    include each adapter's alpha / r). ``grad_samples``: ``plan.grad_samples()`` when the caller has
-    it. The down convolution uses ``base``'s stride and padding, as peft's does."""
+    include each adapter's alpha / r). The down convolution uses ``base``'s stride and padding, as peft's does."""
     _check(x, base, lora_a, lora_b, plan)
-    if grad_samples is None:
-        grad_samples = plan.grad_samples()
-    y = frozen_conv2d(x, base, grad_samples)
-    for slot in torch.unique(plan.slots[plan.slots != NO_ADAPTER]).tolist():
-        for needs_grad in (True, False):
-            samples = torch.nonzero((plan.slots == slot) & (plan.needs_grad == needs_grad)).flatten()
-            if samples.numel() == 0:
-                continue
-            with torch.set_grad_enabled(needs_grad and torch.is_grad_enabled()):
-                low = _DownRows.apply(x, lora_a[slot], samples, base.stride, base.padding)
-                delta = F.conv2d(low, lora_b[slot][:, :, None, None]) * plan.scales[samples].view(-1, 1, 1, 1)
-            y = _add_rows(y, samples, as_range(samples), delta.to(y.dtype))
+    y = frozen_conv2d(x, base, plan)
+    for slot, needs_grad, host_samples in plan.layout.by_slot:
+        samples, run = plan.index(host_samples), run_of(host_samples)
+        with torch.set_grad_enabled(needs_grad and torch.is_grad_enabled()):
+            low = _DownRows.apply(x, lora_a[slot], samples, run, base.stride, base.padding)
+            delta = F.conv2d(low, lora_b[slot][:, :, None, None]) * plan.scales[samples].view(-1, 1, 1, 1)
+        y = _add_rows(y, samples, run, delta.to(y.dtype))
     return y
 
 
@@ -54,8 +47,8 @@ class _DownRows(torch.autograd.Function):
     ops saving ``x`` (the norm before it) share; a copy of the rows here added to the saved bytes."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, samples, stride, padding):
-        ctx.samples, ctx.run, ctx.stride, ctx.padding = samples, as_range(samples), stride, padding
+    def forward(ctx, x, lora_a, samples, run, stride, padding):
+        ctx.samples, ctx.run, ctx.stride, ctx.padding = samples, run, stride, padding
         ctx.save_for_backward(x, lora_a)
         return F.conv2d(take_samples(x, samples, ctx.run), lora_a, None, stride, padding)
 
@@ -69,7 +62,7 @@ class _DownRows(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx_rows = torch.nn.grad.conv2d_input(rows.shape, lora_a, d_low, ctx.stride, ctx.padding)
             dx = scatter_rows(dx_rows, x.shape, ctx.samples, ctx.run, x.shape[0])
-        return dx, da, None, None, None
+        return dx, da, None, None, None, None
 
 
 def _add_rows(y: torch.Tensor, samples: torch.Tensor, run: tuple[int, int] | None, delta: torch.Tensor):

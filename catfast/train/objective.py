@@ -183,7 +183,7 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, wi
             groups, rows_cond, needs_grad = 1, cond, True
         plan = RowPlan.build(slots, needs_grad=needs_grad, device=noisy.device)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        grad_rows = keep_grad_rows(plan.grad_samples(), len(plan), exclude=params)
+        grad_rows = keep_grad_rows(plan, exclude=params)
         with row_plan(model, plan, identical_groups=groups, twin_groups=with_teacher), grad_rows:
             out = _predict(unet, torch.cat([noisy] * groups), torch.cat([timesteps] * groups), rows_cond)
     finally:

@@ -81,7 +81,7 @@ def test_saves_only_the_grad_samples():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with keep_grad_rows(plan.grad_samples(), len(plan), exclude={base.weight.untyped_storage().data_ptr()}):
+        with keep_grad_rows(plan, exclude={base.weight.untyped_storage().data_ptr()}):
             lora_conv2d(x, base, a, b, plan)
     inputs = [t for t in saved if t.shape == (t.shape[0], *x.shape[1:])]
     assert inputs and all(t.shape[0] == 2 and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
