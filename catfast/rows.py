@@ -93,13 +93,18 @@ class RowPlan:
         ``scales`` / ``needs_grad`` a scalar for all samples or one value per sample."""
         host_slots = tuple(_per_sample(slots, None, int))
         n = len(host_slots)
-        grads = _per_sample(needs_grad, n, bool)
-        if len(grads) != n:
-            raise ValueError(f"row plan fields must be 1-D of equal length, got {n} slots and {len(grads)} needs_grad")
-        slots_t = torch.tensor(host_slots, dtype=torch.int64, device=device)
-        scales_t = torch.as_tensor(scales, dtype=torch.float32, device=device).expand(n).contiguous()
-        plan = RowPlan(slots_t, scales_t, torch.tensor(grads, dtype=torch.bool, device=device))
-        plan._seed(RowLayout(host_slots, tuple(grads)))
+        grads, host_scales = _per_sample(needs_grad, n, bool), _per_sample(scales, n, float)
+        if not len(grads) == len(host_scales) == n:
+            raise ValueError(
+                f"row plan fields need one value per sample: {n} slots, {len(host_scales)} scales, "
+                f"{len(grads)} needs_grad"
+            )
+        plan = RowPlan(
+            torch.tensor(host_slots, dtype=torch.int64, device=device),
+            torch.tensor(host_scales, dtype=torch.float32, device=device),
+            torch.tensor(grads, dtype=torch.bool, device=device),
+        )
+        plan._seed(RowLayout(host_slots, tuple(grads)), tuple(host_scales))
         plan.validate()
         return plan
 
@@ -123,8 +128,16 @@ class RowPlan:
         the host)."""
         return RowLayout(tuple(self.slots.tolist()), tuple(self.needs_grad.tolist()))
 
-    def _seed(self, layout: RowLayout) -> None:
+    def host_scales(self) -> tuple[float, ...]:
+        """Host copy of the scales (one device read, once, for a plan not built or derived on the host)."""
+        if "_host_scales" not in self.__dict__:
+            self.__dict__["_host_scales"] = tuple(self.scales.tolist())
+        return self.__dict__["_host_scales"]
+
+    def _seed(self, layout: RowLayout, scales: tuple[float, ...] | None = None) -> None:
         self.__dict__["layout"] = layout  # what cached_property stores; frozen dataclasses allow it
+        if scales is not None:
+            self.__dict__["_host_scales"] = scales
 
     def validate(self, num_slots: int | None = None, batch: int | None = None) -> None:
         """Raise ValueError for inconsistent lengths, a slot < -1 or >= ``num_slots``, or a plan whose
@@ -168,7 +181,8 @@ class RowPlan:
         index = self.index(host) if host is not None else samples
         plan = RowPlan(self.slots[index], self.scales[index], self.needs_grad[index])
         if host is not None:
-            plan._seed(self.layout.subset(host))
+            scales = self.__dict__.get("_host_scales")
+            plan._seed(self.layout.subset(host), None if scales is None else tuple(scales[i] for i in host))
         return plan
 
     @cached_property

@@ -282,6 +282,44 @@ def test_samples_on_different_adapters_equal_reference(monkeypatch):
         catfast.cat_loss(unet, sched, **b, mode="fused", adapters=["other"] * 2)
 
 
+class _DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a device value to the host (a synchronisation on a GPU)."""
+
+    READS = {"_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2", "masked_select", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_step_never_reads_the_device(monkeypatch):
+    """Which samples go where is decided on the host from the plan's Python values: no layer may read a
+    device tensor to find out (each read syncs a GPU; 894 per small-UNet step before RowPlan.layout)."""
+    monkeypatch.setenv("CATFAST_BACKEND", "torch")
+    unet = _unet(LOCON, 4, 4.0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4.0, target_modules=LOCON), adapter_name="other")
+    unet.set_adapter(["default", "other"])
+    randomize_lora_(unet, seed=7)
+    sched, b = _scheduler(), _batch(3)
+    patch_unet(unet)
+    try:
+        _run(unet, sched, b, "fused", adapters=["other", "default", "other"])  # warm-up
+        tolist = torch.Tensor.tolist
+        with _DeviceReads() as mode:
+            monkeypatch.setattr(torch.Tensor, "tolist", lambda t: mode.reads.append("tolist") or tolist(t))
+            _, grads = _run(unet, sched, b, "fused", adapters=["other", "default", "other"])
+            monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    finally:
+        unpatch_unet(unet)
+    assert mode.reads == []
+    assert any("other" in n for n in grads) and all(g.abs().sum() > 0 for g in grads.values())
+
+
 @pytest.mark.parametrize("cat_weight", [0.0, 1.0])
 def test_fused_under_distributed_data_parallel(tmp_path, cat_weight, monkeypatch):
     """A DDP-wrapped UNet (gloo, one process): the wrapper runs the forward, results are unchanged."""

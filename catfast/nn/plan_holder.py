@@ -116,6 +116,6 @@ def _twin_state(plan: RowPlan, prefix_groups: int):
         raise ValueError("twin_groups needs identical_groups >= 2")
     size = len(plan) // prefix_groups
     first, second = (plan.select(range(i * size, (i + 1) * size)) for i in (0, 1))
-    if first.layout != second.layout or not torch.equal(first.scales, second.scales):
+    if first.layout != second.layout or first.host_scales() != second.host_scales():
         raise ValueError("twin_groups: groups 0 and 1 of the row plan differ")
     return size, plan.select(range(size, len(plan)))
