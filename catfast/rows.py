@@ -66,6 +66,11 @@ class RowLayout:
         return tuple(i for i, s in enumerate(self.slots) if s != NO_ADAPTER)
 
     @cached_property
+    def slots_used(self) -> tuple[int, ...]:
+        """The distinct adapter slots of the plan, ascending."""
+        return tuple(sorted({self.slots[i] for i in self.adapter_samples}))
+
+    @cached_property
     def by_slot(self) -> tuple[tuple[int, bool, tuple[int, ...]], ...]:
         """(slot, needs_grad, samples) for every non-empty group of samples with an adapter, by slot."""
         groups: dict[tuple[int, bool], list[int]] = {}

@@ -206,11 +206,17 @@ def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, s
     if not plan.layout.adapter_samples:
         return y, low
     with_adapter, run = plan.index(plan.layout.adapter_samples), run_of(plan.layout.adapter_samples)
-    slots = take_samples(plan.slots, with_adapter, run)
     xs = take_samples(x2.view(n, rows, -1), with_adapter, run)
-    low_sel = torch.bmm(xs.float(), lora_a[slots].float().transpose(1, 2))  # [n_sel, rows, r]
-    scales = take_samples(plan.scales, with_adapter, run)
-    delta = torch.bmm(low_sel * scales.view(-1, 1, 1), lora_b[slots].float().transpose(1, 2))
+    scales = take_samples(plan.scales, with_adapter, run).view(-1, 1, 1)
+    used = plan.layout.slots_used
+    if len(used) == 1:  # one adapter (training): plain matmuls, no per-sample copies of A and B
+        a, b = lora_a[used[0]].float(), lora_b[used[0]].float()
+        low_sel = (xs.float() @ a.t()).view(xs.shape[0], rows, -1)  # [n_sel, rows, r]
+        delta = (low_sel * scales) @ b.t()
+    else:
+        slots = take_samples(plan.slots, with_adapter, run)
+        low_sel = torch.bmm(xs.float(), lora_a[slots].float().transpose(1, 2))
+        delta = torch.bmm(low_sel * scales, lora_b[slots].float().transpose(1, 2))
     y3 = y.view(n, rows, -1)
     if run is not None:  # the CAT layout: one run, added in place (index_add_ ran as scatter_add: 18% of a
         # profiled fused step on the dev CPU)
