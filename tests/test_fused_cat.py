@@ -29,6 +29,15 @@ def _unet(targets, rank, alpha, seed=0):
     return unet
 
 
+def _two_adapter_unet(targets):
+    """``_unet`` with a second adapter "other" (rank 2), both active, every B random."""
+    unet = _unet(targets, 4, 4.0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4.0, target_modules=targets), adapter_name="other")
+    unet.set_adapter(["default", "other"])
+    randomize_lora_(unet, seed=7)
+    return unet
+
+
 def _batch(batch, seed=0):
     g = torch.Generator().manual_seed(seed)
     return dict(
@@ -258,10 +267,7 @@ def test_several_adapters_of_different_ranks_in_one_call():
 def test_samples_on_different_adapters_equal_reference(monkeypatch):
     """Multi-concept: each sample's rows on its own adapter (fused: one call; reference: one per adapter)."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
-    unet = _unet(ATTN, 4, 4.0)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=4.0, target_modules=ATTN), adapter_name="other")
-    unet.set_adapter(["default", "other"])
-    randomize_lora_(unet, seed=7)
+    unet = _two_adapter_unet(ATTN)
     sched, b = _scheduler(), _batch(3)
     adapters = ["other", "default", "other"]
     ref, ref_grads = _run(unet, sched, b, "reference", adapters=adapters)
@@ -301,10 +307,7 @@ def test_fused_step_never_reads_the_device(monkeypatch):
     """Which samples go where is decided on the host from the plan's Python values: no layer may read a
     device tensor to find out (each read syncs a GPU; 894 per small-UNet step before RowPlan.layout)."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
-    unet = _unet(LOCON, 4, 4.0)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=4.0, target_modules=LOCON), adapter_name="other")
-    unet.set_adapter(["default", "other"])
-    randomize_lora_(unet, seed=7)
+    unet = _two_adapter_unet(LOCON)
     sched, b = _scheduler(), _batch(3)
     patch_unet(unet)
     try:
