@@ -86,7 +86,8 @@ class RowLayout:
 @dataclass(frozen=True)
 class RowPlan:
     """Per-sample adapter slot (int64, ``NO_ADAPTER`` for the base model), LoRA scale (fp32) and
-    needs-grad flag (bool), each ``[N]`` on the device of the activations."""
+    needs-grad flag (bool), each ``[N]`` on the device of the activations. Immutable: the host layout
+    and index tensors are cached on first use, so make a new plan rather than writing into these."""
 
     slots: torch.Tensor
     scales: torch.Tensor
