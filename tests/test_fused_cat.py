@@ -38,6 +38,21 @@ def _two_adapter_unet(targets):
     return unet
 
 
+class _DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a device value to the host (a synchronisation on a GPU)."""
+
+    READS = {"_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2", "masked_select", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def _batch(batch, seed=0):
     g = torch.Generator().manual_seed(seed)
     return dict(
@@ -255,10 +270,11 @@ def test_several_adapters_of_different_ranks_in_one_call():
             want.append(unet(x["latents"], x["timesteps"], x["cond"]).sample)
         unet.enable_adapters()
         report = patch_unet(unet, ["a", "b"])
-        with row_plan(unet, RowPlan.build([0, 1, NO_ADAPTER], [1.0, 1.0, 0.0], False)):
+        with row_plan(unet, RowPlan.build([0, 1, NO_ADAPTER], [1.0, 1.0, 0.0], False)), _DeviceReads() as mode:
             got = unet(x["latents"], x["timesteps"], x["cond"]).sample
     unpatch_unet(unet)
     assert report.slots == ["a", "b"] and not report.skipped
+    assert mode.reads == []  # serving-style mixed rows: no device synchronisation either
     for i in range(3):
         assert_rel_close(got[i], want[i][i], 1e-5, f"row {i}")
     assert (want[0][0] - want[1][0]).abs().max() > 1e-3  # the two adapters really differ
@@ -286,21 +302,6 @@ def test_samples_on_different_adapters_equal_reference(monkeypatch):
         catfast.cat_loss(unet, sched, **b, mode="fused", adapters=["nope"] * 3)
     with pytest.raises(ValueError, match="names 2 samples"):
         catfast.cat_loss(unet, sched, **b, mode="fused", adapters=["other"] * 2)
-
-
-class _DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ops that copy a device value to the host (a synchronisation on a GPU)."""
-
-    READS = {"_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2", "masked_select", "equal"}
-
-    def __init__(self):
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def test_fused_step_never_reads_the_device(monkeypatch):
