@@ -66,6 +66,26 @@ class RowLayout:
         return tuple(i for i, s in enumerate(self.slots) if s != NO_ADAPTER)
 
     @cached_property
+    def grad_run(self) -> tuple[int, int] | None:
+        """``run_of(grad_samples)``."""
+        return run_of(self.grad_samples)
+
+    @cached_property
+    def other_run(self) -> tuple[int, int] | None:
+        """``run_of(other_samples)``."""
+        return run_of(self.other_samples)
+
+    @cached_property
+    def adapter_run(self) -> tuple[int, int] | None:
+        """``run_of(adapter_samples)``."""
+        return run_of(self.adapter_samples)
+
+    @cached_property
+    def adapter_order(self) -> tuple[int, ...]:
+        """The samples with an adapter, grouped by slot (ascending), each group in sample order."""
+        return tuple(sorted(self.adapter_samples, key=lambda i: self.slots[i]))
+
+    @cached_property
     def slots_used(self) -> tuple[int, ...]:
         """The distinct adapter slots of the plan, ascending."""
         return tuple(sorted({self.slots[i] for i in self.adapter_samples}))

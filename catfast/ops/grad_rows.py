@@ -23,7 +23,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from catfast.rows import RowPlan, run_of
+from catfast.rows import RowPlan
 
 ROWS_ONLY = "_catfast_rows_only"  # attribute marking a saved tensor that already holds only grad rows
 
@@ -106,7 +106,7 @@ def keep_grad_rows(plan: RowPlan, exclude: set[int] = frozenset()):
     # that tensor is alive: once it dies, the allocator may hand the same address to a new tensor.
     memo: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
     outer_pack, outer_unpack = _enclosing_hooks()
-    grad_samples, num_samples, run = plan.grad_samples(), len(plan), run_of(plan.layout.grad_samples)
+    grad_samples, num_samples, run = plan.grad_samples(), len(plan), plan.layout.grad_run
     token, stack = object(), _open_contexts()
 
     def keep(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, tuple]:
@@ -163,7 +163,7 @@ class _FrozenRowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv_args, plan):
         ctx.conv_args, ctx.x_shape = conv_args, x.shape
-        ctx.grad_samples, ctx.run = plan.grad_samples(), run_of(plan.layout.grad_samples)
+        ctx.grad_samples, ctx.run = plan.grad_samples(), plan.layout.grad_run
         ctx.save_for_backward(weight)
         if conv_args is None:
             return F.linear(x, weight, bias)
@@ -203,7 +203,7 @@ def split_rows(fn, plan: RowPlan, *tensors: torch.Tensor) -> torch.Tensor:
     dev CPU, gathering attention's transposed q/k/v into contiguous copies made SDPA 2.3x slower.
     The grad rows are cloned (strides preserved) so what ``fn`` saves does not pin the other rows."""
     grad_samples, other_samples = plan.grad_samples(), plan.other_samples()
-    grad_run, other_run = run_of(plan.layout.grad_samples), run_of(plan.layout.other_samples)
+    grad_run, other_run = plan.layout.grad_run, plan.layout.other_run
     grad_in = (take_samples(t, grad_samples, grad_run) for t in tensors)
     grad_out = fn(*(t.clone() if grad_run is not None else t for t in grad_in))
     with torch.no_grad():

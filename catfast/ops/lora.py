@@ -18,7 +18,7 @@ import weakref
 import torch
 
 from catfast.ops.grad_rows import ROWS_ONLY, gather_rows, sample_rows, scatter_rows, take_samples, zeros_outside
-from catfast.rows import NO_ADAPTER, RowPlan, run_of
+from catfast.rows import NO_ADAPTER, RowPlan
 
 BACKENDS = ("triton", "torch")
 
@@ -116,7 +116,7 @@ class LoraLinearFunction(torch.autograd.Function):
         n, in_f = x.shape[0], x.shape[-1]
         x2 = x.reshape(-1, in_f).contiguous()
         rows = x2.shape[0] // n
-        grad_samples, run = plan.grad_samples(), run_of(plan.layout.grad_samples)
+        grad_samples, run = plan.grad_samples(), plan.layout.grad_run
         need_low = grad_samples.numel() > 0 and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         if backend == "triton":
             from catfast.kernels.lora_gemm import lora_gemm
@@ -205,7 +205,7 @@ def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, s
     low = torch.zeros((x2.shape[0], lora_a.shape[1]), device=x2.device, dtype=torch.float32) if store_low else None
     if not plan.layout.adapter_samples:
         return y, low
-    with_adapter, run = plan.index(plan.layout.adapter_samples), run_of(plan.layout.adapter_samples)
+    with_adapter, run = plan.index(plan.layout.adapter_samples), plan.layout.adapter_run
     xs = take_samples(x2.view(n, rows, -1), with_adapter, run)
     scales = take_samples(plan.scales, with_adapter, run).view(-1, 1, 1)
     used = plan.layout.slots_used
@@ -239,7 +239,7 @@ def _lora_low(x2, lora_a, plan: RowPlan, rows: int) -> torch.Tensor:
 def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, num_slots: int, backend: str):
     """dA [S, r, in] and dB [S, out, r] (fp32) from the grad rows, summed per adapter slot."""
     layout = plan.layout
-    order = sorted(layout.adapter_samples, key=lambda i: layout.slots[i])  # grouped by slot, stable
+    order = layout.adapter_order
     bounds = [0] * (num_slots + 1)  # sample bounds of each slot's group in that order
     for i in order:
         bounds[layout.slots[i] + 1] += 1
@@ -247,7 +247,7 @@ def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, 
         bounds[s + 1] += bounds[s]
     index = plan.index(order)
     row_scale = plan.scales[index].repeat_interleave(rows).float()
-    if order == list(range(len(plan))):
+    if order == tuple(range(len(plan))):
         x_s, dy_s, low_s, up_s = x_rows, dy_rows, low_rows, up_low  # already grouped by slot (one adapter)
     else:
         rows_index = sample_rows(index, rows)
