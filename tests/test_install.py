@@ -51,3 +51,17 @@ def test_env_module_prints_capabilities_with_reasons():
     assert caps["torch"]["available"]
     for c in caps.values():
         assert c["available"] or c["detail"], f"{c['name']} unavailable without a reason"
+
+
+def test_installed_transformers_accepts_the_installed_peft():
+    """transformers 5.24.0 demands peft >= 0.22.0 (which did not exist) for every adapter call; the
+    dependency bounds must never again resolve to a pair whose adapter path refuses to run."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+    from transformers.integrations import peft as tf_peft
+
+    needed = Version(tf_peft.MIN_PEFT_VERSION)
+    assert Version(version("peft")) >= needed, (
+        f"transformers {version('transformers')} needs peft >= {needed}, installed {version('peft')}"
+    )
