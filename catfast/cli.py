@@ -1,11 +1,17 @@
 """The `catfast` command. Each subcommand parses options and calls one library function; errors
-catfast raises on purpose (CatfastError) print as one line and exit 1, without a traceback."""
+catfast raises on purpose (CatfastError) print as one line and exit 1, without a traceback.
+
+Nothing heavy is imported at module level or in `main`: torch, diffusers, transformers, peft and onnx
+are imported inside the subcommand that uses them, so `catfast --help`, `catfast adapter info` and
+`catfast env` start in a fraction of the time a model-loading command needs (tests/test_cli_fast.py).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -28,19 +34,39 @@ def _friendly(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="catfast")
 def main() -> None:
-    """catfast: train (CAT), serve and export LoRA adapters for Stable-Diffusion UNets."""
-    _quiet_library_progress_bars()
+    """catfast: train (CAT) and export LoRA adapters for Stable-Diffusion UNets; serving (planned).
+
+    Every command that takes a base model accepts `--base demo`, the small demo model shipped in the
+    package (no download)."""
 
 
-def _quiet_library_progress_bars() -> None:
-    """diffusers/transformers draw a bar per component load or save; catfast draws its own per job."""
-    import importlib
+def _set_threads(threads: int | None, default: int | None, echo=click.echo) -> int:
+    """Set torch's CPU thread count: ``threads`` when given, else ``default`` (None: torch's own, one per
+    core). Prints a note when the machine is already busy (1-minute load average + our threads above
+    the core count): then threads spin against other processes, and fewer threads are faster."""
+    import os
 
-    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
-        try:
-            importlib.import_module(name).disable_progress_bar()
-        except ImportError:
-            pass
+    import torch
+
+    n = threads or default or torch.get_num_threads()
+    torch.set_num_threads(n)
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return n
+    if load + n > cores + 0.5:
+        echo(
+            f"note: this machine is busy (load {load:.1f} on {cores} cores) and catfast uses {n} thread(s): "
+            "expect slower runs than the README's timings (an idle machine); with other work running, "
+            "--threads 1 is the most robust choice"
+        )
+    return n
+
+
+_THREADS_HELP = "CPU threads for torch"
+DEMO_THREADS = 1  # the demo's UNet is tiny: a second thread gains little, and on a busy CPU it spins
+DEMO_TIME = "about 2 min on an idle 2-core CPU, 1 thread"  # README states the same; measured in the lead's merge
 
 
 @main.command("env")
@@ -72,21 +98,21 @@ def models_init(name: str, out_dir: str, seed: int, overwrite: bool) -> None:
 
 
 @main.command("cat-step")
-@click.option("--base", required=True, type=click.Path(), help="Base model: a diffusers folder.")
-@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--base", required=True, type=click.Path(), help="Base model: a diffusers folder, or demo.")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
 @click.option(
     "--caption",
     default="sks, a star on a plain background",
     show_default=True,
     help="Training caption; must contain the trigger.",
 )
-@click.option("--trigger", default="sks", show_default=True)
+@click.option("--trigger", default="sks", show_default=True, help="The trigger word of the caption.")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Training image (default: a drawn star).")
-@click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--alpha", default=4.0, show_default=True, type=float)
-@click.option("--cat-weight", default=1.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--lr", default=1e-4, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1), help="LoRA rank.")
+@click.option("--alpha", default=4.0, show_default=True, type=float, help="LoRA alpha (scale alpha / rank).")
+@click.option("--cat-weight", default=1.0, show_default=True, type=click.FloatRange(min=0), help="CAT term weight.")
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="AdamW learning rate.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the noise, timesteps and LoRA init.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the trained adapter here (diffusers format).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @_friendly
@@ -109,7 +135,7 @@ def cat_step(base, steps, caption, trigger, image, rank, alpha, cat_weight, lr, 
             out=out,
             overwrite=overwrite,
         )
-    except (ValueError, FileExistsError) as e:
+    except ValueError as e:  # a caption without the trigger
         raise click.ClickException(str(e)) from None
     for r in records:
         click.echo(f"step {r.step}: loss {r.loss:.5f}  ldm {r.ldm:.5f}  cat {r.cat:.3e}  ({r.seconds * 1e3:.0f} ms)")
@@ -133,59 +159,159 @@ def _set_option(ctx, param, values) -> dict:
     return out
 
 
+def _default(name: str) -> str:
+    """`train -h`'s default of option ``name``, from TrainConfig, in click's own "[default: X]" form."""
+    from catfast.train.config import TrainConfig
+
+    value = getattr(TrainConfig(), name)
+    if value is None or isinstance(value, bool):
+        value = "on" if value else "off"
+    return f"[default: {value}]"
+
+
+_REQUIRED = "[required unless set in --config]"
+
+
 @main.command("train")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML, YAML or JSON file of options.")
 @click.option(
-    "--base", help="Base model: a diffusers folder, a hub id (owner/name), or a UNet file with --base-config."
+    "--base",
+    help="Base model: a diffusers folder, a hub id (owner/name), a UNet file with --base-config, or demo "
+    f"(the shipped demo model). {_REQUIRED}",
 )
 @click.option("--base-config", help="The diffusers folder that completes a single-file --base.")
-@click.option("--data", help="Folder of images with .txt captions or a metadata.jsonl.")
-@click.option("--trigger", help="The trigger word every caption contains.")
-@click.option("--out", help="Output folder (adapter, metrics, samples, checkpoints).")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps [900].")
-@click.option("--seed", type=int, help="[42]")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Steps between checkpoints; 0: none [150].")
-@click.option("--sample-every", type=click.IntRange(min=0), help="Steps between sample grids; 0: none [0].")
-@click.option("--sample-prompt", "sample_prompts", multiple=True, help="Sample prompt (repeatable; no trigger).")
-@click.option("--rank", type=click.IntRange(min=1), help="LoRA rank [1].")
-@click.option("--alpha", type=float, help="LoRA alpha [= rank].")
-@click.option("--lr", type=float, help="AdamW learning rate [1e-4].")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "linear"]), help="[constant]")
-@click.option("--warmup-steps", type=click.IntRange(min=0), help="[0]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Per process [1].")
-@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per optimizer step [1].")
-@click.option("--resolution", type=click.IntRange(min=8), help="Pixels [the model's native size].")
-@click.option("--cat-weight", type=click.FloatRange(min=0), help="lambda of the CAT term; 0: plain LoRA [1.0].")
-@click.option("--snr-gamma", type=float, help="Min-SNR-gamma weighting [off].")
-@click.option("--timesteps", type=click.Choice(["uniform", "chain-of-forgetting"]), help="[uniform]")
-@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), help="[no]")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
-@click.option("--max-grad-norm", type=float, help="Clip the LoRA gradients' norm [1.0].")
-@click.option("--format", "format_", type=click.Choice(["diffusers", "kohya"]), help="Adapter file format.")
-@click.option("--prepend-trigger/--no-prepend-trigger", default=None, help="Put the trigger before captions.")
-@click.option("--on-bad-image", type=click.Choice(["stop", "skip"]), help="Unreadable images: stop or skip [stop].")
-@click.option("--mode", type=click.Choice(["fused", "reference"]), help="CAT step implementation [fused].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[auto]")
-@click.option("--set", "settings", multiple=True, callback=_set_option, metavar="KEY=VALUE", help="Any option.")
+@click.option("--data", help=f"Folder of images with .txt captions or a metadata.jsonl. {_REQUIRED}")
+@click.option("--trigger", help=f"The trigger word every caption contains. {_REQUIRED}")
+@click.option("--out", help=f"Output folder (adapter, metrics, samples, checkpoints). {_REQUIRED}")
+@click.option("--steps", type=click.IntRange(min=1), help=f"Optimizer steps. {_default('steps')}")
+@click.option("--seed", type=int, help=f"Seed of the LoRA init, data order, noise and timesteps. {_default('seed')}")
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=0),
+    help=f"Steps between checkpoints (the last step is always one); 0: none. {_default('checkpoint_every')}",
+)
+@click.option(
+    "--sample-every",
+    type=click.IntRange(min=0),
+    help=f"Steps between sample grids (and one at the end); 0: none. {_default('sample_every')}",
+)
+@click.option(
+    "--sample-prompt",
+    "sample_prompts",
+    multiple=True,
+    help="Sample prompt without the trigger (repeatable). [default: the first training caption, stripped]",
+)
+@click.option("--rank", type=click.IntRange(min=1), help=f"LoRA rank. {_default('rank')}")
+@click.option("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha / rank. [default: rank]")
+@click.option("--lr", type=float, help=f"AdamW learning rate. {_default('lr')}")
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cosine", "linear"]),
+    help=f"Learning-rate schedule after warmup (cosine/linear decay to 0 at --steps). {_default('lr_schedule')}",
+)
+@click.option(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    help=f"Steps of linear lr warmup from 0. {_default('warmup_steps')}",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), help=f"Images per step, per process. {_default('batch_size')}"
+)
+@click.option(
+    "--grad-accum", type=click.IntRange(min=1), help=f"Micro-batches per optimizer step. {_default('grad_accum')}"
+)
+@click.option(
+    "--resolution", type=click.IntRange(min=8), help="Training size in pixels. [default: the model's native size]"
+)
+@click.option("--allow-upscale", is_flag=True, default=None, help="Accept images smaller than --resolution (enlarged).")
+@click.option(
+    "--cat-weight",
+    type=click.FloatRange(min=0),
+    help=f"Weight (lambda) of the CAT term; 0: plain LoRA. {_default('cat_weight')}",
+)
+@click.option("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (e.g. 5). [default: off]")
+@click.option(
+    "--timesteps",
+    type=click.Choice(["uniform", "chain-of-forgetting"]),
+    help=f"Training timestep distribution (chain-of-forgetting favours noisy steps). {_default('timesteps')}",
+)
+@click.option(
+    "--mixed-precision",
+    type=click.Choice(["no", "bf16", "fp16"]),
+    help=f"Run the frozen UNet in half precision (LoRA weights stay fp32). {_default('mixed_precision')}",
+)
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    default=None,
+    help="Recompute UNet activations in backward: less memory, more time. [default: off]",
+)
+@click.option("--max-grad-norm", type=float, help=f"Clip the LoRA gradients' norm. {_default('max_grad_norm')}")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["diffusers", "kohya"]),
+    help=f"Adapter file format. {_default('format')}",
+)
+@click.option(
+    "--prepend-trigger/--no-prepend-trigger",
+    default=None,
+    help="Put the trigger before captions that lack it. [default: off]",
+)
+@click.option(
+    "--on-bad-image",
+    type=click.Choice(["stop", "skip"]),
+    help=f"Unreadable images: stop or skip. {_default('on_bad_image')}",
+)
+@click.option("--mode", type=click.Choice(["fused", "reference"]), help=f"CAT step implementation. {_default('mode')}")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help=f"auto: cuda when torch sees a GPU. {_default('device')}",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help=f"{_THREADS_HELP} (a CPU run; not a result setting). [default: one per core]",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    callback=_set_option,
+    metavar="KEY=VALUE",
+    help="Any config option (repeatable); a flag given for the same option wins over --set.",
+)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
 @click.option("--overwrite", is_flag=True, help="Start over in an OUT that holds an earlier run.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_friendly
-def train_command(config_file, settings, resume, overwrite, no_progress, format_, sample_prompts, **flags) -> None:
+def train_command(config_file, settings, resume, overwrite, no_progress, format_, sample_prompts, threads, **flags):
     """Train a CAT LoRA adapter on a folder of captioned images (multi-concept via a config's concepts).
-    Every option can be set in --config; flags override it. Defaults follow the CAT paper."""
+
+    Every option can also be set in --config or with --set KEY=VALUE. Precedence: a flag, then --set,
+    then the config file, then the default (defaults follow the CAT paper)."""
     from catfast.train.config import TrainConfig
     from catfast.train.trainer import train
 
-    overrides = {**settings, **flags, "format": format_, "sample_prompts": list(sample_prompts) or None}
-    config = TrainConfig.load(config_file, overrides)
+    flags.update(format=format_, sample_prompts=list(sample_prompts) or None)
+    config = TrainConfig.load(config_file, merge_overrides(settings, flags))
+    _set_threads(threads, None)
     result = train(config, resume=resume, overwrite=overwrite, progress=not no_progress)
     if not result.adapters:  # a rank other than 0 under torchrun
         return
-    rate = f", {result.steps_per_second:.3f} steps/s" if result.steps_per_second else ""
-    click.echo(f"trained {result.steps - result.start_step} steps in {result.seconds:.1f} s{rate}")
+    done = result.steps - result.start_step
+    from_step = f" (resumed at step {result.start_step})" if result.start_step else ""
+    click.echo(f"trained {done} steps{from_step} in {result.seconds:.1f} s ({result.seconds / done:.2f} s per step)")
     for path in dict.fromkeys(result.adapters.values()):
         click.echo(f"wrote adapter to {path}")
+
+
+def merge_overrides(settings: dict, flags: dict) -> dict:
+    """`catfast train`'s overrides of the config file: ``--set`` values, then every flag that was given
+    (a flag left out is None and does not hide a ``--set`` of the same option). Keys use underscores."""
+    merged = {k.replace("-", "_"): v for k, v in settings.items()}
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    return merged
 
 
 @main.group("eval")
@@ -194,7 +320,7 @@ def eval_group() -> None:
 
 
 @eval_group.command("kps")
-@click.option("--base", required=True, type=click.Path(exists=True), help="Base model: a diffusers folder.")
+@click.option("--base", required=True, type=click.Path(), help="Base model: a diffusers folder, or demo.")
 @click.option("--adapter", "adapter_file", required=True, type=click.Path(exists=True), help="Adapter file.")
 @click.option(
     "--prompts", "prompts_file", required=True, type=click.Path(exists=True), help="Class prompts, one per line."
@@ -205,8 +331,8 @@ def eval_group() -> None:
 @click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1), help="DDIM steps.")
 @click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--references", type=click.Path(exists=True), help="The concept's images (identity is scored on them).")
-@click.option("--grid", "grid_path", type=click.Path(), help="Also write the images as a PNG grid.")
-@click.option("--out-json", type=click.Path(), help="Write the full result as JSON.")
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), help="Also write the images as a PNG grid.")
+@click.option("--out-json", type=click.Path(dir_okay=False), help="Write the full result as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the totals as one JSON object.")
 @_friendly
 def eval_kps_command(
@@ -225,7 +351,7 @@ def eval_kps_command(
 
 @main.group()
 def adapter() -> None:
-    """Inspect and convert LoRA adapter files (diffusers/peft and kohya safetensors)."""
+    """Inspect and convert LoRA adapter files (diffusers and kohya safetensors)."""
 
 
 @adapter.command("info")
@@ -248,7 +374,7 @@ def _format_info(file: str, info: dict) -> str:
     alphas = sorted(set(info["alphas"].values()))
     lines = [
         f"file:        {file}",
-        f"format:      {info['format']}",
+        f"format:      {info['format']} ({info['keys']} keys)",
         f"components:  {', '.join(info['components'])}",
         f"layers:      {info['num_layers']}",
         f"rank:        {ranks[0] if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]} (varies per layer)'}",
@@ -271,7 +397,9 @@ def _format_info(file: str, info: dict) -> str:
 def adapter_convert(src: str, dst: str, to_format: str, overwrite: bool) -> None:
     """Convert SRC to DST in another format, keeping ranks and alphas (so the output is unchanged)."""
     from catfast.adapters.formats import read_adapter, write_adapter
+    from catfast.folders import check_output_file
 
+    check_output_file(dst, overwrite, CatfastError)  # before reading: a bad DST fails at once
     adapter_obj = read_adapter(src)
     write_adapter(adapter_obj, dst, format=to_format, overwrite=overwrite)
     click.echo(f"wrote {to_format} adapter ({len(adapter_obj.layers)} layers) to {dst}")
@@ -283,13 +411,15 @@ def export_group() -> None:
 
 
 @export_group.command("onnx")
-@click.option("--base", required=True, type=click.Path(), help="Base model: a diffusers folder (read, never written).")
+@click.option(
+    "--base", required=True, type=click.Path(), help="Base model: a diffusers folder (read, never written), or demo."
+)
 @click.option(
     "--adapter",
     "adapters",
     multiple=True,
     metavar="[NAME=]FILE[:SCALE]",
-    help="LoRA file to apply (repeatable); SCALE multiplies its alpha/r (default 1).",
+    help="LoRA file to apply (repeatable); NAME names it in the export; SCALE multiplies its alpha/r (default 1).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the export to.")
 @click.option("--fp16", is_flag=True, help="Export fp16 weights and inputs (validated against fp32 PyTorch).")
@@ -298,7 +428,8 @@ def export_group() -> None:
     "--components",
     default="unet",
     show_default=True,
-    help="Comma-separated: unet,text_encoder,vae_decoder (all three for `catfast run-onnx`).",
+    help="Comma-separated: unet,text_encoder,vae_decoder. The default (UNet only) is for your own pipeline: "
+    "`catfast run-onnx` needs all three.",
 )
 @click.option("--dynamic", is_flag=True, help="Dynamic height/width and text length (batch is always dynamic).")
 @click.option(
@@ -331,29 +462,48 @@ def export_onnx_command(base, adapters, out, fp16, opset, components, dynamic, a
             f"{name}: {comp['file']} ({comp['bytes'] / 1e6:.1f} MB), max abs err {v['max_abs_err']:.2e}, "
             f"max rel err {v['max_rel_err']:.2e} <= {v['tolerance']:.0e} ({comp['dtype']})"
         )
+    missing = [c for c in ("unet", "text_encoder", "vae_decoder") if c not in manifest["components"]]
+    if missing:
+        click.echo(
+            f"note: no {', '.join(missing)} in this export, so `catfast run-onnx` cannot run it; for an image "
+            "runner export --components unet,text_encoder,vae_decoder"
+        )
 
 
 @main.command("run-onnx")
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Folder written by `catfast export onnx`.")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(),
+    help="Folder written by `catfast export onnx --components unet,text_encoder,vae_decoder`.",
+)
 @click.option("--prompt", required=True)
 @click.option("--adapter", default=None, help="Adapter NAME of an --adapter-inputs export (default: the base).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
-@click.option("--negative-prompt", default="", show_default=True)
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--guidance-scale", default=7.5, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--height", type=int, default=None, help="Pixels (default: the model's native size).")
-@click.option("--width", type=int, default=None, help="Pixels (default: the model's native size).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write (atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--negative-prompt", default="", show_default=True, help="What the guidance steers away from.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="DDIM steps.")
+@click.option("--guidance-scale", default=7.5, show_default=True, type=float, help="Classifier-free guidance.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Pixels. [default: the model's native size]")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Pixels. [default: the model's native size]")
 @click.option(
-    "--provider", default=None, help="ONNX Runtime execution provider (default: CUDA if it starts, else CPU)."
+    "--provider", default=None, help="ONNX Runtime execution provider. [default: CUDA if it starts, else CPU]"
 )
 @_friendly
 def run_onnx_command(
-    model_dir, prompt, adapter, out, negative_prompt, steps, guidance_scale, seed, height, width, provider
+    model_dir, prompt, adapter, out, overwrite, negative_prompt, steps, guidance_scale, seed, height, width, provider
 ):
     """Generate an image with ONNX Runtime alone (tokenizer, text encoder, DDIM UNet loop, VAE decoder)."""
     from catfast.export.runner import run_onnx
 
+    if model_dir == "demo" and not Path(model_dir).exists():
+        raise click.ClickException(
+            "run-onnx runs an ONNX export, and the demo model ships as PyTorch weights: export it first with "
+            "`catfast export onnx --base demo --components unet,text_encoder,vae_decoder --out DIR`, then "
+            "pass --model DIR"
+        )
     path, used = run_onnx(
         model_dir,
         prompt,
@@ -366,6 +516,7 @@ def run_onnx_command(
         height=height,
         width=width,
         provider=provider,
+        overwrite=overwrite,
     )
     click.echo(f"wrote {path} ({used}, {steps} steps)")
 
@@ -430,18 +581,30 @@ def bench_train_step_command(model, batch, steps, rank, dtype, targets, as_json)
     )
 
 
-@main.command("demo")
+@main.command(
+    "demo",
+    help="Train plain LoRA and CAT on the shipped demo model, sample, score, and write a labelled grid "
+    f"({DEMO_TIME}): CAT keeps the class diverse and preserved while learning the concept.",
+)
 @click.option("--out", default="catfast-demo", show_default=True, type=click.Path(), help="Folder for all results.")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier demo in --out.")
 @click.option("--seed", default=0, show_default=True, help="Training seed of both adapters.")
 @click.option("--seeds", default=8, show_default=True, type=click.IntRange(min=2), help="Sampling seeds per prompt.")
+@click.option(
+    "--threads",
+    default=DEMO_THREADS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help=f"{_THREADS_HELP}; the demo's models are tiny, and 1 thread is as fast as 2 and robust on a busy CPU.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object on the last line.")
 @_friendly
-def demo_command(out: str, seed: int, seeds: int, as_json: bool) -> None:
-    """Train plain LoRA and CAT on the shipped demo model, sample, score, and write a grid (a few minutes
-    on a 2-core CPU): CAT keeps the class diverse and preserved while learning the concept."""
+def demo_command(out: str, overwrite: bool, seed: int, seeds: int, threads: int, as_json: bool) -> None:
+    """`catfast demo` (help text above: it names DEMO_TIME, the time README.md states too)."""
     from catfast.demo.run import format_table, run_demo
 
-    result = run_demo(out, seed=seed, seeds=seeds, progress=not as_json, log=click.echo)
+    _set_threads(threads, DEMO_THREADS)
+    result = run_demo(out, seed=seed, seeds=seeds, overwrite=overwrite, progress=not as_json, log=click.echo)
     click.echo(format_table(result))
     click.echo(f"grid: {result['grid']}  ({result['seconds']:.0f} s in all)")
     if as_json:

@@ -14,11 +14,32 @@ from pathlib import Path
 
 
 def check_target(out: Path, overwrite: bool, error: type[Exception]) -> None:
-    """Raise ``error`` when ``out`` is a file, or a non-empty folder and not ``overwrite``."""
+    """Before any work: raise ``error`` when the output folder ``out`` is a symbolic link (never written
+    through), a file, or a non-empty folder and not ``overwrite``, or when its parent folder (where
+    `staged_folder` builds it) cannot be created or written."""
+    out = Path(out)
+    if out.is_symlink():
+        raise error(f"{out}: is a symbolic link; catfast does not write through links: give the real folder")
     if out.exists() and not out.is_dir():
         raise error(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise error(f"{out}: folder exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+        raise error(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
+    ensure_writable_folder(out.absolute().parent, error)
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool, error: type[Exception]) -> Path:
+    """Before any work: raise ``error`` when the output file ``path`` is a symbolic link (never written
+    through), a folder, or an existing file and not ``overwrite``, or when its folder cannot be created
+    or written. Returns ``path`` as a Path."""
+    path = Path(path)
+    if path.is_symlink():
+        raise error(f"{path}: is a symbolic link; catfast does not write through links: give a real file name")
+    if path.is_dir():
+        raise error(f"{path}: is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise error(f"{path}: exists (pass --overwrite to replace it)")
+    ensure_writable_folder(path.absolute().parent, error)
+    return path
 
 
 @contextlib.contextmanager
@@ -55,6 +76,13 @@ def ensure_writable_folder(out: Path, error: type[Exception]) -> None:
         raise error(f"{out}: cannot write to this folder ({e.strerror or e}); choose another output folder") from None
 
 
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, os.replace, then fsync the
     folder: readers see the old file or the new one, never a partial one."""
@@ -62,6 +90,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -8,6 +8,7 @@ module it targets. Layers are keyed by a component-qualified module path, e.g.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,12 @@ class LoraLayer:
         if problem:
             raise AdapterFormatError(problem)
         self.alpha = float(self.alpha)
+        if not math.isfinite(self.alpha):
+            raise AdapterFormatError(f"alpha is {self.alpha}; it must be a finite number")
+
+    def nonfinite(self) -> list[str]:
+        """Which of ``down``/``up`` hold NaN or Inf (empty when all values are finite)."""
+        return [name for name, t in (("down", self.down), ("up", self.up)) if not bool(torch.isfinite(t).all())]
 
     @property
     def rank(self) -> int:
@@ -90,11 +97,23 @@ class LoraAdapter:
     def num_parameters(self) -> int:
         return sum(layer.down.numel() + layer.up.numel() for layer in self.layers.values())
 
+    def check_finite(self) -> None:
+        """Raise AdapterFormatError naming the first layers whose weights hold NaN or Inf (a diverged
+        or damaged adapter: merged or served, it turns every output into NaN)."""
+        bad = [f"{k} ({', '.join(p)})" for k, v in self.layers.items() if (p := v.nonfinite())]
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise AdapterFormatError(
+                f"{self.where()}: non-finite values (NaN or Inf) in {len(bad)} layer(s): {', '.join(bad[:3])}{more}"
+            )
+
     def describe(self) -> dict:
-        """Summary for ``catfast adapter info``: format, components, per-layer rank and alpha, leaf
-        targets (to_q, proj_in, ff.net.0.proj, ...), layer and parameter counts."""
+        """Summary for ``catfast adapter info``: format ("diffusers" for both the peft and the old
+        diffusers key style, or "kohya"), key style, components, per-layer rank and alpha, leaf targets
+        (to_q, proj_in, ff.net.0.proj, ...), layer and parameter counts."""
         return {
-            "format": self.source_format,
+            "format": format_name(self.source_format),
+            "keys": KEY_STYLES.get(self.source_format, self.source_format),
             "components": self.components(),
             "num_layers": len(self.layers),
             "num_parameters": self.num_parameters(),
@@ -107,6 +126,16 @@ class LoraAdapter:
     def where(self) -> str:
         """How error messages name this adapter."""
         return self.path if self.path else "<in-memory adapter>"
+
+
+# The one user-facing name of each on-disk format: peft-style keys are diffusers' LoRA format too
+# (what `pipe.load_lora_weights` reads and `write_adapter(format="diffusers")` writes).
+KEY_STYLES = {"peft": "lora_A/lora_B", "diffusers": "lora.down/lora.up", "kohya": "lora_down/lora_up/alpha"}
+
+
+def format_name(source_format: str) -> str:
+    """The format name shown to users: "diffusers" for peft- and old diffusers-style keys, else as is."""
+    return "diffusers" if source_format in ("peft", "diffusers") else source_format
 
 
 def split_key(key: str) -> tuple[str, str]:

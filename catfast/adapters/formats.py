@@ -149,7 +149,7 @@ def read_adapter(path: str | os.PathLike, *, models: Mapping[str, torch.nn.Modul
     are resolved against the models' real Linear/Conv2d module names (and SGM block numbers use the
     UNet's ``config.layers_per_block``) instead of the naming rule. Every problem raises
     AdapterFormatError naming the file: not safetensors (pickle is refused), corrupt or truncated,
-    unknown keys, a layer missing one half, rank mismatch between down and up.
+    unknown keys, a layer missing one half, rank mismatch between down and up, a NaN/Inf weight or alpha.
     """
     source = os.fspath(path)
     if os.path.isdir(source):
@@ -164,7 +164,9 @@ def read_adapter(path: str | os.PathLike, *, models: Mapping[str, torch.nn.Modul
     except AdapterFormatError as e:
         raise AdapterFormatError(f"{source}: {e}") from None
     metadata = {k: v for k, v in header.items() if k not in ("format", LORA_ADAPTER_METADATA_KEY)}
-    return LoraAdapter(layers=layers, metadata=metadata, source_format=fmt, path=source)
+    adapter = LoraAdapter(layers=layers, metadata=metadata, source_format=fmt, path=source)
+    adapter.check_finite()
+    return adapter
 
 
 def _weights_file(folder: str) -> str:
@@ -435,7 +437,7 @@ def write_adapter(
         raise ValueError(f"format must be one of {', '.join(WRITE_FORMATS)}, got {format!r}")
     dest = os.fspath(path)
     if os.path.exists(dest) and not overwrite:
-        raise CatfastError(f"{dest} exists; pass overwrite=True to replace it")
+        raise CatfastError(f"{dest} exists (pass --overwrite to replace it)")
     if not adapter.layers:
         raise AdapterFormatError(f"{adapter.where()}: adapter has no layers to write")
     tensors, lora_metadata = _kohya_state_dict(adapter) if format == "kohya" else _peft_state_dict(adapter)

@@ -10,8 +10,8 @@
    preservation, identity, KPS: ``catfast.eval.kps.kps_scores`` (identity against the concept images);
    diversity: 1 - the mean pairwise cosine of the class images of one prompt across seeds, averaged
    over prompts (0: every seed gives the same picture).
-5. Write OUT/grid.png (rows: base / plain / CAT on the first class prompt, then plain / CAT with the
-   trigger; columns: seeds) and OUT/results.json; return the numbers.
+5. Write OUT/grid.png (rows, labelled: base / plain / CAT on the first class prompt, then plain / CAT
+   with the trigger; columns, labelled: sampling seeds) and OUT/results.json; return the numbers.
 """
 
 from __future__ import annotations
@@ -41,14 +41,23 @@ PROMPTS = (
 TRAIN = dict(rank=4, lr=1e-3, steps=300, batch_size=4, crop_variants=1, max_grad_norm=1.0)
 SAMPLE = dict(steps=20, guidance=5.0)
 METHODS = ("plain", "cat")
+GRID_CELL = 80  # pixels per grid picture (the 32 px samples, enlarged without smoothing)
 
 
-def check_out(out: str | os.PathLike) -> Path:
-    """``out`` as a folder we can write into (created if missing); CatfastError when it is a file or
-    not writable."""
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``out`` as a folder we can write into (created if missing); CatfastError when it is a file, a
+    symbolic link, not writable, or a folder that already holds files and not ``overwrite`` (the demo
+    would replace them)."""
     out = Path(out)
+    if out.is_symlink():
+        raise CatfastError(f"{out}: is a symbolic link; catfast does not write through links: give the real folder")
     if out.exists() and not out.is_dir():
         raise CatfastError(f"{out}: --out must be a folder, but this is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CatfastError(
+            f"{out}: folder exists and is not empty; choose another --out, or pass --overwrite to replace the "
+            "demo's files in it"
+        )
     ensure_writable_folder(out, CatfastError)
     return out
 
@@ -103,6 +112,7 @@ def run_demo(
     *,
     seed: int = 0,
     seeds: int = 8,
+    overwrite: bool = False,
     steps: int = TRAIN["steps"],
     prompts: tuple[str, ...] = PROMPTS,
     sample_steps: int = SAMPLE["steps"],
@@ -112,7 +122,8 @@ def run_demo(
 ) -> dict:
     """Run the demo (module docstring) in ``out``; returns {"plain": {...}, "cat": {...}, "base":
     {"diversity": ...}, "seconds": total, "grid": path, ...}. ``seed``: the training seed of both
-    adapters; ``seeds``: sampling seeds 0..seeds-1; ``assets``: the folder of the demo model and encoder
+    adapters; ``seeds``: sampling seeds 0..seeds-1; ``overwrite``: run in an ``out`` that holds files
+    (otherwise refused before any work); ``assets``: the folder of the demo model and encoder
     (default: the shipped one), checked first."""
     from catfast.adapters.formats import read_adapter
     from catfast.demo.encoder import load_encoder
@@ -124,7 +135,7 @@ def run_demo(
     from catfast.integrations.peft_adapters import attach_adapter
 
     t0 = time.perf_counter()
-    out = check_out(out)
+    out = check_out(out, overwrite)
     check_assets(assets)
     model = model_path(assets)
     encoder = load_encoder(encoder_path(assets))
@@ -183,17 +194,18 @@ def run_demo(
     cols = seeds
     first = [i for i, (p, _) in enumerate(pairs) if p == 0][:cols]
     cells, labels = [], []
+    trigger_prompt = with_trigger(prompts[0], world.TRIGGER)
     for label, k in (
-        ("base", 0),
-        ("plain LoRA", 1),
-        ("CAT", 3),
-        ("plain LoRA + sks", 2),
-        ("CAT + sks", 4),
+        (f'base: "{prompts[0]}"', 0),
+        ("plain LoRA, without trigger", 1),
+        ("CAT, without trigger", 3),
+        (f'plain LoRA: "{trigger_prompt}"', 2),
+        (f'CAT: "{trigger_prompt}"', 4),
     ):
-        cells += [images[k * m + i].resize((64, 64), 0) for i in first]
+        cells += [images[k * m + i].resize((GRID_CELL, GRID_CELL), 0) for i in first]
         labels.append(label)
     grid = out / "grid.png"
-    save_grid(cells, len(labels), cols, grid, labels=labels)
+    save_grid(cells, len(labels), cols, grid, labels=labels, col_labels=[f"seed {pairs[i][1]}" for i in first])
     results.update(
         seconds=round(time.perf_counter() - t0, 1),
         grid=str(grid),

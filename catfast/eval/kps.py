@@ -37,7 +37,7 @@ from catfast.errors import CatfastError
 from catfast.eval.encoders import ImageTextEncoder
 from catfast.eval.grids import save_grid
 from catfast.eval.sampler import sample_images
-from catfast.folders import write_atomic
+from catfast.folders import check_output_file, write_atomic
 
 AGGREGATES = ("harmonic", "arithmetic")
 KPS_ADAPTER_NAME = "kps_eval"  # the peft name an adapter file is attached under for the evaluation
@@ -353,14 +353,19 @@ def run_kps_cli(
     ``config``), the adapter file, the prompts file (one per line), the CLIP folder and the optional
     reference images (file or folder), run ``kps_eval`` and, with ``out_json``, write the result there
     atomically. ``seeds``: a count n (seeds 0..n-1) or the seeds. Every input is checked before the
-    model is loaded; bad input raises CatfastError naming the file."""
+    model is loaded (output places too: a folder, a link or an unwritable place is refused); bad input
+    raises CatfastError naming the file. ``base_path`` "demo": the shipped demo model."""
     from catfast.eval.encoders import load_clip
-    from catfast.integrations.models import resolve_base
+    from catfast.integrations.models import quiet_progress_bars, resolve_base
 
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     prompts = read_prompts(prompts_file)
     if not Path(adapter_file).is_file():
         raise CatfastError(f"{adapter_file}: no such adapter file")
+    for target in (out_json, grid_path):  # replaced when they exist, but checked before any work
+        if target is not None:
+            check_output_file(target, True, CatfastError)
+    quiet_progress_bars()
     encoder = load_clip(clip_path, device=device)
     refs = read_images(references) if references is not None else None
     base = resolve_base(base_path, config=config, dtype=dtype, device=device)

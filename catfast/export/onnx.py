@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -82,12 +83,16 @@ class AdapterSpec:
             name, text = m.group(1), m.group(2)
         scale = 1.0
         head, sep, tail = text.rpartition(":")
-        if sep and head:
+        if sep and head and not os.path.exists(text):
             try:
                 scale = float(tail)
-                text = head
             except ValueError:
-                pass
+                if os.path.exists(head):
+                    raise ExportError(f"--adapter {text}: scale {tail!r} is not a number (FILE:SCALE)") from None
+            else:
+                text = head
+        if not math.isfinite(scale):
+            raise ExportError(f"--adapter {text}: scale {scale} is not a finite number")
         return cls(path=text, scale=scale, name=name)
 
     @property
@@ -311,11 +316,12 @@ def _errors(got: list[np.ndarray], want: list[torch.Tensor]) -> tuple[float, flo
     abs_err, rel = 0.0, 0.0
     for g, w in zip(got, want):
         w64 = w.detach().double().numpy()
-        diff = float(np.abs(g.astype(np.float64) - w64).max()) if w64.size else 0.0
-        if not np.isfinite(g.astype(np.float64)).all():
-            diff = float("inf")
+        g64 = g.astype(np.float64)
+        if not (np.isfinite(g64).all() and np.isfinite(w64).all()):  # NaN compares as no error: fail it
+            return float("inf"), float("inf")
+        diff = float(np.abs(g64 - w64).max()) if w64.size else 0.0
         abs_err = max(abs_err, diff)
-        rel = max(rel, diff / max(float(np.abs(w64).max()), 1e-30))
+        rel = max(rel, diff / max(float(np.abs(w64).max()) if w64.size else 0.0, 1e-30))
     return abs_err, rel
 
 
@@ -366,8 +372,10 @@ def _read_adapters(specs: Sequence[AdapterSpec], base) -> list[tuple[AdapterSpec
     if dup:
         raise ExportError(f"two adapters are named {dup[0]!r}; name them with --adapter NAME=FILE")
     for label in labels:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
-            raise ExportError(f"adapter name {label!r} may use only letters, digits, '_', '.' and '-'")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or set(label) == {"."}:
+            raise ExportError(
+                f"adapter name {label!r} may use only letters, digits, '_', '.' and '-', and must not be '.' or '..'"
+            )
     models = {"unet": base.unet, "text_encoder": base.text_encoder}
     return [(s, s.adapter if s.adapter is not None else read_adapter(s.path, models=models)) for s in specs]
 
@@ -466,7 +474,7 @@ def export_onnx(
                 adapter_inputs,
             )
             manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     finally:
         with torch.no_grad():
             for weight, original in reversed(saved):
@@ -582,6 +590,12 @@ def _export_component(job: _Job, component: str) -> dict:
         f"{len(v['runs'])} runs: max abs err {v['max_abs_err']:.2e}, max rel err {v['max_rel_err']:.2e} "
         f"(tolerance {v['tolerance']:.0e}, {time.perf_counter() - t1:.1f} s)"
     )
+    if not math.isfinite(v["max_rel_err"]):
+        worst = next(r for r in v["runs"] if not math.isfinite(r["rel_err"]))
+        raise ExportError(
+            f"{component}: the outputs hold NaN or Inf (case {worst['case']}, batch {worst['batch']}): "
+            "an adapter, alpha or scale with non-finite values?; nothing was written"
+        )
     if not v["passed"]:
         worst = max(v["runs"], key=lambda r: r["rel_err"])
         raise ExportError(
@@ -675,7 +689,7 @@ def _validate(base, component, reference, path, cases, dtype, dtype_name, dynami
         "tolerance": tol,
         "max_abs_err": max_abs,
         "max_rel_err": max_rel,
-        "passed": bool(max_rel <= tol),
+        "passed": bool(math.isfinite(max_rel) and max_rel <= tol),
         "runs": runs,
     }
 

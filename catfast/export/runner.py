@@ -301,12 +301,16 @@ class OnnxPipeline:
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an (H, W, 3) float image in [0, 1] as an 8-bit PNG (rounded as diffusers' numpy_to_pil)."""
+    """Write an (H, W, 3) float image in [0, 1] as an 8-bit PNG (rounded as diffusers' numpy_to_pil),
+    atomically."""
     from PIL import Image
 
+    from catfast.folders import write_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((image * 255).round().astype(np.uint8)).save(path, format="PNG")
+    buf = io.BytesIO()
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())  # a link at ``path`` is replaced, never written through
     return path
 
 
@@ -323,9 +327,22 @@ def run_onnx(
     height: int | None = None,
     width: int | None = None,
     provider: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[Path, str]:
-    """Generate one image for ``prompt`` with the export in ``model_dir`` and write it to ``out`` (PNG).
-    Returns (the PNG's path, the execution provider used)."""
+    """Generate one image for ``prompt`` with the export in ``model_dir`` and write it to ``out`` (PNG,
+    atomically). Before any work, RunnerError for: an ``out`` that exists (unless ``overwrite``), is a
+    folder or a symbolic link, or cannot be written; steps < 1; a height or width <= 0; a guidance scale
+    that is not a finite number. Returns (the PNG's path, the execution provider used)."""
+    from catfast.folders import check_output_file
+
+    check_output_file(out, overwrite, RunnerError)
+    if steps < 1:
+        raise RunnerError(f"steps must be >= 1, got {steps}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value <= 0:
+            raise RunnerError(f"{name} must be a positive number of pixels, got {value}")
+    if not math.isfinite(guidance_scale):
+        raise RunnerError(f"guidance scale must be a finite number, got {guidance_scale}")
     pipe = OnnxPipeline.load(model_dir, provider)
     image = pipe(
         prompt,

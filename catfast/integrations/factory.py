@@ -308,8 +308,11 @@ def init_model_folder(name: str, out_dir: str | os.PathLike, *, seed: int = 0, o
     and return its path. Components are built, saved and freed one at a time. The folder is written
     beside the target under a temporary name and renamed into place, so a crash never leaves a half
     folder at `out_dir`. An existing non-empty `out_dir` is refused unless `overwrite`."""
+    from catfast.integrations.models import quiet_progress_bars
+
     out = Path(out_dir).absolute()
     check_target(out, overwrite, ModelLoadError)
+    quiet_progress_bars()
     makers = _component_makers(name, seed)
     with staged_folder(out) as tmp:
         for key, make in makers.items():

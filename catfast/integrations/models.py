@@ -152,6 +152,34 @@ def _load_component(folder: Path, name: str, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
+DEMO_BASE = "demo"
+
+
+def quiet_progress_bars() -> None:
+    """Turn off the progress bar diffusers/transformers draw per component load or save (catfast draws
+    its own per job). Called where models are loaded, not at startup: importing either library costs
+    seconds, which `catfast --help` and `adapter info` must not pay."""
+    import importlib
+
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            importlib.import_module(name).disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def base_location(spec: str | os.PathLike) -> str | os.PathLike:
+    """What a ``--base SPEC`` names, before anything is loaded: ``"demo"`` is the demo model shipped in
+    the package (catfast/demo/assets/model, a diffusers folder); any other SPEC is returned unchanged
+    (a local folder that is itself called demo: pass ``./demo``). Every command that takes a base
+    (train, cat-step, eval kps, export onnx; serving later) resolves it here."""
+    if os.fspath(spec) == DEMO_BASE:
+        from catfast.demo.shipped import model_path
+
+        return model_path()
+    return spec
+
+
 def load_base(
     path: str | os.PathLike,
     *,
@@ -163,8 +191,10 @@ def load_base(
     """Load every component of the local diffusers folder `path` (never the hub). Models are in eval mode
     with requires_grad False, in `dtype` on `device`; the scheduler is a DDPMScheduler built from the
     folder's scheduler config. With `unet_file`, the UNet comes from that single file (see
-    `load_unet_file`) with the folder's unet/config.json, and the folder's UNet weights are not read."""
-    folder = Path(path)
+    `load_unet_file`) with the folder's unet/config.json, and the folder's UNet weights are not read.
+    ``"demo"``: the shipped demo model (`base_location`)."""
+    folder = Path(base_location(path))
+    quiet_progress_bars()
     components = _read_model_index(folder)
     loaded = {}
     for name in components:
@@ -194,7 +224,9 @@ def resolve_base(
 ) -> BaseModel:
     """What every `--base SPEC [--config DIR]` means: SPEC a diffusers folder (config must be None), a
     single UNet weights file with `config` the diffusers folder that supplies the rest, or a Hugging
-    Face Hub model id ("owner/name", fetched or found in the local hub cache; see `hub_folder`)."""
+    Face Hub model id ("owner/name", fetched or found in the local hub cache; see `hub_folder`), or
+    "demo", the shipped demo model (`base_location`)."""
+    spec = base_location(spec)
     if config is None and not Path(spec).exists() and _HUB_ID.fullmatch(str(spec)):
         return load_base(hub_folder(str(spec)), dtype=dtype, device=device)
     spec = Path(spec)

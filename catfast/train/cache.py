@@ -54,10 +54,12 @@ class LatentDataset:
     fp32; ``cond`` / ``cond_stripped`` the text conditions of the caption with / without the trigger
     ([L, D], or for SDXL {"encoder_hidden_states": [L, D], "added_cond_kwargs": {"text_embeds": [P],
     "time_ids": [6]}}) in the encoding dtype; ``concept``, ``example``, ``variant`` ints; ``bucket`` the
-    latent (h, w). ``examples`` and ``plans`` (each image's `ImagePlan`) are public."""
+    latent (h, w). ``examples``, ``plans`` (each image's `ImagePlan`) and ``digests`` (each image file's
+    sha256, hex; empty when not given) are public."""
 
-    def __init__(self, examples: list[Example], plans: list[ImagePlan], entries: list[_Entry]):
+    def __init__(self, examples: list[Example], plans: list[ImagePlan], entries: list[_Entry], digests: list[str] = ()):
         self.examples, self.plans, self._entries = list(examples), list(plans), list(entries)
+        self.digests = list(digests)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -152,7 +154,7 @@ def build_cache(
             _write_entry(path, entry, ex)
         entries.append(entry)
     _offload(base)
-    return LatentDataset([p[0] for p in planned], [p[1] for p in planned], entries)
+    return LatentDataset([p[0] for p in planned], [p[1] for p in planned], entries, [p[2] for p in planned])
 
 
 def _read_bytes(path: Path) -> bytes:

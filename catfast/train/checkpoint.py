@@ -5,15 +5,19 @@ A checkpoint is the folder ``OUT/checkpoints/step-NNNNNNN/`` holding
   state.pt           optimizer, lr scheduler and GradScaler state dicts (torch.save; read weights_only)
   rng.pt             python / numpy / torch (CPU, CUDA) global RNG states and the trainer's noise generator
   trainer.json       step, data position (epoch, batch index in that epoch's order), the settings that
-                     affect the result and their hash, the world size
+                     affect the result and their hash, the world size, and the content identities of
+                     the base model and the training images (`content_identities`)
 It is written into a hidden ``.step-NNNNNNN.partial-*`` folder, every file fsynced, and renamed into
-place only when complete; older checkpoints beyond ``keep`` are removed only after that. Any failure
-(a full disk, a permission error) removes the partial folder and raises CheckpointError, leaving
-every checkpoint that existed intact. A ``step-*`` folder is therefore always complete.
+place only when complete; older checkpoints beyond ``keep`` are removed only after that, each first
+renamed to a hidden ``.step-NNNNNNN.prune-*`` folder (an interrupted removal leaves only a hidden
+folder, cleaned up by the next save). Any failure (a full disk, a permission error) removes the partial
+folder and raises CheckpointError, leaving every checkpoint that existed intact. A ``step-*`` folder is
+therefore always complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -56,6 +60,7 @@ class TrainState:
     rng: dict
     settings: dict[str, Any]
     config_hash: str
+    identities: dict[str, Any] | None = None  # `content_identities` of the run (None: not recorded)
 
 
 def checkpoint_name(step: int) -> str:
@@ -99,6 +104,7 @@ def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int =
             "batch_index": state.batch_index,
             "config_hash": state.config_hash,
             "settings": state.settings,
+            "identities": state.identities,
         }
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         for name in FILES:
@@ -120,8 +126,19 @@ def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int =
             f"Existing checkpoints are intact: {', '.join(kept) or 'none'}"
         ) from e
     for _, old_path in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old_path, ignore_errors=True)
+        _prune(old_path)
     return final
+
+
+def _prune(path: Path) -> None:
+    """Remove the checkpoint folder ``path``: renamed to a hidden ``.step-N.prune-*`` name first (one atomic
+    step), so a kill during the removal never leaves an incomplete ``step-*`` folder behind."""
+    hidden = path.parent / f".{path.name}.prune-{uuid.uuid4().hex[:8]}"
+    try:
+        path.rename(hidden)
+    except OSError:
+        return  # still complete and listed; the next save prunes it
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> TrainState:
@@ -150,6 +167,7 @@ def load_checkpoint(path: str | os.PathLike) -> TrainState:
         rng=rng,
         settings=meta["settings"],
         config_hash=meta["config_hash"],
+        identities=meta.get("identities"),
     )
 
 
@@ -174,6 +192,76 @@ def check_resumable(path: str | os.PathLike, config: TrainConfig, world_size: in
             f"cannot resume from {path}: it was written with different settings ({'; '.join(diffs)}). "
             "Resume with the same settings, or start a new run in another --out folder"
         )
+
+
+def content_identities(base, image_digests: list[str], image_names: list[str]) -> dict[str, Any]:
+    """What a run's inputs *are*, beyond their paths: ``base`` a digest of the base model's weights
+    (`base_identity`) and ``images`` {file: sha256 of its bytes} (the digests the latent cache computes).
+    `--resume` compares them with the checkpoint's, so replacing the weights or an image at the same
+    path is refused instead of resumed silently."""
+    return {"base": base_identity(base), "images": dict(zip(image_names, image_digests))}
+
+
+def check_identities(path: str | os.PathLike, current: dict[str, Any]) -> None:
+    """Raise CheckpointError when the checkpoint at ``path`` recorded other content identities than
+    ``current`` (a checkpoint without them, written before they were recorded, is not checked)."""
+    file = Path(path) / "trainer.json"
+    try:
+        saved = json.loads(file.read_text()).get("identities")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{file}: cannot read checkpoint metadata: {e}") from None
+    if not saved:
+        return
+    problems = []
+    if saved.get("base") != current["base"]:
+        problems.append("the base model's weights changed")
+    old, new = saved.get("images", {}), current["images"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+        problems.append(f"training images changed, were added or removed: {', '.join(changed[:3])}{more}")
+    if problems:
+        raise CheckpointError(
+            f"cannot resume from {path}: {'; '.join(problems)} since it was written. Resume with the same "
+            "inputs, or start a new run (--overwrite, or another --out folder)"
+        )
+
+
+_SAMPLES, _CHUNK = 16, 1 << 16
+
+
+def base_identity(base) -> str:
+    """sha256 identity of a base model's weights. Loaded from files: every weight file of the folder
+    (and a single UNet file) by size and 16 evenly spaced 64 KiB samples of its bytes (a file under
+    1 MiB whole): any replaced weights file changes it, copying or touching the folder does not, and a
+    multi-GB model costs milliseconds, not a full read. Built in memory: all of its UNet's weights."""
+    h = hashlib.sha256(b"catfast-base-identity/1;")
+    files = []
+    if base.path is not None:
+        folder = Path(base.path)
+        files = sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")
+        )
+        files = [(p.relative_to(folder).as_posix(), p) for p in files]
+    if getattr(base, "unet_file", None) is not None:
+        files.append(("unet_file", Path(base.unet_file)))
+    if files:
+        for name, file in files:
+            size = file.stat().st_size
+            h.update(f"{name}:{size};".encode())
+            with file.open("rb") as f:
+                if size <= _SAMPLES * _CHUNK:
+                    h.update(f.read())
+                    continue
+                for i in range(_SAMPLES):
+                    f.seek((size - _CHUNK) * i // (_SAMPLES - 1))
+                    h.update(f.read(_CHUNK))
+        return h.hexdigest()
+    for key, tensor in base.unet.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def run_settings(config: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -233,7 +321,7 @@ def _remove_stale(folder: Path) -> None:
             continue
         if tag.startswith("old-") and not (folder / name).exists():
             p.rename(folder / name)
-        elif tag.startswith(("old-", "partial-")):
+        elif tag.startswith(("old-", "partial-", "prune-")):
             shutil.rmtree(p, ignore_errors=True)
 
 

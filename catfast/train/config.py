@@ -55,6 +55,7 @@ _NOT_RESULT = {
     "sample_base",
     "format",
     "device",
+    "allow_upscale",  # only decides whether a small image is refused; the pixels of an accepted one are the same
 }
 
 
@@ -115,6 +116,7 @@ class TrainConfig:
     buckets: bool = False
     prepend_trigger: bool = False
     on_bad_image: str = "stop"
+    allow_upscale: bool = False  # accept images smaller than the training size (enlarged)
     cache_dir: str | None = None  # None: OUT/cache
     # output
     checkpoint_every: int = 150
@@ -234,7 +236,9 @@ class TrainConfig:
         """The settings that change the trained adapter (paths resolved). ``steps`` counts only under a
         decaying lr schedule: with a constant one, the first k steps do not depend on it."""
         values = {k: v for k, v in self.to_dict().items() if k not in _NOT_RESULT and k not in ("data", "trigger")}
-        values["base"] = _resolved(self.base)
+        from catfast.integrations.models import base_location
+
+        values["base"] = _resolved(base_location(self.base) if self.base is not None else None)
         values["base_config"] = _resolved(self.base_config)
         values["concepts"] = [{"data": _resolved(c.data), "trigger": c.trigger} for c in self.concepts]
         if self.lr_schedule == "constant":

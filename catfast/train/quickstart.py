@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from catfast.errors import CatfastError
 from catfast.train.captions import strip_trigger
 from catfast.train.objective import cat_loss
 
@@ -80,19 +81,21 @@ def run_cat_steps(
 ) -> list[StepRecord]:
     """Load ``base_path``, attach a fresh LoRA and take ``steps`` AdamW steps on the reference CAT loss.
 
-    With ``out``, the trained adapter is written there (atomically) in diffusers format; an existing
-    ``out`` is refused before any work unless ``overwrite``. Returns one record per step.
+    ``base_path``: a diffusers folder, or "demo" (the shipped demo model). With ``out``, the trained
+    adapter is written there (atomically) in diffusers format; an existing ``out`` is refused before any
+    work unless ``overwrite``, as is one that cannot be written. Returns one record per step.
     """
     from tqdm.auto import tqdm
 
     from catfast.adapters.formats import write_adapter
+    from catfast.folders import check_output_file
     from catfast.integrations.models import load_base
     from catfast.integrations.peft_adapters import add_lora, extract_adapter
 
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        raise CatfastError(f"steps must be >= 1, got {steps}")
+    if out is not None:  # refused before any work: an existing file, a folder, a link, an unwritable place
+        check_output_file(out, overwrite, CatfastError)
     stripped = strip_trigger(caption, trigger)
     base = load_base(base_path)
     gen = torch.Generator().manual_seed(seed)

@@ -34,7 +34,9 @@ from catfast.folders import ensure_writable_folder
 from catfast.train.checkpoint import (
     TrainState,
     capture_rng,
+    check_identities,
     check_resumable,
+    content_identities,
     list_checkpoints,
     load_checkpoint,
     restore_rng,
@@ -99,7 +101,7 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
 
     out = Path(config.out)
     ckpt_dir = out / "checkpoints"
-    resume_from = _prepare_out(out, config, dist, resume=resume, overwrite=overwrite)
+    resume_from, earlier = _prepare_out(out, config, dist, resume=resume, overwrite=overwrite)
     device = _device(config, dist)
     weight_dtype = DTYPES[config.mixed_precision]
     _seed_everything(config.seed)
@@ -107,6 +109,11 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
     examples = _scan(config)  # bad data fails before any model work
     base = resolve_base(config.base, config=config.base_config, device=device)
     dataset = _build_dataset(base, examples, config, out, device, dist, progress)
+    identities = content_identities(base, dataset.digests, [str(e.image) for e in dataset.examples])
+    if resume_from is not None:
+        check_identities(resume_from, identities)
+    else:  # every input check passed: only now is an earlier run's output replaced and config.json written
+        _start_out(out, earlier, config, dist)
 
     unet = base.unet
     names, params = _add_adapters(unet, config)
@@ -237,7 +244,8 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
             timed_steps += 1
 
         t_extra = time.perf_counter()
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+        # the last step too: a later --resume with more --steps continues from it instead of redoing steps
+        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
             state = TrainState(
                 step=step,
                 epoch=batches.epoch,
@@ -249,6 +257,7 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
                 rng=capture_rng(noise_gen),
                 settings=settings,
                 config_hash=config_hash,
+                identities=identities,
             )
             if dist.main:
                 save_checkpoint(ckpt_dir, state, keep=config.keep_checkpoints)
@@ -327,8 +336,12 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-def _prepare_out(out: Path, config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool) -> Path | None:
-    """Check (and on rank 0 create) OUT before any model work; the checkpoint to resume from, or None."""
+def _prepare_out(
+    out: Path, config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool
+) -> tuple[Path | None, list[str]]:
+    """Check (and on rank 0 create) OUT before any model work. Returns the checkpoint to resume from (or
+    None) and the names of an earlier run's files in OUT, which `_start_out` replaces once the inputs
+    passed their checks (a run that fails them leaves OUT as it was)."""
     if out.exists() and not out.is_dir():
         raise CatfastError(f"{out}: the output path exists and is not a folder")
     ckpt_dir = out / "checkpoints"
@@ -342,7 +355,7 @@ def _prepare_out(out: Path, config: TrainConfig, dist: _Dist, *, resume: bool, o
         check_resumable(latest, config, dist.world)
         if step >= config.steps:
             raise CatfastError(f"--resume: {latest} is at step {step}, and steps is {config.steps}; raise --steps")
-        return latest
+        return latest, []
     ours = [name for name in OUTPUTS if (out / name).exists()] + [p.name for p in _adapter_files(out)]
     if ours and not overwrite:
         hint = "pass --resume to continue it, or " if list_checkpoints(ckpt_dir) else ""
@@ -352,12 +365,20 @@ def _prepare_out(out: Path, config: TrainConfig, dist: _Dist, *, resume: bool, o
     dist.barrier()  # every rank has looked at OUT before rank 0 writes to it
     if dist.main:
         ensure_writable_folder(out, CatfastError)
-        for name in ours:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
     dist.barrier()
-    return None
+    return None, ours
+
+
+def _start_out(out: Path, earlier: list[str], config: TrainConfig, dist: _Dist) -> None:
+    """Remove an earlier run's files (``--overwrite``; the latent cache is kept) and write config.json."""
+    from catfast.folders import write_atomic
+
+    if dist.main:
+        for name in earlier:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        write_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True).encode())
+    dist.barrier()
 
 
 def _adapter_files(out: Path) -> list[Path]:
@@ -388,6 +409,7 @@ def _build_dataset(base, examples, config: TrainConfig, out: Path, device, dist:
         random_flip=config.random_flip,
         buckets=config.buckets,
         crop_variants=1 if config.center_crop else config.crop_variants,
+        allow_upscale=config.allow_upscale,
     )
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
     dataset = None
@@ -649,7 +671,9 @@ class _SamplePlan:
                 steps=self.config.sample_steps,
                 guidance=self.config.sample_guidance,
             )
-        save_grid(images, len(self.rows), cols, path, labels=[r[0] for r in self.rows])
+        labels = [f"{r[0]} (seed {self.config.sample_seed + i})" for i, r in enumerate(self.rows)]
+        heads = (["base"] if self.config.sample_base else []) + ["without trigger", "with trigger"]
+        save_grid(images, len(self.rows), cols, path, labels=labels, col_labels=heads)
 
 
 def _write_adapters(unet, config: TrainConfig, names: list[str], out: Path) -> dict[str, Path]:
