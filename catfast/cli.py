@@ -40,7 +40,7 @@ def main() -> None:
     package (no download)."""
 
 
-def _set_threads(threads: int | None, default: int | None, echo=click.echo) -> int:
+def _set_threads(threads: int | None, default: int | None, echo=functools.partial(click.echo, err=True)) -> int:
     """Set torch's CPU thread count: ``threads`` when given, else ``default`` (None: torch's own, one per
     core). Prints a note when the machine is already busy (1-minute load average + our threads above
     the core count): then threads spin against other processes, and fewer threads are faster."""

@@ -59,7 +59,7 @@ def test_quick_start_path_and_diffusers_loads_both_formats(tiny_folder, tmp_path
     assert "step 3: loss" in r.stdout
     catfast("adapter", "convert", adapter, kohya, "--to", "kohya")
     infos = [json.loads(catfast("adapter", "info", f, "--json").stdout) for f in (adapter, kohya)]
-    assert [i["format"] for i in infos] == ["peft", "kohya"]
+    assert [i["format"] for i in infos] == ["diffusers", "kohya"]
     for info in infos:
         assert set(info["ranks"].values()) == {4} and set(info["alphas"].values()) == {2.0}
         assert info["targets"] == ["to_k", "to_out.0", "to_q", "to_v"]

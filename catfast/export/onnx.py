@@ -364,9 +364,8 @@ def _check_fits(base, adapters: list[tuple[AdapterSpec, LoraAdapter]], component
     return applied
 
 
-def _read_adapters(specs: Sequence[AdapterSpec], base) -> list[tuple[AdapterSpec, LoraAdapter]]:
-    from catfast.adapters.formats import read_adapter
-
+def _check_labels(specs: Sequence[AdapterSpec]) -> None:
+    """The adapters' names become file and folder names in the export: unique, plain, never '.' or '..'."""
     labels = [s.label for s in specs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -376,6 +375,12 @@ def _read_adapters(specs: Sequence[AdapterSpec], base) -> list[tuple[AdapterSpec
             raise ExportError(
                 f"adapter name {label!r} may use only letters, digits, '_', '.' and '-', and must not be '.' or '..'"
             )
+
+
+def _read_adapters(specs: Sequence[AdapterSpec], base) -> list[tuple[AdapterSpec, LoraAdapter]]:
+    from catfast.adapters.formats import read_adapter
+
+    _check_labels(specs)
     models = {"unet": base.unet, "text_encoder": base.text_encoder}
     return [(s, s.adapter if s.adapter is not None else read_adapter(s.path, models=models)) for s in specs]
 
@@ -430,6 +435,7 @@ def export_onnx(
         )
     if adapter_inputs and not specs:
         raise ExportError("--adapter-inputs needs at least one --adapter (its layers become the graph's LoRA inputs)")
+    _check_labels(specs)
     out = Path(out).absolute()
     check_target(out, overwrite, ExportError)
     for s in specs:
