@@ -29,7 +29,7 @@ from catfast.export.runner import RunnerError, run_onnx, save_png
 from catfast.folders import write_atomic
 from catfast.integrations.factory import init_model_folder
 from catfast.integrations.models import base_location
-from catfast.train.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from catfast.train.checkpoint import list_checkpoints, save_checkpoint
 from catfast.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,8 @@ def test_non_finite_adapters_are_refused_on_load(tmp_path, where):
     path = tmp_path / "bad.safetensors"
     write_adapter(_adapter(), path, format="kohya")
     tensors = load_file(path)
-    key = next(k for k in tensors if k.endswith({"up": "lora_up.weight", "down": "lora_down.weight"}.get(where, "alpha")))
+    suffix = {"up": "lora_up.weight", "down": "lora_down.weight", "alpha": "alpha"}[where]
+    key = next(k for k in tensors if k.endswith(suffix))
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[0] = float("nan") if where != "down" else float("inf")
     save_file(tensors, path)
@@ -275,7 +276,8 @@ def test_overwrite_hint_names_the_flag(adapter_file):
 @pytest.mark.parametrize("name", [".", ".."])
 def test_adapter_names_dot_and_dotdot_are_refused(tiny, adapter_file, tmp_path, name):
     out = tmp_path / "exp"
-    r = invoke("export", "onnx", "--base", tiny, "--out", out, "--adapter-inputs", "--adapter", f"{name}={adapter_file}")
+    spec = f"{name}={adapter_file}"
+    r = invoke("export", "onnx", "--base", tiny, "--out", out, "--adapter-inputs", "--adapter", spec)
     one_line_error(r, "must not be '.' or '..'")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 
