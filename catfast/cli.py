@@ -595,7 +595,7 @@ def bench_train_step_command(model, batch, steps, rank, dtype, targets, as_json)
     default=DEMO_THREADS,
     show_default=True,
     type=click.IntRange(min=1),
-    help=f"{_THREADS_HELP}; the demo's models are tiny, and 1 thread is as fast as 2 and robust on a busy CPU.",
+    help=f"{_THREADS_HELP}; the demo's models are tiny, and on a busy CPU extra threads spin against other work.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object on the last line.")
 @_friendly

@@ -112,7 +112,7 @@ def test_demo_time_and_threads_are_stated_one_way():
     readme = (ROOT / "README.md").read_text()
     help_text = " ".join(invoke("demo", "--help").output.split())
     assert DEMO_TIME in readme and DEMO_TIME in help_text
-    assert "--threads INTEGER RANGE" in help_text and "[default: 1]" in help_text
+    assert "--threads INTEGER RANGE" in help_text and "[default: 1; x>=1]" in help_text
     assert "a few minutes" not in help_text and "110-115 s" not in readme
 
 
