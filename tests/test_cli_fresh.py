@@ -117,10 +117,18 @@ def test_demo_time_and_threads_are_stated_one_way():
 
 
 def test_threads_option_sets_torch_threads(tiny, data, tmp_path, one_thread):
+    torch.set_num_threads(2)
     r = invoke("train", "--base", tiny, "--data", data, "--trigger", "sks", "--out", tmp_path / "o", "--steps", 1,
-               "--checkpoint-every", 0, "--threads", 2, "--no-progress")  # fmt: skip
+               "--checkpoint-every", 0, "--threads", 1, "--no-progress")  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 1
+
+
+def test_default_export_says_run_onnx_cannot_run_it(tiny, tmp_path):
+    r = invoke("export", "onnx", "--base", tiny, "--out", tmp_path / "unet-only")
+    assert r.exit_code == 0, r.output
+    assert "note: no text_encoder, vae_decoder in this export, so `catfast run-onnx` cannot run it" in r.output
+    assert "`catfast run-onnx` needs all three" in " ".join(invoke("export", "onnx", "--help").output.split())
 
 
 # ------------------------------------------------------------------------------------ §3 non-finite values

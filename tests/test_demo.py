@@ -178,6 +178,9 @@ def test_demo_end_to_end_small(tmp_path):
     assert saved["cat"] == result["cat"]
     from PIL import Image
 
-    with Image.open(result["grid"]) as grid:
-        assert grid.height == 5 * 64
+    from catfast.demo.run import GRID_CELL
+    from catfast.eval.grids import FONT_SIZE, LABEL_PAD
+
+    with Image.open(result["grid"]) as grid:  # five labelled rows under a band of seed labels
+        assert grid.height == FONT_SIZE + 2 * LABEL_PAD + 5 * GRID_CELL
     assert "CAT" in format_table(result)

@@ -319,7 +319,7 @@ def test_run_onnx_cli_writes_a_png(inputs, tmp_path):
     assert "CPUExecutionProvider" in r.output
     with Image.open(png) as im:
         assert im.size == (32, 32) and im.mode == "RGB"
-    r = CliRunner().invoke(main, list(map(str, args[:5] + ["--adapter", "nope", "--out", png])))
+    r = CliRunner().invoke(main, list(map(str, args[:5] + ["--adapter", "nope", "--out", png, "--overwrite"])))
     assert r.exit_code == 1 and "no adapter 'nope'; this export has a1, second" in r.output
 
 
