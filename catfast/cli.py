@@ -295,7 +295,10 @@ def train_command(config_file, settings, resume, overwrite, no_progress, format_
 
     flags.update(format=format_, sample_prompts=list(sample_prompts) or None)
     config = TrainConfig.load(config_file, merge_overrides(settings, flags))
-    _set_threads(threads, None)
+    import torch
+
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        _set_threads(threads, None)  # a CPU run: threads matter (on a GPU, torch's default is left alone)
     result = train(config, resume=resume, overwrite=overwrite, progress=not no_progress)
     if not result.adapters:  # a rank other than 0 under torchrun
         return

@@ -106,6 +106,10 @@ def test_help_and_adapter_info_import_no_heavy_library(adapter_file):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip().splitlines()[-1] == "[]", (args, r.stdout[-300:])
+    # `env` imports what it probes (triton, onnxruntime), but reads the others' versions without importing them
+    r = subprocess.run([sys.executable, "-c", code, "env"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not {"diffusers", "transformers", "peft"} & set(eval(r.stdout.strip().splitlines()[-1]))
 
 
 def test_demo_time_and_threads_are_stated_one_way():
