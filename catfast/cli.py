@@ -19,7 +19,8 @@ from catfast.errors import CatfastError
 
 
 def _friendly(fn):
-    """Turn CatfastError (and a missing input file) into a one-line click error."""
+    """Turn CatfastError, and an OS error (a disk that fills up mid-run, a folder that vanished), into a
+    one-line click error. Output places are checked before any work, so the OS error is a last resort."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -27,6 +28,9 @@ def _friendly(fn):
             return fn(*args, **kwargs)
         except CatfastError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
 
     return wrapper
 
