@@ -450,3 +450,24 @@ def test_grids_carry_row_and_column_labels(tmp_path):
     assert grid.shape[0] > 2 * 32  # a header band above the cells
     header = grid[: grid.shape[0] - 64]
     assert (header < 128).all(axis=-1).any()  # dark label text drawn in it
+
+
+def test_a_disk_error_mid_write_is_one_line_and_leaves_no_partial_file(tmp_path):
+    import resource
+    import signal
+
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    g = torch.Generator().manual_seed(0)
+    big = LoraAdapter({key: LoraLayer(torch.randn(16, 256, generator=g), torch.randn(256, 16, generator=g), 8.0)})
+    src = tmp_path / "big.safetensors"
+    write_adapter(big, src)  # 32 KiB
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # a real write failure (EFBIG), as a full disk gives
+    try:
+        r = invoke("adapter", "convert", src, tmp_path / "k.safetensors", "--to", "kohya")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    one_line_error(r, "too large")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors"]
