@@ -451,5 +451,7 @@ def demo_command(out: str, seed: int, seeds: int, as_json: bool) -> None:
         click.echo(json.dumps(summary))
 
 
+main.add_command(__import__("catfast.serve.cli", fromlist=["serve"]).serve)
+
 if __name__ == "__main__":
     sys.exit(main())
