@@ -109,16 +109,28 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize(
-    "mix, guidance, n",
-    [({"a": 1.0}, 5.0, 1), ({"a": 0.8, "b": 1.0}, 7.5, 2), ({"b": -0.5}, 1.0, 1), ({}, 5.0, 1)],
-    ids=["one", "stacked-n2", "locon-no-cfg", "base"],
+    "mix, guidance, n, sampler",
+    [
+        ({"a": 1.0}, 5.0, 1, "ddim"),
+        ({"a": 0.8, "b": 1.0}, 7.5, 2, "ddim"),
+        ({"b": -0.5}, 1.0, 1, "euler"),
+        ({}, 5.0, 1, "dpmpp_2m"),
+    ],
+    ids=["one", "stacked-n2", "locon-no-cfg-euler", "base-dpmpp"],
 )
-def test_request_equals_diffusers_pipeline_with_its_adapters_loaded(adapter_dir, mix, guidance, n):
+def test_request_equals_diffusers_pipeline_with_its_adapters_loaded(adapter_dir, mix, guidance, n, sampler):
+    import diffusers
+
+    from catfast.serve.requests import SCHEDULERS
+
+    request = GenerationRequest("a red car", adapters=mix, steps=3, guidance=guidance, seed=7, n=n, scheduler=sampler)
     with _engine(adapter_dir) as engine:
-        handle = engine.submit(GenerationRequest("a red car", adapters=mix, steps=3, guidance=guidance, seed=7, n=n))
+        handle = engine.submit(request)
         images = handle.result(timeout=120)
         ours = handle.latents
-    want = _diffusers_latents(_pipeline(adapter_dir, mix), "a red car", steps=3, guidance=guidance, seed=7, n=n)
+    pipe = _pipeline(adapter_dir, mix)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
+    want = _diffusers_latents(pipe, "a red car", steps=3, guidance=guidance, seed=7, n=n)
     assert len(images) == n and images[0].size == (32, 32)
     assert _rel(ours, want) < 1e-4, _rel(ours, want)
     if mix:  # the adapters really change the result
@@ -139,7 +151,7 @@ def test_kohya_file_serves_like_its_peft_twin(adapter_dir):
 
 
 def test_result_does_not_depend_on_what_shares_the_batch(adapter_dir):
-    target = dict(prompt="a tree", adapters={"a": 0.7, "b": 1.0}, steps=4, guidance=6.0, seed=11)
+    target = dict(prompt="a tree", adapters={"a": 0.7, "b": 1.0}, steps=4, guidance=6.0, seed=11, scheduler="euler")
     with _engine(adapter_dir, max_batch=8) as engine:
         alone = engine.submit(GenerationRequest(**target))
         alone.result(60)
@@ -148,7 +160,7 @@ def test_result_does_not_depend_on_what_shares_the_batch(adapter_dir):
             others = [
                 engine.submit(GenerationRequest("a dog", adapters={"b": 1.0}, steps=2, seed=1)),
                 engine.submit(GenerationRequest("a cat", adapters={"a": 1.0}, steps=6, guidance=1.0, seed=2, n=2)),
-                engine.submit(GenerationRequest("a sky", steps=3, seed=3)),
+                engine.submit(GenerationRequest("a sky", steps=3, seed=3, scheduler="dpmpp_2m")),
             ]
             shared = engine.submit(GenerationRequest(**target))
             engine.submit(GenerationRequest("a boat", adapters={"a": 0.3}, steps=5, seed=4))
@@ -244,6 +256,7 @@ def test_bad_requests_say_what_to_change(adapter_dir):
             (dict(prompt="x", adapters={"a": float("inf")}), "weight"),
             (dict(prompt="x", size="big"), "size"),
             (dict(prompt="x", seed=-1), "seed"),
+            (dict(prompt="x", scheduler="pndm"), "scheduler must be one of"),
         ]
         for kwargs, match in cases:
             with pytest.raises(BadRequest, match=match):

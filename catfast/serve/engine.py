@@ -19,7 +19,7 @@ import torch
 
 from catfast.serve.errors import BadRequest, Cancelled, ServeError
 from catfast.serve.pool import AdapterInfo, AdapterPool
-from catfast.serve.requests import Event, GenerationRequest, RequestHandle, check_adapter_name
+from catfast.serve.requests import SCHEDULERS, Event, GenerationRequest, RequestHandle, check_adapter_name
 from catfast.serve.scheduler import Job, StepScheduler
 
 log = logging.getLogger("catfast.serve")
@@ -188,7 +188,14 @@ class Engine:
         """Defaults and limits for validation and UIs."""
         top = max(self.native_size * 2, self._multiple)
         sizes = [s for s in range(self._multiple, top + 1, self._multiple)]
-        return {"steps": 20, "guidance": 5.0, "max_steps": MAX_STEPS, "max_n": self.max_n, "sizes": sizes}
+        return {
+            "steps": 20,
+            "guidance": 5.0,
+            "max_steps": MAX_STEPS,
+            "max_n": self.max_n,
+            "sizes": sizes,
+            "schedulers": list(SCHEDULERS),
+        }
 
     def _size(self, size) -> tuple[int, int]:
         if size is None:
@@ -239,6 +246,7 @@ class Engine:
         seed: int | None = None,
         negative_prompt: str = "",
         timeout_s: float | None = None,
+        scheduler: str = "ddim",
     ) -> list:
         """Submit and wait: the ``n`` PIL images of one request."""
         request = GenerationRequest(
@@ -251,6 +259,7 @@ class Engine:
             seed=seed,
             negative_prompt=negative_prompt,
             timeout_s=timeout_s,
+            scheduler=scheduler,
         )
         handle = self.submit(request)
         limit = request.timeout_s if request.timeout_s is not None else self.timeout_s

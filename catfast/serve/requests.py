@@ -16,6 +16,9 @@ NAME = re.compile(r"[A-Za-z0-9_.-]+")
 RESERVED = ("base",)
 MAX_ADAPTERS_PER_REQUEST = 8
 MAX_WEIGHT = 10.0
+# request scheduler name -> diffusers scheduler class (deterministic samplers only: the same seed gives
+# the same image whatever shares the batch)
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 
 
 def check_adapter_name(name: Any) -> str:
@@ -63,7 +66,9 @@ class GenerationRequest:
     a request with ``seed`` s starts from the k-th of n noise draws of ``torch.Generator().manual_seed(s)``
     (what diffusers' pipeline draws for ``num_images_per_prompt=n``), so a seeded result does not depend
     on what else shares the batch. ``guidance`` <= 1 runs the conditional rows only (no CFG). Validated
-    on construction (BadRequest says what to change); the engine checks size, steps and n against its
+    on construction (BadRequest says what to change). ``scheduler``: "ddim" (eta 0), "euler" or
+    "dpmpp_2m" (diffusers' DDIM / EulerDiscrete / DPMSolverMultistep from the model's scheduler config);
+    the engine checks size, steps and n against its
     own limits (``Engine.defaults``) when the request is submitted."""
 
     prompt: str
@@ -75,6 +80,7 @@ class GenerationRequest:
     seed: int | None = None
     negative_prompt: str = ""
     timeout_s: float | None = None
+    scheduler: str = "ddim"
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -102,6 +108,8 @@ class GenerationRequest:
             raise BadRequest(f"guidance must be >= 0, got {self.guidance}")
         if self.seed is not None:
             self.seed = _int(self.seed, "seed", 0, 2**63 - 1)
+        if self.scheduler not in SCHEDULERS:
+            raise BadRequest(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.timeout_s is not None:
             self.timeout_s = _float(self.timeout_s, "timeout_s")
             if self.timeout_s <= 0:

@@ -1,6 +1,7 @@
 """The step-level scheduler: requests join and leave the running batch at denoising-step boundaries.
 
-Each request (``Job``) carries its own DDIM scheduler (steps), guidance, seed, size and adapter mix.
+Each request (``Job``) carries its own diffusers scheduler instance (DDIM, Euler or DPM++ 2M; steps),
+guidance, seed, size and adapter mix.
 Every loop iteration: drop cancelled and timed-out requests, install adapters that finished loading,
 admit queued requests (FIFO, up to ``max_batch`` images running), then run ONE denoising step for
 the running requests of one size bucket (the oldest request's; only same-size requests share a UNet
@@ -183,10 +184,11 @@ class StepScheduler:
 
     @torch.no_grad()
     def start(self, job: Job) -> None:
-        """Encode the prompts, draw the initial noise and set up the job's DDIM scheduler."""
-        from diffusers import DDIMScheduler
+        """Encode the prompts, draw the initial noise and set up the job's own diffusers scheduler."""
+        import diffusers
 
         from catfast.integrations.models import encode_prompt
+        from catfast.serve.requests import SCHEDULERS
 
         base, unet = self.base, self.base.unet
         device, dtype = unet.device, unet.dtype
@@ -203,7 +205,7 @@ class StepScheduler:
         # diffusers' prepare_latents with one CPU generator: what the pipeline draws for
         # num_images_per_prompt=n and generator=torch.Generator().manual_seed(seed)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(job.seed), dtype=dtype).to(device)
-        scheduler = DDIMScheduler.from_config(base.scheduler.config)
+        scheduler = getattr(diffusers, SCHEDULERS[req.scheduler]).from_config(base.scheduler.config)
         scheduler.set_timesteps(req.steps, device=device)
         job.latents = latents * scheduler.init_noise_sigma
         job.scheduler, job.timesteps = scheduler, scheduler.timesteps
@@ -242,7 +244,8 @@ class StepScheduler:
             if job.cfg:
                 pred = pred + job.request.guidance * (out[start + n : start + 2 * n] - pred)
             t = job.timesteps[job.step]
-            job.latents = job.scheduler.step(pred, t, job.latents, eta=0.0, return_dict=False)[0]
+            extra = {"eta": 0.0} if job.request.scheduler == "ddim" else {}
+            job.latents = job.scheduler.step(pred, t, job.latents, return_dict=False, **extra)[0]
             job.step += 1
             if job.step >= len(job.timesteps):
                 done.append(job)
