@@ -124,7 +124,7 @@ def parse_model(model) -> dict[str, float]:
     return adapters
 
 
-def _request_fields(body: dict, native: int) -> tuple[dict, bool]:
+def request_fields(body: dict, native: int) -> tuple[dict, bool]:
     """The GenerationRequest arguments of an images/generations body, and whether it asks to stream."""
     unknown = sorted(set(body) - _OPENAI_FIELDS - _EXTRA_FIELDS)
     if unknown:
@@ -296,21 +296,37 @@ def create_app(engine, *, api_key: str | None = None, adapters_dir=None, model_n
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(HTTPError(500, f"internal error: {type(err).__name__}", "server_error", "internal"))
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        path = request.url.path
-        route = path if not path.startswith("/v1/adapters/") else "/v1/adapters/{name}"
-        if api_key is not None and (path.startswith("/v1") or path == "/metrics"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                http_requests.labels(route, "401").inc()
-                message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
-                return error_response(HTTPError(401, message, "authentication_error", "invalid_api_key"))
-        response = await call_next(request)
-        if route in ("/v1/images/generations", "/v1/adapters", "/v1/adapters/{name}", "/health", "/metrics"):
-            http_requests.labels(route, str(response.status_code)).inc()
-        return response
+    counted = ("/v1/images/generations", "/v1/adapters", "/v1/adapters/{name}", "/health", "/metrics")
+
+    class AuthAndCount:
+        """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints):
+        checks the API key and counts answers by route and status."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            path = scope["path"]
+            route = path if not path.startswith("/v1/adapters/") else "/v1/adapters/{name}"
+            if api_key is not None and (path.startswith("/v1") or path == "/metrics"):
+                given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+                scheme, _, token = given.partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                    http_requests.labels(route, "401").inc()
+                    message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+                    response = error_response(HTTPError(401, message, "authentication_error", "invalid_api_key"))
+                    return await response(scope, receive, send)
+
+            async def counting_send(message):
+                if message["type"] == "http.response.start" and route in counted:
+                    http_requests.labels(route, str(message["status"])).inc()
+                await send(message)
+
+            await self.inner(scope, receive, counting_send)
+
+    app.add_middleware(AuthAndCount)
 
     async def json_body(request: Request) -> dict:
         length = request.headers.get("content-length")
@@ -338,7 +354,7 @@ def create_app(engine, *, api_key: str | None = None, adapters_dir=None, model_n
     @app.post("/v1/images/generations")
     async def generations(request: Request):
         body = await json_body(request)
-        fields, stream = _request_fields(body, engine.native_size)
+        fields, stream = request_fields(body, engine.native_size)
         t0 = time.perf_counter()
         handle = submit(fields)  # raises BadRequest / UnknownAdapter / QueueFull before anything runs
         created = int(time.time())
