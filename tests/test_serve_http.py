@@ -87,6 +87,10 @@ def test_openai_client_gets_pngs_and_seeds_are_deterministic(server):
     assert images[0].tobytes() != images[1].tobytes()  # two noise draws of one seed
     again = client.images.generate(model="striped-star:0.8+tiger-ball", prompt=prompt, n=2, extra_body=extra)
     assert [d.b64_json for d in again.data] == [d.b64_json for d in mixed.data]
+    dpm = client.images.generate(
+        model="striped-star:0.8+tiger-ball", prompt=prompt, extra_body={**extra, "scheduler": "dpmpp_2m"}
+    )
+    assert _png(dpm.data[0].b64_json).tobytes() != images[0].tobytes()  # another sampler, another picture
     base = client.images.generate(model="base", prompt=prompt, n=2, response_format="b64_json", extra_body=extra)
     assert _png(base.data[0].b64_json).tobytes() != images[0].tobytes()  # the adapters change the picture
 
@@ -114,6 +118,7 @@ ERRORS = [
     ({"prompt": "a star", "model": 3}, 400, "model must be"),
     ({"prompt": "a star", "guidance": 3}, 400, "unknown field"),
     ({"prompt": "a star", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "a star", "scheduler": "lms"}, 400, "scheduler"),
 ]
 
 

@@ -7,9 +7,10 @@ Endpoints (``create_app``):
   joined by "+" each with an optional ":weight" ("striped-star:0.8+toy-box"); ``prompt``; ``n``;
   ``size`` "WxH" (default: the model's native size); ``response_format`` "b64_json" (the only one: the
   server keeps no files, so "url" is refused with 400). Extra fields: ``steps``, ``guidance_scale``,
-  ``seed``, ``negative_prompt``, and ``stream`` (true: a ``text/event-stream`` of
-  ``image_generation.progress`` events, one ``image_generation.completed`` per image, then ``[DONE]``;
-  the playground uses it). A client that disconnects cancels its request at the next denoising step.
+  ``seed``, ``negative_prompt``, ``scheduler`` ("ddim", "euler", "dpmpp_2m"), and ``stream`` (true: a
+  ``text/event-stream`` of ``image_generation.progress`` events, one ``image_generation.completed`` per
+  image, then ``[DONE]``; the playground uses it). A client that disconnects cancels its request at the
+  next denoising step.
 - ``GET /v1/adapters``, ``POST /v1/adapters`` ({"name", "path"?}: a ``.safetensors`` file inside the
   adapters folder, default ``<name>.safetensors``), ``DELETE /v1/adapters/{name}``.
 - ``GET /health`` (status, model limits), ``GET /metrics`` (Prometheus text), ``GET /`` (playground).
@@ -57,7 +58,7 @@ STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20  # bytes of a JSON request body
 # fields of OpenAI's images.generate that we accept; the ones not listed in _IGNORED are used
 _OPENAI_FIELDS = {"model", "prompt", "n", "size", "response_format", "user", "quality", "style", "output_format"}
-_EXTRA_FIELDS = {"steps", "guidance_scale", "seed", "negative_prompt", "stream"}
+_EXTRA_FIELDS = {"steps", "guidance_scale", "seed", "negative_prompt", "scheduler", "stream"}
 _POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 
 
@@ -160,7 +161,7 @@ def request_fields(body: dict, native: int) -> tuple[dict, bool]:
         size=size,
         negative_prompt=body.get("negative_prompt") or "",
     )
-    for key, arg in (("steps", "steps"), ("guidance_scale", "guidance"), ("seed", "seed")):
+    for key, arg in (("steps", "steps"), ("guidance_scale", "guidance"), ("seed", "seed"), ("scheduler", "scheduler")):
         if body.get(key) is not None:
             fields[arg] = body[key]
     return fields, stream

@@ -41,6 +41,14 @@ async function loadHealth() {
     if (s === h.native_size) opt.selected = true;
     sel.appendChild(opt);
   }
+  const sched = $("scheduler");
+  sched.innerHTML = "";
+  for (const name of h.defaults.schedulers || ["ddim"]) {
+    const opt = document.createElement("option");
+    opt.value = name;
+    opt.textContent = name;
+    sched.appendChild(opt);
+  }
   $("steps").max = h.defaults.max_steps;
   $("steps").value = h.defaults.steps;
   $("guidance").value = h.defaults.guidance;
@@ -142,6 +150,7 @@ async function generate(ev) {
     size: $("size").value,
     steps: Number($("steps").value),
     guidance_scale: Number($("guidance").value),
+    scheduler: $("scheduler").value,
     response_format: "b64_json",
     stream: true,
   };
