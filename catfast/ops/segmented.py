@@ -154,7 +154,8 @@ def segmented_lora_conv2d_(
 ) -> torch.Tensor:
     """Conv2d twin of ``segmented_lora_linear_``: A ``[S, R, C*kh*kw]`` is a conv with the base layer's
     kernel, stride, padding and dilation (kohya LoCon), B ``[S, out, R]`` a 1x1 conv. x ``[N, C, H, W]``,
-    y ``[N, out, H', W']``. Torch only (cuDNN/oneDNN convolutions; one pair of convs per segment)."""
+    y ``[N, out, H', W']``. Torch only (cuDNN/oneDNN convolutions): equal-length segments as one grouped
+    conv pair (segment g = channel group g), else one conv pair per segment."""
     if not plan.segments:
         return y
     if x.shape[0] != plan.rows or y.shape[0] != plan.rows:
@@ -163,9 +164,26 @@ def segmented_lora_conv2d_(
         coef = plan.coefficients(scales.to(x.dtype))
         r = lora_a.shape[1]
         kernel = (x.shape[1], *conv.kernel_size)
+        if plan.uniform and len(plan.segments) > 1:
+            return _conv_grouped_(y, x, conv, lora_a, lora_b, coef, plan, kernel)
         for i, seg in enumerate(plan.segments):
             a, b = _mixed(lora_a, lora_b, plan.slots[i : i + 1])
             a = (a[0] * coef[i].repeat_interleave(r)[:, None]).view(-1, *kernel)
             t = F.conv2d(x[seg.start : seg.stop], a, None, conv.stride, conv.padding, conv.dilation)
             y[seg.start : seg.stop] += F.conv2d(t, b[0][:, :, None, None])
+    return y
+
+
+def _conv_grouped_(y, x, conv, lora_a, lora_b, coef, plan, kernel) -> torch.Tensor:
+    """Equal-length segments as one grouped conv pair: segment g's rows become channel group g."""
+    lo, hi = plan.span
+    g, r = len(plan.segments), lora_a.shape[1]
+    m = (hi - lo) // g
+    a, b = _mixed(lora_a, lora_b, plan.slots)  # [G, K*R, C*kh*kw], [G, out, K*R]
+    kr = a.shape[1]
+    a = (a * coef.repeat_interleave(r, dim=1)[:, :, None]).reshape(g * kr, *kernel)
+    xs = x[lo:hi].reshape(g, m, *x.shape[1:]).transpose(0, 1).reshape(m, g * x.shape[1], *x.shape[2:])
+    t = F.conv2d(xs, a, None, conv.stride, conv.padding, conv.dilation, groups=g)
+    u = F.conv2d(t, b.reshape(g * b.shape[1], kr, 1, 1), groups=g)  # [m, G*out, H', W']
+    y[lo:hi] += u.view(m, g, *y.shape[1:]).transpose(0, 1).reshape(hi - lo, *y.shape[1:])
     return y

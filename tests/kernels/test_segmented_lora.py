@@ -82,21 +82,23 @@ def test_segmented_linear_half_precision_within_twice_torch_error():
     assert_close_to_ref(low, ref32, low_ref, "bf16 triton segmented")
 
 
+@pytest.mark.parametrize("segments", [MIXED, UNIFORM], ids=["mixed", "uniform-grouped"])
 @pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
-def test_segmented_conv_matches_reference(kernel, stride, padding):
+def test_segmented_conv_matches_reference(kernel, stride, padding, segments):
     g = torch.Generator().manual_seed(2)
     conv = torch.nn.Conv2d(5, 7, kernel, stride=stride, padding=padding)
     x = torch.randn(97, 5, 6, 6, generator=g)
     a, b, scales = _pool(5 * kernel * kernel, 7)
-    plan = _plan(MIXED, 97)
+    plan = _plan(segments, 97)
     with torch.no_grad():
         y = conv(x)
         base = y.clone()
         segmented_lora_conv2d_(y, x, conv, a, b, scales, plan)
-        want = segmented_lora_conv2d_ref(x, conv, a, b, scales, MIXED)
+        want = segmented_lora_conv2d_ref(x, conv, a, b, scales, segments)
     err = (y.double() - want).abs().max().item()
     assert err < 1e-4 * want.abs().max().item(), err
-    assert torch.equal(y[:10], base[:10]) and torch.equal(y[60:70], base[60:70])  # base-only rows untouched
+    untouched = [(96, 97)] if segments is UNIFORM else [(0, 10), (60, 70)]  # base-only rows
+    assert all(torch.equal(y[s:e], base[s:e]) for s, e in untouched)
 
 
 def test_segment_plan_refuses_bad_layouts():
