@@ -126,8 +126,10 @@ def run_load(
     max_queue: int = 8,
     steps: tuple[int, int] = (2, 6),
     settle_s: float = 30.0,
+    rounds: int = 1,
 ) -> dict:
-    """Run the load test (module docstring) in this process; returns the report dict."""
+    """Run the load test (module docstring) in this process; returns the report dict. ``rounds``: send
+    ``requests`` that many times (seeds seed, seed+1, ...), recording the memory after each round."""
     import httpx
 
     from catfast.demo.adapters import CONCEPTS, adapters_dir
@@ -148,10 +150,15 @@ def run_load(
                         r.raise_for_status()
                 gc.collect()
                 rss_start = rss_mib()
-                plans = _plan(requests, seed, list(CONCEPTS), steps)
+                plans, results, rss_rounds = [], [], []
                 t0 = time.perf_counter()
-                with ThreadPoolExecutor(clients) as pool:
-                    results = list(pool.map(lambda p: _one(url, p), plans))
+                for r in range(rounds):
+                    batch = _plan(requests, seed + r, list(CONCEPTS), steps)
+                    with ThreadPoolExecutor(clients) as pool:
+                        results += list(pool.map(lambda p: _one(url, p), batch))
+                    plans += batch
+                    gc.collect()
+                    rss_rounds.append(round(rss_mib(), 1))
                 wall = time.perf_counter() - t0
                 deadline = time.monotonic() + settle_s
                 while time.monotonic() < deadline:
@@ -176,7 +183,8 @@ def run_load(
     ok_s = sorted(r["seconds"] for r in results if r["outcome"] == "ok")
     images = sum(p["body"]["n"] for p, r in zip(plans, results) if r["outcome"] == "ok")
     return {
-        "requests": requests,
+        "requests": requests * rounds,
+        "rounds": rounds,
         "clients": clients,
         "seed": seed,
         "max_batch": max_batch,
@@ -195,6 +203,7 @@ def run_load(
         "final_request_ok": final.status_code == 200,
         "rss_start_mib": round(rss_start, 1),
         "rss_end_mib": round(rss_end, 1),
+        "rss_after_each_round_mib": rss_rounds,
         "rss_growth_mib": round(rss_end - rss_start, 1),
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
     }
