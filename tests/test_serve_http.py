@@ -17,6 +17,7 @@ from PIL import Image
 from catfast.demo.adapters import CONCEPTS, adapters_dir
 from catfast.serve.engine import Engine
 from catfast.serve.http import Server, create_app, parse_model
+from catfast.serve.loadtest import wait_idle
 
 pytestmark = pytest.mark.timeout(300)
 KEY = "test-key-123"
@@ -57,14 +58,9 @@ def _png(b64: str) -> Image.Image:
 
 
 def _idle(engine, within: float = 20.0) -> None:
-    """Wait until nothing is queued or running (a stuck slot fails here)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s["queue_depth"] == 0 and s["running"] == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"engine still busy after {within} s: {engine.stats()}")
+    """Fail unless the engine gets idle (nothing queued or running: no stuck slot) within ``within`` s."""
+    stats = wait_idle(engine, within)
+    assert stats["queue_depth"] == 0 and stats["running"] == 0, f"engine still busy after {within} s: {stats}"
 
 
 def test_openai_client_gets_pngs_and_seeds_are_deterministic(server):

@@ -6,24 +6,12 @@ install, CPU only, no download.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import os
 
 import click
 
 from catfast.errors import CatfastError
-
-
-def _friendly(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CatfastError as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
 
 
 def _is_loopback(host: str) -> bool:
@@ -97,10 +85,16 @@ def build_app(
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
-@_friendly
 def serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level) -> None:
     """Serve BASE and its adapters: OpenAI-compatible /v1/images/generations, /v1/adapters, /health,
     /metrics and a web playground at /. Without --base: the shipped demo model and adapters."""
+    try:
+        _serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level)
+    except CatfastError as e:  # one line, no traceback (as catfast.cli's commands)
+        raise click.ClickException(str(e)) from None
+
+
+def _serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level):
     from catfast.serve.http import run
 
     if api_key is not None and not api_key.strip():

@@ -125,15 +125,17 @@ def parse_model(model) -> dict[str, float]:
     return adapters
 
 
+def refuse_unknown(body: dict, accepted: set[str]) -> None:
+    """HTTPError 400 naming the fields of ``body`` not in ``accepted`` (a misspelt field must not pass)."""
+    unknown = sorted(set(body) - accepted)
+    if unknown:
+        message = f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}"
+        raise HTTPError(400, message, code="unknown_parameter")
+
+
 def request_fields(body: dict, native: int) -> tuple[dict, bool]:
     """The GenerationRequest arguments of an images/generations body, and whether it asks to stream."""
-    unknown = sorted(set(body) - _OPENAI_FIELDS - _EXTRA_FIELDS)
-    if unknown:
-        raise HTTPError(
-            400,
-            f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(_OPENAI_FIELDS | _EXTRA_FIELDS))}",
-            code="unknown_parameter",
-        )
+    refuse_unknown(body, _OPENAI_FIELDS | _EXTRA_FIELDS)
     fmt = body.get("response_format") or "b64_json"
     if fmt != "b64_json":
         raise HTTPError(
@@ -458,11 +460,7 @@ def create_app(engine, *, api_key: str | None = None, adapters_dir=None, model_n
         from catfast.serve.requests import check_adapter_name
 
         body = await json_body(request)
-        unknown = sorted(set(body) - {"name", "path"})
-        if unknown:
-            raise HTTPError(
-                400, f"unknown field(s) {', '.join(unknown)}; accepted: name, path", code="unknown_parameter"
-            )
+        refuse_unknown(body, {"name", "path"})
         name = check_adapter_name(body.get("name"))
         path = safe_adapter_path(folder, name, body.get("path"))
 

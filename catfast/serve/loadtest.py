@@ -39,6 +39,16 @@ def rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def wait_idle(engine, within: float = 20.0) -> dict:
+    """Wait up to ``within`` seconds until ``engine`` has nothing queued or running; its stats then."""
+    deadline = time.monotonic() + within
+    while True:
+        stats = engine.stats()
+        if (stats["queue_depth"] == 0 and stats["running"] == 0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
 def _plan(n: int, seed: int, adapters: list[str], steps: tuple[int, int]) -> list[dict]:
     rng = random.Random(seed)
     kinds, weights = zip(*KINDS)
@@ -160,13 +170,7 @@ def run_load(
                     gc.collect()
                     rss_rounds.append(round(rss_mib(), 1))
                 wall = time.perf_counter() - t0
-                deadline = time.monotonic() + settle_s
-                while time.monotonic() < deadline:
-                    s = engine.stats()
-                    if s["queue_depth"] == 0 and s["running"] == 0:
-                        break
-                    time.sleep(0.05)
-                stats = engine.stats()
+                stats = wait_idle(engine, settle_s)
                 with engine._lock:
                     held = [e.name for e in engine.pool.entries.values() if e.running or e.queued]
                 with httpx.Client(base_url=url, timeout=300) as c:
