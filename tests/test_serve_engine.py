@@ -205,6 +205,13 @@ def test_pool_tiers_lru_and_in_use_adapters_are_never_evicted(adapter_dir):
         assert engine.stats()["adapter_evictions"] == 2
 
 
+def test_no_host_cache_still_serves_a_stacked_request(adapter_dir):
+    # host_cache=0: every adapter is read from disk when a request needs it; a request needing two must
+    # not have its loads evict each other
+    with _engine(adapter_dir, host_cache=0) as engine:
+        assert engine.generate("x", adapters={"a": 1.0, "b": 0.5}, steps=1, seed=1, timeout_s=60)
+
+
 def test_unload_while_in_use_finishes_the_request_and_hides_the_name(adapter_dir):
     with _engine(adapter_dir) as engine:
         with engine._lock:
@@ -271,6 +278,9 @@ def test_bad_requests_say_what_to_change(adapter_dir):
                 engine.submit(GenerationRequest("x", **kwargs))
         with pytest.raises(UnknownAdapter, match="'nope'"):
             engine.generate("x", adapters={"nope": 1.0})
+    with _engine(adapter_dir, max_resident=1) as engine:
+        with pytest.raises(BadRequest, match="max_resident"):
+            engine.generate("x", adapters={"a": 1.0, "b": 1.0})
         assert engine.stats()["queue_depth"] == 0
         # "base" means no adapter
         assert engine.generate("x", adapters={"base": 1.0}, steps=1, seed=0)

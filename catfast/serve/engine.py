@@ -218,6 +218,11 @@ class Engine:
             raise BadRequest(f"steps must be at most {MAX_STEPS}, got {request.steps}")
         if request.n > self.max_n:
             raise BadRequest(f"n must be at most {self.max_n}, got {request.n}")
+        if len(request.adapters) > self.pool.num_slots:
+            raise BadRequest(
+                f"the request names {len(request.adapters)} adapters but the engine holds at most "
+                f"{self.pool.num_slots} on the device (max_resident)"
+            )
         size = self._size(request.size)
         timeout = request.timeout_s if request.timeout_s is not None else self.timeout_s
         seed = request.seed if request.seed is not None else self._rng.randrange(2**31)

@@ -164,13 +164,20 @@ class AdapterPool:
         return (", ".join(names[:10]) + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")) or "none"
 
     def keep_on_host(self, entry: Entry, layers: dict) -> None:
-        """Put a parsed adapter in the host tier (LRU; the oldest non-resident one's tensors are dropped)."""
+        """Put a parsed adapter in the host tier (LRU). Over ``host_cache``, the least recently used
+        adapters' tensors are dropped, except those of adapters queued requests wait for (dropping them
+        could make two requests' loads evict each other forever)."""
         entry.layers, entry.error = layers, None
         self.host_lru[id(entry)] = entry
         self.host_lru.move_to_end(id(entry))
-        while len(self.host_lru) > self.host_cache:
-            _, old = self.host_lru.popitem(last=False)
-            old.layers = None
+        excess = len(self.host_lru) - self.host_cache
+        for key, old in list(self.host_lru.items()):
+            if excess <= 0:
+                break
+            if old.queued == 0:
+                del self.host_lru[key]
+                old.layers = None
+                excess -= 1
 
     def infos(self) -> list[AdapterInfo]:
         return [self.entries[n].info() for n in sorted(self.entries)]

@@ -56,8 +56,9 @@ class Job:
         return self.request.n * (2 if self.cfg else 1)
 
     def mix(self) -> tuple[tuple[int, float], ...]:
-        """(slot, weight) pairs of its adapters (resident), by slot; () for the base model."""
-        return tuple(sorted((e.slot, w) for e, w in self.entries))
+        """(slot, weight) pairs of its adapters (resident), by slot; () for the base model. Weight-0
+        adapters add nothing and are left out (their rows skip the LoRA work)."""
+        return tuple(sorted((e.slot, w) for e, w in self.entries if w != 0.0))
 
 
 class StepScheduler:
