@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 from catfast.demo.adapters import CONCEPTS, adapters_dir
@@ -334,3 +335,20 @@ def test_playground_page_is_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "catfast playground" in page.text
     assert client.get("/static/playground.js").status_code == 200
+
+
+def test_kohya_copy_of_an_adapter_serves_the_same_pictures(client, folder):
+    from catfast.adapters.formats import read_adapter, write_adapter
+
+    write_adapter(read_adapter(folder / "toy-box.safetensors"), folder / "toy-kohya.safetensors", format="kohya")
+    r = client.post("/v1/adapters", json={"name": "toy-kohya"})
+    assert r.status_code == 201 and r.json()["format"] == "kohya", r.text
+    body = {"prompt": "toy, a box on a grey background", "steps": 4, "seed": 11, "n": 2}
+    kohya = client.post("/v1/images/generations", json={**body, "model": "toy-kohya"}).json()["data"]
+    peft = client.post("/v1/images/generations", json={**body, "model": "toy-box"}).json()["data"]
+    base = client.post("/v1/images/generations", json=body).json()["data"]
+    for a, b, c in zip(kohya, peft, base):
+        ka, pb, bc = (torch.tensor(list(_png(x["b64_json"]).tobytes()), dtype=torch.int16) for x in (a, b, c))
+        assert (ka - pb).abs().max() <= 1  # the same LoRA in another file format
+        assert (ka - bc).abs().float().mean() > 5  # and it does change the picture
+    assert client.delete("/v1/adapters/toy-kohya").status_code == 200
