@@ -314,9 +314,9 @@ def create_app(engine, *, api_key: str | None = None, adapters_dir=None, model_n
             path = scope["path"]
             route = path if not path.startswith("/v1/adapters/") else "/v1/adapters/{name}"
             if api_key is not None and (path.startswith("/v1") or path == "/metrics"):
-                given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-                scheme, _, token = given.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                scheme, _, token = given.partition(b" ")
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), api_key.encode()):
                     http_requests.labels(route, "401").inc()
                     message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
                     response = error_response(HTTPError(401, message, "authentication_error", "invalid_api_key"))
