@@ -352,3 +352,37 @@ def test_kohya_copy_of_an_adapter_serves_the_same_pictures(client, folder):
         assert (ka - pb).abs().max() <= 1  # the same LoRA in another file format
         assert (ka - bc).abs().float().mean() > 5  # and it does change the picture
     assert client.delete("/v1/adapters/toy-kohya").status_code == 200
+
+
+def test_queue_full_is_429_and_timeouts_are_504():
+    engine = Engine("demo", device="cpu", max_batch=1, max_queue=1, timeout_s=3.0).start()
+    try:
+        with Server(create_app(engine)) as srv:
+            answers = {}
+
+            def post(key):
+                with httpx.Client(base_url=srv.url, timeout=120) as c:
+                    body = {"prompt": "a star", "steps": 150, "size": "64x64"}
+                    answers[key] = c.post("/v1/images/generations", json=body)
+
+            first = threading.Thread(target=post, args=("running",))
+            first.start()
+            deadline = time.monotonic() + 30
+            while engine.stats()["running"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            second = threading.Thread(target=post, args=("queued",))
+            second.start()
+            while engine.stats()["queue_depth"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                full = c.post("/v1/images/generations", json={"prompt": "a star", "steps": 2})
+            assert full.status_code == 429, full.text
+            assert full.json()["error"]["code"] == "queue_full"
+            first.join(60)
+            second.join(60)
+            for key in ("running", "queued"):  # 150 steps at 64x64 take ~50 s here: both pass their 3 s deadline
+                assert answers[key].status_code == 504, (key, answers[key].text)
+                assert answers[key].json()["error"]["type"] == "timeout_error"
+            _idle(engine)
+    finally:
+        engine.close()
