@@ -84,6 +84,8 @@ def test_playground_generates_with_an_adapter(browser, server, tmp_path):
     browser.get(server.url + "/")
     picks = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "input.pick"), what="the adapter list")
     assert sorted(p.get_attribute("data-name") for p in picks) == sorted(CONCEPTS)
+    hints = {el.text.strip() for el in browser.find_elements(By.CSS_SELECTOR, ".adapter .trigger")}
+    assert hints == {trigger for trigger, _ in CONCEPTS.values()}
     browser.find_element(By.ID, "pick-striped-star").click()
     slider = browser.find_element(By.CSS_SELECTOR, 'input.slider[data-name="tiger-ball"]')
     browser.execute_script("arguments[0].value = '0.5'; arguments[0].dispatchEvent(new Event('input'));", slider)

@@ -243,6 +243,7 @@ def test_adapters_added_and_removed_while_serving(client, engine, folder):
     assert r.status_code == 201, r.text
     info = r.json()
     assert info["id"] == "tiger2" and info["rank"] == 4 and info["path"] == "sub-tiger.safetensors"
+    assert info["triggers"] == ["tiger"]
     assert "tiger2" in [a["id"] for a in client.get("/v1/adapters").json()["data"]]
 
     # a long request on tiger2 runs while tiger2 is removed: it finishes, new requests get 404

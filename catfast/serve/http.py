@@ -11,8 +11,9 @@ Endpoints (``create_app``):
   ``text/event-stream`` of ``image_generation.progress`` events, one ``image_generation.completed`` per
   image, then ``[DONE]``; the playground uses it). A client that disconnects cancels its request at the
   next denoising step.
-- ``GET /v1/adapters``, ``POST /v1/adapters`` ({"name", "path"?}: a ``.safetensors`` file inside the
-  adapters folder, default ``<name>.safetensors``), ``DELETE /v1/adapters/{name}``.
+- ``GET /v1/adapters`` (each with the trigger words its file records), ``POST /v1/adapters`` ({"name",
+  "path"?}: a ``.safetensors`` file inside the adapters folder, default ``<name>.safetensors``),
+  ``DELETE /v1/adapters/{name}``.
 - ``GET /health`` (status, model limits), ``GET /metrics`` (Prometheus text), ``GET /`` (playground).
 
 Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 bad request, 401
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import io
 import json
@@ -236,8 +238,26 @@ class _EngineCollector:
             yield CounterMetricFamily(name, doc, value=float(value))
 
 
+@functools.lru_cache(maxsize=4096)
+def _triggers(path: str, mtime_ns: int) -> tuple[str, ...]:
+    """The trigger words catfast's trainer records in an adapter's metadata ("catfast.triggers"); () when
+    absent or unreadable. Reads only the safetensors JSON header."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            words = json.loads((f.metadata() or {}).get("catfast.triggers", "[]"))
+    except (OSError, ValueError, safetensors.SafetensorError):
+        return ()
+    return tuple(w for w in words if isinstance(w, str)) if isinstance(words, list) else ()
+
+
 def _adapter_json(info, folder: Path | None) -> dict:
     path = Path(info.path)
+    try:
+        triggers = list(_triggers(str(path), path.stat().st_mtime_ns))
+    except OSError:
+        triggers = []
     try:
         shown = path.resolve().relative_to(folder.resolve()).as_posix() if folder is not None else path.name
     except ValueError:
@@ -251,6 +271,7 @@ def _adapter_json(info, folder: Path | None) -> dict:
         "alpha": info.alpha,
         "targets": list(info.targets),
         "resident": bool(info.resident),
+        "triggers": triggers,
     }
 
 

@@ -80,6 +80,13 @@ async function loadAdapters() {
     name.htmlFor = pick.id;
     name.textContent = a.id;
     name.title = `${a.format}, rank ${a.rank}, ${a.path}`;
+    if (a.triggers && a.triggers.length) {
+      const hint = document.createElement("span");
+      hint.className = "trigger";
+      hint.textContent = " " + a.triggers.join(", ");
+      hint.title = "trigger word: put it in the prompt";
+      name.appendChild(hint);
+    }
     const weight = document.createElement("input");
     weight.type = "range";
     weight.min = "-2";
