@@ -26,13 +26,18 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from catfast.errors import CatfastError
 from catfast.serve.errors import ServeError, UnknownAdapter
 from catfast.serve.http import HTTPError, http_error, parse_model, png_b64, request_fields, safe_adapter_path
 from catfast.serve.requests import check_adapter_name
+
+try:
+    from ray import serve
+except ImportError:
+    raise CatfastError('Ray Serve is not installed: pip install "catfast[ray]"') from None
 
 
 class _AdapterSet:
