@@ -18,7 +18,9 @@ def test_bounded_load_with_cancellations_and_disconnects():
     assert report["unexpected"] == [], report["unexpected"]
     # the mix really happened: answers, cancellations and rejections
     assert counts.get("ok", 0) >= 10, counts
-    assert counts.get("cancelled", 0) + counts.get("stream_closed", 0) >= 3, counts
+    assert counts.get("cancelled", 0) + counts.get("stream_closed", 0) >= 1, counts
+    # the clients that left had 150-step requests: had the server not cancelled them, it would still be busy
+    assert report["idle_after_s"] < 2, report  # measured 0.0 s; 6.2 s with cancel() disabled
     assert counts.get("rejected_404", 0) >= 1, counts
     after = report["after"]
     assert after["queue_depth"] == 0 and after["running"] == 0, after

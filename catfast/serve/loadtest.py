@@ -4,8 +4,9 @@ large): concurrent clients send a random mix of requests to a server over the sh
 Kinds of request (drawn per request from ``seed``):
 - "ok": a valid generation on the base, one adapter or two weighted adapters (answered 200, or 429 when
   the bounded queue is full);
-- "cancel": a valid generation whose client gives up after a random short time (the server must cancel it);
-- "stream_close": a streamed generation whose client closes the stream after the first progress event;
+- "cancel": a valid generation of 150 steps whose client gives up after 0.05-0.6 s (the server must cancel
+  it: once every client is done, the engine must be idle within a few steps, "idle_after_s");
+- "stream_close": a streamed 150-step generation whose client closes the stream after the first event;
 - "unknown": an unknown adapter (must be 404); "bad": an invalid size (must be 400).
 
 The report counts outcomes, lists any 5xx ("server_errors") and answers that do not fit their kind
@@ -27,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+LONG_STEPS = 150  # steps of the requests whose clients leave early (the engine's maximum)
 KINDS = (("ok", 0.55), ("cancel", 0.15), ("stream_close", 0.1), ("unknown", 0.1), ("bad", 0.1))
 
 
@@ -70,7 +72,9 @@ def _plan(n: int, seed: int, adapters: list[str], steps: tuple[int, int]) -> lis
             "steps": rng.randint(*steps),
             "seed": rng.randrange(2**31),
         }
-        if kind == "unknown":
+        if kind in ("cancel", "stream_close"):
+            body["steps"] = LONG_STEPS  # certainly still running when the client leaves
+        elif kind == "unknown":
             body["model"] = f"missing-{i}"
         elif kind == "bad":
             body["size"] = "33x33"
@@ -170,7 +174,9 @@ def run_load(
                     gc.collect()
                     rss_rounds.append(round(rss_mib(), 1))
                 wall = time.perf_counter() - t0
+                t_idle = time.perf_counter()
                 stats = wait_idle(engine, settle_s)
+                idle_after = time.perf_counter() - t_idle
                 with engine._lock:
                     held = [e.name for e in engine.pool.entries.values() if e.running or e.queued]
                 with httpx.Client(base_url=url, timeout=300) as c:
@@ -203,6 +209,7 @@ def run_load(
             "p50": round(statistics.median(ok_s), 3) if ok_s else None,
             "p95": round(ok_s[int(0.95 * (len(ok_s) - 1))], 3) if ok_s else None,
         },
+        "idle_after_s": round(idle_after, 2),
         "after": {"queue_depth": stats["queue_depth"], "running": stats["running"], "held_entries": held},
         "final_request_ok": final.status_code == 200,
         "rss_start_mib": round(rss_start, 1),
