@@ -473,7 +473,7 @@ def bench_serve_command(
         rank=rank,
         reps=reps,
         diffusers_max=diffusers_max,
-        log=(lambda s: None) if as_json else click.echo,
+        log=(lambda s: click.echo(s, err=True)) if as_json else click.echo,  # partial results as they come
     )
     if as_json:
         click.echo(json.dumps(result))

@@ -48,6 +48,12 @@ def _write_adapters(model: str, count: int, rank: int, folder: Path) -> list[Pat
     return paths
 
 
+def _git() -> str | None:
+    from catfast.train.bench_step import _git as git
+
+    return git()
+
+
 def _median_ms(times: list[float]) -> float:
     return round(statistics.median(times) * 1e3, 4)
 
@@ -222,7 +228,8 @@ def _throughput(model, paths, requests, adapters, steps, max_batch, log) -> dict
 
     prompts = [f"a photo number {i}" for i in range(requests)]
     names = [f"t{i % adapters}" for i in range(requests)]
-    with Engine(build_base(model), max_batch=max_batch, max_resident=adapters, max_queue=requests) as engine:
+    engine = Engine(build_base(model), max_batch=max_batch, max_resident=adapters, max_queue=requests, timeout_s=1e6)
+    with engine:  # (no deadline: the last of the requests waits for every batch before it)
         for i in range(adapters):
             engine.load_adapter(f"t{i}", paths[i % len(paths)])
         engine.generate("warm up", steps=1, seed=0)
@@ -286,6 +293,8 @@ def bench_serve(
             "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "rank": rank,
+            "torch": torch.__version__,
+            "git": _git(),
             "switch_ms": _switch(model, paths, list(registered), reps, diffusers_max, log),
             "mixed": _mixed(model, paths, list(mixed), batch, reps, log),
             "throughput": _throughput(model, paths, requests, adapters, steps, max_batch, log),
