@@ -138,6 +138,39 @@ def test_request_equals_diffusers_pipeline_with_its_adapters_loaded(adapter_dir,
         assert _rel(base, want) > 1e-2
 
 
+def test_sdxl_request_equals_diffusers_sdxl_pipeline(tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    src = build_base("tiny-sdxl").unet
+    add_lora(src, rank=4, alpha=2.0, target_modules=ATTN, adapter_name="x")
+    randomize_lora_(src, seed=2, std=0.3)
+    write_adapter(extract_adapter(src, "x"), tmp_path / "x.safetensors")
+    with Engine(build_base("tiny-sdxl"), adapters_dir=tmp_path) as engine:
+        with engine._lock:  # one call: the adapter request beside a base request
+            handle = engine.submit(GenerationRequest("a cat", adapters={"x": 0.7}, steps=2, guidance=6.0, seed=4))
+            engine.submit(GenerationRequest("a dog", steps=2, seed=5))
+        handle.result(120)
+    assert handle.peak_batch == 2
+    base = build_base("tiny-sdxl")
+    pipe = StableDiffusionXLPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2,
+        unet=base.unet,
+        scheduler=DDIMScheduler.from_config(base.scheduler.config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tmp_path / "x.safetensors"), adapter_name="x")
+    pipe.set_adapters(["x"], [0.7])
+    want = _diffusers_latents(pipe, "a cat", steps=2, guidance=6.0, seed=4, negative_prompt=None)
+    assert _rel(handle.latents, want) < 1e-4, _rel(handle.latents, want)
+    pipe.disable_lora()
+    plain = _diffusers_latents(pipe, "a cat", steps=2, guidance=6.0, seed=4, negative_prompt=None)
+    assert _rel(plain, want) > 1e-2  # the adapter really changes the result
+
+
 def test_kohya_file_serves_like_its_peft_twin(adapter_dir):
     with _engine(adapter_dir) as engine:
         info = engine.load_adapter("k", "kohya/k.safetensors")

@@ -40,13 +40,13 @@ def _load_base(base, device, dtype):
         model = load_base(model_path(), dtype=dtype or torch.float32, device=device)
     else:
         model = load_base(base, dtype=dtype or torch.float32, device=device)
-    if model.is_sdxl:
-        raise ServeError("the serving engine serves SD-style bases (one text encoder); SDXL is not supported yet")
     if model.text_encoder is None or model.vae is None:
         raise ServeError("serving needs the base model's text encoder and VAE")
     if getattr(model.unet, "peft_config", None):
         raise ServeError("the base UNet already carries peft adapters; serve a plain base and load adapters by name")
-    for part in (model.unet, model.text_encoder, model.vae):
+    for part in (model.unet, model.text_encoder, model.vae, model.text_encoder_2):
+        if part is None:
+            continue
         part.to(device=device, dtype=dtype) if dtype is not None else part.to(device)
         part.eval().requires_grad_(False)
     return model

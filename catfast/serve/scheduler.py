@@ -43,6 +43,7 @@ class Job:
     timesteps: torch.Tensor | None = None
     scheduler: object = None
     hidden: torch.Tensor | None = None  # [rows, L, D]: uncond rows then cond rows (cond only without CFG)
+    added: dict | None = None  # SDXL: {"text_embeds": [rows, P], "time_ids": [rows, 6]}, same row order
     started: bool = False
     pinned: bool = False
     extra: dict = field(default_factory=dict)
@@ -196,12 +197,15 @@ class StepScheduler:
         req = job.request
         factor = base.vae_scale_factor
         width, height = job.size
-        cond = encode_prompt(base, [req.prompt]).to(device, dtype)
-        hidden = cond.expand(req.n, -1, -1)
-        if job.cfg:
-            uncond = encode_prompt(base, [req.negative_prompt]).to(device, dtype)
-            hidden = torch.cat([uncond.expand(req.n, -1, -1), hidden])
-        job.hidden = hidden.contiguous()
+        if base.is_sdxl:
+            job.hidden, job.added = _sdxl_conditions(base, req, (height, width), job.cfg, device, dtype)
+        else:
+            cond = encode_prompt(base, [req.prompt]).to(device, dtype)
+            hidden = cond.expand(req.n, -1, -1)
+            if job.cfg:
+                uncond = encode_prompt(base, [req.negative_prompt]).to(device, dtype)
+                hidden = torch.cat([uncond.expand(req.n, -1, -1), hidden])
+            job.hidden = hidden.contiguous()
         shape = (req.n, unet.config.in_channels, height // factor, width // factor)
         # diffusers' prepare_latents with one CPU generator: what the pipeline draws for
         # num_images_per_prompt=n and generator=torch.Generator().manual_seed(seed)
@@ -234,9 +238,12 @@ class StepScheduler:
             groups.setdefault(job.mix(), []).append(len(starts) - 1)
             row += job.rows
         plan = self._plan(jobs, starts, groups, row)
+        extra = {}
+        if jobs[0].added is not None:
+            extra["added_cond_kwargs"] = {k: torch.cat([j.added[k] for j in jobs]) for k in jobs[0].added}
         tic = time.perf_counter()
         out = run_segmented(
-            unet, self.pool.holder, plan, torch.cat(xs), torch.cat(ts), encoder_hidden_states=torch.cat(hs)
+            unet, self.pool.holder, plan, torch.cat(xs), torch.cat(ts), encoder_hidden_states=torch.cat(hs), **extra
         )
         done = []
         for job, start in zip(jobs, starts):
@@ -276,3 +283,28 @@ class StepScheduler:
         from catfast.eval.sampler import decode_latents
 
         return decode_latents(self.base, job.latents)
+
+
+def _sdxl_conditions(base, req, size: tuple[int, int], cfg: bool, device, dtype) -> tuple[torch.Tensor, dict]:
+    """SDXL rows' text conditions as diffusers' StableDiffusionXLPipeline builds them: with CFG and no
+    negative prompt, zeros for the uncond rows (force_zeros_for_empty_prompt); time ids
+    (h, w, 0, 0, h, w) for the image size."""
+    from catfast.integrations.models import encode_prompt
+
+    n = req.n
+
+    def rows(prompt: str):
+        cond = encode_prompt(base, [prompt], image_size=size)
+        added = cond["added_cond_kwargs"]
+        hidden = cond["encoder_hidden_states"].to(device, dtype).expand(n, -1, -1)
+        text, time_ids = (added[k].to(device, dtype).expand(n, -1) for k in ("text_embeds", "time_ids"))
+        return hidden, text, time_ids
+
+    hidden, text, time_ids = rows(req.prompt)
+    if cfg:
+        if req.negative_prompt:
+            u_hidden, u_text, _ = rows(req.negative_prompt)
+        else:
+            u_hidden, u_text = torch.zeros_like(hidden), torch.zeros_like(text)
+        hidden, text, time_ids = torch.cat([u_hidden, hidden]), torch.cat([u_text, text]), torch.cat([time_ids] * 2)
+    return hidden.contiguous(), {"text_embeds": text.contiguous(), "time_ids": time_ids.contiguous()}
