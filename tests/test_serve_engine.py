@@ -171,6 +171,39 @@ def test_sdxl_request_equals_diffusers_sdxl_pipeline(tmp_path):
     assert _rel(plain, want) > 1e-2  # the adapter really changes the result
 
 
+def test_text_encoder_layers_apply_to_the_requests_prompts(tmp_path):
+    from catfast.adapters.adapter import LoraAdapter
+
+    src = build_base("tiny")
+    add_lora(src.unet, rank=4, alpha=4.0, target_modules=ATTN, adapter_name="x")
+    add_lora(src.text_encoder, rank=2, alpha=3.0, target_modules=("q_proj", "v_proj", "fc1"), adapter_name="x")
+    randomize_lora_(src.unet, seed=3, std=0.3)
+    randomize_lora_(src.text_encoder, seed=4, std=0.3)
+    layers = {**extract_adapter(src.unet, "x").layers}
+    layers.update(extract_adapter(src.text_encoder, "x", component="text_encoder").layers)
+    write_adapter(LoraAdapter(layers=layers), tmp_path / "x.safetensors")
+    write_adapter(LoraAdapter(layers=layers), tmp_path / "k" / "k.safetensors", format="kohya")
+    kw = dict(steps=2, seed=4, negative_prompt="ugly")
+    with _engine(tmp_path) as engine:
+        engine.load_adapter("k", "k/k.safetensors")
+        with engine._lock:  # beside a base request with the same prompt: the text LoRA is this request's only
+            handle = engine.submit(GenerationRequest("a cat", adapters={"x": 0.6}, **kw))
+            kohya = engine.submit(GenerationRequest("a cat", adapters={"k": 0.6}, **kw))
+            engine.submit(GenerationRequest("a cat", steps=2, seed=4))
+        handle.result(60), kohya.result(60)
+    assert handle.peak_batch == 3
+    assert _rel(kohya.latents, handle.latents) < 1e-6  # the same layers read from a kohya file
+    pipe = _pipeline(tmp_path, {"x": 0.6})
+    want = _diffusers_latents(pipe, "a cat", guidance=5.0, **kw)
+    assert _rel(handle.latents, want) < 1e-4, _rel(handle.latents, want)
+    # the UNet half alone gives another result: the text-encoder half really matters
+    write_adapter(
+        LoraAdapter(layers={k: v for k, v in layers.items() if k.startswith("unet.")}), tmp_path / "u" / "x.safetensors"
+    )
+    unet_only = _diffusers_latents(_pipeline(tmp_path / "u", {"x": 0.6}), "a cat", guidance=5.0, **kw)
+    assert _rel(unet_only, want) > 1e-3
+
+
 def test_kohya_file_serves_like_its_peft_twin(adapter_dir):
     with _engine(adapter_dir) as engine:
         info = engine.load_adapter("k", "kohya/k.safetensors")

@@ -85,7 +85,8 @@ class Engine:
         self.adapters_dir = None if adapters_dir is None else Path(adapters_dir).resolve()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self.pool = AdapterPool(self.unet, num_slots=max_resident, host_cache=host_cache)
+        encoders = {"text_encoder": self.base.text_encoder, "text_encoder_2": self.base.text_encoder_2}
+        self.pool = AdapterPool(self.unet, num_slots=max_resident, host_cache=host_cache, text_encoders=encoders)
         self._loads: queue_module.Queue = queue_module.Queue()
         self.scheduler = StepScheduler(
             self.base, self.pool, max_batch=max_batch, max_queue=max_queue, request_load=self._loads.put

@@ -1,5 +1,6 @@
 """The adapter pool: adapters registered by name (files on disk), an LRU tier of parsed adapters in host
-memory, and a bounded number resident on the device in the model's ``SlotLora`` slots.
+memory, and a bounded number resident on the device in the model's ``SlotLora`` slots (UNet layers, and
+text-encoder layers when an adapter has them: those apply while the request's prompts are encoded).
 
 Tiers: disk (every registered adapter: its file) -> host (``host_cache`` parsed adapters, LRU) ->
 device (``num_slots`` slots, LRU among adapters no running request uses). Making an adapter resident
@@ -54,7 +55,7 @@ class Entry:
     rank: int
     alpha: float
     kinds: list[str]
-    modules: list[str]  # the UNet module names it targets
+    modules: list[str]  # the module names it targets (UNet names; "text_encoder:<name>" for text encoders)
     layers: dict | None = None  # host tier: module name -> (down, up, alpha / r); None when not in host memory
     slot: int | None = None
     running: int = 0  # running requests using it (never evicted while > 0)
@@ -72,12 +73,17 @@ class Entry:
 class AdapterPool:
     """Registry, host LRU and device slots of one model (see the module docstring)."""
 
-    def __init__(self, unet: torch.nn.Module, *, num_slots: int = 16, host_cache: int = 64):
+    def __init__(
+        self, unet: torch.nn.Module, *, num_slots: int = 16, host_cache: int = 64, text_encoders: dict | None = None
+    ):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.unet = unet
+        # every model an adapter may target, by component; each has its own plan holder (its own rows)
+        self.models = {"unet": unet, **{k: v for k, v in (text_encoders or {}).items() if v is not None}}
         self.num_slots, self.host_cache = num_slots, max(0, host_cache)
-        self.holder = SlotHolder()
+        self.holders = {component: SlotHolder() for component in self.models}
+        self.holder = self.holders["unet"]
         self.layers: dict[str, SlotLora] = {}
         self.entries: dict[str, Entry] = {}
         self.slots: list[Entry | None] = [None] * num_slots
@@ -97,14 +103,11 @@ class AdapterPool:
         if not path.exists():
             raise AdapterLoadError(f"{path}: no such file")
         try:
-            adapter = read_adapter(path, models={"unet": self.unet})
-            others = [c for c in adapter.components() if c != "unet"]
+            adapter = read_adapter(path, models=self.models)
+            others = [c for c in adapter.components() if c not in self.models]
             if others:
-                raise AdapterLoadError(
-                    f"{path}: has {', '.join(others)} LoRA layers; the serving engine applies UNet layers only "
-                    "(save the adapter without text-encoder layers)"
-                )
-            targets = resolve_targets(self.unet, adapter, "unet")
+                raise AdapterLoadError(f"{path}: has {', '.join(others)} LoRA layers, but the base has no {others[0]}")
+            targets = {c: resolve_targets(self.models[c], adapter, c) for c in adapter.components()}
         except AdapterLoadError:
             raise
         except CatfastError as e:
@@ -112,15 +115,20 @@ class AdapterPool:
         except (OSError, ValueError, RuntimeError) as e:
             raise AdapterLoadError(f"{path}: cannot read the adapter: {type(e).__name__}: {e}") from None
         unet_layers = adapter.component("unet")
+        if not unet_layers:
+            raise AdapterLoadError(f"{path}: no UNet layers in this adapter")
         layers = {}
-        for p, (name, module) in targets.items():
-            layer = unet_layers[p]
-            if isinstance(module, torch.nn.Conv2d) and module.padding_mode != "zeros":
-                raise AdapterLoadError(f"{path}: {name} is a Conv2d with padding_mode={module.padding_mode!r}")
-            finite = torch.isfinite(layer.down).all() and torch.isfinite(layer.up).all()
-            if not finite or not math.isfinite(layer.alpha):
-                raise AdapterLoadError(f"{path}: layer {name} has non-finite values")
-            layers[name] = (layer.down, layer.up, layer.scale)
+        for component, found in targets.items():
+            component_layers = adapter.component(component)
+            for p, (name, module) in found.items():
+                layer = component_layers[p]
+                if isinstance(module, torch.nn.Conv2d) and module.padding_mode != "zeros":
+                    raise AdapterLoadError(f"{path}: {name} is a Conv2d with padding_mode={module.padding_mode!r}")
+                finite = torch.isfinite(layer.down).all() and torch.isfinite(layer.up).all()
+                if not finite or not math.isfinite(layer.alpha):
+                    raise AdapterLoadError(f"{path}: layer {name} has non-finite values")
+                key = name if component == "unet" else f"{component}:{name}"
+                layers[key] = (layer.down, layer.up, layer.scale)
         meta = {
             "format": adapter.source_format,
             "rank": int(most_common([v.rank for v in unet_layers.values()])),
@@ -211,7 +219,10 @@ class AdapterPool:
         for name, (down, up, scale) in entry.layers.items():
             layer = self.layers.get(name)
             if layer is None:
-                layer = self.layers[name] = SlotLora(self.unet.get_submodule(name), self.num_slots, self.holder)
+                component, _, module = name.rpartition(":")
+                component = component or "unet"
+                target = self.models[component].get_submodule(module)
+                layer = self.layers[name] = SlotLora(target, self.num_slots, self.holders[component])
             layer.put(slot, down, up, scale)
         entry.slot = slot
         self.slots[slot] = entry

@@ -15,6 +15,7 @@ own timestep, text condition and adapters, so its result does not depend on what
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -189,7 +190,6 @@ class StepScheduler:
         """Encode the prompts, draw the initial noise and set up the job's own diffusers scheduler."""
         import diffusers
 
-        from catfast.integrations.models import encode_prompt
         from catfast.serve.requests import SCHEDULERS
 
         base, unet = self.base, self.base.unet
@@ -197,15 +197,8 @@ class StepScheduler:
         req = job.request
         factor = base.vae_scale_factor
         width, height = job.size
-        if base.is_sdxl:
-            job.hidden, job.added = _sdxl_conditions(base, req, (height, width), job.cfg, device, dtype)
-        else:
-            cond = encode_prompt(base, [req.prompt]).to(device, dtype)
-            hidden = cond.expand(req.n, -1, -1)
-            if job.cfg:
-                uncond = encode_prompt(base, [req.negative_prompt]).to(device, dtype)
-                hidden = torch.cat([uncond.expand(req.n, -1, -1), hidden])
-            job.hidden = hidden.contiguous()
+        with self._text_encoder_plan(job.mix()):
+            self._encode(job, base, req, (height, width), device, dtype)
         shape = (req.n, unet.config.in_channels, height // factor, width // factor)
         # diffusers' prepare_latents with one CPU generator: what the pipeline draws for
         # num_images_per_prompt=n and generator=torch.Generator().manual_seed(seed)
@@ -215,6 +208,33 @@ class StepScheduler:
         job.latents = latents * scheduler.init_noise_sigma
         job.scheduler, job.timesteps = scheduler, scheduler.timesteps
         job.started = True
+
+    @contextlib.contextmanager
+    def _text_encoder_plan(self, mix):
+        """The request's adapters on the text encoders' rows (one prompt at a time) while it is encoded."""
+        holders = [h for c, h in self.pool.holders.items() if c != "unet"]
+        if mix:
+            for holder in holders:
+                holder.plan = SegmentPlan(1, [Segment(0, 1, mix)], device=self.base.text_encoder.device)
+        try:
+            yield
+        finally:
+            for holder in holders:
+                holder.plan = None
+
+    @staticmethod
+    def _encode(job: Job, base, req, size, device, dtype) -> None:
+        from catfast.integrations.models import encode_prompt
+
+        if base.is_sdxl:
+            job.hidden, job.added = _sdxl_conditions(base, req, size, job.cfg, device, dtype)
+        else:
+            cond = encode_prompt(base, [req.prompt]).to(device, dtype)
+            hidden = cond.expand(req.n, -1, -1)
+            if job.cfg:
+                uncond = encode_prompt(base, [req.negative_prompt]).to(device, dtype)
+                hidden = torch.cat([uncond.expand(req.n, -1, -1), hidden])
+            job.hidden = hidden.contiguous()
 
     @torch.no_grad()
     def step(self, jobs: list[Job]) -> list[Job]:
