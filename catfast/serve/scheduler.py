@@ -299,6 +299,7 @@ class StepScheduler:
         alt = SegmentPlan(rows, per_job, device=device)
         return alt if alt.uniform else plan
 
+    @torch.no_grad()
     def decode(self, job: Job) -> list:
         from catfast.eval.sampler import decode_latents
 
