@@ -11,8 +11,8 @@ from catfast.cli import main
 
 def test_bench_serve_json_on_tiny(monkeypatch):
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
-    args = ["bench", "serve", "--model", "tiny", "--registered", "1,3", "--mixed", "1,2", "--batch", "2",
-            "--requests", "3", "--adapters", "2", "--steps", "1", "--max-batch", "4", "--reps", "1", "--json"]  # fmt: skip
+    args = "bench serve --model tiny --registered 1,3 --mixed 1,2 --batch 2 --requests 3 --adapters 2 --steps 1"
+    args = args.split() + ["--max-batch", "4", "--reps", "1", "--json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.output.strip().splitlines()[-1])
