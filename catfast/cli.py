@@ -588,6 +588,71 @@ def bench_train_step_command(model, batch, steps, rank, dtype, targets, as_json)
     )
 
 
+@bench.command("serve")
+@click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15"]))
+@click.option("--registered", default="1,64,1024", show_default=True, help="Adapter counts registered for the switch.")
+@click.option("--mixed", default="1,4,16", show_default=True, help="Distinct adapters in the one-step batch.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Rows of the one-step batch.")
+@click.option("--requests", default=64, show_default=True, type=click.IntRange(min=1), help="Throughput requests.")
+@click.option("--adapters", default=16, show_default=True, type=click.IntRange(min=1), help="Throughput adapters.")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Denoising steps per request.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1), help="Engine's max batch.")
+@click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--diffusers-max", default=1024, show_default=True, type=click.IntRange(min=0),
+              help="At most this many adapters loaded into the diffusers baseline (loading is slow).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench_serve_command(
+    model, registered, mixed, batch, requests, adapters, steps, max_batch, rank, reps, diffusers_max, as_json
+) -> None:
+    """The serving engine against diffusers on the same model, interleaved: adapter switch latency, one
+    step with N distinct adapters in the batch, and throughput of mixed-adapter requests."""
+    from catfast.serve.bench import bench_serve
+
+    def counts(text: str, what: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise click.BadParameter(f"{what} must be positive integers, got {text!r}")
+        return values
+
+    result = bench_serve(
+        model,
+        registered=counts(registered, "--registered"),
+        mixed=counts(mixed, "--mixed"),
+        batch=batch,
+        requests=requests,
+        adapters=adapters,
+        steps=steps,
+        max_batch=max_batch,
+        rank=rank,
+        reps=reps,
+        diffusers_max=diffusers_max,
+        log=(lambda s: click.echo(s, err=True)) if as_json else click.echo,  # partial results as they come
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    sw, mx, tp = result["switch_ms"], result["mixed"], result["throughput"]
+    click.echo(f"{model}, {result['device']}, {result['threads']} thread(s), median of {reps}:")
+    for count in sw["resident"]:
+        click.echo(
+            f"  switch, {count:>5} registered: resident {sw['resident'][count]:.3f} ms, cold host "
+            f"{sw['cold_host'][count]:.2f} ms, cold disk {sw['cold_disk'][count]:.1f} ms; diffusers set_adapters "
+            f"{sw['diffusers_set_adapters'].get(count, float('nan')):.2f} ms, fuse "
+            f"{sw['diffusers_fuse'].get(count, float('nan')):.1f} ms"
+        )
+    click.echo(f"  one step, {mx['rows']} rows: " + ", ".join(f"{k} {v:.1f} ms" for k, v in mx["median_ms"].items()))
+    click.echo(f"  ratio 16/1: {mx.get('ratio_16')}, unmerged/merged {mx['unmerged_vs_merged']}")
+    click.echo(
+        f"  throughput: {tp['engine_images_per_s']} images/s vs diffusers {tp['diffusers_images_per_s']} "
+        f"({tp['vs_diffusers']}x)"
+    )
+
+
 @main.command(
     "demo",
     help="Train plain LoRA and CAT on the shipped demo model, sample, score, and write a labelled grid "
@@ -620,6 +685,8 @@ def demo_command(out: str, overwrite: bool, seed: int, seeds: int, threads: int,
         summary.update(base=result["base"], seconds=result["seconds"], grid=result["grid"])
         click.echo(json.dumps(summary))
 
+
+main.add_command(__import__("catfast.serve.cli", fromlist=["serve"]).serve)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,11 +10,10 @@ config, ``eta=0``, ``torch.Generator().manual_seed(seed)`` and the same steps an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from catfast.errors import CatfastError
+from catfast.integrations.row_call import planned_unet
 from catfast.rows import NO_ADAPTER, RowPlan
 
 
@@ -56,15 +55,15 @@ def sample_images(
     if isinstance(unet, torch.nn.parallel.DistributedDataParallel):
         unet = unet.module  # sampling runs on one rank: the wrapper would sync buffers across ranks
     chunk = n if max_rows is None else max(1, int(max_rows))
-    with _slots(unet, adapters) as slot_of:
+    with planned_unet(unet, adapters, purpose="sample") as call:
         images = []
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             images += _sample(
                 base,
-                unet,
+                call,
                 prompts[rows],
-                [slot_of[a] for a in adapters[rows]],
+                call.slots(adapters[rows]),
                 seeds[rows],
                 steps=steps,
                 guidance=guidance,
@@ -75,65 +74,12 @@ def sample_images(
     return images
 
 
-class _slots:
-    """Context manager: patch ``unet`` if needed and yield {adapter name or None: slot} (None -> NO_ADAPTER,
-    or -> None when the UNet has no adapter at all and runs unpatched); unpatch on exit if we patched."""
-
-    def __init__(self, unet, adapters: Sequence[str | None]):
-        self.unet, self.names = unet, list(dict.fromkeys(a for a in adapters if a is not None))
-        self.temporary = False
-
-    def __enter__(self) -> dict:
-        from catfast.integrations.patch import patch_report, patch_unet
-
-        unet = self.unet
-        configs = getattr(unet, "peft_config", None) or {}
-        missing = [name for name in self.names if name not in configs]
-        if missing:
-            raise CatfastError(f"the UNet has no adapter named {missing[0]!r} (it has {list(configs) or 'none'})")
-        if not configs:  # a plain UNet: every row is a base row, no plan needed
-            return {None: None}
-        report = patch_report(unet)
-        self.temporary = report is None
-        report = report or patch_unet(unet)
-        try:
-            problem = _unplannable(unet, report)
-            if problem:
-                raise CatfastError(f"cannot sample with a row plan: {problem}")
-        except BaseException:
-            self.__exit__()
-            raise
-        return {None: NO_ADAPTER, **{name: report.slots.index(name) for name in report.slots}}
-
-    def __exit__(self, *exc) -> None:
-        from catfast.integrations.patch import unpatch_unet
-
-        if self.temporary:
-            unpatch_unet(self.unet)
-            self.temporary = False
-
-
-def _unplannable(unet, report) -> str | None:
-    """Why a row plan would not give each row its own adapter, or None. A peft layer left unpatched would
-    apply the active adapter to every row; a disabled adapter makes patched layers ignore the plan."""
-    from catfast.nn.row_lora import RowLoraLayer
-
-    if report.skipped:
-        name, why = next(iter(report.skipped.items()))
-        return f"{len(report.skipped)} LoRA layer(s) are not row-plannable, e.g. {name}: {why}"
-    for module in unet.modules():
-        if isinstance(module, RowLoraLayer) and module.peft_layer.disable_adapters:
-            return "the UNet's adapters are disabled (unet.disable_adapters()); call unet.enable_adapters() first"
-    return None
-
-
 @torch.no_grad()
-def _sample(base, unet, prompts, slots, seeds, *, steps, guidance, scale, size, progress) -> list:
+def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, progress) -> list:
     """One sampler run over len(prompts) samples; slots None = unpatched UNet (base rows only)."""
     from diffusers import DDIMScheduler
 
-    from catfast.integrations.patch import row_plan
-
+    unet = call.unet
     n, device, dtype = len(prompts), unet.device, unet.dtype
     factor = base.vae_scale_factor
     side = size if size is not None else unet.config.sample_size * factor
@@ -165,17 +111,14 @@ def _sample(base, unet, prompts, slots, seeds, *, steps, guidance, scale, size, 
         timesteps = tqdm(timesteps, desc="sampling", unit="step")
     for t in timesteps:
         model_input = scheduler.scale_model_input(latents[index], t)
-        if plan is None:
+        with call.plan_rows(plan, identical_groups=2 if identical else 1):
             out = unet(model_input, t, **cond, return_dict=False)[0]
-        else:
-            with row_plan(unet, plan, identical_groups=2 if identical else 1):
-                out = unet(model_input, t, **cond, return_dict=False)[0]
         pred = torch.empty_like(latents).index_copy_(0, index[:n], out[:n])
         if cfg:
             text = torch.empty_like(latents).index_copy_(0, index[n:], out[n:])
             pred = pred + guidance * (text - pred)
         latents = scheduler.step(pred, t, latents, eta=0.0, return_dict=False)[0]
-    return _decode(base, latents)
+    return decode_latents(base, latents)
 
 
 def _row_order(slots: list, cfg: bool) -> tuple[list[int], bool]:
@@ -222,7 +165,7 @@ def _conditions(base, prompts: list[str], side: int, cfg: bool, device, dtype) -
     return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}
 
 
-def _decode(base, latents: torch.Tensor) -> list:
+def decode_latents(base, latents: torch.Tensor) -> list:
     """PIL images of the latents: VAE decode, then diffusers' postprocess ([-1, 1] -> uint8, rounded)."""
     from PIL import Image
 

@@ -1,0 +1,18 @@
+"""Multi-adapter serving: ``Engine`` (adapter pool, mixed-adapter batches, step-level scheduler).
+
+Importing this package is light; torch/diffusers load when an engine is built. See docs/serving-engine.md.
+"""
+
+from catfast.serve.pool import AdapterInfo
+from catfast.serve.requests import Event, GenerationRequest, RequestHandle
+
+
+def __getattr__(name):
+    if name == "Engine":
+        from catfast.serve.engine import Engine
+
+        return Engine
+    raise AttributeError(name)
+
+
+__all__ = ["AdapterInfo", "Engine", "Event", "GenerationRequest", "RequestHandle"]

@@ -149,7 +149,8 @@ def _adapter_passes(unet, noisy, timesteps, cond, cond_stripped, with_stripped):
 def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, with_teacher):
     """(pred on c, pred on c-, detached teacher on c-) from one UNet call over 3B rows (B rows and
     (pred, None, None) without the teacher)."""
-    from catfast.integrations.patch import active_adapters, patch_report, patch_unet, row_plan, unpatch_unet
+    from catfast.integrations.patch import active_adapters
+    from catfast.integrations.row_call import planned_unet
     from catfast.ops.grad_rows import keep_grad_rows
     from catfast.rows import NO_ADAPTER, RowPlan
 
@@ -162,20 +163,9 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, wi
                 f"the UNet has active adapters {active}"
             )
         adapters = active * noisy.shape[0]
-    temporary = patch_report(model) is None
-    if temporary and getattr(model, "is_gradient_checkpointing", False):
-        # backward recomputes checkpointed blocks after a temporary patch is undone: wrong rows, silently
-        raise ValueError("mode='fused' with gradient checkpointing needs a patched UNet: call patch_unet(unet) first")
-    report = patch_unet(model)
-    try:
-        if report.skipped:  # a peft layer left in place would apply the adapter to the teacher rows too
-            name, why = next(iter(report.skipped.items()))
-            raise ValueError(
-                f"mode='fused' cannot row-plan {len(report.skipped)} LoRA layer(s), e.g. {name}: {why}; "
-                "use mode='reference'"
-            )
+    with planned_unet(model, adapters, purpose="fused", error=ValueError) as call:
         batch = noisy.shape[0]
-        slots = [report.slots.index(name) for name in adapters]
+        slots = call.slots(adapters)
         if with_teacher:  # [trigger | stripped] on the adapters with grad, then the teacher rows
             groups, rows_cond = 3, _concat_conditions(_concat_conditions(cond, cond_stripped), cond_stripped)
             slots, needs_grad = slots * 2 + [NO_ADAPTER] * batch, [True] * 2 * batch + [False] * batch
@@ -184,11 +174,8 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, wi
         plan = RowPlan.build(slots, needs_grad=needs_grad, device=noisy.device)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         grad_rows = keep_grad_rows(plan, exclude=params)
-        with row_plan(model, plan, identical_groups=groups, twin_groups=with_teacher), grad_rows:
+        with call.plan_rows(plan, identical_groups=groups, twin_groups=with_teacher), grad_rows:
             out = _predict(unet, torch.cat([noisy] * groups), torch.cat([timesteps] * groups), rows_cond)
-    finally:
-        if temporary:
-            unpatch_unet(model)
     if not with_teacher:
         return out, None, None
     pred, pred_stripped, base = out.chunk(3)

@@ -1,0 +1,119 @@
+"""`catfast serve`: the serving engine behind the HTTP API and playground (``catfast.serve.http``).
+
+With no ``--base`` it serves the shipped demo model with the shipped demo adapters: works on a fresh
+install, CPU only, no download.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import click
+
+from catfast.errors import CatfastError
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(
+    base: str = "demo",
+    adapters: str | None = None,
+    *,
+    api_key: str | None = None,
+    device: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_resident: int = 16,
+    timeout: float = 300.0,
+):
+    """(engine, app) for the options of ``catfast serve``; the engine is started."""
+    from catfast.serve.engine import Engine
+    from catfast.serve.http import create_app
+
+    if adapters is None and base == "demo":
+        from catfast.demo.adapters import adapters_dir
+
+        adapters = str(adapters_dir())
+    if adapters is not None and not os.path.isdir(adapters):
+        raise CatfastError(f"{adapters}: --adapters must be an existing folder of .safetensors files")
+    engine = Engine(
+        base,
+        adapters_dir=adapters,
+        device=device,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_resident=max_resident,
+        timeout_s=timeout,
+    )
+    engine.start()
+    name = "catfast-demo" if base == "demo" else os.path.basename(os.path.normpath(base))
+    return engine, create_app(engine, api_key=api_key, adapters_dir=adapters, model_name=name)
+
+
+@click.command("serve")
+@click.option(
+    "--base", default="demo", show_default=True, help="Base model: a diffusers folder, or 'demo' (the shipped model)."
+)
+@click.option(
+    "--adapters",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder of adapters: each *.safetensors is registered by its stem, and POST /v1/adapters reads only "
+    "from it. Default: the shipped demo adapters with --base demo, none otherwise.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key",
+    envvar="CATFAST_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on /v1 and /metrics (or set CATFAST_API_KEY).",
+)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per UNet call.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1), help="Waiting requests.")
+@click.option("--max-resident", default=16, show_default=True, type=click.IntRange(min=1), help="Adapters on device.")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1), help="Seconds per request.")
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+def serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level) -> None:
+    """Serve BASE and its adapters: OpenAI-compatible /v1/images/generations, /v1/adapters, /health,
+    /metrics and a web playground at /. Without --base: the shipped demo model and adapters."""
+    try:
+        _serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level)
+    except CatfastError as e:  # one line, no traceback (as catfast.cli's commands)
+        raise click.ClickException(str(e)) from None
+
+
+def _serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level):
+    from catfast.serve.http import run
+
+    if api_key is not None and not api_key.strip():
+        raise CatfastError("--api-key must not be empty")
+    if api_key is None and not _is_loopback(host):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+    engine, app = build_app(
+        base,
+        adapters,
+        api_key=api_key,
+        device=device,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_resident=max_resident,
+        timeout=timeout,
+    )
+    names = ", ".join(a.name for a in engine.adapters()) or "none"
+    click.echo(f"catfast serve: {base} with adapters {names}; playground at http://{host}:{port}/")
+    try:
+        run(app, host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()

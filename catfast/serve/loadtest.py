@@ -1,0 +1,220 @@
+"""A load test of the HTTP server on loopback (tests/test_serve_load.py runs it small, benchmarks/serve_load.py
+large): concurrent clients send a random mix of requests to a server over the shipped demo model and adapters.
+
+Kinds of request (drawn per request from ``seed``):
+- "ok": a valid generation on the base, one adapter or two weighted adapters (answered 200, or 429 when
+  the bounded queue is full);
+- "cancel": a valid generation of 150 steps whose client gives up after 0.05-0.6 s (the server must cancel
+  it: once every client is done, the engine must be idle within a few steps, "idle_after_s");
+- "stream_close": a streamed 150-step generation whose client closes the stream after the first event;
+- "unknown": an unknown adapter (must be 404); "bad": an invalid size (must be 400).
+
+The report counts outcomes, lists any 5xx ("server_errors") and answers that do not fit their kind
+("unexpected"), and after the load checks that the engine is idle, no adapter is held, a new request is
+answered, and how far the process's resident memory grew from after the warm-up.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+LONG_STEPS = 150  # steps of the requests whose clients leave early (the engine's maximum)
+KINDS = (("ok", 0.55), ("cancel", 0.15), ("stream_close", 0.1), ("unknown", 0.1), ("bad", 0.1))
+
+
+def rss_mib() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0.0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def wait_idle(engine, within: float = 20.0) -> dict:
+    """Wait up to ``within`` seconds until ``engine`` has nothing queued or running; its stats then."""
+    deadline = time.monotonic() + within
+    while True:
+        stats = engine.stats()
+        if (stats["queue_depth"] == 0 and stats["running"] == 0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def _plan(n: int, seed: int, adapters: list[str], steps: tuple[int, int]) -> list[dict]:
+    rng = random.Random(seed)
+    kinds, weights = zip(*KINDS)
+    plans = []
+    for i in range(n):
+        kind = rng.choices(kinds, weights)[0]
+        pick = rng.random()
+        if pick < 0.25:
+            model = "base"
+        elif pick < 0.7:
+            model = rng.choice(adapters)
+        else:
+            a, b = rng.sample(adapters, 2)
+            model = f"{a}:{rng.choice((0.5, 0.8, 1.0))}+{b}:{rng.choice((0.3, 0.6))}"
+        body = {
+            "model": model,
+            "prompt": rng.choice(("a star", "sks, a star on a blue background", "tiger, a ball", "toy, a box")),
+            "n": rng.choice((1, 1, 2)),
+            "steps": rng.randint(*steps),
+            "seed": rng.randrange(2**31),
+        }
+        if kind in ("cancel", "stream_close"):
+            body["steps"] = LONG_STEPS  # certainly still running when the client leaves
+        elif kind == "unknown":
+            body["model"] = f"missing-{i}"
+        elif kind == "bad":
+            body["size"] = "33x33"
+        plans.append({"i": i, "kind": kind, "body": body, "give_up_s": rng.uniform(0.05, 0.6)})
+    return plans
+
+
+def _one(url: str, plan: dict) -> dict:
+    import httpx
+
+    kind, body = plan["kind"], plan["body"]
+    t0 = time.perf_counter()
+    out = {"i": plan["i"], "kind": kind}
+    try:
+        if kind == "stream_close":
+            with httpx.Client(base_url=url, timeout=120) as c:
+                with c.stream("POST", "/v1/images/generations", json={**body, "stream": True}) as r:
+                    out["status"] = r.status_code
+                    if r.status_code == 200:
+                        for line in r.iter_lines():
+                            if "image_generation.progress" in line or "image_generation.completed" in line:
+                                break
+                        out["outcome"] = "stream_closed"
+        else:
+            timeout = plan["give_up_s"] if kind == "cancel" else 300
+            with httpx.Client(base_url=url, timeout=timeout) as c:
+                r = c.post("/v1/images/generations", json=body)
+            out["status"] = r.status_code
+            if r.status_code == 200:
+                from PIL import Image
+
+                data = r.json()["data"]
+                images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in data]
+                out["outcome"] = "ok" if len(images) == body["n"] else "wrong_count"
+    except httpx.TimeoutException:
+        out["outcome"] = "cancelled"
+    except httpx.HTTPError as e:
+        out["outcome"] = f"transport_error: {type(e).__name__}"
+    out.setdefault("outcome", f"rejected_{out.get('status')}")
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _expected(result: dict) -> bool:
+    kind, outcome = result["kind"], result["outcome"]
+    if outcome == "rejected_429":
+        return kind in ("ok", "cancel", "stream_close")
+    return {
+        "ok": outcome == "ok",
+        "cancel": outcome in ("ok", "cancelled"),
+        "stream_close": outcome == "stream_closed",
+        "unknown": outcome == "rejected_404",
+        "bad": outcome == "rejected_400",
+    }[kind]
+
+
+def run_load(
+    requests: int = 40,
+    clients: int = 8,
+    *,
+    seed: int = 0,
+    max_batch: int = 4,
+    max_queue: int = 8,
+    steps: tuple[int, int] = (2, 6),
+    settle_s: float = 30.0,
+    rounds: int = 1,
+) -> dict:
+    """Run the load test (module docstring) in this process; returns the report dict. ``rounds``: send
+    ``requests`` that many times (seeds seed, seed+1, ...), recording the memory after each round."""
+    import httpx
+
+    from catfast.demo.adapters import CONCEPTS, adapters_dir
+    from catfast.serve.engine import Engine
+    from catfast.serve.http import Server, create_app
+
+    with tempfile.TemporaryDirectory(prefix="catfast-load-") as tmp:
+        folder = Path(tmp)
+        for name in CONCEPTS:
+            shutil.copy(adapters_dir() / f"{name}.safetensors", folder / f"{name}.safetensors")
+        engine = Engine("demo", adapters_dir=folder, device="cpu", max_batch=max_batch, max_queue=max_queue).start()
+        try:
+            with Server(create_app(engine, adapters_dir=folder)) as server:
+                url = server.url
+                with httpx.Client(base_url=url, timeout=300) as c:  # warm-up: every adapter once, streamed once
+                    for model in ["base", *CONCEPTS]:
+                        r = c.post("/v1/images/generations", json={"model": model, "prompt": "a star", "steps": 2})
+                        r.raise_for_status()
+                gc.collect()
+                rss_start = rss_mib()
+                plans, results, rss_rounds = [], [], []
+                t0 = time.perf_counter()
+                for r in range(rounds):
+                    batch = _plan(requests, seed + r, list(CONCEPTS), steps)
+                    with ThreadPoolExecutor(clients) as pool:
+                        results += list(pool.map(lambda p: _one(url, p), batch))
+                    plans += batch
+                    gc.collect()
+                    rss_rounds.append(round(rss_mib(), 1))
+                wall = time.perf_counter() - t0
+                t_idle = time.perf_counter()
+                stats = wait_idle(engine, settle_s)
+                idle_after = time.perf_counter() - t_idle
+                with engine._lock:
+                    held = [e.name for e in engine.pool.entries.values() if e.running or e.queued]
+                with httpx.Client(base_url=url, timeout=300) as c:
+                    final = c.post(
+                        "/v1/images/generations", json={"model": "striped-star", "prompt": "sks, a star", "steps": 2}
+                    )
+                gc.collect()
+                rss_end = rss_mib()
+        finally:
+            engine.close()
+    outcomes: dict[str, int] = {}
+    for r in results:
+        outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+    ok_s = sorted(r["seconds"] for r in results if r["outcome"] == "ok")
+    images = sum(p["body"]["n"] for p, r in zip(plans, results) if r["outcome"] == "ok")
+    return {
+        "requests": requests * rounds,
+        "rounds": rounds,
+        "clients": clients,
+        "seed": seed,
+        "max_batch": max_batch,
+        "max_queue": max_queue,
+        "steps": list(steps),
+        "outcomes": dict(sorted(outcomes.items())),
+        "server_errors": [r for r in results if r.get("status", 0) >= 500],
+        "unexpected": [r for r in results if not _expected(r)],
+        "wall_s": round(wall, 2),
+        "ok_images_per_s": round(images / wall, 2),
+        "ok_latency_s": {
+            "p50": round(statistics.median(ok_s), 3) if ok_s else None,
+            "p95": round(ok_s[int(0.95 * (len(ok_s) - 1))], 3) if ok_s else None,
+        },
+        "idle_after_s": round(idle_after, 2),
+        "after": {"queue_depth": stats["queue_depth"], "running": stats["running"], "held_entries": held},
+        "final_request_ok": final.status_code == 200,
+        "rss_start_mib": round(rss_start, 1),
+        "rss_end_mib": round(rss_end, 1),
+        "rss_after_each_round_mib": rss_rounds,
+        "rss_growth_mib": round(rss_end - rss_start, 1),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+    }
