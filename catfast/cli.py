@@ -38,7 +38,8 @@ def _friendly(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="catfast")
 def main() -> None:
-    """catfast: train (CAT) and export LoRA adapters for Stable-Diffusion UNets; serving (planned).
+    """catfast: train (CAT), serve (many adapters, mixed in one batch) and export LoRA adapters for
+    Stable-Diffusion UNets.
 
     Every command that takes a base model accepts `--base demo`, the small demo model shipped in the
     package (no download)."""

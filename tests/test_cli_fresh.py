@@ -422,13 +422,15 @@ def test_train_help_describes_every_option_one_way():
     assert "[900]" not in text and "[42]" not in text  # the old second style
 
 
-def test_one_format_name_and_serving_marked_planned(adapter_file):
+def test_one_format_name_and_serving_named(adapter_file):
     assert json.loads(invoke("adapter", "info", adapter_file, "--json").output)["format"] == "diffusers"
     assert "format:      diffusers" in invoke("adapter", "info", adapter_file).output
     assert "peft" not in invoke("adapter", "--help").output
-    assert "serving (planned)" in " ".join(invoke("--help").output.split())
+    help_text = " ".join(invoke("--help").output.split())
+    assert "serve (many adapters" in help_text and "planned" not in help_text and "serve " in help_text
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert "serving (planned)" in next(line for line in pyproject.splitlines() if line.startswith("description"))
+    description = next(line for line in pyproject.splitlines() if line.startswith("description"))
+    assert "serving" in description and "planned" not in description
 
 
 def test_readme_names_match_the_cli():
