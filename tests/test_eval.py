@@ -57,19 +57,9 @@ def _base(*adapters: tuple[str, int], targets=TARGETS):
 
 def _pipeline_image(base, prompt, adapter, seed, *, steps=STEPS, guidance=7.5, scale=1.0):
     """What diffusers' StableDiffusionPipeline gives for one row, with the adapter set the peft way."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from catfast.integrations.models import diffusers_pipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=DDIMScheduler.from_config(base.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(base)
     if adapter is None:
         base.unet.disable_adapters()
     else:
@@ -130,22 +120,13 @@ def test_two_adapters_and_base_rows_in_one_call_scale_and_no_cfg():
 
 
 def test_sdxl_rows_equal_diffusers_sdxl_pipeline():
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from catfast.integrations.models import diffusers_pipeline
 
     base = build_base("tiny-sdxl")
     add_lora(base.unet, rank=4, alpha=4.0, target_modules=TARGETS, adapter_name="a")
     randomize_lora_(base.unet, seed=1, std=0.3)
     images = sample_images(base, ["a photo of a cat"] * 2, adapters=["a", None], seeds=[3, 3], steps=STEPS)
-    pipe = StableDiffusionXLPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        text_encoder_2=base.text_encoder_2,
-        tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer_2,
-        unet=base.unet,
-        scheduler=DDIMScheduler.from_config(base.scheduler.config),
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(base)
     refs = []
     for adapter in ("a", None):
         if adapter is None:

@@ -63,20 +63,10 @@ def _engine(adapter_dir=None, **kw) -> Engine:
 
 def _pipeline(adapter_dir, names_weights):
     """diffusers' StableDiffusionPipeline on a fresh tiny base with the adapters loaded by diffusers."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from catfast.integrations.models import diffusers_pipeline
 
     base = build_base("tiny")
-    pipe = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=DDIMScheduler.from_config(base.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(base)
     for name in names_weights:
         pipe.load_lora_weights(str(adapter_dir / f"{name}.safetensors"), adapter_name=name)
     if names_weights:
@@ -139,7 +129,7 @@ def test_request_equals_diffusers_pipeline_with_its_adapters_loaded(adapter_dir,
 
 
 def test_sdxl_request_equals_diffusers_sdxl_pipeline(tmp_path):
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from catfast.integrations.models import diffusers_pipeline
 
     src = build_base("tiny-sdxl").unet
     add_lora(src, rank=4, alpha=2.0, target_modules=ATTN, adapter_name="x")
@@ -152,16 +142,7 @@ def test_sdxl_request_equals_diffusers_sdxl_pipeline(tmp_path):
         handle.result(120)
     assert handle.peak_batch == 2
     base = build_base("tiny-sdxl")
-    pipe = StableDiffusionXLPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        text_encoder_2=base.text_encoder_2,
-        tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer_2,
-        unet=base.unet,
-        scheduler=DDIMScheduler.from_config(base.scheduler.config),
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(base)
     pipe.load_lora_weights(str(tmp_path / "x.safetensors"), adapter_name="x")
     pipe.set_adapters(["x"], [0.7])
     want = _diffusers_latents(pipe, "a cat", steps=2, guidance=6.0, seed=4, negative_prompt=None)

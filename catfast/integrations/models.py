@@ -57,6 +57,29 @@ class BaseModel:
         return encode_prompt(self, prompts, image_size=image_size)
 
 
+def diffusers_pipeline(base: BaseModel):
+    """diffusers' own StableDiffusionPipeline (or StableDiffusionXLPipeline for an SDXL base) over
+    ``base``'s components (shared, not copied), with a DDIM scheduler built from the base's config and the
+    progress bar off: the oracle catfast's sampler and serving engine are checked against, and the
+    baseline of the serving benchmark."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = dict(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=DDIMScheduler.from_config(base.scheduler.config),
+    )
+    if base.is_sdxl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
+    else:
+        no_safety_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(**parts, **no_safety_checker)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
     """(B, L) token ids, padded/truncated to the tokenizer's model_max_length (77)."""
     ids = tokenizer(

@@ -59,23 +59,10 @@ def _median_ms(times: list[float]) -> float:
 
 
 def _pipeline(model: str):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     from catfast.integrations.factory import build_base
+    from catfast.integrations.models import diffusers_pipeline
 
-    base = build_base(model)
-    pipe = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=DDIMScheduler.from_config(base.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(build_base(model))
 
 
 @torch.no_grad()
