@@ -24,7 +24,31 @@ import torch.nn.functional as F
 # "encoder_hidden_states" and "added_cond_kwargs" ({"text_embeds": [B, P], "time_ids": [B, 6]}).
 Condition = Union[torch.Tensor, dict[str, Any]]
 
-MODES = ("reference", "fused")
+MODES = ("auto", "reference", "fused")
+
+
+def auto_mode(unet: torch.nn.Module, device: torch.device | str | None = None) -> tuple[str, str]:
+    """The exact mode ``mode="auto"`` runs for this UNet on this device, and why (one sentence).
+
+    The rule follows what ``catfast bench train-step`` measured (benchmarks/README.md): on the CPU the
+    reference step is faster (fused 0.84-0.87x of it, small UNet, batch 1-2, 1-2 threads). The fused step has
+    not been timed on a GPU yet, so the reference is the choice there too, until a benchmark says otherwise.
+    Two cases have one mode that runs at all: a UNet already patched by ``patch_unet`` (fused; the reference
+    refuses it) and a half-precision UNet carrying fp32 LoRA weights (fused; peft's layers would run the
+    LoRA branch in fp32 and mix dtypes)."""
+    from catfast.integrations.patch import patch_report
+
+    model = _unwrap(unet)
+    if patch_report(model) is not None:
+        return "fused", "the UNet is patched for row plans (patch_unet), which only the fused step runs"
+    frozen = model.conv_in.weight.dtype
+    lora = next((p.dtype for p in model.parameters() if p.requires_grad), frozen)
+    if frozen != lora:
+        return "fused", f"{frozen} UNet with {lora} LoRA weights: only the fused step mixes them"
+    kind = torch.device(device).type if device is not None else model.conv_in.weight.device.type
+    if kind == "cpu":
+        return "reference", "on the CPU the reference step is faster (fused measured 0.84-0.87x of it)"
+    return "reference", f"the fused step has not been measured faster than the reference on {kind}"
 
 
 @dataclass
@@ -49,7 +73,7 @@ def cat_loss(
     cond: Condition,
     cond_stripped: Condition,
     cat_weight: float = 1.0,
-    mode: str = "reference",
+    mode: str = "auto",
     snr_gamma: float | None = None,
     adapters: Sequence[str] | None = None,
 ) -> CatLossOutput:
@@ -63,7 +87,8 @@ def cat_loss(
       latents: clean latents z0 ``[B, C, H, W]``; noise: eps, same shape; timesteps: ``[B]`` ints.
       cond / cond_stripped: text conditions for the caption with and without the trigger word.
       cat_weight: lambda; 0 gives the plain LoRA loss.
-      mode: "reference" runs the base pass (adapter disabled, no_grad) and then the two adapter
+      mode: "auto" (the default) runs the faster exact mode for the UNet's device (``auto_mode``).
+        "reference" runs the base pass (adapter disabled, no_grad) and then the two adapter
         passes as one batched call, as a careful diffusers user would. "fused" runs all 3B rows as
         ONE UNet call with a row plan ([trigger | stripped] on the active adapter with grad, then the
         teacher rows on the base without grad) through catfast's row-planned LoRA layers; the UNet is
@@ -80,6 +105,8 @@ def cat_loss(
     if cat_weight < 0:
         raise ValueError(f"cat_weight must be >= 0, got {cat_weight}")
     model = _unwrap(unet)
+    if mode == "auto":
+        mode = auto_mode(model)[0]
     _check_batch(model, latents, noise, timesteps, cond, cond_stripped, adapters)
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
