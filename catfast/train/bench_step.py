@@ -308,7 +308,10 @@ def bench_train_step(
 
 
 def _peak_rss(spec: dict, name: str) -> tuple[int | None, int | None]:
-    """(VmHWM during two steps of ``name`` alone, RSS before them) from a fresh Python process."""
+    """(VmHWM during two steps of ``name`` alone, RSS before them) from a fresh Python process; (None, None)
+    where there is no /proc/self/clear_refs to reset the high-water mark (not Linux)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None, None
     code = "import sys, json; from catfast.train.bench_step import _peak_child; _peak_child(json.loads(sys.argv[1]))"
     r = subprocess.run(
         [sys.executable, "-c", code, json.dumps({**spec, "name": name})],
