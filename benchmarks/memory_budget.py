@@ -53,7 +53,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for b in budget(rows):
         fits = ", ".join(str(x) for x in b["fits"]) or "none of 6/8/12/24"
-        print(f"| {b['model']}, {b['px']} | {'on' if b['ckpt'] else 'off'} | {b['step']} | {b['rank']} | {b['gib']} | {fits} |")
+        ckpt = "on" if b["ckpt"] else "off"
+        print(f"| {b['model']}, {b['px']} | {ckpt} | {b['step']} | {b['rank']} | {b['gib']} | {fits} |")
 
 
 if __name__ == "__main__":
