@@ -102,6 +102,28 @@ def test_auto_mode_rule():
     assert mode == "fused" and "bfloat16" in why
 
 
+def test_auto_mode_picks_fused_on_sd15_widths_where_it_can_run():
+    """On the CPU, a UNet of SD1.5 width (320 channels) runs fused, unless the fused step would refuse it."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(block_out_channels=(320,), layers_per_block=1, norm_num_groups=32, cross_attention_dim=32)
+    unet = UNet2DConditionModel(
+        **cfg, down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",)
+    )
+    unet.requires_grad_(False).add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))
+    mode, why = auto_mode(unet, "cpu")
+    assert mode == "fused" and "320-channel" in why
+    assert auto_mode(unet, "cuda")[0] == "reference"  # not measured on a GPU yet
+    unet.enable_gradient_checkpointing()
+    assert auto_mode(unet, "cpu") == ("reference", "the fused step cannot run this UNet: gradient checkpointing "
+                                      "without patch_unet")  # fmt: skip
+    unet.disable_gradient_checkpointing()
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], lora_dropout=0.1), adapter_name="dropout")
+    unet.set_adapter("dropout")
+    mode, why = auto_mode(unet, "cpu")
+    assert mode == "reference" and "lora_dropout=0.1" in why
+
+
 def test_bf16_asked_without_support_says_so(monkeypatch):
     monkeypatch.setattr(bench_step, "bf16_support", lambda device: (False, "this CPU lists neither"))
     with pytest.raises(CatfastError, match="bf16 asked, but this CPU lists neither"):

@@ -27,15 +27,25 @@ Condition = Union[torch.Tensor, dict[str, Any]]
 MODES = ("auto", "reference", "fused")
 
 
-def auto_mode(unet: torch.nn.Module, device: torch.device | str | None = None) -> tuple[str, str]:
+# The first block's width from which the fused step measured faster than the reference on the CPU (see
+# auto_mode): SD1.5 / SDXL widths (320) yes, the 64-wide small UNet (head size 8) no.
+FUSED_CPU_MIN_WIDTH = 320
+
+
+def auto_mode(
+    unet: torch.nn.Module, device: torch.device | str | None = None, *, per_sample_adapters: bool = False
+) -> tuple[str, str]:
     """The exact mode ``mode="auto"`` runs for this UNet on this device, and why (one sentence).
 
-    The rule follows what ``catfast bench train-step`` measured (benchmarks/README.md): on the CPU the
-    reference step is faster (fused 0.84-0.87x of it, small UNet, batch 1-2, 1-2 threads). The fused step has
-    not been timed on a GPU yet, so the reference is the choice there too, until a benchmark says otherwise.
-    Two cases have one mode that runs at all: a UNet already patched by ``patch_unet`` (fused; the reference
-    refuses it) and a half-precision UNet carrying fp32 LoRA weights (fused; peft's layers would run the
-    LoRA branch in fp32 and mix dtypes)."""
+    The rule follows what ``catfast bench train-step`` measured on the CPU (benchmarks/README.md): on UNets of
+    SD1.5 / SDXL width (first block >= 320 channels) the fused step is faster than the reference (1.04x on
+    SD1.5 at 512 px, 1.12x on ``sd15-narrow``); on the narrow ``small`` UNet (64 channels, head size 8, where
+    CPU attention dominates) the reference is (fused 0.84-0.87x). The fused step has not been timed on a GPU
+    yet, so the reference is the choice there, until a benchmark says otherwise. A UNet patched by
+    ``patch_unet`` (the reference refuses it) and a half-precision UNet carrying fp32 LoRA weights (peft's
+    layers would mix dtypes) run fused; a UNet the fused step cannot run (a LoRA layer it cannot row-plan,
+    gradient checkpointing without ``patch_unet``, several active adapters without per-sample adapters)
+    runs the reference. ``per_sample_adapters``: the caller names each sample's adapter (``adapters=``)."""
     from catfast.integrations.patch import patch_report
 
     model = _unwrap(unet)
@@ -46,9 +56,38 @@ def auto_mode(unet: torch.nn.Module, device: torch.device | str | None = None) -
     if frozen != lora:
         return "fused", f"{frozen} UNet with {lora} LoRA weights: only the fused step mixes them"
     kind = torch.device(device).type if device is not None else model.conv_in.weight.device.type
-    if kind == "cpu":
-        return "reference", "on the CPU the reference step is faster (fused measured 0.84-0.87x of it)"
-    return "reference", f"the fused step has not been measured faster than the reference on {kind}"
+    if kind != "cpu":
+        return "reference", f"the fused step has not been measured faster than the reference on {kind}"
+    width = (getattr(getattr(model, "config", None), "block_out_channels", None) or (0,))[0]
+    if width < FUSED_CPU_MIN_WIDTH:
+        return "reference", (
+            f"on the CPU the reference step is faster for a {width}-channel UNet (fused measured 0.84-0.87x of "
+            f"it below {FUSED_CPU_MIN_WIDTH} channels)"
+        )
+    blocker = _fused_blocker(model, per_sample_adapters)
+    if blocker is not None:
+        return "reference", f"the fused step cannot run this UNet: {blocker}"
+    return "fused", f"on the CPU the fused step is faster for a {width}-channel UNet (1.04-1.12x the reference)"
+
+
+def _fused_blocker(model: torch.nn.Module, per_sample_adapters: bool) -> str | None:
+    """Why ``mode="fused"`` would refuse this unpatched UNet, or None."""
+    from peft.tuners.lora import Conv2d as PeftConv2d
+    from peft.tuners.lora import Linear as PeftLinear
+
+    from catfast.integrations.patch import _unsupported
+
+    if getattr(model, "is_gradient_checkpointing", False):
+        return "gradient checkpointing without patch_unet"
+    if not per_sample_adapters and len(model.active_adapters()) != 1:
+        return "several active adapters and no per-sample adapters"
+    slots = list(getattr(model, "peft_config", {}) or {}) if per_sample_adapters else model.active_adapters()
+    for name, module in model.named_modules():
+        if isinstance(module, (PeftLinear, PeftConv2d)):
+            reason = _unsupported(module, slots)
+            if reason is not None:
+                return f"{name}: {reason}"
+    return None
 
 
 @dataclass
@@ -106,7 +145,7 @@ def cat_loss(
         raise ValueError(f"cat_weight must be >= 0, got {cat_weight}")
     model = _unwrap(unet)
     if mode == "auto":
-        mode = auto_mode(model)[0]
+        mode = auto_mode(model, per_sample_adapters=adapters is not None)[0]
     _check_batch(model, latents, noise, timesteps, cond, cond_stripped, adapters)
 
     noisy = scheduler.add_noise(latents, noise, timesteps)

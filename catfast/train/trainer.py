@@ -117,9 +117,11 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
         torch.nn.Module.to(unet, weight_dtype)  # not diffusers' .to, which warns about this very cast
         for p in params.values():
             p.data = p.data.float()
+    mode, mode_reason = (config.mode, "set by the config")
+    if config.mode == "auto":  # before checkpointing is on: the trainer patches the UNet once for fused
+        mode, mode_reason = auto_mode(unet, device, per_sample_adapters=True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    mode, mode_reason = auto_mode(unet, device) if config.mode == "auto" else (config.mode, "set by the config")
     if dist.main:
         logging.getLogger("catfast.train").info("CAT step mode %s: %s", mode, mode_reason)
     if mode == "fused":  # patched once: cat_loss would otherwise patch and unpatch every call
