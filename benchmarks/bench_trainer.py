@@ -49,9 +49,10 @@ def main() -> None:
         config = TrainConfig(
             base=str(model), data=str(data), trigger="sks", out=str(work / f"run-{r}"), rank=args.rank,
             steps=args.steps + 1, checkpoint_every=0, sample_every=0, seed=r, cache_dir=str(work / "cache"),
+            mode="fused",  # the step this script compares with (the trainer's default is now "auto")
         )  # fmt: skip
         result = train(config, progress=False)
-        bench = bench_train_step(args.model, batch=1, steps=args.steps, rank=args.rank)
+        bench = bench_train_step(args.model, batch=1, steps=args.steps, rank=args.rank, against=(), memory=False)
         train_ms.append(1e3 / result.steps_per_second)
         bench_ms.append(bench["modes"]["fused"]["median_ms"])
         print(json.dumps({"round": r, "train_step_ms": round(train_ms[-1], 1), "bench_fused_ms": bench_ms[-1],

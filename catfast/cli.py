@@ -267,7 +267,12 @@ _REQUIRED = "[required unless set in --config]"
     type=click.Choice(["stop", "skip"]),
     help=f"Unreadable images: stop or skip. {_default('on_bad_image')}",
 )
-@click.option("--mode", type=click.Choice(["fused", "reference"]), help=f"CAT step implementation. {_default('mode')}")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "fused", "reference"]),
+    help="CAT step implementation; auto picks the faster exact one for the device (recorded in metrics.jsonl). "
+    f"{_default('mode')}",
+)
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
@@ -556,9 +561,11 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
 
 
 @bench.command("train-step")
-@click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15", "sdxl"]))
+@click.option(
+    "--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15-narrow", "sd15", "sdxl"])
+)
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per mode.")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per entry.")
 @click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option(
@@ -567,26 +574,58 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
     show_default=True,
     help="LoRA target modules, comma-separated (add conv1,conv2,conv,conv_shortcut for kohya LoCon).",
 )
+@click.option(
+    "--against",
+    default="official,ai-toolkit,kohya",
+    show_default=True,
+    help="Today's CAT / preservation steps to time against, comma-separated (empty: none).",
+)
+@click.option(
+    "--mixed-precision",
+    default="no",
+    show_default=True,
+    type=click.Choice(["no", "bf16", "auto"]),
+    help="bf16 autocast for every entry (auto: where the device supports it).",
+)
+@click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS, one process per entry (CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
-def bench_train_step_command(model, batch, steps, rank, dtype, targets, as_json) -> None:
-    """The reference and the fused CAT step (plus the reference under torch.compile on a GPU),
-    interleaved in one process: time, FLOPs, bytes saved for backward, peak memory, parity."""
+def bench_train_step_command(model, batch, steps, rank, dtype, targets, against, mixed_precision, memory, as_json):
+    """catfast's CAT step modes against today's CAT steps (official CAT, ai-toolkit and kohya DOP),
+    interleaved in one process: time, FLOPs and their share of the GEMM rate, memory, parity."""
     from catfast.train.bench_step import bench_train_step
+    from catfast.train.contestants import check_names
 
-    result = bench_train_step(model, batch, steps, rank=rank, dtype=dtype, targets=targets.split(","))
+    result = bench_train_step(
+        model,
+        batch,
+        steps,
+        rank=rank,
+        dtype=dtype,
+        targets=targets.split(","),
+        against=check_names(against.split(",")),
+        mixed_precision=mixed_precision,
+        memory=memory,
+    )
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{model} UNet, batch {batch}, {dtype}, {result['device']}, median of {steps} steps:")
-    for name, m in result["modes"].items():
-        flops = f"fwd {m['fwd_flops'] / 1e9:.2f} / bwd {m['bwd_flops'] / 1e9:.2f} GFLOP" if m["fwd_flops"] else ""
-        saved = f"saved {m['saved_bytes'] / 2**20:.1f} MiB" if m["saved_bytes"] is not None else ""
-        click.echo(f"  {name:<20} {m['median_ms']:10.1f} ms  {flops}  {saved}")
     click.echo(
-        f"  parity: loss rel err {result['parity']['loss_rel_err']:.1e}, "
-        f"grad rel err {result['parity']['grad_rel_err']:.1e}; speedup {result['speedup']}x"
+        f"{model} UNet, batch {batch}, {dtype} ({result['mixed_precision_reason']}), {result['device']}, "
+        f"median of {steps} steps; GEMM rate {result['gemm_flops'] / 1e9:.1f} GFLOP/s"
     )
+    for section in ("modes", "against"):
+        for name, m in result[section].items():
+            flops = f"{m['achieved_flops'] / 1e9:6.1f} GFLOP/s ({m['gemm_fraction']:.0%} of GEMM)"
+            peak = f"peak {m['peak_bytes'] / 2**20:7.0f} MiB" if m["peak_bytes"] else ""
+            parity = f"loss/grad rel err {m['loss_rel_err']:.0e}/{m['grad_rel_err']:.0e}" if "loss_rel_err" in m else ""
+            click.echo(
+                f"  {name:<20} {m['median_ms']:10.1f} ms  {flops}  params {m['param_bytes'] / 2**20:6.0f} MiB  "
+                f"{peak}  {parity}"
+            )
+    click.echo(f"  auto -> {result['auto']['mode']}: {result['auto']['reason']}")
+    for name, ratio in result["default_vs"].items():
+        click.echo(f"  catfast's default step is {ratio:.2f}x the {name} step's speed")
 
 
 @bench.command("serve")

@@ -199,12 +199,15 @@ def test_bad_input_fails_before_any_kernel():
 @pytest.mark.parametrize("batch", [1, 2])
 def test_no_wasted_teacher_work(batch, monkeypatch):
     """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (DESIGN.md)."""
-    from catfast.train.bench_step import _measure_once, _setup
+    from contextlib import nullcontext
+
+    from catfast.train.bench_step import _loss_fns, _measure_once, _setup
 
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
-    unet, sched, args = _setup("tiny", batch, 4, torch.float32, "cpu", seed=batch)
-    ref = _measure_once(unet, sched, args, "reference")
-    fused = _measure_once(unet, sched, args, "fused")
+    unet, sched, args, load_teacher = _setup("tiny", batch, 4, torch.float32, "cpu", seed=batch)
+    fns = _loss_fns(["reference", "fused"], unet, sched, args, load_teacher)
+    ref = _measure_once(unet, fns["reference"][0], nullcontext)
+    fused = _measure_once(unet, fns["fused"][0], nullcontext)
     assert fused["fwd_flops"] < ref["fwd_flops"]  # the shared prefix (conv_in, time embedding, ...) ran once
     assert fused["bwd_flops"] <= 1.02 * ref["bwd_flops"]
     assert fused["saved_bytes"] <= ref["saved_bytes"]
@@ -433,7 +436,8 @@ def test_bench_train_step_command_reports_both_modes_with_locon_targets(monkeypa
 
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     targets = "to_q,to_k,to_v,to_out.0,conv1,conv"
-    args = ["bench", "train-step", "--model", "tiny", "--steps", "1", "--targets", targets, "--json"]
+    args = ["bench", "train-step", "--model", "tiny", "--steps", "1", "--targets", targets, "--against", ""]
+    args += ["--no-memory", "--json"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])

@@ -211,3 +211,19 @@ def test_bad_input_is_refused_before_any_pass(tiny):
         catfast.cat_loss(unet, sched, **b, cat_weight=-1.0)
     with pytest.raises(ValueError, match="prediction_type"):
         catfast.cat_loss(unet, _scheduler("sample"), **b)
+
+
+def test_default_mode_auto_runs_the_rule_s_choice(tiny):
+    """cat_loss's default mode "auto" gives the reference's numbers on a plain UNet (CPU rule) and runs the
+    fused step on a patched one (where the reference refuses)."""
+    from catfast.integrations.patch import patch_unet, unpatch_unet
+
+    unet, _ = tiny
+    sched, b = _scheduler(), _batch(seed=4)
+    ref = catfast.cat_loss(unet, sched, **b, mode="reference").total
+    assert catfast.cat_loss(unet, sched, **b).total.item() == ref.item()
+    patch_unet(unet)
+    with pytest.raises(ValueError, match="needs the plain peft UNet"):
+        catfast.cat_loss(unet, sched, **b, mode="reference")
+    assert_rel_close(catfast.cat_loss(unet, sched, **b).total.detach(), ref.detach(), 1e-5, "auto on a patched UNet")
+    unpatch_unet(unet)

@@ -18,6 +18,7 @@ from catfast.folders import check_target, staged_folder
 
 MODEL_NAMES = ("tiny", "small", "sd15", "sdxl")
 ALL_MODEL_NAMES = MODEL_NAMES + ("tiny-sdxl",)
+UNET_ONLY_NAMES = ("sd15-narrow",)  # build_unet / unet_config only (no text encoder, VAE or folder)
 
 # UNet2DConditionModel configs. tiny/small keep SD1.5's structure (cross-attn down/up blocks, a
 # cross-attn mid block, attn1/attn2/ff in every transformer block) at a fraction of the width.
@@ -77,6 +78,20 @@ _UNET_CONFIGS: dict[str, dict] = {
         projection_class_embeddings_input_dim=2816,
         norm_num_groups=32,
     ),
+    # SD1.5's widths and head sizes (320/640/1280 channels, 8 heads: head dims 40/80/160, 768-wide text) at
+    # a CPU-benchmark size: 3 levels, one layer per block, 16x16 latents (128 px). UNet only (bench train-step).
+    "sd15-narrow": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
     # SDXL's structure (two text encoders, text_time added conditioning, linear projections, several
     # transformer layers per block) at tiny size: cross_attention_dim 64 = 32 + 32, 80 = 32 + 6 * 8.
     "tiny-sdxl": dict(
@@ -102,7 +117,7 @@ _UNET_CONFIGS: dict[str, dict] = {
 def unet_config(name: str) -> dict:
     """The UNet2DConditionModel config of a named factory model (a fresh copy)."""
     if name not in _UNET_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ALL_MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ALL_MODEL_NAMES + UNET_ONLY_NAMES)}")
     return dict(_UNET_CONFIGS[name])
 
 

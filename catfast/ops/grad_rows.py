@@ -183,18 +183,33 @@ class _FrozenRowsFunction(torch.autograd.Function):
         return scatter_rows(dx_g.to(dy.dtype), ctx.x_shape, index, run, ctx.x_shape[0]), None, None, None, None
 
 
+def autocast_inputs(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
+    """``(x, *tensors)`` cast to the autocast dtype when autocast is on for x's device, as torch's own
+    linear / conv would cast them (None stays None); unchanged otherwise. The row-planned autograd
+    Functions call this first: autocast does not reach inside a custom Function's inputs."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(kind)
+    cast = [t if t is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype) for t in tensors]
+    for before, after in zip(tensors, cast):
+        if after is not before:  # a weight's copy: keep_grad_rows must save it whole, not as sample rows
+            setattr(after, ROWS_ONLY, True)
+    return (x if not x.is_floating_point() or x.dtype == dtype else x.to(dtype), *cast)
+
+
 def frozen_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, plan: RowPlan) -> torch.Tensor:
     """``conv(x)`` ([N, C, H, W], one launch) whose backward spends work only on the plan's grad samples."""
     if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
         return conv(x)
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    return _FrozenRowsFunction.apply(x, conv.weight, conv.bias, args, plan)
+    return _FrozenRowsFunction.apply(*autocast_inputs(x, conv.weight, conv.bias), args, plan)
 
 
 def frozen_linear(x: torch.Tensor, linear: torch.nn.Linear, plan: RowPlan) -> torch.Tensor:
     """``linear(x)`` ([N, ..., in], one launch) whose backward spends work only on the plan's grad
     samples (x's first dim is the sample; rows of a sample are its inner dims)."""
-    return _FrozenRowsFunction.apply(x, linear.weight, linear.bias, None, plan)
+    return _FrozenRowsFunction.apply(*autocast_inputs(x, linear.weight, linear.bias), None, plan)
 
 
 def split_rows(fn, plan: RowPlan, *tensors: torch.Tensor) -> torch.Tensor:

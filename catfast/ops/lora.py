@@ -17,7 +17,15 @@ import weakref
 
 import torch
 
-from catfast.ops.grad_rows import ROWS_ONLY, gather_rows, sample_rows, scatter_rows, take_samples, zeros_outside
+from catfast.ops.grad_rows import (
+    ROWS_ONLY,
+    autocast_inputs,
+    gather_rows,
+    sample_rows,
+    scatter_rows,
+    take_samples,
+    zeros_outside,
+)
 from catfast.rows import NO_ADAPTER, RowPlan
 
 BACKENDS = ("triton", "torch")
@@ -71,11 +79,13 @@ def lora_linear(
     validated the plan once per UNet call. ``input_memo``: a dict that lives for one UNet call, so
     that layers reading the same input tensor (to_q / to_k / to_v) save its grad rows once.
     """
+    x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     _check(x, weight, bias, lora_a, lora_b, plan, validate_plan)
     backend = backend or choose_backend(x)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend, input_memo)
+    with torch.autocast(x.device.type, enabled=False):  # inputs cast above; the rank-r terms stay fp32 inside
+        return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend, input_memo)
 
 
 def _check(x, weight, bias, lora_a, lora_b, plan: RowPlan, validate_plan: bool) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from catfast.ops.grad_rows import frozen_conv2d, scatter_rows, take_samples
+from catfast.ops.grad_rows import autocast_inputs, frozen_conv2d, scatter_rows, take_samples
 from catfast.rows import RowPlan, run_of
 
 
@@ -35,7 +35,7 @@ def lora_conv2d(
     for slot, needs_grad, host_samples in plan.layout.by_slot:
         samples, run = plan.index(host_samples), run_of(host_samples)
         with torch.set_grad_enabled(needs_grad and torch.is_grad_enabled()):
-            low = _DownRows.apply(x, lora_a[slot], samples, run, base.stride, base.padding)
+            low = _DownRows.apply(*autocast_inputs(x, lora_a[slot]), samples, run, base.stride, base.padding)
             delta = F.conv2d(low, lora_b[slot][:, :, None, None]) * plan.scales[samples].view(-1, 1, 1, 1)
         y = _add_rows(y, samples, run, delta.to(y.dtype))
     return y

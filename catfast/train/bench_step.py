@@ -1,26 +1,48 @@
-"""`catfast bench train-step`: the reference and the fused CAT step, interleaved in one process.
+"""`catfast bench train-step`: catfast's CAT step modes against today's CAT / preservation steps, interleaved
+in one process.
 
-For each mode, one step is cat_loss forward + backward on a random-weight UNet (catfast's factories)
-with a LoRA on every attention projection (the CAT paper's targets) and random, nonzero B. Reported:
-median wall time over the timed steps, forward and backward FLOPs (torch.utils.flop_counter), bytes
-saved for backward (unique storages packed by autograd, parameters excluded; saved_tensors_hooks),
-peak device memory (CUDA only), and the parity of loss and LoRA gradients between the modes. On a
-GPU the reference under torch.compile is timed too.
+For each entry (catfast's modes ``reference`` and ``fused``, and the contestants of
+``catfast.train.contestants``: ``official``, ``ai-toolkit``, ``kohya``), one step is its loss forward +
+backward on the same random-weight UNet (catfast's factories), with a LoRA on every attention projection
+(the CAT paper's targets) and random, nonzero B, on the same batch and seed. Reported per entry:
+
+- ``median_ms``: median wall time of the timed steps; the entries alternate step by step after one warm-up
+  round, so machine load falls on all of them alike;
+- ``fwd_flops`` / ``bwd_flops`` (catfast.testing.flop_counter, attention included) and ``achieved_flops``
+  (FLOP/s of the median step) with ``gemm_fraction``: that rate over the dense GEMM rate measured in the same
+  run (``gemm_flops``: a square matmul, the step's dtype and thread count, before and after the timed steps);
+- ``saved_bytes``: unique storages autograd packs for backward, parameters excluded;
+- ``param_bytes``: parameters and buffers of every model the entry holds (the official code's second UNet
+  counts);
+- ``peak_bytes``: on CUDA the allocator's peak of the step; on the CPU the peak RSS (VmHWM) of a fresh
+  process that builds the same model(s), resets its high-water mark (``/proc/self/clear_refs``) and runs
+  two steps of this entry alone (``peak_rss_setup_bytes``: its RSS before the steps, models loaded);
+- ``loss_rel_err`` / ``grad_rel_err``: parity with catfast's reference step where the loss is the same
+  (kohya's loss is half of it, see ``contestants.LOSS_FACTOR``).
+
+``mixed_precision="bf16"`` runs every entry under bf16 autocast (fp32 weights; the loss reduced in fp32);
+``auto`` is the default-settings run: bf16 where the device supports it, else fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
 
 from catfast.testing import flop_counter, rel_err
-from catfast.train.objective import cat_loss
+from catfast.train.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
+from catfast.train.objective import auto_mode, cat_loss
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TOKENS = 77
+MODES = ("reference", "fused")
 
 
 def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, seed: int, targets=TARGETS):
@@ -48,17 +70,34 @@ def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, s
         cond=rand(batch, TOKENS, cfg.cross_attention_dim),
         cond_stripped=rand(batch, TOKENS, cfg.cross_attention_dim),
     )
-    return unet, DDPMScheduler(**SCHEDULER_CONFIG), batch_args
+
+    def load_teacher():  # the official code loads the checkpoint again: the same seeded weights
+        return build_unet(model, seed=seed)
+
+    return unet, DDPMScheduler(**SCHEDULER_CONFIG), batch_args, load_teacher
 
 
-def _step(unet, sched, batch_args, mode, loss_fn=cat_loss):
+def _loss_fns(names, unet, sched, batch_args, load_teacher) -> dict:
+    """name -> (zero-argument forward returning a CatLossOutput, the modules the entry holds)."""
+    fns = {}
+    for name in names:
+        if name in MODES:
+            fns[name] = (lambda m=name: cat_loss(unet, sched, **batch_args, mode=m), (unet,))
+        else:
+            c = make_contestant(name, unet, sched, load_teacher)
+            fns[name] = (lambda c=c: c.loss(**batch_args), c.modules)
+    return fns
+
+
+def _step(unet, loss_fn, autocast):
     unet.zero_grad(set_to_none=True)
-    out = loss_fn(unet, sched, **batch_args, mode=mode)
+    with autocast():
+        out = loss_fn()
     out.total.backward()
     return out
 
 
-def _measure_once(unet, sched, batch_args, mode) -> dict:
+def _measure_once(unet, loss_fn, autocast) -> dict:
     """FLOPs of forward and backward, and unique bytes autograd saved (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
     storages: dict[int, int] = {}
@@ -70,8 +109,8 @@ def _measure_once(unet, sched, batch_args, mode) -> dict:
         return t
 
     unet.zero_grad(set_to_none=True)
-    with flop_counter() as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = cat_loss(unet, sched, **batch_args, mode=mode)
+    with flop_counter() as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        out = loss_fn()
     with flop_counter() as bwd:
         out.total.backward()
     grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
@@ -84,6 +123,71 @@ def _measure_once(unet, sched, batch_args, mode) -> dict:
     )
 
 
+def _param_bytes(modules) -> int:
+    seen: dict[int, int] = {}
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def gemm_rate(dtype: torch.dtype, device: str, n: int = 1024, reps: int = 5) -> float:
+    """Dense GEMM FLOP/s of this device at ``dtype`` and the current thread count: median of ``reps``
+    square ``n x n`` matmuls (2 n^3 FLOPs each) after one warm-up."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(reps + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def bf16_support(device: str) -> tuple[bool, str]:
+    """Whether bf16 autocast runs at native speed here, and what says so."""
+    if device == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"torch.cuda.is_bf16_supported() = {ok}"
+    flags = set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    have = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if have:
+        return True, f"CPU flags {', '.join(have)}"
+    return False, "this CPU lists neither avx512_bf16 nor amx_bf16 (bf16 would be emulated, slower than fp32)"
+
+
+def resolve_mixed_precision(request: str, device: str) -> tuple[str, str]:
+    """("bf16" or "no", why) for ``request`` in {"no", "bf16", "auto"}; bf16 asked on a device without it
+    raises (only ``auto`` falls back)."""
+    from catfast.errors import CatfastError
+
+    if request == "no":
+        return "no", "fp32 (asked)"
+    ok, why = bf16_support(device)
+    if ok:
+        return "bf16", f"bf16 autocast: {why}"
+    if request == "auto":
+        return "no", f"fp32: {why}"
+    raise CatfastError(f"--mixed-precision bf16 asked, but {why}; use --mixed-precision auto or no")
+
+
+def _autocast_factory(precision: str, device: str):
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def bench_train_step(
     model: str = "tiny",
     batch: int = 1,
@@ -94,43 +198,59 @@ def bench_train_step(
     device: str | None = None,
     seed: int = 0,
     targets: tuple[str, ...] | list[str] = TARGETS,
+    against: tuple[str, ...] | list[str] = CONTESTANTS,
+    mixed_precision: str = "no",
+    memory: bool = True,
 ) -> dict:
     """Run the benchmark and return the result object (see the module docstring)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    against = check_names(against)
+    precision, precision_why = resolve_mixed_precision(mixed_precision, device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    unet, sched, batch_args = _setup(model, batch, rank, torch_dtype, device, seed, targets)
-    modes = ["reference", "fused"]
-    results = {m: _measure_once(unet, sched, batch_args, m) for m in modes}
-    loss_fns = {m: cat_loss for m in modes}
+    if precision == "bf16" and torch_dtype != torch.float32:
+        from catfast.errors import CatfastError
+
+        raise CatfastError("--mixed-precision bf16 autocasts an fp32 UNet; use it with --dtype fp32")
+    autocast = _autocast_factory(precision, device)
+    unet, sched, batch_args, load_teacher = _setup(model, batch, rank, torch_dtype, device, seed, targets)
+    names = [*MODES, *against]
+    fns = _loss_fns(names, unet, sched, batch_args, load_teacher)
+    results = {m: _measure_once(unet, fns[m][0], autocast) for m in names}
     if device == "cuda":
         compiled = torch.compile(unet)
-        modes.append("reference_compiled")
-        loss_fns["reference_compiled"] = lambda _u, *a, **k: cat_loss(compiled, *a, **{**k, "mode": "reference"})
+        names.append("reference_compiled")
+        fns["reference_compiled"] = (lambda: cat_loss(compiled, sched, **batch_args, mode="reference"), (unet,))
         results["reference_compiled"] = {}
+    gemm_dtype = torch.bfloat16 if precision == "bf16" else torch_dtype
+    gemm = [gemm_rate(gemm_dtype, device)]
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    peaks: dict[str, int | None] = {m: None for m in modes}
+    times: dict[str, list[float]] = {m: [] for m in names}
+    peaks: dict[str, int | None] = {m: None for m in names}
     for i in range(steps + 1):  # the first round warms up (and compiles)
-        for m in modes:
+        for m in names:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync()
             t0 = time.perf_counter()
-            _step(unet, sched, batch_args, "reference" if m == "reference_compiled" else m, loss_fns[m])
+            _step(unet, fns[m][0], autocast)
             sync()
             if i:
                 times[m].append((time.perf_counter() - t0) * 1e3)
             if device == "cuda":
                 peaks[m] = torch.cuda.max_memory_allocated()
+    gemm.append(gemm_rate(gemm_dtype, device))
+    gemm_flops = statistics.mean(gemm)
 
-    ref, fused = results["reference"], results["fused"]
+    chosen, why = auto_mode(unet, device)
     out = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": dtype,
+        "mixed_precision": precision,
+        "mixed_precision_reason": precision_why,
         "model": model,
         "batch": batch,
         "rank": rank,
@@ -139,26 +259,95 @@ def bench_train_step(
         "latent": list(batch_args["latents"].shape[1:]),
         "torch": torch.__version__,
         "git": _git(),
+        "gemm_flops": round(gemm_flops),
+        "auto": {"mode": chosen, "reason": why},
         "modes": {},
-        "parity": {
-            "loss_rel_err": max(
-                rel_err(getattr(fused["out"], k).detach(), getattr(ref["out"], k).detach())
-                for k in ("total", "ldm", "cat")
-            ),
-            "grad_rel_err": max(rel_err(fused["grads"][n], g) for n, g in ref["grads"].items()),
-        },
+        "against": {},
+        "peak_method": "cuda max_memory_allocated" if device == "cuda" else "VmHWM of a fresh process per entry",
     }
-    for m in modes:
+    ref = results["reference"]
+    for m in names:
         r = results[m]
-        out["modes"][m] = {
-            "median_ms": round(statistics.median(times[m]), 3),
+        median = statistics.median(times[m])
+        flops = (r["fwd_flops"] + r["bwd_flops"]) if r.get("fwd_flops") is not None else None
+        entry = {
+            "median_ms": round(median, 3),
             "fwd_flops": r.get("fwd_flops"),
             "bwd_flops": r.get("bwd_flops"),
+            "achieved_flops": round(flops / (median / 1e3)) if flops else None,
+            "gemm_fraction": round(flops / (median / 1e3) / gemm_flops, 4) if flops else None,
             "saved_bytes": r.get("saved_bytes"),
+            "param_bytes": _param_bytes(fns[m][1]),
             "peak_bytes": peaks[m],
         }
-    out["speedup"] = round(out["modes"]["reference"]["median_ms"] / out["modes"]["fused"]["median_ms"], 3)
+        if "out" in r and m != "reference":
+            factor = LOSS_FACTOR.get(m, 1.0)
+            entry["loss_rel_err"] = max(
+                rel_err(factor * r["out"].total.detach(), ref["out"].total.detach()),
+                *(rel_err(getattr(r["out"], k).detach(), getattr(ref["out"], k).detach()) for k in ("ldm", "cat")),
+            )
+            entry["grad_rel_err"] = max(rel_err(factor * r["grads"][n], g) for n, g in ref["grads"].items())
+        out["against" if m in CONTESTANTS else "modes"][m] = entry
+    if memory and device != "cuda":
+        spec = dict(
+            model=model, batch=batch, rank=rank, dtype=dtype, seed=seed, targets=list(targets), precision=precision
+        )
+        for m in names:
+            section = out["against" if m in CONTESTANTS else "modes"]
+            peak, setup = _peak_rss(spec, m)
+            section[m]["peak_bytes"], section[m]["peak_rss_setup_bytes"] = peak, setup
+    fused, reference = out["modes"]["fused"], out["modes"]["reference"]
+    out["parity"] = {"loss_rel_err": fused["loss_rel_err"], "grad_rel_err": fused["grad_rel_err"]}
+    out["speedup"] = round(reference["median_ms"] / fused["median_ms"], 3)
+    default_ms = out["modes"][chosen]["median_ms"]
+    out["default_vs"] = {name: round(e["median_ms"] / default_ms, 3) for name, e in out["against"].items()}
     return out
+
+
+# ------------------------------------------------------------------------------- peak RSS, one process each
+
+
+def _peak_rss(spec: dict, name: str) -> tuple[int | None, int | None]:
+    """(VmHWM during two steps of ``name`` alone, RSS before them) from a fresh Python process; (None, None)
+    where there is no /proc/self/clear_refs to reset the high-water mark (not Linux)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None, None
+    code = "import sys, json; from catfast.train.bench_step import _peak_child; _peak_child(json.loads(sys.argv[1]))"
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps({**spec, "name": name})],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        timeout=3600,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"peak-memory child for {name} failed: {r.stderr.strip().splitlines()[-1:]}")
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    return got["peak"], got["setup"]
+
+
+def _vm(key: str) -> int | None:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _peak_child(spec: dict) -> None:
+    """Child of `_peak_rss`: build, reset the RSS high-water mark, run two steps, print JSON."""
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
+    unet, sched, batch_args, load_teacher = _setup(
+        spec["model"], spec["batch"], spec["rank"], torch_dtype, "cpu", spec["seed"], spec["targets"]
+    )
+    fn = _loss_fns([spec["name"]], unet, sched, batch_args, load_teacher)[spec["name"]][0]
+    autocast = _autocast_factory(spec["precision"], "cpu")
+    setup = _vm("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current RSS
+        f.write("5")
+    for _ in range(2):
+        _step(unet, fn, autocast)
+    print(json.dumps({"peak": _vm("VmHWM"), "setup": setup}))
 
 
 def _git() -> str | None:

@@ -37,7 +37,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 FORMATS = ("diffusers", "kohya")
 BAD_IMAGE_POLICIES = ("stop", "skip")
 CONCEPT_ADAPTERS = ("per-concept", "shared")
-MODES = ("fused", "reference")
+MODES = ("auto", "fused", "reference")  # auto: objective.auto_mode picks the faster exact one
 DEVICES = ("auto", "cpu", "cuda")
 
 # Settings that do not change the trained adapter: where things go, how often files are written, what
@@ -92,7 +92,7 @@ class TrainConfig:
     snr_gamma: float | None = None
     timesteps: str = "uniform"
     timestep_power: float = 1.0  # chain-of-forgetting: P(t) proportional to (t + 1) ** timestep_power
-    mode: str = "fused"
+    mode: str = "auto"
     # optimization
     steps: int = 900
     lr: float = 1e-4

@@ -24,7 +24,70 @@ import torch.nn.functional as F
 # "encoder_hidden_states" and "added_cond_kwargs" ({"text_embeds": [B, P], "time_ids": [B, 6]}).
 Condition = Union[torch.Tensor, dict[str, Any]]
 
-MODES = ("reference", "fused")
+MODES = ("auto", "reference", "fused")
+
+
+# The first block's width from which the fused step measured faster than the reference on the CPU (see
+# auto_mode): SD1.5 / SDXL widths (320) yes, the 64-wide small UNet (head size 8) no.
+FUSED_CPU_MIN_WIDTH = 320
+
+
+def auto_mode(
+    unet: torch.nn.Module, device: torch.device | str | None = None, *, per_sample_adapters: bool = False
+) -> tuple[str, str]:
+    """The exact mode ``mode="auto"`` runs for this UNet on this device, and why (one sentence).
+
+    The rule follows what ``catfast bench train-step`` measured on the CPU (benchmarks/README.md): on UNets of
+    SD1.5 / SDXL width (first block >= 320 channels) the fused step is faster than the reference (1.04x on
+    SD1.5 at 512 px, 1.12x on ``sd15-narrow``); on the narrow ``small`` UNet (64 channels, head size 8, where
+    CPU attention dominates) the reference is (fused 0.84-0.87x). The fused step has not been timed on a GPU
+    yet, so the reference is the choice there, until a benchmark says otherwise. A UNet patched by
+    ``patch_unet`` (the reference refuses it) and a half-precision UNet carrying fp32 LoRA weights (peft's
+    layers would mix dtypes) run fused; a UNet the fused step cannot run (a LoRA layer it cannot row-plan,
+    gradient checkpointing without ``patch_unet``, several active adapters without per-sample adapters)
+    runs the reference. ``per_sample_adapters``: the caller names each sample's adapter (``adapters=``)."""
+    from catfast.integrations.patch import patch_report
+
+    model = _unwrap(unet)
+    if patch_report(model) is not None:
+        return "fused", "the UNet is patched for row plans (patch_unet), which only the fused step runs"
+    frozen = model.conv_in.weight.dtype
+    lora = next((p.dtype for p in model.parameters() if p.requires_grad), frozen)
+    if frozen != lora:
+        return "fused", f"{frozen} UNet with {lora} LoRA weights: only the fused step mixes them"
+    kind = torch.device(device).type if device is not None else model.conv_in.weight.device.type
+    if kind != "cpu":
+        return "reference", f"the fused step has not been measured faster than the reference on {kind}"
+    width = (getattr(getattr(model, "config", None), "block_out_channels", None) or (0,))[0]
+    if width < FUSED_CPU_MIN_WIDTH:
+        return "reference", (
+            f"on the CPU the reference step is faster for a {width}-channel UNet (fused measured 0.84-0.87x of "
+            f"it below {FUSED_CPU_MIN_WIDTH} channels)"
+        )
+    blocker = _fused_blocker(model, per_sample_adapters)
+    if blocker is not None:
+        return "reference", f"the fused step cannot run this UNet: {blocker}"
+    return "fused", f"on the CPU the fused step is faster for a {width}-channel UNet (1.04-1.12x the reference)"
+
+
+def _fused_blocker(model: torch.nn.Module, per_sample_adapters: bool) -> str | None:
+    """Why ``mode="fused"`` would refuse this unpatched UNet, or None."""
+    from peft.tuners.lora import Conv2d as PeftConv2d
+    from peft.tuners.lora import Linear as PeftLinear
+
+    from catfast.integrations.patch import _unsupported
+
+    if getattr(model, "is_gradient_checkpointing", False):
+        return "gradient checkpointing without patch_unet"
+    if not per_sample_adapters and len(model.active_adapters()) != 1:
+        return "several active adapters and no per-sample adapters"
+    slots = list(getattr(model, "peft_config", {}) or {}) if per_sample_adapters else model.active_adapters()
+    for name, module in model.named_modules():
+        if isinstance(module, (PeftLinear, PeftConv2d)):
+            reason = _unsupported(module, slots)
+            if reason is not None:
+                return f"{name}: {reason}"
+    return None
 
 
 @dataclass
@@ -49,7 +112,7 @@ def cat_loss(
     cond: Condition,
     cond_stripped: Condition,
     cat_weight: float = 1.0,
-    mode: str = "reference",
+    mode: str = "auto",
     snr_gamma: float | None = None,
     adapters: Sequence[str] | None = None,
 ) -> CatLossOutput:
@@ -63,7 +126,8 @@ def cat_loss(
       latents: clean latents z0 ``[B, C, H, W]``; noise: eps, same shape; timesteps: ``[B]`` ints.
       cond / cond_stripped: text conditions for the caption with and without the trigger word.
       cat_weight: lambda; 0 gives the plain LoRA loss.
-      mode: "reference" runs the base pass (adapter disabled, no_grad) and then the two adapter
+      mode: "auto" (the default) runs the faster exact mode for the UNet's device (``auto_mode``).
+        "reference" runs the base pass (adapter disabled, no_grad) and then the two adapter
         passes as one batched call, as a careful diffusers user would. "fused" runs all 3B rows as
         ONE UNet call with a row plan ([trigger | stripped] on the active adapter with grad, then the
         teacher rows on the base without grad) through catfast's row-planned LoRA layers; the UNet is
@@ -80,6 +144,8 @@ def cat_loss(
     if cat_weight < 0:
         raise ValueError(f"cat_weight must be >= 0, got {cat_weight}")
     model = _unwrap(unet)
+    if mode == "auto":
+        mode = auto_mode(model, per_sample_adapters=adapters is not None)[0]
     _check_batch(model, latents, noise, timesteps, cond, cond_stripped, adapters)
 
     noisy = scheduler.add_noise(latents, noise, timesteps)

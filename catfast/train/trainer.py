@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -64,6 +65,8 @@ class TrainResult:
     seconds: float
     steps_per_second: float | None
     last: dict[str, float]
+    mode: str = "reference"  # the CAT step mode that ran (config.mode, or what "auto" chose)
+    mode_reason: str = ""
     lora: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
@@ -97,7 +100,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
 def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, progress: bool) -> TrainResult:
     from catfast.integrations.models import resolve_base
-    from catfast.train.objective import cat_loss
+    from catfast.train.objective import auto_mode, cat_loss
 
     out = Path(config.out)
     ckpt_dir = out / "checkpoints"
@@ -121,9 +124,14 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
         torch.nn.Module.to(unet, weight_dtype)  # not diffusers' .to, which warns about this very cast
         for p in params.values():
             p.data = p.data.float()
+    mode, mode_reason = (config.mode, "set by the config")
+    if config.mode == "auto":  # before checkpointing is on: the trainer patches the UNet once for fused
+        mode, mode_reason = auto_mode(unet, device, per_sample_adapters=True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if config.mode == "fused":  # patched once: cat_loss would otherwise patch and unpatch every call
+    if dist.main:
+        logging.getLogger("catfast.train").info("CAT step mode %s: %s", mode, mode_reason)
+    if mode == "fused":  # patched once: cat_loss would otherwise patch and unpatch every call
         from catfast.integrations.patch import patch_unet
 
         patch_unet(unet, names)
@@ -207,7 +215,7 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
                     cond=batch["cond"],
                     cond_stripped=batch["cond_stripped"],
                     cat_weight=config.cat_weight,
-                    mode=config.mode,
+                    mode=mode,
                     snr_gamma=config.snr_gamma,
                     adapters=_adapters(adapter_of_concept, batch["concepts"]),
                 )
@@ -234,7 +242,10 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
         if not math.isfinite(values[0]) and config.mixed_precision != "fp16":
             raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({config.lr}) or check the data")
         if metrics is not None:
-            metrics.write({"step": step, **last, "lr": lr, "seconds": round(seconds, 6)})
+            record = {"step": step, **last, "lr": lr, "seconds": round(seconds, 6), "mode": mode}
+            if step == start_step + 1:  # the run's first line says why (config.mode "auto" decides per run)
+                record["mode_reason"] = mode_reason
+            metrics.write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{values[0]:.4f}", ldm=f"{values[1]:.4f}", cat=f"{values[2]:.2e}", refresh=False)
             bar.update(1)
@@ -276,7 +287,7 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
     files: dict[str, Path] = {}
     final = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
     if dist.main:
-        if config.mode == "fused":
+        if mode == "fused":
             from catfast.integrations.patch import unpatch_unet
 
             unpatch_unet(unet)
@@ -292,6 +303,8 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
         seconds=total,
         steps_per_second=rate,
         last=last,
+        mode=mode,
+        mode_reason=mode_reason,
         lora=final,
     )
 
