@@ -1,7 +1,7 @@
 """catfast: a kernel-optimized engine for LoRA adapters on Stable-Diffusion-family UNets.
 
 Public API (importing catfast loads only torch; diffusers, peft, triton and onnx load on first use):
-  cat_loss(unet, scheduler, ...)       the CAT objective, mode="auto" (default), "reference" or "fused" (one 3B-row UNet call)
+  cat_loss(unet, scheduler, ...)       the CAT objective; mode "auto" (default), "reference" or "fused" (one UNet call)
   merge_lora_ / unmerge_lora_          in-place multi-layer LoRA merge (C++ extension when built)
   read_adapter / write_adapter         LoRA safetensors in diffusers/peft and kohya formats
   RowPlan, lora_linear                 the row plan and the row-planned LoRA op (Triton or torch)
