@@ -195,10 +195,12 @@ def base_location(spec: str | os.PathLike) -> str | os.PathLike:
     """What a ``--base SPEC`` names, before anything is loaded: ``"demo"`` is the demo model shipped in
     the package (catfast/demo/assets/model, a diffusers folder); any other SPEC is returned unchanged
     (a local folder that is itself called demo: pass ``./demo``). Every command that takes a base
-    (train, cat-step, eval kps, export onnx; serving later) resolves it here."""
+    (train, cat-step, eval kps, export onnx, serve) resolves it here; the shipped files are checked against
+    their manifest first (a damaged install says so instead of failing somewhere in diffusers)."""
     if os.fspath(spec) == DEMO_BASE:
-        from catfast.demo.shipped import model_path
+        from catfast.demo.shipped import check_assets, model_path
 
+        check_assets()
         return model_path()
     return spec
 

@@ -33,12 +33,7 @@ def _load_base(base, device, dtype):
 
     if isinstance(base, BaseModel):
         model = base
-    elif base == "demo":
-        from catfast.demo.shipped import check_assets, model_path
-
-        check_assets()
-        model = load_base(model_path(), dtype=dtype or torch.float32, device=device)
-    else:
+    else:  # a diffusers folder, or "demo" (load_base resolves it)
         model = load_base(base, dtype=dtype or torch.float32, device=device)
     if model.text_encoder is None or model.vae is None:
         raise ServeError("serving needs the base model's text encoder and VAE")
