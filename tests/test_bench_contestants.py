@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 from diffusers import DDPMScheduler
 from peft import LoraConfig
+from test_fused_cat import _batch
 
 import catfast
 from catfast.cli import main
@@ -27,17 +28,6 @@ def _lora_unet(seed=0):
     return unet
 
 
-def _batch(batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        latents=torch.randn(batch, 4, 16, 16, generator=g),
-        noise=torch.randn(batch, 4, 16, 16, generator=g),
-        timesteps=torch.randint(0, 1000, (batch,), generator=g),
-        cond=torch.randn(batch, 7, 32, generator=g),
-        cond_stripped=torch.randn(batch, 7, 32, generator=g),
-    )
-
-
 def _grads(unet):
     return {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
 
@@ -46,7 +36,7 @@ def _grads(unet):
 def test_contestant_loss_and_lora_grads_equal_cat_loss(name):
     """official and ai-toolkit compute catfast's CAT loss (kohya half of it) by other routes: same loss
     terms and LoRA gradients as cat_loss's reference, the official teacher a separately built fp32 copy."""
-    unet, sched, b = _lora_unet(), DDPMScheduler(**SCHEDULER_CONFIG), _batch()
+    unet, sched, b = _lora_unet(), DDPMScheduler(**SCHEDULER_CONFIG), _batch(2)
     ref = catfast.cat_loss(unet, sched, **b, mode="reference")
     ref.total.backward()
     expected = _grads(unet)
@@ -70,7 +60,7 @@ def test_contestant_loss_and_lora_grads_equal_cat_loss(name):
 
 def test_official_snr_weighting_equals_cat_loss_min_snr():
     """The official snr_loss (epsilon) weights like cat_loss's min-SNR-gamma; the teacher holds no graph."""
-    unet, sched, b = _lora_unet(), DDPMScheduler(**SCHEDULER_CONFIG), _batch(seed=3)
+    unet, sched, b = _lora_unet(), DDPMScheduler(**SCHEDULER_CONFIG), _batch(2, seed=3)
     ref = catfast.cat_loss(unet, sched, **b, mode="reference", snr_gamma=5.0)
     c = make_contestant("official", unet, sched, lambda: build_unet("tiny", seed=0))
     out = c.loss(**b, snr_gamma=5.0)

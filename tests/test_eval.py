@@ -28,21 +28,7 @@ LOCON = TARGETS + ("conv1", "conv2", "conv", "conv_shortcut")  # kohya LoCon: 3x
 STEPS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on shared cores OpenMP's spin-waiting made this
-    file take 75 s instead of 11 s (measured on the 2-core dev machine under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    """The row-planned op's torch backend: conftest's TRITON_INTERPRET=1 would run every LoRA layer of
-    every sampler step in the Triton interpreter (minutes); the kernels have their own tests."""
-    monkeypatch.setenv("CATFAST_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
 
 
 def _base(*adapters: tuple[str, int], targets=TARGETS):

@@ -29,17 +29,7 @@ ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 LOCON = ATTN + ("conv1", "conv2", "proj_in", "time_emb_proj")  # 3x3 convs, 1x1 / linear projections
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("CATFAST_BACKEND", "torch")  # the Triton kernels have their own interpreter tests
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
 
 
 @pytest.fixture(scope="module")

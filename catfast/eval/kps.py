@@ -1,8 +1,8 @@
 """Knowledge Preservation Score (KPS) of an adapter: does it keep the base model's behaviour without its
 trigger, and produce its concept with it?
 
-The paper's exact formula was not retrieved (shared/reference/cat-method.md §1.4); this is the
-provisional engine definition suggested there, built from the verified description (CLIP embeddings,
+The paper's exact formula was not retrieved (the CAT paper, arXiv 2404.07554, describes KPS in words); this is a
+provisional engine definition, built from the verified description (CLIP embeddings,
 harmonic-mean aggregation) and the CAT repo's similarity helpers:
 
 For every prompt p (a class prompt WITHOUT the trigger) and seed s, three images from the same initial
