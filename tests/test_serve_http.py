@@ -225,6 +225,7 @@ def test_corrupt_or_pickled_adapter_fails_alone(client, folder, tmp_path):
     (folder / "truncated.safetensors").write_bytes((folder / "toy-box.safetensors").read_bytes()[:5000])
     (folder / "empty.safetensors").write_bytes(b"")
     before = client.get("/v1/adapters").json()["data"]
+    assert {a["format"] for a in before} == {"diffusers"}  # one name per format, as `catfast adapter info` says
     for name in ("pickled", "truncated", "empty"):
         r = client.post("/v1/adapters", json={"name": name})
         assert r.status_code == 422, r.text

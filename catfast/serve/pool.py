@@ -32,9 +32,9 @@ from catfast.serve.errors import AdapterLoadError, UnknownAdapter
 
 @dataclass
 class AdapterInfo:
-    """A registered adapter: its file, format ("peft", "diffusers", "kohya"), rank and alpha (the most
-    common over its layers), the module kinds it targets (to_q, conv1, ...) and whether it is on the
-    device now."""
+    """A registered adapter: its file, format ("diffusers" or "kohya", the names `catfast adapter info`
+    uses), rank and alpha (the most common over its layers), the module kinds it targets (to_q, conv1, ...)
+    and whether it is on the device now."""
 
     name: str
     path: str
@@ -96,6 +96,7 @@ class AdapterPool:
     def read_file(self, path: str | os.PathLike) -> tuple[dict, dict]:
         """Parse and check an adapter file against the UNet: (layers, meta). AdapterLoadError for a file
         that is missing, corrupt, in an unknown format, or made for another model. Lock-free."""
+        from catfast.adapters.adapter import format_name
         from catfast.adapters.formats import read_adapter
         from catfast.adapters.merge import resolve_targets
 
@@ -130,7 +131,7 @@ class AdapterPool:
                 key = name if component == "unet" else f"{component}:{name}"
                 layers[key] = (layer.down, layer.up, layer.scale)
         meta = {
-            "format": adapter.source_format,
+            "format": format_name(adapter.source_format),
             "rank": int(most_common([v.rank for v in unet_layers.values()])),
             "alpha": float(most_common([v.alpha for v in unet_layers.values()])),
             "kinds": adapter.describe()["targets"],
