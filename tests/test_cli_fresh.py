@@ -46,15 +46,6 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data") / "stars")
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    monkeypatch.setenv("CATFAST_BACKEND", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _adapter(seed: int = 0, rank: int = 2) -> LoraAdapter:
     """A small random adapter (B nonzero) on one tiny-UNet attention projection."""
     g = torch.Generator().manual_seed(seed)

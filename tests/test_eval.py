@@ -28,7 +28,7 @@ LOCON = TARGETS + ("conv1", "conv2", "conv", "conv_shortcut")  # kohya LoCon: 3x
 STEPS = 2
 
 
-pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base(*adapters: tuple[str, int], targets=TARGETS):

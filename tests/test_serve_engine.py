@@ -29,7 +29,7 @@ ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 LOCON = ATTN + ("conv1", "conv2", "proj_in", "time_emb_proj")  # 3x3 convs, 1x1 / linear projections
 
 
-pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

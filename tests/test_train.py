@@ -59,15 +59,6 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data") / "stars")
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    monkeypatch.setenv("CATFAST_BACKEND", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cli(*args, timeout=180):
     return subprocess.Popen(
         [sys.executable, "-m", "catfast.cli", "train", *map(str, args), "--no-progress"],

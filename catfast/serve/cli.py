@@ -35,13 +35,10 @@ def build_app(
     timeout: float = 300.0,
 ):
     """(engine, app) for the options of ``catfast serve``; the engine is started."""
-    from catfast.serve.engine import Engine
+    from catfast.serve.engine import Engine, default_adapters_dir
     from catfast.serve.http import create_app
 
-    if adapters is None and base == "demo":
-        from catfast.demo.adapters import adapters_dir
-
-        adapters = str(adapters_dir())
+    adapters = default_adapters_dir(base, adapters)
     if adapters is not None and not os.path.isdir(adapters):
         raise CatfastError(f"{adapters}: --adapters must be an existing folder of .safetensors files")
     engine = Engine(

@@ -28,6 +28,16 @@ MAX_STEPS = 150
 MAX_N = 8
 
 
+def default_adapters_dir(base, adapters_dir):
+    """``adapters_dir``, or the shipped demo adapters when serving the shipped demo model without a folder
+    (what ``catfast serve`` and the Ray deployment serve by default)."""
+    if adapters_dir is None and base == "demo":
+        from catfast.demo.adapters import adapters_dir as shipped
+
+        return str(shipped())
+    return adapters_dir
+
+
 def _load_base(base, device, dtype):
     from catfast.integrations.models import BaseModel, load_base
 

@@ -71,12 +71,9 @@ class CatfastDeployment:
     ):
         from pathlib import Path
 
-        from catfast.serve.engine import Engine
+        from catfast.serve.engine import Engine, default_adapters_dir
 
-        if adapters_dir is None and base == "demo":
-            from catfast.demo.adapters import adapters_dir as shipped
-
-            adapters_dir = str(shipped())
+        adapters_dir = default_adapters_dir(base, adapters_dir)
         self.adapters_dir = None if adapters_dir is None else Path(adapters_dir)
         # adapters are registered on demand (multiplexing), not all at start: no adapters_dir for the engine
         self.engine = Engine(
