@@ -10,6 +10,8 @@ _BUILD_INFO = Path(__file__).with_name("_build_info.json")
 
 
 def _load():
+    import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against: importing _C first fails)
+
     try:
         from catfast import _C
     except ImportError as e:
@@ -17,8 +19,6 @@ def _load():
         if info and not info.get("built"):
             return None, f"not built: {info.get('reason', 'unknown reason')}"
         if info and info.get("built"):
-            import torch
-
             return None, f"built for torch {info.get('torch')} but failed to load under torch {torch.__version__}: {e}"
         return None, f"not built (no build record; install with `pip install --no-build-isolation .`): {e}"
     return _C, None

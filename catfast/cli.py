@@ -588,9 +588,18 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
     help="bf16 autocast for every entry (auto: where the device supports it).",
 )
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS, one process per entry (CPU).")
+@click.option(
+    "--compile/--no-compile",
+    "compile_reference",
+    default=False,
+    show_default=True,
+    help="Also time the reference step through torch.compile (minutes of compiling at SD1.5 size).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
-def bench_train_step_command(model, batch, steps, rank, dtype, targets, against, mixed_precision, memory, as_json):
+def bench_train_step_command(
+    model, batch, steps, rank, dtype, targets, against, mixed_precision, memory, compile_reference, as_json
+):
     """catfast's CAT step modes against today's CAT steps (official CAT, ai-toolkit and kohya DOP),
     interleaved in one process: time, FLOPs and their share of the GEMM rate, memory, parity."""
     from catfast.train.bench_step import bench_train_step
@@ -606,6 +615,7 @@ def bench_train_step_command(model, batch, steps, rank, dtype, targets, against,
         against=check_names(against.split(",")),
         mixed_precision=mixed_precision,
         memory=memory,
+        compile_reference=compile_reference,
     )
     if as_json:
         click.echo(json.dumps(result))

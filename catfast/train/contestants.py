@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from catfast.train.objective import CatLossOutput, compute_snr
+from catfast.train.objective import _predict as predict_cast
 
 CONTESTANTS = ("official", "ai-toolkit", "kohya")
 
@@ -100,8 +101,8 @@ def _snr_loss(snr_gamma, pred, target, scheduler, timesteps):
 
 
 def _call(unet, noisy, timesteps, cond):
-    dtype = unet.conv_in.weight.dtype
-    return unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample
+    """The UNet's prediction with inputs cast to its weights' dtype (SDXL conditions are dicts)."""
+    return predict_cast(unet, noisy, timesteps, cond)
 
 
 def official_loss(
