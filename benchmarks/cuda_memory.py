@@ -2,13 +2,14 @@
 6, 8, 12 and 24 GB card, and catfast's steps against the official CAT step.
 
 Per configuration (model at its native size: SD1.5 at 512 px, SDXL at 1024 px; batch 1; LoRA rank r on the
-attention projections; gradient checkpointing off/on) and per step (catfast's fused and reference CAT steps,
-the official CAT step with its second fp32 UNet), a fresh UNet is built directly on the GPU in bf16 with random
-weights, the LoRA parameters in fp32 with AdamW under bf16 autocast, as ``catfast train --mixed-precision bf16``
-sets it up (the fused step on a UNet patched once, as the trainer does). Full steps (loss, backward, optimizer
-step) run: two warm-ups, then ``--steps`` timed ones (median). The peak of ``torch.cuda.max_memory_allocated``
-over the timed steps is reported with everything resident (weights, the official teacher copy, LoRA state,
-activations). Allocator reserve above that and the CUDA context (about 0.5 GiB) come on top on a real card.
+attention projections; gradient checkpointing off/on) and per step (catfast's fused CAT step on its Triton
+kernels and on cuBLAS GEMMs (``fused-torch``), its reference step, the official CAT step with its second fp32
+UNet), a fresh UNet is built directly on the GPU in bf16 with random weights, the LoRA parameters in fp32 with
+AdamW under bf16 autocast, as ``catfast train --mixed-precision bf16`` sets it up (the fused step on a UNet
+patched once, as the trainer does). Full steps (loss, backward, optimizer step) run: two warm-ups, then
+``--steps`` timed ones (median). The peak of ``torch.cuda.max_memory_allocated`` over the timed steps is
+reported with everything resident (weights, the official teacher copy, LoRA state, activations). Allocator
+reserve above that and the CUDA context (about 0.5 GiB) come on top on a real card.
 One JSON line per configuration; ``--profile`` adds one line per step with the top CUDA kernels and the
 host-device synchronisations of one step.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 
@@ -77,7 +79,7 @@ def _setup(model: str, rank: int, ckpt: bool, step: str):
     for p in lora:
         p.data = p.data.float()
         p.requires_grad_(True)
-    if step == "fused":  # patched once, before checkpointing is on, as catfast.train does
+    if step.startswith("fused"):  # patched once, before checkpointing is on, as catfast.train does
         patch_unet(unet)
     if ckpt:
         unet.enable_gradient_checkpointing()
@@ -87,7 +89,21 @@ def _setup(model: str, rank: int, ckpt: bool, step: str):
     if step == "official":
         contestant = make_contestant("official", unet, sched, lambda: _unet(model, torch.float32))
         return unet, lora, lambda: contestant.loss(**args)
+    if step == "fused-torch":  # the row-planned layers on cuBLAS GEMMs instead of catfast's Triton kernels
+        return unet, lora, lambda: _with_backend("torch", lambda: cat_loss(unet, sched, **args, mode="fused"))
     return unet, lora, lambda: cat_loss(unet, sched, **args, mode=step)
+
+
+def _with_backend(name: str, fn):
+    old = os.environ.get("CATFAST_BACKEND")
+    os.environ["CATFAST_BACKEND"] = name
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["CATFAST_BACKEND"]
+        else:
+            os.environ["CATFAST_BACKEND"] = old
 
 
 def _one_step(loss_fn, opt) -> None:
@@ -169,7 +185,7 @@ def main() -> None:
         ranks = a.sdxl_ranks if model == "sdxl" else a.ranks
         for rank in (int(r) for r in ranks.split(",")):
             for ckpt in (False, True):
-                for step in ("fused", "reference", "official"):
+                for step in ("fused", "fused-torch", "reference", "official"):
                     profile = a.profile and model == "sd15" and rank == 16 and not ckpt
                     try:
                         got = measure(model, rank, ckpt, step, a.steps, profile)
