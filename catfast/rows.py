@@ -1,5 +1,5 @@
 """The row plan: for every sample (batch row) of one UNet call, which adapter slot it uses (or none),
-with what scale, and whether it needs gradients (DESIGN.md, "The one idea").
+with what scale, and whether it needs gradients (docs/design.md, "The one idea").
 
 Every row-aware LoRA layer reads the plan of the current call and computes, for sample n,
   Y[n] = X[n] W^T + b + scale[n] * (X[n] A[slot[n]]^T) B[slot[n]]^T     (no LoRA term where slot[n] = NO_ADAPTER)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-# Floors added to the "at most twice torch's own error" rule (DESIGN.md, rule 2).
+# Floors added to the "at most twice torch's own error" rule (docs/design.md, "Adding a kernel").
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 

@@ -198,7 +198,7 @@ def test_bad_input_fails_before_any_kernel():
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_no_wasted_teacher_work(batch, monkeypatch):
-    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (DESIGN.md)."""
+    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (docs/design.md)."""
     from contextlib import nullcontext
 
     from catfast.train.bench_step import _loss_fns, _measure_once, _setup

@@ -239,7 +239,7 @@ def kps_eval(
             else "mean sim(adapter with trigger, the other trigger images) (identity consistency)",
             "aggregate": f"{aggregate_with} mean over (prompt, seed); kps = {aggregate_with} mean of "
             "preservation and identity; prompt similarity: arithmetic mean",
-            "provisional": "engine definition from cat-method.md 1.4, not the CAT paper's formula",
+            "provisional": "engine definition from docs/method.md section 3, not the CAT paper's formula",
         },
         "settings": {
             "trigger": trigger,

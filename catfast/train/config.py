@@ -1,7 +1,7 @@
 """`TrainConfig`: every option of `catfast train`, with the CAT paper's defaults, loaded from a TOML,
 YAML or JSON file and overridden by command-line flags.
 
-Defaults follow the official CAT configs (cat-method.md §1.3): LoRA on to_q/to_k/to_v/to_out.0 of
+Defaults follow the official CAT configs (docs/method.md, §1): LoRA on to_q/to_k/to_v/to_out.0 of
 every attention, rank 1 with alpha = rank, AdamW lr 1e-4 (betas 0.9/0.999, eps 1e-8, weight decay
 1e-2), constant lr, batch 1, seed 42, cat_weight 1.0, random crop + flip, clip norm 1.0 (applied to
 the LoRA parameters), 900 steps with a checkpoint every 150.

@@ -1,6 +1,6 @@
 """The CAT objective (Contrastive Adapter Training, arXiv 2404.07554), as a function of one batch.
 
-Semantics (DESIGN.md, "The CAT objective"), for B samples sharing z0, eps and t:
+Semantics (docs/method.md, §1), for B samples sharing z0, eps and t:
   z_t    = scheduler.add_noise(z0, eps, t)
   target = eps (epsilon models) or scheduler.get_velocity(z0, eps, t) (v-prediction)
   L_LDM  = mse(unet_{W+dW}(z_t, t, c ), target)                      adapter, trigger caption

@@ -486,7 +486,7 @@ def _lr_lambda(config: TrainConfig):
 
 
 def _timestep_probs(config: TrainConfig, scheduler) -> torch.Tensor | None:
-    """None for uniform timesteps; for Diff-Tuning's chain of forgetting (cat-method.md §2.2), the
+    """None for uniform timesteps; for Diff-Tuning's chain of forgetting (docs/method.md, §2), the
     categorical P(t) proportional to (t + 1) ** timestep_power over the scheduler's T training steps:
     noisy timesteps, where the base model's knowledge transfers least, are trained most. Both CAT terms
     share each sample's t, as the CAT loss requires."""
