@@ -549,7 +549,7 @@ def bench() -> None:
 def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
     """UNet latency in ONNX Runtime (each provider that starts here; merged and adapter inputs) against
     PyTorch with the same merged weights."""
-    from catfast.export.bench import bench_onnx
+    from catfast.bench.onnx import bench_onnx
 
     result = bench_onnx(model, reps=reps, batch=batch, rank=rank, log=(lambda s: None) if as_json else click.echo)
     if as_json:
@@ -570,7 +570,7 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option(
     "--targets",
-    default="to_q,to_k,to_v,to_out.0",  # the CAT paper's targets (bench_step.TARGETS)
+    default="to_q,to_k,to_v,to_out.0",  # the CAT paper's targets (factory.ATTENTION_PROJECTIONS)
     show_default=True,
     help="LoRA target modules, comma-separated (add conv1,conv2,conv,conv_shortcut for kohya LoCon).",
 )
@@ -593,8 +593,8 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
 def bench_train_step_command(model, batch, steps, rank, dtype, targets, against, mixed_precision, memory, as_json):
     """catfast's CAT step modes against today's CAT steps (official CAT, ai-toolkit and kohya DOP),
     interleaved in one process: time, FLOPs and their share of the GEMM rate, memory, parity."""
-    from catfast.train.bench_step import bench_train_step
-    from catfast.train.contestants import check_names
+    from catfast.bench.contestants import check_names
+    from catfast.bench.train_step import bench_train_step
 
     result = bench_train_step(
         model,
@@ -648,7 +648,7 @@ def bench_serve_command(
 ) -> None:
     """The serving engine against diffusers on the same model, interleaved: adapter switch latency, one
     step with N distinct adapters in the batch, and throughput of mixed-adapter requests."""
-    from catfast.serve.bench import bench_serve
+    from catfast.bench.serve import bench_serve
 
     def counts(text: str, what: str) -> list[int]:
         try:

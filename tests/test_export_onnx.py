@@ -21,7 +21,6 @@ from click.testing import CliRunner
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.numpy import load_file
-from test_adapter_formats import random_adapter
 
 from catfast.adapters import merge_adapter_, write_adapter
 from catfast.cli import main
@@ -38,7 +37,7 @@ from catfast.export.onnx import TOLERANCE, AdapterSpec, ExportError, UNetGraph, 
 from catfast.export.runner import DDIM, OnnxPipeline, RunnerError, save_png
 from catfast.integrations.factory import build_unet, init_model_folder
 from catfast.integrations.models import load_base
-from catfast.testing import assert_rel_close, rel_err
+from catfast.testing import assert_rel_close, random_adapter, rel_err
 
 FP32 = TOLERANCE["fp32"]  # 1e-4 relative, the bound
 ALL = ["unet", "text_encoder", "vae_decoder"]
@@ -417,7 +416,7 @@ def test_export_cli_one_line_errors_and_spec_parsing(tiny, tmp_path):
 
 
 def test_bench_reports_times_and_parity():
-    from catfast.export.bench import bench_onnx
+    from catfast.bench.onnx import bench_onnx
 
     r = bench_onnx("tiny", reps=1)
     assert r["median_ms"]["torch"] > 0 and r["median_ms"]["ort:CPUExecutionProvider:merged"] > 0

@@ -14,6 +14,7 @@ import torch
 
 from catfast.errors import CatfastError
 from catfast.integrations.row_call import planned_unet
+from catfast.integrations.schedulers import sampling_scheduler
 from catfast.rows import NO_ADAPTER, RowPlan
 
 
@@ -77,8 +78,6 @@ def sample_images(
 @torch.no_grad()
 def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, progress) -> list:
     """One sampler run over len(prompts) samples; slots None = unpatched UNet (base rows only)."""
-    from diffusers import DDIMScheduler
-
     unet = call.unet
     n, device, dtype = len(prompts), unet.device, unet.dtype
     factor = base.vae_scale_factor
@@ -93,7 +92,7 @@ def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, 
     latents = torch.cat(
         [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
     ).to(device)
-    scheduler = DDIMScheduler.from_config(base.scheduler.config)
+    scheduler = sampling_scheduler("DDIMScheduler", base.scheduler.config)
     scheduler.set_timesteps(steps, device=device)
     latents = latents * scheduler.init_noise_sigma
     order, identical = _row_order(slots, cfg)

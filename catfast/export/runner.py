@@ -22,6 +22,7 @@ import numpy as np
 
 from catfast.errors import CatfastError, ModelLoadError
 from catfast.export.onnx import read_manifest
+from catfast.integrations.tokenizer import load_tokenizer
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "DmlExecutionProvider", "CPUExecutionProvider")
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -186,8 +187,6 @@ class OnnxPipeline:
     def load(cls, model_dir: str | os.PathLike, provider: str | None = None) -> OnnxPipeline:
         import json
 
-        from transformers import CLIPTokenizer
-
         folder = Path(model_dir)
         manifest = read_manifest(folder)
         missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in manifest["components"]]
@@ -201,7 +200,7 @@ class OnnxPipeline:
                 raise ModelLoadError(f"{folder}: {name} is missing")
         chosen = pick_provider(provider)
         sessions = {c: session(folder / manifest["components"][c]["file"], chosen) for c in manifest["components"]}
-        tokenizer = CLIPTokenizer.from_pretrained(folder / manifest["tokenizer"], local_files_only=True)
+        tokenizer = load_tokenizer(folder / manifest["tokenizer"])
         config = json.loads((folder / manifest["scheduler"]).read_text())
         return cls(folder, manifest, chosen, sessions, tokenizer, config)
 

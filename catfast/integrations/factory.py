@@ -246,9 +246,9 @@ def _vae(name: str, seed: int):
 
 
 def _scheduler():
-    from diffusers import DDPMScheduler
+    from catfast.integrations.schedulers import training_scheduler
 
-    return DDPMScheduler(**SCHEDULER_CONFIG)
+    return training_scheduler()
 
 
 def _component_makers(name: str, seed: int) -> dict:
@@ -280,12 +280,17 @@ def build_base(name: str, *, seed: int = 0):
 
 
 def _model_index(name: str) -> dict:
-    """diffusers' model_index.json for the named model, as StableDiffusion(XL)Pipeline.save_pretrained
+    """diffusers' model_index.json for the named model (``model_index``)."""
+    return model_index(xl=_is_xl(name))
+
+
+def model_index(*, xl: bool = False) -> dict:
+    """diffusers' model_index.json of a Stable Diffusion (XL) folder, as StableDiffusion(XL)Pipeline.save_pretrained
     writes it (no safety checker, no feature extractor)."""
-    import diffusers
+    import diffusers  # lazy: diffusers
 
     index = {
-        "_class_name": "StableDiffusionXLPipeline" if _is_xl(name) else "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
@@ -295,7 +300,7 @@ def _model_index(name: str) -> dict:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if _is_xl(name):
+    if xl:
         index.update(
             text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
             tokenizer_2=["transformers", "CLIPTokenizer"],
@@ -336,3 +341,50 @@ def init_model_folder(name: str, out_dir: str | os.PathLike, *, seed: int = 0, o
             del component
         (tmp / "model_index.json").write_text(json.dumps(_model_index(name), indent=2) + "\n")
     return out
+
+
+def build_components(unet_config: dict, vae_config: dict, text_config, *, seed: int = 0) -> dict:
+    """Untrained SD1-style components from configs, in diffusers' model_index naming (fp32, seeded: text
+    encoder ``seed``, VAE ``seed + 1``, UNet ``seed + 2``), with catfast's offline tokenizer and the training
+    scheduler. ``text_config``: a transformers CLIPTextConfig (``clip_text_config``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # lazy: diffusers
+    from transformers import CLIPTextModel  # lazy: transformers
+
+    from catfast.integrations.schedulers import training_scheduler
+    from catfast.integrations.tokenizer import build_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config).eval().requires_grad_(False)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**vae_config)
+        torch.manual_seed(seed + 2)
+        unet = UNet2DConditionModel(**unet_config)
+    tokenizer, scheduler = build_tokenizer(), training_scheduler()
+    return dict(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, scheduler=scheduler)
+
+
+def save_components(parts: dict, folder: Path, *, dtype: torch.dtype = torch.float16) -> None:
+    """Write SD1-style components (``build_components``' keys) as a diffusers folder: ``dtype`` safetensors
+    weights (the models are left in fp32), tokenizer, scheduler, model_index.json."""
+    for name in ("unet", "vae", "text_encoder"):
+        # nn.Module.to: diffusers' own .to warns about casting to half (the folder loads as fp32 or any dtype)
+        torch.nn.Module.to(parts[name], dtype).save_pretrained(folder / name, safe_serialization=True)
+        torch.nn.Module.to(parts[name], torch.float32)
+    _save_component("tokenizer", parts["tokenizer"], folder / "tokenizer")
+    parts["scheduler"].save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection: the CAT paper's targets
+
+
+def attention_weight_shapes(name: str) -> list[tuple[int, int]]:
+    """[out, in] of every to_q/to_k/to_v/to_out.0 Linear of the named model's UNet (built on the meta
+    device: no memory, no time)."""
+    from diffusers import UNet2DConditionModel  # lazy: diffusers
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config(name))
+    suffixes = tuple("." + t for t in ATTENTION_PROJECTIONS)
+    return [tuple(m.weight.shape) for n, m in unet.named_modules() if n.endswith(suffixes)]

@@ -102,6 +102,13 @@ def extract_adapter(model: torch.nn.Module, adapter_name: str = "default", compo
     return LoraAdapter(layers=layers, source_format="memory")
 
 
+def peft_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every peft LoRA layer (``peft.tuners.lora.LoraLayer``: Linear, Conv2d, ...) of ``model``, in module order."""
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer  # lazy: peft
+
+    return [m for m in model.modules() if isinstance(m, PeftLoraLayer)]
+
+
 def add_lora(
     model: torch.nn.Module,
     *,
@@ -125,3 +132,17 @@ def add_lora(
         adapter_name=adapter_name,
     )
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def randomize_lora_(module: torch.nn.Module, *, seed: int = 0, std: float = 0.1) -> int:
+    """Fill every peft ``lora_A``/``lora_B`` weight with seeded N(0, std^2) values; returns how many."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    for name, p in module.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            count += 1
+    if count == 0:
+        raise ValueError("no peft LoRA parameters found to randomise")
+    return count

@@ -23,7 +23,10 @@ from collections.abc import Sequence
 import torch
 
 from catfast.errors import CatfastError
+from catfast.ops.grad_rows import keep_grad_rows
 from catfast.rows import NO_ADAPTER, RowPlan
+
+__all__ = ["PlannedUnet", "keep_grad_rows", "planned_unet", "run_segmented", "unplannable"]
 
 
 class PlannedUnet:

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from catfast.integrations.schedulers import sampling_scheduler
 from catfast.ops.segmented import Segment, SegmentPlan
 from catfast.serve.errors import AdapterLoadError, QueueFull, RequestTimeout, ServeError
 from catfast.serve.pool import AdapterPool, Entry
-from catfast.serve.requests import Event, GenerationRequest, RequestHandle
+from catfast.serve.requests import SCHEDULERS, Event, GenerationRequest, RequestHandle
 
 
 @dataclass
@@ -188,10 +189,6 @@ class StepScheduler:
     @torch.no_grad()
     def start(self, job: Job) -> None:
         """Encode the prompts, draw the initial noise and set up the job's own diffusers scheduler."""
-        import diffusers
-
-        from catfast.serve.requests import SCHEDULERS
-
         base, unet = self.base, self.base.unet
         device, dtype = unet.device, unet.dtype
         req = job.request
@@ -203,7 +200,7 @@ class StepScheduler:
         # diffusers' prepare_latents with one CPU generator: what the pipeline draws for
         # num_images_per_prompt=n and generator=torch.Generator().manual_seed(seed)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(job.seed), dtype=dtype).to(device)
-        scheduler = getattr(diffusers, SCHEDULERS[req.scheduler]).from_config(base.scheduler.config)
+        scheduler = sampling_scheduler(SCHEDULERS[req.scheduler], base.scheduler.config)
         scheduler.set_timesteps(req.steps, device=device)
         job.latents = latents * scheduler.init_noise_sigma
         job.scheduler, job.timesteps = scheduler, scheduler.timesteps

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,13 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 
 from catfast.adapters.adapter import LoraAdapter, LoraLayer, layer_key
 from catfast.adapters.merge import merge_adapter_
+from catfast.bench.measure import cpu_name, flop_counter, git_commit
 from catfast.export.onnx import AdapterSpec, export_onnx
 from catfast.export.runner import session, usable_providers
+from catfast.integrations.factory import ATTENTION_PROJECTIONS, build_base
 
-TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
+TARGETS = tuple("." + t for t in ATTENTION_PROJECTIONS)
 
 
 def attention_adapter(unet: torch.nn.Module, rank: int = 8, alpha: float = 6.0, seed: int = 0) -> LoraAdapter:
@@ -47,22 +48,6 @@ def attention_adapter(unet: torch.nn.Module, rank: int = 8, alpha: float = 6.0, 
     return LoraAdapter(layers)
 
 
-def _git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
-    return r.stdout.strip() or "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def bench_onnx(
     model: str = "tiny",
     *,
@@ -75,7 +60,6 @@ def bench_onnx(
 ) -> dict:
     """Build the named random-weight model, export it twice (merged, adapter inputs), time every contestant
     ``reps`` times interleaved after one warm-up round; one JSON-able dict with medians, ratios and parity."""
-    from catfast.integrations.factory import build_base
 
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -93,8 +77,6 @@ def bench_onnx(
             "adapter_inputs": inputs["components"]["unet"]["validation"]["max_rel_err"],
         }
         merge_adapter_(unet, adapter, "unet")  # torch contestant: the same merged weights
-        from safetensors.numpy import load_file
-
         feeds = load_file(Path(tmp) / "inputs" / inputs["adapters"][0]["weights"]["unet"]["safetensors"])
         g = torch.Generator().manual_seed(0)
         s = unet.config.sample_size
@@ -125,7 +107,6 @@ def bench_onnx(
                 contestants[f"ort:{provider}:{mode}"] = lambda sess=sess, extra=extra: sess.run(
                     None, {**np_in, **extra}
                 )
-        from catfast.testing import flop_counter
 
         with flop_counter() as flops:
             want = torch_run().double().numpy()
@@ -143,12 +124,12 @@ def bench_onnx(
                 if rep:
                     times[name].append((time.perf_counter() - t0) * 1e3)
     median = {name: round(statistics.median(v), 2) for name, v in times.items()}
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: onnxruntime
 
     result = {
         "bench": "onnx",
         "model": model,
-        "device": f"cpu ({_cpu_name()}, {threads} threads)",
+        "device": f"cpu ({cpu_name()}, {threads} threads)",
         "providers": providers,
         "dtype": "fp32",
         "shapes": {"sample": list(x.shape), "timestep": list(t.shape), "encoder_hidden_states": list(c.shape)},
@@ -164,7 +145,7 @@ def bench_onnx(
         "export_rel_err": errors,
         "timed_rel_err_vs_torch": parity,
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
-        "git": _git_commit(),
+        "git": git_commit() or "unknown",
         "cpu_count": os.cpu_count(),
     }
     return result
