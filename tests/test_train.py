@@ -290,7 +290,9 @@ def test_lr_schedules_and_timestep_distributions():
     from diffusers import DDPMScheduler
 
     from catfast.integrations.factory import SCHEDULER_CONFIG
-    from catfast.train.trainer import _lr_lambda, _sample_timesteps, _timestep_probs
+    from catfast.train.schedules import lr_lambda as _lr_lambda
+    from catfast.train.schedules import sample_timesteps as _sample_timesteps
+    from catfast.train.schedules import timestep_probs as _timestep_probs
 
     base = dict(base="b", out="o", data="d", trigger="t", steps=10, warmup_steps=2)
     factors = {
