@@ -23,8 +23,9 @@ from catfast.adapters.adapter import LoraAdapter, LoraLayer
 from catfast.adapters.formats import read_adapter
 from catfast.cli import DEMO_TIME, main
 from catfast.errors import AdapterFormatError, CatfastError
-from catfast.export.onnx import AdapterSpec, ExportError, _errors
+from catfast.export.onnx import AdapterSpec, ExportError
 from catfast.export.runner import RunnerError, run_onnx, save_png
+from catfast.export.validate import _errors
 from catfast.folders import write_atomic
 from catfast.integrations.factory import init_model_folder
 from catfast.integrations.models import base_location

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 from catfast.adapters import merge_adapter_, write_adapter
 from catfast.cli import main
 from catfast.errors import AdapterShapeError, ModelLoadError
+from catfast.export import graphs as export_graphs
 from catfast.export import onnx as export_mod
 from catfast.export.adapter_inputs import (
     LoraInputLayer,
@@ -442,7 +443,7 @@ def test_per_tensor_external_files_are_gathered_into_one(tmp_path):
     raw.mkdir()
     onnx.save_model(model, str(raw / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
     assert sorted(p.name for p in raw.iterdir()) == ["model.onnx", "w"]  # b (256 bytes) stays inline
-    data = export_mod._finalize(raw, tmp_path / "out" / "model.onnx", 0, {})
+    data = export_graphs._finalize(raw, tmp_path / "out" / "model.onnx", 0, {})
     assert data == "model.onnx.data" and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", data]
     assert not raw.exists()
     onnx.checker.check_model(str(tmp_path / "out" / "model.onnx"))

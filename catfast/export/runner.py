@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from catfast.errors import CatfastError, ModelLoadError
-from catfast.export.onnx import read_manifest
+from catfast.export.manifest import read_manifest
 from catfast.integrations.tokenizer import load_tokenizer
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "DmlExecutionProvider", "CPUExecutionProvider")
