@@ -19,7 +19,7 @@ from catfast.adapters import (
     write_adapter,
 )
 from catfast.adapters.adapter import layer_key
-from catfast.adapters.formats import kohya_to_path, sgm_to_diffusers_stem
+from catfast.adapters.kohya_names import kohya_to_path, sgm_to_diffusers_stem
 from catfast.errors import AdapterFormatError, AdapterShapeError, CatfastError
 from catfast.integrations.factory import build_unet, unet_config
 from catfast.testing import RTOL, SGM_SDXL, assert_rel_close, assert_same_layers, random_adapter, snapshot, unet_inputs
