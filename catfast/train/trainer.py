@@ -35,7 +35,8 @@ from catfast.errors import CatfastError
 from catfast.integrations.models import resolve_base
 from catfast.integrations.patch import patch_unet, unpatch_unet
 from catfast.integrations.peft_adapters import add_lora
-from catfast.train.cache import batch_order, build_cache, collate
+from catfast.train.batches import BatchStream, collate_batch
+from catfast.train.cache import build_cache
 from catfast.train.checkpoint import (
     TrainState,
     capture_rng,
@@ -198,7 +199,7 @@ class _Run:
         total seconds and the optimizer steps per second after the first step, without checkpoints and
         sampling (None for a one-step run)."""
         config = self.config
-        self.batches = _BatchStream(self.dataset, config.batch_size * self.dist.world, config.seed, self.epoch,
+        self.batches = BatchStream(self.dataset, config.batch_size * self.dist.world, config.seed, self.epoch,
                                     self.batch_index)  # fmt: skip
         bar = None
         if progress:
@@ -234,7 +235,7 @@ class _Run:
         stats = torch.zeros(3, device=self.device)
         for micro in range(config.grad_accum):
             keys, start, n, count = self.batches.next_shard(dist)
-            batch = _collate(self.dataset, keys, self.device, self.weight_dtype)
+            batch = collate_batch(self.dataset, keys, self.device, self.weight_dtype)
             # drawn for the whole global batch on every rank: W processes compute what one would
             mine = slice(start, start + len(keys))
             noise = torch.randn((n, *batch["latents"].shape[1:]), generator=self.noise_gen)[mine]
@@ -416,51 +417,3 @@ def _load_lora(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Ten
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-class _BatchStream:
-    """Walks ``batch_order(dataset, global_batch, seed, epoch)`` epoch after epoch. The position
-    (``epoch``, ``index``) names the next global batch; checkpoints store it."""
-
-    def __init__(self, dataset, global_batch: int, seed: int, epoch: int, index: int):
-        self.dataset, self.global_batch, self.seed = dataset, global_batch, seed
-        self.epoch, self.index = epoch, index
-        self.order = self._order(epoch)
-
-    def _order(self, epoch: int):
-        return batch_order(self.dataset, self.global_batch, self.seed, epoch)
-
-    def next_shard(self, dist: Dist) -> tuple[list, int, int, int]:
-        """(keys to compute, their offset in the next global batch, the global batch size, how many of
-        the keys count). A rank's share is contiguous; a rank left without samples (a short last batch)
-        computes the batch's first sample with weight 0, since every DDP rank must run each step."""
-        if self.index >= len(self.order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self.order = self._order(self.epoch)
-        keys = [tuple(k) for k in self.order[self.index]]
-        self.index += 1
-        n = len(keys)
-        sizes = [n // dist.world + (1 if r < n % dist.world else 0) for r in range(dist.world)]
-        start, count = sum(sizes[: dist.rank]), sizes[dist.rank]
-        if count == 0:
-            return keys[:1], 0, n, 0
-        return keys[start : start + count], start, n, count
-
-
-def _collate(dataset, keys, device, dtype) -> dict:
-    batch = collate([dataset[k] for k in keys])
-    return {
-        "latents": batch["latents"].to(device, non_blocking=True),
-        "cond": _to(batch["cond"], device, dtype),
-        "cond_stripped": _to(batch["cond_stripped"], device, dtype),
-        "concepts": batch["concepts"],
-    }
-
-
-def _to(cond, device, dtype):
-    if isinstance(cond, torch.Tensor):
-        return cond.to(device, dtype, non_blocking=True)
-    return {k: _to(v, device, dtype) for k, v in cond.items()} if isinstance(cond, dict) else cond
