@@ -11,12 +11,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FOUNDATION = {"errors", "folders", "rows", "env", "_ext"}
+FOUNDATION = {"errors", "folders", "rows", "env", "_ext", "targets"}
 LOWER = FOUNDATION | {"ops", "nn", "adapters", "integrations"}
 
 # package (a subpackage or a top-level module of catfast) -> the catfast packages it may import.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "targets": set(),
     "rows": set(),
     "_ext": {"_C"},
     "folders": {"errors"},

@@ -31,7 +31,8 @@ from catfast.adapters.merge import merge_adapter_
 from catfast.bench.measure import cpu_name, flop_counter, git_commit
 from catfast.export.onnx import AdapterSpec, export_onnx
 from catfast.export.runner import session, usable_providers
-from catfast.integrations.factory import ATTENTION_PROJECTIONS, build_base
+from catfast.integrations.factory import build_base
+from catfast.targets import ATTENTION_PROJECTIONS
 
 TARGETS = tuple("." + t for t in ATTENTION_PROJECTIONS)
 

@@ -30,13 +30,14 @@ import torch
 from catfast.adapters.formats import read_adapter, write_adapter
 from catfast.adapters.merge import merge_adapter_, unmerge_adapter_
 from catfast.bench.measure import git_commit
-from catfast.integrations.factory import ATTENTION_PROJECTIONS, build_base, build_unet
+from catfast.integrations.factory import build_base, build_unet
 from catfast.integrations.models import diffusers_pipeline
 from catfast.integrations.peft_adapters import add_lora, extract_adapter, randomize_lora_
 from catfast.integrations.row_call import run_segmented
 from catfast.ops.segmented import Segment, SegmentPlan
 from catfast.serve.engine import Engine
 from catfast.serve.requests import GenerationRequest
+from catfast.targets import ATTENTION_PROJECTIONS
 
 TARGETS = ATTENTION_PROJECTIONS
 

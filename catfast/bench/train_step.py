@@ -39,9 +39,10 @@ import torch
 from catfast.bench.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
 from catfast.bench.measure import flop_counter, git_commit, rel_err
 from catfast.errors import CatfastError
-from catfast.integrations.factory import ATTENTION_PROJECTIONS, build_unet
+from catfast.integrations.factory import build_unet
 from catfast.integrations.peft_adapters import add_lora, randomize_lora_
 from catfast.integrations.schedulers import training_scheduler
+from catfast.targets import ATTENTION_PROJECTIONS
 from catfast.train.objective import auto_mode, cat_loss
 
 TARGETS = ATTENTION_PROJECTIONS

@@ -7,6 +7,7 @@ import json
 import click
 
 from catfast.cli.base import _friendly, main
+from catfast.targets import ATTENTION_PROJECTIONS
 
 
 @main.group()
@@ -45,7 +46,7 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option(
     "--targets",
-    default="to_q,to_k,to_v,to_out.0",  # the CAT paper's targets (factory.ATTENTION_PROJECTIONS)
+    default=",".join(ATTENTION_PROJECTIONS),  # the CAT paper's targets
     show_default=True,
     help="LoRA target modules, comma-separated (add conv1,conv2,conv,conv_shortcut for kohya LoCon).",
 )

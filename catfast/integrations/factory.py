@@ -15,6 +15,7 @@ import torch
 
 from catfast.errors import ModelLoadError
 from catfast.folders import check_target, staged_folder
+from catfast.targets import ATTENTION_PROJECTIONS
 
 MODEL_NAMES = ("tiny", "small", "sd15", "sdxl")
 ALL_MODEL_NAMES = MODEL_NAMES + ("tiny-sdxl",)
@@ -374,9 +375,6 @@ def save_components(parts: dict, folder: Path, *, dtype: torch.dtype = torch.flo
     _save_component("tokenizer", parts["tokenizer"], folder / "tokenizer")
     parts["scheduler"].save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
-
-
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection: the CAT paper's targets
 
 
 def attention_weight_shapes(name: str) -> list[tuple[int, int]]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from catfast.errors import CatfastError
+from catfast.targets import ATTENTION_PROJECTIONS
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TIMESTEP_DISTRIBUTIONS = ("uniform", "chain-of-forgetting")
@@ -86,7 +87,7 @@ class TrainConfig:
     # adapter
     rank: int = 1
     alpha: float | None = None  # None: alpha = rank (scale 1, as diffusers' LoRAAttnProcessor of the paper)
-    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     # objective
     cat_weight: float = 1.0
     snr_gamma: float | None = None

@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 
 from catfast.errors import CatfastError
+from catfast.folders import IMAGE_SUFFIXES
 from catfast.train.captions import has_trigger, strip_trigger
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 ON_BAD_IMAGE = ("stop", "skip")
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from catfast.errors import CatfastError
+from catfast.targets import ATTENTION_PROJECTIONS
 from catfast.train.captions import strip_trigger
 from catfast.train.objective import cat_loss
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the CAT paper's setup: every attention projection
+DEFAULT_TARGETS = ATTENTION_PROJECTIONS  # the CAT paper's setup: every attention projection
 
 
 @dataclass
