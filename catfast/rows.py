@@ -134,17 +134,6 @@ class RowPlan:
         plan.validate()
         return plan
 
-    @staticmethod
-    def cat_step(batch: int, *, slot: int = 0, scale: float = 1.0, device=None) -> RowPlan:
-        """The fused CAT layout of 3B rows: [trigger caption | stripped caption] on the adapter, with grad,
-        then the teacher rows (base model, stripped caption) without grad."""
-        return RowPlan.build(
-            [slot] * (2 * batch) + [NO_ADAPTER] * batch,
-            [scale] * (2 * batch) + [0.0] * batch,
-            [True] * (2 * batch) + [False] * batch,
-            device=device,
-        )
-
     def __len__(self) -> int:
         return self.slots.numel()
 

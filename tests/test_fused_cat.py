@@ -387,7 +387,8 @@ def test_twin_groups_share_work_until_the_first_cross_attention(monkeypatch):
     unet = _unet(ALL, 4, 4.0)
     patch_unet(unet)
     b = cat_batch(2)
-    plan = RowPlan.cat_step(2)
+    # the fused CAT layout: [trigger | stripped] on slot 0 with grad, then the teacher rows without grad
+    plan = RowPlan.build([0] * 4 + [NO_ADAPTER] * 2, [1.0] * 4 + [0.0] * 2, [True] * 4 + [False] * 2)
     cond = torch.cat([b["cond"], b["cond_stripped"], b["cond_stripped"]])
     results = {}
     for twins in (False, True):
