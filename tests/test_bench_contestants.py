@@ -14,8 +14,9 @@ from catfast.bench import train_step as bench_step
 from catfast.bench.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
 from catfast.cli import main
 from catfast.errors import CatfastError
-from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet
+from catfast.integrations.factory import build_unet
 from catfast.integrations.patch import patch_unet, unpatch_unet
+from catfast.integrations.schedulers import SCHEDULER_CONFIG
 from catfast.testing import assert_rel_close, cat_batch, randomize_lora_
 from catfast.train.objective import auto_mode
 

@@ -11,8 +11,9 @@ from peft import LoraConfig
 
 import catfast
 from catfast.env import has_triton
-from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet
+from catfast.integrations.factory import build_unet
 from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
+from catfast.integrations.schedulers import SCHEDULER_CONFIG
 from catfast.nn.row_lora import RowLoraLayer
 from catfast.rows import NO_ADAPTER, RowPlan
 from catfast.testing import assert_close_to_ref, assert_rel_close, cat_batch, flop_counter, randomize_lora_

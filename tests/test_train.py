@@ -289,7 +289,7 @@ def test_config_files_overrides_and_unknown_keys(tmp_path):
 def test_lr_schedules_and_timestep_distributions():
     from diffusers import DDPMScheduler
 
-    from catfast.integrations.factory import SCHEDULER_CONFIG
+    from catfast.integrations.schedulers import SCHEDULER_CONFIG
     from catfast.train.schedules import lr_lambda as _lr_lambda
     from catfast.train.schedules import sample_timesteps as _sample_timesteps
     from catfast.train.schedules import timestep_probs as _timestep_probs

@@ -32,12 +32,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
+from catfast.adapters.formats import read_adapter
 from catfast.errors import CatfastError
-from catfast.eval.encoders import ImageTextEncoder
+from catfast.eval.encoders import ImageTextEncoder, load_clip
 from catfast.eval.grids import save_grid
 from catfast.eval.sampler import sample_images
 from catfast.folders import IMAGE_SUFFIXES, check_output_file, write_atomic
+from catfast.integrations.models import quiet_progress_bars, resolve_base
+from catfast.integrations.peft_adapters import attach_adapter
 
 AGGREGATES = ("harmonic", "arithmetic")
 KPS_ADAPTER_NAME = "kps_eval"  # the peft name an adapter file is attached under for the evaluation
@@ -265,8 +269,6 @@ def _definition(aggregate_with: str, with_references: bool) -> dict:
 
 def _adapter_name(base, adapter) -> tuple[str, bool]:
     """(peft adapter name to sample with, whether we attached it from a file)."""
-    from catfast.adapters.formats import read_adapter
-    from catfast.integrations.peft_adapters import attach_adapter
 
     configs = getattr(base.unet, "peft_config", None) or {}
     if isinstance(adapter, str) and adapter in configs:
@@ -313,7 +315,6 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 def read_images(path: str | os.PathLike) -> list:
     """RGB PIL images of an image file or of every image file in a folder (sorted by name)."""
-    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if path.is_dir():
@@ -362,8 +363,6 @@ def run_kps_cli(
     atomically. ``seeds``: a count n (seeds 0..n-1) or the seeds. Every input is checked before the
     model is loaded (output places too: a folder, a link or an unwritable place is refused); bad input
     raises CatfastError naming the file. ``base_path`` "demo": the shipped demo model."""
-    from catfast.eval.encoders import load_clip
-    from catfast.integrations.models import quiet_progress_bars, resolve_base
 
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     prompts = read_prompts(prompts_file)

@@ -48,8 +48,8 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
     """Patch every peft LoRA Linear and Conv2d of ``unet``; slot i is adapter ``adapters[i]``
     (default: every peft adapter, in ``unet.peft_config`` order). Idempotent: a patched UNet returns its
     existing report when the slots are the same, and raises when they differ."""
-    from peft.tuners.lora import Conv2d as PeftConv2d
-    from peft.tuners.lora import Linear as PeftLinear
+    from peft.tuners.lora import Conv2d as PeftConv2d  # lazy: peft
+    from peft.tuners.lora import Linear as PeftLinear  # lazy: peft
 
     configs = getattr(unet, "peft_config", None)
     if not configs:
@@ -97,7 +97,7 @@ def fused_blocker(model: torch.nn.Module, per_sample_adapters: bool) -> str | No
     """Why the fused CAT step (a row-planned call) would refuse this unpatched peft UNet, or None.
     ``per_sample_adapters``: the caller names each sample's adapter (else the one active adapter is used)."""
     from peft.tuners.lora import Conv2d as PeftConv2d  # lazy: peft
-    from peft.tuners.lora import Linear as PeftLinear
+    from peft.tuners.lora import Linear as PeftLinear  # lazy: peft
 
     if getattr(model, "is_gradient_checkpointing", False):
         return "gradient checkpointing without patch_unet"

@@ -6,13 +6,23 @@ from __future__ import annotations
 
 from typing import Any
 
+# SD1.5's training noise schedule (diffusers' DDPMScheduler config of runwayml/stable-diffusion-v1-5)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type="epsilon",
+    clip_sample=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
 
 def training_scheduler(**overrides: Any):
-    """A ``DDPMScheduler`` with SD1.5's training config (``factory.SCHEDULER_CONFIG``), fields overridden by
+    """A ``DDPMScheduler`` with SD1.5's training config (``SCHEDULER_CONFIG``), fields overridden by
     ``overrides`` (e.g. ``prediction_type="v_prediction"``)."""
     from diffusers import DDPMScheduler  # lazy: diffusers
-
-    from catfast.integrations.factory import SCHEDULER_CONFIG
 
     return DDPMScheduler(**{**SCHEDULER_CONFIG, **overrides})
 

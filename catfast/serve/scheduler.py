@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from catfast.eval.sampler import decode_latents
+from catfast.integrations.models import encode_prompt
+from catfast.integrations.row_call import run_segmented
 from catfast.integrations.schedulers import sampling_scheduler
 from catfast.ops.segmented import Segment, SegmentPlan
-from catfast.serve.errors import AdapterLoadError, QueueFull, RequestTimeout, ServeError
+from catfast.serve.errors import AdapterLoadError, Cancelled, QueueFull, RequestTimeout, ServeError
 from catfast.serve.pool import AdapterPool, Entry
 from catfast.serve.requests import SCHEDULERS, Event, GenerationRequest, RequestHandle
 
@@ -116,8 +119,6 @@ class StepScheduler:
 
     def _stop_reason(self, job: Job, now: float) -> ServeError | None:
         if job.handle.cancel_requested:
-            from catfast.serve.errors import Cancelled
-
             return Cancelled(f"request {job.handle.id} was cancelled")
         if now > job.deadline:
             return RequestTimeout(f"request {job.handle.id} did not finish within its timeout")
@@ -221,7 +222,6 @@ class StepScheduler:
 
     @staticmethod
     def _encode(job: Job, base, req, size, device, dtype) -> None:
-        from catfast.integrations.models import encode_prompt
 
         if base.is_sdxl:
             job.hidden, job.added = _sdxl_conditions(base, req, size, job.cfg, device, dtype)
@@ -237,7 +237,6 @@ class StepScheduler:
     def step(self, jobs: list[Job]) -> list[Job]:
         """One denoising step of every job in ``jobs`` (same size) as one UNet call; returns the jobs that
         took their last step."""
-        from catfast.integrations.row_call import run_segmented
 
         jobs = sorted(jobs, key=lambda j: (j.mix(), j.order))
         unet = self.base.unet
@@ -298,7 +297,6 @@ class StepScheduler:
 
     @torch.no_grad()
     def decode(self, job: Job) -> list:
-        from catfast.eval.sampler import decode_latents
 
         return decode_latents(self.base, job.latents)
 
@@ -307,7 +305,6 @@ def _sdxl_conditions(base, req, size: tuple[int, int], cfg: bool, device, dtype)
     """SDXL rows' text conditions as diffusers' StableDiffusionXLPipeline builds them: with CFG and no
     negative prompt, zeros for the uncond rows (force_zeros_for_empty_prompt); time ids
     (h, w, 0, 0, h, w) for the image size."""
-    from catfast.integrations.models import encode_prompt
 
     n = req.n
 

@@ -237,7 +237,7 @@ class TrainConfig:
         """The settings that change the trained adapter (paths resolved). ``steps`` counts only under a
         decaying lr schedule: with a constant one, the first k steps do not depend on it."""
         values = {k: v for k, v in self.to_dict().items() if k not in _NOT_RESULT and k not in ("data", "trigger")}
-        from catfast.integrations.models import base_location
+        from catfast.integrations.models import base_location  # lazy: startup
 
         values["base"] = _resolved(base_location(self.base) if self.base is not None else None)
         values["base_config"] = _resolved(self.base_config)
@@ -267,11 +267,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text()
         if suffix == ".toml":
-            import tomllib
+            import tomllib  # lazy: optional
 
             values = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # lazy: optional
 
             values = yaml.safe_load(text) or {}
         elif suffix == ".json":
