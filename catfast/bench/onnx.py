@@ -86,44 +86,16 @@ def bench_onnx(
         c = torch.randn(batch, base.tokenizer.model_max_length, unet.config.cross_attention_dim, generator=g)
         np_in = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": c.numpy()}
 
-        def torch_run():
-            with torch.no_grad():
-                return unet(x, t, c).sample
-
-        contestants: dict[str, Callable] = {"torch": torch_run}
-        if torch.cuda.is_available():  # on a GPU machine, compare CUDA providers with torch on the GPU too
-            unet_gpu = copy.deepcopy(unet).cuda()
-            xg, tg, cg = x.cuda(), t.cuda(), c.cuda()
-
-            def torch_cuda_run():
-                with torch.no_grad():
-                    out = unet_gpu(xg, tg, cg).sample
-                torch.cuda.synchronize()
-                return out
-
-            contestants["torch:cuda"] = torch_cuda_run
-        for provider in providers:
-            for mode, folder, extra in (("merged", "merged", {}), ("adapter_inputs", "inputs", feeds)):
-                sess = session(Path(tmp) / folder / "unet" / "model.onnx", provider, threads=threads)
-                contestants[f"ort:{provider}:{mode}"] = lambda sess=sess, extra=extra: sess.run(
-                    None, {**np_in, **extra}
-                )
-
+        contestants = _contestants(unet, (x, t, c), np_in, feeds, Path(tmp), providers, threads)
         with flop_counter() as flops:
-            want = torch_run().double().numpy()
+            want = contestants["torch"]().double().numpy()
         parity = {}
         for name, run in contestants.items():
             if name.startswith("ort:"):
                 got = np.asarray(run()[0], dtype=np.float64)
                 parity[name] = float(np.abs(got - want).max() / np.abs(want).max())
-        times: dict[str, list[float]] = {name: [] for name in contestants}
         log(f"timing {len(contestants)} contestants x {reps} reps, interleaved")
-        for rep in range(reps + 1):  # rep 0 warms up
-            for name, run in contestants.items():
-                t0 = time.perf_counter()
-                run()
-                if rep:
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+        times = _time_interleaved(contestants, reps)
     median = {name: round(statistics.median(v), 2) for name, v in times.items()}
     import onnxruntime as ort  # lazy: onnxruntime
 
@@ -150,3 +122,43 @@ def bench_onnx(
         "cpu_count": os.cpu_count(),
     }
     return result
+
+
+def _contestants(unet, args, np_in: dict, feeds: dict, tmp: Path, providers: list[str], threads: int) -> dict:
+    """name -> zero-argument call: torch (CPU; and CUDA when torch sees a GPU) with the merged weights, and
+    each provider's session on the merged export and on the adapter-inputs export fed ``feeds``."""
+    x, t, c = args
+
+    def torch_run():
+        with torch.no_grad():
+            return unet(x, t, c).sample
+
+    contestants: dict[str, Callable] = {"torch": torch_run}
+    if torch.cuda.is_available():  # on a GPU machine, compare CUDA providers with torch on the GPU too
+        unet_gpu = copy.deepcopy(unet).cuda()
+        xg, tg, cg = x.cuda(), t.cuda(), c.cuda()
+
+        def torch_cuda_run():
+            with torch.no_grad():
+                out = unet_gpu(xg, tg, cg).sample
+            torch.cuda.synchronize()
+            return out
+
+        contestants["torch:cuda"] = torch_cuda_run
+    for provider in providers:
+        for mode, folder, extra in (("merged", "merged", {}), ("adapter_inputs", "inputs", feeds)):
+            sess = session(tmp / folder / "unet" / "model.onnx", provider, threads=threads)
+            contestants[f"ort:{provider}:{mode}"] = lambda sess=sess, extra=extra: sess.run(None, {**np_in, **extra})
+    return contestants
+
+
+def _time_interleaved(contestants: dict, reps: int) -> dict[str, list[float]]:
+    """ms of each call, ``reps`` rounds after one warm-up round, every contestant once per round in turn."""
+    times: dict[str, list[float]] = {name: [] for name in contestants}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for name, run in contestants.items():
+            t0 = time.perf_counter()
+            run()
+            if rep:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times

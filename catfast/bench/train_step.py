@@ -218,25 +218,7 @@ def bench_train_step(
         results["reference_compiled"] = {}
     gemm_dtype = torch.bfloat16 if precision == "bf16" else torch_dtype
     gemm = [gemm_rate(gemm_dtype, device)]
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    times: dict[str, list[float]] = {m: [] for m in names}
-    peaks: dict[str, int | None] = {m: None for m in names}
-    for i in range(steps + 1):  # the first round warms up (and compiles)
-        for m in names:
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync()
-            t0 = time.perf_counter()
-            _step(unet, fns[m][0], autocast)
-            sync()
-            if i:
-                times[m].append((time.perf_counter() - t0) * 1e3)
-            if device == "cuda":
-                peaks[m] = torch.cuda.max_memory_allocated()
+    times, peaks = _time_interleaved(unet, fns, names, steps, autocast, device)
     gemm.append(gemm_rate(gemm_dtype, device))
     gemm_flops = statistics.mean(gemm)
 
@@ -260,28 +242,8 @@ def bench_train_step(
         "against": {},
         "peak_method": "cuda max_memory_allocated" if device == "cuda" else "VmHWM of a fresh process per entry",
     }
-    ref = results["reference"]
     for m in names:
-        r = results[m]
-        median = statistics.median(times[m])
-        flops = (r["fwd_flops"] + r["bwd_flops"]) if r.get("fwd_flops") is not None else None
-        entry = {
-            "median_ms": round(median, 3),
-            "fwd_flops": r.get("fwd_flops"),
-            "bwd_flops": r.get("bwd_flops"),
-            "achieved_flops": round(flops / (median / 1e3)) if flops else None,
-            "gemm_fraction": round(flops / (median / 1e3) / gemm_flops, 4) if flops else None,
-            "saved_bytes": r.get("saved_bytes"),
-            "param_bytes": _param_bytes(fns[m][1]),
-            "peak_bytes": peaks[m],
-        }
-        if "out" in r and m != "reference":
-            factor = LOSS_FACTOR.get(m, 1.0)
-            entry["loss_rel_err"] = max(
-                rel_err(factor * r["out"].total.detach(), ref["out"].total.detach()),
-                *(rel_err(getattr(r["out"], k).detach(), getattr(ref["out"], k).detach()) for k in ("ldm", "cat")),
-            )
-            entry["grad_rel_err"] = max(rel_err(factor * r["grads"][n], g) for n, g in ref["grads"].items())
+        entry = _entry(results[m], results["reference"], m, times[m], gemm_flops, _param_bytes(fns[m][1]), peaks[m])
         out["against" if m in CONTESTANTS else "modes"][m] = entry
     if memory and device != "cuda":
         spec = dict(
@@ -297,6 +259,55 @@ def bench_train_step(
     default_ms = out["modes"][chosen]["median_ms"]
     out["default_vs"] = {name: round(e["median_ms"] / default_ms, 3) for name, e in out["against"].items()}
     return out
+
+
+def _time_interleaved(unet, fns: dict, names: list[str], steps: int, autocast, device: str):
+    """Per entry, the ms of each timed step (entries alternate step by step after one warm-up round, which
+    also compiles) and, on CUDA, the allocator's peak of its last step."""
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {m: [] for m in names}
+    peaks: dict[str, int | None] = {m: None for m in names}
+    for i in range(steps + 1):
+        for m in names:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            _step(unet, fns[m][0], autocast)
+            sync()
+            if i:
+                times[m].append((time.perf_counter() - t0) * 1e3)
+            if device == "cuda":
+                peaks[m] = torch.cuda.max_memory_allocated()
+    return times, peaks
+
+
+def _entry(r: dict, ref: dict, name: str, times: list[float], gemm_flops: float, param_bytes: int, peak) -> dict:
+    """One entry's figures (module docstring), with its parity against the reference step where it has one."""
+    median = statistics.median(times)
+    flops = (r["fwd_flops"] + r["bwd_flops"]) if r.get("fwd_flops") is not None else None
+    entry = {
+        "median_ms": round(median, 3),
+        "fwd_flops": r.get("fwd_flops"),
+        "bwd_flops": r.get("bwd_flops"),
+        "achieved_flops": round(flops / (median / 1e3)) if flops else None,
+        "gemm_fraction": round(flops / (median / 1e3) / gemm_flops, 4) if flops else None,
+        "saved_bytes": r.get("saved_bytes"),
+        "param_bytes": param_bytes,
+        "peak_bytes": peak,
+    }
+    if "out" in r and name != "reference":
+        factor = LOSS_FACTOR.get(name, 1.0)
+        entry["loss_rel_err"] = max(
+            rel_err(factor * r["out"].total.detach(), ref["out"].total.detach()),
+            *(rel_err(getattr(r["out"], k).detach(), getattr(ref["out"], k).detach()) for k in ("ldm", "cat")),
+        )
+        entry["grad_rel_err"] = max(rel_err(factor * r["grads"][n], g) for n, g in ref["grads"].items())
+    return entry
 
 
 # ------------------------------------------------------------------------------- peak RSS, one process each
