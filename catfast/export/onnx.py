@@ -186,17 +186,7 @@ def export_onnx(
     t_start = time.perf_counter()
     specs = [a if isinstance(a, AdapterSpec) else AdapterSpec.parse(a) for a in adapters]
     components = list(dict.fromkeys(components))
-    bad = [c for c in components if c not in COMPONENTS]
-    if bad or not components:
-        raise ExportError(f"unknown component {bad[0] if bad else '(none)'!r}; choose from {', '.join(COMPONENTS)}")
-    if opset not in SUPPORTED_OPSETS:
-        raise ExportError(
-            f"opset {opset} is not supported: choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} "
-            f"(default {DEFAULT_OPSET})"
-        )
-    if adapter_inputs and not specs:
-        raise ExportError("--adapter-inputs needs at least one --adapter (its layers become the graph's LoRA inputs)")
-    _check_labels(specs)
+    _check_options(components, opset, adapter_inputs, specs)
     out = Path(out).absolute()
     check_target(out, overwrite, ExportError)
     for s in specs:
@@ -216,16 +206,8 @@ def export_onnx(
     saved = []  # (weight, original) of every weight a merge changes, restored at the end
     try:
         with staged_folder(out) as tmp:
-            if not adapter_inputs:  # merge every adapter (catfast's merge op: the C++ extension where built)
-                for spec, adapter in loaded:
-                    for component in applied[spec.label]["components"]:
-                        model, ac = _source_model(base, component), _adapter_component(component)
-                        saved += [
-                            (t.weight, t.weight.detach().clone())
-                            for _, t in resolve_targets(model, adapter, ac).values()
-                        ]
-                        n = merge_adapter_(model, adapter, ac, spec.scale)
-                        log(f"merged {n} {component} layers of {spec.label} at scale {spec.scale:g}")
+            if not adapter_inputs:
+                _merge_all(base, loaded, applied, saved, log)
             job = _Job(base, loaded, tmp, dtype, dtype_name, opset, dynamic, adapter_inputs, external_data_over, log)
             manifest_components = {component: _export_component(job, component) for component in components}
             _copy_tokenizer_and_scheduler(base, tmp)
@@ -248,6 +230,33 @@ def export_onnx(
                 weight.copy_(original)
     log(f"wrote {out} in {manifest['export_seconds']:.1f} s")
     return manifest
+
+
+def _check_options(components: list[str], opset: int, adapter_inputs: bool, specs: list[AdapterSpec]) -> None:
+    """ExportError for an unknown component, an unsupported opset, adapter inputs without adapters, or
+    adapter names that cannot be file names."""
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad or not components:
+        raise ExportError(f"unknown component {bad[0] if bad else '(none)'!r}; choose from {', '.join(COMPONENTS)}")
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(
+            f"opset {opset} is not supported: choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} "
+            f"(default {DEFAULT_OPSET})"
+        )
+    if adapter_inputs and not specs:
+        raise ExportError("--adapter-inputs needs at least one --adapter (its layers become the graph's LoRA inputs)")
+    _check_labels(specs)
+
+
+def _merge_all(base, loaded, applied: dict, saved: list, log) -> None:
+    """Merge every adapter at its scale into the components it changes (catfast's merge op: the C++
+    extension where built); each changed weight's original is appended to ``saved`` first."""
+    for spec, adapter in loaded:
+        for component in applied[spec.label]["components"]:
+            model, ac = _source_model(base, component), _adapter_component(component)
+            saved += [(t.weight, t.weight.detach().clone()) for _, t in resolve_targets(model, adapter, ac).values()]
+            n = merge_adapter_(model, adapter, ac, spec.scale)
+            log(f"merged {n} {component} layers of {spec.label} at scale {spec.scale:g}")
 
 
 def _copy_tokenizer_and_scheduler(base, tmp: Path) -> None:
