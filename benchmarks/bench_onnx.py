@@ -1,6 +1,6 @@
 """UNet latency in ONNX Runtime vs PyTorch with the same merged weights, for several models, into one file.
 
-Each model runs `catfast.export.bench.bench_onnx` (the code behind `catfast bench onnx`): both exports
+Each model runs `catfast.bench.onnx.bench_onnx` (the code behind `catfast bench onnx`): both exports
 (merged, adapter inputs) validated, then torch and every usable ORT provider timed interleaved.
 
   python benchmarks/bench_onnx.py --models tiny small --reps 30 --out benchmarks/results/onnx-cpu-dev-2core.json
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from catfast.export.bench import bench_onnx
+from catfast.bench.onnx import bench_onnx
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from catfast.bench.train_step import bench_train_step
 from catfast.integrations.factory import init_model_folder
-from catfast.train.bench_step import bench_train_step
 from catfast.train.config import TrainConfig
 from catfast.train.quickstart import synthetic_image
 from catfast.train.trainer import train

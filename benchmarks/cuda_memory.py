@@ -29,9 +29,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 
-from catfast.integrations.factory import SCHEDULER_CONFIG, unet_config
+from catfast.bench.contestants import make_contestant
+from catfast.integrations.factory import unet_config
 from catfast.integrations.patch import patch_unet
-from catfast.train.contestants import make_contestant
+from catfast.integrations.schedulers import SCHEDULER_CONFIG
 from catfast.train.objective import cat_loss
 
 GIB = 2**30

@@ -34,7 +34,7 @@ __all__ = ["__version__", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
+        import importlib  # lazy: startup
 
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -16,3 +16,7 @@ class AdapterFormatError(CatfastError):
 
 class AdapterShapeError(CatfastError):
     """An adapter does not fit the model it is applied to (made for another base)."""
+
+
+class ExportError(CatfastError):
+    """The export could not be made or did not prove correct (checker or ORT parity)."""

@@ -12,6 +12,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
+# Image files catfast reads (training data, KPS reference images), by suffix, compared lower-case.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 def check_target(out: Path, overwrite: bool, error: type[Exception]) -> None:
     """Before any work: raise ``error`` when the output folder ``out`` is a symbolic link (never written

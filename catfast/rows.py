@@ -1,5 +1,5 @@
 """The row plan: for every sample (batch row) of one UNet call, which adapter slot it uses (or none),
-with what scale, and whether it needs gradients (DESIGN.md, "The one idea").
+with what scale, and whether it needs gradients (docs/design.md, "The one idea").
 
 Every row-aware LoRA layer reads the plan of the current call and computes, for sample n,
   Y[n] = X[n] W^T + b + scale[n] * (X[n] A[slot[n]]^T) B[slot[n]]^T     (no LoRA term where slot[n] = NO_ADAPTER)
@@ -133,17 +133,6 @@ class RowPlan:
         plan._seed(RowLayout(host_slots, tuple(grads)), tuple(host_scales))
         plan.validate()
         return plan
-
-    @staticmethod
-    def cat_step(batch: int, *, slot: int = 0, scale: float = 1.0, device=None) -> RowPlan:
-        """The fused CAT layout of 3B rows: [trigger caption | stripped caption] on the adapter, with grad,
-        then the teacher rows (base model, stripped caption) without grad."""
-        return RowPlan.build(
-            [slot] * (2 * batch) + [NO_ADAPTER] * batch,
-            [scale] * (2 * batch) + [0.0] * batch,
-            [True] * (2 * batch) + [False] * batch,
-            device=device,
-        )
 
     def __len__(self) -> int:
         return self.slots.numel()

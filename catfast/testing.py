@@ -1,19 +1,40 @@
-"""Test helpers shared by catfast's tests and benchmarks: the one home of numerical tolerances, and
-builders for non-vacuous LoRA fixtures (peft initialises lora_B to zero, which makes every output
-test pass; these helpers randomise it)."""
+"""Test helpers for catfast's tests and benchmark scripts (no library module imports this one): the one
+home of numerical tolerances, and the fixture builders they use, re-exported from where the library keeps
+them (``randomize_lora_``: peft initialises lora_B to zero, which makes every output test pass)."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
 
-# Floors added to the "at most twice torch's own error" rule (DESIGN.md, rule 2).
+from catfast.adapters.adapter import LoraAdapter, LoraLayer, layer_key
+from catfast.bench.measure import flop_counter, rel_err
+from catfast.integrations.peft_adapters import randomize_lora_
+from catfast.train.checkpoint import TrainState, capture_rng
+from catfast.train.quickstart import synthetic_image
+
+__all__ = [
+    "FLOOR",
+    "RTOL",
+    "SGM_SDXL",
+    "assert_close_to_ref",
+    "assert_rel_close",
+    "assert_same_layers",
+    "cat_batch",
+    "flop_counter",
+    "make_data",
+    "random_adapter",
+    "randomize_lora_",
+    "rel_err",
+    "snapshot",
+    "train_state",
+    "unet_inputs",
+]
+
+# Floors added to the "at most twice torch's own error" rule (docs/design.md, "Adding a kernel").
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max|actual - expected| / max(max|expected|, tiny), computed in fp64."""
-    a, e = actual.double(), expected.double()
-    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "tensor") -> None:
@@ -39,36 +60,106 @@ def assert_close_to_ref(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: tor
         raise AssertionError(f"{what}: error {err:.3e} > 2 x torch's {torch_err:.3e} + floor {FLOOR[out.dtype]:.0e}")
 
 
-@torch.no_grad()
-def randomize_lora_(module: torch.nn.Module, *, seed: int = 0, std: float = 0.1) -> int:
-    """Fill every peft ``lora_A``/``lora_B`` weight with seeded N(0, std^2) values; returns how many."""
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    for name, p in module.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-            count += 1
-    if count == 0:
-        raise ValueError("no peft LoRA parameters found to randomise")
-    return count
+RTOL = 1e-5  # fp32 outputs of two ways to apply the same adapter
 
 
-def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
-    """A silent ``FlopCounterMode`` that also counts the CPU flash-attention kernels (torch 2.13 has no
-    formula for them, so on a CPU every attention core counted 0 FLOPs), with torch's own SDPA formulas."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+# ------------------------------------------------------------------------------------------ fixtures
 
-    def forward(query, key, value, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(query, key, value)
 
-    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-        return sdpa_backward_flop_count(grad_out, query, key, value)
+def random_adapter(models, *, ranks=(2, 3, 4), alphas=(3.0, 5.5, 1.0, 2.5), seed=0, dtype=torch.float32, leaves=None):
+    """A LoRA layer on every Linear/Conv2d of each ``models[component]`` (or only names ending in one of
+    ``leaves``), ranks and alphas cycling through the given values (alpha != rank), B random and nonzero."""
+    g = torch.Generator().manual_seed(seed)
+    layers, i = {}, 0
+    for component, model in models.items():
+        for name, m in model.named_modules():
+            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or (leaves and not name.endswith(leaves)):
+                continue
+            r = ranks[i % len(ranks)]
+            w = m.weight
+            down = torch.randn((r, *w.shape[1:]), generator=g) / w[0].numel() ** 0.5
+            up = torch.randn((w.shape[0], r, *([1] * (w.ndim - 2))), generator=g) * 0.2
+            layers[layer_key(component, name)] = LoraLayer(down.to(dtype), up.to(dtype), alpha=alphas[i % len(alphas)])
+            i += 1
+    return LoraAdapter(layers)
 
-    aten = torch.ops.aten
-    return FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: forward,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
-        },
+
+def unet_inputs(seed: int = 0):
+    """(sample, timesteps, encoder_hidden_states) for the tiny UNet, batch 2."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700]), torch.randn(2, 7, 32, generator=g)
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """A copy of every tensor of ``model``'s state dict."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_layers(got: LoraAdapter, want: LoraAdapter) -> None:
+    """Same layer keys, bit-identical down/up (any layout of the same numbers) and alpha."""
+    assert got.layers.keys() == want.layers.keys()
+    for key, layer in want.layers.items():
+        other = got.layers[key]
+        assert math.isclose(other.alpha, layer.alpha, rel_tol=1e-7), key
+        assert other.down.dtype == layer.down.dtype and torch.equal(other.down.reshape(layer.down.shape), layer.down)
+        assert torch.equal(other.up.reshape(layer.up.shape), layer.up), key
+
+
+def cat_batch(batch: int, seed: int = 0) -> dict:
+    """Seeded ``cat_loss`` inputs for the tiny UNet (4 x 16 x 16 latents, 7 tokens of width 32)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        latents=torch.randn(batch, 4, 16, 16, generator=g),
+        noise=torch.randn(batch, 4, 16, 16, generator=g),
+        timesteps=torch.randint(0, 1000, (batch,), generator=g),
+        cond=torch.randn(batch, 7, 32, generator=g),
+        cond_stripped=torch.randn(batch, 7, 32, generator=g),
     )
+
+
+def make_data(folder: Path, trigger: str = "sks", n: int = 4, seed: int = 0) -> Path:
+    """``n`` 32 px PNGs (the tiny model's native size) with captions that carry ``trigger``."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        synthetic_image(32, seed + i).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"{trigger}, a star of colour {seed + i}")
+    return folder
+
+
+def train_state(step: int, value: float) -> TrainState:
+    """A small checkpoint state whose tensors are all ``value`` (which checkpoint was read back shows in them)."""
+    return TrainState(
+        step=step,
+        epoch=1,
+        batch_index=step % 3,
+        lora={"w": torch.full((64, 64), value)},
+        optimizer={"state": {0: {"exp_avg": torch.full((64, 64), value)}}, "param_groups": [{"lr": 0.1}]},
+        scheduler={"last_epoch": step},
+        scaler=None,
+        rng=capture_rng(torch.Generator().manual_seed(step)),
+        settings={"lr": 0.1, "world_size": 1},
+        config_hash="abc",
+    )
+
+
+# kohya / SGM (original SDXL) module names -> diffusers names, one of each kind of layer (the kohya tests).
+SGM_SDXL = {
+    "input_blocks_0_0": "conv_in",
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_2_0_emb_layers_1": "down_blocks.0.resnets.1.time_emb_proj",
+    "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks_4_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+    "input_blocks_4_1_proj_in": "down_blocks.1.attentions.0.proj_in",
+    "input_blocks_5_1_transformer_blocks_1_attn1_to_q": "down_blocks.1.attentions.1.transformer_blocks.1.attn1.to_q",
+    "input_blocks_8_1_transformer_blocks_9_ff_net_2": "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2",
+    "middle_block_0_out_layers_3": "mid_block.resnets.0.conv2",
+    "middle_block_1_transformer_blocks_0_attn2_to_out_0": "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
+    "middle_block_2_emb_layers_1": "mid_block.resnets.1.time_emb_proj",
+    "output_blocks_0_1_proj_out": "up_blocks.0.attentions.0.proj_out",
+    "output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+    "output_blocks_5_1_transformer_blocks_0_attn2_to_k": "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k",
+    "output_blocks_8_0_skip_connection": "up_blocks.2.resnets.2.conv_shortcut",
+    "time_embed_0": "time_embedding.linear_1",
+    "label_emb_0_2": "add_embedding.linear_2",
+    "out_2": "conv_out",
+}

@@ -13,13 +13,21 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from test_adapter_formats import RTOL, SGM_SDXL, assert_same_layers, random_adapter, snapshot, unet_inputs
 
 from catfast.adapters import merge_adapter_, read_adapter, write_adapter
 from catfast.errors import AdapterShapeError, CatfastError
 from catfast.integrations.factory import build_base, build_unet
 from catfast.integrations.peft_adapters import attach_adapter, extract_adapter
-from catfast.testing import assert_rel_close, randomize_lora_
+from catfast.testing import (
+    RTOL,
+    SGM_SDXL,
+    assert_rel_close,
+    assert_same_layers,
+    random_adapter,
+    randomize_lora_,
+    snapshot,
+    unet_inputs,
+)
 
 PROMPT = ["a cat statue on a carpet"]
 

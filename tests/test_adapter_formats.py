@@ -19,35 +19,10 @@ from catfast.adapters import (
     write_adapter,
 )
 from catfast.adapters.adapter import layer_key
-from catfast.adapters.formats import kohya_to_path, sgm_to_diffusers_stem
+from catfast.adapters.kohya_names import kohya_to_path, sgm_to_diffusers_stem
 from catfast.errors import AdapterFormatError, AdapterShapeError, CatfastError
 from catfast.integrations.factory import build_unet, unet_config
-from catfast.testing import assert_rel_close
-
-RTOL = 1e-5  # fp32 outputs of two ways to apply the same adapter
-
-
-def random_adapter(models, *, ranks=(2, 3, 4), alphas=(3.0, 5.5, 1.0, 2.5), seed=0, dtype=torch.float32, leaves=None):
-    """A LoRA layer on every Linear/Conv2d of each ``models[component]`` (or only names ending in one of
-    ``leaves``), ranks and alphas cycling through the given values (alpha != rank), B random and nonzero."""
-    g = torch.Generator().manual_seed(seed)
-    layers, i = {}, 0
-    for component, model in models.items():
-        for name, m in model.named_modules():
-            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or (leaves and not name.endswith(leaves)):
-                continue
-            r = ranks[i % len(ranks)]
-            w = m.weight
-            down = torch.randn((r, *w.shape[1:]), generator=g) / w[0].numel() ** 0.5
-            up = torch.randn((w.shape[0], r, *([1] * (w.ndim - 2))), generator=g) * 0.2
-            layers[layer_key(component, name)] = LoraLayer(down.to(dtype), up.to(dtype), alpha=alphas[i % len(alphas)])
-            i += 1
-    return LoraAdapter(layers)
-
-
-def unet_inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700]), torch.randn(2, 7, 32, generator=g)
+from catfast.testing import RTOL, SGM_SDXL, assert_rel_close, assert_same_layers, random_adapter, snapshot, unet_inputs
 
 
 @torch.no_grad()
@@ -71,24 +46,11 @@ def merged_out(unet, adapter, scale=1.0):
     return unet_out(model)
 
 
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def assert_unchanged(model, before):
     after = model.state_dict()
     assert after.keys() == before.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"weights changed by a failed load: {changed[:3]}"
-
-
-def assert_same_layers(got: LoraAdapter, want: LoraAdapter):
-    assert got.layers.keys() == want.layers.keys()
-    for key, layer in want.layers.items():
-        other = got.layers[key]
-        assert other.alpha == pytest.approx(layer.alpha, rel=1e-7), key
-        assert other.down.dtype == layer.down.dtype and torch.equal(other.down.reshape(layer.down.shape), layer.down)
-        assert torch.equal(other.up.reshape(layer.up.shape), layer.up), key
 
 
 def to_old_diffusers_keys(tensors):
@@ -273,28 +235,6 @@ def test_kohya_rule_inverts_every_clip_module_name(cls):
 
 
 # SGM (sd-scripts SDXL) names and the diffusers SDXL module each one is (layers_per_block = 2).
-SGM_SDXL = {
-    "input_blocks_0_0": "conv_in",
-    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
-    "input_blocks_2_0_emb_layers_1": "down_blocks.0.resnets.1.time_emb_proj",
-    "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
-    "input_blocks_4_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
-    "input_blocks_4_1_proj_in": "down_blocks.1.attentions.0.proj_in",
-    "input_blocks_5_1_transformer_blocks_1_attn1_to_q": "down_blocks.1.attentions.1.transformer_blocks.1.attn1.to_q",
-    "input_blocks_8_1_transformer_blocks_9_ff_net_2": "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2",
-    "middle_block_0_out_layers_3": "mid_block.resnets.0.conv2",
-    "middle_block_1_transformer_blocks_0_attn2_to_out_0": "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
-    "middle_block_2_emb_layers_1": "mid_block.resnets.1.time_emb_proj",
-    "output_blocks_0_1_proj_out": "up_blocks.0.attentions.0.proj_out",
-    "output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
-    "output_blocks_5_1_transformer_blocks_0_attn2_to_k": "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k",
-    "output_blocks_8_0_skip_connection": "up_blocks.2.resnets.2.conv_shortcut",
-    "time_embed_0": "time_embedding.linear_1",
-    "label_emb_0_2": "add_embedding.linear_2",
-    "out_2": "conv_out",
-}
-
-
 @pytest.fixture(scope="module")
 def sdxl_meta_unet():
     from diffusers import UNet2DConditionModel

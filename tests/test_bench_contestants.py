@@ -1,4 +1,4 @@
-"""Today's CAT / preservation steps (catfast.train.contestants) against catfast's cat_loss, and the
+"""Today's CAT / preservation steps (catfast.bench.contestants) against catfast's cat_loss, and the
 `catfast bench train-step --against` command, on the tiny UNet."""
 
 import json
@@ -8,16 +8,16 @@ import torch
 from click.testing import CliRunner
 from diffusers import DDPMScheduler
 from peft import LoraConfig
-from test_fused_cat import _batch
 
 import catfast
+from catfast.bench import train_step as bench_step
+from catfast.bench.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
 from catfast.cli import main
 from catfast.errors import CatfastError
-from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet
+from catfast.integrations.factory import build_unet
 from catfast.integrations.patch import patch_unet, unpatch_unet
-from catfast.testing import assert_rel_close, randomize_lora_
-from catfast.train import bench_step
-from catfast.train.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
+from catfast.integrations.schedulers import SCHEDULER_CONFIG
+from catfast.testing import assert_rel_close, cat_batch, randomize_lora_
 from catfast.train.objective import auto_mode
 
 
@@ -36,7 +36,7 @@ def _grads(unet):
 def test_contestant_loss_and_lora_grads_equal_cat_loss(name):
     """official and ai-toolkit compute catfast's CAT loss (kohya half of it) by other routes: same loss
     terms and LoRA gradients as cat_loss's reference, the official teacher a separately built fp32 copy."""
-    unet, sched, b = _lora_unet(), DDPMScheduler(**SCHEDULER_CONFIG), _batch(2)
+    unet, sched, b = _lora_unet(), DDPMScheduler(**SCHEDULER_CONFIG), cat_batch(2)
     ref = catfast.cat_loss(unet, sched, **b, mode="reference")
     ref.total.backward()
     expected = _grads(unet)
@@ -60,7 +60,7 @@ def test_contestant_loss_and_lora_grads_equal_cat_loss(name):
 
 def test_official_snr_weighting_equals_cat_loss_min_snr():
     """The official snr_loss (epsilon) weights like cat_loss's min-SNR-gamma; the teacher holds no graph."""
-    unet, sched, b = _lora_unet(), DDPMScheduler(**SCHEDULER_CONFIG), _batch(2, seed=3)
+    unet, sched, b = _lora_unet(), DDPMScheduler(**SCHEDULER_CONFIG), cat_batch(2, seed=3)
     ref = catfast.cat_loss(unet, sched, **b, mode="reference", snr_gamma=5.0)
     c = make_contestant("official", unet, sched, lambda: build_unet("tiny", seed=0))
     out = c.loss(**b, snr_gamma=5.0)

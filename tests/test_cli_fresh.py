@@ -17,18 +17,19 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_train import make_data
 
 from catfast.adapters import write_adapter
 from catfast.adapters.adapter import LoraAdapter, LoraLayer
 from catfast.adapters.formats import read_adapter
 from catfast.cli import DEMO_TIME, main
 from catfast.errors import AdapterFormatError, CatfastError
-from catfast.export.onnx import AdapterSpec, ExportError, _errors
+from catfast.export.onnx import AdapterSpec, ExportError
 from catfast.export.runner import RunnerError, run_onnx, save_png
+from catfast.export.validate import _errors
 from catfast.folders import write_atomic
 from catfast.integrations.factory import init_model_folder
 from catfast.integrations.models import base_location
+from catfast.testing import make_data, train_state
 from catfast.train.checkpoint import list_checkpoints, save_checkpoint
 from catfast.train.config import TrainConfig
 
@@ -349,12 +350,10 @@ def test_resume_does_not_redo_steps_and_the_summary_has_one_timing(tiny, data, t
 
 
 def test_an_interrupted_prune_leaves_only_complete_step_folders(tmp_path, monkeypatch):
-    from test_train import _state
-
     from catfast.train import checkpoint
 
     folder = tmp_path / "checkpoints"
-    save_checkpoint(folder, _state(1, 1.0), keep=1)
+    save_checkpoint(folder, train_state(1, 1.0), keep=1)
     real_rmtree = shutil.rmtree
 
     def killed_midway(path, *a, **k):  # delete one file, then die as a kill -9 would (no cleanup)
@@ -364,11 +363,11 @@ def test_an_interrupted_prune_leaves_only_complete_step_folders(tmp_path, monkey
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(folder, _state(2, 2.0), keep=1)
+        save_checkpoint(folder, train_state(2, 2.0), keep=1)
     monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
     for _, path in list_checkpoints(folder):
         assert all((path / name).is_file() for name in checkpoint.FILES), f"{path.name} is incomplete"
-    save_checkpoint(folder, _state(3, 3.0), keep=1)  # the next save cleans the hidden remains up
+    save_checkpoint(folder, train_state(3, 3.0), keep=1)  # the next save cleans the hidden remains up
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000003"]
 
 

@@ -21,11 +21,11 @@ from click.testing import CliRunner
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.numpy import load_file
-from test_adapter_formats import random_adapter
 
 from catfast.adapters import merge_adapter_, write_adapter
 from catfast.cli import main
 from catfast.errors import AdapterShapeError, ModelLoadError
+from catfast.export import graphs as export_graphs
 from catfast.export import onnx as export_mod
 from catfast.export.adapter_inputs import (
     LoraInputLayer,
@@ -38,7 +38,7 @@ from catfast.export.onnx import TOLERANCE, AdapterSpec, ExportError, UNetGraph, 
 from catfast.export.runner import DDIM, OnnxPipeline, RunnerError, save_png
 from catfast.integrations.factory import build_unet, init_model_folder
 from catfast.integrations.models import load_base
-from catfast.testing import assert_rel_close, rel_err
+from catfast.testing import assert_rel_close, random_adapter, rel_err
 
 FP32 = TOLERANCE["fp32"]  # 1e-4 relative, the bound
 ALL = ["unet", "text_encoder", "vae_decoder"]
@@ -417,7 +417,7 @@ def test_export_cli_one_line_errors_and_spec_parsing(tiny, tmp_path):
 
 
 def test_bench_reports_times_and_parity():
-    from catfast.export.bench import bench_onnx
+    from catfast.bench.onnx import bench_onnx
 
     r = bench_onnx("tiny", reps=1)
     assert r["median_ms"]["torch"] > 0 and r["median_ms"]["ort:CPUExecutionProvider:merged"] > 0
@@ -443,7 +443,7 @@ def test_per_tensor_external_files_are_gathered_into_one(tmp_path):
     raw.mkdir()
     onnx.save_model(model, str(raw / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
     assert sorted(p.name for p in raw.iterdir()) == ["model.onnx", "w"]  # b (256 bytes) stays inline
-    data = export_mod._finalize(raw, tmp_path / "out" / "model.onnx", 0, {})
+    data = export_graphs._finalize(raw, tmp_path / "out" / "model.onnx", 0, {})
     assert data == "model.onnx.data" and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", data]
     assert not raw.exists()
     onnx.checker.check_model(str(tmp_path / "out" / "model.onnx"))

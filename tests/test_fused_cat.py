@@ -11,11 +11,12 @@ from peft import LoraConfig
 
 import catfast
 from catfast.env import has_triton
-from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet
+from catfast.integrations.factory import build_unet
 from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
+from catfast.integrations.schedulers import SCHEDULER_CONFIG
 from catfast.nn.row_lora import RowLoraLayer
 from catfast.rows import NO_ADAPTER, RowPlan
-from catfast.testing import assert_close_to_ref, assert_rel_close, flop_counter, randomize_lora_
+from catfast.testing import assert_close_to_ref, assert_rel_close, cat_batch, flop_counter, randomize_lora_
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 ALL = ATTN + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -53,17 +54,6 @@ class _DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _batch(batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        latents=torch.randn(batch, 4, 16, 16, generator=g),
-        noise=torch.randn(batch, 4, 16, 16, generator=g),
-        timesteps=torch.randint(0, 1000, (batch,), generator=g),
-        cond=torch.randn(batch, 7, 32, generator=g),
-        cond_stripped=torch.randn(batch, 7, 32, generator=g),
-    )
-
-
 def _scheduler(kind="epsilon"):
     return DDPMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": kind})
 
@@ -87,7 +77,7 @@ def test_fused_equals_reference(targets, rank, alpha, batch, kind, monkeypatch):
     # here) on one case below and against the reference op in tests/kernels
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _unet(targets, rank, alpha)
-    sched, b = _scheduler(kind), _batch(batch)
+    sched, b = _scheduler(kind), cat_batch(batch)
     ref, ref_grads = _run(unet, sched, b, "reference", snr_gamma=5.0 if kind == "v_prediction" else None)
     fused, grads = _run(unet, sched, b, "fused", snr_gamma=5.0 if kind == "v_prediction" else None)
     for term in ("total", "ldm", "cat"):
@@ -103,7 +93,7 @@ def test_fused_equals_reference(targets, rank, alpha, batch, kind, monkeypatch):
 def test_fused_equals_reference_with_triton_kernels(monkeypatch):
     monkeypatch.setenv("CATFAST_BACKEND", "triton")
     unet = _unet(ALL, 8, 4.0)
-    sched, b = _scheduler(), _batch(2)
+    sched, b = _scheduler(), cat_batch(2)
     ref, ref_grads = _run(unet, sched, b, "reference")
     fused, grads = _run(unet, sched, b, "fused")
     for term in ("total", "ldm", "cat"):
@@ -117,7 +107,7 @@ def test_one_unet_call_over_3b_rows():
     calls = []
     handle = unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     try:
-        catfast.cat_loss(unet, _scheduler(), **_batch(2), mode="fused")
+        catfast.cat_loss(unet, _scheduler(), **cat_batch(2), mode="fused")
     finally:
         handle.remove()
     assert calls == [6]
@@ -128,7 +118,7 @@ def test_patch_is_exact_shares_parameters_and_unpatches_exactly():
     before_params = dict(unet.named_parameters())
     before_state = {k: v.clone() for k, v in unet.state_dict().items()}
     peft_names = sorted(n for n, m in unet.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
-    x = _batch(2)
+    x = cat_batch(2)
     with torch.no_grad():
         want = unet(x["latents"], x["timesteps"], x["cond"]).sample
 
@@ -170,13 +160,13 @@ def test_locon_layers_are_row_planned_and_lora_bias_is_skipped_with_a_reason():
     assert not report.patched and report.skipped and all("lora_bias" in why for why in report.skipped.values())
     unpatch_unet(biased)
     with pytest.raises(ValueError, match="cannot row-plan .* use mode='reference'"):
-        catfast.cat_loss(biased, _scheduler(), **_batch(1), mode="fused")
+        catfast.cat_loss(biased, _scheduler(), **cat_batch(1), mode="fused")
     assert patch_report(biased) is None
 
 
 def test_bad_input_fails_before_any_kernel():
     unet = _unet(ATTN, 4, 4.0)
-    b = _batch(2)
+    b = cat_batch(2)
     with pytest.raises(ValueError, match="needs a patched UNet"):
         with row_plan(unet, RowPlan.build([0, 0])):
             pass
@@ -198,10 +188,10 @@ def test_bad_input_fails_before_any_kernel():
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_no_wasted_teacher_work(batch, monkeypatch):
-    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (DESIGN.md)."""
+    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (docs/design.md)."""
     from contextlib import nullcontext
 
-    from catfast.train.bench_step import _loss_fns, _measure_once, _setup
+    from catfast.bench.train_step import _loss_fns, _measure_once, _setup
 
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet, sched, args, load_teacher = _setup("tiny", batch, 4, torch.float32, "cpu", seed=batch)
@@ -242,7 +232,7 @@ def test_fused_with_sdxl_added_conditions(monkeypatch):
     unet = UNet2DConditionModel(**cfg).requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=ATTN))
     randomize_lora_(unet)
-    b = _batch(2)
+    b = cat_batch(2)
     g = torch.Generator().manual_seed(3)
     for key in ("cond", "cond_stripped"):
         extra = {"text_embeds": torch.randn(2, 16, generator=g), "time_ids": torch.rand(2, 6, generator=g)}
@@ -262,7 +252,7 @@ def test_several_adapters_of_different_ranks_in_one_call():
     unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=ALL), adapter_name="a")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=1, target_modules=ALL), adapter_name="b")
     randomize_lora_(unet, seed=5)
-    x = _batch(3)
+    x = cat_batch(3)
     want = []
     with torch.no_grad():
         for name in ("a", "b", None):
@@ -287,7 +277,7 @@ def test_samples_on_different_adapters_equal_reference(monkeypatch):
     """Multi-concept: each sample's rows on its own adapter (fused: one call; reference: one per adapter)."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _two_adapter_unet(ATTN)
-    sched, b = _scheduler(), _batch(3)
+    sched, b = _scheduler(), cat_batch(3)
     adapters = ["other", "default", "other"]
     ref, ref_grads = _run(unet, sched, b, "reference", adapters=adapters)
     assert unet.active_adapters() == ["default", "other"]  # restored, with both trainable again
@@ -312,7 +302,7 @@ def test_fused_step_never_reads_the_device(monkeypatch):
     device tensor to find out (each read syncs a GPU; 894 per small-UNet step before RowPlan.layout)."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _two_adapter_unet(LOCON)
-    sched, b = _scheduler(), _batch(3)
+    sched, b = _scheduler(), cat_batch(3)
     patch_unet(unet)
     try:
         _run(unet, sched, b, "fused", adapters=["other", "default", "other"])  # warm-up
@@ -334,7 +324,7 @@ def test_fused_under_distributed_data_parallel(tmp_path, cat_weight, monkeypatch
 
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _unet(ATTN, 4, 4.0)
-    sched, b = _scheduler(), _batch(2)
+    sched, b = _scheduler(), cat_batch(2)
     plain, plain_grads = _run(unet, sched, b, "fused", cat_weight=cat_weight)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -357,7 +347,7 @@ def test_fp32_lora_on_bf16_unet(monkeypatch):
         if p.requires_grad:
             p.data = p.data.float()
     exact = copy.deepcopy(unet).float()
-    sched, b = _scheduler(), _batch(2)
+    sched, b = _scheduler(), cat_batch(2)
     exact_out, exact_grads = _run(exact, sched, b, "reference")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref, ref_grads = _run(unet, sched, b, "reference")
@@ -378,7 +368,7 @@ def test_fused_with_gradient_checkpointing(monkeypatch):
     """Checkpointed blocks recompute during backward, after the row plan is unset: they must replay it."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _unet(ALL, 4, 4.0)
-    sched, b = _scheduler(), _batch(2)
+    sched, b = _scheduler(), cat_batch(2)
     ref, ref_grads = _run(unet, sched, b, "reference")
     unet.enable_gradient_checkpointing()
     with pytest.raises(ValueError, match="needs a patched UNet"):
@@ -397,8 +387,9 @@ def test_twin_groups_share_work_until_the_first_cross_attention(monkeypatch):
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _unet(ALL, 4, 4.0)
     patch_unet(unet)
-    b = _batch(2)
-    plan = RowPlan.cat_step(2)
+    b = cat_batch(2)
+    # the fused CAT layout: [trigger | stripped] on slot 0 with grad, then the teacher rows without grad
+    plan = RowPlan.build([0] * 4 + [NO_ADAPTER] * 2, [1.0] * 4 + [0.0] * 2, [True] * 4 + [False] * 2)
     cond = torch.cat([b["cond"], b["cond_stripped"], b["cond_stripped"]])
     results = {}
     for twins in (False, True):

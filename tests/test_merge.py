@@ -108,3 +108,17 @@ def test_dispatch_falls_back_to_torch_with_reasons(monkeypatch):
     monkeypatch.setenv("CATFAST_BACKEND", "ext")
     with pytest.raises(RuntimeError, match="CATFAST_BACKEND=ext"):
         merge_ops.merge_lora_([w], [a], [b], [0.5])
+
+
+@needs_ext
+def test_bench_merge_times_every_provider_on_real_attention_shapes():
+    """The library part of benchmarks/bench_merge.py, on the tiny UNet's attention projections."""
+    from catfast.bench.merge import bench_merge
+    from catfast.integrations.factory import attention_weight_shapes
+
+    shapes = attention_weight_shapes("tiny")
+    result = bench_merge(rank=2, reps=1, model="tiny")
+    assert result["layers"] == len(shapes) > 0
+    assert result["weight_params"] == sum(a * b for a, b in shapes)
+    assert set(result["median_ms"]) == {"ext", "reference", "naive"}
+    assert result["speedup_vs_reference"] > 0 and result["speedup_vs_naive"] > 0

@@ -9,7 +9,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 
 import catfast
-from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet, unet_config
+from catfast.integrations.factory import build_unet, unet_config
+from catfast.integrations.schedulers import SCHEDULER_CONFIG
 from catfast.testing import assert_rel_close, randomize_lora_
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]

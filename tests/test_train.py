@@ -22,18 +22,15 @@ from PIL import Image
 from catfast.cli import main
 from catfast.errors import CatfastError
 from catfast.integrations.factory import init_model_folder
-from catfast.testing import assert_rel_close
+from catfast.testing import assert_rel_close, make_data, train_state
 from catfast.train.checkpoint import (
     CheckpointError,
-    TrainState,
-    capture_rng,
     list_checkpoints,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
 from catfast.train.config import ConfigError, TrainConfig
-from catfast.train.quickstart import synthetic_image
 from catfast.train.trainer import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CATFAST_BACKEND": "torch"}
@@ -43,15 +40,6 @@ ENV.pop("TRITON_INTERPRET", None)  # the trainer's CPU path is torch; the kernel
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return init_model_folder("tiny", tmp_path_factory.mktemp("models") / "tiny")
-
-
-def make_data(folder: Path, trigger: str = "sks", n: int = 4, seed: int = 0) -> Path:
-    """``n`` 32 px PNGs (the tiny model's native size) with captions that carry ``trigger``."""
-    folder.mkdir(parents=True)
-    for i in range(n):
-        synthetic_image(32, seed + i).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"{trigger}, a star of colour {seed + i}")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -301,8 +289,10 @@ def test_config_files_overrides_and_unknown_keys(tmp_path):
 def test_lr_schedules_and_timestep_distributions():
     from diffusers import DDPMScheduler
 
-    from catfast.integrations.factory import SCHEDULER_CONFIG
-    from catfast.train.trainer import _lr_lambda, _sample_timesteps, _timestep_probs
+    from catfast.integrations.schedulers import SCHEDULER_CONFIG
+    from catfast.train.schedules import lr_lambda as _lr_lambda
+    from catfast.train.schedules import sample_timesteps as _sample_timesteps
+    from catfast.train.schedules import timestep_probs as _timestep_probs
 
     base = dict(base="b", out="o", data="d", trigger="t", steps=10, warmup_steps=2)
     factors = {
@@ -324,26 +314,11 @@ def test_lr_schedules_and_timestep_distributions():
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _state(step: int, value: float) -> TrainState:
-    return TrainState(
-        step=step,
-        epoch=1,
-        batch_index=step % 3,
-        lora={"w": torch.full((64, 64), value)},
-        optimizer={"state": {0: {"exp_avg": torch.full((64, 64), value)}}, "param_groups": [{"lr": 0.1}]},
-        scheduler={"last_epoch": step},
-        scaler=None,
-        rng=capture_rng(torch.Generator().manual_seed(step)),
-        settings={"lr": 0.1, "world_size": 1},
-        config_hash="abc",
-    )
-
-
 def test_checkpoints_are_atomic_and_survive_a_failing_disk(tmp_path):
     folder = tmp_path / "checkpoints"
-    save_checkpoint(folder, _state(2, 2.0), keep=2)
-    save_checkpoint(folder, _state(4, 4.0), keep=2)
-    save_checkpoint(folder, _state(6, 6.0), keep=2)
+    save_checkpoint(folder, train_state(2, 2.0), keep=2)
+    save_checkpoint(folder, train_state(4, 4.0), keep=2)
+    save_checkpoint(folder, train_state(6, 6.0), keep=2)
     assert [s for s, _ in list_checkpoints(folder)] == [4, 6]
 
     # a real write failure: files may not grow past 4 KiB (EFBIG, as a full disk gives ENOSPC)
@@ -352,7 +327,7 @@ def test_checkpoints_are_atomic_and_survive_a_failing_disk(tmp_path):
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
         with pytest.raises(CheckpointError, match=r"step 8 checkpoint .* intact: step-0000004, step-0000006"):
-            save_checkpoint(folder, _state(8, 8.0), keep=2)
+            save_checkpoint(folder, train_state(8, 8.0), keep=2)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)

@@ -22,8 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from catfast.adapters.adapter import LoraAdapter, LoraLayer
+from catfast.adapters.formats import read_adapter, write_adapter
 from catfast.demo import world
 from catfast.demo.shipped import ASSETS, model_path
+from catfast.folders import write_atomic
 
 ADAPTERS_DIR = ASSETS / "adapters"
 RECORD = "ADAPTERS.json"
@@ -67,11 +70,9 @@ def write_concept(folder: Path, trigger: str, fields: dict) -> None:
 
 def train_one(name: str, out: Path, work: Path, *, seed: int = SEED, progress: bool = False) -> dict:
     """Train adapter ``name`` of CONCEPTS with the demo's settings and write out/<name>.safetensors (fp16)."""
-    from catfast.adapters.adapter import LoraAdapter, LoraLayer
-    from catfast.adapters.formats import read_adapter, write_adapter
-    from catfast.demo.run import TRAIN
-    from catfast.train.config import TrainConfig
-    from catfast.train.trainer import train
+    from catfast.demo.run import TRAIN  # lazy: cost (serving imports this module for adapters_dir)
+    from catfast.train.config import TrainConfig  # lazy: cost
+    from catfast.train.trainer import train  # lazy: cost
 
     trigger, fields = CONCEPTS[name]
     data = work / name / "data"
@@ -108,7 +109,6 @@ def train_one(name: str, out: Path, work: Path, *, seed: int = SEED, progress: b
 
 
 def main(argv: list[str] | None = None) -> None:
-    from catfast.folders import write_atomic
 
     parser = argparse.ArgumentParser(description="Train the shipped demo adapters (catfast/demo/adapters.py).")
     parser.add_argument("--out", default=str(ADAPTERS_DIR), help="Folder for <name>.safetensors and ADAPTERS.json.")

@@ -19,11 +19,15 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load, save
 from torch import nn
 
 from catfast.demo import world
 from catfast.errors import CatfastError
+from catfast.folders import write_atomic
 
 HEADS: dict[str, tuple[str, ...]] = {
     "shape": world.SHAPES,
@@ -62,8 +66,6 @@ class AttributeNet(nn.Module):
 
 def to_tensor(images: list) -> torch.Tensor:
     """PIL images -> [N, 3, 32, 32] in [-1, 1] (resized to the world's side when they differ)."""
-    import numpy as np
-    from PIL import Image
 
     arrays = []
     for im in images:
@@ -172,9 +174,6 @@ def accuracy(encoder: DomainEncoder, n: int = 500, seed: int = 12345) -> dict[st
 
 def save_encoder(net: AttributeNet, path: str | os.PathLike) -> None:
     """fp16 safetensors, written atomically."""
-    from safetensors.torch import save
-
-    from catfast.folders import write_atomic
 
     write_atomic(
         path, save({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()})
@@ -183,7 +182,6 @@ def save_encoder(net: AttributeNet, path: str | os.PathLike) -> None:
 
 def load_encoder(path: str | os.PathLike) -> DomainEncoder:
     """The DomainEncoder whose weights ``path`` holds; a missing or damaged file raises CatfastError."""
-    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():

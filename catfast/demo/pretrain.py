@@ -33,9 +33,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from catfast.demo import world
+from catfast.errors import CatfastError
+from catfast.folders import check_target, staged_folder
+from catfast.integrations import factory
+from catfast.integrations.factory import save_components
+from catfast.integrations.models import load_base
 
 LATENT_CHANNELS = 8
 VAE_CONFIG = dict(
@@ -68,32 +74,13 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 def build_components(seed: int = 0) -> dict:
     """Untrained components in diffusers' model_index naming (fp32, seeded)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from catfast.integrations.factory import SCHEDULER_CONFIG, clip_text_config
-    from catfast.integrations.tokenizer import build_tokenizer
-
-    text_config = clip_text_config(**TEXT_CONFIG)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(text_config).eval().requires_grad_(False)
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=1.0)
-        torch.manual_seed(seed + 2)
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-    return dict(
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=build_tokenizer(),
-        vae=vae,
-        scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+    return factory.build_components(
+        UNET_CONFIG, {**VAE_CONFIG, "scaling_factor": 1.0}, factory.clip_text_config(**TEXT_CONFIG), seed=seed
     )
 
 
 def image_pool(n: int, seed: int, *, patterns: bool) -> tuple[torch.Tensor, list[str]]:
     """n world images as a float tensor [n, 3, S, S] in [-1, 1], and their training captions."""
-    import numpy as np
 
     pairs = world.dataset(n, seed, patterns=patterns)
     pixels = np.stack([np.asarray(world.render(s)) for s, _ in pairs])
@@ -210,9 +197,6 @@ def pretrain(
     ``init``: a folder an earlier run wrote: keep its text encoder and VAE and continue training its UNet
     (a second stage, e.g. at a lower ``lr``) instead of starting from random weights. ``train_text``: train
     the text encoder jointly with the UNet. ``command``: recorded in pretrain.json (how to rerun)."""
-    from catfast.errors import CatfastError
-    from catfast.folders import check_target, staged_folder
-
     out = Path(out).absolute()
     check_target(out, overwrite, CatfastError)
     torch.manual_seed(seed)
@@ -223,8 +207,6 @@ def pretrain(
         scale = train_vae(parts["vae"], vae_pool, steps=vae_steps, batch=32, lr=2e-3, seed=seed, log=log)
         parts["vae"].register_to_config(scaling_factor=scale)
     else:
-        from catfast.integrations.models import load_base
-
         loaded = load_base(init)
         parts.update(unet=loaded.unet.requires_grad_(True), vae=loaded.vae, text_encoder=loaded.text_encoder)
         scale, vae_steps = loaded.vae.config.scaling_factor, 0
@@ -290,35 +272,6 @@ def pretrain(
         info["seconds"] = round(seconds) + (info.get("init") or {}).get("seconds", 0)
         (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
-
-
-def save_components(parts: dict, folder: Path) -> None:
-    """Write the components as a diffusers folder: fp16 safetensors weights, tokenizer, scheduler,
-    model_index.json."""
-    import diffusers
-
-    from catfast.integrations.tokenizer import save_tokenizer
-
-    for name in ("unet", "vae", "text_encoder"):
-        # nn.Module.to: diffusers' own .to warns about casting to half (the folder loads as fp32 or any dtype)
-        torch.nn.Module.to(parts[name], torch.float16).save_pretrained(folder / name, safe_serialization=True)
-        torch.nn.Module.to(parts[name], torch.float32)
-    save_tokenizer(parts["tokenizer"], folder / "tokenizer")
-    parts["scheduler"].save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

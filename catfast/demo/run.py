@@ -24,10 +24,19 @@ from pathlib import Path
 
 import torch
 
+from catfast.adapters.formats import read_adapter
 from catfast.demo import world
+from catfast.demo.encoder import load_encoder
 from catfast.demo.shipped import check_assets, encoder_path, model_path
 from catfast.errors import CatfastError
-from catfast.folders import ensure_writable_folder
+from catfast.eval.grids import save_grid
+from catfast.eval.kps import kps_scores, with_trigger
+from catfast.eval.sampler import sample_images
+from catfast.folders import ensure_writable_folder, write_atomic
+from catfast.integrations.models import load_base
+from catfast.integrations.peft_adapters import attach_adapter
+from catfast.train.config import TrainConfig
+from catfast.train.trainer import train
 
 # Class prompts: the bare class, two of the training captions' backgrounds, and two that name a color (the
 # CAT term never sees a color word: these test preservation away from the stripped training captions).
@@ -75,8 +84,6 @@ def write_concept(folder: Path, n: int = 5) -> list:
 
 
 def _train(method: str, model: Path, concept: Path, out: Path, seed: int, steps: int, progress: bool):
-    from catfast.train.config import TrainConfig
-    from catfast.train.trainer import train
 
     config = TrainConfig(
         base=str(model),
@@ -125,14 +132,6 @@ def run_demo(
     adapters; ``seeds``: sampling seeds 0..seeds-1; ``overwrite``: run in an ``out`` that holds files
     (otherwise refused before any work); ``assets``: the folder of the demo model and encoder
     (default: the shipped one), checked first."""
-    from catfast.adapters.formats import read_adapter
-    from catfast.demo.encoder import load_encoder
-    from catfast.eval.grids import save_grid
-    from catfast.eval.kps import kps_scores, with_trigger
-    from catfast.eval.sampler import sample_images
-    from catfast.folders import write_atomic
-    from catfast.integrations.models import load_base
-    from catfast.integrations.peft_adapters import attach_adapter
 
     t0 = time.perf_counter()
     out = check_out(out, overwrite)

@@ -18,6 +18,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from PIL import Image, ImageDraw
+
 SIDE = 32  # pixels per image side
 _SUPER = 4  # drawn at SIDE * _SUPER and downsampled: anti-aliased edges
 
@@ -165,7 +167,6 @@ def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[l
 
 def render(scene_: Scene, side: int = SIDE):
     """The scene as an RGB PIL image of ``side`` x ``side`` pixels."""
-    from PIL import Image, ImageDraw
 
     big = side * _SUPER
     cx, cy, r = scene_.x * big, scene_.y * big, scene_.radius * big

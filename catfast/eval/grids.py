@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 
+from PIL import Image, ImageDraw, ImageFont
+
 from catfast.folders import write_atomic
 
 LABEL_PAD = 6  # pixels around a label
@@ -13,7 +15,6 @@ FONT_SIZE = 14  # pixels; PIL's default bitmap font (about 10 px tall) was hard 
 
 def _font(size: int):
     """PIL's bundled scalable font at ``size`` pixels (Pillow >= 10.1 with FreeType), else its bitmap font."""
-    from PIL import ImageFont
 
     try:
         return ImageFont.load_default(size=size)
@@ -26,7 +27,6 @@ def save_grid(images, rows: int, cols: int, path, labels=None, col_labels=None, 
     largest) as one PNG at ``path``, atomically (temp file in the same folder, then os.replace).
     ``labels``: one string per row, in a white column on the left; ``col_labels``: one string per
     column, in a white band on top (e.g. the sampling seeds). Labels are ``font_size`` pixels tall."""
-    from PIL import Image, ImageDraw
 
     images = list(images)
     if rows < 1 or cols < 1 or len(images) != rows * cols:

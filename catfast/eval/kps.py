@@ -32,16 +32,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
+from catfast.adapters.formats import read_adapter
 from catfast.errors import CatfastError
-from catfast.eval.encoders import ImageTextEncoder
+from catfast.eval.encoders import ImageTextEncoder, load_clip
 from catfast.eval.grids import save_grid
 from catfast.eval.sampler import sample_images
-from catfast.folders import check_output_file, write_atomic
+from catfast.folders import IMAGE_SUFFIXES, check_output_file, write_atomic
+from catfast.integrations.models import quiet_progress_bars, resolve_base
+from catfast.integrations.peft_adapters import attach_adapter
 
 AGGREGATES = ("harmonic", "arithmetic")
 KPS_ADAPTER_NAME = "kps_eval"  # the peft name an adapter file is attached under for the evaluation
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def harmonic_mean(values: Sequence[float]) -> float:
@@ -172,49 +175,16 @@ def kps_eval(
     Returns a JSON-ready dict: "definition" (the formulas used), "settings", "per_prompt" (prompt and
     its scores), "samples" (per (prompt, seed)), "total"."""
     prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
-    if not prompts:
-        raise CatfastError("KPS needs at least one prompt")
-    if not seeds:
-        raise CatfastError("KPS needs at least one seed")
-    if not trigger or not trigger.strip():
-        raise CatfastError("KPS needs the adapter's trigger word")
-    for p in prompts:
-        if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", p):
-            raise CatfastError(
-                f"prompt {p!r} already contains the trigger {trigger!r}; KPS prompts are class "
-                "prompts without it (the trigger is prepended for the identity images)"
-            )
-    if aggregate_with not in AGGREGATES:
-        raise ValueError(f"aggregate_with must be one of {AGGREGATES}, got {aggregate_with!r}")
+    _check_inputs(prompts, seeds, trigger, aggregate_with)
     pairs = [(i, s) for i in range(len(prompts)) for s in seeds]
-    name, attached = _adapter_name(base, adapter)
-    try:
-        # per (prompt, seed) the triple base | without | with trigger, so max_rows chunks mix all three
-        row_prompts = [q for i, _ in pairs for q in (prompts[i], prompts[i], with_trigger(prompts[i], trigger))]
-        images = sample_images(
-            base,
-            row_prompts,
-            adapters=[None, name, name] * len(pairs),
-            seeds=[s for _, s in pairs for _ in range(3)],
-            steps=steps,
-            guidance=guidance,
-            scale=scale,
-            size=size,
-            progress=progress,
-            max_rows=max_rows,
-        )
-    finally:
-        if attached:
-            base.unet.delete_adapters(name)
-    m = len(pairs)
+    sampling = dict(steps=steps, guidance=guidance, scale=scale, size=size, progress=progress, max_rows=max_rows)
+    images = _sample_triples(base, adapter, prompts, pairs, trigger, sampling)
     emb = encoder.embed_images(images)
     try:
         prompt_emb = encoder.embed_texts([prompts[i] for i, _ in pairs])
     except NotImplementedError:
         prompt_emb = None
-    refs = None
-    if reference_images:
-        refs = encoder.embed_images(list(reference_images))
+    refs = encoder.embed_images(list(reference_images)) if reference_images else None
     scores = kps_scores(
         emb[0::3],
         emb[1::3],
@@ -229,18 +199,9 @@ def kps_eval(
     for row in scores["per_prompt"]:
         row["prompt"] = prompts[row.pop("group")]
     if grid_path is not None:
-        save_grid(images, m, 3, grid_path, labels=[f"{prompts[i]} / seed {s}" for i, s in pairs])
+        save_grid(images, len(pairs), 3, grid_path, labels=[f"{prompts[i]} / seed {s}" for i, s in pairs])
     return {
-        "definition": {
-            "similarity": "image: (cos + 1) / 2 of the encoder's image embeddings; prompt: raw cosine",
-            "preservation": "sim(adapter without trigger, base), same prompt and seed",
-            "identity": "mean sim(adapter with trigger, reference images)"
-            if refs is not None
-            else "mean sim(adapter with trigger, the other trigger images) (identity consistency)",
-            "aggregate": f"{aggregate_with} mean over (prompt, seed); kps = {aggregate_with} mean of "
-            "preservation and identity; prompt similarity: arithmetic mean",
-            "provisional": "engine definition from cat-method.md 1.4, not the CAT paper's formula",
-        },
+        "definition": _definition(aggregate_with, refs is not None),
         "settings": {
             "trigger": trigger,
             "seeds": seeds,
@@ -256,10 +217,58 @@ def kps_eval(
     }
 
 
+def _check_inputs(prompts: list[str], seeds: list[int], trigger: str, aggregate_with: str) -> None:
+    """CatfastError for no prompts or seeds, no trigger, or a prompt that already holds the trigger."""
+    if not prompts:
+        raise CatfastError("KPS needs at least one prompt")
+    if not seeds:
+        raise CatfastError("KPS needs at least one seed")
+    if not trigger or not trigger.strip():
+        raise CatfastError("KPS needs the adapter's trigger word")
+    for p in prompts:
+        if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", p):
+            raise CatfastError(
+                f"prompt {p!r} already contains the trigger {trigger!r}; KPS prompts are class "
+                "prompts without it (the trigger is prepended for the identity images)"
+            )
+    if aggregate_with not in AGGREGATES:
+        raise ValueError(f"aggregate_with must be one of {AGGREGATES}, got {aggregate_with!r}")
+
+
+def _sample_triples(base, adapter, prompts: list[str], pairs: list[tuple[int, int]], trigger: str, sampling: dict):
+    """One batched sampler run: per (prompt, seed) the triple base | adapter without | adapter with the
+    trigger (so ``max_rows`` chunks mix all three); an adapter file is attached for the run only."""
+    name, attached = _adapter_name(base, adapter)
+    try:
+        row_prompts = [q for i, _ in pairs for q in (prompts[i], prompts[i], with_trigger(prompts[i], trigger))]
+        return sample_images(
+            base,
+            row_prompts,
+            adapters=[None, name, name] * len(pairs),
+            seeds=[s for _, s in pairs for _ in range(3)],
+            **sampling,
+        )
+    finally:
+        if attached:
+            base.unet.delete_adapters(name)
+
+
+def _definition(aggregate_with: str, with_references: bool) -> dict:
+    """The formulas a KPS result was computed with (its "definition" entry)."""
+    return {
+        "similarity": "image: (cos + 1) / 2 of the encoder's image embeddings; prompt: raw cosine",
+        "preservation": "sim(adapter without trigger, base), same prompt and seed",
+        "identity": "mean sim(adapter with trigger, reference images)"
+        if with_references
+        else "mean sim(adapter with trigger, the other trigger images) (identity consistency)",
+        "aggregate": f"{aggregate_with} mean over (prompt, seed); kps = {aggregate_with} mean of "
+        "preservation and identity; prompt similarity: arithmetic mean",
+        "provisional": "engine definition from docs/method.md section 3, not the CAT paper's formula",
+    }
+
+
 def _adapter_name(base, adapter) -> tuple[str, bool]:
     """(peft adapter name to sample with, whether we attached it from a file)."""
-    from catfast.adapters.formats import read_adapter
-    from catfast.integrations.peft_adapters import attach_adapter
 
     configs = getattr(base.unet, "peft_config", None) or {}
     if isinstance(adapter, str) and adapter in configs:
@@ -306,7 +315,6 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 def read_images(path: str | os.PathLike) -> list:
     """RGB PIL images of an image file or of every image file in a folder (sorted by name)."""
-    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if path.is_dir():
@@ -355,8 +363,6 @@ def run_kps_cli(
     atomically. ``seeds``: a count n (seeds 0..n-1) or the seeds. Every input is checked before the
     model is loaded (output places too: a folder, a link or an unwritable place is refused); bad input
     raises CatfastError naming the file. ``base_path`` "demo": the shipped demo model."""
-    from catfast.eval.encoders import load_clip
-    from catfast.integrations.models import quiet_progress_bars, resolve_base
 
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     prompts = read_prompts(prompts_file)

@@ -11,9 +11,13 @@ config, ``eta=0``, ``torch.Generator().manual_seed(seed)`` and the same steps an
 from __future__ import annotations
 
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from catfast.errors import CatfastError
+from catfast.integrations.models import encode_prompt
 from catfast.integrations.row_call import planned_unet
+from catfast.integrations.schedulers import sampling_scheduler
 from catfast.rows import NO_ADAPTER, RowPlan
 
 
@@ -77,8 +81,6 @@ def sample_images(
 @torch.no_grad()
 def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, progress) -> list:
     """One sampler run over len(prompts) samples; slots None = unpatched UNet (base rows only)."""
-    from diffusers import DDIMScheduler
-
     unet = call.unet
     n, device, dtype = len(prompts), unet.device, unet.dtype
     factor = base.vae_scale_factor
@@ -93,7 +95,7 @@ def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, 
     latents = torch.cat(
         [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
     ).to(device)
-    scheduler = DDIMScheduler.from_config(base.scheduler.config)
+    scheduler = sampling_scheduler("DDIMScheduler", base.scheduler.config)
     scheduler.set_timesteps(steps, device=device)
     latents = latents * scheduler.init_noise_sigma
     order, identical = _row_order(slots, cfg)
@@ -106,8 +108,6 @@ def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, 
         plan = RowPlan.build(row_slots, scales, needs_grad=False, device=device)
     timesteps = scheduler.timesteps
     if progress:
-        from tqdm.auto import tqdm
-
         timesteps = tqdm(timesteps, desc="sampling", unit="step")
     for t in timesteps:
         model_input = scheduler.scale_model_input(latents[index], t)
@@ -145,7 +145,6 @@ def _take(cond: dict, index: torch.Tensor) -> dict:
 def _conditions(base, prompts: list[str], side: int, cfg: bool, device, dtype) -> dict:
     """UNet keyword arguments for [uncond rows | cond rows] (cond rows only without CFG). The uncond
     condition is the empty prompt (SD), or zeros for SDXL (its pipelines' force_zeros_for_empty_prompt)."""
-    from catfast.integrations.models import encode_prompt
 
     cond = encode_prompt(base, prompts, image_size=(side, side) if base.is_sdxl else None)
     if not base.is_sdxl:
@@ -167,7 +166,6 @@ def _conditions(base, prompts: list[str], side: int, cfg: bool, device, dtype) -
 
 def decode_latents(base, latents: torch.Tensor) -> list:
     """PIL images of the latents: VAE decode, then diffusers' postprocess ([-1, 1] -> uint8, rounded)."""
-    from PIL import Image
 
     vae = base.vae
     images = []

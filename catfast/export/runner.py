@@ -13,15 +13,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from safetensors.numpy import load_file
 
 from catfast.errors import CatfastError, ModelLoadError
-from catfast.export.onnx import read_manifest
+from catfast.export.manifest import read_manifest
+from catfast.folders import check_output_file, write_atomic
+from catfast.integrations.tokenizer import load_tokenizer
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "DmlExecutionProvider", "CPUExecutionProvider")
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -39,9 +44,9 @@ def usable_providers() -> tuple[str, ...]:
     """The execution providers that really start here, in ORT's priority order. (onnxruntime-gpu lists CUDA
     and TensorRT as available even on a machine without a GPU or without the CUDA libraries; creating a
     session there silently falls back to CPU. Each provider is probed on a one-node graph.)"""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    import onnx  # lazy: onnx
+    import onnxruntime as ort  # lazy: onnxruntime
+    from onnx import TensorProto, helper  # lazy: onnx
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
@@ -78,7 +83,7 @@ def pick_provider(requested: str | None = None) -> str:
 
 def session(path: str | os.PathLike, provider: str, threads: int | None = None):
     """An ORT session on ``path`` with ``provider`` (and CPU for anything it does not take)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: onnxruntime
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # LoRA inputs with defaults make ORT warn once per input
@@ -184,9 +189,6 @@ class OnnxPipeline:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, provider: str | None = None) -> OnnxPipeline:
-        import json
-
-        from transformers import CLIPTokenizer
 
         folder = Path(model_dir)
         manifest = read_manifest(folder)
@@ -201,7 +203,7 @@ class OnnxPipeline:
                 raise ModelLoadError(f"{folder}: {name} is missing")
         chosen = pick_provider(provider)
         sessions = {c: session(folder / manifest["components"][c]["file"], chosen) for c in manifest["components"]}
-        tokenizer = CLIPTokenizer.from_pretrained(folder / manifest["tokenizer"], local_files_only=True)
+        tokenizer = load_tokenizer(folder / manifest["tokenizer"])
         config = json.loads((folder / manifest["scheduler"]).read_text())
         return cls(folder, manifest, chosen, sessions, tokenizer, config)
 
@@ -225,7 +227,6 @@ class OnnxPipeline:
         entry = next((a for a in self.manifest["adapters"] if a["name"] == name), None)
         if entry is None:
             raise RunnerError(f"{self.folder}: no adapter {name!r}; this export has {', '.join(self.adapters)}")
-        from safetensors.numpy import load_file
 
         feeds = {c: load_file(self.folder / files["safetensors"]) for c, files in entry["weights"].items()}
         self._feeds[name] = feeds
@@ -303,9 +304,6 @@ class OnnxPipeline:
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write an (H, W, 3) float image in [0, 1] as an 8-bit PNG (rounded as diffusers' numpy_to_pil),
     atomically."""
-    from PIL import Image
-
-    from catfast.folders import write_atomic
 
     path = Path(path)
     buf = io.BytesIO()
@@ -333,7 +331,6 @@ def run_onnx(
     atomically). Before any work, RunnerError for: an ``out`` that exists (unless ``overwrite``), is a
     folder or a symbolic link, or cannot be written; steps < 1; a height or width <= 0; a guidance scale
     that is not a finite number. Returns (the PNG's path, the execution provider used)."""
-    from catfast.folders import check_output_file
 
     check_output_file(out, overwrite, RunnerError)
     if steps < 1:

@@ -15,6 +15,10 @@ import torch
 
 from catfast.errors import ModelLoadError
 from catfast.folders import check_target, staged_folder
+from catfast.integrations.models import BaseModel, quiet_progress_bars
+from catfast.integrations.schedulers import training_scheduler
+from catfast.integrations.tokenizer import BOS, EOS, build_tokenizer, save_tokenizer, vocab_and_merges
+from catfast.targets import ATTENTION_PROJECTIONS
 
 MODEL_NAMES = ("tiny", "small", "sd15", "sdxl")
 ALL_MODEL_NAMES = MODEL_NAMES + ("tiny-sdxl",)
@@ -123,7 +127,7 @@ def unet_config(name: str) -> dict:
 
 def build_unet(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A UNet2DConditionModel of the named shape with seeded random weights."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # lazy: diffusers
 
     unet = _seeded(seed, lambda: UNet2DConditionModel(**unet_config(name)))
     return unet if dtype == torch.float32 else unet.to(dtype)
@@ -195,16 +199,6 @@ _VAE_CONFIGS: dict[str, dict] = {
 }
 
 # SD's training noise schedule (the DDPM view of the PNDM config SD1.5 and SDXL ship).
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    prediction_type="epsilon",
-    clip_sample=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-)
 
 
 def _is_xl(name: str) -> bool:
@@ -214,9 +208,7 @@ def _is_xl(name: str) -> bool:
 def clip_text_config(**sizes):
     """A transformers CLIPTextConfig for catfast's offline tokenizer (its vocabulary and special tokens,
     77 positions, quick_gelu), with ``sizes`` (hidden_size, num_hidden_layers, ...) on top."""
-    from transformers import CLIPTextConfig
-
-    from catfast.integrations.tokenizer import BOS, EOS, vocab_and_merges
+    from transformers import CLIPTextConfig  # lazy: transformers
 
     vocab = vocab_and_merges()[0]
     fields = dict(
@@ -232,7 +224,7 @@ def clip_text_config(**sizes):
 
 def _text_encoder(name: str, which: int, seed: int):
     """CLIPTextModel (which=1) or CLIPTextModelWithProjection (which=2, SDXL) of the named model."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # lazy: transformers
 
     config = clip_text_config(**_TEXT_CONFIGS[name][which - 1])
     cls = CLIPTextModel if which == 1 else CLIPTextModelWithProjection
@@ -240,22 +232,20 @@ def _text_encoder(name: str, which: int, seed: int):
 
 
 def _vae(name: str, seed: int):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # lazy: diffusers
 
     return _seeded(seed, lambda: AutoencoderKL(**_VAE_CONFIGS[name])).eval()
 
 
 def _scheduler():
-    from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SCHEDULER_CONFIG)
+    return training_scheduler()
 
 
 def _component_makers(name: str, seed: int) -> dict:
     """Component name -> zero-argument builder, in diffusers' model_index naming. Each builder is seeded
     on its own (unet: seed, as build_unet; text_encoder: seed+1; text_encoder_2: seed+2; vae: seed+3), so
     one component can be built, saved and freed before the next (sdxl is ~14 GB in fp32)."""
-    from catfast.integrations.tokenizer import build_tokenizer
 
     unet_config(name)  # validates the name
     makers = {
@@ -274,18 +264,22 @@ def _component_makers(name: str, seed: int) -> dict:
 def build_base(name: str, *, seed: int = 0):
     """Every component of the named model, fp32 with seeded random weights, as a `BaseModel` (eval mode).
     The UNet equals `build_unet(name, seed=seed)`."""
-    from catfast.integrations.models import BaseModel
 
     return BaseModel(**{key: make() for key, make in _component_makers(name, seed).items()})
 
 
 def _model_index(name: str) -> dict:
-    """diffusers' model_index.json for the named model, as StableDiffusion(XL)Pipeline.save_pretrained
+    """diffusers' model_index.json for the named model (``model_index``)."""
+    return model_index(xl=_is_xl(name))
+
+
+def model_index(*, xl: bool = False) -> dict:
+    """diffusers' model_index.json of a Stable Diffusion (XL) folder, as StableDiffusion(XL)Pipeline.save_pretrained
     writes it (no safety checker, no feature extractor)."""
-    import diffusers
+    import diffusers  # lazy: diffusers
 
     index = {
-        "_class_name": "StableDiffusionXLPipeline" if _is_xl(name) else "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
@@ -295,7 +289,7 @@ def _model_index(name: str) -> dict:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if _is_xl(name):
+    if xl:
         index.update(
             text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
             tokenizer_2=["transformers", "CLIPTokenizer"],
@@ -307,7 +301,6 @@ def _model_index(name: str) -> dict:
 
 
 def _save_component(key: str, obj, out_dir: Path) -> None:
-    from catfast.integrations.tokenizer import save_tokenizer
 
     if key.startswith("tokenizer"):
         save_tokenizer(obj, out_dir)
@@ -323,7 +316,6 @@ def init_model_folder(name: str, out_dir: str | os.PathLike, *, seed: int = 0, o
     and return its path. Components are built, saved and freed one at a time. The folder is written
     beside the target under a temporary name and renamed into place, so a crash never leaves a half
     folder at `out_dir`. An existing non-empty `out_dir` is refused unless `overwrite`."""
-    from catfast.integrations.models import quiet_progress_bars
 
     out = Path(out_dir).absolute()
     check_target(out, overwrite, ModelLoadError)
@@ -336,3 +328,44 @@ def init_model_folder(name: str, out_dir: str | os.PathLike, *, seed: int = 0, o
             del component
         (tmp / "model_index.json").write_text(json.dumps(_model_index(name), indent=2) + "\n")
     return out
+
+
+def build_components(unet_config: dict, vae_config: dict, text_config, *, seed: int = 0) -> dict:
+    """Untrained SD1-style components from configs, in diffusers' model_index naming (fp32, seeded: text
+    encoder ``seed``, VAE ``seed + 1``, UNet ``seed + 2``), with catfast's offline tokenizer and the training
+    scheduler. ``text_config``: a transformers CLIPTextConfig (``clip_text_config``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # lazy: diffusers
+    from transformers import CLIPTextModel  # lazy: transformers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config).eval().requires_grad_(False)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**vae_config)
+        torch.manual_seed(seed + 2)
+        unet = UNet2DConditionModel(**unet_config)
+    tokenizer, scheduler = build_tokenizer(), training_scheduler()
+    return dict(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, scheduler=scheduler)
+
+
+def save_components(parts: dict, folder: Path, *, dtype: torch.dtype = torch.float16) -> None:
+    """Write SD1-style components (``build_components``' keys) as a diffusers folder: ``dtype`` safetensors
+    weights (the models are left in fp32), tokenizer, scheduler, model_index.json."""
+    for name in ("unet", "vae", "text_encoder"):
+        # nn.Module.to: diffusers' own .to warns about casting to half (the folder loads as fp32 or any dtype)
+        torch.nn.Module.to(parts[name], dtype).save_pretrained(folder / name, safe_serialization=True)
+        torch.nn.Module.to(parts[name], torch.float32)
+    _save_component("tokenizer", parts["tokenizer"], folder / "tokenizer")
+    parts["scheduler"].save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+
+
+def attention_weight_shapes(name: str) -> list[tuple[int, int]]:
+    """[out, in] of every to_q/to_k/to_v/to_out.0 Linear of the named model's UNet (built on the meta
+    device: no memory, no time)."""
+    from diffusers import UNet2DConditionModel  # lazy: diffusers
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config(name))
+    suffixes = tuple("." + t for t in ATTENTION_PROJECTIONS)
+    return [tuple(m.weight.shape) for n, m in unet.named_modules() if n.endswith(suffixes)]

@@ -11,6 +11,7 @@ What `--base` accepts (`resolve_base`):
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
+from catfast.demo.shipped import check_assets, model_path
 from catfast.errors import ModelLoadError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -62,7 +65,7 @@ def diffusers_pipeline(base: BaseModel):
     ``base``'s components (shared, not copied), with a DDIM scheduler built from the base's config and the
     progress bar off: the oracle catfast's sampler and serving engine are checked against, and the
     baseline of the serving benchmark."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # lazy: diffusers
 
     parts = dict(
         vae=base.vae,
@@ -152,8 +155,8 @@ def _read_model_index(folder: Path) -> dict[str, list]:
 
 def _load_component(folder: Path, name: str, dtype: torch.dtype):
     """One component from `folder/name`, local files only; any failure becomes a ModelLoadError."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # lazy: diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # lazy: transformers
 
     sub = folder / name
     try:
@@ -182,7 +185,6 @@ def quiet_progress_bars() -> None:
     """Turn off the progress bar diffusers/transformers draw per component load or save (catfast draws
     its own per job). Called where models are loaded, not at startup: importing either library costs
     seconds, which `catfast --help` and `adapter info` must not pay."""
-    import importlib
 
     for name in ("diffusers.utils.logging", "transformers.utils.logging"):
         try:
@@ -198,8 +200,6 @@ def base_location(spec: str | os.PathLike) -> str | os.PathLike:
     (train, cat-step, eval kps, export onnx, serve) resolves it here; the shipped files are checked against
     their manifest first (a damaged install says so instead of failing somewhere in diffusers)."""
     if os.fspath(spec) == DEMO_BASE:
-        from catfast.demo.shipped import check_assets, model_path
-
         check_assets()
         return model_path()
     return spec
@@ -278,7 +278,7 @@ _HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.ckpt", "*.bin", "*.msgpack", "*.h5", 
 def hub_folder(repo_id: str) -> Path:
     """The local folder of the hub repo ``repo_id``: from the local hub cache when it is there (always with
     HF_HUB_OFFLINE=1), else downloaded into it. ModelLoadError when neither works."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: hub
 
     try:
         return Path(snapshot_download(repo_id, ignore_patterns=_HUB_IGNORE))
@@ -315,8 +315,6 @@ def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(path)
         except Exception as e:
@@ -371,13 +369,13 @@ def load_unet_file(
     converted with diffusers' own `convert_ldm_unet_checkpoint`. Pickle formats (.ckpt/.pt/.pth/.bin) are
     refused unless allow_pickle. The file's tensors become the parameters (no second copy when the file
     already has `dtype`). Keys and shapes must fit the config exactly, else ModelLoadError."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # lazy: diffusers
 
     path = Path(path)
     cfg, cfg_src = _unet_config(config)
     state = _read_state_dict(path, allow_pickle)
     if any(k.startswith(LDM_UNET_PREFIX) for k in state):
-        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # lazy: diffusers
 
         try:
             state = convert_ldm_unet_checkpoint(state, cfg)

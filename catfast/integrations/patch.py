@@ -48,8 +48,8 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
     """Patch every peft LoRA Linear and Conv2d of ``unet``; slot i is adapter ``adapters[i]``
     (default: every peft adapter, in ``unet.peft_config`` order). Idempotent: a patched UNet returns its
     existing report when the slots are the same, and raises when they differ."""
-    from peft.tuners.lora import Conv2d as PeftConv2d
-    from peft.tuners.lora import Linear as PeftLinear
+    from peft.tuners.lora import Conv2d as PeftConv2d  # lazy: peft
+    from peft.tuners.lora import Linear as PeftLinear  # lazy: peft
 
     configs = getattr(unet, "peft_config", None)
     if not configs:
@@ -91,6 +91,25 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
     report.attention = sorted(processors)
     setattr(unet, _STATE, _PatchState(holder, originals, processors, report))
     return report
+
+
+def fused_blocker(model: torch.nn.Module, per_sample_adapters: bool) -> str | None:
+    """Why the fused CAT step (a row-planned call) would refuse this unpatched peft UNet, or None.
+    ``per_sample_adapters``: the caller names each sample's adapter (else the one active adapter is used)."""
+    from peft.tuners.lora import Conv2d as PeftConv2d  # lazy: peft
+    from peft.tuners.lora import Linear as PeftLinear  # lazy: peft
+
+    if getattr(model, "is_gradient_checkpointing", False):
+        return "gradient checkpointing without patch_unet"
+    if not per_sample_adapters and len(model.active_adapters()) != 1:
+        return "several active adapters and no per-sample adapters"
+    slots = list(getattr(model, "peft_config", {}) or {}) if per_sample_adapters else model.active_adapters()
+    for name, module in model.named_modules():
+        if isinstance(module, (PeftLinear, PeftConv2d)):
+            reason = _unsupported(module, slots)
+            if reason is not None:
+                return f"{name}: {reason}"
+    return None
 
 
 def _unsupported(module: torch.nn.Module, slots: list[str]) -> str | None:

@@ -28,7 +28,7 @@ def attach_adapter(
     Shapes are validated first (AdapterShapeError, model untouched); if anything fails after peft has
     injected layers, the half-made adapter is removed again.
     """
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: peft
 
     targets = resolve_targets(model, adapter, component)
     if adapter_name in (getattr(model, "peft_config", None) or {}):
@@ -65,8 +65,8 @@ def _load_weights(model: torch.nn.Module, layers: dict[str, LoraLayer], adapter_
 
 def _remove(model: torch.nn.Module, adapter_name: str, had_peft: bool) -> None:
     """Undo a partial ``attach_adapter``: delete the adapter, and unwrap peft layers if it was the only one."""
-    from diffusers.utils import recurse_remove_peft_layers
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from diffusers.utils import recurse_remove_peft_layers  # lazy: diffusers
+    from peft.tuners.tuners_utils import BaseTunerLayer  # lazy: peft
 
     if not had_peft:
         recurse_remove_peft_layers(model)
@@ -83,7 +83,7 @@ def _remove(model: torch.nn.Module, adapter_name: str, had_peft: bool) -> None:
 def extract_adapter(model: torch.nn.Module, adapter_name: str = "default", component: str = "unet") -> LoraAdapter:
     """The peft LoRA adapter ``adapter_name`` of ``model`` as a ``LoraAdapter`` (copies of the weights;
     alpha is peft's ``lora_alpha``, rescaled for rsLoRA so that ``alpha / r`` is the layer's scale)."""
-    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer  # lazy: peft
 
     layers = {}
     for name, module in model.named_modules():
@@ -102,6 +102,13 @@ def extract_adapter(model: torch.nn.Module, adapter_name: str = "default", compo
     return LoraAdapter(layers=layers, source_format="memory")
 
 
+def peft_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every peft LoRA layer (``peft.tuners.lora.LoraLayer``: Linear, Conv2d, ...) of ``model``, in module order."""
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer  # lazy: peft
+
+    return [m for m in model.modules() if isinstance(m, PeftLoraLayer)]
+
+
 def add_lora(
     model: torch.nn.Module,
     *,
@@ -113,7 +120,7 @@ def add_lora(
     """Attach a fresh, trainable peft LoRA (A Kaiming-random, B zero, scale ``alpha / rank``) to every
     module whose name ends with one of ``target_modules``; freeze everything else. Returns the names of
     the LoRA parameters that will train."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: peft
 
     if rank < 1:
         raise CatfastError(f"LoRA rank must be >= 1, got {rank}")
@@ -125,3 +132,17 @@ def add_lora(
         adapter_name=adapter_name,
     )
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def randomize_lora_(module: torch.nn.Module, *, seed: int = 0, std: float = 0.1) -> int:
+    """Fill every peft ``lora_A``/``lora_B`` weight with seeded N(0, std^2) values; returns how many."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    for name, p in module.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            count += 1
+    if count == 0:
+        raise ValueError("no peft LoRA parameters found to randomise")
+    return count

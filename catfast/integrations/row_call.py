@@ -23,7 +23,12 @@ from collections.abc import Sequence
 import torch
 
 from catfast.errors import CatfastError
+from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
+from catfast.nn.row_lora import RowLoraLayer
+from catfast.ops.grad_rows import keep_grad_rows
 from catfast.rows import NO_ADAPTER, RowPlan
+
+__all__ = ["PlannedUnet", "keep_grad_rows", "planned_unet", "run_segmented", "unplannable"]
 
 
 class PlannedUnet:
@@ -44,7 +49,6 @@ class PlannedUnet:
         if plan is None or not self.patched:
             yield
             return
-        from catfast.integrations.patch import row_plan
 
         with row_plan(self.unet, plan, identical_groups=identical_groups, twin_groups=twin_groups):
             yield
@@ -65,7 +69,6 @@ def planned_unet(
     gradient checkpointing) or "sample" (a plain UNet is allowed: base rows only; disabled adapters are
     refused). ``error``: the exception class of refusals (the objective raises ValueError, the sampler
     CatfastError). Messages name what to do."""
-    from catfast.integrations.patch import patch_report, patch_unet, unpatch_unet
 
     if purpose not in ("fused", "sample"):
         raise ValueError(f"purpose must be 'fused' or 'sample', got {purpose!r}")
@@ -97,7 +100,6 @@ def planned_unet(
 def unplannable(unet: torch.nn.Module, report, *, check_disabled: bool = True) -> str | None:
     """Why a row plan would not give each row its own adapter, or None. A peft layer left unpatched would
     apply the active adapter to every row; a disabled adapter makes patched layers ignore the plan."""
-    from catfast.nn.row_lora import RowLoraLayer
 
     if report.skipped:
         name, why = next(iter(report.skipped.items()))

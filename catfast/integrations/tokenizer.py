@@ -99,10 +99,17 @@ def vocab_size() -> int:
 
 def build_tokenizer(max_length: int = MAX_LENGTH):
     """A transformers CLIPTokenizer over the generated vocabulary; pads/truncates to `max_length` (77)."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # lazy: transformers
 
     vocab, merges = vocab_and_merges()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+
+
+def load_tokenizer(folder: str | Path):
+    """The CLIPTokenizer saved in a local ``folder`` (``save_tokenizer``, or any CLIP tokenizer folder); no hub."""
+    from transformers import CLIPTokenizer  # lazy: transformers
+
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def save_tokenizer(tokenizer, out_dir: str | Path) -> None:

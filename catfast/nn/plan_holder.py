@@ -1,7 +1,7 @@
 """The state of one row-planned UNet call, shared by every patched module of that UNet.
 
-Besides the plan, it tracks which rows are still identical, so shared work runs once (DESIGN.md,
-"Shared prefix"). With the fused CAT layout [trigger | stripped | teacher] (G = 3 groups of B samples):
+Besides the plan, it tracks which rows are still identical, so shared work runs once (docs/design.md,
+"Sharing work between rows"). With the fused CAT layout [trigger | stripped | teacher] (G = 3 groups of B samples):
 - prefix: all groups are identical until the first LoRA layer or cross-attention; frozen modules
   compute one group and repeat it.
 - twins: after the first LoRA layer, groups 0 and 1 (the adapter on both captions) stay identical until

@@ -1,5 +1,5 @@
-"""Row-aware stand-ins for the frozen parts of a patched UNet (DESIGN.md, "No work and no memory for
-the teacher rows' backward"): Conv2d / Linear layers without LoRA, and attention.
+"""Row-aware stand-ins for the frozen parts of a patched UNet (docs/design.md, "No backward work
+for the teacher rows"): Conv2d / Linear layers without LoRA, and attention.
 
 With a row plan that mixes grad and no-grad samples, ``RowFrozenConv2d`` / ``RowFrozenLinear`` run
 every row in one launch but compute dX only for the grad samples, and ``RowAttnProcessor`` runs the

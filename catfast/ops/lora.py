@@ -4,7 +4,7 @@ Backends: "triton" (catfast/kernels/lora_gemm.py; CUDA, or the CPU interpreter u
 TRITON_INTERPRET=1) and "torch" (pure-torch math with the same row-aware saving). The choice is made
 per call: ``CATFAST_BACKEND=torch|triton`` forces one; otherwise triton on CUDA, torch elsewhere.
 
-What backward keeps (DESIGN.md, "No work and no memory for the teacher rows' backward"): the input
+What backward keeps (docs/design.md, "No backward work for the teacher rows"): the input
 rows and the rank-r product T = X A^T of the samples with ``needs_grad`` only, plus references to
 the weights. Backward computes dX only for those rows (zeros elsewhere) and dA/dB per adapter slot
 from those rows only. The base weight and bias are frozen (no dW/db).

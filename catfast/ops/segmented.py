@@ -28,6 +28,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from catfast.ops.lora import choose_backend
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -106,13 +108,12 @@ def segmented_lora_linear_(
         return y
     if x.shape[0] != plan.rows or y.shape[0] != plan.rows:
         raise ValueError(f"segment plan has {plan.rows} rows but the batch has {x.shape[0]}")
-    from catfast.ops.lora import choose_backend
 
     backend = backend or choose_backend(x)
     with torch.no_grad():
         coef = plan.coefficients(scales.to(x.dtype))
         if backend == "triton":
-            from catfast.kernels.segmented_lora import segmented_lora_triton_
+            from catfast.kernels.segmented_lora import segmented_lora_triton_  # lazy: triton
 
             return segmented_lora_triton_(y, x, lora_a, lora_b, coef, plan)
         if backend != "torch":

@@ -9,7 +9,7 @@ from catfast.serve.requests import Event, GenerationRequest, RequestHandle
 
 def __getattr__(name):
     if name == "Engine":
-        from catfast.serve.engine import Engine
+        from catfast.serve.engine import Engine  # lazy: startup
 
         return Engine
     raise AttributeError(name)

@@ -35,8 +35,8 @@ def build_app(
     timeout: float = 300.0,
 ):
     """(engine, app) for the options of ``catfast serve``; the engine is started."""
-    from catfast.serve.engine import Engine, default_adapters_dir
-    from catfast.serve.http import create_app
+    from catfast.serve.engine import Engine, default_adapters_dir  # lazy: startup
+    from catfast.serve.http import create_app  # lazy: startup
 
     adapters = default_adapters_dir(base, adapters)
     if adapters is not None and not os.path.isdir(adapters):
@@ -92,7 +92,7 @@ def serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max
 
 
 def _serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level):
-    from catfast.serve.http import run
+    from catfast.serve.http import run  # lazy: startup
 
     if api_key is not None and not api_key.strip():
         raise CatfastError("--api-key must not be empty")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from catfast.demo.adapters import adapters_dir as shipped
+from catfast.integrations.models import BaseModel, load_base
 from catfast.serve.errors import BadRequest, Cancelled, ServeError
 from catfast.serve.pool import AdapterInfo, AdapterPool
 from catfast.serve.requests import SCHEDULERS, Event, GenerationRequest, RequestHandle, check_adapter_name
@@ -32,14 +34,11 @@ def default_adapters_dir(base, adapters_dir):
     """``adapters_dir``, or the shipped demo adapters when serving the shipped demo model without a folder
     (what ``catfast serve`` and the Ray deployment serve by default)."""
     if adapters_dir is None and base == "demo":
-        from catfast.demo.adapters import adapters_dir as shipped
-
         return str(shipped())
     return adapters_dir
 
 
 def _load_base(base, device, dtype):
-    from catfast.integrations.models import BaseModel, load_base
 
     if isinstance(base, BaseModel):
         model = base

@@ -28,6 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from catfast.demo.adapters import CONCEPTS, adapters_dir
+from catfast.serve.engine import Engine
+from catfast.serve.http import Server, create_app
+
 LONG_STEPS = 150  # steps of the requests whose clients leave early (the engine's maximum)
 KINDS = (("ok", 0.55), ("cancel", 0.15), ("stream_close", 0.1), ("unknown", 0.1), ("bad", 0.1))
 
@@ -83,7 +87,7 @@ def _plan(n: int, seed: int, adapters: list[str], steps: tuple[int, int]) -> lis
 
 
 def _one(url: str, plan: dict) -> dict:
-    import httpx
+    import httpx  # lazy: httpx
 
     kind, body = plan["kind"], plan["body"]
     t0 = time.perf_counter()
@@ -104,7 +108,7 @@ def _one(url: str, plan: dict) -> dict:
                 r = c.post("/v1/images/generations", json=body)
             out["status"] = r.status_code
             if r.status_code == 200:
-                from PIL import Image
+                from PIL import Image  # lazy: optional
 
                 data = r.json()["data"]
                 images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in data]
@@ -144,11 +148,7 @@ def run_load(
 ) -> dict:
     """Run the load test (module docstring) in this process; returns the report dict. ``rounds``: send
     ``requests`` that many times (seeds seed, seed+1, ...), recording the memory after each round."""
-    import httpx
-
-    from catfast.demo.adapters import CONCEPTS, adapters_dir
-    from catfast.serve.engine import Engine
-    from catfast.serve.http import Server, create_app
+    import httpx  # lazy: httpx
 
     with tempfile.TemporaryDirectory(prefix="catfast-load-") as tmp:
         folder = Path(tmp)

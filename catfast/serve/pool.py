@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from catfast.adapters.adapter import most_common
+from catfast.adapters.adapter import format_name, most_common
+from catfast.adapters.formats import read_adapter
+from catfast.adapters.merge import resolve_targets
 from catfast.errors import CatfastError
 from catfast.nn.slot_lora import SlotHolder, SlotLora
 from catfast.serve.errors import AdapterLoadError, UnknownAdapter
@@ -96,9 +98,6 @@ class AdapterPool:
     def read_file(self, path: str | os.PathLike) -> tuple[dict, dict]:
         """Parse and check an adapter file against the UNet: (layers, meta). AdapterLoadError for a file
         that is missing, corrupt, in an unknown format, or made for another model. Lock-free."""
-        from catfast.adapters.adapter import format_name
-        from catfast.adapters.formats import read_adapter
-        from catfast.adapters.merge import resolve_targets
 
         path = Path(path)
         if not path.exists():

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from catfast.errors import CatfastError
+from catfast.serve.engine import Engine, default_adapters_dir
 from catfast.serve.errors import ServeError, UnknownAdapter
 from catfast.serve.http import HTTPError, http_error, parse_model, png_b64, request_fields, safe_adapter_path
-from catfast.serve.requests import check_adapter_name
+from catfast.serve.requests import GenerationRequest, check_adapter_name
 
 try:
     from ray import serve
@@ -69,9 +71,6 @@ class CatfastDeployment:
         max_resident: int = 16,
         timeout_s: float = 300.0,
     ):
-        from pathlib import Path
-
-        from catfast.serve.engine import Engine, default_adapters_dir
 
         adapters_dir = default_adapters_dir(base, adapters_dir)
         self.adapters_dir = None if adapters_dir is None else Path(adapters_dir)
@@ -132,7 +131,6 @@ class CatfastDeployment:
             return {"error": {"message": err.message, "type": err.type, "code": err.code}, "status": err.status}
 
     async def _generate(self, body: dict) -> dict:
-        from catfast.serve.requests import GenerationRequest
 
         if not isinstance(body, dict):
             raise HTTPError(400, "the body must be a JSON object")

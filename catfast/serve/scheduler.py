@@ -22,10 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from catfast.eval.sampler import decode_latents
+from catfast.integrations.models import encode_prompt
+from catfast.integrations.row_call import run_segmented
+from catfast.integrations.schedulers import sampling_scheduler
 from catfast.ops.segmented import Segment, SegmentPlan
-from catfast.serve.errors import AdapterLoadError, QueueFull, RequestTimeout, ServeError
+from catfast.serve.errors import AdapterLoadError, Cancelled, QueueFull, RequestTimeout, ServeError
 from catfast.serve.pool import AdapterPool, Entry
-from catfast.serve.requests import Event, GenerationRequest, RequestHandle
+from catfast.serve.requests import SCHEDULERS, Event, GenerationRequest, RequestHandle
 
 
 @dataclass
@@ -115,8 +119,6 @@ class StepScheduler:
 
     def _stop_reason(self, job: Job, now: float) -> ServeError | None:
         if job.handle.cancel_requested:
-            from catfast.serve.errors import Cancelled
-
             return Cancelled(f"request {job.handle.id} was cancelled")
         if now > job.deadline:
             return RequestTimeout(f"request {job.handle.id} did not finish within its timeout")
@@ -188,10 +190,6 @@ class StepScheduler:
     @torch.no_grad()
     def start(self, job: Job) -> None:
         """Encode the prompts, draw the initial noise and set up the job's own diffusers scheduler."""
-        import diffusers
-
-        from catfast.serve.requests import SCHEDULERS
-
         base, unet = self.base, self.base.unet
         device, dtype = unet.device, unet.dtype
         req = job.request
@@ -203,7 +201,7 @@ class StepScheduler:
         # diffusers' prepare_latents with one CPU generator: what the pipeline draws for
         # num_images_per_prompt=n and generator=torch.Generator().manual_seed(seed)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(job.seed), dtype=dtype).to(device)
-        scheduler = getattr(diffusers, SCHEDULERS[req.scheduler]).from_config(base.scheduler.config)
+        scheduler = sampling_scheduler(SCHEDULERS[req.scheduler], base.scheduler.config)
         scheduler.set_timesteps(req.steps, device=device)
         job.latents = latents * scheduler.init_noise_sigma
         job.scheduler, job.timesteps = scheduler, scheduler.timesteps
@@ -224,7 +222,6 @@ class StepScheduler:
 
     @staticmethod
     def _encode(job: Job, base, req, size, device, dtype) -> None:
-        from catfast.integrations.models import encode_prompt
 
         if base.is_sdxl:
             job.hidden, job.added = _sdxl_conditions(base, req, size, job.cfg, device, dtype)
@@ -240,7 +237,6 @@ class StepScheduler:
     def step(self, jobs: list[Job]) -> list[Job]:
         """One denoising step of every job in ``jobs`` (same size) as one UNet call; returns the jobs that
         took their last step."""
-        from catfast.integrations.row_call import run_segmented
 
         jobs = sorted(jobs, key=lambda j: (j.mix(), j.order))
         unet = self.base.unet
@@ -301,7 +297,6 @@ class StepScheduler:
 
     @torch.no_grad()
     def decode(self, job: Job) -> list:
-        from catfast.eval.sampler import decode_latents
 
         return decode_latents(self.base, job.latents)
 
@@ -310,7 +305,6 @@ def _sdxl_conditions(base, req, size: tuple[int, int], cfg: bool, device, dtype)
     """SDXL rows' text conditions as diffusers' StableDiffusionXLPipeline builds them: with CFG and no
     negative prompt, zeros for the uncond rows (force_zeros_for_empty_prompt); time ids
     (h, w, 0, 0, h, w) for the image size."""
-    from catfast.integrations.models import encode_prompt
 
     n = req.n
 

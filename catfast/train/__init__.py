@@ -1,1 +1,2 @@
-"""Training: the CAT objective (reference and, later, fused), trainer, data and checkpoints."""
+"""Training: the CAT objective (reference and fused modes), the trainer and its outputs, data, the latent cache,
+checkpoints and config."""

@@ -22,9 +22,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from catfast.errors import CatfastError
+from catfast.folders import write_atomic
 from catfast.train.data import (
     Example,
     ImagePlan,
@@ -113,7 +117,6 @@ def build_cache(
     with ``force_upcast``, like SDXL's, runs in fp32). Afterwards base.vae and base.text_encoder(s) are
     on "cpu" (in ``dtype`` if they were encoded with; an all-hit build leaves their dtype alone).
     """
-    from tqdm.auto import tqdm
 
     if not examples:
         raise CatfastError("no training examples to cache")
@@ -210,9 +213,6 @@ def _offload(base) -> None:
 
 
 def _write_entry(path: Path, entry: _Entry, example: Example) -> None:
-    import safetensors.torch
-
-    from catfast.folders import write_atomic
 
     tensors = {"latents": entry.latents, "hidden": entry.hidden}
     if entry.pooled is not None:
@@ -228,7 +228,6 @@ def _load_entry(path: Path, plan: ImagePlan, base) -> _Entry | None:
     """The entry at ``path``, or None when it is missing, or unreadable / of the wrong shape (warned)."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from catfast.errors import CatfastError
 from catfast.train.config import TrainConfig, differing_settings
@@ -83,7 +85,6 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int = 1) -> Path:
     """Write ``state`` as ``folder/step-NNNNNNN`` atomically, then keep only the newest ``keep``."""
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     final = folder / checkpoint_name(state.step)
@@ -143,7 +144,6 @@ def _prune(path: Path) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> TrainState:
     """Read a checkpoint folder written by `save_checkpoint`."""
-    from safetensors.torch import load_file
 
     path = Path(path)
     for name in FILES:
@@ -279,7 +279,7 @@ def capture_rng(generator: torch.Generator | None = None) -> dict:
     version, internal, gauss = random.getstate()
     rng: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     try:
-        import numpy as np
+        import numpy as np  # lazy: optional
 
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         rng["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
@@ -298,8 +298,6 @@ def restore_rng(rng: dict, generator: torch.Generator | None = None) -> None:
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(rng["torch"])
     if "numpy" in rng:
-        import numpy as np
-
         kind, keys, pos, has_gauss, cached = rng["numpy"]
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
     if "cuda" in rng and torch.cuda.is_available():

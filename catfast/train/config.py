@@ -1,7 +1,7 @@
 """`TrainConfig`: every option of `catfast train`, with the CAT paper's defaults, loaded from a TOML,
 YAML or JSON file and overridden by command-line flags.
 
-Defaults follow the official CAT configs (cat-method.md §1.3): LoRA on to_q/to_k/to_v/to_out.0 of
+Defaults follow the official CAT configs (docs/method.md, §1): LoRA on to_q/to_k/to_v/to_out.0 of
 every attention, rank 1 with alpha = rank, AdamW lr 1e-4 (betas 0.9/0.999, eps 1e-8, weight decay
 1e-2), constant lr, batch 1, seed 42, cat_weight 1.0, random crop + flip, clip norm 1.0 (applied to
 the LoRA parameters), 900 steps with a checkpoint every 150.
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from catfast.errors import CatfastError
+from catfast.targets import ATTENTION_PROJECTIONS
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TIMESTEP_DISTRIBUTIONS = ("uniform", "chain-of-forgetting")
@@ -86,7 +87,7 @@ class TrainConfig:
     # adapter
     rank: int = 1
     alpha: float | None = None  # None: alpha = rank (scale 1, as diffusers' LoRAAttnProcessor of the paper)
-    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     # objective
     cat_weight: float = 1.0
     snr_gamma: float | None = None
@@ -236,7 +237,7 @@ class TrainConfig:
         """The settings that change the trained adapter (paths resolved). ``steps`` counts only under a
         decaying lr schedule: with a constant one, the first k steps do not depend on it."""
         values = {k: v for k, v in self.to_dict().items() if k not in _NOT_RESULT and k not in ("data", "trigger")}
-        from catfast.integrations.models import base_location
+        from catfast.integrations.models import base_location  # lazy: startup
 
         values["base"] = _resolved(base_location(self.base) if self.base is not None else None)
         values["base_config"] = _resolved(self.base_config)
@@ -266,11 +267,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text()
         if suffix == ".toml":
-            import tomllib
+            import tomllib  # lazy: optional
 
             values = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # lazy: optional
 
             values = yaml.safe_load(text) or {}
         elif suffix == ".json":

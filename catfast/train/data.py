@@ -39,11 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 
 from catfast.errors import CatfastError
+from catfast.folders import IMAGE_SUFFIXES
 from catfast.train.captions import has_trigger, strip_trigger
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 ON_BAD_IMAGE = ("stop", "skip")
 
@@ -220,7 +221,6 @@ def load_image(path: Path, data: bytes | None = None):
     """The image (from ``data``, the file's bytes, when given) as an RGB PIL image with its EXIF
     orientation applied. CatfastError naming the file when it cannot be read or decoded completely
     (truncated, corrupt, unreadable, too large)."""
-    from PIL import Image, ImageOps
 
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as img:
@@ -233,7 +233,6 @@ def load_image(path: Path, data: bytes | None = None):
 
 def image_size(path: Path, data: bytes) -> tuple[int, int]:
     """(width, height) of the image in ``data`` after its EXIF orientation, from the header only."""
-    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -361,7 +360,6 @@ def _choose_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
 def render(image, plan: ImagePlan) -> torch.Tensor:
     """The variants of ``image`` (an RGB PIL image of size ``plan.original``) as ``[V, 3, H, W]`` fp32
     pixels in [-1, 1], H x W = the target size."""
-    from PIL import Image
 
     resized = image.resize(plan.resized, Image.LANCZOS)
     tw, th = plan.target

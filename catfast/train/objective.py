@@ -1,6 +1,6 @@
 """The CAT objective (Contrastive Adapter Training, arXiv 2404.07554), as a function of one batch.
 
-Semantics (DESIGN.md, "The CAT objective"), for B samples sharing z0, eps and t:
+Semantics (docs/method.md, §1), for B samples sharing z0, eps and t:
   z_t    = scheduler.add_noise(z0, eps, t)
   target = eps (epsilon models) or scheduler.get_velocity(z0, eps, t) (v-prediction)
   L_LDM  = mse(unet_{W+dW}(z_t, t, c ), target)                      adapter, trigger caption
@@ -19,6 +19,11 @@ from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
+
+from catfast.integrations.patch import active_adapters, patch_report
+from catfast.integrations.patch import fused_blocker as _fused_blocker
+from catfast.integrations.row_call import keep_grad_rows, planned_unet
+from catfast.rows import NO_ADAPTER, RowPlan
 
 # A text condition: encoder hidden states [B, L, D], or for SDXL-style UNets a dict with
 # "encoder_hidden_states" and "added_cond_kwargs" ({"text_embeds": [B, P], "time_ids": [B, 6]}).
@@ -46,8 +51,6 @@ def auto_mode(
     layers would mix dtypes) run fused; a UNet the fused step cannot run (a LoRA layer it cannot row-plan,
     gradient checkpointing without ``patch_unet``, several active adapters without per-sample adapters)
     runs the reference. ``per_sample_adapters``: the caller names each sample's adapter (``adapters=``)."""
-    from catfast.integrations.patch import patch_report
-
     model = _unwrap(unet)
     if patch_report(model) is not None:
         return "fused", "the UNet is patched for row plans (patch_unet), which only the fused step runs"
@@ -68,26 +71,6 @@ def auto_mode(
     if blocker is not None:
         return "reference", f"the fused step cannot run this UNet: {blocker}"
     return "fused", f"on the CPU the fused step is faster for a {width}-channel UNet (1.04-1.12x the reference)"
-
-
-def _fused_blocker(model: torch.nn.Module, per_sample_adapters: bool) -> str | None:
-    """Why ``mode="fused"`` would refuse this unpatched UNet, or None."""
-    from peft.tuners.lora import Conv2d as PeftConv2d
-    from peft.tuners.lora import Linear as PeftLinear
-
-    from catfast.integrations.patch import _unsupported
-
-    if getattr(model, "is_gradient_checkpointing", False):
-        return "gradient checkpointing without patch_unet"
-    if not per_sample_adapters and len(model.active_adapters()) != 1:
-        return "several active adapters and no per-sample adapters"
-    slots = list(getattr(model, "peft_config", {}) or {}) if per_sample_adapters else model.active_adapters()
-    for name, module in model.named_modules():
-        if isinstance(module, (PeftLinear, PeftConv2d)):
-            reason = _unsupported(module, slots)
-            if reason is not None:
-                return f"{name}: {reason}"
-    return None
 
 
 @dataclass
@@ -169,8 +152,6 @@ def _reference_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters
     """(pred on c, pred on c- or None, detached base on c- or None) as a careful diffusers user computes
     them: the teacher pass with the adapters disabled under no_grad, then the adapter passes batched
     (one batched call per adapter when samples use different adapters)."""
-    from catfast.integrations.patch import patch_report
-
     model = _unwrap(unet)
     if patch_report(model) is not None:
         raise ValueError("mode='reference' needs the plain peft UNet; call unpatch_unet(unet) first")
@@ -215,11 +196,6 @@ def _adapter_passes(unet, noisy, timesteps, cond, cond_stripped, with_stripped):
 def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, with_teacher):
     """(pred on c, pred on c-, detached teacher on c-) from one UNet call over 3B rows (B rows and
     (pred, None, None) without the teacher)."""
-    from catfast.integrations.patch import active_adapters
-    from catfast.integrations.row_call import planned_unet
-    from catfast.ops.grad_rows import keep_grad_rows
-    from catfast.rows import NO_ADAPTER, RowPlan
-
     model = _unwrap(unet)
     if adapters is None:
         active = active_adapters(model)

@@ -7,17 +7,25 @@ before they have data. The full trainer (`catfast train`) is a separate module.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
+from catfast.adapters.formats import write_adapter
 from catfast.errors import CatfastError
+from catfast.folders import check_output_file
+from catfast.integrations.models import load_base
+from catfast.integrations.peft_adapters import add_lora, extract_adapter
+from catfast.targets import ATTENTION_PROJECTIONS
 from catfast.train.captions import strip_trigger
 from catfast.train.objective import cat_loss
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the CAT paper's setup: every attention projection
+DEFAULT_TARGETS = ATTENTION_PROJECTIONS  # the CAT paper's setup: every attention projection
 
 
 @dataclass
@@ -33,9 +41,6 @@ class StepRecord:
 
 def synthetic_image(size: int, seed: int = 0):
     """A deterministic RGB PIL image (a coloured star on a plain background) of ``size`` x ``size``."""
-    import math
-
-    from PIL import Image, ImageDraw
 
     gen = torch.Generator().manual_seed(seed)
     bg, fg = (torch.randint(0, 256, (2, 3), generator=gen)).tolist()
@@ -85,12 +90,6 @@ def run_cat_steps(
     adapter is written there (atomically) in diffusers format; an existing ``out`` is refused before any
     work unless ``overwrite``, as is one that cannot be written. Returns one record per step.
     """
-    from tqdm.auto import tqdm
-
-    from catfast.adapters.formats import write_adapter
-    from catfast.folders import check_output_file
-    from catfast.integrations.models import load_base
-    from catfast.integrations.peft_adapters import add_lora, extract_adapter
 
     if steps < 1:
         raise CatfastError(f"steps must be >= 1, got {steps}")
@@ -102,8 +101,6 @@ def run_cat_steps(
     if image_path is None:
         image = synthetic_image(256, seed)
     else:
-        from PIL import Image
-
         image = Image.open(image_path)
     z0 = image_latents(base, image, gen)
     cond, cond_stripped = base.encode_prompt([caption]), base.encode_prompt([stripped])

@@ -2,13 +2,13 @@
 in one process.
 
 For each entry (catfast's modes ``reference`` and ``fused``, and the contestants of
-``catfast.train.contestants``: ``official``, ``ai-toolkit``, ``kohya``), one step is its loss forward +
+``catfast.bench.contestants``: ``official``, ``ai-toolkit``, ``kohya``), one step is its loss forward +
 backward on the same random-weight UNet (catfast's factories), with a LoRA on every attention projection
 (the CAT paper's targets) and random, nonzero B, on the same batch and seed. Reported per entry:
 
 - ``median_ms``: median wall time of the timed steps; the entries alternate step by step after one warm-up
   round, so machine load falls on all of them alike;
-- ``fwd_flops`` / ``bwd_flops`` (catfast.testing.flop_counter, attention included) and ``achieved_flops``
+- ``fwd_flops`` / ``bwd_flops`` (``measure.flop_counter``, attention included) and ``achieved_flops``
   (FLOP/s of the median step) with ``gemm_fraction``: that rate over the dense GEMM rate measured in the same
   run (``gemm_flops``: a square matmul, the step's dtype and thread count, before and after the timed steps);
 - ``saved_bytes``: unique storages autograd packs for backward, parameters excluded;
@@ -36,24 +36,23 @@ import time
 
 import torch
 
-from catfast.testing import flop_counter, rel_err
-from catfast.train.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
+from catfast.bench.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
+from catfast.bench.measure import flop_counter, git_commit, rel_err
+from catfast.errors import CatfastError
+from catfast.integrations.factory import build_unet
+from catfast.integrations.peft_adapters import add_lora, randomize_lora_
+from catfast.integrations.schedulers import training_scheduler
+from catfast.targets import ATTENTION_PROJECTIONS
 from catfast.train.objective import auto_mode, cat_loss
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TARGETS = ATTENTION_PROJECTIONS
 TOKENS = 77
 MODES = ("reference", "fused")
 
 
 def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, seed: int, targets=TARGETS):
-    from diffusers import DDPMScheduler
-    from peft import LoraConfig
-
-    from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet
-    from catfast.testing import randomize_lora_
-
-    unet = build_unet(model, seed=seed).requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    unet = build_unet(model, seed=seed)
+    add_lora(unet, rank=rank, alpha=rank, target_modules=targets)  # freezes the UNet
     randomize_lora_(unet, seed=seed + 1, std=0.1)
     unet.to(device=device, dtype=dtype)
     cfg = unet.config
@@ -74,7 +73,7 @@ def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, s
     def load_teacher():  # the official code loads the checkpoint again: the same seeded weights
         return build_unet(model, seed=seed)
 
-    return unet, DDPMScheduler(**SCHEDULER_CONFIG), batch_args, load_teacher
+    return unet, training_scheduler(), batch_args, load_teacher
 
 
 def _loss_fns(names, unet, sched, batch_args, load_teacher) -> dict:
@@ -172,8 +171,6 @@ def bf16_support(device: str) -> tuple[bool, str]:
 def resolve_mixed_precision(request: str, device: str) -> tuple[str, str]:
     """("bf16" or "no", why) for ``request`` in {"no", "bf16", "auto"}; bf16 asked on a device without it
     raises (only ``auto`` falls back)."""
-    from catfast.errors import CatfastError
-
     if request == "no":
         return "no", "fp32 (asked)"
     ok, why = bf16_support(device)
@@ -211,8 +208,6 @@ def bench_train_step(
     precision, precision_why = resolve_mixed_precision(mixed_precision, device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if precision == "bf16" and torch_dtype != torch.float32:
-        from catfast.errors import CatfastError
-
         raise CatfastError("--mixed-precision bf16 autocasts an fp32 UNet; use it with --dtype fp32")
     autocast = _autocast_factory(precision, device)
     unet, sched, batch_args, load_teacher = _setup(model, batch, rank, torch_dtype, device, seed, targets)
@@ -226,29 +221,7 @@ def bench_train_step(
         results["reference_compiled"] = {}
     gemm_dtype = torch.bfloat16 if precision == "bf16" else torch_dtype
     gemm = [gemm_rate(gemm_dtype, device)]
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    times: dict[str, list[float]] = {m: [] for m in names}
-    peaks: dict[str, int | None] = {m: None for m in names}
-    resident: dict[str, int] = {}
-    for i in range(steps + 1):  # the first round warms up (and compiles)
-        for m in names:
-            if device == "cuda":  # every entry's modules stay resident: count only this entry's own
-                unet.zero_grad(set_to_none=True)
-                sync()
-                resident[m] = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            sync()
-            t0 = time.perf_counter()
-            _step(unet, fns[m][0], autocast)
-            sync()
-            if i:
-                times[m].append((time.perf_counter() - t0) * 1e3)
-            if device == "cuda":  # the step's own peak above what was resident, plus the entry's own weights
-                peaks[m] = torch.cuda.max_memory_allocated() - resident[m] + _param_bytes(fns[m][1])
+    times, peaks = _time_interleaved(unet, fns, names, steps, autocast, device)
     gemm.append(gemm_rate(gemm_dtype, device))
     gemm_flops = statistics.mean(gemm)
 
@@ -265,7 +238,7 @@ def bench_train_step(
         "steps": steps,
         "latent": list(batch_args["latents"].shape[1:]),
         "torch": torch.__version__,
-        "git": _git(),
+        "git": git_commit(),
         "gemm_flops": round(gemm_flops),
         "auto": {"mode": chosen, "reason": why},
         "modes": {},
@@ -276,28 +249,8 @@ def bench_train_step(
             else "VmHWM of a fresh process per entry"
         ),
     }
-    ref = results["reference"]
     for m in names:
-        r = results[m]
-        median = statistics.median(times[m])
-        flops = (r["fwd_flops"] + r["bwd_flops"]) if r.get("fwd_flops") is not None else None
-        entry = {
-            "median_ms": round(median, 3),
-            "fwd_flops": r.get("fwd_flops"),
-            "bwd_flops": r.get("bwd_flops"),
-            "achieved_flops": round(flops / (median / 1e3)) if flops else None,
-            "gemm_fraction": round(flops / (median / 1e3) / gemm_flops, 4) if flops else None,
-            "saved_bytes": r.get("saved_bytes"),
-            "param_bytes": _param_bytes(fns[m][1]),
-            "peak_bytes": peaks[m],
-        }
-        if "out" in r and m != "reference":
-            factor = LOSS_FACTOR.get(m, 1.0)
-            entry["loss_rel_err"] = max(
-                rel_err(factor * r["out"].total.detach(), ref["out"].total.detach()),
-                *(rel_err(getattr(r["out"], k).detach(), getattr(ref["out"], k).detach()) for k in ("ldm", "cat")),
-            )
-            entry["grad_rel_err"] = max(rel_err(factor * r["grads"][n], g) for n, g in ref["grads"].items())
+        entry = _entry(results[m], results["reference"], m, times[m], gemm_flops, _param_bytes(fns[m][1]), peaks[m])
         out["against" if m in CONTESTANTS else "modes"][m] = entry
     if memory and device != "cuda":
         spec = dict(
@@ -315,6 +268,59 @@ def bench_train_step(
     return out
 
 
+def _time_interleaved(unet, fns: dict, names: list[str], steps: int, autocast, device: str):
+    """Per entry, the ms of each timed step (entries alternate step by step after one warm-up round, which
+    also compiles) and, on CUDA, the step's own peak: the allocator's peak above what was resident when
+    it started (every entry's modules stay resident in this process), plus the entry's own weights."""
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {m: [] for m in names}
+    peaks: dict[str, int | None] = {m: None for m in names}
+    for i in range(steps + 1):
+        for m in names:
+            if device == "cuda":
+                unet.zero_grad(set_to_none=True)
+                sync()
+                resident = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            _step(unet, fns[m][0], autocast)
+            sync()
+            if i:
+                times[m].append((time.perf_counter() - t0) * 1e3)
+            if device == "cuda":
+                peaks[m] = torch.cuda.max_memory_allocated() - resident + _param_bytes(fns[m][1])
+    return times, peaks
+
+
+def _entry(r: dict, ref: dict, name: str, times: list[float], gemm_flops: float, param_bytes: int, peak) -> dict:
+    """One entry's figures (module docstring), with its parity against the reference step where it has one."""
+    median = statistics.median(times)
+    flops = (r["fwd_flops"] + r["bwd_flops"]) if r.get("fwd_flops") is not None else None
+    entry = {
+        "median_ms": round(median, 3),
+        "fwd_flops": r.get("fwd_flops"),
+        "bwd_flops": r.get("bwd_flops"),
+        "achieved_flops": round(flops / (median / 1e3)) if flops else None,
+        "gemm_fraction": round(flops / (median / 1e3) / gemm_flops, 4) if flops else None,
+        "saved_bytes": r.get("saved_bytes"),
+        "param_bytes": param_bytes,
+        "peak_bytes": peak,
+    }
+    if "out" in r and name != "reference":
+        factor = LOSS_FACTOR.get(name, 1.0)
+        entry["loss_rel_err"] = max(
+            rel_err(factor * r["out"].total.detach(), ref["out"].total.detach()),
+            *(rel_err(getattr(r["out"], k).detach(), getattr(ref["out"], k).detach()) for k in ("ldm", "cat")),
+        )
+        entry["grad_rel_err"] = max(rel_err(factor * r["grads"][n], g) for n, g in ref["grads"].items())
+    return entry
+
+
 # ------------------------------------------------------------------------------- peak RSS, one process each
 
 
@@ -323,7 +329,7 @@ def _peak_rss(spec: dict, name: str) -> tuple[int | None, int | None]:
     where there is no /proc/self/clear_refs to reset the high-water mark (not Linux)."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None, None
-    code = "import sys, json; from catfast.train.bench_step import _peak_child; _peak_child(json.loads(sys.argv[1]))"
+    code = "import sys, json; from catfast.bench.train_step import _peak_child; _peak_child(json.loads(sys.argv[1]))"
     r = subprocess.run(
         [sys.executable, "-c", code, json.dumps({**spec, "name": name})],
         capture_output=True,
@@ -359,11 +365,3 @@ def _peak_child(spec: dict) -> None:
     for _ in range(2):
         _step(unet, fn, autocast)
     print(json.dumps({"peak": _vm("VmHWM"), "setup": setup}))
-
-
-def _git() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() or None
-    except OSError:
-        return None

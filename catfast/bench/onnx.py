@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,13 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 
 from catfast.adapters.adapter import LoraAdapter, LoraLayer, layer_key
 from catfast.adapters.merge import merge_adapter_
+from catfast.bench.measure import cpu_name, flop_counter, git_commit
 from catfast.export.onnx import AdapterSpec, export_onnx
 from catfast.export.runner import session, usable_providers
+from catfast.integrations.factory import build_base
+from catfast.targets import ATTENTION_PROJECTIONS
 
-TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
+TARGETS = tuple("." + t for t in ATTENTION_PROJECTIONS)
 
 
 def attention_adapter(unet: torch.nn.Module, rank: int = 8, alpha: float = 6.0, seed: int = 0) -> LoraAdapter:
@@ -47,22 +49,6 @@ def attention_adapter(unet: torch.nn.Module, rank: int = 8, alpha: float = 6.0, 
     return LoraAdapter(layers)
 
 
-def _git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
-    return r.stdout.strip() or "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def bench_onnx(
     model: str = "tiny",
     *,
@@ -75,7 +61,6 @@ def bench_onnx(
 ) -> dict:
     """Build the named random-weight model, export it twice (merged, adapter inputs), time every contestant
     ``reps`` times interleaved after one warm-up round; one JSON-able dict with medians, ratios and parity."""
-    from catfast.integrations.factory import build_base
 
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -93,8 +78,6 @@ def bench_onnx(
             "adapter_inputs": inputs["components"]["unet"]["validation"]["max_rel_err"],
         }
         merge_adapter_(unet, adapter, "unet")  # torch contestant: the same merged weights
-        from safetensors.numpy import load_file
-
         feeds = load_file(Path(tmp) / "inputs" / inputs["adapters"][0]["weights"]["unet"]["safetensors"])
         g = torch.Generator().manual_seed(0)
         s = unet.config.sample_size
@@ -103,52 +86,23 @@ def bench_onnx(
         c = torch.randn(batch, base.tokenizer.model_max_length, unet.config.cross_attention_dim, generator=g)
         np_in = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": c.numpy()}
 
-        def torch_run():
-            with torch.no_grad():
-                return unet(x, t, c).sample
-
-        contestants: dict[str, Callable] = {"torch": torch_run}
-        if torch.cuda.is_available():  # on a GPU machine, compare CUDA providers with torch on the GPU too
-            unet_gpu = copy.deepcopy(unet).cuda()
-            xg, tg, cg = x.cuda(), t.cuda(), c.cuda()
-
-            def torch_cuda_run():
-                with torch.no_grad():
-                    out = unet_gpu(xg, tg, cg).sample
-                torch.cuda.synchronize()
-                return out
-
-            contestants["torch:cuda"] = torch_cuda_run
-        for provider in providers:
-            for mode, folder, extra in (("merged", "merged", {}), ("adapter_inputs", "inputs", feeds)):
-                sess = session(Path(tmp) / folder / "unet" / "model.onnx", provider, threads=threads)
-                contestants[f"ort:{provider}:{mode}"] = lambda sess=sess, extra=extra: sess.run(
-                    None, {**np_in, **extra}
-                )
-        from catfast.testing import flop_counter
-
+        contestants = _contestants(unet, (x, t, c), np_in, feeds, Path(tmp), providers, threads)
         with flop_counter() as flops:
-            want = torch_run().double().numpy()
+            want = contestants["torch"]().double().numpy()
         parity = {}
         for name, run in contestants.items():
             if name.startswith("ort:"):
                 got = np.asarray(run()[0], dtype=np.float64)
                 parity[name] = float(np.abs(got - want).max() / np.abs(want).max())
-        times: dict[str, list[float]] = {name: [] for name in contestants}
         log(f"timing {len(contestants)} contestants x {reps} reps, interleaved")
-        for rep in range(reps + 1):  # rep 0 warms up
-            for name, run in contestants.items():
-                t0 = time.perf_counter()
-                run()
-                if rep:
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+        times = _time_interleaved(contestants, reps)
     median = {name: round(statistics.median(v), 2) for name, v in times.items()}
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: onnxruntime
 
     result = {
         "bench": "onnx",
         "model": model,
-        "device": f"cpu ({_cpu_name()}, {threads} threads)",
+        "device": f"cpu ({cpu_name()}, {threads} threads)",
         "providers": providers,
         "dtype": "fp32",
         "shapes": {"sample": list(x.shape), "timestep": list(t.shape), "encoder_hidden_states": list(c.shape)},
@@ -164,7 +118,47 @@ def bench_onnx(
         "export_rel_err": errors,
         "timed_rel_err_vs_torch": parity,
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
-        "git": _git_commit(),
+        "git": git_commit() or "unknown",
         "cpu_count": os.cpu_count(),
     }
     return result
+
+
+def _contestants(unet, args, np_in: dict, feeds: dict, tmp: Path, providers: list[str], threads: int) -> dict:
+    """name -> zero-argument call: torch (CPU; and CUDA when torch sees a GPU) with the merged weights, and
+    each provider's session on the merged export and on the adapter-inputs export fed ``feeds``."""
+    x, t, c = args
+
+    def torch_run():
+        with torch.no_grad():
+            return unet(x, t, c).sample
+
+    contestants: dict[str, Callable] = {"torch": torch_run}
+    if torch.cuda.is_available():  # on a GPU machine, compare CUDA providers with torch on the GPU too
+        unet_gpu = copy.deepcopy(unet).cuda()
+        xg, tg, cg = x.cuda(), t.cuda(), c.cuda()
+
+        def torch_cuda_run():
+            with torch.no_grad():
+                out = unet_gpu(xg, tg, cg).sample
+            torch.cuda.synchronize()
+            return out
+
+        contestants["torch:cuda"] = torch_cuda_run
+    for provider in providers:
+        for mode, folder, extra in (("merged", "merged", {}), ("adapter_inputs", "inputs", feeds)):
+            sess = session(tmp / folder / "unet" / "model.onnx", provider, threads=threads)
+            contestants[f"ort:{provider}:{mode}"] = lambda sess=sess, extra=extra: sess.run(None, {**np_in, **extra})
+    return contestants
+
+
+def _time_interleaved(contestants: dict, reps: int) -> dict[str, list[float]]:
+    """ms of each call, ``reps`` rounds after one warm-up round, every contestant once per round in turn."""
+    times: dict[str, list[float]] = {name: [] for name in contestants}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for name, run in contestants.items():
+            t0 = time.perf_counter()
+            run()
+            if rep:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from catfast.errors import CatfastError
+from catfast.integrations.peft_adapters import peft_lora_layers
 from catfast.train.objective import CatLossOutput, compute_snr
 from catfast.train.objective import _predict as predict_cast
 
@@ -59,7 +61,6 @@ class Contestant:
 
 def check_names(names) -> list[str]:
     """The contestant names, validated (an unknown one raises a one-line error listing the valid ones)."""
-    from catfast.errors import CatfastError
 
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in CONTESTANTS]
@@ -162,9 +163,7 @@ class _multiplier_zero:
     (the LoRA branch still runs and is multiplied by 0), restored on exit."""
 
     def __init__(self, unet):
-        from peft.tuners.lora import LoraLayer
-
-        self.layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+        self.layers = peft_lora_layers(unet)
 
     def __enter__(self):
         self.saved = [dict(m.scaling) for m in self.layers]

@@ -27,14 +27,22 @@ from pathlib import Path
 
 import torch
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+from catfast.adapters.formats import read_adapter, write_adapter
+from catfast.adapters.merge import merge_adapter_, unmerge_adapter_
+from catfast.bench.measure import git_commit
+from catfast.integrations.factory import build_base, build_unet
+from catfast.integrations.models import diffusers_pipeline
+from catfast.integrations.peft_adapters import add_lora, extract_adapter, randomize_lora_
+from catfast.integrations.row_call import run_segmented
+from catfast.ops.segmented import Segment, SegmentPlan
+from catfast.serve.engine import Engine
+from catfast.serve.requests import GenerationRequest
+from catfast.targets import ATTENTION_PROJECTIONS
+
+TARGETS = ATTENTION_PROJECTIONS
 
 
 def _write_adapters(model: str, count: int, rank: int, folder: Path) -> list[Path]:
-    from catfast.adapters.formats import write_adapter
-    from catfast.integrations.factory import build_unet
-    from catfast.integrations.peft_adapters import add_lora, extract_adapter
-    from catfast.testing import randomize_lora_
 
     paths = []
     for i in range(count):
@@ -48,28 +56,17 @@ def _write_adapters(model: str, count: int, rank: int, folder: Path) -> list[Pat
     return paths
 
 
-def _git() -> str | None:
-    from catfast.train.bench_step import _git as git
-
-    return git()
-
-
 def _median_ms(times: list[float]) -> float:
     return round(statistics.median(times) * 1e3, 4)
 
 
 def _pipeline(model: str):
-    from catfast.integrations.factory import build_base
-    from catfast.integrations.models import diffusers_pipeline
 
     return diffusers_pipeline(build_base(model))
 
 
 @torch.no_grad()
 def _switch(model, paths, registered, reps, diffusers_max, log) -> dict:
-    from catfast.integrations.factory import build_base
-    from catfast.ops.segmented import Segment, SegmentPlan
-    from catfast.serve.engine import Engine
 
     out = {"resident": {}, "cold_host": {}, "cold_disk": {}, "diffusers_set_adapters": {}, "diffusers_fuse": {}}
     for count in registered:
@@ -141,12 +138,6 @@ def _switch(model, paths, registered, reps, diffusers_max, log) -> dict:
 
 @torch.no_grad()
 def _mixed(model, paths, mixed, batch, reps, log) -> dict:
-    from catfast.adapters.formats import read_adapter
-    from catfast.adapters.merge import merge_adapter_, unmerge_adapter_
-    from catfast.integrations.factory import build_base
-    from catfast.integrations.row_call import run_segmented
-    from catfast.ops.segmented import Segment, SegmentPlan
-    from catfast.serve.engine import Engine
 
     engine = Engine(build_base(model), max_resident=max(max(mixed), 1))
     unet, pool = engine.unet, engine.pool
@@ -209,9 +200,6 @@ def _mixed(model, paths, mixed, batch, reps, log) -> dict:
 
 
 def _throughput(model, paths, requests, adapters, steps, max_batch, log) -> dict:
-    from catfast.integrations.factory import build_base
-    from catfast.serve.engine import Engine
-    from catfast.serve.requests import GenerationRequest
 
     prompts = [f"a photo number {i}" for i in range(requests)]
     names = [f"t{i % adapters}" for i in range(requests)]
@@ -281,7 +269,7 @@ def bench_serve(
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "rank": rank,
             "torch": torch.__version__,
-            "git": _git(),
+            "git": git_commit(),
             "switch_ms": _switch(model, paths, list(registered), reps, diffusers_max, log),
             "mixed": _mixed(model, paths, list(mixed), batch, reps, log),
             "throughput": _throughput(model, paths, requests, adapters, steps, max_batch, log),

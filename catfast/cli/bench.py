@@ -1,0 +1,179 @@
+"""`catfast bench train-step|onnx|serve`: against the baseline, in one process, interleaved (``catfast.bench``)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from catfast.cli.base import _friendly, main
+from catfast.targets import ATTENTION_PROJECTIONS
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks run in one process against the baseline, interleaved."""
+
+
+@bench.command("onnx")
+@click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15"]))
+@click.option("--reps", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
+    """UNet latency in ONNX Runtime (each provider that starts here; merged and adapter inputs) against
+    PyTorch with the same merged weights."""
+    from catfast.bench.onnx import bench_onnx  # lazy: startup
+
+    result = bench_onnx(model, reps=reps, batch=batch, rank=rank, log=(lambda s: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{model} UNet, batch {batch}, {result['device']}, median of {reps}:")
+    for name, ms in result["median_ms"].items():
+        click.echo(f"  {name:<45} {ms:9.2f} ms")
+
+
+@bench.command("train-step")
+@click.option(
+    "--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15-narrow", "sd15", "sdxl"])
+)
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per entry.")
+@click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option(
+    "--targets",
+    default=",".join(ATTENTION_PROJECTIONS),  # the CAT paper's targets
+    show_default=True,
+    help="LoRA target modules, comma-separated (add conv1,conv2,conv,conv_shortcut for kohya LoCon).",
+)
+@click.option(
+    "--against",
+    default="official,ai-toolkit,kohya",
+    show_default=True,
+    help="Today's CAT / preservation steps to time against, comma-separated (empty: none).",
+)
+@click.option(
+    "--mixed-precision",
+    default="no",
+    show_default=True,
+    type=click.Choice(["no", "bf16", "auto"]),
+    help="bf16 autocast for every entry (auto: where the device supports it).",
+)
+@click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS, one process per entry (CPU).")
+@click.option(
+    "--compile/--no-compile",
+    "compile_reference",
+    default=False,
+    show_default=True,
+    help="Also time the reference step through torch.compile (minutes of compiling at SD1.5 size).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench_train_step_command(
+    model, batch, steps, rank, dtype, targets, against, mixed_precision, memory, compile_reference, as_json
+):
+    """catfast's CAT step modes against today's CAT steps (official CAT, ai-toolkit and kohya DOP),
+    interleaved in one process: time, FLOPs and their share of the GEMM rate, memory, parity."""
+    from catfast.bench.contestants import check_names  # lazy: startup
+    from catfast.bench.train_step import bench_train_step  # lazy: startup
+
+    result = bench_train_step(
+        model,
+        batch,
+        steps,
+        rank=rank,
+        dtype=dtype,
+        targets=targets.split(","),
+        against=check_names(against.split(",")),
+        mixed_precision=mixed_precision,
+        memory=memory,
+        compile_reference=compile_reference,
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(
+        f"{model} UNet, batch {batch}, {dtype} ({result['mixed_precision_reason']}), {result['device']}, "
+        f"median of {steps} steps; GEMM rate {result['gemm_flops'] / 1e9:.1f} GFLOP/s"
+    )
+    for section in ("modes", "against"):
+        for name, m in result[section].items():
+            flops = f"{m['achieved_flops'] / 1e9:6.1f} GFLOP/s ({m['gemm_fraction']:.0%} of GEMM)"
+            peak = f"peak {m['peak_bytes'] / 2**20:7.0f} MiB" if m["peak_bytes"] else ""
+            parity = f"loss/grad rel err {m['loss_rel_err']:.0e}/{m['grad_rel_err']:.0e}" if "loss_rel_err" in m else ""
+            click.echo(
+                f"  {name:<20} {m['median_ms']:10.1f} ms  {flops}  params {m['param_bytes'] / 2**20:6.0f} MiB  "
+                f"{peak}  {parity}"
+            )
+    click.echo(f"  auto -> {result['auto']['mode']}: {result['auto']['reason']}")
+    for name, ratio in result["default_vs"].items():
+        click.echo(f"  catfast's default step is {ratio:.2f}x the {name} step's speed")
+
+
+@bench.command("serve")
+@click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15"]))
+@click.option("--registered", default="1,64,1024", show_default=True, help="Adapter counts registered for the switch.")
+@click.option("--mixed", default="1,4,16", show_default=True, help="Distinct adapters in the one-step batch.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Rows of the one-step batch.")
+@click.option("--requests", default=64, show_default=True, type=click.IntRange(min=1), help="Throughput requests.")
+@click.option("--adapters", default=16, show_default=True, type=click.IntRange(min=1), help="Throughput adapters.")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Denoising steps per request.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1), help="Engine's max batch.")
+@click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--diffusers-max", default=1024, show_default=True, type=click.IntRange(min=0),
+              help="At most this many adapters loaded into the diffusers baseline (loading is slow).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench_serve_command(
+    model, registered, mixed, batch, requests, adapters, steps, max_batch, rank, reps, diffusers_max, as_json
+) -> None:
+    """The serving engine against diffusers on the same model, interleaved: adapter switch latency, one
+    step with N distinct adapters in the batch, and throughput of mixed-adapter requests."""
+    from catfast.bench.serve import bench_serve  # lazy: startup
+
+    def counts(text: str, what: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise click.BadParameter(f"{what} must be positive integers, got {text!r}")
+        return values
+
+    result = bench_serve(
+        model,
+        registered=counts(registered, "--registered"),
+        mixed=counts(mixed, "--mixed"),
+        batch=batch,
+        requests=requests,
+        adapters=adapters,
+        steps=steps,
+        max_batch=max_batch,
+        rank=rank,
+        reps=reps,
+        diffusers_max=diffusers_max,
+        log=(lambda s: click.echo(s, err=True)) if as_json else click.echo,  # partial results as they come
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    sw, mx, tp = result["switch_ms"], result["mixed"], result["throughput"]
+    click.echo(f"{model}, {result['device']}, {result['threads']} thread(s), median of {reps}:")
+    for count in sw["resident"]:
+        click.echo(
+            f"  switch, {count:>5} registered: resident {sw['resident'][count]:.3f} ms, cold host "
+            f"{sw['cold_host'][count]:.2f} ms, cold disk {sw['cold_disk'][count]:.1f} ms; diffusers set_adapters "
+            f"{sw['diffusers_set_adapters'].get(count, float('nan')):.2f} ms, fuse "
+            f"{sw['diffusers_fuse'].get(count, float('nan')):.1f} ms"
+        )
+    click.echo(f"  one step, {mx['rows']} rows: " + ", ".join(f"{k} {v:.1f} ms" for k, v in mx["median_ms"].items()))
+    click.echo(f"  ratio 16/1: {mx.get('ratio_16')}, unmerged/merged {mx['unmerged_vs_merged']}")
+    click.echo(
+        f"  throughput: {tp['engine_images_per_s']} images/s vs diffusers {tp['diffusers_images_per_s']} "
+        f"({tp['vs_diffusers']}x)"
+    )

@@ -1,0 +1,125 @@
+"""`catfast export onnx` and `catfast run-onnx`: ONNX export and the ONNX Runtime runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from catfast.cli.base import _friendly, main
+
+
+@main.group("export")
+def export_group() -> None:
+    """Export a base model with LoRA adapters (ONNX)."""
+
+
+@export_group.command("onnx")
+@click.option(
+    "--base", required=True, type=click.Path(), help="Base model: a diffusers folder (read, never written), or demo."
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="[NAME=]FILE[:SCALE]",
+    help="LoRA file to apply (repeatable); NAME names it in the export; SCALE multiplies its alpha/r (default 1).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the export to.")
+@click.option("--fp16", is_flag=True, help="Export fp16 weights and inputs (validated against fp32 PyTorch).")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (14..20).")
+@click.option(
+    "--components",
+    default="unet",
+    show_default=True,
+    help="Comma-separated: unet,text_encoder,vae_decoder. The default (UNet only) is for your own pipeline: "
+    "`catfast run-onnx` needs all three.",
+)
+@click.option("--dynamic", is_flag=True, help="Dynamic height/width and text length (batch is always dynamic).")
+@click.option(
+    "--adapter-inputs",
+    is_flag=True,
+    help="One graph whose LoRA A/B are (optional) inputs; per-adapter weights are written next to it.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
+@_friendly
+def export_onnx_command(base, adapters, out, fp16, opset, components, dynamic, adapter_inputs, overwrite) -> None:
+    """Merge adapters into a copy of BASE (or make them graph inputs), export to ONNX, check every graph
+    with onnx.checker and against PyTorch in ONNX Runtime, and write OUT/manifest.json."""
+    from catfast.export.onnx import export_onnx  # lazy: startup
+
+    manifest = export_onnx(
+        base,
+        out,
+        adapters=adapters,
+        components=[c.strip() for c in components.split(",") if c.strip()],
+        fp16=fp16,
+        opset=opset,
+        dynamic=dynamic,
+        adapter_inputs=adapter_inputs,
+        overwrite=overwrite,
+        log=click.echo,
+    )
+    for name, comp in manifest["components"].items():
+        v = comp["validation"]
+        click.echo(
+            f"{name}: {comp['file']} ({comp['bytes'] / 1e6:.1f} MB), max abs err {v['max_abs_err']:.2e}, "
+            f"max rel err {v['max_rel_err']:.2e} <= {v['tolerance']:.0e} ({comp['dtype']})"
+        )
+    missing = [c for c in ("unet", "text_encoder", "vae_decoder") if c not in manifest["components"]]
+    if missing:
+        click.echo(
+            f"note: no {', '.join(missing)} in this export, so `catfast run-onnx` cannot run it; for an image "
+            "runner export --components unet,text_encoder,vae_decoder"
+        )
+
+
+@main.command("run-onnx")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(),
+    help="Folder written by `catfast export onnx --components unet,text_encoder,vae_decoder`.",
+)
+@click.option("--prompt", required=True)
+@click.option("--adapter", default=None, help="Adapter NAME of an --adapter-inputs export (default: the base).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write (atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--negative-prompt", default="", show_default=True, help="What the guidance steers away from.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="DDIM steps.")
+@click.option("--guidance-scale", default=7.5, show_default=True, type=float, help="Classifier-free guidance.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Pixels. [default: the model's native size]")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Pixels. [default: the model's native size]")
+@click.option(
+    "--provider", default=None, help="ONNX Runtime execution provider. [default: CUDA if it starts, else CPU]"
+)
+@_friendly
+def run_onnx_command(
+    model_dir, prompt, adapter, out, overwrite, negative_prompt, steps, guidance_scale, seed, height, width, provider
+):
+    """Generate an image with ONNX Runtime alone (tokenizer, text encoder, DDIM UNet loop, VAE decoder)."""
+    from catfast.export.runner import run_onnx  # lazy: startup
+
+    if model_dir == "demo" and not Path(model_dir).exists():
+        raise click.ClickException(
+            "run-onnx runs an ONNX export, and the demo model ships as PyTorch weights: export it first with "
+            "`catfast export onnx --base demo --components unet,text_encoder,vae_decoder --out DIR`, then "
+            "pass --model DIR"
+        )
+    path, used = run_onnx(
+        model_dir,
+        prompt,
+        out,
+        adapter=adapter,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        height=height,
+        width=width,
+        provider=provider,
+        overwrite=overwrite,
+    )
+    click.echo(f"wrote {path} ({used}, {steps} steps)")

@@ -1,0 +1,44 @@
+"""`catfast eval kps`: the Knowledge Preservation Score of an adapter."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from catfast.cli.base import _friendly, main
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Evaluate adapters."""
+
+
+@eval_group.command("kps")
+@click.option("--base", required=True, type=click.Path(), help="Base model: a diffusers folder, or demo.")
+@click.option("--adapter", "adapter_file", required=True, type=click.Path(exists=True), help="Adapter file.")
+@click.option(
+    "--prompts", "prompts_file", required=True, type=click.Path(exists=True), help="Class prompts, one per line."
+)
+@click.option("--clip", "clip_path", required=True, type=click.Path(exists=True), help="Local CLIP model folder.")
+@click.option("--trigger", required=True, help="The adapter's trigger word.")
+@click.option("--seeds", default=4, show_default=True, type=click.IntRange(min=1), help="Seeds per prompt.")
+@click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1), help="DDIM steps.")
+@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--references", type=click.Path(exists=True), help="The concept's images (identity is scored on them).")
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), help="Also write the images as a PNG grid.")
+@click.option("--out-json", type=click.Path(dir_okay=False), help="Write the full result as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the totals as one JSON object.")
+@_friendly
+def eval_kps_command(
+    base, adapter_file, prompts_file, clip_path, trigger, seeds, steps, guidance, references, grid_path, out_json,
+    as_json,
+) -> None:  # fmt: skip
+    """Knowledge preservation (KPS): base / adapter without trigger / adapter with trigger, in one sampler run."""
+    from catfast.eval.kps import format_kps_table, run_kps_cli  # lazy: startup
+
+    result = run_kps_cli(
+        base, adapter_file, prompts_file, clip_path, trigger, seeds, steps, out_json,
+        references=references, guidance=guidance, grid_path=grid_path, progress=not as_json,
+    )  # fmt: skip
+    click.echo(json.dumps(result["total"]) if as_json else format_kps_table(result))

@@ -1,0 +1,183 @@
+"""`catfast train`: every option of ``TrainConfig`` as a flag, over a config file and ``--set`` pairs."""
+
+from __future__ import annotations
+
+import click
+import tomllib
+
+from catfast.cli.base import _THREADS_HELP, _friendly, _set_threads, main
+from catfast.train.config import TrainConfig
+
+
+def _set_option(ctx, param, values) -> dict:
+    """``--set KEY=VALUE`` pairs; VALUE is read as a TOML value (42, 1e-4, true, ["a", "b"]) or a string."""
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx=ctx, param=param)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _default(name: str) -> str:
+    """`train -h`'s default of option ``name``, from TrainConfig, in click's own "[default: X]" form."""
+    value = getattr(TrainConfig(), name)
+    if value is None or isinstance(value, bool):
+        value = "on" if value else "off"
+    return f"[default: {value}]"
+
+
+_REQUIRED = "[required unless set in --config]"
+
+
+@main.command("train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML, YAML or JSON file of options.")
+@click.option(
+    "--base",
+    help="Base model: a diffusers folder, a hub id (owner/name), a UNet file with --base-config, or demo "
+    f"(the shipped demo model). {_REQUIRED}",
+)
+@click.option("--base-config", help="The diffusers folder that completes a single-file --base.")
+@click.option("--data", help=f"Folder of images with .txt captions or a metadata.jsonl. {_REQUIRED}")
+@click.option("--trigger", help=f"The trigger word every caption contains. {_REQUIRED}")
+@click.option("--out", help=f"Output folder (adapter, metrics, samples, checkpoints). {_REQUIRED}")
+@click.option("--steps", type=click.IntRange(min=1), help=f"Optimizer steps. {_default('steps')}")
+@click.option("--seed", type=int, help=f"Seed of the LoRA init, data order, noise and timesteps. {_default('seed')}")
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=0),
+    help=f"Steps between checkpoints (the last step is always one); 0: none. {_default('checkpoint_every')}",
+)
+@click.option(
+    "--sample-every",
+    type=click.IntRange(min=0),
+    help=f"Steps between sample grids (and one at the end); 0: none. {_default('sample_every')}",
+)
+@click.option(
+    "--sample-prompt",
+    "sample_prompts",
+    multiple=True,
+    help="Sample prompt without the trigger (repeatable). [default: the first training caption, stripped]",
+)
+@click.option("--rank", type=click.IntRange(min=1), help=f"LoRA rank. {_default('rank')}")
+@click.option("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha / rank. [default: rank]")
+@click.option("--lr", type=float, help=f"AdamW learning rate. {_default('lr')}")
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cosine", "linear"]),
+    help=f"Learning-rate schedule after warmup (cosine/linear decay to 0 at --steps). {_default('lr_schedule')}",
+)
+@click.option(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    help=f"Steps of linear lr warmup from 0. {_default('warmup_steps')}",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), help=f"Images per step, per process. {_default('batch_size')}"
+)
+@click.option(
+    "--grad-accum", type=click.IntRange(min=1), help=f"Micro-batches per optimizer step. {_default('grad_accum')}"
+)
+@click.option(
+    "--resolution", type=click.IntRange(min=8), help="Training size in pixels. [default: the model's native size]"
+)
+@click.option("--allow-upscale", is_flag=True, default=None, help="Accept images smaller than --resolution (enlarged).")
+@click.option(
+    "--cat-weight",
+    type=click.FloatRange(min=0),
+    help=f"Weight (lambda) of the CAT term; 0: plain LoRA. {_default('cat_weight')}",
+)
+@click.option("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (e.g. 5). [default: off]")
+@click.option(
+    "--timesteps",
+    type=click.Choice(["uniform", "chain-of-forgetting"]),
+    help=f"Training timestep distribution (chain-of-forgetting favours noisy steps). {_default('timesteps')}",
+)
+@click.option(
+    "--mixed-precision",
+    type=click.Choice(["no", "bf16", "fp16"]),
+    help=f"Run the frozen UNet in half precision (LoRA weights stay fp32). {_default('mixed_precision')}",
+)
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    default=None,
+    help="Recompute UNet activations in backward: less memory, more time. [default: off]",
+)
+@click.option("--max-grad-norm", type=float, help=f"Clip the LoRA gradients' norm. {_default('max_grad_norm')}")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["diffusers", "kohya"]),
+    help=f"Adapter file format. {_default('format')}",
+)
+@click.option(
+    "--prepend-trigger/--no-prepend-trigger",
+    default=None,
+    help="Put the trigger before captions that lack it. [default: off]",
+)
+@click.option(
+    "--on-bad-image",
+    type=click.Choice(["stop", "skip"]),
+    help=f"Unreadable images: stop or skip. {_default('on_bad_image')}",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "fused", "reference"]),
+    help="CAT step implementation; auto picks the faster exact one for the device (recorded in metrics.jsonl). "
+    f"{_default('mode')}",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help=f"auto: cuda when torch sees a GPU. {_default('device')}",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help=f"{_THREADS_HELP} (a CPU run; not a result setting). [default: one per core]",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    callback=_set_option,
+    metavar="KEY=VALUE",
+    help="Any config option (repeatable); a flag given for the same option wins over --set.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
+@click.option("--overwrite", is_flag=True, help="Start over in an OUT that holds an earlier run.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_friendly
+def train_command(config_file, settings, resume, overwrite, no_progress, format_, sample_prompts, threads, **flags):
+    """Train a CAT LoRA adapter on a folder of captioned images (multi-concept via a config's concepts).
+
+    Every option can also be set in --config or with --set KEY=VALUE. Precedence: a flag, then --set,
+    then the config file, then the default (defaults follow the CAT paper)."""
+    from catfast.train.trainer import train  # lazy: startup
+
+    flags.update(format=format_, sample_prompts=list(sample_prompts) or None)
+    config = TrainConfig.load(config_file, merge_overrides(settings, flags))
+    import torch  # lazy: startup
+
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        _set_threads(threads, None)  # a CPU run: threads matter (on a GPU, torch's default is left alone)
+    result = train(config, resume=resume, overwrite=overwrite, progress=not no_progress)
+    if not result.adapters:  # a rank other than 0 under torchrun
+        return
+    done = result.steps - result.start_step
+    from_step = f" (resumed at step {result.start_step})" if result.start_step else ""
+    click.echo(f"trained {done} steps{from_step} in {result.seconds:.1f} s ({result.seconds / done:.2f} s per step)")
+    for path in dict.fromkeys(result.adapters.values()):
+        click.echo(f"wrote adapter to {path}")
+
+
+def merge_overrides(settings: dict, flags: dict) -> dict:
+    """`catfast train`'s overrides of the config file: ``--set`` values, then every flag that was given
+    (a flag left out is None and does not hide a ``--set`` of the same option). Keys use underscores."""
+    merged = {k.replace("-", "_"): v for k, v in settings.items()}
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    return merged

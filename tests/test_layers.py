@@ -1,0 +1,146 @@
+"""The layer rule of docs/design.md ("Layers"), enforced: every module under catfast/ is read with ``ast``
+(imports inside functions included) and may import only the catfast packages its layer allows, and only
+``integrations/`` may import diffusers, peft or transformers. The table here and the one in docs/design.md
+are the same table (checked below), so the rule cannot drift from its description."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FOUNDATION = {"errors", "folders", "rows", "env", "_ext", "targets"}
+LOWER = FOUNDATION | {"ops", "nn", "adapters", "integrations"}
+
+# package (a subpackage or a top-level module of catfast) -> the catfast packages it may import.
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "targets": set(),
+    "rows": set(),
+    "_ext": {"_C"},
+    "folders": {"errors"},
+    "env": {"_ext"},
+    "reference": {"rows"},
+    "kernels": set(),
+    "ops": FOUNDATION | {"reference", "kernels"},
+    "nn": FOUNDATION | {"ops"},
+    "adapters": FOUNDATION | {"ops"},
+    "integrations": FOUNDATION | {"ops", "nn", "adapters", "demo.shipped"},
+    "eval": LOWER,
+    "export": FOUNDATION | {"adapters", "integrations"},
+    "train": LOWER | {"eval"},
+    "serve": LOWER | {"eval", "demo"},
+    "demo": FOUNDATION | {"adapters", "integrations", "eval", "train"},
+    "bench": LOWER | {"reference", "kernels", "eval", "export", "train", "serve", "demo"},
+    "cli": {"*"},
+    "testing": {"*"},  # tests' tolerances and fixtures; no library module imports it (below)
+    "__init__": {"*"},  # the public API: every name is loaded lazily from its module (test_install.py)
+    "__main__": {"cli"},
+}
+
+# Only integrations/ wraps these libraries.
+WRAPPED = {"diffusers", "peft", "transformers"}
+
+
+def _imports(path: Path, root: Path):
+    """(line, imported dotted name) for every import in the module, including those inside functions."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the module's own package
+                base = path.relative_to(root).with_suffix("").parts[: -node.level]
+                yield node.lineno, ".".join(base + ((node.module,) if node.module else ()))
+            elif node.module:
+                yield node.lineno, node.module
+                if node.module == "catfast":  # from catfast import X, where X is a package or module
+                    for alias in node.names:
+                        if (root / "catfast" / alias.name).is_dir() or (root / "catfast" / f"{alias.name}.py").exists():
+                            yield node.lineno, f"catfast.{alias.name}"
+
+
+def _allowed(package: str, target: str) -> bool:
+    """Whether ``package`` may import ``catfast.<target>`` (target: dotted, without the catfast prefix)."""
+    allowed = ALLOWED[package]
+    top = target.split(".")[0]
+    if "*" in allowed or top == package:
+        return True
+    return top in allowed or any(target == a or target.startswith(a + ".") for a in allowed if "." in a)
+
+
+def _violations(root: Path = ROOT) -> list[str]:
+    """One line per import that breaks the rule, for the catfast/ package under ``root``."""
+    found = []
+    for path in sorted((root / "catfast").rglob("*.py")):
+        package = path.relative_to(root / "catfast").with_suffix("").parts[0]
+        where = path.relative_to(root)
+        if package not in ALLOWED:
+            found.append(f"{where}: package {package!r} is not in the layer table (tests/test_layers.py)")
+            continue
+        for line, name in _imports(path, root):
+            top = name.split(".")[0]
+            if top in WRAPPED and package != "integrations":
+                found.append(f"{where}:{line} imports {name} (only catfast/integrations/ may)")
+            if top == "catfast" and name != "catfast":
+                target = name.split(".", 1)[1]
+                if target.split(".")[0] == "testing" and package != "testing":
+                    found.append(f"{where}:{line} imports catfast.testing (tests' helpers; no library module may)")
+                elif not _allowed(package, target):
+                    allowed = sorted(ALLOWED[package])
+                    found.append(f"{where}:{line} imports catfast.{target} ({package} may import {allowed})")
+    return found
+
+
+def test_imports_follow_the_layers():
+    assert _violations() == []
+
+
+def test_the_rule_catches_a_violation(tmp_path):
+    """The checker itself: an upward import and a diffusers import outside integrations/ are both reported."""
+    fake = tmp_path / "catfast"
+    (fake / "ops").mkdir(parents=True)
+    (fake / "ops" / "bad.py").write_text("def f():\n    import diffusers\n    from catfast.train import objective\n")
+    (fake / "integrations").mkdir()
+    (fake / "integrations" / "ok.py").write_text("import peft\nfrom catfast.nn import row_lora\n")
+    (fake / "serve").mkdir()
+    (fake / "serve" / "bad.py").write_text("from catfast import testing\n")
+    (fake / "testing.py").write_text("")
+    found = _violations(tmp_path)
+    assert len(found) == 3, found
+    assert "ops/bad.py:2 imports diffusers" in found[0]
+    assert "ops/bad.py:3 imports catfast.train" in found[1]
+    assert "serve/bad.py:1 imports catfast.testing" in found[2]
+
+
+def _doc_table() -> dict[str, set[str]]:
+    """The table between the layers markers of docs/design.md, expanded ("foundation", "everything")."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text.split("<!-- layers:begin -->")[1].split("<!-- layers:end -->")[0]
+    table = {}
+    for row in block.strip().splitlines()[2:]:
+        names_cell, allowed_cell = [c.strip() for c in row.strip().strip("|").split("|")]
+        names = re.findall(r"`([\w.]+)`", names_cell)
+        if allowed_cell == "everything":
+            allowed = {"*"}
+        elif allowed_cell == "nothing from catfast":
+            allowed = set()
+        else:
+            allowed = set()
+            for word in re.findall(r"`?([\w.]+)`?", allowed_cell.split("(")[0]):
+                if word == "foundation":
+                    allowed |= FOUNDATION
+                elif word not in ("and",):
+                    allowed.add(word)
+        for name in names:
+            table[name] = allowed
+    return table
+
+
+def test_design_doc_has_the_same_table():
+    documented = _doc_table()
+    expected = {k: v for k, v in ALLOWED.items() if k not in ("__init__", "__main__")}
+    assert documented == expected
