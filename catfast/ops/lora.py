@@ -2,7 +2,8 @@
 
 Backends: "triton" (catfast/kernels/lora_gemm.py; CUDA, or the CPU interpreter under
 TRITON_INTERPRET=1) and "torch" (pure-torch math with the same row-aware saving). The choice is made
-per call: ``CATFAST_BACKEND=torch|triton`` forces one; otherwise triton on CUDA, torch elsewhere.
+per call by ``catfast.backends.choose``: ``CATFAST_BACKEND`` forces one (``ext`` is an error: this op
+has none); otherwise triton on CUDA, torch elsewhere.
 
 What backward keeps (DESIGN.md, "No work and no memory for the teacher rows' backward"): the input
 rows and the rank-r product T = X A^T of the samples with ``needs_grad`` only, plus references to
@@ -12,11 +13,11 @@ from those rows only. The base weight and bias are frozen (no dW/db).
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
 
+from catfast.backends import choose, get, register, torch_probe, triton_probe
 from catfast.ops.grad_rows import (
     ROWS_ONLY,
     autocast_inputs,
@@ -28,35 +29,15 @@ from catfast.ops.grad_rows import (
 )
 from catfast.rows import NO_ADAPTER, RowPlan
 
-BACKENDS = ("triton", "torch")
+register("lora_linear", "row-planned LoRA Linear (forward GEMM + rank-r term, row-aware backward)",
+         triton=triton_probe, torch=torch_probe)  # fmt: skip
+BACKENDS = get("lora_linear").backends
 
 
-def triton_not_supported_reasons(x: torch.Tensor) -> list[str]:
-    """Why the Triton kernels cannot run on ``x`` (empty: they can)."""
-    from catfast.env import has_triton
-
-    reasons = []
-    cap = has_triton()
-    if not cap.available:
-        reasons.append(f"triton unavailable: {cap.detail}")
-    elif x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        reasons.append(f"tensors on {x.device.type}, and TRITON_INTERPRET=1 is not set")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"dtype {x.dtype} is not float32/float16/bfloat16")
-    return reasons
-
-
-def choose_backend(x: torch.Tensor) -> str:
-    """``CATFAST_BACKEND`` when set; else triton on CUDA and torch on the CPU (the Triton interpreter
-    is a debugging tool: a tiny-UNet step took ~10 s with it on the dev CPU, well under 1 s without)."""
-    forced = os.environ.get("CATFAST_BACKEND")
-    if forced in BACKENDS:
-        if forced == "triton":
-            reasons = triton_not_supported_reasons(x)
-            if reasons:
-                raise RuntimeError("CATFAST_BACKEND=triton but it cannot run: " + "; ".join(reasons))
-        return forced
-    return "triton" if x.device.type == "cuda" and not triton_not_supported_reasons(x) else "torch"
+def choose_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    """``catfast.backends.choose`` for this op: ``backend`` or ``CATFAST_BACKEND`` when given (a clear
+    error when it cannot run), else triton on CUDA and torch on the CPU."""
+    return choose("lora_linear", x.device, x.dtype, requested=backend)
 
 
 def lora_linear(
@@ -81,9 +62,7 @@ def lora_linear(
     """
     x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     _check(x, weight, bias, lora_a, lora_b, plan, validate_plan)
-    backend = backend or choose_backend(x)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = choose_backend(x, backend)
     with torch.autocast(x.device.type, enabled=False):  # inputs cast above; the rank-r terms stay fp32 inside
         return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend, input_memo)
 
