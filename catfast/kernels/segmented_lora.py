@@ -108,23 +108,37 @@ def _tiles(plan, tokens: int, block_m: int, device) -> tuple[torch.Tensor, torch
     return hit
 
 
+def plan_tiles(plan, x: torch.Tensor, tiles: dict | None = None):
+    """``(tile_seg, tile_row, seg_stop, block_m)``: the plan flattened to the launch's tensors (made once
+    per plan and token count; ``tiles`` as in ``segmented_lora_triton_``)."""
+    shrink = (tiles or {}).get("segmented_shrink") or config("segmented_shrink", x.device)
+    tokens = x.reshape(-1, x.shape[-1]).shape[0] // x.shape[0]
+    return (*_tiles(plan, tokens, shrink["BLOCK_M"], x.device), shrink["BLOCK_M"])
+
+
 def segmented_lora_triton_(y, x, lora_a, lora_b, coef, plan, *, tiles: dict | None = None) -> torch.Tensor:
     """``catfast.ops.segmented.segmented_lora_linear_`` on the Triton kernels (coef: ``[G, K]`` already
     times the layer's per-slot scales). x ``[N, ..., in]``, y ``[N, ..., out]`` contiguous. ``tiles``:
     ``{"segmented_shrink": cfg, "segmented_expand": cfg}`` (either may be missing: the tile table's)."""
+    if not y.is_contiguous():
+        raise ValueError("the Triton segmented LoRA adds into a contiguous output")
+    segmented_launch_(y, x, lora_a, lora_b, coef, plan.slots, *plan_tiles(plan, x, tiles), tiles=tiles)
+    return y
+
+
+def segmented_launch_(y, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg_stop, block_m: int, *,
+                      tiles: dict | None = None) -> None:  # fmt: skip
+    """The two launches on a plan flattened to tensors: ``slots`` / ``coef`` ``[G, K]`` (int32 / float),
+    ``tile_seg`` / ``tile_row`` one entry per tile of ``block_m`` token rows (its segment and first row),
+    ``seg_stop`` the stop token row of each segment. Adds into ``y`` in place."""
     tiles = tiles or {}
     shrink = tiles.get("segmented_shrink") or config("segmented_shrink", x.device)
     expand = tiles.get("segmented_expand") or config("segmented_expand", x.device)
-    block_m = shrink["BLOCK_M"]
-    n, fan_in, out = x.shape[0], x.shape[-1], y.shape[-1]
+    fan_in, out = x.shape[-1], y.shape[-1]
     x2 = x.reshape(-1, fan_in)
-    if not y.is_contiguous():
-        raise ValueError("the Triton segmented LoRA adds into a contiguous output")
     y2 = y.view(-1, out)
-    tokens = x2.shape[0] // n
-    r, kmax = lora_a.shape[1], plan.k
-    tile_seg, tile_row, seg_stop = _tiles(plan, tokens, block_m, x.device)
-    slots = plan.slots.to(torch.int32).contiguous()
+    r, kmax = lora_a.shape[1], slots.shape[1]
+    slots = slots.to(torch.int32).contiguous()
     coef = coef.float().contiguous()
     t = torch.empty((x2.shape[0], kmax * r), dtype=torch.float32, device=x.device)
     block_r = max(16, triton.next_power_of_2(r))
@@ -147,4 +161,3 @@ def segmented_lora_triton_(y, x, lora_a, lora_b, coef, plan, *, tiles: dict | No
         y2.stride(0), y2.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, **launch_options(expand, x.device),
     )  # fmt: skip
-    return y
