@@ -15,6 +15,8 @@ Reference: catfast/reference/lora.py::lora_linear_ref.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -67,8 +69,8 @@ def _lora_gemm_kernel(
         w = tl.load(
             w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0
         )
-        if FP32_DOT:
-            acc += tl.dot(x, w, input_precision="ieee")
+        if FP32_DOT:  # the casts are no-ops for fp32 inputs (see FP32_DOT in lora_gemm)
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(x, w)
         if has_lora:
@@ -78,7 +80,7 @@ def _lora_gemm_kernel(
                 other=0.0,
             )
             if FP32_DOT:
-                low += tl.dot(x, a, input_precision="ieee")
+                low += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
             else:
                 low += tl.dot(x, a)
     if has_lora:
@@ -88,7 +90,7 @@ def _lora_gemm_kernel(
             other=0.0,
         )
         if FP32_DOT:
-            acc += tl.dot(low * scale, b, input_precision="ieee")
+            acc += tl.dot(low * scale, b.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot((low * scale).to(b.dtype), b)
     if HAS_BIAS:
@@ -145,6 +147,20 @@ def _segment_outer_kernel(
     )
 
 
+def interpreting_bf16(dtype: torch.dtype) -> bool:
+    """True for bf16 under TRITON_INTERPRET=1, whose bf16 handling is wrong in triton 3.9 (measured on the
+    dev CPU): tl.dot on raw bf16 operands (a 16x16 dot off by 2.5e10; fp16, and bf16 upcast to fp32
+    first, were exact) and fp32 -> bf16 casts, which truncate (506 of 1024 values differed from torch's
+    round-to-nearest, max error 2x torch's). The launchers then dot in fp32 and store into an fp32 buffer
+    that torch rounds; on a GPU bf16 / fp16 dots and stores stay native."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fp32_dot(dtype: torch.dtype) -> bool:
+    """fp32 ("ieee") dots for fp32 inputs, and for bf16 ones in the interpreter (``interpreting_bf16``)."""
+    return dtype == torch.float32 or interpreting_bf16(dtype)
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension >= 16
 
@@ -176,7 +192,7 @@ def lora_gemm(
     num_samples = slots.numel()
     if m != num_samples * rows_per_sample:
         raise ValueError(f"lora_gemm: {m} rows != {num_samples} samples x {rows_per_sample} rows")
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=torch.float32 if interpreting_bf16(x.dtype) else x.dtype)
     low = torch.zeros((m, r), device=x.device, dtype=torch.float32) if store_low else y
     cfg = tiles or config("lora_gemm", x.device)
     bm, bn, bk = _blocks(cfg, rows_per_sample, n, k)
@@ -188,10 +204,10 @@ def lora_gemm(
             x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
             a_skr.stride(0), a_skr.stride(1), a_skr.stride(2), b_srn.stride(0), b_srn.stride(1), b_srn.stride(2),
             y.stride(0), y.stride(1), low.stride(0), low.stride(1),
-            HAS_BIAS=bias is not None, STORE_T=store_low, FP32_DOT=x.dtype == torch.float32,
+            HAS_BIAS=bias is not None, STORE_T=store_low, FP32_DOT=_fp32_dot(x.dtype),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(r), **launch_options(cfg, x.device),
         )  # fmt: skip
-    return y, (low if store_low else None)
+    return y.to(x.dtype), (low if store_low else None)
 
 
 def segment_outer(

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from catfast.kernels.lora_gemm import interpreting_bf16
 from catfast.kernels.tiles import config, fit, launch_options
 
 
@@ -137,6 +138,8 @@ def segmented_launch_(y, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg
     fan_in, out = x.shape[-1], y.shape[-1]
     x2 = x.reshape(-1, fan_in)
     y2 = y.view(-1, out)
+    if interpreting_bf16(y.dtype):  # the interpreter truncates fp32 -> bf16 stores: torch rounds instead
+        y2 = y2.float()
     r, kmax = lora_a.shape[1], slots.shape[1]
     slots = slots.to(torch.int32).contiguous()
     coef = coef.float().contiguous()
@@ -161,3 +164,5 @@ def segmented_launch_(y, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg
         y2.stride(0), y2.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, **launch_options(expand, x.device),
     )  # fmt: skip
+    if y2.dtype != y.dtype:
+        y.view(-1, out).copy_(y2)
