@@ -68,7 +68,7 @@ def lora_linear(
         if torch.compiler.is_compiling():  # one opaque custom op for dynamo (ops/library.py)
             from catfast.ops.library import flatten_plan
 
-            return torch.ops.catfast.lora_linear(x, weight, bias, lora_a, lora_b, *flatten_plan(plan), backend)[0]
+            return torch.ops.catfast.lora_linear(x, weight, bias, lora_a, lora_b, *flatten_plan(plan), backend)
         return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend, input_memo)
 
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
 import catfast.ops.library  # noqa: F401  (registers the catfast:: custom ops)
 from catfast.backends import choose, register, torch_probe, triton_probe
+from catfast.rows import cached_property
 
 register("segmented_lora_linear", "segmented mixed-adapter LoRA Linear of serving (no grad, in place)",
          triton=triton_probe, torch=torch_probe)  # fmt: skip

@@ -65,8 +65,7 @@ def test_lora_linear_opcheck_and_gradients(backend, slots, grad):
     a.requires_grad_(True)
     b.requires_grad_(True)
     opcheck(torch.ops.catfast.lora_linear.default, (x, w, bias, a, b, *flat, backend))
-    y, low_rows = torch.ops.catfast.lora_linear(x, w, bias, a, b, *flat, backend)
-    assert low_rows.shape == (sum(grad) * 5, 3) and not low_rows.requires_grad
+    y = torch.ops.catfast.lora_linear(x, w, bias, a, b, *flat, backend)
     xr, ar, br = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
     want = lora_linear_ref(xr, w, bias, ar, br, plan)
     assert_rel_close(y, want, 1e-5, "y")
