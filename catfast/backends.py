@@ -10,9 +10,12 @@ Backends, in the order the automatic choice tries them:
 The automatic choice (``CATFAST_BACKEND`` unset) takes the first backend of the op, in that order,
 that can run, except Triton under the CPU interpreter: the interpreter is a debugging tool (a tiny-UNet
 CAT step took ~10 s with it on the dev CPU, well under 1 s on the torch backend), so it is used only
-when asked for. ``CATFAST_BACKEND=ext|triton|torch`` forces one backend for every op: an op that
-does not have it, or whose probe says it cannot run on these tensors, raises ``BackendError`` naming
-the op and the reason. Any other value raises ``BackendError`` listing the valid ones.
+when asked for. ``CATFAST_BACKEND=ext|triton|torch`` forces one backend for every op with kernels (more
+than one backend): such an op that does not have it, or whose probe says it cannot run on these
+tensors, raises ``BackendError`` naming the op and the reason. Ops registered with the torch backend
+only (``lora_conv2d``: torch's convolutions, no kernel of ours) run as they are under any valid value:
+forcing ``triton`` for the LoRA Linears of a UNet whose convolutions carry LoRA too must not fail the
+convolutions. Any other value raises ``BackendError`` listing the valid ones, in every op.
 
 Adding an op (one call, at the import of the op's module; then add the module to ``OP_MODULES`` so
 ``catfast env`` lists it)::
@@ -116,6 +119,8 @@ def choose(op: str, device, dtype=None, *, requested: str | None = None,
     entry = get(op)
     source = "backend=" if requested else f"{ENV_VAR}="
     wanted = requested if requested else forced()
+    if wanted is not None and not requested and entry.backends == ("torch",):
+        wanted = None  # a torch-only op: nothing to force (the value was checked by forced())
     if wanted is not None:
         if wanted not in BACKENDS:
             raise BackendError(f"backend={wanted!r} is not a backend; valid: {', '.join(BACKENDS)}")

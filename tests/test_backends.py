@@ -59,8 +59,9 @@ def test_forced_triton_without_the_interpreter_says_why(monkeypatch):
 
 
 def test_every_op_routes_through_the_registry(monkeypatch):
-    """Forcing a backend an op lacks raises for each of the five ops: each one asks choose()."""
-    monkeypatch.setenv("CATFAST_BACKEND", "ext")
+    """An invalid value fails each of the five ops (each asks choose()); a forced backend an op with kernels
+    lacks fails that op; the torch-only conv ops run under any valid value (a UNet with LoRA on convs and
+    linears must train with CATFAST_BACKEND=triton)."""
     x, w, a, b, plan = _linear_args()
     conv = torch.nn.Conv2d(4, 5, 3, padding=1).requires_grad_(False)
     xc = torch.randn(2, 4, 6, 6)
@@ -68,21 +69,32 @@ def test_every_op_routes_through_the_registry(monkeypatch):
     seg = SegmentPlan(2, [Segment(0, 2, ((0, 1.0),))])
     calls = {
         "lora_linear": lambda: lora_linear(x, w, None, a, b, plan),
+        "segmented_lora_linear": lambda: segmented_lora_linear_(torch.zeros(2, 3, 6), x, a, b, torch.ones(1), seg),
         "lora_conv2d": lambda: lora_conv2d(xc, conv, ca, cb, plan),
-        "segmented_lora_linear": lambda: segmented_lora_linear_(
-            torch.zeros(2, 3, 6), x, a, b, torch.ones(1), seg),
         "segmented_lora_conv2d": lambda: segmented_lora_conv2d_(
             conv(xc), xc, conv, ca.flatten(2), cb, torch.ones(1), seg),
+        "merge_lora": lambda: merge_lora_([torch.zeros(4, 4)], [torch.ones(1, 4)], [torch.ones(4, 1)], [1.0]),
     }  # fmt: skip
+    assert set(calls) == OPS
+    monkeypatch.setenv("CATFAST_BACKEND", "bogus")
     for op, call in calls.items():
-        with pytest.raises(backends.BackendError, match=f"op {op} has no ext backend"):
+        with pytest.raises(backends.BackendError, match="'bogus' is not a backend"):
             call()
+    monkeypatch.setenv("CATFAST_BACKEND", "ext")
+    for op in ("lora_linear", "segmented_lora_linear"):
+        with pytest.raises(backends.BackendError, match=f"op {op} has no ext backend"):
+            calls[op]()
+    calls["lora_conv2d"]()
+    calls["segmented_lora_conv2d"]()
+    calls["merge_lora"]()
     monkeypatch.setenv("CATFAST_BACKEND", "triton")
     wm = torch.zeros(4, 4)
     with pytest.raises(backends.BackendError, match="op merge_lora has no triton backend"):
         merge_lora_([wm], [torch.ones(1, 4)], [torch.ones(4, 1)], [1.0])
     assert torch.count_nonzero(wm) == 0  # nothing written
-    assert set(calls) | {"merge_lora"} == OPS
+    assert backends.choose("lora_conv2d", "cpu") == "torch"
+    with pytest.raises(backends.BackendError, match="op lora_conv2d has no triton backend"):
+        backends.choose("lora_conv2d", "cpu", requested="triton")  # an explicit request is still checked
 
 
 def test_automatic_choice_and_per_call_reasons(monkeypatch):

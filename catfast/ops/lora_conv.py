@@ -35,7 +35,7 @@ def lora_conv2d(
     ``[S, r, in, kh, kw]`` (base's kernel); lora_b ``[S, out, r]``; plan of length N (scales already
     include each adapter's alpha / r). The down convolution uses ``base``'s stride and padding, as peft's does."""
     _check(x, base, lora_a, lora_b, plan)
-    choose("lora_conv2d", x.device, x.dtype)  # torch only: a forced ext/triton backend is an error
+    choose("lora_conv2d", x.device, x.dtype)  # torch only: checks CATFAST_BACKEND's value, forces nothing
     y = frozen_conv2d(x, base, plan)
     for slot, needs_grad, host_samples in plan.layout.by_slot:
         samples, run = plan.index(host_samples), run_of(host_samples)

@@ -168,7 +168,7 @@ def segmented_lora_conv2d_(
         return y
     if x.shape[0] != plan.rows or y.shape[0] != plan.rows:
         raise ValueError(f"segment plan has {plan.rows} rows but the batch has {x.shape[0]}")
-    choose("segmented_lora_conv2d", x.device, x.dtype)  # torch only: a forced ext/triton backend is an error
+    choose("segmented_lora_conv2d", x.device, x.dtype)  # torch only: checks CATFAST_BACKEND, forces nothing
     with torch.no_grad():
         coef = plan.coefficients(scales.to(x.dtype))
         r = lora_a.shape[1]
