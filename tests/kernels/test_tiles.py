@@ -71,9 +71,22 @@ def test_kernels_use_the_given_tiles():
         assert_rel_close(segment_outer(lhs, rhs, scale, seg, tiles=cfg), want, 1e-5, f"segment_outer tiles={cfg}")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: test_tuning_writes_this_gpus_family runs")
 def test_tuning_refuses_on_the_cpu(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: tests/kernels/test_cuda.py tunes there")
     with pytest.raises(tiles.TileTableError, match="needs a CUDA GPU"):
         tiles.tune_and_write(tmp_path / "t.json")
     assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU (benchmarks/gpu.sh)")
+def test_tuning_writes_this_gpus_family(tmp_path):
+    path = tmp_path / "tiles.json"
+    lines = []
+    entry = tiles.tune_and_write(path, ops=["segmented_expand"], echo=lines.append)  # the smallest grid (6 configs)
+    table = tiles.read_table(path)
+    fam = tiles.family("cuda")
+    assert table["families"][fam]["segmented_expand"] == entry["segmented_expand"]
+    assert entry["segmented_expand"] in tiles.candidates("segmented_expand")
+    assert table["families"]["default"] == tiles.read_table()["families"]["default"]  # other families kept
+    assert any("segmented_expand" in line and " ms " in line for line in lines)
