@@ -65,6 +65,9 @@ class Op:
 
 
 _REGISTRY: dict[str, Op] = {}
+# choose()'s answers by (op, device, dtype, requested, CATFAST_BACKEND, TRITON_INTERPRET) for calls without
+# per-call reasons: the probes cost ~30 us a call on the loaded dev CPU, and lora_linear asks once per layer
+_CHOSEN: dict[tuple, str] = {}
 
 
 def register(op: str, doc: str, **probes: Probe) -> Op:
@@ -75,14 +78,25 @@ def register(op: str, doc: str, **probes: Probe) -> Op:
         raise ValueError(f"register({op!r}): backends must be among {BACKENDS}, got {sorted(probes)}")
     entry = Op(op, doc, tuple((b, probes[b]) for b in BACKENDS if b in probes))
     _REGISTRY[op] = entry
+    _CHOSEN.clear()
     return entry
 
 
 def get(op: str) -> Op:
+    """The registered op ``op`` (importing ``OP_MODULES`` first if it is not registered yet)."""
+    if op not in _REGISTRY:
+        _import_ops()
     try:
         return _REGISTRY[op]
     except KeyError:
         raise ValueError(f"unknown catfast op {op!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def _import_ops() -> None:
+    import importlib
+
+    for name in OP_MODULES:
+        importlib.import_module(name)
 
 
 def forced() -> str | None:
@@ -113,6 +127,19 @@ def choose(op: str, device, dtype=None, *, requested: str | None = None,
     """The backend ``op`` runs on for tensors on ``device`` of ``dtype``: ``requested`` (a ``backend=``
     argument) if given, else ``CATFAST_BACKEND`` if set, else the automatic choice (module docstring).
     Raises ``BackendError`` when the requested or forced backend cannot run, naming the op and why."""
+    key = None
+    if why_not is None:
+        key = (op, device, dtype, requested, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+        hit = _CHOSEN.get(key)
+        if hit is not None:
+            return hit
+    chosen = _choose(op, device, dtype, requested, why_not)
+    if key is not None:
+        _CHOSEN[key] = chosen
+    return chosen
+
+
+def _choose(op, device, dtype, requested, why_not) -> str:
     import torch
 
     device = torch.device(device)
@@ -143,12 +170,9 @@ def choose(op: str, device, dtype=None, *, requested: str | None = None,
 def table(device=None) -> list[dict]:
     """One row per (op, backend) for ``device`` (default: cuda when available, else cpu): whether it can
     run, why not, and whether the automatic choice takes it. Imports the op modules (``OP_MODULES``)."""
-    import importlib
-
     import torch
 
-    for name in OP_MODULES:
-        importlib.import_module(name)
+    _import_ops()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []

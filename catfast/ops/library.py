@@ -24,8 +24,10 @@ the host layout as ``int[]`` / ``bool[]``, so no op reads the device to plan its
 - ``catfast::merge_lora_(weights!, downs, ups, scales) -> ()``: the multi-layer merge (extension or
   torch, as ``catfast.ops.merge.merge_lora_`` chooses), in place.
 
-The pure-torch backends need no op: dynamo traces torch code as it is. Importing this module
-registers the ops (``catfast.ops.lora`` / ``catfast.ops.segmented`` import it where they need it).
+The pure-torch backends need no op: dynamo traces torch code as it is. The ``call_*`` functions are
+what catfast's ops call: the custom op while torch.compile traces, the launcher itself in eager mode
+(the dispatcher's cost per call is measured in ``tracing``). Importing this module registers the ops
+(``catfast.ops.lora`` / ``catfast.ops.segmented`` import it).
 """
 
 from __future__ import annotations
@@ -49,7 +51,43 @@ def flatten_plan(plan: RowPlan) -> tuple[Tensor, Tensor, list[int], list[bool]]:
     return plan.slots, plan.scales, list(plan.layout.slots), list(plan.layout.needs_grad)
 
 
+def tracing(*tensors: Tensor) -> bool:
+    """True while torch.compile / export traces (dynamo, or AOT autograd on fake tensors): then the Triton
+    launches go through the custom ops. Eager calls run the launchers directly: the custom-op dispatch
+    cost ~110-190 us a call on the loaded dev CPU (catfast::merge_lora_ vs the function it wraps), per
+    LoRA layer and pass."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(t) for t in tensors)
+
+
 # -- the Triton GEMM and the adapter-gradient reduction --------------------------------------------------
+
+
+def lora_gemm_impl(x, weight, bias, lora_a, lora_b, slots, scales, rows: int, store_low: bool):
+    """``catfast::lora_gemm`` without the dispatcher (see ``tracing``)."""
+    from catfast.kernels.lora_gemm import lora_gemm as launch
+
+    y, low = launch(x, weight.t(), bias, lora_a.transpose(1, 2), lora_b.transpose(1, 2), slots, scales, rows,
+                    store_low=store_low)  # fmt: skip
+    return y, low if low is not None else x.new_empty((0, lora_a.shape[1]), dtype=torch.float32)
+
+
+def call_lora_gemm(x, weight, bias, lora_a, lora_b, slots, scales, rows: int, store_low: bool):
+    """The row-planned Triton GEMM: the custom op while tracing, the launcher otherwise."""
+    fn = torch.ops.catfast.lora_gemm if tracing(x) else lora_gemm_impl
+    return fn(x, weight, bias, lora_a, lora_b, slots, scales, rows, store_low)
+
+
+def call_segment_outer(lhs, rhs, row_scale, seg_offsets):
+    """The adapter-gradient reduction: the custom op while tracing, the launcher otherwise."""
+    if tracing(lhs):
+        return torch.ops.catfast.segment_outer(lhs, rhs, row_scale, seg_offsets)
+    from catfast.kernels.lora_gemm import segment_outer as launch
+
+    return launch(lhs, rhs, row_scale, seg_offsets)
 
 
 @torch.library.custom_op("catfast::lora_gemm", mutates_args=())
@@ -57,11 +95,7 @@ def lora_gemm(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, slots: Tensor, scales: Tensor,
     rows: int, store_low: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    from catfast.kernels.lora_gemm import lora_gemm as launch
-
-    y, low = launch(x, weight.t(), bias, lora_a.transpose(1, 2), lora_b.transpose(1, 2), slots, scales, rows,
-                    store_low=store_low)  # fmt: skip
-    return y, low if low is not None else x.new_empty((0, lora_a.shape[1]), dtype=torch.float32)
+    return lora_gemm_impl(x, weight, bias, lora_a, lora_b, slots, scales, rows, store_low)
 
 
 @lora_gemm.register_fake
@@ -135,6 +169,17 @@ lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_
 
 
 # -- serving and merging ------------------------------------------------------------------------------------
+
+
+def call_segmented_lora_linear_(y, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg_stop, block_m: int):
+    """The segmented Triton LoRA into ``y``: the custom op while tracing, the launcher otherwise."""
+    if tracing(x):
+        torch.ops.catfast.segmented_lora_linear_(y, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg_stop,
+                                                 block_m)  # fmt: skip
+        return
+    from catfast.kernels.segmented_lora import segmented_launch_
+
+    segmented_launch_(y, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg_stop, block_m)
 
 
 @torch.library.custom_op("catfast::segmented_lora_linear_", mutates_args=("y",))

@@ -17,7 +17,6 @@ import weakref
 
 import torch
 
-import catfast.ops.library  # noqa: F401  (registers the catfast:: custom ops)
 from catfast.backends import choose, get, register, torch_probe, triton_probe
 from catfast.ops.grad_rows import (
     ROWS_ONLY,
@@ -28,6 +27,7 @@ from catfast.ops.grad_rows import (
     take_samples,
     zeros_outside,
 )
+from catfast.ops.library import call_lora_gemm, call_segment_outer
 from catfast.rows import NO_ADAPTER, RowPlan
 
 register("lora_linear", "row-planned LoRA Linear (forward GEMM + rank-r term, row-aware backward)",
@@ -136,9 +136,8 @@ def forward_rows(x, weight, bias, lora_a, lora_b, plan: RowPlan, backend: str, n
     n, in_f = x.shape[0], x.shape[-1]
     x2 = x.reshape(-1, in_f).contiguous()
     rows = x2.shape[0] // n if n else 0
-    if backend == "triton":  # the custom op catfast::lora_gemm (ops/library.py)
-        y2, low = torch.ops.catfast.lora_gemm(x2, weight, bias, lora_a, lora_b, plan.slots, plan.scales, rows,
-                                              need_low)  # fmt: skip
+    if backend == "triton":  # the custom op catfast::lora_gemm under torch.compile (ops/library.py)
+        y2, low = call_lora_gemm(x2, weight, bias, lora_a, lora_b, plan.slots, plan.scales, rows, need_low)
         low = low if need_low else None
     else:
         y2, low = _torch_gemm(x2, weight, bias, lora_a, lora_b, plan, rows, store_low=need_low)
@@ -160,9 +159,8 @@ def backward_rows(dy, x_rows, low_rows, weight, lora_a, lora_b, plan: RowPlan, g
     if want_x:  # dX = dY W + s (dY B) A, and U = dY B for dA, in one launch
         flat_shape = (num_samples * rows, weight.shape[1])
         if backend == "triton":
-            dx_rows, up_low = torch.ops.catfast.lora_gemm(dy_rows, weight.t(), None, lora_b.transpose(1, 2),
-                                                          lora_a.transpose(1, 2), plan.slots, plan.scales, rows,
-                                                          want_a or want_b)  # fmt: skip
+            dx_rows, up_low = call_lora_gemm(dy_rows, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2),
+                                             plan.slots, plan.scales, rows, want_a or want_b)  # fmt: skip
             dx = scatter_rows(dx_rows, flat_shape, grad_samples, run, num_samples)
         else:
             # the grad rows' dX is written straight into the full-size result when they are one run
@@ -260,12 +258,11 @@ def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, 
         rows_index = sample_rows(index, rows)
         x_s, dy_s = x_rows.index_select(0, rows_index), dy_rows.index_select(0, rows_index)
         low_s, up_s = low_rows.index_select(0, rows_index), up_low.index_select(0, rows_index)
-    if backend == "triton":  # the custom op catfast::segment_outer (ops/library.py)
+    if backend == "triton":  # the custom op catfast::segment_outer under torch.compile (ops/library.py)
         # bounds in samples made once per plan (a host-to-device copy syncs), scaled on the device: rows is
         # symbolic under torch.compile's dynamic shapes and cannot key the plan's cache
         seg = plan.index(bounds) * rows
-        outer = torch.ops.catfast.segment_outer
-        return outer(up_s, x_s, row_scale, seg), outer(dy_s, low_s, row_scale, seg)
+        return call_segment_outer(up_s, x_s, row_scale, seg), call_segment_outer(dy_s, low_s, row_scale, seg)
     da = torch.zeros((num_slots, up_s.shape[1], x_s.shape[1]), device=x_rows.device, dtype=torch.float32)
     db = torch.zeros((num_slots, dy_s.shape[1], low_s.shape[1]), device=x_rows.device, dtype=torch.float32)
     for s in range(num_slots):

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import catfast.ops.library  # noqa: F401  (registers the catfast:: custom ops)
 from catfast.backends import choose, register, torch_probe, triton_probe
+from catfast.ops.library import call_segmented_lora_linear_
 from catfast.rows import cached_property
 
 register("segmented_lora_linear", "segmented mixed-adapter LoRA Linear of serving (no grad, in place)",
@@ -118,12 +118,12 @@ def segmented_lora_linear_(
     backend = choose("segmented_lora_linear", x.device, x.dtype, requested=backend)
     with torch.no_grad():
         coef = plan.coefficients(scales.to(x.dtype))
-        if backend == "triton":  # the launch is the custom op catfast::segmented_lora_linear_ (ops/library.py)
+        if backend == "triton":  # the custom op catfast::segmented_lora_linear_ under torch.compile (ops/library.py)
             from catfast.kernels.segmented_lora import plan_tiles
 
             if not y.is_contiguous():
                 raise ValueError("the Triton segmented LoRA adds into a contiguous output")
-            torch.ops.catfast.segmented_lora_linear_(y, x, lora_a, lora_b, coef, plan.slots, *plan_tiles(plan, x))
+            call_segmented_lora_linear_(y, x, lora_a, lora_b, coef, plan.slots, *plan_tiles(plan, x))
             return y
         return _linear_torch_(y, x, lora_a, lora_b, coef, plan)
 
