@@ -10,6 +10,7 @@ On the CPU the Triton kernels run in the interpreter (tiny shapes keep it quick)
 CUDA with the real Triton compiler when a GPU is present (``-m cuda``; skipped, and reported as such by
 pytest -ra, where there is none: CI counts them as not run)."""
 
+import os
 import random
 
 import pytest
@@ -28,6 +29,14 @@ from catfast.testing import assert_close_to_ref
 HALF = [torch.float16, torch.bfloat16]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU (benchmarks/gpu.sh)")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
+# Triton on CPU tensors is the interpreter, which tests/conftest.py turns on only where there is no GPU
+TRITON_CPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="no interpreter: cuda variant runs")
+BACKEND_DEVICES = [
+    ("torch", "cpu"),
+    pytest.param("triton", "cpu", marks=TRITON_CPU),
+    pytest.param("torch", "cuda", marks=[pytest.mark.cuda, CUDA]),
+    pytest.param("triton", "cuda", marks=[pytest.mark.cuda, CUDA]),
+]
 S = 3  # adapter slots of every layer
 
 
@@ -71,8 +80,7 @@ def _linear_grads(fn, x, w, bias, a, b, plan, dy):
     return y.detach(), x.grad, a.grad, b.grad
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("name, slots, grad", PLANS, ids=[p[0] for p in PLANS])
 def test_lora_linear_half(name, slots, grad, dtype, backend, device):
@@ -157,8 +165,7 @@ def _segmented_low(x, w, a, b, scales, segments):
     return y
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("name, rows, segments", SEGMENTS, ids=[p[0] for p in SEGMENTS])
 def test_segmented_linear_half(name, rows, segments, dtype, backend, device):
