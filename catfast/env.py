@@ -1,5 +1,6 @@
 """Capability probes, each computed once: torch, CUDA, Triton, the C++ extension, and the libraries
-catfast integrates with. `python -m catfast.env` prints them with the reason for anything missing.
+catfast integrates with. `python -m catfast.env` (`catfast env`) prints them with the reason for anything
+missing, then the table of ops x backends from ``catfast.backends`` (``--json``: both).
 Nothing here imports triton, diffusers or onnx until a probe is asked for."""
 
 from __future__ import annotations
@@ -110,11 +111,26 @@ def report() -> list[Capability]:
     ]
 
 
+def backend_table() -> dict:
+    """``catfast.backends.table()`` with the ``CATFAST_BACKEND`` value it was made under (an invalid
+    value is reported, not raised: the table still shows what could run)."""
+    from catfast import backends
+
+    try:
+        forced = backends.forced()
+        error = None
+    except backends.BackendError as e:
+        forced, error = None, str(e)
+    rows = backends.table()
+    return {"env": os.environ.get(backends.ENV_VAR) or None, "forced": forced, "error": error, "ops": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     caps = report()
+    table = backend_table()
     if "--json" in argv:
-        print(json.dumps([asdict(c) for c in caps], indent=2))
+        print(json.dumps({"capabilities": [asdict(c) for c in caps], "backends": table}, indent=2))
         return 0
     from catfast import __version__
 
@@ -124,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         version = c.version or ""
         detail = f"  ({c.detail})" if c.detail else ""
         print(f"  {c.name:<14} {state}  {version:<14}{detail}")
+    device = table["ops"][0]["device"] if table["ops"] else "cpu"
+    forced = f"CATFAST_BACKEND={table['env']}" if table["env"] else "CATFAST_BACKEND unset: automatic choice (*)"
+    print(f"backends on {device} ({forced})")
+    if table["error"]:
+        print(f"  error: {table['error']}")
+    for row in table["ops"]:
+        state = "yes" if row["available"] else "no "
+        mark = "*" if row["chosen"] else " "
+        reason = f"  ({row['reason']})" if row["reason"] else ""
+        print(f"  {row['op']:<22} {row['backend']:<7}{mark} {state}{reason}")
     return 0
 
 

@@ -47,7 +47,7 @@ def test_env_module_prints_capabilities_with_reasons():
     for name in ("torch", "cuda", "triton", "catfast._C", "diffusers", "onnxruntime"):
         assert name in r.stdout
     r = subprocess.run([sys.executable, "-m", "catfast.env", "--json"], capture_output=True, text=True, timeout=120)
-    caps = {c["name"]: c for c in json.loads(r.stdout)}
+    caps = {c["name"]: c for c in json.loads(r.stdout)["capabilities"]}
     assert caps["torch"]["available"]
     for c in caps.values():
         assert c["available"] or c["detail"], f"{c['name']} unavailable without a reason"

@@ -15,9 +15,13 @@ Reference: catfast/reference/lora.py::lora_linear_ref.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from catfast.kernels.tiles import config, fit, launch_options
 
 
 @triton.jit
@@ -65,8 +69,8 @@ def _lora_gemm_kernel(
         w = tl.load(
             w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0
         )
-        if FP32_DOT:
-            acc += tl.dot(x, w, input_precision="ieee")
+        if FP32_DOT:  # the casts are no-ops for fp32 inputs (see FP32_DOT in lora_gemm)
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(x, w)
         if has_lora:
@@ -76,7 +80,7 @@ def _lora_gemm_kernel(
                 other=0.0,
             )
             if FP32_DOT:
-                low += tl.dot(x, a, input_precision="ieee")
+                low += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
             else:
                 low += tl.dot(x, a)
     if has_lora:
@@ -86,7 +90,7 @@ def _lora_gemm_kernel(
             other=0.0,
         )
         if FP32_DOT:
-            acc += tl.dot(low * scale, b, input_precision="ieee")
+            acc += tl.dot(low * scale, b.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot((low * scale).to(b.dtype), b)
     if HAS_BIAS:
@@ -143,17 +147,27 @@ def _segment_outer_kernel(
     )
 
 
+def interpreting_bf16(dtype: torch.dtype) -> bool:
+    """True for bf16 under TRITON_INTERPRET=1, whose bf16 handling is wrong in triton 3.9 (measured on the
+    dev CPU): tl.dot on raw bf16 operands (a 16x16 dot off by 2.5e10; fp16, and bf16 upcast to fp32
+    first, were exact) and fp32 -> bf16 casts, which truncate (506 of 1024 values differed from torch's
+    round-to-nearest, max error 2x torch's). The launchers then dot in fp32 and store into an fp32 buffer
+    that torch rounds; on a GPU bf16 / fp16 dots and stores stay native."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fp32_dot(dtype: torch.dtype) -> bool:
+    """fp32 ("ieee") dots for fp32 inputs, and for bf16 ones in the interpreter (``interpreting_bf16``)."""
+    return dtype == torch.float32 or interpreting_bf16(dtype)
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension >= 16
 
 
-def _blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
-    # Small fixed tiles: correct everywhere (and quick under TRITON_INTERPRET=1); GPU tuning comes with
-    # the benchmarks of the fused CAT pass.
-    bm = 64 if m >= 64 else max(16, triton.next_power_of_2(m))
-    bn = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    bk = 32 if k >= 32 else 16
-    return bm, bn, bk
+def _blocks(cfg: dict, m: int, n: int, k: int) -> tuple[int, int, int]:
+    """The table's tiles (catfast/kernels/tiles.py) shrunk to small dimensions."""
+    return fit(cfg["BLOCK_M"], m), fit(cfg["BLOCK_N"], n), fit(cfg["BLOCK_K"], k)
 
 
 def lora_gemm(
@@ -167,18 +181,21 @@ def lora_gemm(
     rows_per_sample: int,
     *,
     store_low: bool,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Y = X @ W' + bias + scale * (X @ A'[slot]) @ B'[slot] per sample; returns (Y [M, N] in x's dtype,
-    T = X @ A'[slot] [M, R] fp32 if ``store_low`` else None; rows without an adapter are left unset in T)."""
+    T = X @ A'[slot] [M, R] fp32 if ``store_low`` else None; rows without an adapter are left unset in T).
+    ``tiles``: a ``lora_gemm`` config (default: the tile table's for x's device)."""
     m, k = x.shape
     n = w_kn.shape[1]
     r = a_skr.shape[2]
     num_samples = slots.numel()
     if m != num_samples * rows_per_sample:
         raise ValueError(f"lora_gemm: {m} rows != {num_samples} samples x {rows_per_sample} rows")
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=torch.float32 if interpreting_bf16(x.dtype) else x.dtype)
     low = torch.zeros((m, r), device=x.device, dtype=torch.float32) if store_low else y
-    bm, bn, bk = _blocks(rows_per_sample, n, k)
+    cfg = tiles or config("lora_gemm", x.device)
+    bm, bn, bk = _blocks(cfg, rows_per_sample, n, k)
     grid = (num_samples * triton.cdiv(rows_per_sample, bm), triton.cdiv(n, bn))
     with torch.device(x.device):
         _lora_gemm_kernel[grid](
@@ -187,10 +204,10 @@ def lora_gemm(
             x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
             a_skr.stride(0), a_skr.stride(1), a_skr.stride(2), b_srn.stride(0), b_srn.stride(1), b_srn.stride(2),
             y.stride(0), y.stride(1), low.stride(0), low.stride(1),
-            HAS_BIAS=bias is not None, STORE_T=store_low, FP32_DOT=x.dtype == torch.float32,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(r),
+            HAS_BIAS=bias is not None, STORE_T=store_low, FP32_DOT=_fp32_dot(x.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(r), **launch_options(cfg, x.device),
         )  # fmt: skip
-    return y, (low if store_low else None)
+    return y.to(x.dtype), (low if store_low else None)
 
 
 def segment_outer(
@@ -198,19 +215,23 @@ def segment_outer(
     rhs: torch.Tensor,  # [M, Q]
     row_scale: torch.Tensor,  # [M] fp32
     seg_offsets: torch.Tensor,  # [S + 1] int64, rows of segment s are seg_offsets[s]:seg_offsets[s+1]
+    *,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
-    """out[s] = (row_scale * lhs)[seg s]^T @ rhs[seg s], ``[S, P, Q]`` fp32 (empty segments give 0)."""
+    """out[s] = (row_scale * lhs)[seg s]^T @ rhs[seg s], ``[S, P, Q]`` fp32 (empty segments give 0).
+    ``tiles``: a ``segment_outer`` config (default: the tile table's for lhs's device)."""
     _, p = lhs.shape
     q = rhs.shape[1]
     s = seg_offsets.numel() - 1
     out = torch.empty((s, p, q), device=lhs.device, dtype=torch.float32)
-    bp = max(16, min(64, triton.next_power_of_2(p)))
-    bq = max(16, min(64, triton.next_power_of_2(q)))
+    cfg = tiles or config("segment_outer", lhs.device)
+    bp, bq = fit(cfg["BLOCK_P"], p), fit(cfg["BLOCK_Q"], q)
     grid = (s, triton.cdiv(p, bp), triton.cdiv(q, bq))
     with torch.device(lhs.device):
         _segment_outer_kernel[grid](
             lhs, rhs, row_scale, seg_offsets, out, p, q,
             lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1), out.stride(0), out.stride(1), out.stride(2),
-            FP32_DOT=lhs.dtype == torch.float32, BLOCK_M=32, BLOCK_P=bp, BLOCK_Q=bq,
+            FP32_DOT=lhs.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], BLOCK_P=bp, BLOCK_Q=bq,
+            **launch_options(cfg, lhs.device),
         )  # fmt: skip
     return out

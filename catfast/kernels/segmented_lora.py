@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from catfast.kernels.lora_gemm import interpreting_bf16
+from catfast.kernels.tiles import config, fit, launch_options
+
 
 @triton.jit
 def _shrink_kernel(
@@ -106,22 +109,43 @@ def _tiles(plan, tokens: int, block_m: int, device) -> tuple[torch.Tensor, torch
     return hit
 
 
-def segmented_lora_triton_(y, x, lora_a, lora_b, coef, plan, *, block_m: int = 32) -> torch.Tensor:
+def plan_tiles(plan, x: torch.Tensor, tiles: dict | None = None):
+    """``(tile_seg, tile_row, seg_stop, block_m)``: the plan flattened to the launch's tensors (made once
+    per plan and token count; ``tiles`` as in ``segmented_lora_triton_``)."""
+    shrink = (tiles or {}).get("segmented_shrink") or config("segmented_shrink", x.device)
+    tokens = x.reshape(-1, x.shape[-1]).shape[0] // x.shape[0]
+    return (*_tiles(plan, tokens, shrink["BLOCK_M"], x.device), shrink["BLOCK_M"])
+
+
+def segmented_lora_triton_(y, x, lora_a, lora_b, coef, plan, *, tiles: dict | None = None) -> torch.Tensor:
     """``catfast.ops.segmented.segmented_lora_linear_`` on the Triton kernels (coef: ``[G, K]`` already
-    times the layer's per-slot scales). x ``[N, ..., in]``, y ``[N, ..., out]`` contiguous."""
-    n, fan_in, out = x.shape[0], x.shape[-1], y.shape[-1]
-    x2 = x.reshape(-1, fan_in)
+    times the layer's per-slot scales). x ``[N, ..., in]``, y ``[N, ..., out]`` contiguous. ``tiles``:
+    ``{"segmented_shrink": cfg, "segmented_expand": cfg}`` (either may be missing: the tile table's)."""
     if not y.is_contiguous():
         raise ValueError("the Triton segmented LoRA adds into a contiguous output")
+    segmented_launch_(y, x, lora_a, lora_b, coef, plan.slots, *plan_tiles(plan, x, tiles), tiles=tiles)
+    return y
+
+
+def segmented_launch_(y, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg_stop, block_m: int, *,
+                      tiles: dict | None = None) -> None:  # fmt: skip
+    """The two launches on a plan flattened to tensors: ``slots`` / ``coef`` ``[G, K]`` (int32 / float),
+    ``tile_seg`` / ``tile_row`` one entry per tile of ``block_m`` token rows (its segment and first row),
+    ``seg_stop`` the stop token row of each segment. Adds into ``y`` in place."""
+    tiles = tiles or {}
+    shrink = tiles.get("segmented_shrink") or config("segmented_shrink", x.device)
+    expand = tiles.get("segmented_expand") or config("segmented_expand", x.device)
+    fan_in, out = x.shape[-1], y.shape[-1]
+    x2 = x.reshape(-1, fan_in)
     y2 = y.view(-1, out)
-    tokens = x2.shape[0] // n
-    r, kmax = lora_a.shape[1], plan.k
-    tile_seg, tile_row, seg_stop = _tiles(plan, tokens, block_m, x.device)
-    slots = plan.slots.to(torch.int32).contiguous()
+    if interpreting_bf16(y.dtype):  # the interpreter truncates fp32 -> bf16 stores: torch rounds instead
+        y2 = y2.float()
+    r, kmax = lora_a.shape[1], slots.shape[1]
+    slots = slots.to(torch.int32).contiguous()
     coef = coef.float().contiguous()
     t = torch.empty((x2.shape[0], kmax * r), dtype=torch.float32, device=x.device)
     block_r = max(16, triton.next_power_of_2(r))
-    block_k = min(64, max(16, triton.next_power_of_2(fan_in)))
+    block_k = fit(shrink["BLOCK_K"], fan_in)
     grid = (tile_seg.numel(),)
     _shrink_kernel[grid](
         x2, lora_a, t, tile_seg, tile_row, seg_stop, slots, coef,
@@ -129,15 +153,16 @@ def segmented_lora_triton_(y, x, lora_a, lora_b, coef, plan, *, block_m: int = 3
         x2.stride(0), x2.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         t.stride(0), t.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **launch_options(shrink, x.device),
     )  # fmt: skip
-    block_n = min(64, max(16, triton.next_power_of_2(out)))
+    block_n = fit(expand["BLOCK_N"], out)
     _expand_kernel[(tile_seg.numel(), triton.cdiv(out, block_n))](
         t, lora_b, y2, tile_seg, tile_row, seg_stop, slots,
         out, r, kmax,
         t.stride(0), t.stride(1),
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         y2.stride(0), y2.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, **launch_options(expand, x.device),
     )  # fmt: skip
-    return y
+    if y2.dtype != y.dtype:
+        y.view(-1, out).copy_(y2)

@@ -2,7 +2,8 @@
 
 Backends: "triton" (catfast/kernels/lora_gemm.py; CUDA, or the CPU interpreter under
 TRITON_INTERPRET=1) and "torch" (pure-torch math with the same row-aware saving). The choice is made
-per call: ``CATFAST_BACKEND=torch|triton`` forces one; otherwise triton on CUDA, torch elsewhere.
+per call by ``catfast.backends.choose``: ``CATFAST_BACKEND`` forces one (``ext`` is an error: this op
+has none); otherwise triton on CUDA, torch elsewhere.
 
 What backward keeps (docs/design.md, "No backward work for the teacher rows"): the input
 rows and the rank-r product T = X A^T of the samples with ``needs_grad`` only, plus references to
@@ -12,11 +13,11 @@ from those rows only. The base weight and bias are frozen (no dW/db).
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
 
+from catfast.backends import choose, get, register, torch_probe, triton_probe
 from catfast.ops.grad_rows import (
     ROWS_ONLY,
     autocast_inputs,
@@ -26,37 +27,18 @@ from catfast.ops.grad_rows import (
     take_samples,
     zeros_outside,
 )
+from catfast.ops.library import call_lora_gemm, call_segment_outer
 from catfast.rows import NO_ADAPTER, RowPlan
 
-BACKENDS = ("triton", "torch")
+register("lora_linear", "row-planned LoRA Linear (forward GEMM + rank-r term, row-aware backward)",
+         triton=triton_probe, torch=torch_probe)  # fmt: skip
+BACKENDS = get("lora_linear").backends
 
 
-def triton_not_supported_reasons(x: torch.Tensor) -> list[str]:
-    """Why the Triton kernels cannot run on ``x`` (empty: they can)."""
-    from catfast.env import has_triton
-
-    reasons = []
-    cap = has_triton()
-    if not cap.available:
-        reasons.append(f"triton unavailable: {cap.detail}")
-    elif x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        reasons.append(f"tensors on {x.device.type}, and TRITON_INTERPRET=1 is not set")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"dtype {x.dtype} is not float32/float16/bfloat16")
-    return reasons
-
-
-def choose_backend(x: torch.Tensor) -> str:
-    """``CATFAST_BACKEND`` when set; else triton on CUDA and torch on the CPU (the Triton interpreter
-    is a debugging tool: a tiny-UNet step took ~10 s with it on the dev CPU, well under 1 s without)."""
-    forced = os.environ.get("CATFAST_BACKEND")
-    if forced in BACKENDS:
-        if forced == "triton":
-            reasons = triton_not_supported_reasons(x)
-            if reasons:
-                raise RuntimeError("CATFAST_BACKEND=triton but it cannot run: " + "; ".join(reasons))
-        return forced
-    return "triton" if x.device.type == "cuda" and not triton_not_supported_reasons(x) else "torch"
+def choose_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    """``catfast.backends.choose`` for this op: ``backend`` or ``CATFAST_BACKEND`` when given (a clear
+    error when it cannot run), else triton on CUDA and torch on the CPU."""
+    return choose("lora_linear", x.device, x.dtype, requested=backend)
 
 
 def lora_linear(
@@ -81,10 +63,12 @@ def lora_linear(
     """
     x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     _check(x, weight, bias, lora_a, lora_b, plan, validate_plan)
-    backend = backend or choose_backend(x)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = choose_backend(x, backend)
     with torch.autocast(x.device.type, enabled=False):  # inputs cast above; the rank-r terms stay fp32 inside
+        if torch.compiler.is_compiling():  # one opaque custom op for dynamo (ops/library.py)
+            from catfast.ops.library import flatten_plan
+
+            return torch.ops.catfast.lora_linear(x, weight, bias, lora_a, lora_b, *flatten_plan(plan), backend)
         return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend, input_memo)
 
 
@@ -123,19 +107,10 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, plan: RowPlan, backend: str, input_memo):
-        n, in_f = x.shape[0], x.shape[-1]
-        x2 = x.reshape(-1, in_f).contiguous()
-        rows = x2.shape[0] // n
+        n = x.shape[0]
         grad_samples, run = plan.grad_samples(), plan.layout.grad_run
         need_low = grad_samples.numel() > 0 and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        if backend == "triton":
-            from catfast.kernels.lora_gemm import lora_gemm
-
-            y2, low = lora_gemm(x2, weight.t(), bias, lora_a.transpose(1, 2), lora_b.transpose(1, 2), plan.slots,
-                                plan.scales, rows, store_low=need_low)  # fmt: skip
-        else:
-            y2, low = _torch_gemm(x2, weight, bias, lora_a, lora_b, plan, rows, store_low=need_low)
-
+        y2, low, x2, rows = forward_rows(x, weight, bias, lora_a, lora_b, plan, backend, need_low)
         ctx.rows, ctx.num_samples, ctx.x_shape, ctx.backend = rows, n, x.shape, backend
         ctx.plan, ctx.grad_samples, ctx.run = plan.grad_plan, grad_samples, run
         x_rows = _input_rows(x, x2, grad_samples, run, input_memo)
@@ -149,41 +124,61 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x_rows, low_rows, weight, lora_a, lora_b = ctx.saved_tensors
-        want_x, want_a, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        plan, rows = ctx.plan, ctx.rows
-        if ctx.grad_samples.numel() == 0:
-            return (dy.new_zeros(ctx.x_shape) if want_x else None, None, None,
-                    torch.zeros_like(lora_a) if want_a else None, torch.zeros_like(lora_b) if want_b else None,
-                    None, None, None)  # fmt: skip
-        run = ctx.run  # a view when the grad samples are one run (the CAT layout puts them first)
-        dy_rows = take_samples(dy.reshape(ctx.num_samples, rows, -1), ctx.grad_samples, run)
-        dy_rows = dy_rows.reshape(-1, dy.shape[-1]).contiguous()
-        dx = up_low = None
-        if want_x:  # dX = dY W + s (dY B) A, and U = dY B for dA, in one launch
-            flat_shape = (ctx.num_samples * rows, weight.shape[1])
-            if ctx.backend == "triton":
-                from catfast.kernels.lora_gemm import lora_gemm
-
-                dx_rows, up_low = lora_gemm(dy_rows, weight, None, lora_b, lora_a, plan.slots, plan.scales, rows,
-                                            store_low=want_a or want_b)  # fmt: skip
-                dx = scatter_rows(dx_rows, flat_shape, ctx.grad_samples, run, ctx.num_samples)
-            else:
-                # the grad rows' dX is written straight into the full-size result when they are one run
-                dx, into = zeros_outside(dy, flat_shape, run, ctx.num_samples) if run is not None else (None, None)
-                b_as_a, a_as_b = lora_b.transpose(1, 2), lora_a.transpose(1, 2)
-                dx_rows, up_low = _torch_gemm(dy_rows, weight.t(), None, b_as_a, a_as_b, plan, rows,
-                                              store_low=want_a or want_b, out=into)  # fmt: skip
-                if run is None:
-                    dx = scatter_rows(dx_rows, flat_shape, ctx.grad_samples, run, ctx.num_samples)
-            dx = dx.view(ctx.x_shape)
-        elif want_a or want_b:  # x needs no gradient (to_k/to_v on the text embeddings): only U = dY B
-            up_low = _lora_low(dy_rows, lora_b.transpose(1, 2), plan, rows)
-        da = db = None
-        if want_a or want_b:
-            da, db = _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan, rows, lora_a.shape[0], ctx.backend)
-            da = da.to(lora_a.dtype) if want_a else None
-            db = db.to(lora_b.dtype) if want_b else None
+        want = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dx, da, db = backward_rows(dy, x_rows, low_rows, weight, lora_a, lora_b, ctx.plan, ctx.grad_samples, ctx.run,
+                                   ctx.rows, ctx.num_samples, ctx.x_shape, ctx.backend, *want)  # fmt: skip
         return dx, None, None, da, db, None, None, None
+
+
+def forward_rows(x, weight, bias, lora_a, lora_b, plan: RowPlan, backend: str, need_low: bool):
+    """The forward GEMM of ``lora_linear`` on every row: ``(y [M, out], T = X A^T [M, r] fp32 or None,
+    x as [M, in], rows per sample)`` with M = N x rows per sample."""
+    n, in_f = x.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, in_f).contiguous()
+    rows = x2.shape[0] // n if n else 0
+    if backend == "triton":  # the custom op catfast::lora_gemm under torch.compile (ops/library.py)
+        y2, low = call_lora_gemm(x2, weight, bias, lora_a, lora_b, plan.slots, plan.scales, rows, need_low)
+        low = low if need_low else None
+    else:
+        y2, low = _torch_gemm(x2, weight, bias, lora_a, lora_b, plan, rows, store_low=need_low)
+    return y2, low, x2, rows
+
+
+def backward_rows(dy, x_rows, low_rows, weight, lora_a, lora_b, plan: RowPlan, grad_samples, run, rows: int,
+                  num_samples: int, x_shape, backend: str, want_x: bool, want_a: bool, want_b: bool):  # fmt: skip
+    """``lora_linear``'s backward from what its forward kept: ``(dX or None, dA or None, dB or None)``.
+    ``plan`` is the grad samples' plan (``RowPlan.grad_plan``), ``x_rows`` / ``low_rows`` their rows of
+    X ``[M_g, in]`` and T ``[M_g, r]``; dX is zero outside the grad samples."""
+    if grad_samples.numel() == 0:
+        return (dy.new_zeros(x_shape) if want_x else None, torch.zeros_like(lora_a) if want_a else None,
+                torch.zeros_like(lora_b) if want_b else None)  # fmt: skip
+    # run: a view when the grad samples are one run (the CAT layout puts them first)
+    dy_rows = take_samples(dy.reshape(num_samples, rows, -1), grad_samples, run)
+    dy_rows = dy_rows.reshape(-1, dy.shape[-1]).contiguous()
+    dx = up_low = None
+    if want_x:  # dX = dY W + s (dY B) A, and U = dY B for dA, in one launch
+        flat_shape = (num_samples * rows, weight.shape[1])
+        if backend == "triton":
+            dx_rows, up_low = call_lora_gemm(dy_rows, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2),
+                                             plan.slots, plan.scales, rows, want_a or want_b)  # fmt: skip
+            dx = scatter_rows(dx_rows, flat_shape, grad_samples, run, num_samples)
+        else:
+            # the grad rows' dX is written straight into the full-size result when they are one run
+            dx, into = zeros_outside(dy, flat_shape, run, num_samples) if run is not None else (None, None)
+            b_as_a, a_as_b = lora_b.transpose(1, 2), lora_a.transpose(1, 2)
+            dx_rows, up_low = _torch_gemm(dy_rows, weight.t(), None, b_as_a, a_as_b, plan, rows,
+                                          store_low=want_a or want_b, out=into)  # fmt: skip
+            if run is None:
+                dx = scatter_rows(dx_rows, flat_shape, grad_samples, run, num_samples)
+        dx = dx.view(x_shape)
+    elif want_a or want_b:  # x needs no gradient (to_k/to_v on the text embeddings): only U = dY B
+        up_low = _lora_low(dy_rows, lora_b.transpose(1, 2), plan, rows)
+    da = db = None
+    if want_a or want_b:
+        da, db = _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan, rows, lora_a.shape[0], backend)
+        da = da.to(lora_a.dtype) if want_a else None
+        db = db.to(lora_b.dtype) if want_b else None
+    return dx, da, db
 
 
 def _input_rows(x, x2, grad_samples, run, memo: dict | None) -> torch.Tensor:
@@ -263,11 +258,11 @@ def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, 
         rows_index = sample_rows(index, rows)
         x_s, dy_s = x_rows.index_select(0, rows_index), dy_rows.index_select(0, rows_index)
         low_s, up_s = low_rows.index_select(0, rows_index), up_low.index_select(0, rows_index)
-    if backend == "triton":
-        from catfast.kernels.lora_gemm import segment_outer
-
-        seg = plan.index([b * rows for b in bounds])  # made once per plan: a host-to-device copy syncs
-        return segment_outer(up_s, x_s, row_scale, seg), segment_outer(dy_s, low_s, row_scale, seg)
+    if backend == "triton":  # the custom op catfast::segment_outer under torch.compile (ops/library.py)
+        # bounds in samples made once per plan (a host-to-device copy syncs), scaled on the device: rows is
+        # symbolic under torch.compile's dynamic shapes and cannot key the plan's cache
+        seg = plan.index(bounds) * rows
+        return call_segment_outer(up_s, x_s, row_scale, seg), call_segment_outer(dy_s, low_s, row_scale, seg)
     da = torch.zeros((num_slots, up_s.shape[1], x_s.shape[1]), device=x_rows.device, dtype=torch.float32)
     db = torch.zeros((num_slots, dy_s.shape[1], low_s.shape[1]), device=x_rows.device, dtype=torch.float32)
     for s in range(num_slots):

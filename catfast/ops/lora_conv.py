@@ -8,7 +8,8 @@
   per sample, added to the base output. Samples that need gradients go through autograd; the others of
   the same slot (a frozen adapter in a mixed plan) run under no_grad. What backward keeps of the input
   is the one copy every op reading it shares.
-Torch ops only, on every device: the LoRA branch is rank r, a small share of the layer's FLOPs.
+Torch ops only, on every device: the LoRA branch is rank r, a small share of the layer's FLOPs
+(registered in ``catfast.backends`` as op ``lora_conv2d`` with the torch backend only).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from catfast.backends import choose, register, torch_probe
 from catfast.ops.grad_rows import autocast_inputs, frozen_conv2d, scatter_rows, take_samples
 from catfast.rows import RowPlan, run_of
+
+register("lora_conv2d", "row-planned LoRA Conv2d (kohya LoCon), row-aware backward", torch=torch_probe)
 
 
 def lora_conv2d(
@@ -31,6 +35,7 @@ def lora_conv2d(
     ``[S, r, in, kh, kw]`` (base's kernel); lora_b ``[S, out, r]``; plan of length N (scales already
     include each adapter's alpha / r). The down convolution uses ``base``'s stride and padding, as peft's does."""
     _check(x, base, lora_a, lora_b, plan)
+    choose("lora_conv2d", x.device, x.dtype)  # torch only: checks CATFAST_BACKEND's value, forces nothing
     y = frozen_conv2d(x, base, plan)
     for slot, needs_grad, host_samples in plan.layout.by_slot:
         samples, run = plan.index(host_samples), run_of(host_samples)

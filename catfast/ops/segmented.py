@@ -16,19 +16,26 @@ ranks are zero-padded to R, which is exact.
 
 Backends: "torch" (batched matmuls when the segments have equal length; every serving batch of
 requests with one image each is like that) and "triton" (``catfast.kernels.segmented_lora``, Linear
-only), chosen like the training op (``catfast.ops.lora.choose_backend``).
+only), chosen by ``catfast.backends.choose`` (ops ``segmented_lora_linear`` and, torch only,
+``segmented_lora_conv2d``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
-from catfast.ops.lora import choose_backend
+from catfast.backends import choose, register, torch_probe, triton_probe
+from catfast.ops.library import call_segmented_lora_linear_
+from catfast.rows import cached_property
+
+register("segmented_lora_linear", "segmented mixed-adapter LoRA Linear of serving (no grad, in place)",
+         triton=triton_probe, torch=torch_probe)  # fmt: skip
+register("segmented_lora_conv2d", "segmented mixed-adapter LoRA Conv2d of serving (no grad, in place)",
+         torch=torch_probe)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -108,16 +115,16 @@ def segmented_lora_linear_(
         return y
     if x.shape[0] != plan.rows or y.shape[0] != plan.rows:
         raise ValueError(f"segment plan has {plan.rows} rows but the batch has {x.shape[0]}")
-
-    backend = backend or choose_backend(x)
+    backend = choose("segmented_lora_linear", x.device, x.dtype, requested=backend)
     with torch.no_grad():
         coef = plan.coefficients(scales.to(x.dtype))
-        if backend == "triton":
-            from catfast.kernels.segmented_lora import segmented_lora_triton_  # lazy: triton
+        if backend == "triton":  # the custom op catfast::segmented_lora_linear_ under torch.compile (ops/library.py)
+            from catfast.kernels.segmented_lora import plan_tiles  # lazy: triton
 
-            return segmented_lora_triton_(y, x, lora_a, lora_b, coef, plan)
-        if backend != "torch":
-            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+            if not y.is_contiguous():
+                raise ValueError("the Triton segmented LoRA adds into a contiguous output")
+            call_segmented_lora_linear_(y, x, lora_a, lora_b, coef, plan.slots, *plan_tiles(plan, x))
+            return y
         return _linear_torch_(y, x, lora_a, lora_b, coef, plan)
 
 
@@ -161,6 +168,7 @@ def segmented_lora_conv2d_(
         return y
     if x.shape[0] != plan.rows or y.shape[0] != plan.rows:
         raise ValueError(f"segment plan has {plan.rows} rows but the batch has {x.shape[0]}")
+    choose("segmented_lora_conv2d", x.device, x.dtype)  # torch only: checks CATFAST_BACKEND, forces nothing
     with torch.no_grad():
         coef = plan.coefficients(scales.to(x.dtype))
         r = lora_a.shape[1]
