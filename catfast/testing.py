@@ -12,6 +12,7 @@ import torch
 from catfast.adapters.adapter import LoraAdapter, LoraLayer, layer_key
 from catfast.bench.measure import flop_counter, rel_err
 from catfast.integrations.peft_adapters import randomize_lora_
+from catfast.rows import NO_ADAPTER, RowPlan
 from catfast.train.checkpoint import TrainState, capture_rng
 from catfast.train.quickstart import synthetic_image
 
@@ -115,6 +116,13 @@ def cat_batch(batch: int, seed: int = 0) -> dict:
         cond=torch.randn(batch, 7, 32, generator=g),
         cond_stripped=torch.randn(batch, 7, 32, generator=g),
     )
+
+
+def cat_plan(batch: int, slot: int = 0, scale: float = 1.0) -> RowPlan:
+    """The fused CAT layout of ``batch`` samples: [trigger | stripped] (2 * batch rows) on ``slot`` at
+    ``scale`` with grad, then ``batch`` teacher rows (base, no grad)."""
+    n = 2 * batch
+    return RowPlan.build([slot] * n + [NO_ADAPTER] * batch, [scale] * n + [0.0] * batch, [True] * n + [False] * batch)
 
 
 def make_data(folder: Path, trigger: str = "sks", n: int = 4, seed: int = 0) -> Path:

@@ -12,16 +12,22 @@ for CI). Making keep_grad_rows step aside under torch.compile is left to its own
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from peft import LoraConfig
 from torch._dynamo.utils import counters
 
 import catfast
 from catfast.integrations.factory import build_unet
 from catfast.integrations.row_call import planned_unet
+from catfast.integrations.schedulers import SCHEDULER_CONFIG
 from catfast.rows import NO_ADAPTER, RowPlan
-from catfast.testing import assert_rel_close, randomize_lora_
+from catfast.targets import ATTENTION_PROJECTIONS
+from catfast.testing import assert_rel_close, cat_batch, randomize_lora_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# every LoRA Linear of the tiny UNet's transformer blocks (40 layers)
+ALL = [*ATTENTION_PROJECTIONS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 # every graph break of the fused step comes from catfast.ops.grad_rows' saved-tensor hooks: dynamo cannot
 # call torch._C._autograd._top_saved_tensors_default_hooks (keep_grad_rows / sub_batch_rows entered in
@@ -51,10 +57,10 @@ def _breaks() -> dict[str, int]:
 
 
 def test_fused_cat_step_compiles_with_only_the_hook_breaks():
-    from test_fused_cat import ALL, _batch, _scheduler, _unet
-
-    unet = _unet(ALL, 4, 4.0)
-    sched, batch = _scheduler(), _batch(2)
+    unet = build_unet("tiny", seed=0).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4.0, target_modules=ALL))
+    randomize_lora_(unet, seed=1)
+    sched, batch = DDPMScheduler(**SCHEDULER_CONFIG), cat_batch(2)
     eager = catfast.cat_loss(unet, sched, **batch, mode="fused")
     eager.total.backward()
     want = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}

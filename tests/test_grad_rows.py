@@ -21,10 +21,10 @@ from catfast.ops.grad_rows import (
     zeros_outside,
 )
 from catfast.rows import NO_ADAPTER, RowPlan
-from catfast.testing import assert_rel_close
+from catfast.testing import assert_rel_close, cat_plan
 
 SCATTERED = RowPlan.build([0, NO_ADAPTER, 0, 0], needs_grad=[True, False, False, True])  # grad samples 0, 3
-CAT = RowPlan.cat_step(2)  # grad samples 0..3 (a run), teacher 4, 5
+CAT = cat_plan(2)  # grad samples 0..3 (a run), teacher 4, 5
 
 
 def test_take_gather_scatter_and_sample_rows():

@@ -6,12 +6,13 @@ import torch
 
 from catfast.nn.plan_holder import PlanHolder
 from catfast.rows import NO_ADAPTER, RowPlan
+from catfast.testing import cat_plan
 
 
 def test_empty_holder_and_split():
     h = PlanHolder()
     assert h.plan is None and not h.split and not h.in_prefix and not h.twins
-    h.set(RowPlan.cat_step(1))
+    h.set(cat_plan(1))
     assert h.split  # grad and teacher rows
     h.set(RowPlan.build([0, 0], needs_grad=True))
     assert not h.split
@@ -33,7 +34,7 @@ def test_scaled_plan_multiplies_by_the_slot_scaling_once_per_call():
 
 def test_prefix_runs_once_then_twins_until_cross_attention():
     h = PlanHolder()
-    h.set(RowPlan.cat_step(2), prefix_groups=3, twin_groups=True)
+    h.set(cat_plan(2), prefix_groups=3, twin_groups=True)
     assert h.in_prefix and not h.twins
     seen = []
     x = torch.arange(6.0).repeat_interleave(2).view(6, 2)
@@ -81,12 +82,12 @@ def test_twin_shared_runs_groups_one_on_and_restores_the_state():
 def test_twin_groups_refusals_and_snapshot():
     h = PlanHolder()
     with pytest.raises(ValueError, match="needs identical_groups >= 2"):
-        h.set(RowPlan.cat_step(1), prefix_groups=1, twin_groups=True)
+        h.set(cat_plan(1), prefix_groups=1, twin_groups=True)
     differs = RowPlan.build([0, 1, NO_ADAPTER], [1.0, 1.0, 0.0], [True, True, False])
     with pytest.raises(ValueError, match="groups 0 and 1 of the row plan differ"):
         h.set(differs, prefix_groups=3, twin_groups=True)
     assert h.plan is None  # a refused plan is not half set
-    h.set(RowPlan.cat_step(1), prefix_groups=3)
+    h.set(cat_plan(1), prefix_groups=3)
     state = h.snapshot()
     h.lora_layer_reached()
     assert not h.in_prefix and not h.twins  # prefix only: no twin stage without twin_groups

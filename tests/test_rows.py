@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from catfast.rows import NO_ADAPTER, RowLayout, RowPlan, cached_property, run_of
+from catfast.testing import cat_plan
 
 
 class _CountToList:
@@ -68,8 +69,8 @@ def test_layout_groups():
     assert lay.subset([3, 0]) == RowLayout((1, 1), (False, True))
 
 
-def test_cat_step_layout_puts_grad_rows_first_as_runs():
-    plan = RowPlan.cat_step(2, slot=1, scale=0.75)
+def test_cat_layout_puts_grad_rows_first_as_runs():
+    plan = cat_plan(2, slot=1, scale=0.75)
     assert plan.slots.tolist() == [1, 1, 1, 1, -1, -1]
     assert plan.scales.tolist() == [0.75] * 4 + [0.0] * 2
     assert plan.layout.grad_run == (0, 4) and plan.layout.other_run == (4, 6) and plan.layout.adapter_run == (0, 4)

@@ -13,16 +13,13 @@ kernel falls back to ``default``'s entry. The shipped ``default`` entries are th
 before this table (correct everywhere, never tuned on a GPU). ``CATFAST_TILES=/path/table.json``
 reads another table.
 
-``tune_and_write(path, ops=None)`` times candidate configs of each kernel with
-``triton.testing.do_bench`` on SD1.5-sized shapes on the current CUDA GPU and writes the fastest into
-``path`` under this GPU's family (other families kept), atomically. It refuses on the CPU: interpreter
-timings say nothing about a GPU.
+``catfast.bench.tiles.tune_and_write`` (``catfast bench ops --tune``) writes a new table on the GPU it
+runs on.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
 from pathlib import Path
@@ -56,7 +53,7 @@ def family(device=None) -> str:
     return f"sm_{major}{minor}"
 
 
-def _check_table(table: dict, where: str) -> dict:
+def check_table(table: dict, where: str) -> dict:
     if not isinstance(table, dict) or not isinstance(table.get("families"), dict):
         raise TileTableError(f"{where}: a tile table is {{'version': 1, 'families': {{family: {{kernel: config}}}}}}")
     if "default" not in table["families"]:
@@ -86,7 +83,7 @@ def read_table(path: str | os.PathLike | None = None) -> dict:
         table = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise TileTableError(f"{path}: cannot read the tile table: {e}") from None
-    return _check_table(table, str(path))
+    return check_table(table, str(path))
 
 
 @functools.cache
@@ -120,95 +117,6 @@ def fit(block: int, size: int, floor: int = 16) -> int:
     return min(block, max(floor, triton.next_power_of_2(max(int(size), 1))))
 
 
-# -- tuning (CUDA only) ---------------------------------------------------------------------------------
-
-# SD1.5 shapes at 64x64 latents, batch 2: the attention projections (4096 tokens x 320) and the
-# mid-block ones (64 tokens x 1280), rank 16; what `catfast bench train-step` spends its LoRA time on
-_SHAPES = ((2, 4096, 320, 320, 16), (2, 1024, 640, 640, 16), (2, 64, 1280, 1280, 16))
-_CANDIDATES = {
-    "lora_gemm": dict(
-        BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), BLOCK_K=(32, 64), num_warps=(4, 8), num_stages=(2, 3)
-    ),
-    "segment_outer": dict(BLOCK_M=(32, 64, 128), BLOCK_P=(16, 32, 64), BLOCK_Q=(32, 64, 128), num_warps=(4, 8)),
-    "segmented_shrink": dict(BLOCK_M=(16, 32, 64), BLOCK_K=(32, 64, 128), num_warps=(2, 4)),
-    "segmented_expand": dict(BLOCK_N=(32, 64, 128), num_warps=(4, 8)),
-}
-
-
-def candidates(kernel: str) -> list[dict]:
-    """Every config of ``kernel``'s candidate grid."""
-    grid = _CANDIDATES[kernel]
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-
-
-def _bench_one(kernel: str, cfg: dict, device, dtype) -> float:
-    """Mean ms over ``_SHAPES`` of ``kernel`` run with ``cfg`` (do_bench's median per shape)."""
-    import torch
-    import triton.testing
-
-    from catfast.kernels.lora_gemm import lora_gemm, segment_outer
-    from catfast.kernels.segmented_lora import segmented_lora_triton_
-    from catfast.ops.segmented import Segment, SegmentPlan
-
-    total = 0.0
-    g = torch.Generator(device=device).manual_seed(0)
-    for n, tokens, fan_in, fan_out, r in _SHAPES:
-        x = torch.randn(n * tokens, fan_in, device=device, dtype=dtype, generator=g)
-        w = torch.randn(fan_out, fan_in, device=device, dtype=dtype, generator=g)
-        a = torch.randn(2, r, fan_in, device=device, dtype=dtype, generator=g)
-        b = torch.randn(2, fan_out, r, device=device, dtype=dtype, generator=g)
-        slots = torch.tensor([0, 1] * (n // 2), device=device)
-        scales = torch.ones(n, device=device)
-        if kernel == "lora_gemm":
-            fn = lambda: lora_gemm(x, w.t(), None, a.transpose(1, 2), b.transpose(1, 2), slots, scales, tokens,  # noqa: E731
-                                   store_low=True, tiles=cfg)  # fmt: skip
-        elif kernel == "segment_outer":
-            low = torch.randn(n * tokens, r, device=device, generator=g)
-            seg = torch.tensor([0, tokens, n * tokens], device=device)
-            row_scale = torch.ones(n * tokens, device=device)
-            fn = lambda: segment_outer(x, low, row_scale, seg, tiles=cfg)  # noqa: E731
-        else:
-            plan = SegmentPlan(n, [Segment(i, i + 1, ((i % 2, 1.0),)) for i in range(n)], device=device)
-            y = torch.zeros(n, tokens, fan_out, device=device, dtype=dtype)
-            coef = plan.coefficients(torch.ones(2, device=device))
-            tiles = {kernel: cfg}
-            fn = lambda: segmented_lora_triton_(y, x.view(n, tokens, fan_in), a, b, coef, plan, tiles=tiles)  # noqa: E731
-        total += triton.testing.do_bench(fn, warmup=10, rep=40)
-    return total / len(_SHAPES)
-
-
-def tune_and_write(path: str | os.PathLike, ops=None, *, dtype=None, echo=print) -> dict:
-    """Time every candidate config of each kernel in ``ops`` (default: all) on the current CUDA GPU and
-    write the fastest into the table at ``path`` (created from the shipped table if missing) under this
-    GPU's family, atomically; returns the family's entry. Refuses (``TileTableError``) without CUDA."""
-    import torch
-
-    from catfast.folders import write_atomic
-
-    if not torch.cuda.is_available():
-        raise TileTableError("tile tuning needs a CUDA GPU (timings of the CPU interpreter say nothing about one)")
-    kernels = tuple(ops or KERNELS)
-    unknown = [k for k in kernels if k not in BLOCKS]
-    if unknown:
-        raise TileTableError(f"unknown kernel(s) {unknown}; known: {', '.join(KERNELS)}")
-    path = Path(path)
-    table = read_table(path if path.exists() else TABLE)
-    device = torch.device("cuda")
-    fam = family(device)
-    entry = dict(table["families"].get(fam, {}))
-    for kernel in kernels:
-        timed = []
-        for cfg in candidates(kernel):
-            try:
-                timed.append((_bench_one(kernel, cfg, device, dtype or torch.bfloat16), cfg))
-            except Exception as e:  # a config that does not fit this GPU (shared memory, registers)
-                echo(f"{kernel} {cfg}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        if not timed:
-            raise TileTableError(f"no candidate config of {kernel} ran on this GPU")
-        ms, best = min(timed, key=lambda t: t[0])
-        echo(f"{kernel}: {best} {ms:.3f} ms (mean over {len(_SHAPES)} SD1.5 shapes; {len(timed)} configs ran)")
-        entry[kernel] = best
-    table["families"][fam] = entry
-    write_atomic(path, (json.dumps(_check_table(table, str(path)), indent=1, sort_keys=True) + "\n").encode())
+def clear_cache() -> None:
+    """Forget the configs read so far (after the table at a path was rewritten)."""
     _cached.cache_clear()
-    return entry

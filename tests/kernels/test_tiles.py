@@ -1,11 +1,12 @@
 """The tile table (catfast/kernels/tiles.py): read and checked, per-family fallback, the kernels really take
-their tiles from it, and tuning refuses on the CPU."""
+their tiles from it, and tuning (catfast/bench/tiles.py) refuses on the CPU."""
 
 import json
 
 import pytest
 import torch
 
+from catfast.bench import tiles as tuning
 from catfast.kernels import tiles
 from catfast.kernels.lora_gemm import lora_gemm, segment_outer
 from catfast.reference.lora import lora_linear_ref
@@ -19,10 +20,10 @@ def test_shipped_table_is_valid_and_every_candidate_is_well_formed():
     for kernel in tiles.KERNELS:
         cfg = tiles.config(kernel, "cpu")
         assert all(cfg[k] >= 16 for k in tiles.BLOCKS[kernel])
-        cands = tiles.candidates(kernel)
+        cands = tuning.candidates(kernel)
         assert len(cands) > 1
         fake = {"version": 1, "families": {"default": {**table["families"]["default"], kernel: cands[-1]}}}
-        tiles._check_table(fake, "candidate")  # every candidate would be a valid table entry
+        tiles.check_table(fake, "candidate")  # every candidate would be a valid table entry
 
 
 def test_family_falls_back_to_default_and_bad_tables_are_refused(tmp_path, monkeypatch):
@@ -32,12 +33,12 @@ def test_family_falls_back_to_default_and_bad_tables_are_refused(tmp_path, monke
     path.write_text(json.dumps(table))
     monkeypatch.setattr(tiles, "family", lambda device=None: "sm_90")
     monkeypatch.setenv("CATFAST_TILES", str(path))
-    tiles._cached.cache_clear()
+    tiles.clear_cache()
     try:
         assert tiles.config("lora_gemm")["BLOCK_M"] == 128
         assert tiles.config("segment_outer") == table["families"]["default"]["segment_outer"]
     finally:
-        tiles._cached.cache_clear()
+        tiles.clear_cache()
     bad = {"version": 1, "families": {"default": {"lora_gemm": {"BLOCK_M": 48, "BLOCK_N": 64, "BLOCK_K": 32}}}}
     path.write_text(json.dumps(bad))
     with pytest.raises(tiles.TileTableError, match="not powers of two \\['BLOCK_M'\\]"):
@@ -74,7 +75,7 @@ def test_kernels_use_the_given_tiles():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: test_tuning_writes_this_gpus_family runs")
 def test_tuning_refuses_on_the_cpu(tmp_path):
     with pytest.raises(tiles.TileTableError, match="needs a CUDA GPU"):
-        tiles.tune_and_write(tmp_path / "t.json")
+        tuning.tune_and_write(tmp_path / "t.json")
     assert not (tmp_path / "t.json").exists()
 
 
@@ -83,10 +84,10 @@ def test_tuning_refuses_on_the_cpu(tmp_path):
 def test_tuning_writes_this_gpus_family(tmp_path):
     path = tmp_path / "tiles.json"
     lines = []
-    entry = tiles.tune_and_write(path, ops=["segmented_expand"], echo=lines.append)  # the smallest grid (6 configs)
+    entry = tuning.tune_and_write(path, ops=["segmented_expand"], echo=lines.append)  # the smallest grid (6 configs)
     table = tiles.read_table(path)
     fam = tiles.family("cuda")
     assert table["families"][fam]["segmented_expand"] == entry["segmented_expand"]
-    assert entry["segmented_expand"] in tiles.candidates("segmented_expand")
+    assert entry["segmented_expand"] in tuning.candidates("segmented_expand")
     assert table["families"]["default"] == tiles.read_table()["families"]["default"]  # other families kept
     assert any("segmented_expand" in line and " ms " in line for line in lines)
