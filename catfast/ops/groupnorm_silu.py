@@ -55,7 +55,8 @@ def group_norm_silu(
 
     ``grad_samples``: bool ``[N]`` (host sequence or tensor), the samples whose gradient backward computes;
     the others get dx = 0 and add nothing to dweight / dbias (their grad_output must be zero, which is
-    what makes this exact). None: every sample. The torch backend ignores it (same result).
+    what makes this exact). None: every sample. Both backends honour it (torch by zeroing those rows of
+    grad_output).
     """
     _check(x, num_groups, weight, bias, grad_samples)
     forced = os.environ.get("CATFAST_BACKEND")
@@ -63,7 +64,11 @@ def group_norm_silu(
     if forced == "ext" and reasons:
         raise RuntimeError("CATFAST_BACKEND=ext but the extension cannot run group_norm_silu: " + "; ".join(reasons))
     if forced == "torch" or reasons:
-        return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
+        y = F.silu(F.group_norm(x, num_groups, weight, bias, eps))
+        if grad_samples is not None and y.requires_grad:
+            keep = torch.as_tensor(grad_samples, dtype=torch.bool).to(y.device).view(-1, *([1] * (y.dim() - 1)))
+            y.register_hook(lambda g: g * keep.to(g.dtype))
+        return y
     mask = None
     if grad_samples is not None:
         mask = torch.as_tensor(grad_samples, dtype=torch.bool).to(device=x.device, dtype=torch.uint8)
