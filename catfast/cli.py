@@ -628,6 +628,30 @@ def bench_train_step_command(model, batch, steps, rank, dtype, targets, against,
         click.echo(f"  catfast's default step is {ratio:.2f}x the {name} step's speed")
 
 
+@bench.command("ops")
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="Default: cuda when present.")
+@click.option("--dtypes", default="fp32,bf16", show_default=True, help="Comma-separated: fp32, bf16, fp16.")
+@click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds.")
+@click.option("--smoke", is_flag=True, help="Tiny shapes (seconds; the test suite runs this).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench_ops_command(device, dtypes, reps, smoke, as_json) -> None:
+    """Each native op (merge and swap, GroupNorm+SiLU, the CAT loss, the LoRA GEMM) against torch, and Triton
+    where it exists, interleaved in one process: GB/s, ms, and FLOP/s against the plain GEMM."""
+    from catfast.bench.ops import DTYPES, bench_ops
+
+    names = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    if not names or any(d not in DTYPES for d in names):
+        raise click.BadParameter(f"--dtypes must be a comma-separated subset of {', '.join(DTYPES)}, got {dtypes!r}")
+    result = bench_ops(
+        device=device, smoke=smoke, reps=reps, dtypes=names, log=(lambda s: None) if as_json else click.echo
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{result['device']}, {result['threads']} thread(s), torch {result['torch']}, median of {reps} rounds")
+
+
 @bench.command("serve")
 @click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15"]))
 @click.option("--registered", default="1,64,1024", show_default=True, help="Adapter counts registered for the switch.")
