@@ -242,3 +242,14 @@ def test_merge_refuses_tensors_on_several_devices(monkeypatch):
     monkeypatch.setenv("CATFAST_BACKEND", "ext")
     with pytest.raises(RuntimeError, match="several devices"):
         merge_ops.merge_lora_([w], [a], [b], [1.0])
+
+
+def test_group_norm_silu_cpu_size_rule(monkeypatch):
+    """By default the CPU runs the C++ version from 32x32 positions per channel and torch below (measured)."""
+    monkeypatch.delenv("CATFAST_BACKEND", raising=False)
+    small = torch.randn(2, 8, 8, 8, requires_grad=True)
+    large = torch.randn(1, 8, 32, 32, requires_grad=True)
+    assert "Silu" in type(gn_ops.group_norm_silu(small, 4).grad_fn).__name__  # torch's silu
+    assert "GroupNormSilu" in type(gn_ops.group_norm_silu(large, 4).grad_fn).__name__  # the extension
+    monkeypatch.setenv("CATFAST_BACKEND", "ext")
+    assert "GroupNormSilu" in type(gn_ops.group_norm_silu(small, 4).grad_fn).__name__

@@ -8,7 +8,8 @@ SiLU's backward is never stored.
 
 Backends: the extension (``catfast._C``: CPU and, in a CUDA build, CUDA) and torch (``F.silu(F.group_norm
 (x))`` in x's dtype, what a user writes). ``CATFAST_BACKEND=torch|ext`` forces one (ext raises when it
-cannot run); otherwise the extension runs when it can.
+cannot run); otherwise the extension runs when it can, except on the CPU below ``CPU_MIN_POSITIONS``
+positions per channel, where torch measured faster.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from catfast._ext import EXT, EXT_ERROR
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Below this many positions per channel the C++ CPU version lost to torch: `catfast bench ops` on the shared
+# 2-core dev CPU, 1 thread, process CPU time, forward + backward: 0.68x at 8x8 and 0.84x at 16x16 (1280
+# channels), 1.05x at 32x32 and 1.19x at 64x64 (the row-aware backward: 0.85x / 1.08x / 1.27x / 2.86x).
+CPU_MIN_POSITIONS = 32 * 32
+
 
 def ext_not_supported_reasons(x: torch.Tensor) -> list[str]:
     """Why the extension cannot run this op on ``x`` (empty list: it can)."""
@@ -34,9 +40,11 @@ def ext_not_supported_reasons(x: torch.Tensor) -> list[str]:
             reasons.append("catfast._C was built without CUDA")
     elif x.device.type != "cpu":
         reasons.append(f"x is on {x.device.type}")
-    elif x.dtype != torch.float32:
-        # the C++ CPU version is fp32 only: in bf16 it measured 5.6x slower than torch (csrc/groupnorm_silu.cpp)
-        reasons.append(f"the CPU version is float32 only, x is {x.dtype}")
+    else:
+        if x.dtype != torch.float32:
+            # the C++ CPU version is fp32 only: in bf16 it measured 5.6x slower than torch (csrc/groupnorm_silu.cpp)
+            reasons.append(f"the CPU version is float32 only, x is {x.dtype}")
+
     if x.dtype not in _DTYPES:
         reasons.append(f"dtype {x.dtype} is not float32/float16/bfloat16")
     return reasons
@@ -63,6 +71,8 @@ def group_norm_silu(
     reasons = ext_not_supported_reasons(x)
     if forced == "ext" and reasons:
         raise RuntimeError("CATFAST_BACKEND=ext but the extension cannot run group_norm_silu: " + "; ".join(reasons))
+    if forced != "ext" and not reasons and x.device.type == "cpu" and x[0, 0].numel() < CPU_MIN_POSITIONS:
+        reasons.append(f"on the CPU torch is faster below {CPU_MIN_POSITIONS} positions per channel")
     if forced == "torch" or reasons:
         y = F.silu(F.group_norm(x, num_groups, weight, bias, eps))
         if grad_samples is not None and y.requires_grad:
