@@ -37,9 +37,12 @@ if [ ${#sources[@]} -eq 0 ]; then
   echo "check_cuda_compile: no .cu files under $here/cuda" >&2
   exit 1
 fi
+# the flags torch's CUDAExtension gives nvcc in a real build (no implicit half / bf16 conversions, ...)
+mapfile -t torch_nvcc < <("$python" -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as f; print('\n'.join(f))")
 for src in "${sources[@]}"; do
   echo "+ nvcc -c $(basename "$src") (sm: $archs)"
-  "$nvcc" -std=c++17 -O3 -Werror all-warnings "${gencode[@]}" -I"$here/cuda" -c "$src" -o "$out/$(basename "$src").o"
+  "$nvcc" -std=c++17 -O3 -Werror all-warnings "${torch_nvcc[@]}" --compiler-options -fPIC -DCATFAST_WITH_CUDA=1 \
+    "${gencode[@]}" -I"$here/cuda" -c "$src" -o "$out/$(basename "$src").o"
 done
 mapfile -t torch_inc < <("$python" -c "from torch.utils.cpp_extension import include_paths; print('\n'.join(include_paths()))")
 inc=(-I"$here" -I"$here/cuda" -I"$here/cuda_stub_include" -I"$cuda_home/include")

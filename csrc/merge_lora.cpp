@@ -41,6 +41,7 @@ LayerView make_view(int64_t i, const at::Tensor& weight, const at::Tensor& down,
   CATFAST_CHECK_FLOATING(down);
   CATFAST_CHECK_FLOATING(up);
   TORCH_CHECK(weight.dim() >= 2, "layer ", i, ": weight must have at least 2 dims, got ", weight.sizes());
+  TORCH_CHECK(weight.numel() > 0, "layer ", i, ": weight must not be empty, got ", weight.sizes());
   TORCH_CHECK(down.dim() >= 2 && up.dim() >= 2, "layer ", i, ": down and up must have at least 2 dims");
   const int64_t out = weight.size(0);
   const int64_t k = weight.numel() / out;

@@ -157,6 +157,8 @@ def test_cuda_merge_bad_input_leaves_weights_untouched():
         EXT.merge_lora_cuda_([weights[0].t(), *weights[1:]], downs, ups, scales, [], [], [])
     with pytest.raises(RuntimeError, match="weight must be float32, float16 or bfloat16"):
         EXT.merge_lora_cuda_([weights[0].double(), *weights[1:]], downs, ups, scales, [], [], [])
+    with pytest.raises(RuntimeError, match="layer 0: weight must not be empty"):
+        EXT.merge_lora_cuda_([weights[0][:0], *weights[1:]], downs, ups, scales, [], [], [])
     with pytest.raises(RuntimeError, match="second adapter"):
         EXT.merge_lora_cuda_(weights, downs, ups, scales, downs[:1], ups[:1], scales[:1])
     assert all(torch.equal(w, b) for w, b in zip(weights, before))

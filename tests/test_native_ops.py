@@ -234,6 +234,12 @@ def test_swap_bad_layer_leaves_weights_untouched(monkeypatch):
         merge_ops.swap_lora_(weights, old[0][:1], *old[1:], *new)
 
 
+def test_merge_refuses_an_empty_weight(monkeypatch):
+    monkeypatch.setenv("CATFAST_BACKEND", "ext")
+    with pytest.raises(ValueError, match="layer 0: weight must not be empty"):
+        merge_ops.merge_lora_([torch.zeros(0, 8)], [torch.randn(2, 8)], [torch.zeros(0, 2)], [1.0])
+
+
 def test_merge_refuses_tensors_on_several_devices(monkeypatch):
     w = torch.randn(8, 8)
     a, b = torch.randn(2, 8), torch.randn(8, 2, device="meta")

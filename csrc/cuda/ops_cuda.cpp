@@ -95,6 +95,7 @@ void merge_lora_cuda_(std::vector<at::Tensor> weights, std::vector<at::Tensor> d
     check_on(w, device, "weight");
     TORCH_CHECK(w.is_contiguous(), "layer ", i, ": weight must be contiguous");
     TORCH_CHECK(w.dim() >= 2, "layer ", i, ": weight must have at least 2 dims, got ", w.sizes());
+    TORCH_CHECK(w.numel() > 0, "layer ", i, ": weight must not be empty, got ", w.sizes());
     catfast_cuda::MergeLayer& l = layers[i];
     std::memset(&l, 0, sizeof(l));
     l.w = w.data_ptr();
