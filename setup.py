@@ -6,6 +6,12 @@ Environment knobs:
   CATFAST_SKIP_EXT=1     do not try to build catfast._C
   CATFAST_REQUIRE_EXT=1  fail the install if catfast._C cannot be built (CI uses this)
   CATFAST_DEBUG_EXT=1    build with -O0 -g instead of -O3
+  CATFAST_SKIP_CUDA=1    build the CPU ops only, even where CUDA could be built
+
+The CUDA kernels (csrc/cuda/*.cu and their torch binding csrc/cuda/ops_cuda.cpp) are built into the same
+module when torch is a CUDA build and the CUDA toolkit (nvcc, found as torch finds it: CUDA_HOME or PATH)
+is present; torch's own knobs apply: TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"; default: the visible GPUs)
+and MAX_JOBS (parallel compile jobs). Otherwise setup says why it skipped them and builds the CPU ops.
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ def _write_build_info(info: dict, build_lib: str | None = None) -> None:
             json.dump(info, f, indent=2)
 
 
+def _cuda_or_reason(torch) -> str | None:
+    """None when the CUDA kernels can be built here, else why not (one sentence)."""
+    if os.environ.get("CATFAST_SKIP_CUDA") == "1":
+        return "CATFAST_SKIP_CUDA=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build (install a CUDA build of torch first)"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return "no CUDA toolkit found (nvcc; set CUDA_HOME)"
+    return None
+
+
 def _extension_or_reason():
     """(list of extensions, cmdclass, None) when the extension can be built, else ([], {}, reason)."""
     if os.environ.get("CATFAST_SKIP_EXT") == "1":
@@ -61,13 +80,36 @@ def _extension_or_reason():
     if sys.platform != "darwin":
         cxx_flags.append("-fopenmp")  # at::parallel_for is an inline OpenMP loop; without this it runs serially
     sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
-    ext = CppExtension(
-        "catfast._C",
-        sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"] if sys.platform != "darwin" else [],
-    )
+    link_args = ["-fopenmp"] if sys.platform != "darwin" else []
+    cuda_reason = _cuda_or_reason(torch)
+    if cuda_reason is None:
+        from torch.utils.cpp_extension import CUDAExtension
+
+        cuda_dir = os.path.join(HERE, "csrc", "cuda")
+        sources += sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(cuda_dir, "*.cu")))
+        sources.append(os.path.relpath(os.path.join(cuda_dir, "ops_cuda.cpp"), HERE))
+        nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG"]
+        _say(
+            f"building the CUDA kernels too (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'unset')}, "
+            f"MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')})"
+        )
+        ext = CUDAExtension(
+            "catfast._C",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc"), cuda_dir],
+            define_macros=[("CATFAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_args,
+        )
+    else:
+        _say(f"building catfast._C without its CUDA kernels: {cuda_reason}")
+        ext = CppExtension(
+            "catfast._C",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_args,
+        )
 
     class TolerantBuildExt(BuildExtension):
         """Builds catfast._C; on failure installs without it unless CATFAST_REQUIRE_EXT=1."""
@@ -79,6 +121,9 @@ def _extension_or_reason():
                 self._give_up(e)
                 return
             info = {"built": True, "torch": torch.__version__, "compiler": compiler, "debug": debug}
+            info["cuda"] = cuda_reason is None
+            if cuda_reason is not None:
+                info["cuda_skipped"] = cuda_reason
             _write_build_info(info, None if self.inplace else self.build_lib)
 
         def _give_up(self, err):

@@ -2,7 +2,8 @@
 
 Public API (importing catfast loads only torch; diffusers, peft, triton and onnx load on first use):
   cat_loss(unet, scheduler, ...)       the CAT objective; mode "auto" (default), "reference" or "fused" (one UNet call)
-  merge_lora_ / unmerge_lora_          in-place multi-layer LoRA merge (C++ extension when built)
+  merge_lora_ / unmerge_lora_ / swap_lora_   in-place multi-layer LoRA merge (C++ / CUDA extension when built)
+  group_norm_silu, fused_cat_loss      fused GroupNorm+SiLU (row-aware backward) and the fused CAT loss
   read_adapter / write_adapter         LoRA safetensors in diffusers/peft and kohya formats
   RowPlan, lora_linear                 the row plan and the row-planned LoRA op (Triton or torch)
   patch_unet / unpatch_unet / row_plan swap a UNet's peft LoRA layers for row-planned ones, and back
@@ -17,6 +18,9 @@ _LAZY = {
     "CatLossOutput": "catfast.train.objective",
     "merge_lora_": "catfast.ops.merge",
     "unmerge_lora_": "catfast.ops.merge",
+    "swap_lora_": "catfast.ops.merge",
+    "group_norm_silu": "catfast.ops.groupnorm_silu",
+    "fused_cat_loss": "catfast.ops.cat_loss",
     "read_adapter": "catfast.adapters.formats",
     "write_adapter": "catfast.adapters.formats",
     "detect_format": "catfast.adapters.formats",

@@ -22,9 +22,9 @@ Adding an op (one call, at the import of the op's module; then add the module to
 
     from catfast.backends import ext_probe, register, torch_probe, triton_probe
 
-    register("groupnorm_silu", "fused GroupNorm + SiLU", ext=ext_probe, torch=torch_probe)
+    register("group_norm_silu", "fused GroupNorm + SiLU", ext=ext_probe, torch=torch_probe)
 
-and in the op: ``backend = choose("groupnorm_silu", x.device, x.dtype, requested=backend)``. A probe is
+and in the op: ``backend = choose("group_norm_silu", x.device, x.dtype, requested=backend)``. A probe is
 ``probe(device, dtype) -> str | None``: None when the backend can run there, else the reason. Reasons
 that depend on the call's tensors (contiguity, a mix of devices) are passed to ``choose`` as
 ``why_not={"ext": [...]}``. This module imports nothing heavy (torch only inside functions).
@@ -41,7 +41,14 @@ from catfast.errors import CatfastError
 ENV_VAR = "CATFAST_BACKEND"
 BACKENDS = ("ext", "triton", "torch")  # also the automatic choice's order
 # the modules whose import registers the ops (``table`` imports them)
-OP_MODULES = ("catfast.ops.lora", "catfast.ops.lora_conv", "catfast.ops.segmented", "catfast.ops.merge")
+OP_MODULES = (
+    "catfast.ops.lora",
+    "catfast.ops.lora_conv",
+    "catfast.ops.segmented",
+    "catfast.ops.merge",
+    "catfast.ops.cat_loss",
+    "catfast.ops.groupnorm_silu",
+)
 
 Probe = Callable[..., "str | None"]
 

@@ -1,4 +1,4 @@
-"""`catfast bench train-step|onnx|serve`: against the baseline, in one process, interleaved (``catfast.bench``)."""
+"""`catfast bench train-step|onnx|serve|ops`: against the baseline, in one process, interleaved (``catfast.bench``)."""
 
 from __future__ import annotations
 
@@ -112,6 +112,44 @@ def bench_train_step_command(
     click.echo(f"  auto -> {result['auto']['mode']}: {result['auto']['reason']}")
     for name, ratio in result["default_vs"].items():
         click.echo(f"  catfast's default step is {ratio:.2f}x the {name} step's speed")
+
+
+@bench.command("ops")
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="Default: cuda when present.")
+@click.option("--dtypes", default="fp32,bf16", show_default=True, help="Comma-separated: fp32, bf16, fp16.")
+@click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds.")
+@click.option("--smoke", is_flag=True, help="Tiny shapes (seconds; the test suite runs this).")
+@click.option(
+    "--tune",
+    "tune_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Instead: time the Triton kernels' tile candidates on this CUDA GPU and write the fastest into this "
+    "tile table (CATFAST_TILES=PATH reads it; catfast/kernels/tiles.json is the shipped one).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench_ops_command(device, dtypes, reps, smoke, tune_path, as_json) -> None:
+    """Each native op (merge and swap, GroupNorm+SiLU, the CAT loss, the LoRA GEMM) against torch, and Triton
+    where it exists, interleaved in one process: GB/s, ms, and FLOP/s against the plain GEMM."""
+    if tune_path is not None:
+        from catfast.bench.tiles import tune_and_write  # lazy: startup
+
+        entry = tune_and_write(tune_path, echo=(lambda s: None) if as_json else click.echo)
+        click.echo(json.dumps(entry) if as_json else f"wrote {tune_path}")
+        return
+    from catfast.bench.ops import DTYPES, bench_ops  # lazy: startup
+
+    names = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    if not names or any(d not in DTYPES for d in names):
+        raise click.BadParameter(f"--dtypes must be a comma-separated subset of {', '.join(DTYPES)}, got {dtypes!r}")
+    result = bench_ops(
+        device=device, smoke=smoke, reps=reps, dtypes=names, log=(lambda s: None) if as_json else click.echo
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{result['device']}, {result['threads']} thread(s), torch {result['torch']}, median of {reps} rounds")
 
 
 @bench.command("serve")

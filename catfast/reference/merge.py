@@ -35,3 +35,34 @@ def _check_layer(i: int, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> N
         raise ValueError(
             f"merge_lora_: layer {i}: weight {tuple(w.shape)} does not fit down {tuple(a.shape)} / up {tuple(b.shape)}"
         )
+
+
+@torch.no_grad()
+def swap_lora_ref_(
+    weights: list[torch.Tensor],
+    downs_out: list[torch.Tensor],
+    ups_out: list[torch.Tensor],
+    scales_out: list[float],
+    downs_in: list[torch.Tensor],
+    ups_in: list[torch.Tensor],
+    scales_in: list[float],
+) -> None:
+    """In place, take one merged adapter out and put another in, rounding W once:
+    ``W_i <- cast(float(W_i) + s_in_i * B_in_i @ A_in_i - s_out_i * B_out_i @ A_out_i)``.
+
+    Shapes as in ``merge_lora_ref_``; the two adapters may have different ranks."""
+    n = len(weights)
+    if not (len(downs_out) == len(ups_out) == len(scales_out) == len(downs_in) == len(ups_in) == len(scales_in) == n):
+        raise ValueError(
+            f"swap_lora_: weights and both adapters' downs, ups and scales must have the same length ({n})"
+        )
+    for i, w in enumerate(weights):
+        _check_layer(i, w, downs_out[i], ups_out[i])
+        _check_layer(i, w, downs_in[i], ups_in[i])
+    for i, w in enumerate(weights):
+        out = w.shape[0]
+        acc = torch.promote_types(w.dtype, torch.float32)
+        delta = torch.zeros(out, w.numel() // out, dtype=acc, device=w.device)
+        for a, b, s in ((downs_in[i], ups_in[i], scales_in[i]), (downs_out[i], ups_out[i], -scales_out[i])):
+            delta += s * (b.reshape(out, a.shape[0]).to(acc) @ a.reshape(a.shape[0], -1).to(acc))
+        w.copy_((w.to(acc) + delta.view(w.shape)).to(w.dtype))
