@@ -10,13 +10,24 @@ import pytest
 import torch
 
 from catfast import backends
+from catfast.ops.cat_loss import fused_cat_loss
+from catfast.ops.groupnorm_silu import group_norm_silu
 from catfast.ops.lora import lora_linear
 from catfast.ops.lora_conv import lora_conv2d
-from catfast.ops.merge import merge_lora_
+from catfast.ops.merge import merge_lora_, swap_lora_
 from catfast.ops.segmented import Segment, SegmentPlan, segmented_lora_conv2d_, segmented_lora_linear_
 from catfast.rows import RowPlan
 
-OPS = {"lora_linear", "lora_conv2d", "segmented_lora_linear", "segmented_lora_conv2d", "merge_lora"}
+OPS = {
+    "lora_linear",
+    "lora_conv2d",
+    "segmented_lora_linear",
+    "segmented_lora_conv2d",
+    "merge_lora",
+    "swap_lora",
+    "cat_loss",
+    "group_norm_silu",
+}
 
 
 def _linear_args(n=2, din=8, dout=6, r=2):
@@ -59,7 +70,7 @@ def test_forced_triton_without_the_interpreter_says_why(monkeypatch):
 
 
 def test_every_op_routes_through_the_registry(monkeypatch):
-    """An invalid value fails each of the five ops (each asks choose()); a forced backend an op with kernels
+    """An invalid value fails each op (each asks choose()); a forced backend an op with kernels
     lacks fails that op; the torch-only conv ops run under any valid value (a UNet with LoRA on convs and
     linears must train with CATFAST_BACKEND=triton)."""
     x, w, a, b, plan = _linear_args()
@@ -74,6 +85,10 @@ def test_every_op_routes_through_the_registry(monkeypatch):
         "segmented_lora_conv2d": lambda: segmented_lora_conv2d_(
             conv(xc), xc, conv, ca.flatten(2), cb, torch.ones(1), seg),
         "merge_lora": lambda: merge_lora_([torch.zeros(4, 4)], [torch.ones(1, 4)], [torch.ones(4, 1)], [1.0]),
+        "swap_lora": lambda: swap_lora_([torch.zeros(4, 4)], [torch.ones(1, 4)], [torch.ones(4, 1)], [1.0],
+                                        [torch.ones(2, 4)], [torch.ones(4, 2)], [0.5]),
+        "cat_loss": lambda: fused_cat_loss(x, x + 1, x, x - 1),
+        "group_norm_silu": lambda: group_norm_silu(torch.randn(2, 4, 32, 32), 2),
     }  # fmt: skip
     assert set(calls) == OPS
     monkeypatch.setenv("CATFAST_BACKEND", "bogus")
@@ -86,8 +101,12 @@ def test_every_op_routes_through_the_registry(monkeypatch):
             calls[op]()
     calls["lora_conv2d"]()
     calls["segmented_lora_conv2d"]()
-    calls["merge_lora"]()
+    for op in ("merge_lora", "swap_lora", "cat_loss", "group_norm_silu"):  # the extension has them on the CPU
+        calls[op]()
     monkeypatch.setenv("CATFAST_BACKEND", "triton")
+    for op in ("swap_lora", "cat_loss", "group_norm_silu"):
+        with pytest.raises(backends.BackendError, match=f"op {op} has no triton backend"):
+            calls[op]()
     wm = torch.zeros(4, 4)
     with pytest.raises(backends.BackendError, match="op merge_lora has no triton backend"):
         merge_lora_([wm], [torch.ones(1, 4)], [torch.ones(4, 1)], [1.0])

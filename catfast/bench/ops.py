@@ -271,7 +271,8 @@ def _cat_loss(dev, dtype, smoke, reps):
 
 
 def _lora_gemm(dev, dtype, smoke, reps):
-    from catfast.ops.lora import lora_linear, triton_not_supported_reasons
+    from catfast.backends import reasons
+    from catfast.ops.lora import lora_linear
     from catfast.rows import RowPlan
 
     # (samples, rows per sample, in, out, rank): SD1.5 attention projections at 512 px, batch 2
@@ -290,7 +291,7 @@ def _lora_gemm(dev, dtype, smoke, reps):
             "plain_gemm": lambda: x @ w.t(),
             "torch": lambda: lora_linear(x, w, None, a, b, plan, backend="torch"),
         }
-        if dev.type == "cuda" and not triton_not_supported_reasons(x):
+        if dev.type == "cuda" and not reasons("lora_linear", dev, dtype)["triton"]:
             fns["triton"] = lambda: lora_linear(x, w, None, a, b, plan, backend="triton")
         with torch.no_grad():
             ms = _interleaved(dev, fns, reps)
