@@ -215,7 +215,7 @@ def _adapter_passes(unet, noisy, timesteps, cond, cond_stripped, with_stripped):
 def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, with_teacher):
     """(pred on c, pred on c-, detached teacher on c-) from one UNet call over 3B rows (B rows and
     (pred, None, None) without the teacher)."""
-    from catfast.integrations.patch import active_adapters
+    from catfast.integrations.patch import active_adapters, parameter_storages
     from catfast.integrations.row_call import planned_unet
     from catfast.ops.grad_rows import keep_grad_rows
     from catfast.rows import NO_ADAPTER, RowPlan
@@ -238,8 +238,7 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, wi
         else:
             groups, rows_cond, needs_grad = 1, cond, True
         plan = RowPlan.build(slots, needs_grad=needs_grad, device=noisy.device)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        grad_rows = keep_grad_rows(plan, exclude=params)
+        grad_rows = keep_grad_rows(plan, exclude=parameter_storages(model))
         with call.plan_rows(plan, identical_groups=groups, twin_groups=with_teacher), grad_rows:
             out = _predict(unet, torch.cat([noisy] * groups), torch.cat([timesteps] * groups), rows_cond)
     if not with_teacher:
