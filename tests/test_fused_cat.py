@@ -214,6 +214,35 @@ def test_patch_is_exact_shares_parameters_and_unpatches_exactly():
     assert state.keys() == before_state.keys() and all(torch.equal(state[k], before_state[k]) for k in state)
 
 
+def test_patch_is_put_back_from_cache_only_while_the_unet_is_unchanged(monkeypatch):
+    """cat_loss(mode="fused") on an unpatched UNet patches and unpatches every call: the second patch puts the
+    same stand-ins back, re-reading each LoRA layer's scaling; a module replaced meanwhile rebuilds the patch."""
+    monkeypatch.setenv("CATFAST_BACKEND", "torch")
+    unet = _unet(ATTN, 4, 4.0)
+    first = patch_unet(unet)
+    stand_ins = {name: unet.get_submodule(name) for name in first.patched + first.frozen}
+    unpatch_unet(unet)
+    assert patch_unet(unet) is first and all(unet.get_submodule(n) is m for n, m in stand_ins.items())
+    unpatch_unet(unet)
+    sched, b = _scheduler(), _batch(2)
+    for layer in unet.modules():  # what diffusers' set_adapters(weights=...) does to each peft layer
+        if hasattr(layer, "scaling") and "default" in getattr(layer, "scaling", {}):
+            layer.scaling["default"] *= 0.5
+    ref, ref_grads = _run(unet, sched, b, "reference")
+    fused, grads = _run(unet, sched, b, "fused", layout="one-call")
+    assert_rel_close(fused.total.detach(), ref.total.detach(), 1e-5, "total after a scaling change")
+    for name, g in ref_grads.items():
+        assert_rel_close(grads[name], g, 1e-4, name)
+    name = first.frozen[0]
+    parent, _, child = name.rpartition(".")
+    replaced = copy.deepcopy(unet.get_submodule(name))
+    setattr(unet.get_submodule(parent), child, replaced)
+    second = patch_unet(unet)
+    assert second is not first and unet.get_submodule(name).inner is replaced
+    unpatch_unet(unet)
+    assert unet.get_submodule(name) is replaced and patch_report(unet) is None
+
+
 def test_locon_layers_are_row_planned_and_lora_bias_is_skipped_with_a_reason():
     unet = build_unet("tiny").requires_grad_(False)
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=LOCON))
