@@ -77,10 +77,15 @@ def test_unknown_contestant_lists_the_valid_ones():
 
 
 def test_auto_mode_rule():
-    """auto: the reference on the CPU (the benchmark's measurement); fused where only fused runs."""
+    """auto: fused on the CPU, teacher rows first on a narrow UNet (the benchmark's measurement); fused where
+    only fused runs; the reference where fused cannot run."""
     unet = _lora_unet()
     mode, why = auto_mode(unet)
-    assert mode == "reference" and "CPU" in why
+    assert mode == "fused" and "CPU" in why and "teacher rows first" in why
+    assert auto_mode(unet, "cuda")[0] == "reference"  # not measured on a GPU yet
+    unet.enable_gradient_checkpointing()
+    assert auto_mode(unet)[0] == "reference"
+    unet.disable_gradient_checkpointing()
     patch_unet(unet)
     assert auto_mode(unet)[0] == "fused"
     unpatch_unet(unet)
@@ -131,7 +136,7 @@ def test_bench_train_step_against_all_end_to_end(monkeypatch):
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])
     assert list(result["against"]) == list(CONTESTANTS)
-    assert result["gemm_flops"] > 0 and result["auto"]["mode"] == "reference"
+    assert result["gemm_flops"] > 0 and result["auto"]["mode"] == "fused"  # teacher rows first on the CPU
     ref = result["modes"]["reference"]
     for name, e in result["against"].items():
         assert set(e) >= set(ref) - {"loss_rel_err", "grad_rel_err"}

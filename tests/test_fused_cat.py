@@ -1,5 +1,6 @@
-"""The fused CAT pass (one UNet call over 3B rows with a row plan) against the reference objective,
-and patching: exact set of patched layers, shared parameters, exact round trip."""
+"""The fused CAT pass (a row plan over the 3B rows: one UNet call, or the teacher rows first and then the 2B
+adapter rows) against the reference objective, and patching: exact set of patched layers, shared parameters,
+exact round trip."""
 
 import copy
 import json
@@ -21,6 +22,7 @@ from catfast.testing import assert_close_to_ref, assert_rel_close, cat_batch, fl
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 ALL = ATTN + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 LOCON = ATTN + ["conv1", "conv2", "conv", "conv_shortcut"]  # kohya LoCon: resnet 3x3, stride-2, 1x1 convs
+LAYOUTS = ["one-call", "teacher-first"]
 
 
 def _unet(targets, rank, alpha, seed=0):
@@ -72,14 +74,15 @@ def _run(unet, sched, batch, mode, **kw):
 )
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
-def test_fused_equals_reference(targets, rank, alpha, batch, kind, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_equals_reference(targets, rank, alpha, batch, kind, layout, monkeypatch):
     # the whole matrix on the torch backend; the Triton kernels (CPU interpreter, ~10 s per UNet step
     # here) on one case below and against the reference op in tests/kernels
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _unet(targets, rank, alpha)
     sched, b = _scheduler(kind), cat_batch(batch)
     ref, ref_grads = _run(unet, sched, b, "reference", snr_gamma=5.0 if kind == "v_prediction" else None)
-    fused, grads = _run(unet, sched, b, "fused", snr_gamma=5.0 if kind == "v_prediction" else None)
+    fused, grads = _run(unet, sched, b, "fused", snr_gamma=5.0 if kind == "v_prediction" else None, layout=layout)
     for term in ("total", "ldm", "cat"):
         assert_rel_close(getattr(fused, term).detach(), getattr(ref, term).detach(), 1e-5, term)
     assert ref.cat.item() > 0 and grads.keys() == ref_grads.keys() and len(grads) > 0
@@ -95,22 +98,76 @@ def test_fused_equals_reference_with_triton_kernels(monkeypatch):
     unet = _unet(ALL, 8, 4.0)
     sched, b = _scheduler(), cat_batch(2)
     ref, ref_grads = _run(unet, sched, b, "reference")
-    fused, grads = _run(unet, sched, b, "fused")
+    fused, grads = _run(unet, sched, b, "fused", layout="one-call")  # the layout fused_layout picks on a GPU
     for term in ("total", "ldm", "cat"):
         assert_rel_close(getattr(fused, term).detach(), getattr(ref, term).detach(), 1e-5, term)
     for name, g in ref_grads.items():
         assert_rel_close(grads[name], g, 1e-4, name)
 
 
-def test_one_unet_call_over_3b_rows():
+@pytest.mark.parametrize(("layout", "rows"), [("one-call", [6]), ("teacher-first", [2, 4])])
+def test_unet_calls_of_each_layout(layout, rows):
     unet = _unet(ATTN, 4, 4.0)
     calls = []
     handle = unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     try:
-        catfast.cat_loss(unet, _scheduler(), **cat_batch(2), mode="fused")
+        catfast.cat_loss(unet, _scheduler(), **cat_batch(2), mode="fused", layout=layout)
     finally:
         handle.remove()
-    assert calls == [6]
+    assert calls == rows
+
+
+class _BackwardRows(torch.utils._python_dispatch.TorchDispatchMode):
+    """The batch (N) of every GroupNorm and SiLU backward: the ops between the row-aware ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name == "native_group_norm_backward":
+            self.rows.add(args[5])
+        elif name == "silu_backward" and args[0].dim() == 4:  # the resnets' feature maps, not the time embedding
+            self.rows.add(args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_teacher_first_gradients_are_compact(layout, monkeypatch):
+    """Teacher rows first: no teacher row reaches backward (the norms and activations between the row-aware
+    ops run their backward over the 2B adapter rows only), and the loss and LoRA gradients (B random) are the
+    reference's. The one-call layout runs those backwards over all 3B rows, zeros in the teacher's."""
+    monkeypatch.setenv("CATFAST_BACKEND", "torch")
+    unet = _unet(ALL, 4, 4.0)
+    sched, b = _scheduler(), cat_batch(2)
+    ref, ref_grads = _run(unet, sched, b, "reference")
+    unet.zero_grad(set_to_none=True)
+    out = catfast.cat_loss(unet, sched, **b, mode="fused", layout=layout)
+    with _BackwardRows() as seen:
+        out.total.backward()
+    assert seen.rows == ({4} if layout == "teacher-first" else {6})
+    for term in ("total", "ldm", "cat"):
+        assert_rel_close(getattr(out, term).detach(), getattr(ref, term).detach(), 1e-5, term)
+    for name, g in ref_grads.items():
+        assert g.abs().sum() > 0
+        assert_rel_close(unet.get_parameter(name).grad, g, 1e-4, name)
+
+
+def test_layout_rule_and_bad_layout():
+    from diffusers import UNet2DConditionModel
+
+    from catfast.train.objective import fused_layout
+
+    unet = _unet(ATTN, 2, 2.0)
+    assert fused_layout(unet)[0] == "teacher-first" and "32-channel" in fused_layout(unet)[1]
+    assert fused_layout(unet, "cuda")[0] == "one-call"
+    wide = UNet2DConditionModel(block_out_channels=(320,), layers_per_block=1, norm_num_groups=32,
+                                cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D",),
+                                up_block_types=("CrossAttnUpBlock2D",))  # fmt: skip
+    assert fused_layout(wide, "cpu")[0] == "one-call"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        catfast.cat_loss(unet, _scheduler(), **cat_batch(1), mode="fused", layout="two-calls")
 
 
 def test_patch_is_exact_shares_parameters_and_unpatches_exactly():
@@ -145,6 +202,35 @@ def test_patch_is_exact_shares_parameters_and_unpatches_exactly():
     assert all(not isinstance(m, RowLoraLayer) for m in unet.modules())
     state = unet.state_dict()
     assert state.keys() == before_state.keys() and all(torch.equal(state[k], before_state[k]) for k in state)
+
+
+def test_patch_is_put_back_from_cache_only_while_the_unet_is_unchanged(monkeypatch):
+    """cat_loss(mode="fused") on an unpatched UNet patches and unpatches every call: the second patch puts the
+    same stand-ins back, re-reading each LoRA layer's scaling; a module replaced meanwhile rebuilds the patch."""
+    monkeypatch.setenv("CATFAST_BACKEND", "torch")
+    unet = _unet(ATTN, 4, 4.0)
+    first = patch_unet(unet)
+    stand_ins = {name: unet.get_submodule(name) for name in first.patched + first.frozen}
+    unpatch_unet(unet)
+    assert patch_unet(unet) is first and all(unet.get_submodule(n) is m for n, m in stand_ins.items())
+    unpatch_unet(unet)
+    sched, b = _scheduler(), cat_batch(2)
+    for layer in unet.modules():  # what diffusers' set_adapters(weights=...) does to each peft layer
+        if hasattr(layer, "scaling") and "default" in getattr(layer, "scaling", {}):
+            layer.scaling["default"] *= 0.5
+    ref, ref_grads = _run(unet, sched, b, "reference")
+    fused, grads = _run(unet, sched, b, "fused", layout="one-call")
+    assert_rel_close(fused.total.detach(), ref.total.detach(), 1e-5, "total after a scaling change")
+    for name, g in ref_grads.items():
+        assert_rel_close(grads[name], g, 1e-4, name)
+    name = first.frozen[0]
+    parent, _, child = name.rpartition(".")
+    replaced = copy.deepcopy(unet.get_submodule(name))
+    setattr(unet.get_submodule(parent), child, replaced)
+    second = patch_unet(unet)
+    assert second is not first and unet.get_submodule(name).inner is replaced
+    unpatch_unet(unet)
+    assert unet.get_submodule(name) is replaced and patch_report(unet) is None
 
 
 def test_locon_layers_are_row_planned_and_lora_bias_is_skipped_with_a_reason():
@@ -187,17 +273,17 @@ def test_bad_input_fails_before_any_kernel():
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_no_wasted_teacher_work(batch, monkeypatch):
-    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (docs/design.md)."""
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_wasted_teacher_work(batch, layout, monkeypatch):
+    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (DESIGN.md)."""
     from contextlib import nullcontext
 
-    from catfast.bench.train_step import _loss_fns, _measure_once, _setup
+    from catfast.train.bench_step import _measure_once, _setup
 
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
-    unet, sched, args, load_teacher = _setup("tiny", batch, 4, torch.float32, "cpu", seed=batch)
-    fns = _loss_fns(["reference", "fused"], unet, sched, args, load_teacher)
-    ref = _measure_once(unet, fns["reference"][0], nullcontext)
-    fused = _measure_once(unet, fns["fused"][0], nullcontext)
+    unet, sched, args, _ = _setup("tiny", batch, 4, torch.float32, "cpu", seed=batch)
+    ref = _measure_once(unet, lambda: catfast.cat_loss(unet, sched, **args, mode="reference"), nullcontext)
+    fused = _measure_once(unet, lambda: catfast.cat_loss(unet, sched, **args, mode="fused", layout=layout), nullcontext)
     assert fused["fwd_flops"] < ref["fwd_flops"]  # the shared prefix (conv_in, time embedding, ...) ran once
     assert fused["bwd_flops"] <= 1.02 * ref["bwd_flops"]
     assert fused["saved_bytes"] <= ref["saved_bytes"]
@@ -217,7 +303,8 @@ def test_patch_report_lists_frozen_layers_and_attention():
     assert not any(type(p).__name__ == "RowAttnProcessor" for p in unet.attn_processors.values())
 
 
-def test_fused_with_sdxl_added_conditions(monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_with_sdxl_added_conditions(layout, monkeypatch):
     """SDXL's pooled text embeddings reach the prefix (time embedding): no prefix sharing there, and
     the fused pass still equals the reference."""
     from diffusers import UNet2DConditionModel
@@ -238,7 +325,7 @@ def test_fused_with_sdxl_added_conditions(monkeypatch):
         extra = {"text_embeds": torch.randn(2, 16, generator=g), "time_ids": torch.rand(2, 6, generator=g)}
         b[key] = {"encoder_hidden_states": b[key], "added_cond_kwargs": extra}
     ref, ref_grads = _run(unet, _scheduler(), b, "reference")
-    fused, grads = _run(unet, _scheduler(), b, "fused")
+    fused, grads = _run(unet, _scheduler(), b, "fused", layout=layout)
     for term in ("total", "ldm", "cat"):
         assert_rel_close(getattr(fused, term).detach(), getattr(ref, term).detach(), 1e-5, term)
     for name, g_ref in ref_grads.items():
@@ -273,7 +360,8 @@ def test_several_adapters_of_different_ranks_in_one_call():
     assert (want[0][0] - want[1][0]).abs().max() > 1e-3  # the two adapters really differ
 
 
-def test_samples_on_different_adapters_equal_reference(monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_samples_on_different_adapters_equal_reference(layout, monkeypatch):
     """Multi-concept: each sample's rows on its own adapter (fused: one call; reference: one per adapter)."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _two_adapter_unet(ATTN)
@@ -281,7 +369,7 @@ def test_samples_on_different_adapters_equal_reference(monkeypatch):
     adapters = ["other", "default", "other"]
     ref, ref_grads = _run(unet, sched, b, "reference", adapters=adapters)
     assert unet.active_adapters() == ["default", "other"]  # restored, with both trainable again
-    fused, grads = _run(unet, sched, b, "fused", adapters=adapters)
+    fused, grads = _run(unet, sched, b, "fused", adapters=adapters, layout=layout)
     for term in ("total", "ldm", "cat"):
         assert_rel_close(getattr(fused, term).detach(), getattr(ref, term).detach(), 1e-5, term)
     assert any("other" in n for n in ref_grads) and any("default" in n for n in ref_grads)
@@ -289,7 +377,7 @@ def test_samples_on_different_adapters_equal_reference(monkeypatch):
         assert g.abs().sum() > 0
         assert_rel_close(grads[name], g, 1e-4, name)
     # each sample really uses its own adapter: swapping the assignment changes the loss
-    swapped, _ = _run(unet, sched, b, "fused", adapters=["default", "other", "default"])
+    swapped, _ = _run(unet, sched, b, "fused", adapters=["default", "other", "default"], layout=layout)
     assert abs(swapped.total.item() - fused.total.item()) > 1e-6
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         catfast.cat_loss(unet, sched, **b, mode="fused", adapters=["nope"] * 3)
@@ -297,7 +385,8 @@ def test_samples_on_different_adapters_equal_reference(monkeypatch):
         catfast.cat_loss(unet, sched, **b, mode="fused", adapters=["other"] * 2)
 
 
-def test_fused_step_never_reads_the_device(monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_step_never_reads_the_device(layout, monkeypatch):
     """Which samples go where is decided on the host from the plan's Python values: no layer may read a
     device tensor to find out (each read syncs a GPU; 894 per small-UNet step before RowPlan.layout)."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
@@ -305,11 +394,11 @@ def test_fused_step_never_reads_the_device(monkeypatch):
     sched, b = _scheduler(), cat_batch(3)
     patch_unet(unet)
     try:
-        _run(unet, sched, b, "fused", adapters=["other", "default", "other"])  # warm-up
+        _run(unet, sched, b, "fused", adapters=["other", "default", "other"], layout=layout)  # warm-up
         tolist = torch.Tensor.tolist
         with _DeviceReads() as mode:
             monkeypatch.setattr(torch.Tensor, "tolist", lambda t: mode.reads.append("tolist") or tolist(t))
-            _, grads = _run(unet, sched, b, "fused", adapters=["other", "default", "other"])
+            _, grads = _run(unet, sched, b, "fused", adapters=["other", "default", "other"], layout=layout)
             monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     finally:
         unpatch_unet(unet)
@@ -317,19 +406,19 @@ def test_fused_step_never_reads_the_device(monkeypatch):
     assert any("other" in n for n in grads) and all(g.abs().sum() > 0 for g in grads.values())
 
 
-@pytest.mark.parametrize("cat_weight", [0.0, 1.0])
-def test_fused_under_distributed_data_parallel(tmp_path, cat_weight, monkeypatch):
+@pytest.mark.parametrize(("cat_weight", "layout"), [(0.0, "auto"), (1.0, "one-call"), (1.0, "teacher-first")])
+def test_fused_under_distributed_data_parallel(tmp_path, cat_weight, layout, monkeypatch):
     """A DDP-wrapped UNet (gloo, one process): the wrapper runs the forward, results are unchanged."""
     import torch.distributed as dist
 
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _unet(ATTN, 4, 4.0)
     sched, b = _scheduler(), cat_batch(2)
-    plain, plain_grads = _run(unet, sched, b, "fused", cat_weight=cat_weight)
+    plain, plain_grads = _run(unet, sched, b, "fused", cat_weight=cat_weight, layout=layout)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(unet)
-        ddp, ddp_grads = _run(wrapped, sched, b, "fused", cat_weight=cat_weight)
+        ddp, ddp_grads = _run(wrapped, sched, b, "fused", cat_weight=cat_weight, layout=layout)
     finally:
         dist.destroy_process_group()
     assert_rel_close(ddp.total.detach(), plain.total.detach(), 1e-6, "total")
@@ -337,7 +426,8 @@ def test_fused_under_distributed_data_parallel(tmp_path, cat_weight, monkeypatch
         assert_rel_close(ddp_grads["module." + name], g, 1e-6, name)
 
 
-def test_fp32_lora_on_bf16_unet(monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fp32_lora_on_bf16_unet(layout, monkeypatch):
     """Mixed precision as peft's cast_training_params leaves it: frozen UNet in bf16, LoRA in fp32. The
     fused step runs the LoRA branch in bf16, as the reference does under autocast (the diffusers/accelerate
     training scripts); its error against fp32 math on the same bf16-rounded weights is within that one's."""
@@ -351,7 +441,7 @@ def test_fp32_lora_on_bf16_unet(monkeypatch):
     exact_out, exact_grads = _run(exact, sched, b, "reference")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref, ref_grads = _run(unet, sched, b, "reference")
-    fused, grads = _run(unet, sched, b, "fused")
+    fused, grads = _run(unet, sched, b, "fused", layout=layout)
     assert all(g.dtype == torch.float32 for g in grads.values())
     assert_close_to_ref(fused.total.detach(), exact_out.total.detach(), ref.total.detach(), "total")
 
@@ -364,7 +454,8 @@ def test_fp32_lora_on_bf16_unet(monkeypatch):
     assert 0 < err <= 2 * ref_err, (err, ref_err)
 
 
-def test_fused_with_gradient_checkpointing(monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_with_gradient_checkpointing(layout, monkeypatch):
     """Checkpointed blocks recompute during backward, after the row plan is unset: they must replay it."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _unet(ALL, 4, 4.0)
@@ -374,7 +465,7 @@ def test_fused_with_gradient_checkpointing(monkeypatch):
     with pytest.raises(ValueError, match="needs a patched UNet"):
         catfast.cat_loss(unet, sched, **b, mode="fused")
     patch_unet(unet)
-    fused, grads = _run(unet, sched, b, "fused")
+    fused, grads = _run(unet, sched, b, "fused", layout=layout)
     unpatch_unet(unet)
     assert_rel_close(fused.total.detach(), ref.total.detach(), 1e-5, "total")
     for name, g in ref_grads.items():

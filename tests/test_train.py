@@ -124,7 +124,7 @@ def test_cli_kill_resume_matches_uninterrupted_run_and_diffusers_loads_it(tiny, 
     ref = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [r["step"] for r in ref] == list(range(1, steps + 1))
     assert set(ref[0]) == {"step", "loss", "ldm", "cat", "lr", "seconds", "mode", "mode_reason"}
-    assert ref[0]["mode"] == "reference" and "CPU" in ref[0]["mode_reason"]  # mode "auto" on a CPU
+    assert ref[0]["mode"] == "fused" and "CPU" in ref[0]["mode_reason"]  # mode "auto" on a CPU
     assert all(set(r) == set(ref[0]) - {"mode_reason"} for r in ref[1:])
     for r, s in zip(lines, ref):
         assert abs(r["loss"] - s["loss"]) <= 1e-5 * abs(s["loss"]), (r, s)
@@ -226,7 +226,7 @@ def test_precision_checkpointing_accumulation_and_bad_images(tiny, data, tmp_pat
         torch.cat([runs[name].lora[k].flatten() for k in sorted(runs[name].lora)]) for name in ("checkpointed", "plain")
     ]
     assert_rel_close(*flat, 1e-3, "gradient checkpointing vs plain, all LoRA parameters")
-    assert runs["plain"].mode == "reference" and runs["checkpointed"].mode == "reference"  # mode "auto", CPU
+    assert runs["plain"].mode == "fused" and runs["checkpointed"].mode == "fused"  # mode "auto", CPU
     for name in ("bf16", "fp16"):
         assert runs[name].mode == "fused" and "LoRA weights" in runs[name].mode_reason  # only fused mixes dtypes
         assert all(p.dtype == torch.float32 for p in runs[name].lora.values())

@@ -6,6 +6,13 @@ Linear by a row-aware frozen stand-in (same parameters, same names), and sets a 
 processor (diffusers' official ``set_attn_processor``). ``unpatch_unet`` puts the original instances
 and processors back, so the UNet is exactly what it was. Nothing global is changed. Without a row
 plan, every patched module computes exactly what the original does.
+
+``unpatch_unet`` keeps the stand-ins it removed (in a plain attribute of the UNet, not a submodule: no
+parameter, no state_dict key), and the next ``patch_unet`` with the same slots puts them back when the
+module tree still holds the same instances: ``cat_loss(mode="fused")`` on an unpatched UNet patches and
+unpatches every step, and building the patch from scratch (walking the module tree twice and diffusers'
+recursive processor getter and setter) cost 16.4 ms a step on the small UNet, 1 thread (3% of a 2-thread
+step on the dev CPU); putting the cached stand-ins back costs well under a millisecond.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from catfast.nn.row_lora import RowLoraLayer
 from catfast.rows import RowPlan
 
 _STATE = "_catfast_patch"
+_CACHE = "_catfast_patch_cache"  # the _PatchState of the last patch undone, for the next patch_unet
 
 
 @dataclass
@@ -42,6 +50,17 @@ class _PatchState:
     originals: dict[str, torch.nn.Module]
     processors: dict
     report: PatchReport
+    # (parent module, child name, original, stand-in) of every swapped module
+    swaps: list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]] = field(default_factory=list)
+    # (owner, child name, module) for every module on the way from the UNet to a swapped module's parent
+    path: list[tuple[torch.nn.Module, str, torch.nn.Module]] = field(default_factory=list)
+    # (attention module, its original processor, the row-aware one)
+    attention: list[tuple[torch.nn.Module, object, object]] = field(default_factory=list)
+    # (peft layer, why it is skipped) of the layers left unpatched
+    skipped: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
+    # the modules that have a ``gradient_checkpointing`` flag (diffusers' blocks), read by row_plan
+    checkpointable: list[torch.nn.Module] = field(default_factory=list)
+    parameters: tuple[torch.nn.Parameter, ...] = ()  # the UNet's parameters when the patch was built
 
 
 def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> PatchReport:
@@ -64,32 +83,43 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
             raise ValueError(f"the UNet is patched with slots {state.report.slots}; unpatch_unet first")
         return state.report
 
+    cached = unet.__dict__.get(_CACHE)
+    if cached is not None and cached.report.slots == slots and _reapply(unet, cached):
+        return cached.report
+
     report, holder, originals = PatchReport(slots=slots), PlanHolder(), {}
-    for name, module in list(unet.named_modules()):
+    modules = dict(unet.named_modules())
+    state = _PatchState(holder, originals, {}, report)
+    for name, module in modules.items():
         if not isinstance(module, (PeftLinear, PeftConv2d)):
             continue
         reason = _unsupported(module, slots)
         if reason is not None:
             report.skipped[name] = reason
+            state.skipped.append((module, reason))
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent_name), child, RowLoraLayer(module, slots, holder))
-        originals[name] = module
+        _swap(unet, modules, state, name, RowLoraLayer(module, slots, holder))
         report.patched.append(name)
-    for name, module in list(unet.named_modules()):
+    for name, module in modules.items():
         if name in originals or any(part in name.split(".") for part in ("base_layer", "lora_A", "lora_B")):
             continue
         kind = {torch.nn.Conv2d: RowFrozenConv2d, torch.nn.Linear: RowFrozenLinear}.get(type(module))
         if kind is None:
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent_name), child, kind(module, holder))
-        originals[name] = module
+        _swap(unet, modules, state, name, kind(module, holder))
         report.frozen.append(name)
     processors = dict(unet.attn_processors)
-    unet.set_attn_processor({name: RowAttnProcessor(holder, proc) for name, proc in processors.items()})
+    row_processors = {name: RowAttnProcessor(holder, proc) for name, proc in processors.items()}
+    unet.set_attn_processor(dict(row_processors))
+    state.processors = processors
+    state.attention = [
+        (modules[name.removesuffix(".processor")], processors[name], row_processors[name]) for name in processors
+    ]
+    state.checkpointable = [m for m in modules.values() if "gradient_checkpointing" in m.__dict__]
+    state.parameters = tuple(unet.parameters())
     report.attention = sorted(processors)
-    setattr(unet, _STATE, _PatchState(holder, originals, processors, report))
+    unet.__dict__.pop(_CACHE, None)
+    setattr(unet, _STATE, state)
     return report
 
 
@@ -99,6 +129,8 @@ def fused_blocker(model: torch.nn.Module, per_sample_adapters: bool) -> str | No
     from peft.tuners.lora import Conv2d as PeftConv2d  # lazy: peft
     from peft.tuners.lora import Linear as PeftLinear  # lazy: peft
 
+    if not getattr(model, "peft_config", None):
+        return "no LoRA adapter"
     if getattr(model, "is_gradient_checkpointing", False):
         return "gradient checkpointing without patch_unet"
     if not per_sample_adapters and len(model.active_adapters()) != 1:
@@ -110,6 +142,52 @@ def fused_blocker(model: torch.nn.Module, per_sample_adapters: bool) -> str | No
             if reason is not None:
                 return f"{name}: {reason}"
     return None
+
+
+def _swap(unet, modules: dict, state: _PatchState, name: str, stand_in: torch.nn.Module) -> None:
+    """Put ``stand_in`` where module ``name`` is, and record it in ``state``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = modules[parent_name]
+    original = parent._modules[child]
+    setattr(parent, child, stand_in)
+    state.originals[name] = original
+    state.swaps.append((parent, child, original, stand_in))
+    known = {id(m) for _, _, m in state.path}
+    owner_name = ""
+    for part in parent_name.split(".") if parent_name else ():
+        owner = modules[owner_name]
+        owner_name = f"{owner_name}.{part}" if owner_name else part
+        if id(modules[owner_name]) not in known:
+            state.path.append((owner, part, modules[owner_name]))
+            known.add(id(modules[owner_name]))
+
+
+def _reapply(unet, state: _PatchState) -> bool:
+    """Put the stand-ins of an undone patch back, if the UNet still holds the same modules (and the same
+    LoRA layers are, and are not, supported) and the same attention processors; False (nothing changed)
+    otherwise. The stand-ins re-read what may have changed meanwhile: LoRA scalings and frozen parameters."""
+    slots = state.report.slots
+    if any(owner._modules.get(part) is not module for owner, part, module in state.path):
+        return False
+    if any(parent._modules.get(child) is not original for parent, child, original, _ in state.swaps):
+        return False
+    if any(getattr(attn, "processor", None) is not original for attn, original, _ in state.attention):
+        return False
+    if any(_unsupported(module, slots) != reason for module, reason in state.skipped):
+        return False
+    if any(isinstance(s, RowLoraLayer) and _unsupported(o, slots) is not None for _, _, o, s in state.swaps):
+        return False
+    if not all(stand_in.matches() for _, _, _, stand_in in state.swaps):
+        return False
+    for parent, child, _, stand_in in state.swaps:
+        stand_in.refresh()
+        parent._modules[child] = stand_in  # what setattr does for a child module already there, ~10x faster
+    for attn, _, row in state.attention:
+        attn.set_processor(row)
+    state.holder.set(None)
+    unet.__dict__.pop(_CACHE, None)
+    setattr(unet, _STATE, state)
+    return True
 
 
 def _unsupported(module: torch.nn.Module, slots: list[str]) -> str | None:
@@ -136,11 +214,12 @@ def unpatch_unet(unet: torch.nn.Module) -> PatchReport:
     state = getattr(unet, _STATE, None)
     if state is None:
         raise ValueError("the UNet is not patched")
-    for name, original in state.originals.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent_name), child, original)
-    unet.set_attn_processor(state.processors)
+    for parent, child, original, _ in state.swaps:
+        parent._modules[child] = original  # what setattr does for a child module already there, ~10x faster
+    for attn, original, _ in state.attention:
+        attn.set_processor(original)
     delattr(unet, _STATE)
+    unet.__dict__[_CACHE] = state
     return state.report
 
 
@@ -148,6 +227,15 @@ def patch_report(unet: torch.nn.Module) -> PatchReport | None:
     """The report of the current patch, or None when the UNet is not patched."""
     state = getattr(unet, _STATE, None)
     return None if state is None else state.report
+
+
+def parameter_storages(unet: torch.nn.Module) -> set[int]:
+    """The storage addresses of a patched UNet's parameters (read now; the list of parameters is the one
+    the patch was built with, and a cached patch is only put back on the same modules): what the fused
+    step's saved-tensor hooks must save whole. 0.2 ms on the small UNet, 1.1 ms walking the module tree."""
+    state = getattr(unet, _STATE, None)
+    params = state.parameters if state is not None else tuple(unet.parameters())
+    return {p.untyped_storage().data_ptr() for p in params}
 
 
 def active_adapters(unet: torch.nn.Module) -> list[str]:
@@ -185,7 +273,7 @@ def row_plan(unet: torch.nn.Module, plan: RowPlan, identical_groups: int = 1, tw
         state.holder.set(plan)
     else:
         state.holder.set(plan, identical_groups, twin_groups)
-    checkpointed = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
+    checkpointed = [m for m in state.checkpointable if m.gradient_checkpointing]
     originals = [m._gradient_checkpointing_func for m in checkpointed]
     for module, func in zip(checkpointed, originals):
         module._gradient_checkpointing_func = _replaying_plan(state.holder, func)

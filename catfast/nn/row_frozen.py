@@ -37,6 +37,14 @@ class _RowFrozen(torch.nn.Module):
                 raise
             return getattr(inner, name)
 
+    def matches(self) -> bool:
+        """Whether the wrapped layer still has the parameters this stand-in registered."""
+        inner = self.inner
+        return self._parameters["weight"] is inner.weight and self._parameters.get("bias") is inner.bias
+
+    def refresh(self) -> None:
+        """Nothing to re-read: the parameters are shared (``matches`` checks they are still the same)."""
+
     def _row_aware(self, x: torch.Tensor) -> bool:
         return (
             self.holder.split

@@ -36,6 +36,16 @@ class RowLoraLayer(torch.nn.Module):
         self.__dict__["holder"] = holder
         self._scaling = tuple(float(peft_layer.scaling[name]) for name in self.slot_names)
 
+    def matches(self) -> bool:
+        """Whether the peft layer still has the submodules this stand-in shares (a cached patch is put
+        back only then)."""
+        peft = self.peft_layer
+        return all(self._modules[name] is getattr(peft, name, None) for name in ("base_layer", "lora_A", "lora_B"))
+
+    def refresh(self) -> None:
+        """Re-read the peft layer's scaling per slot (``set_adapters`` weights change it while unpatched)."""
+        self.__dict__["_scaling"] = tuple(float(self.peft_layer.scaling[name]) for name in self.slot_names)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         plan = self.holder.plan
         if plan is None or self.peft_layer.disable_adapters:

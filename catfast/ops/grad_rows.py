@@ -36,6 +36,8 @@ def take_samples(t: torch.Tensor, samples: torch.Tensor, run: tuple[int, int] | 
 def gather_rows(t: torch.Tensor, samples: torch.Tensor, run: tuple[int, int] | None, num_samples: int) -> torch.Tensor:
     """A new tensor with the rows of ``samples`` (t.shape[0] = num_samples x rows per sample)."""
     k = t.shape[0] // num_samples
+    if run is not None and run[1] - run[0] == num_samples:
+        return t  # every sample's rows: nothing to leave out, no copy
     if run is not None:
         return t[run[0] * k : run[1] * k].clone()  # keeps t's strides (transposed views stay fast)
     return t.index_select(0, sample_rows(samples, k))

@@ -20,7 +20,7 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
-from catfast.integrations.patch import active_adapters, patch_report
+from catfast.integrations.patch import active_adapters, parameter_storages, patch_report
 from catfast.integrations.patch import fused_blocker as _fused_blocker
 from catfast.integrations.row_call import keep_grad_rows, planned_unet
 from catfast.rows import NO_ADAPTER, RowPlan
@@ -32,9 +32,42 @@ Condition = Union[torch.Tensor, dict[str, Any]]
 MODES = ("auto", "reference", "fused")
 
 
-# The first block's width from which the fused step measured faster than the reference on the CPU (see
-# auto_mode): SD1.5 / SDXL widths (320) yes, the 64-wide small UNet (head size 8) no.
+LAYOUTS = ("auto", "one-call", "teacher-first")
+
+# The first block's width from which mode="fused" runs all 3B rows in one call on the CPU (fused_layout):
+# SD1.5 / SDXL widths (320) yes, the 64-wide small UNet (head size 8, CPU attention dominates) no.
 FUSED_CPU_MIN_WIDTH = 320
+
+
+def fused_layout(unet: torch.nn.Module, device: torch.device | str | None = None) -> tuple[str, str]:
+    """How ``mode="fused"`` lays out the teacher rows for this UNet on this device, and why (one sentence).
+
+    - ``"one-call"``: all 3B rows [trigger | stripped | teacher] in ONE UNet call. The row-aware convs,
+      linears and attention spend no backward work on the teacher rows, but the ops between them (norms,
+      activations, residual adds) run their backward over all rows (zero gradients in the teacher's), and
+      ``keep_grad_rows`` copies the grad rows of what autograd saves out, and back to full size in backward.
+    - ``"teacher-first"``: the B teacher rows first, as their own call under no_grad, then the 2B adapter
+      rows as one call that still runs the shared prefix once and the two caption groups once until the
+      first cross-attention. Gradients are compact by construction: no teacher row enters autograd (no
+      saved-tensor hooks, no row copies, no zero padding, no backward over zero gradients).
+
+    Measured on the 2-core dev CPU (``catfast bench train-step``; benchmarks/README.md): on the 64-wide small
+    UNet teacher-first took 0.93-0.95x the reference step's CPU time (batch 2 / 1, 1 thread) where one-call
+    took 0.98-1.00x; on ``sd15-narrow`` (320/640/1280) one-call took 0.89x and teacher-first 1.02x: at SD1.5
+    widths one launch over 3B rows pays more than the copies cost. So: one-call from ``FUSED_CPU_MIN_WIDTH``
+    channels on the CPU, teacher-first below. Off the CPU one-call (the layout the GPU kernels were built for;
+    neither layout has been timed on a GPU yet)."""
+    model = _unwrap(unet)
+    kind = torch.device(device).type if device is not None else model.conv_in.weight.device.type
+    if kind != "cpu":
+        return "one-call", f"on {kind} the 3B rows run as one call (neither layout has been timed there yet)"
+    width = (getattr(getattr(model, "config", None), "block_out_channels", None) or (0,))[0]
+    if width < FUSED_CPU_MIN_WIDTH:
+        return "teacher-first", (
+            f"on the CPU a {width}-channel UNet runs the teacher rows first (one call over 3B rows measured slower "
+            f"below {FUSED_CPU_MIN_WIDTH} channels)"
+        )
+    return "one-call", f"on the CPU a {width}-channel UNet runs the 3B rows as one call (measured faster there)"
 
 
 def auto_mode(
@@ -42,15 +75,15 @@ def auto_mode(
 ) -> tuple[str, str]:
     """The exact mode ``mode="auto"`` runs for this UNet on this device, and why (one sentence).
 
-    The rule follows what ``catfast bench train-step`` measured on the CPU (benchmarks/README.md): on UNets of
-    SD1.5 / SDXL width (first block >= 320 channels) the fused step is faster than the reference (1.04x on
-    SD1.5 at 512 px, 1.12x on ``sd15-narrow``); on the narrow ``small`` UNet (64 channels, head size 8, where
-    CPU attention dominates) the reference is (fused 0.84-0.87x). The fused step has not been timed on a GPU
-    yet, so the reference is the choice there, until a benchmark says otherwise. A UNet patched by
-    ``patch_unet`` (the reference refuses it) and a half-precision UNet carrying fp32 LoRA weights (peft's
-    layers would mix dtypes) run fused; a UNet the fused step cannot run (a LoRA layer it cannot row-plan,
-    gradient checkpointing without ``patch_unet``, several active adapters without per-sample adapters)
-    runs the reference. ``per_sample_adapters``: the caller names each sample's adapter (``adapters=``)."""
+    The rule follows what ``catfast bench train-step`` measured on the CPU (benchmarks/README.md): the fused
+    step is faster than the reference there at every width, in the layout ``fused_layout`` picks (the small
+    UNet, teacher rows first: 0.93-0.95x the reference's CPU time, 1 thread; SD1.5 widths, one call: 1.04x on
+    SD1.5 at 512 px, 1.10-1.12x on ``sd15-narrow``). The fused step has not been timed on a GPU yet, so the
+    reference is the choice there, until a benchmark says otherwise. A UNet patched by ``patch_unet`` (the
+    reference refuses it) and a half-precision UNet carrying fp32 LoRA weights (peft's layers would mix
+    dtypes) run fused; a UNet the fused step cannot run (a LoRA layer it cannot row-plan, gradient
+    checkpointing without ``patch_unet``, several active adapters without per-sample adapters) runs the
+    reference. ``per_sample_adapters``: the caller names each sample's adapter (``adapters=``)."""
     model = _unwrap(unet)
     if patch_report(model) is not None:
         return "fused", "the UNet is patched for row plans (patch_unet), which only the fused step runs"
@@ -61,15 +94,16 @@ def auto_mode(
     kind = torch.device(device).type if device is not None else model.conv_in.weight.device.type
     if kind != "cpu":
         return "reference", f"the fused step has not been measured faster than the reference on {kind}"
-    width = (getattr(getattr(model, "config", None), "block_out_channels", None) or (0,))[0]
-    if width < FUSED_CPU_MIN_WIDTH:
-        return "reference", (
-            f"on the CPU the reference step is faster for a {width}-channel UNet (fused measured 0.84-0.87x of "
-            f"it below {FUSED_CPU_MIN_WIDTH} channels)"
-        )
     blocker = _fused_blocker(model, per_sample_adapters)
     if blocker is not None:
         return "reference", f"the fused step cannot run this UNet: {blocker}"
+    layout, _ = fused_layout(model, kind)
+    width = (getattr(getattr(model, "config", None), "block_out_channels", None) or (0,))[0]
+    if layout == "teacher-first":
+        return "fused", (
+            f"on the CPU the fused step, teacher rows first, is faster for a {width}-channel UNet "
+            "(0.93-0.95x the reference's time)"
+        )
     return "fused", f"on the CPU the fused step is faster for a {width}-channel UNet (1.04-1.12x the reference)"
 
 
@@ -98,6 +132,7 @@ def cat_loss(
     mode: str = "auto",
     snr_gamma: float | None = None,
     adapters: Sequence[str] | None = None,
+    layout: str = "auto",
 ) -> CatLossOutput:
     """CAT loss for one batch. Gradients land on the UNet's LoRA parameters.
 
@@ -118,6 +153,9 @@ def cat_loss(
       snr_gamma: min-SNR-gamma weighting of both terms, or None.
       adapters: the adapter of each sample (``[B]`` names; multi-concept training, one adapter per
         concept), or None for the UNet's one active adapter. The teacher is the base model either way.
+      layout: mode "fused" only: "one-call" (all 3B rows in one UNet call), "teacher-first" (the teacher
+        rows under no_grad, then the 2B adapter rows in one call: compact gradients) or "auto" (the faster
+        for the UNet and device, ``fused_layout``). Same losses and gradients either way.
 
     ``unet`` may be wrapped in DistributedDataParallel: the wrapper runs the forward (so gradients are
     synchronised), the wrapped UNet is patched and checked.
@@ -126,16 +164,26 @@ def cat_loss(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if cat_weight < 0:
         raise ValueError(f"cat_weight must be >= 0, got {cat_weight}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     model = _unwrap(unet)
     if mode == "auto":
         mode = auto_mode(model, per_sample_adapters=adapters is not None)[0]
+    if layout == "auto":
+        layout = fused_layout(model)[0]
     _check_batch(model, latents, noise, timesteps, cond, cond_stripped, adapters)
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = _target(scheduler, latents, noise, timesteps).float()
     weights = _min_snr_weights(scheduler, timesteps, snr_gamma)
-    predictions = _fused_predictions if mode == "fused" else _reference_predictions
-    pred, pred_stripped, base = predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, cat_weight > 0)
+    if mode == "fused":
+        pred, pred_stripped, base = _fused_predictions(
+            unet, noisy, timesteps, cond, cond_stripped, adapters, cat_weight > 0, layout == "teacher-first"
+        )
+    else:
+        pred, pred_stripped, base = _reference_predictions(
+            unet, noisy, timesteps, cond, cond_stripped, adapters, cat_weight > 0
+        )
     ldm = _weighted_mse(pred, target, weights)
     if pred_stripped is None:  # cat_weight == 0: the plain LoRA loss, without the CAT passes
         return CatLossOutput(total=ldm, ldm=ldm, cat=torch.zeros((), device=ldm.device))
@@ -193,19 +241,21 @@ def _adapter_passes(unet, noisy, timesteps, cond, cond_stripped, with_stripped):
     return both.chunk(2)
 
 
-def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, with_teacher):
-    """(pred on c, pred on c-, detached teacher on c-) from one UNet call over 3B rows (B rows and
-    (pred, None, None) without the teacher)."""
+def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, with_teacher, teacher_first):
+    """(pred on c, pred on c-, detached teacher on c-) from one UNet call over 3B rows, or with
+    ``teacher_first`` from a no_grad call over the B teacher rows and then one over the 2B adapter rows
+    (B rows and (pred, None, None) without the teacher)."""
     model = _unwrap(unet)
-    if adapters is None:
-        active = active_adapters(model)
-        if len(active) != 1:
-            raise ValueError(
-                "fused CAT trains one adapter unless adapters= names each sample's; "
-                f"the UNet has active adapters {active}"
-            )
-        adapters = active * noisy.shape[0]
-    with planned_unet(model, adapters, purpose="fused", error=ValueError) as call:
+    # the active adapter is read once the UNet is patched: unpatched, diffusers walks the module tree for it
+    with planned_unet(model, adapters or [], purpose="fused", error=ValueError) as call:
+        if adapters is None:
+            active = active_adapters(model)
+            if len(active) != 1:
+                raise ValueError(
+                    "fused CAT trains one adapter unless adapters= names each sample's; "
+                    f"the UNet has active adapters {active}"
+                )
+            adapters = active * noisy.shape[0]
         batch = noisy.shape[0]
         slots = call.slots(adapters)
         if with_teacher:  # [trigger | stripped] on the adapters with grad, then the teacher rows
@@ -213,9 +263,18 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, wi
             slots, needs_grad = slots * 2 + [NO_ADAPTER] * batch, [True] * 2 * batch + [False] * batch
         else:
             groups, rows_cond, needs_grad = 1, cond, True
+        if with_teacher and teacher_first:  # every row of the second call needs grad: nothing to keep or pad
+            teacher = RowPlan.build([NO_ADAPTER] * batch, needs_grad=False, device=noisy.device)
+            with torch.no_grad(), call.plan_rows(teacher):
+                base = _predict(unet, noisy, timesteps, cond_stripped).float()
+            plan = RowPlan.build(slots[: 2 * batch], device=noisy.device)
+            with call.plan_rows(plan, identical_groups=2, twin_groups=True):
+                out = _predict(unet, torch.cat([noisy] * 2), torch.cat([timesteps] * 2),
+                               _concat_conditions(cond, cond_stripped))  # fmt: skip
+            pred, pred_stripped = out.chunk(2)
+            return pred, pred_stripped, base
         plan = RowPlan.build(slots, needs_grad=needs_grad, device=noisy.device)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        grad_rows = keep_grad_rows(plan, exclude=params)
+        grad_rows = keep_grad_rows(plan, exclude=parameter_storages(model))
         with call.plan_rows(plan, identical_groups=groups, twin_groups=with_teacher), grad_rows:
             out = _predict(unet, torch.cat([noisy] * groups), torch.cat([timesteps] * groups), rows_cond)
     if not with_teacher:
