@@ -275,10 +275,10 @@ def test_bad_input_fails_before_any_kernel():
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_wasted_teacher_work(batch, layout, monkeypatch):
-    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (DESIGN.md)."""
+    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (docs/design.md)."""
     from contextlib import nullcontext
 
-    from catfast.train.bench_step import _measure_once, _setup
+    from catfast.bench.train_step import _measure_once, _setup
 
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet, sched, args, _ = _setup("tiny", batch, 4, torch.float32, "cpu", seed=batch)
