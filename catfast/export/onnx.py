@@ -454,6 +454,9 @@ def export_onnx(
 
     saved = []  # (weight, original) of every weight a merge changes, restored at the end
     try:
+        from catfast.e4t.embedding import install_for_export
+
+        saved += install_for_export(base, loaded, "text_encoder" in components, log)
         with staged_folder(out) as tmp:
             if not adapter_inputs:  # merge every adapter (catfast's merge op: the C++ extension where built)
                 for spec, adapter in loaded:

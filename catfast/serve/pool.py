@@ -99,6 +99,7 @@ class AdapterPool:
         from catfast.adapters.adapter import format_name
         from catfast.adapters.formats import read_adapter
         from catfast.adapters.merge import resolve_targets
+        from catfast.e4t.embedding import read_embedding
 
         path = Path(path)
         if not path.exists():
@@ -136,6 +137,7 @@ class AdapterPool:
             "alpha": float(most_common([v.alpha for v in unet_layers.values()])),
             "kinds": adapter.describe()["targets"],
             "modules": sorted(layers),
+            "e4t": read_embedding(adapter.metadata, str(path)),  # an E4T concept embedding, or None
         }
         return layers, meta
 
@@ -145,6 +147,7 @@ class AdapterPool:
         if old is not None:
             self._retire(old)
         entry = Entry(name, str(path), meta["format"], meta["rank"], meta["alpha"], meta["kinds"], meta["modules"])
+        entry.meta["e4t"] = meta.get("e4t")
         self.entries[name] = entry
         self.keep_on_host(entry, layers)
         return entry.info()
