@@ -78,7 +78,7 @@ def test_injected_embedding_equals_that_row_in_the_table_and_carries_gradients(b
         plain = encode(base, ["sks, a star"])
     assert (plain[0] - want[0]).abs().max() > 1e-3  # the embedding changes the condition
     with injected(base.text_encoder, sks, v.detach()):  # a prompt without the word is untouched
-        torch.testing.assert_close(encode(base, ["a star"]), plain.new_tensor(want[1:]), rtol=0, atol=0)
+        torch.testing.assert_close(encode(base, ["a star"]), want[1:], rtol=0, atol=0)
 
 
 def test_pretrain_tiny_budget_writes_loadable_checked_files(tmp_path):
@@ -188,16 +188,16 @@ def test_bad_pictures_words_and_files(base, star_png, tmp_path):
     wide = tmp_path / "wide.png"
     Image.new("RGB", (48, 32)).save(wide)
     with pytest.raises(CatfastError, match="48x32 pixels.*square"):
-        personalize(wide, "star", tmp_path / "o", base=base)
+        personalize(wide, "star", tmp_path / "x", base=base)
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png")
     with pytest.raises(CatfastError, match="junk.png: cannot decode image"):
-        personalize(junk, "star", tmp_path / "o", base=base)
+        personalize(junk, "star", tmp_path / "x", base=base)
     with pytest.raises(CatfastError, match="'striped' is not one token.*splits into"):
-        personalize(star_png, "striped", tmp_path / "o", base=base)
+        personalize(star_png, "striped", tmp_path / "x", base=base)
     with pytest.raises(CatfastError, match="placeholder word 'sks x' must be one word"):
-        personalize(star_png, "star", tmp_path / "o", token="sks x", base=base)
-    with pytest.raises(CatfastError, match="exists.*--overwrite"):
+        personalize(star_png, "star", tmp_path / "x", token="sks x", base=base)
+    with pytest.raises(CatfastError, match="e4t-star.safetensors: exists.*--overwrite"):
         personalize(star_png, "star", tmp_path / "o", name="e4t-star", settings=TuneSettings(steps=0), base=base)
     # a damaged shipped encoder: named by the manifest check, and by the loader itself
     assets = tmp_path / "assets"
@@ -227,4 +227,7 @@ def test_cli_personalize_prints_time_and_refuses_in_one_line(star_png, tmp_path)
         main, ["personalize", "--image", str(star_png), "--class", "striped", "--out", str(tmp_path / "b")]
     )
     assert bad.exit_code == 1 and "Traceback" not in bad.output
-    assert "Error: class word 'striped' is not one token" in bad.output and bad.output.count("\n") == 1
+    errors = [
+        line for line in bad.output.splitlines() if line.startswith("Error:")
+    ]  # (a busy-machine note may precede)
+    assert len(errors) == 1 and "class word 'striped' is not one token" in errors[0]

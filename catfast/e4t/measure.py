@@ -111,6 +111,7 @@ def measure(
     rows: list[dict] = []
     grid_cells: dict[str, list] = {}
     sseeds = list(range(sample_seeds))
+    prepared = {}
     for name in concepts:
         concept = cc.NAMED_HELD_OUT.get(name) or next(c for c in cc.split()[1] if c.name == name)
         refs = [world.render(s) for s in cc.reference_views(concept)]
@@ -121,10 +122,12 @@ def measure(
         scene0 = cc.reference_views(concept)[0]
         (data / "00.txt").write_text(f"{world.TRIGGER}, a {concept.shape} on a {scene0.background} background\n")
         prompts = class_prompts(concept.shape)
-        groups = [p for p in range(len(prompts)) for _ in sseeds]
         base_emb = scorer.embed_images(_sample(base, None, prompts, sseeds, "base"))
-        ref_emb = scorer.embed_images(refs)
-        for seed in seeds:
+        prepared[name] = (concept, folder, data, prompts, base_emb, scorer.embed_images(refs))
+    for seed in seeds:  # seeds outside: a run cut short still has every concept
+        for name in concepts:
+            concept, folder, data, prompts, base_emb, ref_emb = prepared[name]
+            groups = [p for p in range(len(prompts)) for _ in sseeds]
             runs = []
             for steps in e4t_steps:
                 runs.append(("e4t", steps, 0.0))
@@ -169,6 +172,7 @@ def measure(
                 if name == concepts[0] and seed == seeds[0]:
                     grid_cells[label] = plus_images[: len(sseeds)]
                 write_atomic(out / "results.json", (json.dumps(rows, indent=1) + "\n").encode())
+                write_atomic(out / "grid.md", (format_grid(rows) + "\n").encode())
     write_atomic(out / "grid.md", (format_grid(rows) + "\n").encode())
     _save_grid(grid_cells, out / "grid.png", f'"{with_trigger(class_prompts(_shape(concepts[0]))[0], world.TRIGGER)}"')
     return rows

@@ -122,7 +122,7 @@ def personalize(
     from catfast.e4t.losses import embedding_penalty, lora_parameters, offset_penalty
     from catfast.e4t.model import DOMAIN_FILE, ENCODER_FILE, check_shipped, load_encoder
     from catfast.e4t.pretrain import encode_latents
-    from catfast.folders import ensure_writable_folder
+    from catfast.folders import check_output_file
     from catfast.integrations.models import load_base
     from catfast.integrations.peft_adapters import _remove, attach_adapter, extract_adapter
     from catfast.train.objective import cat_loss
@@ -134,13 +134,11 @@ def personalize(
     out = Path(out)
     if out.is_symlink():
         raise CatfastError(f"{out}: is a symbolic link; catfast does not write through links: give the real folder")
-    if out.exists() and not out.is_dir():
-        raise CatfastError(f"{out}: --out must be a folder, but this is a file")
-    target = out / f"{name}.safetensors"
-    if "/" in name or name.startswith("."):
+    if "/" in name or "\\" in name or name.startswith("."):
         raise CatfastError(f"--name {name!r} must be a plain file name")
-    if target.exists() and not overwrite:
-        raise CatfastError(f"{target} exists (pass --overwrite to replace it)")
+    target = out / f"{name}.safetensors"
+    check_output_file(target, overwrite, CatfastError)
+    check_output_file(out / f"{name}.json", True, CatfastError)
     picture, notes = load_picture(image, world.SIDE)
     root = check_shipped(assets)
     if base is None:
@@ -149,7 +147,6 @@ def personalize(
     token_id = single_token(base.tokenizer, token, "placeholder word")
     if token_id == class_id:
         raise CatfastError(f"the placeholder word {token!r} must differ from the class word")
-    ensure_writable_folder(out, CatfastError)
     encoder = load_encoder(root / ENCODER_FILE)
     domain = read_adapter(root / DOMAIN_FILE)
     domain = LoraAdapter({k: LoraLayer(v.down.float(), v.up.float(), v.alpha) for k, v in domain.layers.items()})
