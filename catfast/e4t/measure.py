@@ -13,15 +13,21 @@ Every adapter samples the class prompts ("a <class>", on grey, on green) without
 front over sampling seeds 0..k-1 (DDIM 20 steps, guidance 5, as the demo), and the base model the class
 prompts. The demo's attribute encoder scores, as ``catfast demo`` does: preservation (adapter without the
 trigger against the base picture of the same prompt and seed), identity (trigger pictures against the
-five reference pictures of the concept), KPS. Wall times: E4T's tuning (models loaded) and its whole
-call; ``catfast train``'s own total. Writes DIR/results.json (one row per run), DIR/grid.md (means over
-concepts and seeds) and DIR/grid.png (trigger pictures of the first concept and seed).
+five reference pictures of the concept), KPS. A "base" row per concept (the base model, "sks" meaning
+nothing) is the floor identity starts from. Wall times: E4T's tuning (models loaded) and its whole call;
+``catfast train``'s own total; each row also records the 1-minute load average when it finished (the
+machine may be shared). Writes DIR/results.jsonl (a header line: command, threads, torch, git; then one
+row per run), DIR/grid.md (means over concepts and seeds) and DIR/grid.png (trigger pictures of the
+first concept and seed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -106,6 +112,15 @@ def measure(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    header = _header(
+        dict(
+            concepts=list(concepts),
+            seeds=list(seeds),
+            e4t_steps=list(e4t_steps),
+            baseline_steps=list(baseline_steps),
+            sample_seeds=sample_seeds,
+        )
+    )
     scorer = load_attribute_encoder(encoder_path())
     base = load_base(model_path())
     rows: list[dict] = []
@@ -123,7 +138,18 @@ def measure(
         (data / "00.txt").write_text(f"{world.TRIGGER}, a {concept.shape} on a {scene0.background} background\n")
         prompts = class_prompts(concept.shape)
         base_emb = scorer.embed_images(_sample(base, None, prompts, sseeds, "base"))
-        prepared[name] = (concept, folder, data, prompts, base_emb, scorer.embed_images(refs))
+        ref_emb = scorer.embed_images(refs)
+        prepared[name] = (concept, folder, data, prompts, base_emb, ref_emb)
+        # the floor: the base model's trigger pictures ("sks" means nothing to it) against the references
+        base_plus_images = _sample(base, None, [with_trigger(p, world.TRIGGER) for p in prompts], sseeds, "base")
+        base_plus = scorer.embed_images(base_plus_images)
+        groups = [p for p in range(len(prompts)) for _ in sseeds]
+        scores = kps_scores(base_emb, base_emb, base_plus, None, groups, reference_emb=ref_emb)["total"]
+        rows.append(_row(name, None, "base", 0, 0.0, 0.0, scores))
+        log(json.dumps(rows[-1]))
+        if name == concepts[0]:
+            grid_cells["references (1st: the input)"] = refs[: len(sseeds)]
+            grid_cells["base"] = base_plus_images[: len(sseeds)]
     for seed in seeds:  # seeds outside: a run cut short still has every concept
         for name in concepts:
             concept, folder, data, prompts, base_emb, ref_emb = prepared[name]
@@ -156,26 +182,54 @@ def measure(
                 plus_images = _sample(base, path, [with_trigger(p, world.TRIGGER) for p in prompts], sseeds, "a")
                 plus = scorer.embed_images(plus_images)
                 total_scores = kps_scores(base_emb, minus, plus, None, groups, reference_emb=ref_emb)["total"]
-                row = dict(
-                    concept=name,
-                    seed=seed,
-                    method=method,
-                    steps=steps,
-                    seconds=round(seconds, 2),
-                    total_seconds=round(total, 2),
-                    preservation=round(total_scores["preservation"], 4),
-                    identity=round(total_scores["identity"], 4),
-                    kps=round(total_scores["kps"], 4),
-                )
+                row = _row(name, seed, method, steps, seconds, total, total_scores)
                 rows.append(row)
                 log(json.dumps(row))
                 if name == concepts[0] and seed == seeds[0]:
                     grid_cells[label] = plus_images[: len(sseeds)]
-                write_atomic(out / "results.json", (json.dumps(rows, indent=1) + "\n").encode())
+                lines = [json.dumps(header)] + [json.dumps(r) for r in rows]
+                write_atomic(out / "results.jsonl", ("\n".join(lines) + "\n").encode())
                 write_atomic(out / "grid.md", (format_grid(rows) + "\n").encode())
     write_atomic(out / "grid.md", (format_grid(rows) + "\n").encode())
     _save_grid(grid_cells, out / "grid.png", f'"{with_trigger(class_prompts(_shape(concepts[0]))[0], world.TRIGGER)}"')
     return rows
+
+
+def _row(concept, seed, method, steps, seconds, total, scores) -> dict:
+    return dict(
+        concept=concept,
+        seed=seed,
+        method=method,
+        steps=steps,
+        seconds=round(seconds, 2),
+        total_seconds=round(total, 2),
+        preservation=round(scores["preservation"], 4),
+        identity=round(scores["identity"], 4),
+        kps=round(scores["kps"], 4),
+        load1=round(os.getloadavg()[0], 2),
+    )
+
+
+def _header(options: dict) -> dict:
+    """What a results file needs to be reproduced and judged: the command, threads, torch, git head."""
+    try:
+        git = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        git = None
+    return dict(
+        header=True,
+        command=" ".join(["python -m catfast.e4t.measure", *sys.argv[1:]]),
+        options=options,
+        threads=torch.get_num_threads(),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        torch=torch.__version__,
+        git=git,
+        cpus=os.cpu_count(),
+        load_at_start=[round(x, 2) for x in os.getloadavg()],
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def _shape(name: str) -> str:
@@ -197,7 +251,7 @@ def _save_grid(cells: dict[str, list], path: Path, prompt: str) -> None:
         len(cells),
         cols,
         path,
-        labels=[f"{k}: {prompt}" for k in cells],
+        labels=[k if k.startswith("references") else f"{k}: {prompt}" for k in cells],
         col_labels=[f"seed {i}" for i in range(cols)],
     )
 
