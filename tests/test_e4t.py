@@ -231,3 +231,32 @@ def test_cli_personalize_prints_time_and_refuses_in_one_line(star_png, tmp_path)
         line for line in bad.output.splitlines() if line.startswith("Error:")
     ]  # (a busy-machine note may precede)
     assert len(errors) == 1 and "class word 'striped' is not one token" in errors[0]
+
+
+def test_measure_pairs_rows_by_concept_and_seed(tmp_path):
+    """The paired table subtracts CAT-300 of the SAME concept and seed (a base row: of every seed)."""
+    from catfast.e4t.measure import format_paired, read_results
+
+    def row(concept, seed, method, steps, identity, preservation=0.9):
+        return dict(
+            concept=concept, seed=seed, method=method, steps=steps, identity=identity, preservation=preservation
+        )
+
+    rows = [
+        row("a", None, "base", 0, 0.5),
+        row("a", 0, "cat", 300, 0.7),
+        row("a", 1, "cat", 300, 0.9),
+        row("b", 0, "cat", 300, 0.2),
+        row("a", 0, "e4t", 15, 0.8, 0.8),
+        row("a", 1, "e4t", 15, 0.8, 0.8),
+        row("b", 0, "e4t", 15, 0.1, 0.8),
+    ]
+    lines = {ln.split("|")[1].strip(): ln for ln in format_paired(rows).splitlines()[2:]}
+    # e4t: +0.1, -0.1, -0.1 -> mean -0.033; preservation -0.1; 1 of 3 pairs at or above
+    assert "| -0.033 (-0.100 to +0.100) | -0.100 | 1 of 3 |" in lines["e4t"]
+    # base pairs with both seeds of concept a: -0.2, -0.4
+    assert "| -0.300 (-0.400 to -0.200) | +0.000 | 0 of 2 |" in lines["base"]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"header": True}, *rows]) + "\n")
+    header, back = read_results(path)
+    assert header == {"header": True} and back == rows

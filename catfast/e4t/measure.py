@@ -189,8 +189,8 @@ def measure(
                     grid_cells[label] = plus_images[: len(sseeds)]
                 lines = [json.dumps(header)] + [json.dumps(r) for r in rows]
                 write_atomic(out / "results.jsonl", ("\n".join(lines) + "\n").encode())
-                write_atomic(out / "grid.md", (format_grid(rows) + "\n").encode())
-    write_atomic(out / "grid.md", (format_grid(rows) + "\n").encode())
+                write_atomic(out / "grid.md", report(rows).encode())
+    write_atomic(out / "grid.md", report(rows).encode())
     _save_grid(grid_cells, out / "grid.png", f'"{with_trigger(class_prompts(_shape(concepts[0]))[0], world.TRIGGER)}"')
     return rows
 
@@ -278,6 +278,57 @@ def format_grid(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_paired(rows: list[dict], against: tuple[str, int] = ("cat", 300)) -> str:
+    """A markdown table: per (method, steps), identity and preservation minus those of ``against`` on the
+    same (concept, seed), averaged, and how many of those pairs have identity >= ``against``'s. Pairing
+    removes the concept's own level (the base model's identity differs by concept). The base row pairs
+    with every seed of its concept."""
+    ref = {(r["concept"], r["seed"]): r for r in rows if (r["method"], r["steps"]) == tuple(against)}
+    if not ref:
+        return ""
+    keys = [k for k in dict.fromkeys((r["method"], r["steps"]) for r in rows) if k != tuple(against)]
+    lines = [
+        f"| method | steps | identity - {against[0]}-{against[1]} | preservation - {against[0]}-{against[1]} "
+        f"| identity >= {against[0]}-{against[1]} |",
+        "|---|---|---|---|---|",
+    ]
+    for method, steps in keys:
+        pairs = []
+        for r in rows:
+            if (r["method"], r["steps"]) != (method, steps):
+                continue
+            matches = [v for (c, sd), v in ref.items() if c == r["concept"] and (r["seed"] is None or sd == r["seed"])]
+            pairs += [(r, v) for v in matches]
+        if not pairs:
+            continue
+        d_id = [a["identity"] - b["identity"] for a, b in pairs]
+        d_pres = [a["preservation"] - b["preservation"] for a, b in pairs]
+        wins = sum(d >= 0 for d in d_id)
+        lines.append(
+            f"| {method} | {steps} | {sum(d_id) / len(d_id):+.3f} ({min(d_id):+.3f} to {max(d_id):+.3f}) | "
+            f"{sum(d_pres) / len(d_pres):+.3f} | {wins} of {len(pairs)} |"
+        )
+    return "\n".join(lines)
+
+
+def read_results(path: str | Path) -> tuple[dict | None, list[dict]]:
+    """(header, rows) of a results.jsonl."""
+    header, rows = None, []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            if item.get("header"):
+                header = item
+            else:
+                rows.append(item)
+    return header, rows
+
+
+def report(rows: list[dict]) -> str:
+    """grid.md: the means table, then the paired differences against CAT at 300 steps."""
+    return format_grid(rows) + "\n\nPaired by (concept, seed):\n\n" + format_paired(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="E4T vs plain LoRA and CAT on held-out demo concepts.")
     parser.add_argument("--out", required=True)
@@ -288,7 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-seeds", type=int, default=4)
     parser.add_argument("--assets", default=None, help="E4T files folder (default: the shipped ones)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--summarize", metavar="RESULTS_JSONL", help="only print the tables of a results file")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(report(read_results(args.summarize)[1]), end="")
+        return
     torch.set_num_threads(args.threads)
 
     def ints(s):
