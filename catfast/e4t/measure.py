@@ -4,8 +4,9 @@
 
 For each held-out concept (default: the three objects of the shipped demo adapters) and each training
 seed, from the ONE picture ``concepts.reference_views(c)[0]`` (on grey):
-- E4T (``personalize``) after each of ``e4t_steps`` tuning steps, and with the CAT term (weight 1) at
-  the largest;
+- E4T (``personalize``) after each of ``e4t_steps`` tuning steps, and with the CAT term (weight 1) after
+  each of ``e4t_cat_steps`` (default: the largest of ``e4t_steps``); ``e4t_lr`` (when given) sets both
+  tuning learning rates (offsets and v*) and the rows' method names carry it ("e4t@lr0.003");
 - plain LoRA (cat_weight 0) and CAT (cat_weight 1) trained by ``catfast train`` on that one picture
   ("sks, a <class> on a grey background") with ``catfast demo``'s settings (rank 4, lr 1e-3, batch 4)
   for each of ``baseline_steps``.
@@ -97,6 +98,8 @@ def measure(
     concepts: list[str] = ("striped-star", "tiger-ball", "toy-box"),
     seeds: list[int] = (0, 1),
     e4t_steps: list[int] = (0, 5, 15),
+    e4t_cat_steps: list[int] | None = None,
+    e4t_lr: float | None = None,
     baseline_steps: list[int] = (15, 50, 300),
     sample_seeds: int = 4,
     assets: str | Path | None = None,
@@ -117,6 +120,8 @@ def measure(
             concepts=list(concepts),
             seeds=list(seeds),
             e4t_steps=list(e4t_steps),
+            e4t_cat_steps=None if e4t_cat_steps is None else list(e4t_cat_steps),
+            e4t_lr=e4t_lr,
             baseline_steps=list(baseline_steps),
             sample_seeds=sample_seeds,
         )
@@ -150,14 +155,16 @@ def measure(
         if name == concepts[0]:
             grid_cells["references (1st: the input)"] = refs[: len(sseeds)]
             grid_cells["base"] = base_plus_images[: len(sseeds)]
+    lrs = {} if e4t_lr is None else dict(lr=e4t_lr, embed_lr=e4t_lr)
     for seed in seeds:  # seeds outside: a run cut short still has every concept
         for name in concepts:
             concept, folder, data, prompts, base_emb, ref_emb = prepared[name]
             groups = [p for p in range(len(prompts)) for _ in sseeds]
             runs = []
-            for steps in e4t_steps:
-                runs.append(("e4t", steps, 0.0))
-            runs.append(("e4t+cat", max(e4t_steps), 1.0))
+            suffix = "" if e4t_lr is None else f"@lr{e4t_lr:g}"
+            runs += [("e4t" + suffix, steps, 0.0) for steps in e4t_steps]
+            cat_steps = ([max(e4t_steps)] if e4t_steps else []) if e4t_cat_steps is None else e4t_cat_steps
+            runs += [("e4t+cat" + suffix, steps, 1.0) for steps in cat_steps]
             for method, cw in (("plain", 0.0), ("cat", 1.0)):
                 runs += [(method, s, cw) for s in baseline_steps]
             for method, steps, cw in runs:
@@ -169,7 +176,7 @@ def measure(
                         concept.shape,
                         folder / "adapters",
                         name=f"{label}-s{seed}",
-                        settings=TuneSettings(steps=steps, cat_weight=cw, seed=seed),
+                        settings=TuneSettings(steps=steps, cat_weight=cw, seed=seed, **lrs),
                         assets=assets,
                         base=base,
                         overwrite=True,
@@ -335,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concepts", default="striped-star,tiger-ball,toy-box")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--e4t-steps", default="0,5,15")
-    parser.add_argument("--baseline-steps", default="15,50,300")
+    parser.add_argument("--baseline-steps", default="15,50,300", help='"" for none')
+    parser.add_argument("--e4t-cat-steps", default=None, help="E4T + CAT term runs (default: the largest --e4t-steps)")
+    parser.add_argument("--e4t-lr", type=float, default=None, help="both tuning learning rates (default: 1e-3)")
     parser.add_argument("--sample-seeds", type=int, default=4)
     parser.add_argument("--assets", default=None, help="E4T files folder (default: the shipped ones)")
     parser.add_argument("--threads", type=int, default=1)
@@ -356,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
             concepts=[c for c in args.concepts.split(",") if c],
             seeds=ints(args.seeds),
             e4t_steps=ints(args.e4t_steps),
+            e4t_cat_steps=None if args.e4t_cat_steps is None else ints(args.e4t_cat_steps),
+            e4t_lr=args.e4t_lr,
             baseline_steps=ints(args.baseline_steps),
             sample_seeds=args.sample_seeds,
             assets=args.assets,
