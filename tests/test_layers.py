@@ -34,7 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "train": LOWER | {"eval"},
     "serve": LOWER | {"eval", "demo"},
     "demo": FOUNDATION | {"adapters", "integrations", "eval", "train"},
-    "bench": LOWER | {"reference", "kernels", "eval", "export", "train", "serve", "demo"},
+    "e4t": FOUNDATION | {"adapters", "integrations", "eval", "train", "demo"},
+    "bench": LOWER | {"reference", "kernels", "eval", "export", "train", "serve", "demo", "e4t"},
     "cli": {"*"},
     "testing": {"*"},  # tests' tolerances and fixtures; no library module imports it (below)
     "__init__": {"*"},  # the public API: every name is loaded lazily from its module (test_install.py)

@@ -205,6 +205,9 @@ def export_onnx(
 
     saved = []  # (weight, original) of every weight a merge changes, restored at the end
     try:
+        from catfast.integrations.word_embedding import install_for_export
+
+        saved += install_for_export(base, loaded, "text_encoder" in components, log)
         with staged_folder(out) as tmp:
             if not adapter_inputs:
                 _merge_all(base, loaded, applied, saved, log)

@@ -109,6 +109,17 @@ def peft_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, PeftLoraLayer)]
 
 
+def adapter_lora_layers(model: torch.nn.Module, adapter_name: str) -> list[tuple[str, torch.nn.Module]]:
+    """(name, peft LoRA layer) of every module of ``model`` that carries adapter ``adapter_name``."""
+    return [(n, m) for n, m in model.named_modules() if _is_peft_lora(m) and adapter_name in m.lora_A]
+
+
+def _is_peft_lora(module: torch.nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer  # lazy: peft
+
+    return isinstance(module, PeftLoraLayer)
+
+
 def add_lora(
     model: torch.nn.Module,
     *,

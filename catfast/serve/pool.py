@@ -28,6 +28,7 @@ from catfast.adapters.adapter import format_name, most_common
 from catfast.adapters.formats import read_adapter
 from catfast.adapters.merge import resolve_targets
 from catfast.errors import CatfastError
+from catfast.integrations.word_embedding import read_embedding
 from catfast.nn.slot_lora import SlotHolder, SlotLora
 from catfast.serve.errors import AdapterLoadError, UnknownAdapter
 
@@ -135,6 +136,7 @@ class AdapterPool:
             "alpha": float(most_common([v.alpha for v in unet_layers.values()])),
             "kinds": adapter.describe()["targets"],
             "modules": sorted(layers),
+            "e4t": read_embedding(adapter.metadata, str(path)),  # an E4T concept embedding, or None
         }
         return layers, meta
 
@@ -144,6 +146,7 @@ class AdapterPool:
         if old is not None:
             self._retire(old)
         entry = Entry(name, str(path), meta["format"], meta["rank"], meta["alpha"], meta["kinds"], meta["modules"])
+        entry.meta["e4t"] = meta.get("e4t")
         self.entries[name] = entry
         self.keep_on_host(entry, layers)
         return entry.info()

@@ -195,7 +195,9 @@ class StepScheduler:
         req = job.request
         factor = base.vae_scale_factor
         width, height = job.size
-        with self._text_encoder_plan(job.mix()):
+        from catfast.integrations.word_embedding import request_embeddings
+
+        with self._text_encoder_plan(job.mix()), request_embeddings(base, job.entries):
             self._encode(job, base, req, (height, width), device, dtype)
         shape = (req.n, unet.config.in_channels, height // factor, width // factor)
         # diffusers' prepare_latents with one CPU generator: what the pipeline draws for

@@ -1,0 +1,378 @@
+"""Measure E4T against plain LoRA and CAT on held-out concepts of the demo world.
+
+    OMP_NUM_THREADS=1 python -m catfast.e4t.measure --out DIR [--concepts a,b] [--seeds 0,1] ...
+
+For each held-out concept (default: the three objects of the shipped demo adapters) and each training
+seed, from the ONE picture ``concepts.reference_views(c)[0]`` (on grey):
+- E4T (``personalize``) after each of ``e4t_steps`` tuning steps, and with the CAT term (weight 1) after
+  each of ``e4t_cat_steps`` (default: the largest of ``e4t_steps``); ``e4t_lr`` (when given) sets both
+  tuning learning rates (offsets and v*) and the rows' method names carry it ("e4t@lr0.003");
+- plain LoRA (cat_weight 0) and CAT (cat_weight 1) trained by ``catfast train`` on that one picture
+  ("sks, a <class> on a grey background") with ``catfast demo``'s settings (rank 4, lr 1e-3, batch 4)
+  for each of ``baseline_steps``.
+Every adapter samples the class prompts ("a <class>", on grey, on green) without and with "sks, " in
+front over sampling seeds 0..k-1 (DDIM 20 steps, guidance 5, as the demo), and the base model the class
+prompts. The demo's attribute encoder scores, as ``catfast demo`` does: preservation (adapter without the
+trigger against the base picture of the same prompt and seed), identity (trigger pictures against the
+five reference pictures of the concept), KPS. A "base" row per concept (the base model, "sks" meaning
+nothing) is the floor identity starts from. Wall times: E4T's tuning (models loaded) and its whole call;
+``catfast train``'s own total; each row also records the 1-minute load average when it finished (the
+machine may be shared). Writes DIR/results.jsonl (a header line: command, threads, torch, git; then one
+row per run), DIR/grid.md (means over concepts and seeds) and DIR/grid.png (trigger pictures of the
+first concept and seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from catfast.demo import world
+
+SAMPLE = dict(steps=20, guidance=5.0)
+
+
+def class_prompts(class_word: str) -> list[str]:
+    return [f"a {class_word}", f"a {class_word} on a grey background", f"a {class_word} on a green background"]
+
+
+def _sample(base, adapter_path, prompts, seeds, label):
+    """Images of ``prompts`` x ``seeds`` on the adapter (its E4T embedding installed while sampling)."""
+    from catfast.adapters.formats import read_adapter
+    from catfast.eval.sampler import sample_images
+    from catfast.integrations.peft_adapters import _remove, attach_adapter
+    from catfast.integrations.word_embedding import install_from_metadata
+
+    rows = [(p, s) for p in prompts for s in seeds]
+    if adapter_path is None:
+        return sample_images(
+            base, [p for p, _ in rows], adapters=[None] * len(rows), seeds=[s for _, s in rows], **SAMPLE
+        )
+    adapter = read_adapter(adapter_path)
+    saved = install_from_metadata(base.text_encoder, base.tokenizer, adapter.metadata, str(adapter_path))
+    attach_adapter(base.unet, adapter, label)
+    try:
+        return sample_images(
+            base, [p for p, _ in rows], adapters=[label] * len(rows), seeds=[s for _, s in rows], **SAMPLE
+        )
+    finally:
+        _remove(base.unet, label, had_peft=False)
+        if saved is not None:
+            weight, row, previous = saved
+            with torch.no_grad():
+                weight[row] = previous
+
+
+def _train_baseline(model, data, work, cat_weight, steps, seed):
+    from catfast.demo.run import TRAIN
+    from catfast.train.config import TrainConfig
+    from catfast.train.trainer import train
+
+    config = TrainConfig(
+        base=str(model),
+        data=str(data),
+        trigger=world.TRIGGER,
+        out=str(work / f"{'cat' if cat_weight else 'plain'}-{steps}-s{seed}"),
+        cache_dir=str(work / "cache"),
+        cat_weight=cat_weight,
+        seed=seed,
+        checkpoint_every=0,
+        device="cpu",
+        **{**TRAIN, "steps": steps},
+    )
+    result = train(config, overwrite=True, progress=False)
+    return result.adapters[world.TRIGGER], result.seconds
+
+
+def measure(
+    out: str | Path,
+    *,
+    concepts: list[str] = ("striped-star", "tiger-ball", "toy-box"),
+    seeds: list[int] = (0, 1),
+    e4t_steps: list[int] = (0, 5, 15),
+    e4t_cat_steps: list[int] | None = None,
+    e4t_lr: float | None = None,
+    baseline_steps: list[int] = (15, 50, 300),
+    sample_seeds: int = 4,
+    assets: str | Path | None = None,
+    log=print,
+) -> list[dict]:
+    from catfast.demo.encoder import load_encoder as load_attribute_encoder
+    from catfast.demo.shipped import encoder_path, model_path
+    from catfast.e4t import concepts as cc
+    from catfast.e4t.personalize import TuneSettings, personalize
+    from catfast.eval.kps import kps_scores, with_trigger
+    from catfast.folders import write_atomic
+    from catfast.integrations.models import load_base
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = _header(
+        dict(
+            concepts=list(concepts),
+            seeds=list(seeds),
+            e4t_steps=list(e4t_steps),
+            e4t_cat_steps=None if e4t_cat_steps is None else list(e4t_cat_steps),
+            e4t_lr=e4t_lr,
+            baseline_steps=list(baseline_steps),
+            sample_seeds=sample_seeds,
+        )
+    )
+    scorer = load_attribute_encoder(encoder_path())
+    base = load_base(model_path())
+    rows: list[dict] = []
+    grid_cells: dict[str, list] = {}
+    sseeds = list(range(sample_seeds))
+    prepared = {}
+    for name in concepts:
+        concept = cc.NAMED_HELD_OUT.get(name) or next(c for c in cc.split()[1] if c.name == name)
+        refs = [world.render(s) for s in cc.reference_views(concept)]
+        folder = out / name
+        data = folder / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        refs[0].save(data / "00.png")
+        scene0 = cc.reference_views(concept)[0]
+        (data / "00.txt").write_text(f"{world.TRIGGER}, a {concept.shape} on a {scene0.background} background\n")
+        prompts = class_prompts(concept.shape)
+        base_emb = scorer.embed_images(_sample(base, None, prompts, sseeds, "base"))
+        ref_emb = scorer.embed_images(refs)
+        prepared[name] = (concept, folder, data, prompts, base_emb, ref_emb)
+        # the floor: the base model's trigger pictures ("sks" means nothing to it) against the references
+        base_plus_images = _sample(base, None, [with_trigger(p, world.TRIGGER) for p in prompts], sseeds, "base")
+        base_plus = scorer.embed_images(base_plus_images)
+        groups = [p for p in range(len(prompts)) for _ in sseeds]
+        scores = kps_scores(base_emb, base_emb, base_plus, None, groups, reference_emb=ref_emb)["total"]
+        rows.append(_row(name, None, "base", 0, 0.0, 0.0, scores))
+        log(json.dumps(rows[-1]))
+        if name == concepts[0]:
+            grid_cells["references (1st: the input)"] = refs[: len(sseeds)]
+            grid_cells["base"] = base_plus_images[: len(sseeds)]
+    lrs = {} if e4t_lr is None else dict(lr=e4t_lr, embed_lr=e4t_lr)
+    for seed in seeds:  # seeds outside: a run cut short still has every concept
+        for name in concepts:
+            concept, folder, data, prompts, base_emb, ref_emb = prepared[name]
+            groups = [p for p in range(len(prompts)) for _ in sseeds]
+            runs = []
+            suffix = "" if e4t_lr is None else f"@lr{e4t_lr:g}"
+            runs += [("e4t" + suffix, steps, 0.0) for steps in e4t_steps]
+            cat_steps = ([max(e4t_steps)] if e4t_steps else []) if e4t_cat_steps is None else e4t_cat_steps
+            runs += [("e4t+cat" + suffix, steps, 1.0) for steps in cat_steps]
+            for method, cw in (("plain", 0.0), ("cat", 1.0)):
+                runs += [(method, s, cw) for s in baseline_steps]
+            for method, steps, cw in runs:
+                label = f"{method}-{steps}"
+                t0 = time.perf_counter()
+                if method.startswith("e4t"):
+                    r = personalize(
+                        data / "00.png",
+                        concept.shape,
+                        folder / "adapters",
+                        name=f"{label}-s{seed}",
+                        settings=TuneSettings(steps=steps, cat_weight=cw, seed=seed, **lrs),
+                        assets=assets,
+                        base=base,
+                        overwrite=True,
+                    )
+                    path, seconds, total = r.adapter, r.seconds, time.perf_counter() - t0
+                else:
+                    path, seconds = _train_baseline(model_path(), data, folder / "runs", cw, steps, seed)
+                    total = seconds
+                minus = scorer.embed_images(_sample(base, path, prompts, sseeds, "a"))
+                plus_images = _sample(base, path, [with_trigger(p, world.TRIGGER) for p in prompts], sseeds, "a")
+                plus = scorer.embed_images(plus_images)
+                total_scores = kps_scores(base_emb, minus, plus, None, groups, reference_emb=ref_emb)["total"]
+                row = _row(name, seed, method, steps, seconds, total, total_scores)
+                rows.append(row)
+                log(json.dumps(row))
+                if name == concepts[0] and seed == seeds[0]:
+                    grid_cells[label] = plus_images[: len(sseeds)]
+                lines = [json.dumps(header)] + [json.dumps(r) for r in rows]
+                write_atomic(out / "results.jsonl", ("\n".join(lines) + "\n").encode())
+                write_atomic(out / "grid.md", report(rows).encode())
+    write_atomic(out / "grid.md", report(rows).encode())
+    _save_grid(grid_cells, out / "grid.png", f'"{with_trigger(class_prompts(_shape(concepts[0]))[0], world.TRIGGER)}"')
+    return rows
+
+
+def _row(concept, seed, method, steps, seconds, total, scores) -> dict:
+    return dict(
+        concept=concept,
+        seed=seed,
+        method=method,
+        steps=steps,
+        seconds=round(seconds, 2),
+        total_seconds=round(total, 2),
+        preservation=round(scores["preservation"], 4),
+        identity=round(scores["identity"], 4),
+        kps=round(scores["kps"], 4),
+        load1=round(os.getloadavg()[0], 2),
+    )
+
+
+def _header(options: dict) -> dict:
+    """What a results file needs to be reproduced and judged: the command, threads, torch, git head."""
+    try:
+        git = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        git = None
+    return dict(
+        header=True,
+        command=" ".join(["python -m catfast.e4t.measure", *sys.argv[1:]]),
+        options=options,
+        threads=torch.get_num_threads(),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        torch=torch.__version__,
+        git=git,
+        cpus=os.cpu_count(),
+        load_at_start=[round(x, 2) for x in os.getloadavg()],
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+
+
+def _shape(name: str) -> str:
+    from catfast.e4t import concepts as cc
+
+    concept = cc.NAMED_HELD_OUT.get(name) or next(c for c in cc.split()[1] if c.name == name)
+    return concept.shape
+
+
+def _save_grid(cells: dict[str, list], path: Path, prompt: str) -> None:
+    from catfast.eval.grids import save_grid
+
+    if not cells:
+        return
+    cols = len(next(iter(cells.values())))
+    images = [im.resize((64, 64), 0) for label in cells for im in cells[label]]
+    save_grid(
+        images,
+        len(cells),
+        cols,
+        path,
+        labels=[k if k.startswith("references") else f"{k}: {prompt}" for k in cells],
+        col_labels=[f"seed {i}" for i in range(cols)],
+    )
+
+
+def format_grid(rows: list[dict]) -> str:
+    """A markdown table: per (method, steps), the mean (and min-max) over concepts and seeds."""
+    keys = list(dict.fromkeys((r["method"], r["steps"]) for r in rows))
+    lines = [
+        "| method | steps | identity | preservation | KPS | seconds (tuning / train) | runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, steps in keys:
+        sel = [r for r in rows if r["method"] == method and r["steps"] == steps]
+
+        def stat(k, sel=sel, digits=3):
+            vals = [r[k] for r in sel]
+            mean = sum(vals) / len(vals)
+            return f"{mean:.{digits}f} ({min(vals):.{digits}f}-{max(vals):.{digits}f})"
+
+        lines.append(
+            f"| {method} | {steps} | {stat('identity')} | {stat('preservation')} | {stat('kps')} | "
+            f"{stat('seconds', digits=1)} | {len(sel)} |"
+        )
+    return "\n".join(lines)
+
+
+def format_paired(rows: list[dict], against: tuple[str, int] = ("cat", 300)) -> str:
+    """A markdown table: per (method, steps), identity and preservation minus those of ``against`` on the
+    same (concept, seed), averaged, and how many of those pairs have identity >= ``against``'s. Pairing
+    removes the concept's own level (the base model's identity differs by concept). The base row pairs
+    with every seed of its concept."""
+    ref = {(r["concept"], r["seed"]): r for r in rows if (r["method"], r["steps"]) == tuple(against)}
+    if not ref:
+        return ""
+    keys = [k for k in dict.fromkeys((r["method"], r["steps"]) for r in rows) if k != tuple(against)]
+    lines = [
+        f"| method | steps | identity - {against[0]}-{against[1]} | preservation - {against[0]}-{against[1]} "
+        f"| identity >= {against[0]}-{against[1]} |",
+        "|---|---|---|---|---|",
+    ]
+    for method, steps in keys:
+        pairs = []
+        for r in rows:
+            if (r["method"], r["steps"]) != (method, steps):
+                continue
+            matches = [v for (c, sd), v in ref.items() if c == r["concept"] and (r["seed"] is None or sd == r["seed"])]
+            pairs += [(r, v) for v in matches]
+        if not pairs:
+            continue
+        d_id = [a["identity"] - b["identity"] for a, b in pairs]
+        d_pres = [a["preservation"] - b["preservation"] for a, b in pairs]
+        wins = sum(d >= 0 for d in d_id)
+        lines.append(
+            f"| {method} | {steps} | {sum(d_id) / len(d_id):+.3f} ({min(d_id):+.3f} to {max(d_id):+.3f}) | "
+            f"{sum(d_pres) / len(d_pres):+.3f} | {wins} of {len(pairs)} |"
+        )
+    return "\n".join(lines)
+
+
+def read_results(path: str | Path) -> tuple[dict | None, list[dict]]:
+    """(header, rows) of a results.jsonl."""
+    header, rows = None, []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            if item.get("header"):
+                header = item
+            else:
+                rows.append(item)
+    return header, rows
+
+
+def report(rows: list[dict]) -> str:
+    """grid.md: the means table, then the paired differences against CAT at 300 steps."""
+    return format_grid(rows) + "\n\nPaired by (concept, seed):\n\n" + format_paired(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="E4T vs plain LoRA and CAT on held-out demo concepts.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--concepts", default="striped-star,tiger-ball,toy-box")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--e4t-steps", default="0,5,15")
+    parser.add_argument("--baseline-steps", default="15,50,300", help='"" for none')
+    parser.add_argument("--e4t-cat-steps", default=None, help="E4T + CAT term runs (default: the largest --e4t-steps)")
+    parser.add_argument("--e4t-lr", type=float, default=None, help="both tuning learning rates (default: 1e-3)")
+    parser.add_argument("--sample-seeds", type=int, default=4)
+    parser.add_argument("--assets", default=None, help="E4T files folder (default: the shipped ones)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--summarize", metavar="RESULTS_JSONL", help="only print the tables of a results file")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        print(report(read_results(args.summarize)[1]), end="")
+        return
+    torch.set_num_threads(args.threads)
+
+    def ints(s):
+        return [int(x) for x in s.split(",") if x]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        measure(
+            args.out,
+            concepts=[c for c in args.concepts.split(",") if c],
+            seeds=ints(args.seeds),
+            e4t_steps=ints(args.e4t_steps),
+            e4t_cat_steps=None if args.e4t_cat_steps is None else ints(args.e4t_cat_steps),
+            e4t_lr=args.e4t_lr,
+            baseline_steps=ints(args.baseline_steps),
+            sample_seeds=args.sample_seeds,
+            assets=args.assets,
+            log=lambda m: print(m, flush=True),
+        )
+
+
+if __name__ == "__main__":
+    main()
