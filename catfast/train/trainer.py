@@ -17,6 +17,7 @@ adapter.safetensors, or adapter-<trigger>.safetensors per concept with one adapt
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -101,6 +102,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, progress: bool) -> TrainResult:
     from catfast.integrations.models import resolve_base
     from catfast.train.objective import auto_mode, cat_loss
+    from catfast.train.retention import Retention
 
     out = Path(config.out)
     ckpt_dir = out / "checkpoints"
@@ -113,6 +115,8 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
     base = resolve_base(config.base, config=config.base_config, device=device)
     dataset = _build_dataset(base, examples, config, out, device, dist, progress)
     identities = content_identities(base, dataset.digests, [str(e.image) for e in dataset.examples])
+    # --cat-prompts / --bank / --keep: inputs checked (and kept adapters merged) before OUT changes; None: off
+    retention = Retention.prepare(config, base, device, weight_dtype)
     if resume_from is not None:
         check_identities(resume_from, identities)
     else:  # every input check passed: only now is an earlier run's output replaced and config.json written
@@ -196,7 +200,7 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
     last = {}
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.perf_counter()
-        stats = torch.zeros(3, device=device)
+        stats = torch.zeros(3 if retention is None else 5, device=device)
         for micro in range(config.grad_accum):
             keys, start, n, count = batches.next_shard(dist)
             batch = _collate(dataset, keys, device, weight_dtype)
@@ -206,7 +210,8 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
             timesteps = _sample_timesteps(timestep_probs, n, noise_gen, num_timesteps)[mine]
             sync = micro == config.grad_accum - 1 or dist.world == 1
             with contextlib.nullcontext() if sync else model.no_sync():
-                loss = cat_loss(
+                step_loss = cat_loss if retention is None else functools.partial(retention.loss, generator=noise_gen)
+                loss = step_loss(
                     model,
                     base.scheduler,
                     latents=batch["latents"],
@@ -214,16 +219,16 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
                     timesteps=timesteps.to(device),
                     cond=batch["cond"],
                     cond_stripped=batch["cond_stripped"],
-                    cat_weight=config.cat_weight,
                     mode=mode,
-                    snr_gamma=config.snr_gamma,
                     adapters=_adapters(adapter_of_concept, batch["concepts"]),
+                    **({"cat_weight": config.cat_weight, "snr_gamma": config.snr_gamma} if retention is None else {}),
                 )
                 # DDP averages the ranks' gradients; weighting each rank's mean by its share of the
                 # global batch makes that average the global batch's mean
                 scale = count * dist.world / n / config.grad_accum
                 scaler.scale(loss.total * scale).backward()
-            stats += torch.stack([loss.total.detach(), loss.ldm.detach(), loss.cat.detach()]) * scale
+            terms = [loss.total, loss.ldm, loss.cat] + ([loss.keep, loss.bank] if retention is not None else [])
+            stats += torch.stack([t.detach() for t in terms]) * scale
         if config.max_grad_norm is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -239,6 +244,8 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
         values = stats.tolist()  # the one host sync per step: the metrics line and the progress bar need it
         seconds = time.perf_counter() - t0
         last = {"loss": values[0], "ldm": values[1], "cat": values[2]}
+        if retention is not None:
+            last.update(keep=values[3], bank=values[4])
         if not math.isfinite(values[0]) and config.mixed_precision != "fp16":
             raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({config.lr}) or check the data")
         if metrics is not None:
@@ -291,7 +298,7 @@ def _train(config: TrainConfig, dist: _Dist, *, resume: bool, overwrite: bool, p
             from catfast.integrations.patch import unpatch_unet
 
             unpatch_unet(unet)
-        files = _write_adapters(unet, config, names, out)
+        files = _write_adapters(unet, config, names, out, examples)
         metrics.plot(out / "loss.png")
         metrics.close()
     dist.barrier()
@@ -689,16 +696,20 @@ class _SamplePlan:
         save_grid(images, len(self.rows), cols, path, labels=labels, col_labels=heads)
 
 
-def _write_adapters(unet, config: TrainConfig, names: list[str], out: Path) -> dict[str, Path]:
-    """The final adapter file(s): adapter.safetensors, or adapter-<trigger>.safetensors per concept."""
+def _write_adapters(unet, config: TrainConfig, names: list[str], out: Path, examples) -> dict[str, Path]:
+    """The final adapter file(s): adapter.safetensors, or adapter-<trigger>.safetensors per concept. The
+    metadata records the triggers and the training captions (`--keep` distills on them later)."""
     from catfast.adapters.formats import write_adapter
     from catfast.integrations.peft_adapters import extract_adapter
+    from catfast.train.lifelong import TRIGGER_PROMPTS, trigger_prompts_metadata
 
     files = {}
     for k, name in enumerate(names):
         adapter = extract_adapter(unet, name)
         triggers = [c.trigger for c in config.concepts] if len(names) == 1 else [config.concepts[k].trigger]
         adapter.metadata.update({"catfast.triggers": json.dumps(triggers), "catfast.steps": str(config.steps)})
+        mine = [e.caption for e in examples if len(names) == 1 or e.concept == k]
+        adapter.metadata[TRIGGER_PROMPTS] = trigger_prompts_metadata(mine)
         if len(names) == 1:
             path = out / "adapter.safetensors"
         else:
