@@ -293,3 +293,31 @@ def test_train_with_bank_cat_prompts_and_keep(tiny, tmp_path):
         result = _cli("train", *common, "--data", data_b, "--trigger", "zwx", *bad, "--out", out)
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
         assert not (out / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_compare_small(tmp_path):
+    """`catfast demo --compare` at a tiny budget: every method trained through the trainer (the bank made,
+    the lifelong keep run on CAT's adapter, which recorded its prompts), scored, one grid each, and the
+    --json summary holds one object per method with the four numbers."""
+    from PIL import Image
+
+    from catfast.demo.compare import COMPARE, format_compare, run_compare, summary
+
+    methods = list(COMPARE)
+    result = run_compare(tmp_path / "demo", methods, seeds=2, steps=2, sample_steps=2, progress=False, log=lambda *_: 0)
+    line = json.loads(json.dumps(summary(result)))
+    for name in ("plain", "cat", "cat-guidance", "bank", "lifelong"):
+        for key in ("preservation", "identity", "diversity", "kps"):
+            assert 0 <= line[name][key] <= 1, (name, key)
+    assert set(line["lifelong"]["variants"]) == {"plain", "cat", "keep"}
+    assert line["lifelong"]["kps"] == line["lifelong"]["variants"]["keep"]["kps"]
+    for name in methods:
+        with Image.open(result["grids"][name]) as grid:
+            assert grid.width > 0
+    assert (tmp_path / "demo" / "bank" / "manifest.json").is_file()
+    assert "cat-guidance" in format_compare(result)
+    bad = _cli("demo", "--compare", "cat,nope", "--out", tmp_path / "x")
+    assert bad.exit_code == 1 and "--compare takes a comma-separated list" in bad.output
