@@ -176,6 +176,15 @@ def test_bank_make_records_and_reloads(tiny, bank_dir):
     one = sample_images(base, ["a ball"], adapters=[None], seeds=[1], steps=2, guidance=2.0, output="latents")[0]
     assert_rel_close(bank.latents[1], one, 1e-4, "bank row 1")
     assert sorted(p.name for p in bank_dir.iterdir()) == ["latents.safetensors", "manifest.json"]
+    # output="latents" is what output="images" decodes
+    import numpy as np
+
+    from catfast.eval.sampler import decode_latents
+
+    image = sample_images(base, ["a ball"], adapters=[None], seeds=[1], steps=2, guidance=2.0)[0]
+    assert np.array_equal(np.asarray(decode_latents(base, one[None])[0]), np.asarray(image))
+    with pytest.raises(ValueError, match="output must be 'images' or 'latents'"):
+        sample_images(base, ["a ball"], adapters=[None], seeds=[1], steps=1, output="pixels")
 
 
 def test_bank_refusals(tiny, bank_dir, tmp_path):
