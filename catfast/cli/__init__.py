@@ -10,7 +10,7 @@ one per command group; ``base`` holds the group and what they share.
 
 from __future__ import annotations
 
-from catfast.cli import adapter, bench, demo, export, kps, models, personalize, train  # noqa: F401 (each registers its commands)
+from catfast.cli import adapter, bank, bench, demo, export, kps, models, personalize, train  # noqa: F401 (each registers its commands)
 from catfast.cli.base import DEMO_THREADS, DEMO_TIME, main
 from catfast.cli.models import models_init
 from catfast.cli.train import merge_overrides, train_command

@@ -26,12 +26,29 @@ from catfast.cli.base import _THREADS_HELP, DEMO_THREADS, DEMO_TIME, _friendly, 
     help=f"{_THREADS_HELP}; the demo's models are tiny, and on a busy CPU extra threads spin against other work.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object on the last line.")
+@click.option(
+    "--compare",
+    help="Also train and score retention methods, comma-separated: cat, cat-guidance, bank, lifelong "
+    "(docs/retention.md; several times the default run's time). [default: plain LoRA vs CAT only]",
+)
 @_friendly
-def demo_command(out: str, overwrite: bool, seed: int, seeds: int, threads: int, as_json: bool) -> None:
+def demo_command(out: str, overwrite: bool, seed: int, seeds: int, threads: int, as_json: bool, compare) -> None:
     """`catfast demo` (help text above: it names DEMO_TIME, the time README.md states too)."""
     from catfast.demo.run import format_table, run_demo  # lazy: startup
 
     _set_threads(threads, DEMO_THREADS)
+    if compare is not None:
+        from catfast.demo.compare import format_compare, parse_methods, run_compare, summary  # lazy: startup
+
+        methods = parse_methods(compare)
+        result = run_compare(
+            out, methods, seed=seed, seeds=seeds, overwrite=overwrite, progress=not as_json, log=click.echo
+        )
+        click.echo(format_compare(result))
+        click.echo(f"grids: {', '.join(result['grids'].values())}  ({result['seconds']:.0f} s in all)")
+        if as_json:
+            click.echo(json.dumps(summary(result)))
+        return
     result = run_demo(out, seed=seed, seeds=seeds, overwrite=overwrite, progress=not as_json, log=click.echo)
     click.echo(format_table(result))
     click.echo(f"grid: {result['grid']}  ({result['seconds']:.0f} s in all)")

@@ -98,6 +98,25 @@ _REQUIRED = "[required unless set in --config]"
     help=f"Training timestep distribution (chain-of-forgetting favours noisy steps). {_default('timesteps')}",
 )
 @click.option(
+    "--cat-prompts",
+    help="CAT preservation prompts: stripped (the paper's: the training captions without the trigger), "
+    "stripped+empty (also the empty prompt guidance subtracts) or a FILE of extra prompts, one a line "
+    f"(docs/retention.md). {_default('cat_prompts')}",
+)
+@click.option("--bank", help="Knowledge bank folder (`catfast bank make`): replay base-model samples. [default: off]")
+@click.option(
+    "--bank-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"{_default('bank_ratio')}"
+)
+@click.option("--bank-weight", type=click.FloatRange(min=0), help=f"Weight of the bank term. {_default('bank_weight')}")
+@click.option(
+    "--keep",
+    multiple=True,
+    callback=lambda ctx, param, values: [p for v in values for p in v.split(",") if p] or None,
+    help="Adapters to keep working (frozen, merged, distilled on their recorded trigger prompts): "
+    "A.safetensors[,B...] (repeatable). [default: none]",
+)
+@click.option("--keep-weight", type=click.FloatRange(min=0), help=f"Weight of the keep term. {_default('keep_weight')}")
+@click.option(
     "--mixed-precision",
     type=click.Choice(["no", "bf16", "fp16"]),
     help=f"Run the frozen UNet in half precision (LoRA weights stay fp32). {_default('mixed_precision')}",

@@ -33,6 +33,7 @@ def sample_images(
     size: int | None = None,
     progress: bool = False,
     max_rows: int | None = None,
+    output: str = "images",
 ) -> list:
     """Generate one PIL image per row: ``prompts[i]`` on peft adapter ``adapters[i]`` of ``base.unet``
     (None = the base model, adapters off) from the initial noise of ``seeds[i]``.
@@ -40,7 +41,8 @@ def sample_images(
     steps: DDIM steps (eta 0); guidance: CFG scale (<= 1 runs the cond rows only); scale: LoRA scale of
     every adapter row (diffusers' ``cross_attention_kwargs={"scale": scale}``); size: image side in
     pixels (default the UNet's native size; a multiple of the VAE factor); max_rows: at most this many
-    samples per sampler run (memory), None = all rows in one run. The UNet is patched for the call when
+    samples per sampler run (memory), None = all rows in one run; output: "images" (PIL) or "latents"
+    (one ``[C, h, w]`` tensor per row, the final latents before the VAE decode). The UNet is patched for the call when
     it was not (and unpatched after), or used with the slots it is patched with. Images are decoded by
     ``base.vae`` on its own device, prompts encoded on the text encoder's.
     """
@@ -51,6 +53,8 @@ def sample_images(
         )
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if output not in ("images", "latents"):
+        raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     if base.text_encoder is None or base.vae is None:
         raise CatfastError("sampling needs the base model's text encoder and VAE, but they were released")
     if n == 0:
@@ -74,12 +78,13 @@ def sample_images(
                 scale=scale,
                 size=size,
                 progress=progress,
+                decode=output == "images",
             )
     return images
 
 
 @torch.no_grad()
-def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, progress) -> list:
+def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, progress, decode=True) -> list:
     """One sampler run over len(prompts) samples; slots None = unpatched UNet (base rows only)."""
     unet = call.unet
     n, device, dtype = len(prompts), unet.device, unet.dtype
@@ -118,7 +123,7 @@ def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, 
             text = torch.empty_like(latents).index_copy_(0, index[n:], out[n:])
             pred = pred + guidance * (text - pred)
         latents = scheduler.step(pred, t, latents, eta=0.0, return_dict=False)[0]
-    return decode_latents(base, latents)
+    return decode_latents(base, latents) if decode else list(latents.float().cpu().unbind(0))
 
 
 def _row_order(slots: list, cfg: bool) -> tuple[list[int], bool]:

@@ -60,6 +60,9 @@ _NOT_RESULT = {
 }
 
 
+_RETENTION_DEFAULTS = dict(cat_prompts="stripped", bank=None, bank_ratio=0.2, bank_weight=0.1, keep=[], keep_weight=1.0)
+
+
 class ConfigError(CatfastError):
     """A config file or option is unreadable, unknown or out of range."""
 
@@ -94,6 +97,13 @@ class TrainConfig:
     timesteps: str = "uniform"
     timestep_power: float = 1.0  # chain-of-forgetting: P(t) proportional to (t + 1) ** timestep_power
     mode: str = "auto"
+    # retention (catfast.train.retention; docs/retention.md): all off by default
+    cat_prompts: str = "stripped"  # stripped | stripped+empty | a file of extra preservation prompts
+    bank: str | None = None  # a knowledge bank folder (`catfast bank make`)
+    bank_ratio: float = 0.2  # bank rows' share of the rows with a data target (Diff-Tuning's LWF_ratio)
+    bank_weight: float = 0.1  # weight of the bank term (Diff-Tuning's LWF_weight)
+    keep: list[str] = field(default_factory=list)  # adapters kept frozen and distilled (lifelong)
+    keep_weight: float = 1.0  # weight of the kept adapters' distillation term
     # optimization
     steps: int = 900
     lr: float = 1e-4
@@ -206,7 +216,7 @@ class TrainConfig:
         ):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("lr", "cat_weight", "weight_decay", "adam_eps"):
+        for name in ("lr", "cat_weight", "weight_decay", "adam_eps", "bank_weight", "keep_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
@@ -220,6 +230,12 @@ class TrainConfig:
             raise ConfigError(f"resolution must be >= 8 pixels, got {self.resolution}")
         if not self.targets:
             raise ConfigError("targets must name at least one module (e.g. to_q)")
+        if not (0 < self.bank_ratio < 1):
+            raise ConfigError(f"bank_ratio must be in (0, 1), got {self.bank_ratio}")
+        if not self.cat_prompts.strip():
+            raise ConfigError("cat_prompts must be stripped, stripped+empty or a prompt file, got an empty value")
+        if self.cat_prompts != "stripped" and self.cat_weight == 0:
+            raise ConfigError(f"cat_prompts {self.cat_prompts!r} adds CAT prompts, but cat_weight is 0 (no CAT term)")
         if self.mixed_precision != "no" and self.mode == "reference":
             raise ConfigError("mixed precision trains fp32 LoRA weights on a half UNet, which needs mode = fused")
 
@@ -242,6 +258,13 @@ class TrainConfig:
         values["base"] = _resolved(base_location(self.base) if self.base is not None else None)
         values["base_config"] = _resolved(self.base_config)
         values["concepts"] = [{"data": _resolved(c.data), "trigger": c.trigger} for c in self.concepts]
+        values["bank"], values["keep"] = _resolved(self.bank), [_resolved(k) for k in self.keep]
+        if self.cat_prompts not in ("stripped", "stripped+empty"):
+            values["cat_prompts"] = _resolved(self.cat_prompts)
+        # retention settings left at their defaults are left out: checkpoints written before they existed resume
+        for key, default in _RETENTION_DEFAULTS.items():
+            if values[key] == default:
+                del values[key]
         if self.lr_schedule == "constant":
             del values["steps"]
         return values

@@ -25,6 +25,7 @@ from catfast.train.captions import has_trigger, strip_trigger
 from catfast.train.checkpoint import check_resumable, list_checkpoints
 from catfast.train.config import TrainConfig
 from catfast.train.dist import Dist
+from catfast.train.lifelong import TRIGGER_PROMPTS, trigger_prompts_metadata
 
 METRICS = "metrics.jsonl"
 # Files a run writes in OUT (an --overwrite run removes them first; the latent cache is kept).
@@ -198,13 +199,16 @@ class SamplePlan:
         save_grid(images, len(self.rows), cols, path, labels=labels, col_labels=heads)
 
 
-def write_adapters(unet, config: TrainConfig, names: list[str], out: Path) -> dict[str, Path]:
-    """The final adapter file(s): adapter.safetensors, or adapter-<trigger>.safetensors per concept."""
+def write_adapters(unet, config: TrainConfig, names: list[str], out: Path, examples) -> dict[str, Path]:
+    """The final adapter file(s): adapter.safetensors, or adapter-<trigger>.safetensors per concept. The
+    metadata records the triggers and the training captions (`--keep` distills on them later)."""
     files = {}
     for k, name in enumerate(names):
         adapter = extract_adapter(unet, name)
         triggers = [c.trigger for c in config.concepts] if len(names) == 1 else [config.concepts[k].trigger]
         adapter.metadata.update({"catfast.triggers": json.dumps(triggers), "catfast.steps": str(config.steps)})
+        mine = [e.caption for e in examples if len(names) == 1 or e.concept == k]
+        adapter.metadata[TRIGGER_PROMPTS] = trigger_prompts_metadata(mine)
         if len(names) == 1:
             path = out / "adapter.safetensors"
         else:

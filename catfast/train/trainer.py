@@ -18,6 +18,7 @@ adapter.safetensors, or adapter-<trigger>.safetensors per concept with one adapt
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -60,6 +61,7 @@ from catfast.train.outputs import (
     truncate_metrics,
     write_adapters,
 )
+from catfast.train.retention import Retention
 from catfast.train.schedules import lr_lambda, sample_timesteps, timestep_probs
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,12 +108,14 @@ def _train(config: TrainConfig, dist: Dist, *, resume: bool, overwrite: bool, pr
     base = resolve_base(config.base, config=config.base_config, device=device)
     dataset = _build_dataset(base, examples, config, out, device, dist, progress)
     identities = content_identities(base, dataset.digests, [str(e.image) for e in dataset.examples])
+    # --cat-prompts / --bank / --keep: inputs checked (and kept adapters merged) before OUT changes; None: off
+    retention = Retention.prepare(config, base, device, DTYPES[config.mixed_precision])
     if resume_from is not None:
         check_identities(resume_from, identities)
     else:  # every input check passed: only now is an earlier run's output replaced and config.json written
         start_out(out, earlier, config, dist)
 
-    run = _Run(config, dist, base, dataset, device, identities)
+    run = _Run(config, dist, base, dataset, device, identities, retention, examples)
     run.attach_adapters()
     if resume_from is not None:
         run.restore(resume_from)
@@ -128,9 +132,11 @@ class _Run:
     """The state of one training run between its steps: the UNet with its LoRA parameters, the optimizer,
     lr schedule and loss scaler, the noise generator, the data position, and rank 0's writers."""
 
-    def __init__(self, config: TrainConfig, dist: Dist, base, dataset, device: torch.device, identities):
+    def __init__(
+        self, config: TrainConfig, dist: Dist, base, dataset, device: torch.device, identities, retention, examples
+    ):
         self.config, self.dist, self.base, self.dataset, self.device = config, dist, base, dataset, device
-        self.identities = identities
+        self.identities, self.retention, self.examples = identities, retention, examples
         self.out = Path(config.out)
         self.weight_dtype = DTYPES[config.mixed_precision]
         self.noise_gen = torch.Generator().manual_seed(config.seed)
@@ -229,10 +235,13 @@ class _Run:
         return total, rate
 
     def step(self) -> tuple[list[float], float]:
-        """One optimizer step of ``grad_accum`` micro-batches; returns the global batch's (loss, ldm, cat)
-        and the lr the step used."""
+        """One optimizer step of ``grad_accum`` micro-batches; returns the global batch's (loss, ldm, cat,
+        and with retention rows keep, bank) and the lr the step used."""
         config, dist = self.config, self.dist
-        stats = torch.zeros(3, device=self.device)
+        retention = self.retention
+        stats = torch.zeros(3 if retention is None else 5, device=self.device)
+        step_loss = cat_loss if retention is None else functools.partial(retention.loss, generator=self.noise_gen)
+        plain = {"cat_weight": config.cat_weight, "snr_gamma": config.snr_gamma} if retention is None else {}
         for micro in range(config.grad_accum):
             keys, start, n, count = self.batches.next_shard(dist)
             batch = collate_batch(self.dataset, keys, self.device, self.weight_dtype)
@@ -242,7 +251,7 @@ class _Run:
             timesteps = sample_timesteps(self.timestep_probs, n, self.noise_gen, self.num_timesteps)[mine]
             sync = micro == config.grad_accum - 1 or dist.world == 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                loss = cat_loss(
+                loss = step_loss(
                     self.model,
                     self.base.scheduler,
                     latents=batch["latents"],
@@ -250,16 +259,16 @@ class _Run:
                     timesteps=timesteps.to(self.device),
                     cond=batch["cond"],
                     cond_stripped=batch["cond_stripped"],
-                    cat_weight=config.cat_weight,
                     mode=self.mode,
-                    snr_gamma=config.snr_gamma,
                     adapters=_adapters(self.adapter_of_concept, batch["concepts"]),
+                    **plain,  # the retention loss reads them from the config
                 )
                 # DDP averages the ranks' gradients; weighting each rank's mean by its share of the
                 # global batch makes that average the global batch's mean
                 scale = count * dist.world / n / config.grad_accum
                 self.scaler.scale(loss.total * scale).backward()
-            stats += torch.stack([loss.total.detach(), loss.ldm.detach(), loss.cat.detach()]) * scale
+            terms = [loss.total, loss.ldm, loss.cat] + ([loss.keep, loss.bank] if retention is not None else [])
+            stats += torch.stack([t.detach() for t in terms]) * scale
         if config.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
@@ -278,6 +287,8 @@ class _Run:
         and move the progress bar."""
         config = self.config
         self.last = {"loss": values[0], "ldm": values[1], "cat": values[2]}
+        if self.retention is not None:
+            self.last.update(keep=values[3], bank=values[4])
         if not math.isfinite(values[0]) and config.mixed_precision != "fp16":
             raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({config.lr}) or check the data")
         if self.metrics is not None:
@@ -317,7 +328,7 @@ class _Run:
         if self.dist.main:
             if self.mode == "fused":
                 unpatch_unet(self.base.unet)
-            files = write_adapters(self.base.unet, self.config, self.names, self.out)
+            files = write_adapters(self.base.unet, self.config, self.names, self.out, self.examples)
             self.metrics.plot(self.out / "loss.png")
             self.metrics.close()
         self.dist.barrier()
