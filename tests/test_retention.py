@@ -15,8 +15,9 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 
 from catfast.errors import AdapterShapeError, CatfastError
-from catfast.integrations.factory import SCHEDULER_CONFIG, build_unet, init_model_folder
+from catfast.integrations.factory import build_unet, init_model_folder
 from catfast.integrations.models import load_base
+from catfast.integrations.schedulers import SCHEDULER_CONFIG
 from catfast.testing import assert_rel_close, randomize_lora_
 from catfast.train.bank import BankError, load_bank, make_bank
 from catfast.train.lifelong import TRIGGER_PROMPTS, KeepError, read_kept
