@@ -132,10 +132,15 @@ def test_bench_train_step_against_all_end_to_end(monkeypatch):
     """The command on the tiny UNet, 1 step: every contestant under `against` with the fields of `modes`,
     the official second UNet in its parameter memory, parity (peak RSS: the next test)."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
-    r = CliRunner().invoke(main, ["bench", "train-step", "--model", "tiny", "--steps", "1", "--no-memory", "--json"])
+    args = ["bench", "train-step", "--model", "tiny", "--steps", "1", "--no-memory", "--layouts", "--json"]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])
     assert list(result["against"]) == list(CONTESTANTS)
+    assert list(result["modes"]) == ["reference", "fused", "fused:one-call", "fused:teacher-first"]
+    for name, e in result["modes"].items():  # each layout is exact, and has wall and CPU time
+        assert e["median_ms"] > 0 and e["median_cpu_ms"] > 0
+        assert name == "reference" or (e["loss_rel_err"] < 1e-5 and e["grad_rel_err"] < 1e-4), name
     assert result["gemm_flops"] > 0 and result["auto"]["mode"] == "fused"  # teacher rows first on the CPU
     ref = result["modes"]["reference"]
     for name, e in result["against"].items():

@@ -1,13 +1,15 @@
 """`catfast bench train-step`: catfast's CAT step modes against today's CAT / preservation steps, interleaved
 in one process.
 
-For each entry (catfast's modes ``reference`` and ``fused``, and the contestants of
+For each entry (catfast's modes ``reference`` and ``fused``, with ``layouts=True`` also the fused step in each
+of its layouts, ``fused:one-call`` and ``fused:teacher-first``, and the contestants of
 ``catfast.bench.contestants``: ``official``, ``ai-toolkit``, ``kohya``), one step is its loss forward +
 backward on the same random-weight UNet (catfast's factories), with a LoRA on every attention projection
 (the CAT paper's targets) and random, nonzero B, on the same batch and seed. Reported per entry:
 
 - ``median_ms``: median wall time of the timed steps; the entries alternate step by step after one warm-up
-  round, so machine load falls on all of them alike;
+  round, so machine load falls on all of them alike; ``median_cpu_ms``: the same steps' process CPU time
+  (all threads), steadier than wall time where other processes share the cores;
 - ``fwd_flops`` / ``bwd_flops`` (``measure.flop_counter``, attention included) and ``achieved_flops``
   (FLOP/s of the median step) with ``gemm_fraction``: that rate over the dense GEMM rate measured in the same
   run (``gemm_flops``: a square matmul, the step's dtype and thread count, before and after the timed steps);
@@ -48,6 +50,7 @@ from catfast.train.objective import auto_mode, cat_loss
 TARGETS = ATTENTION_PROJECTIONS
 TOKENS = 77
 MODES = ("reference", "fused")
+LAYOUT_MODES = ("fused:one-call", "fused:teacher-first")  # cat_loss(mode="fused", layout=...)
 
 
 def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, seed: int, targets=TARGETS):
@@ -82,6 +85,9 @@ def _loss_fns(names, unet, sched, batch_args, load_teacher) -> dict:
     for name in names:
         if name in MODES:
             fns[name] = (lambda m=name: cat_loss(unet, sched, **batch_args, mode=m), (unet,))
+        elif name in LAYOUT_MODES:
+            layout = name.split(":")[1]
+            fns[name] = (lambda lay=layout: cat_loss(unet, sched, **batch_args, mode="fused", layout=lay), (unet,))
         else:
             c = make_contestant(name, unet, sched, load_teacher)
             fns[name] = (lambda c=c: c.loss(**batch_args), c.modules)
@@ -201,6 +207,7 @@ def bench_train_step(
     mixed_precision: str = "no",
     memory: bool = True,
     compile_reference: bool = False,
+    layouts: bool = False,
 ) -> dict:
     """Run the benchmark and return the result object (see the module docstring)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,7 +218,7 @@ def bench_train_step(
         raise CatfastError("--mixed-precision bf16 autocasts an fp32 UNet; use it with --dtype fp32")
     autocast = _autocast_factory(precision, device)
     unet, sched, batch_args, load_teacher = _setup(model, batch, rank, torch_dtype, device, seed, targets)
-    names = [*MODES, *against]
+    names = [*MODES, *(LAYOUT_MODES if layouts else ()), *against]
     fns = _loss_fns(names, unet, sched, batch_args, load_teacher)
     results = {m: _measure_once(unet, fns[m][0], autocast) for m in names}
     if compile_reference:  # the CPU compile and SD1.5's on CUDA take minutes: asked for, not by default
@@ -221,7 +228,7 @@ def bench_train_step(
         results["reference_compiled"] = {}
     gemm_dtype = torch.bfloat16 if precision == "bf16" else torch_dtype
     gemm = [gemm_rate(gemm_dtype, device)]
-    times, peaks = _time_interleaved(unet, fns, names, steps, autocast, device)
+    times, cpu_times, peaks = _time_interleaved(unet, fns, names, steps, autocast, device)
     gemm.append(gemm_rate(gemm_dtype, device))
     gemm_flops = statistics.mean(gemm)
 
@@ -251,6 +258,7 @@ def bench_train_step(
     }
     for m in names:
         entry = _entry(results[m], results["reference"], m, times[m], gemm_flops, _param_bytes(fns[m][1]), peaks[m])
+        entry["median_cpu_ms"] = round(statistics.median(cpu_times[m]), 3)
         out["against" if m in CONTESTANTS else "modes"][m] = entry
     if memory and device != "cuda":
         spec = dict(
@@ -263,21 +271,24 @@ def bench_train_step(
     fused, reference = out["modes"]["fused"], out["modes"]["reference"]
     out["parity"] = {"loss_rel_err": fused["loss_rel_err"], "grad_rel_err": fused["grad_rel_err"]}
     out["speedup"] = round(reference["median_ms"] / fused["median_ms"], 3)
+    out["cpu_speedup"] = round(reference["median_cpu_ms"] / fused["median_cpu_ms"], 3)
     default_ms = out["modes"][chosen]["median_ms"]
     out["default_vs"] = {name: round(e["median_ms"] / default_ms, 3) for name, e in out["against"].items()}
     return out
 
 
 def _time_interleaved(unet, fns: dict, names: list[str], steps: int, autocast, device: str):
-    """Per entry, the ms of each timed step (entries alternate step by step after one warm-up round, which
-    also compiles) and, on CUDA, the step's own peak: the allocator's peak above what was resident when
-    it started (every entry's modules stay resident in this process), plus the entry's own weights."""
+    """Per entry, the wall and process-CPU ms of each timed step (entries alternate step by step after one
+    warm-up round, which also compiles) and, on CUDA, the step's own peak: the allocator's peak above what
+    was resident when it started (every entry's modules stay resident in this process), plus the entry's
+    own weights."""
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
     times: dict[str, list[float]] = {m: [] for m in names}
+    cpu_times: dict[str, list[float]] = {m: [] for m in names}
     peaks: dict[str, int | None] = {m: None for m in names}
     for i in range(steps + 1):
         for m in names:
@@ -287,14 +298,15 @@ def _time_interleaved(unet, fns: dict, names: list[str], steps: int, autocast, d
                 resident = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _step(unet, fns[m][0], autocast)
             sync()
             if i:
                 times[m].append((time.perf_counter() - t0) * 1e3)
+                cpu_times[m].append((time.process_time() - c0) * 1e3)
             if device == "cuda":
                 peaks[m] = torch.cuda.max_memory_allocated() - resident + _param_bytes(fns[m][1])
-    return times, peaks
+    return times, cpu_times, peaks
 
 
 def _entry(r: dict, ref: dict, name: str, times: list[float], gemm_flops: float, param_bytes: int, peak) -> dict:

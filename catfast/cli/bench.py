@@ -71,10 +71,13 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
     show_default=True,
     help="Also time the reference step through torch.compile (minutes of compiling at SD1.5 size).",
 )
+@click.option(
+    "--layouts", is_flag=True, help="Also time the fused step in each layout (fused:one-call, fused:teacher-first)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
 def bench_train_step_command(
-    model, batch, steps, rank, dtype, targets, against, mixed_precision, memory, compile_reference, as_json
+    model, batch, steps, rank, dtype, targets, against, mixed_precision, memory, compile_reference, layouts, as_json
 ):
     """catfast's CAT step modes against today's CAT steps (official CAT, ai-toolkit and kohya DOP),
     interleaved in one process: time, FLOPs and their share of the GEMM rate, memory, parity."""
@@ -92,6 +95,7 @@ def bench_train_step_command(
         mixed_precision=mixed_precision,
         memory=memory,
         compile_reference=compile_reference,
+        layouts=layouts,
     )
     if as_json:
         click.echo(json.dumps(result))
@@ -106,7 +110,8 @@ def bench_train_step_command(
             peak = f"peak {m['peak_bytes'] / 2**20:7.0f} MiB" if m["peak_bytes"] else ""
             parity = f"loss/grad rel err {m['loss_rel_err']:.0e}/{m['grad_rel_err']:.0e}" if "loss_rel_err" in m else ""
             click.echo(
-                f"  {name:<20} {m['median_ms']:10.1f} ms  {flops}  params {m['param_bytes'] / 2**20:6.0f} MiB  "
+                f"  {name:<20} {m['median_ms']:10.1f} ms (cpu {m['median_cpu_ms']:.0f} ms)  {flops}  "
+                f"params {m['param_bytes'] / 2**20:6.0f} MiB  "
                 f"{peak}  {parity}"
             )
     click.echo(f"  auto -> {result['auto']['mode']}: {result['auto']['reason']}")
