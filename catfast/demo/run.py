@@ -149,18 +149,42 @@ def run_demo(
         results[method] = {"train_seconds": round(result.seconds, 1)}
 
     log(f"sampling {len(prompts)} prompts x {seeds} seeds from base, plain and CAT")
+    pairs = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
+    images = _sample_blocks(model, adapters, prompts, pairs, sample_steps, progress)
+    _score(results, encoder, images, references, prompts, pairs)
+    grid = _grid(images, prompts, pairs, seeds, out / "grid.png")
+    results.update(
+        seconds=round(time.perf_counter() - t0, 1),
+        grid=str(grid),
+        settings=dict(
+            seed=seed,
+            seeds=seeds,
+            prompts=list(prompts),
+            train={**TRAIN, "steps": steps},
+            sample={**SAMPLE, "steps": sample_steps},
+        ),
+    )
+    write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    return results
+
+
+# the sampled blocks, each one row per (prompt, seed) pair: the base on the class prompts, then per method the
+# adapter without and with the trigger
+BLOCKS = ("base", "plain-", "plain+", "cat-", "cat+")
+
+
+def _sample_blocks(model: Path, adapters: dict[str, Path], prompts, pairs, sample_steps: int, progress: bool):
+    """The pictures of every block (``BLOCKS``), in one batched sampler run over the base with both adapters."""
     base = load_base(model)
     with warnings.catch_warnings():  # peft warns that a second adapter makes the model multi-adapter: intended
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for method, path in adapters.items():
             attach_adapter(base.unet, read_adapter(path, models={"unet": base.unet}), method)
-    pairs = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
-    m = len(pairs)
-    rows = [(None, prompts[p], s) for p, s in pairs]  # block 0: base, class prompts
-    for method in METHODS:  # blocks 1-4: each adapter without, then with, the trigger
+    rows = [(None, prompts[p], s) for p, s in pairs]
+    for method in METHODS:
         rows += [(method, prompts[p], s) for p, s in pairs]
         rows += [(method, with_trigger(prompts[p], world.TRIGGER), s) for p, s in pairs]
-    images = sample_images(
+    return sample_images(
         base,
         [r[1] for r in rows],
         adapters=[r[0] for r in rows],
@@ -168,10 +192,15 @@ def run_demo(
         progress=progress,
         **{**SAMPLE, "steps": sample_steps},
     )
+
+
+def _score(results: dict, encoder, images, references, prompts, pairs) -> None:
+    """Add preservation, identity, diversity, KPS (and per prompt) of each method, and the base's diversity."""
+    m = len(pairs)
     emb = encoder.embed_images(images)
     ref_emb = encoder.embed_images(references)
     groups = [p for p, _ in pairs]
-    block = {name: emb[i * m : (i + 1) * m] for i, name in enumerate(("base", "plain-", "plain+", "cat-", "cat+"))}
+    block = {name: emb[i * m : (i + 1) * m] for i, name in enumerate(BLOCKS)}
     for method in METHODS:
         kps = kps_scores(block["base"], block[f"{method}-"], block[f"{method}+"], None, groups, reference_emb=ref_emb)
         scores = kps["total"]
@@ -190,7 +219,10 @@ def run_demo(
         )
     results["base"] = {"diversity": round(diversity(block["base"], groups), 4)}
 
-    cols = seeds
+
+def _grid(images, prompts, pairs, cols: int, grid: Path) -> Path:
+    """The labelled grid of the first prompt: base, each method without the trigger, each with it."""
+    m = len(pairs)
     first = [i for i, (p, _) in enumerate(pairs) if p == 0][:cols]
     cells, labels = [], []
     trigger_prompt = with_trigger(prompts[0], world.TRIGGER)
@@ -203,21 +235,8 @@ def run_demo(
     ):
         cells += [images[k * m + i].resize((GRID_CELL, GRID_CELL), 0) for i in first]
         labels.append(label)
-    grid = out / "grid.png"
     save_grid(cells, len(labels), cols, grid, labels=labels, col_labels=[f"seed {pairs[i][1]}" for i in first])
-    results.update(
-        seconds=round(time.perf_counter() - t0, 1),
-        grid=str(grid),
-        settings=dict(
-            seed=seed,
-            seeds=seeds,
-            prompts=list(prompts),
-            train={**TRAIN, "steps": steps},
-            sample={**SAMPLE, "steps": sample_steps},
-        ),
-    )
-    write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    return results
+    return grid
 
 
 def format_table(results: dict) -> str:

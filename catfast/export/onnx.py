@@ -63,6 +63,7 @@ from catfast.export.validate import TOLERANCE, _validate, _validation_shapes
 from catfast.folders import check_target, staged_folder
 from catfast.integrations.models import BaseModel, load_base
 from catfast.integrations.tokenizer import save_tokenizer
+from catfast.integrations.word_embedding import install_for_export
 
 __all__ = ["AdapterSpec", "ExportError", "TOLERANCE", "UNetGraph", "export_onnx", "read_manifest"]
 
@@ -205,8 +206,6 @@ def export_onnx(
 
     saved = []  # (weight, original) of every weight a merge changes, restored at the end
     try:
-        from catfast.integrations.word_embedding import install_for_export
-
         saved += install_for_export(base, loaded, "text_encoder" in components, log)
         with staged_folder(out) as tmp:
             if not adapter_inputs:
