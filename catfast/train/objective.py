@@ -78,8 +78,10 @@ def auto_mode(
     The rule follows what ``catfast bench train-step`` measured on the CPU (benchmarks/README.md): the fused
     step is faster than the reference there at every width, in the layout ``fused_layout`` picks (the small
     UNet, teacher rows first: 0.93-0.95x the reference's CPU time, 1 thread; SD1.5 widths, one call: 1.04x on
-    SD1.5 at 512 px, 1.10-1.12x on ``sd15-narrow``). The fused step has not been timed on a GPU yet, so the
-    reference is the choice there, until a benchmark says otherwise. A UNet patched by ``patch_unet`` (the
+    SD1.5 at 512 px, 1.10-1.12x on ``sd15-narrow``). On a GPU the fused step has not been timed against the
+    reference (one H200 lease timed it against the official step only, in the trainer's bf16 layout: 0.80x
+    its speed at 0.52x its memory on SD1.5), so the reference is the choice there for a UNet and LoRA of one
+    dtype, until a benchmark says otherwise. A UNet patched by ``patch_unet`` (the
     reference refuses it) and a half-precision UNet carrying fp32 LoRA weights (peft's layers would mix
     dtypes) run fused; a UNet the fused step cannot run (a LoRA layer it cannot row-plan, gradient
     checkpointing without ``patch_unet``, several active adapters without per-sample adapters) runs the
