@@ -70,6 +70,7 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
     from peft.tuners.lora import Conv2d as PeftConv2d  # lazy: peft
     from peft.tuners.lora import Linear as PeftLinear  # lazy: peft
 
+    unet = _inner(unet)
     configs = getattr(unet, "peft_config", None)
     if not configs:
         raise ValueError("the UNet has no LoRA adapter: attach one with unet.add_adapter(LoraConfig(...))")
@@ -209,8 +210,16 @@ def _unsupported(module: torch.nn.Module, slots: list[str]) -> str | None:
     return None
 
 
+def _inner(unet: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``torch.compile`` wrapper holds (its ``named_modules`` prefix every name with
+    ``_orig_mod.``), or ``unet`` itself: the patch and its state live on the UNet, and the compiled
+    wrapper's calls run the patched modules."""
+    return getattr(unet, "_orig_mod", unet)
+
+
 def unpatch_unet(unet: torch.nn.Module) -> PatchReport:
     """Put back the original peft layers; returns the report of the patch it undid."""
+    unet = _inner(unet)
     state = getattr(unet, _STATE, None)
     if state is None:
         raise ValueError("the UNet is not patched")
