@@ -330,19 +330,27 @@ def format_grid(rows: list[dict]) -> str:
 
 
 def format_paired(rows: list[dict], against: tuple[str, int] = ("cat", 300)) -> str:
-    """A markdown table: per (method, steps), identity and preservation minus those of ``against`` on the
-    same (concept, seed), averaged, and how many of those pairs have identity >= ``against``'s. Pairing
-    removes the concept's own level (the base model's identity differs by concept). The base row pairs
-    with every seed of its concept."""
+    """A markdown table: per (method, steps), identity, preservation and KPS minus those of ``against`` on
+    the same (concept, seed): mean +- standard error of the differences (identity also min to max), and how
+    many pairs have identity >= ``against``'s. Pairing removes the concept's own level (the base model's
+    identity differs by concept). The base row pairs with every seed of its concept."""
     ref = {(r["concept"], r["seed"]): r for r in rows if (r["method"], r["steps"]) == tuple(against)}
     if not ref:
         return ""
+    name = f"{against[0]}-{against[1]}"
     keys = [k for k in dict.fromkeys((r["method"], r["steps"]) for r in rows) if k != tuple(against)]
     lines = [
-        f"| method | steps | identity - {against[0]}-{against[1]} | preservation - {against[0]}-{against[1]} "
-        f"| identity >= {against[0]}-{against[1]} |",
-        "|---|---|---|---|---|",
+        f"| method | steps | identity - {name} | preservation - {name} | KPS - {name} | identity >= {name} |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def mean_se(d):
+        mean = sum(d) / len(d)
+        if len(d) < 2:
+            return f"{mean:+.3f}"
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+        return f"{mean:+.3f} +- {se:.3f}"
+
     for method, steps in keys:
         pairs = []
         for r in rows:
@@ -352,12 +360,12 @@ def format_paired(rows: list[dict], against: tuple[str, int] = ("cat", 300)) -> 
             pairs += [(r, v) for v in matches]
         if not pairs:
             continue
-        d_id = [a["identity"] - b["identity"] for a, b in pairs]
-        d_pres = [a["preservation"] - b["preservation"] for a, b in pairs]
-        wins = sum(d >= 0 for d in d_id)
+        d = {k: [a[k] - b[k] for a, b in pairs] for k in ("identity", "preservation", "kps")}
+        wins = sum(x >= 0 for x in d["identity"])
         lines.append(
-            f"| {method} | {steps} | {sum(d_id) / len(d_id):+.3f} ({min(d_id):+.3f} to {max(d_id):+.3f}) | "
-            f"{sum(d_pres) / len(d_pres):+.3f} | {wins} of {len(pairs)} |"
+            f"| {method} | {steps} | {mean_se(d['identity'])} ({min(d['identity']):+.3f} to "
+            f"{max(d['identity']):+.3f}) | {mean_se(d['preservation'])} | {mean_se(d['kps'])} | "
+            f"{wins} of {len(pairs)} |"
         )
     return "\n".join(lines)
 
@@ -392,7 +400,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-seeds", type=int, default=4)
     parser.add_argument("--assets", default=None, help="E4T files folder (default: the shipped ones)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--summarize", metavar="RESULTS_JSONL", help="only print the tables of a results file")
+    parser.add_argument(
+        "--summarize",
+        metavar="RESULTS_JSONL[,MORE]",
+        help="only print the tables of results files (rows of several files together: a run of variants is "
+        "paired with the CAT-300 rows of another; repeated base rows are dropped)",
+    )
     parser.add_argument(
         "--regrid",
         metavar="CONCEPT,SEED,PNG",
@@ -405,7 +418,14 @@ def main(argv: list[str] | None = None) -> None:
         regrid(args.out, name, int(seed), png, sample_seeds=args.sample_seeds)
         return
     if args.summarize:
-        print(report(read_results(args.summarize)[1]), end="")
+        rows, seen = [], set()
+        for path in args.summarize.split(","):
+            for r in read_results(path)[1]:
+                key = (r["concept"], r["method"], r["steps"], r["seed"])
+                if not (r["method"] == "base" and key in seen):
+                    rows.append(r)
+                seen.add(key)
+        print(report(rows), end="")
         return
     torch.set_num_threads(args.threads)
 
