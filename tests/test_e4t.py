@@ -238,8 +238,15 @@ def test_measure_pairs_rows_by_concept_and_seed(tmp_path):
     from catfast.e4t.measure import format_paired, read_results
 
     def row(concept, seed, method, steps, identity, preservation=0.9):
+        kps = 2 * identity * preservation / (identity + preservation)
         return dict(
-            concept=concept, seed=seed, method=method, steps=steps, identity=identity, preservation=preservation
+            concept=concept,
+            seed=seed,
+            method=method,
+            steps=steps,
+            identity=identity,
+            preservation=preservation,
+            kps=kps,
         )
 
     rows = [
@@ -252,10 +259,11 @@ def test_measure_pairs_rows_by_concept_and_seed(tmp_path):
         row("b", 0, "e4t", 15, 0.1, 0.8),
     ]
     lines = {ln.split("|")[1].strip(): ln for ln in format_paired(rows).splitlines()[2:]}
-    # e4t: +0.1, -0.1, -0.1 -> mean -0.033; preservation -0.1; 1 of 3 pairs at or above
-    assert "| -0.033 (-0.100 to +0.100) | -0.100 | 1 of 3 |" in lines["e4t"]
-    # base pairs with both seeds of concept a: -0.2, -0.4
-    assert "| -0.300 (-0.400 to -0.200) | +0.000 | 0 of 2 |" in lines["base"]
+    # e4t: +0.1, -0.1, -0.1 -> mean -0.033, sd 0.1155, se 0.0667; preservation -0.1 each (se 0); 1 of 3 at or above
+    assert "| -0.033 +- 0.067 (-0.100 to +0.100) | -0.100 +- 0.000 |" in lines["e4t"]
+    assert lines["e4t"].endswith("| 1 of 3 |")
+    # base pairs with both seeds of concept a: -0.2, -0.4 (se 0.1)
+    assert "| -0.300 +- 0.100 (-0.400 to -0.200) | +0.000 +- 0.000 |" in lines["base"]
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [{"header": True}, *rows]) + "\n")
     header, back = read_results(path)

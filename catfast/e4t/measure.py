@@ -18,8 +18,11 @@ five reference pictures of the concept), KPS. A "base" row per concept (the base
 nothing) is the floor identity starts from. Wall times: E4T's tuning (models loaded) and its whole call;
 ``catfast train``'s own total; each row also records the 1-minute load average when it finished (the
 machine may be shared). Writes DIR/results.jsonl (a header line: command, threads, torch, git; then one
-row per run), DIR/grid.md (means over concepts and seeds) and DIR/grid.png (trigger pictures of the
-first concept and seed).
+row per run), DIR/grid.md (means over concepts and seeds, then differences against CAT-300 paired by
+concept and seed) and DIR/grid.png (trigger pictures of the first concept and seed).
+
+    python -m catfast.e4t.measure --out x --summarize DIR/results.jsonl     # the tables again
+    python -m catfast.e4t.measure --out DIR --regrid CONCEPT,SEED,PNG        # a grid of another concept
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -202,6 +206,46 @@ def measure(
     return rows
 
 
+def regrid(
+    out: str | Path,
+    name: str,
+    seed: int,
+    png: str | Path,
+    labels: tuple[str, ...] = ("e4t-0", "e4t-15", "e4t+cat-15", "plain-300", "cat-300"),
+    sample_seeds: int = 4,
+) -> None:
+    """A grid like the measurement's for another concept and training seed, sampled again from the adapters
+    an earlier ``measure(out, ...)`` wrote under ``out`` (same prompt, seeds and sampler settings; images,
+    not scores). ``labels``: "<method>-<steps>" of runs that wrote adapters. PNG of at most 256 colours."""
+    from PIL import Image
+
+    from catfast.demo.shipped import model_path
+    from catfast.e4t import concepts as cc
+    from catfast.eval.kps import with_trigger
+    from catfast.integrations.models import load_base
+
+    out = Path(out)
+    concept = cc.NAMED_HELD_OUT.get(name) or next(c for c in cc.split()[1] if c.name == name)
+    base = load_base(model_path())
+    prompt = with_trigger(class_prompts(concept.shape)[0], world.TRIGGER)
+    seeds = list(range(sample_seeds))
+    cells = {"references (1st: the input)": [world.render(s) for s in cc.reference_views(concept)][:sample_seeds]}
+    cells["base"] = _sample(base, None, [prompt], seeds, "b")
+    for label in labels:
+        if label.startswith("e4t"):
+            path = out / name / "adapters" / f"{label}-s{seed}.safetensors"
+        else:
+            path = out / name / "runs" / f"{label}-s{seed}" / "adapter.safetensors"
+        cells[label] = _sample(base, path, [prompt], seeds, "a")
+    raw = Path(png).with_suffix(".rgb.png")
+    _save_grid(cells, raw, f'"{prompt}"')
+    with Image.open(raw) as im:
+        im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+            png, optimize=True
+        )
+    raw.unlink()
+
+
 def _row(concept, seed, method, steps, seconds, total, scores) -> dict:
     return dict(
         concept=concept,
@@ -227,7 +271,7 @@ def _header(options: dict) -> dict:
         git = None
     return dict(
         header=True,
-        command=" ".join(["python -m catfast.e4t.measure", *sys.argv[1:]]),
+        command=shlex.join(["python", "-m", "catfast.e4t.measure", *sys.argv[1:]]),
         options=options,
         threads=torch.get_num_threads(),
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
@@ -286,19 +330,27 @@ def format_grid(rows: list[dict]) -> str:
 
 
 def format_paired(rows: list[dict], against: tuple[str, int] = ("cat", 300)) -> str:
-    """A markdown table: per (method, steps), identity and preservation minus those of ``against`` on the
-    same (concept, seed), averaged, and how many of those pairs have identity >= ``against``'s. Pairing
-    removes the concept's own level (the base model's identity differs by concept). The base row pairs
-    with every seed of its concept."""
+    """A markdown table: per (method, steps), identity, preservation and KPS minus those of ``against`` on
+    the same (concept, seed): mean +- standard error of the differences (identity also min to max), and how
+    many pairs have identity >= ``against``'s. Pairing removes the concept's own level (the base model's
+    identity differs by concept). The base row pairs with every seed of its concept."""
     ref = {(r["concept"], r["seed"]): r for r in rows if (r["method"], r["steps"]) == tuple(against)}
     if not ref:
         return ""
+    name = f"{against[0]}-{against[1]}"
     keys = [k for k in dict.fromkeys((r["method"], r["steps"]) for r in rows) if k != tuple(against)]
     lines = [
-        f"| method | steps | identity - {against[0]}-{against[1]} | preservation - {against[0]}-{against[1]} "
-        f"| identity >= {against[0]}-{against[1]} |",
-        "|---|---|---|---|---|",
+        f"| method | steps | identity - {name} | preservation - {name} | KPS - {name} | identity >= {name} |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def mean_se(d):
+        mean = sum(d) / len(d)
+        if len(d) < 2:
+            return f"{mean:+.3f}"
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+        return f"{mean:+.3f} +- {se:.3f}"
+
     for method, steps in keys:
         pairs = []
         for r in rows:
@@ -308,12 +360,12 @@ def format_paired(rows: list[dict], against: tuple[str, int] = ("cat", 300)) -> 
             pairs += [(r, v) for v in matches]
         if not pairs:
             continue
-        d_id = [a["identity"] - b["identity"] for a, b in pairs]
-        d_pres = [a["preservation"] - b["preservation"] for a, b in pairs]
-        wins = sum(d >= 0 for d in d_id)
+        d = {k: [a[k] - b[k] for a, b in pairs] for k in ("identity", "preservation", "kps")}
+        wins = sum(x >= 0 for x in d["identity"])
         lines.append(
-            f"| {method} | {steps} | {sum(d_id) / len(d_id):+.3f} ({min(d_id):+.3f} to {max(d_id):+.3f}) | "
-            f"{sum(d_pres) / len(d_pres):+.3f} | {wins} of {len(pairs)} |"
+            f"| {method} | {steps} | {mean_se(d['identity'])} ({min(d['identity']):+.3f} to "
+            f"{max(d['identity']):+.3f}) | {mean_se(d['preservation'])} | {mean_se(d['kps'])} | "
+            f"{wins} of {len(pairs)} |"
         )
     return "\n".join(lines)
 
@@ -348,10 +400,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-seeds", type=int, default=4)
     parser.add_argument("--assets", default=None, help="E4T files folder (default: the shipped ones)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--summarize", metavar="RESULTS_JSONL", help="only print the tables of a results file")
+    parser.add_argument(
+        "--summarize",
+        metavar="RESULTS_JSONL[,MORE]",
+        help="only print the tables of results files (rows of several files together: a run of variants is "
+        "paired with the CAT-300 rows of another; repeated base rows are dropped)",
+    )
+    parser.add_argument(
+        "--regrid",
+        metavar="CONCEPT,SEED,PNG",
+        help="only draw a grid of CONCEPT (training seed SEED) from the adapters an earlier run wrote in --out",
+    )
     args = parser.parse_args(argv)
+    if args.regrid:
+        torch.set_num_threads(args.threads)
+        name, seed, png = args.regrid.split(",", 2)
+        regrid(args.out, name, int(seed), png, sample_seeds=args.sample_seeds)
+        return
     if args.summarize:
-        print(report(read_results(args.summarize)[1]), end="")
+        rows, seen = [], set()
+        for path in args.summarize.split(","):
+            for r in read_results(path)[1]:
+                key = (r["concept"], r["method"], r["steps"], r["seed"])
+                if not (r["method"] == "base" and key in seen):
+                    rows.append(r)
+                seen.add(key)
+        print(report(rows), end="")
         return
     torch.set_num_threads(args.threads)
 
