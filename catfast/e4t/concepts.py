@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from catfast.demo import world
 from catfast.demo.adapters import CONCEPTS as DEMO_ADAPTER_CONCEPTS
+from catfast.demo.adapters import concept_scenes
 
 HELD_OUT_PERCENT = 10
 
@@ -78,6 +79,4 @@ def views(concept: Concept, n: int, seed: int = 0) -> list[world.Scene]:
 def reference_views(concept: Concept, n: int = 5) -> list[world.Scene]:
     """The pictures identity is measured against: the concept on the demo's concept backgrounds (as the
     shipped demo adapters' training pictures), the first of which is the one image E4T personalizes from."""
-    from catfast.demo.adapters import concept_scenes
-
     return concept_scenes(concept.fields(), n)

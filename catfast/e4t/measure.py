@@ -35,11 +35,28 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from catfast.adapters.formats import read_adapter
 from catfast.demo import world
+from catfast.demo.encoder import load_encoder as load_attribute_encoder
+from catfast.demo.run import TRAIN
+from catfast.demo.shipped import encoder_path, model_path
+from catfast.e4t import concepts as cc
+from catfast.e4t.personalize import TuneSettings, personalize
+from catfast.eval.grids import save_grid
+from catfast.eval.kps import kps_scores, with_trigger
+from catfast.eval.sampler import sample_images
+from catfast.folders import write_atomic
+from catfast.integrations.models import load_base
+from catfast.integrations.peft_adapters import _remove, attach_adapter
+from catfast.integrations.word_embedding import install_from_metadata
+from catfast.train.config import TrainConfig
+from catfast.train.trainer import train
 
 SAMPLE = dict(steps=20, guidance=5.0)
 
@@ -50,11 +67,6 @@ def class_prompts(class_word: str) -> list[str]:
 
 def _sample(base, adapter_path, prompts, seeds, label):
     """Images of ``prompts`` x ``seeds`` on the adapter (its E4T embedding installed while sampling)."""
-    from catfast.adapters.formats import read_adapter
-    from catfast.eval.sampler import sample_images
-    from catfast.integrations.peft_adapters import _remove, attach_adapter
-    from catfast.integrations.word_embedding import install_from_metadata
-
     rows = [(p, s) for p in prompts for s in seeds]
     if adapter_path is None:
         return sample_images(
@@ -76,10 +88,7 @@ def _sample(base, adapter_path, prompts, seeds, label):
 
 
 def _train_baseline(model, data, work, cat_weight, steps, seed):
-    from catfast.demo.run import TRAIN
-    from catfast.train.config import TrainConfig
-    from catfast.train.trainer import train
-
+    """(adapter path, training seconds) of ``catfast train`` with the demo's settings on the folder ``data``."""
     config = TrainConfig(
         base=str(model),
         data=str(data),
@@ -96,6 +105,94 @@ def _train_baseline(model, data, work, cat_weight, steps, seed):
     return result.adapters[world.TRIGGER], result.seconds
 
 
+@dataclass
+class _Prepared:
+    """One concept's inputs: its data folder (the one picture and caption ``catfast train`` reads), the class
+    prompts, the scorer's embeddings of the base model's pictures of them (prompts x sample seeds, prompt-major)
+    and of the five references, and the base model's "base" row with its trigger pictures."""
+
+    concept: object
+    folder: Path
+    data: Path
+    prompts: list[str]
+    base_emb: torch.Tensor
+    ref_emb: torch.Tensor
+    refs: list
+    base_plus_images: list
+    base_row: dict
+
+
+def _prepare(base, scorer, out: Path, name: str, sseeds: list[int]) -> _Prepared:
+    """Write OUT/<name>/data/00.png and 00.txt (the input picture, on grey) and score the base model (the floor:
+    its trigger pictures, "sks" meaning nothing to it, against the references)."""
+    concept = _concept(name)
+    refs = [world.render(s) for s in cc.reference_views(concept)]
+    folder = out / name
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    refs[0].save(data / "00.png")
+    scene0 = cc.reference_views(concept)[0]
+    (data / "00.txt").write_text(f"{world.TRIGGER}, a {concept.shape} on a {scene0.background} background\n")
+    prompts = class_prompts(concept.shape)
+    base_emb = scorer.embed_images(_sample(base, None, prompts, sseeds, "base"))
+    ref_emb = scorer.embed_images(refs)
+    base_plus_images = _sample(base, None, [with_trigger(p, world.TRIGGER) for p in prompts], sseeds, "base")
+    base_plus = scorer.embed_images(base_plus_images)
+    groups = [p for p in range(len(prompts)) for _ in sseeds]
+    scores = kps_scores(base_emb, base_emb, base_plus, None, groups, reference_emb=ref_emb)["total"]
+    row = _row(name, None, "base", 0, 0.0, 0.0, scores)
+    return _Prepared(concept, folder, data, prompts, base_emb, ref_emb, refs, base_plus_images, row)
+
+
+def _runs(e4t_steps, e4t_cat_steps, e4t_lr, baseline_steps) -> list[tuple[str, int, float]]:
+    """(method, steps, CAT weight) of each run on one concept and seed, in order (module docstring)."""
+    runs = []
+    suffix = "" if e4t_lr is None else f"@lr{e4t_lr:g}"
+    runs += [("e4t" + suffix, steps, 0.0) for steps in e4t_steps]
+    cat_steps = ([max(e4t_steps)] if e4t_steps else []) if e4t_cat_steps is None else e4t_cat_steps
+    runs += [("e4t+cat" + suffix, steps, 1.0) for steps in cat_steps]
+    for method, cw in (("plain", 0.0), ("cat", 1.0)):
+        runs += [(method, s, cw) for s in baseline_steps]
+    return runs
+
+
+def _run(base, scorer, prep: _Prepared, name: str, seed: int, run: tuple, assets, lrs: dict, sseeds: list[int]):
+    """(result row, trigger pictures) of one run: train the adapter (E4T: ``personalize``; else ``catfast
+    train``), sample the class prompts without and with the trigger, score them."""
+    method, steps, cw = run
+    label = f"{method}-{steps}"
+    t0 = time.perf_counter()
+    if method.startswith("e4t"):
+        r = personalize(
+            prep.data / "00.png",
+            prep.concept.shape,
+            prep.folder / "adapters",
+            name=f"{label}-s{seed}",
+            settings=TuneSettings(steps=steps, cat_weight=cw, seed=seed, **lrs),
+            assets=assets,
+            base=base,
+            overwrite=True,
+        )
+        path, seconds, total = r.adapter, r.seconds, time.perf_counter() - t0
+    else:
+        path, seconds = _train_baseline(model_path(), prep.data, prep.folder / "runs", cw, steps, seed)
+        total = seconds
+    prompts = prep.prompts
+    minus = scorer.embed_images(_sample(base, path, prompts, sseeds, "a"))
+    plus_images = _sample(base, path, [with_trigger(p, world.TRIGGER) for p in prompts], sseeds, "a")
+    plus = scorer.embed_images(plus_images)
+    groups = [p for p in range(len(prompts)) for _ in sseeds]
+    total_scores = kps_scores(prep.base_emb, minus, plus, None, groups, reference_emb=prep.ref_emb)["total"]
+    return _row(name, seed, method, steps, seconds, total, total_scores), plus_images
+
+
+def _write_results(out: Path, header: dict, rows: list[dict]) -> None:
+    """Rewrite OUT/results.jsonl (header, then the rows) and OUT/grid.md."""
+    lines = [json.dumps(header)] + [json.dumps(r) for r in rows]
+    write_atomic(out / "results.jsonl", ("\n".join(lines) + "\n").encode())
+    write_atomic(out / "grid.md", report(rows).encode())
+
+
 def measure(
     out: str | Path,
     *,
@@ -109,14 +206,7 @@ def measure(
     assets: str | Path | None = None,
     log=print,
 ) -> list[dict]:
-    from catfast.demo.encoder import load_encoder as load_attribute_encoder
-    from catfast.demo.shipped import encoder_path, model_path
-    from catfast.e4t import concepts as cc
-    from catfast.e4t.personalize import TuneSettings, personalize
-    from catfast.eval.kps import kps_scores, with_trigger
-    from catfast.folders import write_atomic
-    from catfast.integrations.models import load_base
-
+    """Run the measurement (module docstring), writing under ``out`` as it goes; returns the rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header = _header(
@@ -137,70 +227,23 @@ def measure(
     sseeds = list(range(sample_seeds))
     prepared = {}
     for name in concepts:
-        concept = cc.NAMED_HELD_OUT.get(name) or next(c for c in cc.split()[1] if c.name == name)
-        refs = [world.render(s) for s in cc.reference_views(concept)]
-        folder = out / name
-        data = folder / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        refs[0].save(data / "00.png")
-        scene0 = cc.reference_views(concept)[0]
-        (data / "00.txt").write_text(f"{world.TRIGGER}, a {concept.shape} on a {scene0.background} background\n")
-        prompts = class_prompts(concept.shape)
-        base_emb = scorer.embed_images(_sample(base, None, prompts, sseeds, "base"))
-        ref_emb = scorer.embed_images(refs)
-        prepared[name] = (concept, folder, data, prompts, base_emb, ref_emb)
-        # the floor: the base model's trigger pictures ("sks" means nothing to it) against the references
-        base_plus_images = _sample(base, None, [with_trigger(p, world.TRIGGER) for p in prompts], sseeds, "base")
-        base_plus = scorer.embed_images(base_plus_images)
-        groups = [p for p in range(len(prompts)) for _ in sseeds]
-        scores = kps_scores(base_emb, base_emb, base_plus, None, groups, reference_emb=ref_emb)["total"]
-        rows.append(_row(name, None, "base", 0, 0.0, 0.0, scores))
+        prep = prepared[name] = _prepare(base, scorer, out, name, sseeds)
+        rows.append(prep.base_row)
         log(json.dumps(rows[-1]))
         if name == concepts[0]:
-            grid_cells["references (1st: the input)"] = refs[: len(sseeds)]
-            grid_cells["base"] = base_plus_images[: len(sseeds)]
+            grid_cells["references (1st: the input)"] = prep.refs[: len(sseeds)]
+            grid_cells["base"] = prep.base_plus_images[: len(sseeds)]
     lrs = {} if e4t_lr is None else dict(lr=e4t_lr, embed_lr=e4t_lr)
+    runs = _runs(e4t_steps, e4t_cat_steps, e4t_lr, baseline_steps)
     for seed in seeds:  # seeds outside: a run cut short still has every concept
         for name in concepts:
-            concept, folder, data, prompts, base_emb, ref_emb = prepared[name]
-            groups = [p for p in range(len(prompts)) for _ in sseeds]
-            runs = []
-            suffix = "" if e4t_lr is None else f"@lr{e4t_lr:g}"
-            runs += [("e4t" + suffix, steps, 0.0) for steps in e4t_steps]
-            cat_steps = ([max(e4t_steps)] if e4t_steps else []) if e4t_cat_steps is None else e4t_cat_steps
-            runs += [("e4t+cat" + suffix, steps, 1.0) for steps in cat_steps]
-            for method, cw in (("plain", 0.0), ("cat", 1.0)):
-                runs += [(method, s, cw) for s in baseline_steps]
-            for method, steps, cw in runs:
-                label = f"{method}-{steps}"
-                t0 = time.perf_counter()
-                if method.startswith("e4t"):
-                    r = personalize(
-                        data / "00.png",
-                        concept.shape,
-                        folder / "adapters",
-                        name=f"{label}-s{seed}",
-                        settings=TuneSettings(steps=steps, cat_weight=cw, seed=seed, **lrs),
-                        assets=assets,
-                        base=base,
-                        overwrite=True,
-                    )
-                    path, seconds, total = r.adapter, r.seconds, time.perf_counter() - t0
-                else:
-                    path, seconds = _train_baseline(model_path(), data, folder / "runs", cw, steps, seed)
-                    total = seconds
-                minus = scorer.embed_images(_sample(base, path, prompts, sseeds, "a"))
-                plus_images = _sample(base, path, [with_trigger(p, world.TRIGGER) for p in prompts], sseeds, "a")
-                plus = scorer.embed_images(plus_images)
-                total_scores = kps_scores(base_emb, minus, plus, None, groups, reference_emb=ref_emb)["total"]
-                row = _row(name, seed, method, steps, seconds, total, total_scores)
+            for run in runs:
+                row, plus_images = _run(base, scorer, prepared[name], name, seed, run, assets, lrs, sseeds)
                 rows.append(row)
                 log(json.dumps(row))
                 if name == concepts[0] and seed == seeds[0]:
-                    grid_cells[label] = plus_images[: len(sseeds)]
-                lines = [json.dumps(header)] + [json.dumps(r) for r in rows]
-                write_atomic(out / "results.jsonl", ("\n".join(lines) + "\n").encode())
-                write_atomic(out / "grid.md", report(rows).encode())
+                    grid_cells[f"{run[0]}-{run[1]}"] = plus_images[: len(sseeds)]
+                _write_results(out, header, rows)
     write_atomic(out / "grid.md", report(rows).encode())
     _save_grid(grid_cells, out / "grid.png", f'"{with_trigger(class_prompts(_shape(concepts[0]))[0], world.TRIGGER)}"')
     return rows
@@ -217,15 +260,8 @@ def regrid(
     """A grid like the measurement's for another concept and training seed, sampled again from the adapters
     an earlier ``measure(out, ...)`` wrote under ``out`` (same prompt, seeds and sampler settings; images,
     not scores). ``labels``: "<method>-<steps>" of runs that wrote adapters. PNG of at most 256 colours."""
-    from PIL import Image
-
-    from catfast.demo.shipped import model_path
-    from catfast.e4t import concepts as cc
-    from catfast.eval.kps import with_trigger
-    from catfast.integrations.models import load_base
-
     out = Path(out)
-    concept = cc.NAMED_HELD_OUT.get(name) or next(c for c in cc.split()[1] if c.name == name)
+    concept = _concept(name)
     base = load_base(model_path())
     prompt = with_trigger(class_prompts(concept.shape)[0], world.TRIGGER)
     seeds = list(range(sample_seeds))
@@ -283,16 +319,17 @@ def _header(options: dict) -> dict:
     )
 
 
-def _shape(name: str) -> str:
-    from catfast.e4t import concepts as cc
+def _concept(name: str):
+    """The held-out concept called ``name`` (a named one of the shipped adapters, else one of ``cc.split()[1]``);
+    StopIteration when there is none."""
+    return cc.NAMED_HELD_OUT.get(name) or next(c for c in cc.split()[1] if c.name == name)
 
-    concept = cc.NAMED_HELD_OUT.get(name) or next(c for c in cc.split()[1] if c.name == name)
-    return concept.shape
+
+def _shape(name: str) -> str:
+    return _concept(name).shape
 
 
 def _save_grid(cells: dict[str, list], path: Path, prompt: str) -> None:
-    from catfast.eval.grids import save_grid
-
     if not cells:
         return
     cols = len(next(iter(cells.values())))

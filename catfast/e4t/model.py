@@ -22,9 +22,14 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load, save
 from torch import nn
 
+from catfast.demo.encoder import AttributeNet
+from catfast.demo.shipped import check_assets
 from catfast.errors import CatfastError
+from catfast.folders import write_atomic
 
 ASSETS = Path(__file__).parent / "assets"
 ENCODER_FILE = "encoder.safetensors"
@@ -40,8 +45,6 @@ class ConceptEncoder(nn.Module):
 
     def __init__(self, dim: int = 64, width: int = 24, hidden: int = 128):
         super().__init__()
-        from catfast.demo.encoder import AttributeNet
-
         self.trunk = AttributeNet(width).features
         self.head = nn.Sequential(nn.Linear(4 * width, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, dim))
         with torch.no_grad():
@@ -64,10 +67,6 @@ class ConceptEncoder(nn.Module):
 
 def save_encoder(encoder: ConceptEncoder, path: str | os.PathLike) -> None:
     """fp16 safetensors with the encoder's shape in the metadata, written atomically."""
-    from safetensors.torch import save
-
-    from catfast.folders import write_atomic
-
     dim = encoder.head[-1].out_features
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in encoder.state_dict().items()}
     write_atomic(path, save(state, {"dim": str(dim), "hidden": str(encoder.head[0].out_features)}))
@@ -76,9 +75,6 @@ def save_encoder(encoder: ConceptEncoder, path: str | os.PathLike) -> None:
 def load_encoder(path: str | os.PathLike) -> ConceptEncoder:
     """The ConceptEncoder in ``path`` (fp32, eval mode); a missing or damaged file raises CatfastError
     naming it."""
-    from safetensors import safe_open
-    from safetensors.torch import load
-
     path = Path(path)
     if not path.is_file():
         raise CatfastError(f"{path}: the E4T image encoder is missing (reinstall catfast)")
@@ -96,8 +92,6 @@ def load_encoder(path: str | os.PathLike) -> ConceptEncoder:
 def check_shipped(root: str | os.PathLike | None = None) -> Path:
     """The E4T assets folder (default the shipped one) after checking every file against its manifest;
     CatfastError names the first missing, truncated or changed file."""
-    from catfast.demo.shipped import check_assets
-
     root = Path(root or ASSETS)
     check_assets(root)
     return root
