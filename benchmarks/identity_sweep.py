@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -69,6 +70,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     guidances = args.guidance or [5.0]
 
+    import torch
+
     from catfast.adapters.formats import read_adapter
     from catfast.demo import world
     from catfast.demo.compare import _config
@@ -96,7 +99,6 @@ def main(argv=None) -> None:
 
     if args.calibrate:
         import numpy as np
-        import torch
 
         from catfast.eval.sampler import decode_latents
 
@@ -164,7 +166,8 @@ def main(argv=None) -> None:
             )
             m = len(pairs)
             emb = encoder.embed_images(images)
-            total = kps_scores(emb[:m], emb[m : 2 * m], emb[2 * m :], None, groups, reference_emb=ref)["total"]
+            kps = kps_scores(emb[:m], emb[m : 2 * m], emb[2 * m :], None, groups, reference_emb=ref)
+            total = kps["total"]
             emit(
                 dict(
                     variant=name,
@@ -177,6 +180,9 @@ def main(argv=None) -> None:
                     diversity=round(diversity(emb[m : 2 * m], groups), 4),
                     concept_rate=round(concept_rate(encoder, images[2 * m :]), 4),
                     train_seconds=round(train_s, 1),
+                    per_prompt={PROMPTS[r["group"]]: round(r["preservation"], 4) for r in kps["per_prompt"]},
+                    threads=torch.get_num_threads(),
+                    loadavg=[round(x, 2) for x in os.getloadavg()],
                 )
             )
             from catfast.eval.grids import save_grid

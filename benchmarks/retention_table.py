@@ -33,7 +33,7 @@ def tables(runs: list[dict]) -> str:
     out = [
         f"Training seeds {seeds} (n = {len(runs)}); mean ± sample standard deviation over seeds.",
         "",
-        "| method | preservation | colour prompts | \"a red star\" | identity | diversity | KPS | s/step |",
+        '| method | preservation | colour prompts | "a red star" | identity | diversity | KPS | s/step |',
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in SINGLE:
