@@ -327,7 +327,9 @@ def test_demo_compare_small(tmp_path):
     for name in methods:
         with Image.open(result["grids"][name]) as grid:
             assert grid.width > 0
-    assert (tmp_path / "demo" / "bank" / "manifest.json").is_file()
+    # the knowledge bank and the bank-trained adapter's output are separate folders
+    bank = tmp_path / "demo" / "knowledge-bank"
+    assert {p.name for p in bank.iterdir()} == {"latents.safetensors", "manifest.json"}
     assert "cat-guidance" in format_compare(result)
     bad = _cli("demo", "--compare", "cat,nope", "--out", tmp_path / "x")
     assert bad.exit_code == 1 and "--compare takes a comma-separated list" in bad.output

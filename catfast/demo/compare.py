@@ -37,6 +37,7 @@ BALL_PROMPTS = tuple(p.replace("star", "ball") for p in PROMPTS)
 BANK_N = 64  # bank samples
 BANK_PROMPTS = 32  # distinct world captions they are drawn on (world.dataset(..., seed=BANK_SEED))
 BANK_SEED = 7  # not the pretraining captions' seed 0: the bank is what the base draws, not its data
+BANK_DIR = "knowledge-bank"  # not "bank": that is the bank-trained adapter's output folder (OUT/<method>)
 SECOND = "tiger-ball"  # the lifelong run's second concept (catfast.demo.adapters.CONCEPTS)
 
 
@@ -116,7 +117,7 @@ def run_compare(
             load_base(model),
             _bank_prompts(),
             BANK_N,
-            out / "bank",
+            out / BANK_DIR,
             seed=1000,
             steps=sample_steps,
             guidance=SAMPLE["guidance"],
@@ -132,7 +133,7 @@ def run_compare(
             seed,
             steps,
             cat_weight=0.0,
-            bank=str(out / "bank"),
+            bank=str(out / BANK_DIR),
             timesteps="chain-of-forgetting",
         )
     results: dict = {}
