@@ -27,9 +27,24 @@ import time
 import warnings
 from pathlib import Path
 
+from catfast.adapters.formats import read_adapter
+from catfast.adapters.merge import merge_adapter_
 from catfast.demo import world
+from catfast.demo.adapters import CONCEPTS, concept_scenes
+from catfast.demo.adapters import write_concept as write_other
+from catfast.demo.encoder import load_encoder
 from catfast.demo.run import GRID_CELL, PROMPTS, SAMPLE, TRAIN, check_out, diversity, write_concept
+from catfast.demo.shipped import check_assets, encoder_path, model_path
 from catfast.errors import CatfastError
+from catfast.eval.grids import save_grid
+from catfast.eval.kps import harmonic_mean, kps_scores, with_trigger
+from catfast.eval.sampler import sample_images
+from catfast.folders import write_atomic
+from catfast.integrations.models import load_base
+from catfast.integrations.peft_adapters import attach_adapter
+from catfast.train.bank import make_bank
+from catfast.train.config import TrainConfig
+from catfast.train.trainer import train
 
 COMPARE = ("cat", "cat-guidance", "bank", "lifelong")
 COLOUR_PROMPTS = ("a red star", "a white star on a blue background")
@@ -51,8 +66,6 @@ def parse_methods(spec: str) -> list[str]:
 
 
 def _config(name: str, model: Path, data: Path, trigger: str, out: Path, seed: int, steps: int, **overrides):
-    from catfast.train.config import TrainConfig
-
     return TrainConfig(
         base=str(model),
         data=str(data),
@@ -85,57 +98,14 @@ def run_compare(
 ) -> dict:
     """Train, sample and score every method of ``methods`` (module docstring) in ``out``; writes
     results.json and one grid per comparison (grid-<method>.png) and returns the results."""
-    from catfast.adapters.formats import read_adapter
-    from catfast.demo.adapters import CONCEPTS, concept_scenes
-    from catfast.demo.adapters import write_concept as write_other
-    from catfast.demo.encoder import load_encoder
-    from catfast.demo.shipped import check_assets, encoder_path, model_path
-    from catfast.folders import write_atomic
-    from catfast.integrations.models import load_base
-    from catfast.train.bank import make_bank
-    from catfast.train.trainer import train
-
     t0 = time.perf_counter()
     out = check_out(out, overwrite)
     check_assets(assets)
     model = model_path(assets)
     encoder = load_encoder(encoder_path(assets))
     references = write_concept(out / "concept")
-    trigger2, fields2 = CONCEPTS[SECOND]
 
-    configs = {
-        "plain": _config("plain", model, out / "concept", world.TRIGGER, out, seed, steps, cat_weight=0.0),
-        "cat": _config("cat", model, out / "concept", world.TRIGGER, out, seed, steps, cat_weight=1.0),
-    }
-    if "cat-guidance" in methods:
-        configs["cat-guidance"] = _config(
-            "cat-guidance", model, out / "concept", world.TRIGGER, out, seed, steps, cat_prompts="stripped+empty"
-        )
-    if "bank" in methods:
-        log(f"making the knowledge bank: {BANK_N} base samples on {BANK_PROMPTS} world captions")
-        make_bank(
-            load_base(model),
-            _bank_prompts(),
-            BANK_N,
-            out / BANK_DIR,
-            seed=1000,
-            steps=sample_steps,
-            guidance=SAMPLE["guidance"],
-            batch=BANK_N,
-            overwrite=True,
-        )
-        configs["bank"] = _config(
-            "bank",
-            model,
-            out / "concept",
-            world.TRIGGER,
-            out,
-            seed,
-            steps,
-            cat_weight=0.0,
-            bank=str(out / BANK_DIR),
-            timesteps="chain-of-forgetting",
-        )
+    configs = _configs(methods, model, out, seed, steps, sample_steps, log)
     results: dict = {}
     adapters: dict[str, Path] = {}
     for name, config in configs.items():
@@ -143,53 +113,19 @@ def run_compare(
         result = train(config, overwrite=True, progress=progress)
         adapters[name] = result.adapters[world.TRIGGER]
         results[name] = _timing(result)
-
-    lifelong = {}
-    if "lifelong" in methods:
-        write_other(out / "concept2", trigger2, fields2)
-        for variant, overrides in (
-            ("plain", dict(cat_weight=0.0)),
-            ("cat", dict(cat_weight=1.0)),
-            ("keep", dict(cat_weight=1.0, keep=[str(adapters["cat"])])),
-        ):
-            log(f"training the second concept ({SECOND}) on top of CAT's star adapter: {variant}, {steps} steps")
-            name = f"lifelong-{variant}"
-            result = train(
-                _config(name, model, out / "concept2", trigger2, out, seed, steps, **overrides),
-                overwrite=True,
-                progress=progress,
-            )
-            lifelong[variant] = (result.adapters[trigger2], _timing(result))
+    lifelong = _train_lifelong(model, out, seed, steps, adapters["cat"], progress, log) if "lifelong" in methods else {}
 
     pairs = [(p, s) for p in range(len(PROMPTS)) for s in range(seeds)]
-    groups = [p for p, _ in pairs]
-    single = list(adapters)
-    log(f"sampling {len(PROMPTS)} prompts x {seeds} seeds: base and {', '.join(single)}")
-    base = load_base(model)
-    with warnings.catch_warnings():  # peft warns that a second adapter makes the model multi-adapter: intended
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        from catfast.integrations.peft_adapters import attach_adapter
-
-        for name, path in adapters.items():
-            attach_adapter(base.unet, read_adapter(path, models={"unet": base.unet}), name)
-    blocks = [("base", None, PROMPTS, None)]
-    if lifelong:
-        blocks.append(("base-ball", None, BALL_PROMPTS, None))
-    for name in single:
-        blocks += [(f"{name}-", name, PROMPTS, None), (f"{name}+", name, PROMPTS, world.TRIGGER)]
-    images = _sample(base, blocks, pairs, sample_steps, progress)
-    emb = {k: encoder.embed_images(v) for k, v in images.items()}
-    ref = encoder.embed_images(references)
-    for name in single:
-        results[name].update(_scores(emb["base"], emb[f"{name}-"], emb[f"{name}+"], ref, groups))
-    results["base"] = {"diversity": round(diversity(emb["base"], groups), 4)}
+    images, emb, ref = _sample_and_score(
+        results, model, adapters, bool(lifelong), encoder, references, pairs, sample_steps, progress, log
+    )
     grids = {}
     for name in [n for n in methods if n != "lifelong"]:
         shown = ["plain", "cat"] if name == "cat" else ["cat", name]
         grids[name] = _grid(out / f"grid-{name}.png", images, shown, seeds)
-
     if lifelong:
         log("sampling the lifelong variants: base + star adapter (merged) + each second adapter")
+        trigger2, fields2 = CONCEPTS[SECOND]
         results["lifelong"] = _lifelong(
             model,
             adapters["cat"],
@@ -223,6 +159,84 @@ def run_compare(
     return results
 
 
+def _configs(methods, model: Path, out: Path, seed: int, steps: int, sample_steps: int, log) -> dict:
+    """The training config of every single-concept method, by name (plain and cat always); makes the
+    knowledge bank in ``out`` first when ``bank`` is asked for."""
+    concept = out / "concept"
+    configs = {
+        "plain": _config("plain", model, concept, world.TRIGGER, out, seed, steps, cat_weight=0.0),
+        "cat": _config("cat", model, concept, world.TRIGGER, out, seed, steps, cat_weight=1.0),
+    }
+    if "cat-guidance" in methods:
+        configs["cat-guidance"] = _config(
+            "cat-guidance", model, concept, world.TRIGGER, out, seed, steps, cat_prompts="stripped+empty"
+        )
+    if "bank" in methods:
+        log(f"making the knowledge bank: {BANK_N} base samples on {BANK_PROMPTS} world captions")
+        make_bank(
+            load_base(model),
+            _bank_prompts(),
+            BANK_N,
+            out / BANK_DIR,
+            seed=1000,
+            steps=sample_steps,
+            guidance=SAMPLE["guidance"],
+            batch=BANK_N,
+            overwrite=True,
+        )
+        bank = dict(cat_weight=0.0, bank=str(out / BANK_DIR), timesteps="chain-of-forgetting")
+        configs["bank"] = _config("bank", model, concept, world.TRIGGER, out, seed, steps, **bank)
+    return configs
+
+
+def _train_lifelong(model: Path, out: Path, seed: int, steps: int, star: Path, progress: bool, log) -> dict:
+    """The second concept (``SECOND``) trained on top of CAT's star adapter ``star`` as plain LoRA, CAT and
+    CAT ``keep=[star]``: variant -> (adapter file, timing)."""
+    trigger2, fields2 = CONCEPTS[SECOND]
+    write_other(out / "concept2", trigger2, fields2)
+    lifelong = {}
+    for variant, overrides in (
+        ("plain", dict(cat_weight=0.0)),
+        ("cat", dict(cat_weight=1.0)),
+        ("keep", dict(cat_weight=1.0, keep=[str(star)])),
+    ):
+        log(f"training the second concept ({SECOND}) on top of CAT's star adapter: {variant}, {steps} steps")
+        name = f"lifelong-{variant}"
+        result = train(
+            _config(name, model, out / "concept2", trigger2, out, seed, steps, **overrides),
+            overwrite=True,
+            progress=progress,
+        )
+        lifelong[variant] = (result.adapters[trigger2], _timing(result))
+    return lifelong
+
+
+def _sample_and_score(results, model, adapters, with_ball, encoder, references, pairs, sample_steps, progress, log):
+    """Sample base and every single-concept adapter without and with the trigger (one batched run, plus the
+    base on the ball prompts for the lifelong scores), add each method's scores and the base's diversity to
+    ``results``; returns (images by block, embeddings by block, reference embeddings)."""
+    groups = [p for p, _ in pairs]
+    single = list(adapters)
+    log(f"sampling {len(PROMPTS)} prompts x {len(pairs) // len(PROMPTS)} seeds: base and {', '.join(single)}")
+    base = load_base(model)
+    with warnings.catch_warnings():  # peft warns that a second adapter makes the model multi-adapter: intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for name, path in adapters.items():
+            attach_adapter(base.unet, read_adapter(path, models={"unet": base.unet}), name)
+    blocks = [("base", None, PROMPTS, None)]
+    if with_ball:
+        blocks.append(("base-ball", None, BALL_PROMPTS, None))
+    for name in single:
+        blocks += [(f"{name}-", name, PROMPTS, None), (f"{name}+", name, PROMPTS, world.TRIGGER)]
+    images = _sample(base, blocks, pairs, sample_steps, progress)
+    emb = {k: encoder.embed_images(v) for k, v in images.items()}
+    ref = encoder.embed_images(references)
+    for name in single:
+        results[name].update(_scores(emb["base"], emb[f"{name}-"], emb[f"{name}+"], ref, groups))
+    results["base"] = {"diversity": round(diversity(emb["base"], groups), 4)}
+    return images, emb, ref
+
+
 def _timing(result) -> dict:
     rate = result.steps_per_second
     return {"train_seconds": round(result.seconds, 1), "step_seconds": round(1 / rate, 4) if rate else None}
@@ -230,8 +244,6 @@ def _timing(result) -> dict:
 
 def _sample(base, blocks, pairs, sample_steps, progress) -> dict:
     """One batched sampler run over every block: name -> images (one per (prompt, seed) pair)."""
-    from catfast.eval.kps import with_trigger
-    from catfast.eval.sampler import sample_images
 
     rows = []
     for _, adapter, prompts, trigger in blocks:
@@ -249,7 +261,6 @@ def _sample(base, blocks, pairs, sample_steps, progress) -> dict:
 
 
 def _scores(base, without, with_, ref, groups) -> dict:
-    from catfast.eval.kps import kps_scores
 
     kps = kps_scores(base, without, with_, None, groups, reference_emb=ref)
     per_prompt = {PROMPTS[row["group"]]: round(row["preservation"], 4) for row in kps["per_prompt"]}
@@ -266,8 +277,6 @@ def _scores(base, without, with_, ref, groups) -> dict:
 
 def _grid(path: Path, images: dict, shown: list[str], seeds: int) -> Path:
     """Rows: base, each shown adapter without the trigger, then each with it, on the first prompt."""
-    from catfast.eval.grids import save_grid
-    from catfast.eval.kps import with_trigger
 
     cells, labels = [], []
     rows = [("base", f'base: "{PROMPTS[0]}"')]
@@ -284,11 +293,6 @@ def _lifelong(
     model, first, variants, pairs, seeds, emb, ref, encoder, scenes2, trigger2, sample_steps, progress, out, grids
 ):
     """Base + A (merged) + B_variant on the star and ball prompts, with and without each trigger."""
-    from catfast.adapters.formats import read_adapter
-    from catfast.adapters.merge import merge_adapter_
-    from catfast.eval.kps import harmonic_mean, kps_scores
-    from catfast.integrations.models import load_base
-    from catfast.integrations.peft_adapters import attach_adapter
 
     base = load_base(model)
     merge_adapter_(base.unet, read_adapter(first, models={"unet": base.unet}))
@@ -330,8 +334,6 @@ def _lifelong(
             kps=round(harmonic_mean([preservation, identity]), 4),
             **timing,
         )
-    from catfast.eval.grids import save_grid
-    from catfast.eval.kps import with_trigger
 
     cells, labels = [], []
     for variant in variants:
