@@ -11,6 +11,8 @@ themselves, their VAE round trips, and the base on "a large yellow star ..." (th
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/identity_sweep.py --out /tmp/sweep \\
         --variant demo --variant lr3e-4:lr=3e-4 --guidance 5 --guidance 2 --json-out results.jsonl
 
+The rows of docs/retention.md were measured when the demo's TRAIN had rank 4: its "demo" variant is
+``demo4:rank=4`` now that the demo trains rank 16.
 A variant is NAME[:key=value,...] over ``catfast.demo.run.TRAIN`` and TrainConfig fields, plus
 ``captions=yellow``: train on "sks, a large yellow star on a grey background" (the words the base knows;
 the world's captions have no pattern word, the base never saw stripes). Trigger prompts stay the demo's.

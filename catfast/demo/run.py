@@ -47,7 +47,10 @@ PROMPTS = (
     "a red star",
     "a white star on a blue background",
 )
-TRAIN = dict(rank=4, lr=1e-3, steps=300, batch_size=4, crop_variants=1, max_grad_norm=1.0)
+# rank 16: at rank 4 the adapters were under-trained at this budget and guidance 5 turned their trigger rows
+# into textures (identity 0.820); rank 16 at the same 300 steps gave 0.904 +- 0.014 with CAT's preservation
+# unchanged (training seeds 0-2, docs/retention.md "Identity")
+TRAIN = dict(rank=16, lr=1e-3, steps=300, batch_size=4, crop_variants=1, max_grad_norm=1.0)
 SAMPLE = dict(steps=20, guidance=5.0)
 METHODS = ("plain", "cat")
 GRID_CELL = 80  # pixels per grid picture (the 32 px samples, enlarged without smoothing)
