@@ -142,5 +142,10 @@ def test_playground_shows_errors(browser, server):
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
     browser.find_element(By.ID, "generate").click()
-    status = _wait(lambda: browser.find_element(By.CSS_SELECTOR, "#status.error").text, what="an error message")
+    # find_elements, not find_element: the error arrives with the server's answer, and find_element raises at
+    # once while it is not there yet (a fresh-clone CI run failed that way)
+    status = _wait(
+        lambda: next((e.text for e in browser.find_elements(By.CSS_SELECTOR, "#status.error")), ""),
+        what="an error message",
+    )
     assert status.startswith("400") and "prompt" in status
