@@ -18,7 +18,7 @@ from catfast.errors import AdapterShapeError, CatfastError
 from catfast.integrations.factory import build_unet, init_model_folder
 from catfast.integrations.models import load_base
 from catfast.integrations.schedulers import SCHEDULER_CONFIG
-from catfast.testing import assert_rel_close, randomize_lora_
+from catfast.testing import assert_rel_close, cat_batch, randomize_lora_
 from catfast.train.bank import BankError, load_bank, make_bank
 from catfast.train.lifelong import TRIGGER_PROMPTS, KeepError, read_kept
 from catfast.train.objective import cat_loss
@@ -40,17 +40,6 @@ def _unet():
     for name, p in unet.named_parameters():
         p.requires_grad_(".lora_" in name)
     return unet
-
-
-def _batch(batch=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        latents=torch.randn(batch, 4, 16, 16, generator=g),
-        noise=torch.randn(batch, 4, 16, 16, generator=g),
-        timesteps=torch.randint(0, 1000, (batch,), generator=g),
-        cond=torch.randn(batch, 7, 32, generator=g),
-        cond_stripped=torch.randn(batch, 7, 32, generator=g),
-    )
 
 
 def _retention(**kw):
@@ -85,7 +74,7 @@ def _loss_and_grads(unet, retention, mode, batch, adapters=("default", "other", 
 def test_fused_call_matches_plain_peft_passes():
     """Every row group (concept, stripped, extra prompts, kept prompts, bank) with two adapters in one
     batch: the one row-planned call gives the reference passes' loss terms and LoRA gradients."""
-    unet, batch, retention = _unet(), _batch(), _retention()
+    unet, batch, retention = _unet(), cat_batch(3), _retention()
     ref, ref_grads = _loss_and_grads(unet, retention, "reference", batch)
     fused, fused_grads = _loss_and_grads(unet, retention, "fused", batch)
     for term in ("total", "ldm", "cat", "keep", "bank"):
@@ -100,7 +89,7 @@ def test_fused_call_matches_plain_peft_passes():
 
 def test_without_extra_rows_it_is_the_cat_loss():
     """No extra, kept or bank rows: the retention step is `cat_loss` (the paper's objective) exactly."""
-    unet, batch = _unet(), _batch()
+    unet, batch = _unet(), cat_batch(3)
     plain = Retention()
     for mode in ("reference", "fused"):
         mine, _ = _loss_and_grads(unet, plain, mode, batch)
@@ -117,7 +106,7 @@ def test_without_extra_rows_it_is_the_cat_loss():
 def test_bank_term_is_the_true_noise_mse_on_bank_rows():
     """The bank term against a hand computation: the same draws, the adapter's prediction on the noised
     bank latent under its prompt, MSE against the drawn noise; the bank rows' timesteps follow xi(t)."""
-    unet, batch = _unet(), _batch(batch=2)
+    unet, batch = _unet(), cat_batch(2)
     retention = _retention(extra_cond=None, keep_cond=None, cat_weight=0.0, bank_weight=0.3)
     loss, _ = _loss_and_grads(unet, retention, "fused", batch, adapters=("other", "other"))
     nb = retention.bank_rows(2)

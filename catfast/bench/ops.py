@@ -29,6 +29,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from catfast import backends
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -130,8 +132,10 @@ def _entry(what: str, unit: str, ms: _Times, work: float, baseline: str = "torch
     return entry
 
 
-def _ext_can(reasons: list[str]) -> bool:
-    return not reasons
+def _ext_can(op: str, dev, dtype, reasons: list[str]) -> bool:
+    """Whether the extension runs ``op`` here: the registry's probe (built at all, with CUDA for CUDA
+    tensors, the dtype) and the op's per-call ``reasons``."""
+    return not backends.reasons(op, dev, dtype, why_not={"ext": reasons})["ext"]
 
 
 # ---- merge / swap ---------------------------------------------------------------------------------
@@ -155,7 +159,7 @@ def _merge(dev, dtype, smoke, reps):
     scales = [0.5] * len(weights)
     w_bytes = sum(w.numel() * w.element_size() for w in weights)
     shape = f"{len(weights)} layers {'+'.join(str(w) for w, _ in widths)} rank {widths[0][1]}"
-    ext_ok = _ext_can(merge_ops.ext_not_supported_reasons(weights, a1, b1))
+    ext_ok = _ext_can("merge_lora", dev, dtype, merge_ops.ext_not_supported_reasons(weights, a1, b1))
 
     def naive(a, b, s):
         def run():
@@ -213,7 +217,7 @@ def _group_norm_silu(dev, dtype, smoke, reps):
         dy = torch.randn(shape, generator=g).to(dtype).to(dev)
         xg = x.clone().requires_grad_(True)
         nbytes = x.numel() * x.element_size()
-        ext_ok = _ext_can(gn_ops.ext_not_supported_reasons(x))
+        ext_ok = _ext_can("group_norm_silu", dev, dtype, gn_ops.ext_not_supported_reasons(x))
         fwd = {"torch": lambda: F.silu(F.group_norm(x, 32, w, b))}
         both = {"torch": lambda: F.silu(F.group_norm(xg, 32, w, b)).backward(dy)}
         if ext_ok:
@@ -257,7 +261,7 @@ def _cat_loss(dev, dtype, smoke, reps):
         target, teacher = (torch.randn(shape, generator=g).to(dev) for _ in range(2))
         weights = (torch.rand(batch, generator=g) + 0.5).to(dev)  # min-SNR weights
         fns = {"torch": lambda: cat_loss_ref(pred, target, stripped, teacher, weights, 1.0)[0].backward()}
-        if _ext_can(loss_ops.ext_not_supported_reasons([pred, target])):
+        if _ext_can("cat_loss", dev, dtype, loss_ops.ext_not_supported_reasons([pred, target])):
             fns["ext"] = lambda: _forced(
                 "ext", loss_ops.fused_cat_loss, pred, target, stripped, teacher, weights=weights
             ).total.backward()

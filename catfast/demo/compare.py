@@ -32,9 +32,7 @@ from catfast.adapters.merge import merge_adapter_
 from catfast.demo import world
 from catfast.demo.adapters import CONCEPTS, concept_scenes
 from catfast.demo.adapters import write_concept as write_other
-from catfast.demo.encoder import load_encoder
-from catfast.demo.run import GRID_CELL, PROMPTS, SAMPLE, TRAIN, check_out, diversity, write_concept
-from catfast.demo.shipped import check_assets, encoder_path, model_path
+from catfast.demo.run import GRID_CELL, PROMPTS, SAMPLE, TRAIN, diversity, prepare
 from catfast.errors import CatfastError
 from catfast.eval.grids import save_grid
 from catfast.eval.kps import harmonic_mean, kps_scores, with_trigger
@@ -99,12 +97,7 @@ def run_compare(
     """Train, sample and score every method of ``methods`` (module docstring) in ``out``; writes
     results.json and one grid per comparison (grid-<method>.png) and returns the results."""
     t0 = time.perf_counter()
-    out = check_out(out, overwrite)
-    check_assets(assets)
-    model = model_path(assets)
-    encoder = load_encoder(encoder_path(assets))
-    references = write_concept(out / "concept")
-
+    out, model, encoder, references = prepare(out, overwrite, assets)
     configs = _configs(methods, model, out, seed, steps, sample_steps, log)
     results: dict = {}
     adapters: dict[str, Path] = {}

@@ -74,6 +74,14 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+def prepare(out: str | os.PathLike, overwrite: bool, assets: str | os.PathLike | None):
+    """Before any training: ``out`` checked (``check_out``), the assets checked, and the concept's pictures
+    written to ``out/concept``; returns (out, model folder, attribute encoder, concept pictures)."""
+    out = check_out(out, overwrite)
+    check_assets(assets)
+    return out, model_path(assets), load_encoder(encoder_path(assets)), write_concept(out / "concept")
+
+
 def write_concept(folder: Path, n: int = 5) -> list:
     """The concept's training images (PNG + .txt caption each) in ``folder``; returns the PIL images."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,12 +145,7 @@ def run_demo(
     (default: the shipped one), checked first."""
 
     t0 = time.perf_counter()
-    out = check_out(out, overwrite)
-    check_assets(assets)
-    model = model_path(assets)
-    encoder = load_encoder(encoder_path(assets))
-    references = write_concept(out / "concept")
-
+    out, model, encoder, references = prepare(out, overwrite, assets)
     results: dict = {}
     adapters: dict[str, Path] = {}
     for method in METHODS:

@@ -37,8 +37,6 @@ def ext_not_supported_reasons(tensors: list[torch.Tensor]) -> list[str]:
     kind = tensors[0].device.type
     if kind not in ("cpu", "cuda"):
         reasons.append(f"tensors on {kind}")
-    elif kind == "cuda" and EXT is not None and not hasattr(EXT, "cat_loss_cuda"):
-        reasons.append("catfast._C was built without CUDA")
     if any(t.dtype not in _DTYPES for t in tensors):
         reasons.append("predictions and targets must be float32/float16/bfloat16")
     return reasons

@@ -33,10 +33,7 @@ def ext_not_supported_reasons(
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         reasons.append(f"tensors are on several devices ({', '.join(sorted(map(str, devices)))})")
-    elif tensors and tensors[0].device.type == "cuda":
-        if EXT is not None and not hasattr(EXT, "merge_lora_cuda_"):
-            reasons.append("catfast._C was built without CUDA")
-    elif tensors and tensors[0].device.type != "cpu":
+    elif tensors and tensors[0].device.type not in ("cpu", "cuda"):
         reasons.append(f"tensors are on {tensors[0].device.type}")
     if any(w.dtype not in _EXT_DTYPES or not w.is_contiguous() for w in weights):
         reasons.append("weights must be contiguous float32/float16/bfloat16")
