@@ -3,7 +3,8 @@ for the teacher rows"): Conv2d / Linear layers without LoRA, and attention.
 
 With a row plan that mixes grad and no-grad samples, ``RowFrozenConv2d`` / ``RowFrozenLinear`` run
 every row in one launch but compute dX only for the grad samples, and ``RowAttnProcessor`` runs the
-attention core with autograd for the grad samples only. Without such a plan each defers to the
+attention core with autograd for the grad samples only. Under any plan the convolutions run, forward and
+dX, by the faster algorithm for their shape (``catfast.ops.conv``). Without a plan each defers to the
 original module / processor exactly. Parameters are the original ones, under the same names.
 """
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from catfast.nn.plan_holder import PlanHolder
 from catfast.nn.row_lora import RowLoraLayer
+from catfast.ops.conv import frozen_conv2d as conv2d_by_shape
 from catfast.ops.grad_rows import frozen_conv2d, frozen_linear, split_rows
 
 
@@ -61,8 +63,10 @@ class _RowFrozen(torch.nn.Module):
             return shared
         if self.holder.shares_twins(x):
             return self.holder.twin_shared(x, self.forward)
-        if not self._row_aware(x):
+        if self.holder.plan is None:  # no plan: exactly the original module
             return self.inner(x)
+        if not self._row_aware(x):
+            return self.plain_op(x, self.inner)
         return self.row_aware_op(x, self.inner, self.holder.plan)
 
     def extra_repr(self) -> str:
@@ -73,12 +77,14 @@ class RowFrozenConv2d(_RowFrozen):
     """A frozen Conv2d whose backward spends work only on the grad samples."""
 
     row_aware_op = staticmethod(frozen_conv2d)
+    plain_op = staticmethod(conv2d_by_shape)  # every row, or no plan: the faster algorithm for the shape
 
 
 class RowFrozenLinear(_RowFrozen):
     """A frozen Linear whose backward spends work only on the grad samples."""
 
     row_aware_op = staticmethod(frozen_linear)
+    plain_op = staticmethod(lambda x, inner: inner(x))
 
 
 class RowAttnProcessor:

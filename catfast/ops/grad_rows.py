@@ -23,6 +23,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from catfast.ops.conv import conv2d_forward, conv2d_input
 from catfast.rows import RowPlan
 
 ROWS_ONLY = "_catfast_rows_only"  # attribute marking a saved tensor that already holds only grad rows
@@ -169,7 +170,7 @@ class _FrozenRowsFunction(torch.autograd.Function):
         ctx.save_for_backward(weight)
         if conv_args is None:
             return F.linear(x, weight, bias)
-        return F.conv2d(x, weight, bias, *conv_args)
+        return conv2d_forward(x, weight, bias, *conv_args)
 
     @staticmethod
     def backward(ctx, dy):
@@ -181,7 +182,7 @@ class _FrozenRowsFunction(torch.autograd.Function):
         else:
             stride, padding, dilation, groups = ctx.conv_args
             shape = (index.numel(), *ctx.x_shape[1:])
-            dx_g = torch.nn.grad.conv2d_input(shape, weight, dy_g, stride, padding, dilation, groups)
+            dx_g = conv2d_input(shape, weight, dy_g, stride, padding, dilation, groups)
         return scatter_rows(dx_g.to(dy.dtype), ctx.x_shape, index, run, ctx.x_shape[0]), None, None, None, None
 
 
