@@ -22,6 +22,9 @@ backward on the same random-weight UNet (catfast's factories), with a LoRA on ev
 - ``loss_rel_err`` / ``grad_rel_err``: parity with catfast's reference step where the loss is the same
   (kohya's loss is half of it, see ``contestants.LOSS_FACTOR``).
 
+``conv_gemm``: of the convolution shapes (forward and input gradient apart) the fused step timed
+(``catfast.ops.conv``), how many run as im2col + GEMM.
+
 ``mixed_precision="bf16"`` runs every entry under bf16 autocast (fp32 weights; the loss reduced in fp32);
 ``auto`` is the default-settings run: bf16 where the device supports it, else fp32.
 """
@@ -44,6 +47,7 @@ from catfast.errors import CatfastError
 from catfast.integrations.factory import build_unet
 from catfast.integrations.peft_adapters import add_lora, randomize_lora_
 from catfast.integrations.schedulers import training_scheduler
+from catfast.ops.conv import choices as conv_choices
 from catfast.targets import ATTENTION_PROJECTIONS
 from catfast.train.objective import auto_mode, cat_loss
 
@@ -103,7 +107,10 @@ def _step(unet, loss_fn, autocast):
 
 
 def _measure_once(unet, loss_fn, autocast) -> dict:
-    """FLOPs of forward and backward, and unique bytes autograd saved (parameters excluded)."""
+    """FLOPs of forward and backward, and unique bytes autograd saved (parameters excluded). One step runs
+    first, uncounted: the first call of each convolution shape times its algorithms (``catfast.ops.conv``),
+    whose runs the counter would add to the step's FLOPs."""
+    _step(unet, loss_fn, autocast)
     params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
     storages: dict[int, int] = {}
 
@@ -274,6 +281,8 @@ def bench_train_step(
     out["cpu_speedup"] = round(reference["median_cpu_ms"] / fused["median_cpu_ms"], 3)
     default_ms = out["modes"][chosen]["median_ms"]
     out["default_vs"] = {name: round(e["median_ms"] / default_ms, 3) for name, e in out["against"].items()}
+    chosen_convs = list(conv_choices().values())
+    out["conv_gemm"] = {"gemm": chosen_convs.count("gemm"), "timed": len(chosen_convs)}
     return out
 
 
