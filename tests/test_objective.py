@@ -228,3 +228,32 @@ def test_default_mode_auto_runs_the_rule_s_choice(tiny):
         catfast.cat_loss(unet, sched, **b, mode="reference")
     assert_rel_close(catfast.cat_loss(unet, sched, **b).total.detach(), ref.detach(), 1e-5, "auto on a patched UNet")
     unpatch_unet(unet)
+
+
+@pytest.fixture
+def threads():
+    """Restores torch's thread count after a test that sets it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_auto_rule_on_the_cpu_follows_width_and_threads(tiny, threads):
+    """The measured CPU rule: a narrow UNet runs fused (teacher rows first) at 1 thread and the reference at
+    more; an SD1.5-width one runs fused at any thread count."""
+    from catfast.train.objective import auto_mode
+
+    unet, _ = tiny
+    threads(1)
+    assert auto_mode(unet) == (
+        "fused",
+        "on the CPU at 1 thread the fused step, teacher rows first, is faster for a 32-channel UNet "
+        "(1.00-1.18x the reference's speed)",
+    )
+    threads(2)
+    mode, why = auto_mode(unet)
+    assert mode == "reference" and why.startswith("on the CPU at 2 threads the reference is faster")
+    wide = _lora_unet(UNet2DConditionModel(**{**unet_config("tiny"), "block_out_channels": (320, 320)}))[0]
+    for n in (1, 2):
+        threads(n)
+        assert auto_mode(wide)[0] == "fused" and "320-channel" in auto_mode(wide)[1]

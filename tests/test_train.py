@@ -124,7 +124,8 @@ def test_cli_kill_resume_matches_uninterrupted_run_and_diffusers_loads_it(tiny, 
     ref = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [r["step"] for r in ref] == list(range(1, steps + 1))
     assert set(ref[0]) == {"step", "loss", "ldm", "cat", "lr", "seconds", "mode", "mode_reason"}
-    assert ref[0]["mode"] == "fused" and "CPU" in ref[0]["mode_reason"]  # mode "auto" on a CPU
+    # mode "auto" on a CPU: the tiny UNet runs fused at 1 thread, the reference at more (test_objective)
+    assert ref[0]["mode"] in ("fused", "reference") and "on the CPU at" in ref[0]["mode_reason"]
     assert all(set(r) == set(ref[0]) - {"mode_reason"} for r in ref[1:])
     for r, s in zip(lines, ref):
         assert abs(r["loss"] - s["loss"]) <= 1e-5 * abs(s["loss"]), (r, s)

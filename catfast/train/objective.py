@@ -75,15 +75,17 @@ def auto_mode(
 ) -> tuple[str, str]:
     """The exact mode ``mode="auto"`` runs for this UNet on this device, and why (one sentence).
 
-    The rule follows what ``catfast bench train-step`` measured on the CPU (benchmarks/README.md): the fused
-    step is faster than the reference there at every width, in the layout ``fused_layout`` picks (the small
-    UNet, teacher rows first: 0.93-0.95x the reference's CPU time, 1 thread; SD1.5 widths, one call: 1.04x on
-    SD1.5 at 512 px, 1.10-1.12x on ``sd15-narrow``). On a GPU the fused step has not been timed against the
-    reference (one H200 lease timed it against the official step only, in the trainer's bf16 layout: 0.80x
-    its speed at 0.52x its memory on SD1.5), so the reference is the choice there for a UNet and LoRA of one
-    dtype, until a benchmark says otherwise. A UNet patched by ``patch_unet`` (the
-    reference refuses it) and a half-precision UNet carrying fp32 LoRA weights (peft's layers would mix
-    dtypes) run fused; a UNet the fused step cannot run (a LoRA layer it cannot row-plan, gradient
+    The rule follows what ``catfast bench train-step`` measured on the quiet 2-core dev CPU
+    (benchmarks/README.md, results/train-step-cpu-dev-2core-convs.jsonl), in the layout ``fused_layout``
+    picks: at SD1.5 widths (one call) the fused step ran at 1.52-1.63x the reference's speed at 1 and 2
+    threads (its frozen convolutions on the faster algorithm per shape, ``catfast.ops.conv``); on the small
+    UNet (teacher rows first) at 1.00-1.18x at 1 thread but 0.89-0.97x at 2 threads, so below
+    ``FUSED_CPU_MIN_WIDTH`` channels the reference runs when torch uses more than one thread. On a GPU the
+    fused step has not been timed against the reference (one H200 lease timed it against the official step
+    only, in the trainer's bf16 layout: 0.80x its speed at 0.52x its memory on SD1.5), so the reference is the
+    choice there for a UNet and LoRA of one dtype, until a benchmark says otherwise. A UNet patched by
+    ``patch_unet`` (the reference refuses it) and a half-precision UNet carrying fp32 LoRA weights (peft's
+    layers would mix dtypes) run fused; a UNet the fused step cannot run (a LoRA layer it cannot row-plan, gradient
     checkpointing without ``patch_unet``, several active adapters without per-sample adapters) runs the
     reference. ``per_sample_adapters``: the caller names each sample's adapter (``adapters=``)."""
     model = _unwrap(unet)
@@ -101,12 +103,21 @@ def auto_mode(
         return "reference", f"the fused step cannot run this UNet: {blocker}"
     layout, _ = fused_layout(model, kind)
     width = (getattr(getattr(model, "config", None), "block_out_channels", None) or (0,))[0]
+    threads = torch.get_num_threads()
+    if layout == "teacher-first" and threads > 1:
+        return "reference", (
+            f"on the CPU at {threads} threads the reference is faster for a {width}-channel UNet "
+            "(the fused step, teacher rows first, ran at 0.89-0.97x its speed at 2 threads)"
+        )
     if layout == "teacher-first":
         return "fused", (
-            f"on the CPU the fused step, teacher rows first, is faster for a {width}-channel UNet "
-            "(0.93-0.95x the reference's time)"
+            f"on the CPU at 1 thread the fused step, teacher rows first, is faster for a {width}-channel UNet "
+            "(1.00-1.18x the reference's speed)"
         )
-    return "fused", f"on the CPU the fused step is faster for a {width}-channel UNet (1.04-1.12x the reference)"
+    return "fused", (
+        f"on the CPU the fused step is faster for a {width}-channel UNet (1.52-1.63x the reference's speed at 1 and "
+        "2 threads, its small-map convolutions on GEMMs)"
+    )
 
 
 @dataclass
