@@ -55,9 +55,9 @@ def fused_layout(unet: torch.nn.Module, device: torch.device | str | None = None
     UNet teacher-first took 0.93-0.95x the reference step's CPU time (batch 2 / 1, 1 thread) where one-call
     took 0.98-1.00x; on ``sd15-narrow`` (320/640/1280) one-call took 0.89x and teacher-first 1.02x: at SD1.5
     widths one launch over 3B rows pays more than the copies cost (re-checked with the convolutions chosen per
-    shape, quiet, 1 thread, interleaved: one-call 1424 ms, teacher-first 1511). So: one-call from ``FUSED_CPU_MIN_WIDTH``
-    channels on the CPU, teacher-first below. Off the CPU one-call (the layout the GPU kernels were built for;
-    neither layout has been timed on a GPU yet)."""
+    shape, quiet, 1 thread, interleaved: one-call 1424 ms, teacher-first 1511). So: one-call from
+    ``FUSED_CPU_MIN_WIDTH`` channels on the CPU, teacher-first below. Off the CPU one-call (the layout the GPU
+    kernels were built for; neither layout has been timed on a GPU yet)."""
     model = _unwrap(unet)
     kind = torch.device(device).type if device is not None else model.conv_in.weight.device.type
     if kind != "cpu":
