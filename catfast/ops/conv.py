@@ -6,13 +6,14 @@ The algorithms:
   the input gradient is one GEMM and col2im (``F.fold``). Same sums, in another order: fp32 rounding apart.
 
 Why: on the small feature maps of a UNet's inner levels oneDNN is slow. On the 2-core dev CPU at 1 thread a
-1280 -> 1280 3x3 convolution over 3 x 4x4 positions ran forward + input gradient at 34 GFLOP/s against
-98 GFLOP/s as im2col + GEMM (2.9x), and 2560 -> 1280 at 26 against 97; on 16x16 maps oneDNN wins (0.8x)
-(benchmarks/README.md, "Convolutions on small maps"). Which wins depends on the batch and the thread count
-too (the 4x4 case at batch 1 was 0.86x, at 2 threads and batch 3 3.0x), so no static rule held: the first
-call of a shape times both algorithms, the forward and the input gradient apart (a row-planned backward
-runs the input gradient on fewer rows than the forward), and later calls of that shape reuse the winner.
-``gemm`` is taken only when it is at least ``MARGIN`` faster, so noise does not flip a near tie.
+1280 -> 1280 3x3 convolution over 3 x 4x4 positions ran its forward at 28 GFLOP/s and its input gradient at
+26, against 83 and 83 as im2col + GEMM (3.0x, 3.2x), 2560 -> 1280 at 31 / 31 against 102 / 99; on 16x16 maps
+oneDNN wins (0.4-0.9x) (benchmarks/README.md, "Convolutions on small maps"). Which wins depends on the batch
+and the thread count too (an exploratory sweep had the 4x4 case at batch 1 faster on oneDNN), so no static
+rule held: the first call of a shape times both algorithms, the forward and the input gradient apart (a
+row-planned backward runs the input gradient on fewer rows than the forward), and later calls of that shape
+reuse the winner (the first step of a run pays the timing: 8 calls per shape). ``gemm`` is taken only when it
+is at least ``MARGIN`` faster, so noise does not flip a near tie.
 
 ``CATFAST_CONV``: ``auto`` (default, timed per shape), ``native`` (torch's convolution always: bitwise what
 torch computes) or ``gemm`` (always, where it applies: tests). Off the CPU, in grouped convolutions and
