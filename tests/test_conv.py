@@ -2,6 +2,7 @@
 Conv2d that runs the faster algorithm per shape, the timed choice, CATFAST_CONV, and the fused CAT step
 with every frozen convolution on the GEMM path against the reference step."""
 
+import copy
 import time
 
 import pytest
@@ -55,14 +56,13 @@ def test_gemm_convolution_and_input_gradient_equal_torch(case, bias):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemm_convolution_in_half_precision_is_as_close_as_torchs(dtype):
     conv = _conv(32, 48, 3, 1, 1, 1)
+    low = copy.deepcopy(conv).to(dtype)
     x = torch.randn(2, 32, 6, 6)
     ref = conv(x)
-    low = conv.to(dtype)
     out = conv_ops.conv2d_gemm(x.to(dtype), low.weight, low.bias, *_args(low))
     assert_close_to_ref(out, ref, low(x.to(dtype)), "forward")
     dy = torch.randn_like(ref)
-    ref_dx = torch.nn.grad.conv2d_input(x.shape, conv.float().weight, dy, *_args(conv))
-    low = conv.to(dtype)
+    ref_dx = torch.nn.grad.conv2d_input(x.shape, conv.weight, dy, *_args(conv))
     torch_dx = torch.nn.grad.conv2d_input(x.shape, low.weight, dy.to(dtype), *_args(low))
     dx = conv_ops.conv2d_input_gemm(x.shape, low.weight, dy.to(dtype), *_args(low))
     assert_close_to_ref(dx, ref_dx, torch_dx, "input grad")
