@@ -33,7 +33,9 @@ from catfast.train.checkpoint import (
 from catfast.train.config import ConfigError, TrainConfig
 from catfast.train.trainer import train
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CATFAST_BACKEND": "torch"}
+# CATFAST_CONV=native: the per-shape convolution choice (catfast.ops.conv) is timed in each process, like
+# cudnn.benchmark, so two processes may round differently; the resume test compares two processes to 1e-6
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CATFAST_BACKEND": "torch", "CATFAST_CONV": "native"}
 ENV.pop("TRITON_INTERPRET", None)  # the trainer's CPU path is torch; the kernels have their own tests
 
 

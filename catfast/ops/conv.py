@@ -15,9 +15,10 @@ row-planned backward runs the input gradient on fewer rows than the forward), an
 reuse the winner (the first step of a run pays the timing: 8 calls per shape). ``gemm`` is taken only when it
 is at least ``MARGIN`` faster, so noise does not flip a near tie.
 
-``CATFAST_CONV``: ``auto`` (default, timed per shape), ``native`` (torch's convolution always: bitwise what
-torch computes) or ``gemm`` (always, where it applies: tests). Off the CPU, in grouped convolutions and
-while ``torch.compile`` traces, the native convolution runs.
+``CATFAST_CONV``: ``auto`` (default, timed per shape; like ``cudnn.benchmark`` the choice is per process, so
+two processes agree to fp32 rounding, not bit for bit), ``native`` (torch's convolution always: bitwise what
+torch computes, in every process) or ``gemm`` (always, where it applies: tests). Off the CPU, in grouped
+convolutions and while ``torch.compile`` traces, the native convolution runs.
 """
 
 from __future__ import annotations
