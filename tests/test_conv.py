@@ -140,6 +140,19 @@ def test_each_shape_is_timed_once_and_reused(monkeypatch):
     conv_ops.clear_choices()
 
 
+def test_large_maps_run_natively_without_timing(monkeypatch):
+    monkeypatch.setenv(conv_ops.ENV_VAR, "gemm")  # even forced: the GEMM path is for small maps only
+    conv_ops.clear_choices()
+    calls = []
+    monkeypatch.setattr(conv_ops, "conv2d_gemm", lambda *a: calls.append(1))
+    conv = _conv(4, 4, 3, 1, 1, 1)
+    x = torch.randn(1, 4, 33, 32, requires_grad=True)  # 1056 positions > 32 x 32
+    y = conv_ops.frozen_conv2d(x, conv)
+    y.sum().backward()
+    assert calls == [] and conv_ops.choices() == {}
+    assert_rel_close(y.detach(), conv(x.detach()), 1e-6, "forward")
+
+
 def test_bad_setting_names_the_valid_ones(monkeypatch):
     monkeypatch.setenv(conv_ops.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="CATFAST_CONV='fast' is not valid; use one of auto, native, gemm"):

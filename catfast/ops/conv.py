@@ -18,7 +18,8 @@ is at least ``MARGIN`` faster, so noise does not flip a near tie.
 ``CATFAST_CONV``: ``auto`` (default, timed per shape; like ``cudnn.benchmark`` the choice is per process, so
 two processes agree to fp32 rounding, not bit for bit), ``native`` (torch's convolution always: bitwise what
 torch computes, in every process) or ``gemm`` (always, where it applies: tests). Off the CPU, in grouped
-convolutions and while ``torch.compile`` traces, the native convolution runs.
+convolutions, on maps of more than ``MAX_GEMM_POSITIONS`` and while ``torch.compile`` traces, the native
+convolution runs, untimed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ ENV_VAR = "CATFAST_CONV"
 SETTINGS = ("auto", "native", "gemm")
 MARGIN = 1.15  # gemm must take at most 1 / MARGIN of native's time to be chosen
 _TIMED_ROUNDS = 3
+# Maps with more output positions than this run natively without timing: oneDNN won on every map of 16x16
+# and more that benchmarks/conv_algorithms.py measured (0.2-0.9x), and im2col allocates 9x the input (SD1.5's
+# 64x64 level at batch 3: 141 MB) for every timing run
+MAX_GEMM_POSITIONS = 32 * 32
 
 # (which, shapes, conv args, dtype, threads) -> "native" | "gemm", for the process
 _choices: dict[tuple, str] = {}
@@ -91,7 +96,11 @@ def conv2d_input_gemm(input_shape, weight: torch.Tensor, grad_out: torch.Tensor,
 
 
 def _eligible(x: torch.Tensor, groups: int) -> bool:
-    return x.device.type == "cpu" and groups == 1 and not torch.compiler.is_compiling() and setting() != "native"
+    """Whether the GEMM path may run: on the CPU, groups 1, a map (x, or dY for dX) of at most
+    ``MAX_GEMM_POSITIONS`` positions, not while torch.compile traces, not under ``CATFAST_CONV=native``."""
+    small_map = x.shape[-2] * x.shape[-1] <= MAX_GEMM_POSITIONS
+    cpu = x.device.type == "cpu"
+    return cpu and groups == 1 and small_map and not torch.compiler.is_compiling() and setting() != "native"
 
 
 def _choose(key: tuple, native: Callable[[], torch.Tensor], gemm: Callable[[], torch.Tensor]) -> str:
