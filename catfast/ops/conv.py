@@ -36,9 +36,9 @@ ENV_VAR = "CATFAST_CONV"
 SETTINGS = ("auto", "native", "gemm")
 MARGIN = 1.15  # gemm must take at most 1 / MARGIN of native's time to be chosen
 _TIMED_ROUNDS = 3
-# Maps with more output positions than this run natively without timing: oneDNN won on every map of 16x16
-# and more that benchmarks/conv_algorithms.py measured (0.2-0.9x), and im2col allocates 9x the input (SD1.5's
-# 64x64 level at batch 3: 141 MB) for every timing run
+# Maps with more positions than this run natively without timing: oneDNN won on every map from 16x16 up that
+# benchmarks/conv_algorithms.py measured (16x16 and 32x32: GEMM 0.2-0.9x), and im2col allocates 9x the input
+# for every timing run (SD1.5's 64x64 level at batch 3: 141 MB)
 MAX_GEMM_POSITIONS = 32 * 32
 
 # (which, shapes, conv args, dtype, threads) -> "native" | "gemm", for the process
