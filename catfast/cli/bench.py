@@ -61,7 +61,7 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
     default="no",
     show_default=True,
     type=click.Choice(["no", "bf16", "auto"]),
-    help="bf16 autocast for every entry (auto: where the device has bf16 and a bf16 GEMM is faster than fp32).",
+    help="bf16 autocast for every entry (auto: where the device has bf16 and a bf16 GEMM is 1.2x an fp32 one).",
 )
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS, one process per entry (CPU).")
 @click.option(
