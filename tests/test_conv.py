@@ -69,11 +69,11 @@ def test_gemm_convolution_in_half_precision_is_as_close_as_torchs(dtype):
 
 
 @pytest.mark.parametrize("setting", ["gemm", "native", "auto"])
-def test_frozen_conv2d_equals_the_module_forward_and_backward(setting, monkeypatch):
+def test_conv2d_by_shape_equals_the_module_forward_and_backward(setting, monkeypatch):
     monkeypatch.setenv(conv_ops.ENV_VAR, setting)
     conv = _conv(8, 6, 3, 2, 1, 1)
     x = torch.randn(3, 8, 9, 9, requires_grad=True)
-    y = conv_ops.frozen_conv2d(x, conv)
+    y = conv_ops.conv2d_by_shape(x, conv)
     dy = torch.randn_like(y)
     y.backward(dy)
     x2 = x.detach().clone().requires_grad_()
@@ -82,32 +82,32 @@ def test_frozen_conv2d_equals_the_module_forward_and_backward(setting, monkeypat
     assert_rel_close(y.detach(), want.detach(), 1e-6, "forward")
     assert_rel_close(x.grad, x2.grad, 1e-6, "dx")
     with torch.no_grad():
-        assert_rel_close(conv_ops.frozen_conv2d(x, conv), want.detach(), 1e-6, "no_grad forward")
+        assert_rel_close(conv_ops.conv2d_by_shape(x, conv), want.detach(), 1e-6, "no_grad forward")
 
 
-def test_frozen_conv2d_saves_only_the_weight(monkeypatch):
+def test_conv2d_by_shape_saves_only_the_weight(monkeypatch):
     monkeypatch.setenv(conv_ops.ENV_VAR, "gemm")
     conv = _conv(8, 6, 3, 1, 1, 1)
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        conv_ops.frozen_conv2d(x, conv)
+        conv_ops.conv2d_by_shape(x, conv)
     assert len(saved) == 1 and saved[0] is conv.weight  # torch's convolution also saves x
 
 
-def test_frozen_conv2d_leaves_trainable_and_unusual_convolutions_to_torch(monkeypatch):
+def test_conv2d_by_shape_leaves_trainable_and_unusual_convolutions_to_torch(monkeypatch):
     monkeypatch.setenv(conv_ops.ENV_VAR, "gemm")
     calls = []
     real = conv_ops.conv2d_forward
     monkeypatch.setattr(conv_ops, "conv2d_forward", lambda *a: calls.append(1) or real(*a))
     trainable = _conv(4, 4, 3, 1, 1, 1).requires_grad_(True)
     x = torch.randn(1, 4, 5, 5)
-    conv_ops.frozen_conv2d(x, trainable).sum().backward()
+    conv_ops.conv2d_by_shape(x, trainable).sum().backward()
     assert trainable.weight.grad is not None and trainable.weight.grad.abs().sum() > 0
     grouped = torch.nn.Conv2d(4, 4, 3, padding=1, groups=2).requires_grad_(False)
-    assert_rel_close(conv_ops.frozen_conv2d(x, grouped), grouped(x), 1e-6, "grouped")
+    assert_rel_close(conv_ops.conv2d_by_shape(x, grouped), grouped(x), 1e-6, "grouped")
     reflect = torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect").requires_grad_(False)
-    assert_rel_close(conv_ops.frozen_conv2d(x, reflect), reflect(x), 1e-6, "reflect padding")
+    assert_rel_close(conv_ops.conv2d_by_shape(x, reflect), reflect(x), 1e-6, "reflect padding")
     assert calls == []  # none of them went through catfast's routed forward (grouped: torch inside it)
 
 
@@ -131,11 +131,11 @@ def test_each_shape_is_timed_once_and_reused(monkeypatch):
     conv = _conv(8, 6, 3, 1, 1, 1)
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     for _ in range(3):
-        conv_ops.frozen_conv2d(x, conv).sum().backward()
+        conv_ops.conv2d_by_shape(x, conv).sum().backward()
     assert len(timed) == 2  # the forward and the input gradient, once each
     kinds = sorted(key[0] for key in conv_ops.choices())
     assert kinds == ["forward", "input_grad"] and set(conv_ops.choices().values()) <= {"native", "gemm"}
-    conv_ops.frozen_conv2d(torch.randn(3, 8, 6, 6), conv)  # another batch is another shape
+    conv_ops.conv2d_by_shape(torch.randn(3, 8, 6, 6), conv)  # another batch is another shape
     assert len(timed) == 3
     conv_ops.clear_choices()
 
@@ -147,7 +147,7 @@ def test_large_maps_run_natively_without_timing(monkeypatch):
     monkeypatch.setattr(conv_ops, "conv2d_gemm", lambda *a: calls.append(1))
     conv = _conv(4, 4, 3, 1, 1, 1)
     x = torch.randn(1, 4, 33, 32, requires_grad=True)  # 1056 positions > 32 x 32
-    y = conv_ops.frozen_conv2d(x, conv)
+    y = conv_ops.conv2d_by_shape(x, conv)
     y.sum().backward()
     assert calls == [] and conv_ops.choices() == {}
     assert_rel_close(y.detach(), conv(x.detach()), 1e-6, "forward")
@@ -156,7 +156,7 @@ def test_large_maps_run_natively_without_timing(monkeypatch):
 def test_bad_setting_names_the_valid_ones(monkeypatch):
     monkeypatch.setenv(conv_ops.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="CATFAST_CONV='fast' is not valid; use one of auto, native, gemm"):
-        conv_ops.frozen_conv2d(torch.randn(1, 4, 5, 5), _conv(4, 4, 3, 1, 1, 1))
+        conv_ops.conv2d_by_shape(torch.randn(1, 4, 5, 5), _conv(4, 4, 3, 1, 1, 1))
 
 
 @pytest.mark.parametrize("layout", ["one-call", "teacher-first"])

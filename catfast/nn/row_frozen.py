@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from catfast.nn.plan_holder import PlanHolder
 from catfast.nn.row_lora import RowLoraLayer
-from catfast.ops.conv import frozen_conv2d as conv2d_by_shape
+from catfast.ops.conv import conv2d_by_shape
 from catfast.ops.grad_rows import frozen_conv2d, frozen_linear, split_rows
 
 

@@ -168,7 +168,7 @@ class _FrozenConv2d(torch.autograd.Function):
         return dx, None, None, None
 
 
-def frozen_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+def conv2d_by_shape(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a Conv2d whose weight and bias take no gradient, by the algorithms chosen per shape;
     exactly ``conv(x)`` where they do not apply (trainable weights, padding modes other than zeros, string
     padding, autocast, off the CPU)."""
