@@ -22,3 +22,19 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The `tiny` factory model as a diffusers folder (a module's own ``tiny`` fixture wins over this one)."""
+    from catfast.integrations.factory import init_model_folder
+
+    return init_model_folder("tiny", tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Four captioned 32 px training images with the trigger sks (``catfast.testing.make_data``)."""
+    from catfast.testing import make_data
+
+    return make_data(tmp_path_factory.mktemp("data") / "stars")

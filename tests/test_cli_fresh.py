@@ -37,16 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("diffusers", "transformers", "peft", "onnx", "onnxruntime")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return init_model_folder("tiny", tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("data") / "stars")
-
-
 def _adapter(seed: int = 0, rank: int = 2) -> LoraAdapter:
     """A small random adapter (B nonzero) on one tiny-UNet attention projection."""
     g = torch.Generator().manual_seed(seed)

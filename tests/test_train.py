@@ -21,7 +21,6 @@ from PIL import Image
 
 from catfast.cli import main
 from catfast.errors import CatfastError
-from catfast.integrations.factory import init_model_folder
 from catfast.testing import assert_rel_close, make_data, train_state
 from catfast.train.checkpoint import (
     CheckpointError,
@@ -37,16 +36,6 @@ from catfast.train.trainer import train
 # cudnn.benchmark, so two processes may round differently; the resume test compares two processes to 1e-6
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CATFAST_BACKEND": "torch", "CATFAST_CONV": "native"}
 ENV.pop("TRITON_INTERPRET", None)  # the trainer's CPU path is torch; the kernels have their own tests
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return init_model_folder("tiny", tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("data") / "stars")
 
 
 def cli(*args, timeout=180):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 import tomllib
 
 from catfast.cli.base import _THREADS_HELP, _friendly, _set_threads, main
-from catfast.train.config import TrainConfig
+from catfast.train.config import DEMO_RECIPE, PAPER_RECIPE, TrainConfig
 
 
 def _set_option(ctx, param, values) -> dict:
@@ -24,7 +26,10 @@ def _set_option(ctx, param, values) -> dict:
 
 
 def _default(name: str) -> str:
-    """`train -h`'s default of option ``name``, from TrainConfig, in click's own "[default: X]" form."""
+    """`train -h`'s default of option ``name``, from TrainConfig, in click's own "[default: X]" form (rank,
+    lr, batch size and steps: the CAT paper's, and the demo's recipe on --base demo)."""
+    if name in PAPER_RECIPE:
+        return f"[default: {PAPER_RECIPE[name]:g}; {DEMO_RECIPE[name]:g} on --base demo]"
     value = getattr(TrainConfig(), name)
     if value is None or isinstance(value, bool):
         value = "on" if value else "off"
@@ -42,8 +47,16 @@ _REQUIRED = "[required unless set in --config]"
     f"(the shipped demo model). {_REQUIRED}",
 )
 @click.option("--base-config", help="The diffusers folder that completes a single-file --base.")
-@click.option("--data", help=f"Folder of images with .txt captions or a metadata.jsonl. {_REQUIRED}")
-@click.option("--trigger", help=f"The trigger word every caption contains. {_REQUIRED}")
+@click.option(
+    "--data",
+    help="Folder of images with .txt captions or a metadata.jsonl, or a kohya-style folder of N_trigger class "
+    "subfolders (e.g. '10_sks star': each image 10 times an epoch, caption 'sks star' where no .txt exists, "
+    f"one concept per trigger). {_REQUIRED}",
+)
+@click.option(
+    "--trigger",
+    help=f"The trigger word every caption contains (kohya folders: read from their names). {_REQUIRED}",
+)
 @click.option("--out", help=f"Output folder (adapter, metrics, samples, checkpoints). {_REQUIRED}")
 @click.option("--steps", type=click.IntRange(min=1), help=f"Optimizer steps. {_default('steps')}")
 @click.option("--seed", type=int, help=f"Seed of the LoRA init, data order, noise and timesteps. {_default('seed')}")
@@ -51,6 +64,12 @@ _REQUIRED = "[required unless set in --config]"
     "--checkpoint-every",
     type=click.IntRange(min=0),
     help=f"Steps between checkpoints (the last step is always one); 0: none. {_default('checkpoint_every')}",
+)
+@click.option(
+    "--keep-checkpoints",
+    type=click.IntRange(min=0),
+    help="How many checkpoints to keep, the newest (each holds a loadable adapter, lora.safetensors, and the "
+    "state --resume needs); 0: all. [default: 0]",
 )
 @click.option(
     "--sample-every",
@@ -175,11 +194,18 @@ def train_command(config_file, settings, resume, overwrite, no_progress, format_
     """Train a CAT LoRA adapter on a folder of captioned images (multi-concept via a config's concepts).
 
     Every option can also be set in --config or with --set KEY=VALUE. Precedence: a flag, then --set,
-    then the config file, then the default (defaults follow the CAT paper)."""
+    then the config file, then the default (defaults follow the CAT paper; rank, lr, batch size and steps
+    follow the base: the demo's recipe on --base demo). The run prints what it trains with first.
+
+    --data may be a kohya-style folder: subfolders named N_trigger class (e.g. "10_sks star") give each of
+    their images N times an epoch, use the folder's "sks star" as the caption of an image without a .txt,
+    and make one concept (one adapter) per trigger word; --trigger is then read from the names."""
     from catfast.train.trainer import train  # lazy: startup
 
     flags.update(format=format_, sample_prompts=list(sample_prompts) or None)
     config = TrainConfig.load(config_file, merge_overrides(settings, flags))
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
+        click.echo(config.describe())
     import torch  # lazy: startup
 
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):

@@ -356,9 +356,11 @@ def run_kps_cli(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    encoder: ImageTextEncoder | None = None,
 ) -> dict:
     """`catfast eval kps`: load the base (``resolve_base``: a diffusers folder, or a UNet file with
-    ``config``), the adapter file, the prompts file (one per line), the CLIP folder and the optional
+    ``config``), the adapter file, the prompts file (one per line), the CLIP folder (or take ``encoder``,
+    with ``clip_path`` None: `catfast eval kps --base demo` scores with the demo's encoder) and the optional
     reference images (file or folder), run ``kps_eval`` and, with ``out_json``, write the result there
     atomically. ``seeds``: a count n (seeds 0..n-1) or the seeds. Every input is checked before the
     model is loaded (output places too: a folder, a link or an unwritable place is refused); bad input
@@ -372,7 +374,7 @@ def run_kps_cli(
         if target is not None:
             check_output_file(target, True, CatfastError)
     quiet_progress_bars()
-    encoder = load_clip(clip_path, device=device)
+    encoder = encoder if encoder is not None else load_clip(clip_path, device=device)
     refs = read_images(references) if references is not None else None
     base = resolve_base(base_path, config=config, dtype=dtype, device=device)
     result = kps_eval(
@@ -393,7 +395,11 @@ def run_kps_cli(
         progress=progress,
     )
     result["settings"].update(
-        base=str(base_path), adapter=str(adapter_file), prompts_file=str(prompts_file), clip=str(clip_path)
+        base=str(base_path),
+        adapter=str(adapter_file),
+        prompts_file=str(prompts_file),
+        clip=None if clip_path is None else str(clip_path),
+        encoder=type(encoder).__name__,
     )
     if out_json is not None:
         write_atomic(out_json, (json.dumps(result, indent=2) + "\n").encode("utf-8"))

@@ -205,6 +205,16 @@ def base_location(spec: str | os.PathLike) -> str | os.PathLike:
     return spec
 
 
+def is_demo_base(spec: str | os.PathLike) -> bool:
+    """True when ``--base SPEC`` names the shipped demo model: ``demo``, or the path of its folder."""
+    if os.fspath(spec) == DEMO_BASE:
+        return True
+    try:
+        return Path(spec).resolve() == Path(model_path()).resolve()
+    except (OSError, ValueError):
+        return False
+
+
 def load_base(
     path: str | os.PathLike,
     *,

@@ -146,9 +146,12 @@ def build_cache(
         ).hexdigest()
         planned.append((ex, plan, digest, cache_dir / f"{key}.safetensors"))
 
-    entries, encoder = [], None
+    entries, encoder, seen = [], None, {}
     bar = tqdm(planned, desc="caching latents", unit="img", disable=not progress)
     for ex, plan, digest, path in bar:
+        if path in seen:  # a repeated example (kohya repeats) shares its entry
+            entries.append(seen[path])
+            continue
         entry = _load_entry(path, plan, base)
         if entry is None:
             if encoder is None:
@@ -156,6 +159,7 @@ def build_cache(
             entry = encoder.encode(ex, plan, digest)
             _write_entry(path, entry, ex)
         entries.append(entry)
+        seen[path] = entry
     _offload(base)
     return LatentDataset([p[0] for p in planned], [p[1] for p in planned], entries, [p[2] for p in planned])
 

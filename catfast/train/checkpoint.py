@@ -1,18 +1,22 @@
 """Training checkpoints: written atomically, read back for `--resume`.
 
 A checkpoint is the folder ``OUT/checkpoints/step-NNNNNNN/`` holding
-  lora.safetensors   the trainable LoRA parameters by name (their training dtype, fp32)
+  lora.safetensors   the adapter as of this step, in the run's --format, the same kind of file as the final
+                     OUT/adapter.safetensors (`catfast adapter info`, `load_lora_weights`, serve and export
+                     load it); one lora-<trigger>.safetensors per concept where the run writes one adapter each
+  params.safetensors the trainable LoRA parameters by name (their training dtype, fp32), for --resume
   state.pt           optimizer, lr scheduler and GradScaler state dicts (torch.save; read weights_only)
   rng.pt             python / numpy / torch (CPU, CUDA) global RNG states and the trainer's noise generator
   trainer.json       step, data position (epoch, batch index in that epoch's order), the settings that
                      affect the result and their hash, the world size, and the content identities of
                      the base model and the training images (`content_identities`)
 It is written into a hidden ``.step-NNNNNNN.partial-*`` folder, every file fsynced, and renamed into
-place only when complete; older checkpoints beyond ``keep`` are removed only after that, each first
-renamed to a hidden ``.step-NNNNNNN.prune-*`` folder (an interrupted removal leaves only a hidden
-folder, cleaned up by the next save). Any failure (a full disk, a permission error) removes the partial
+place only when complete; older checkpoints beyond ``keep`` (0: none is) are removed only after that,
+each first renamed to a hidden ``.step-NNNNNNN.prune-*`` folder (an interrupted removal leaves only a
+hidden folder, cleaned up by the next save). Any failure (a full disk, a permission error) removes the partial
 folder and raises CheckpointError, leaving every checkpoint that existed intact. A ``step-*`` folder is
-therefore always complete.
+therefore always complete. A checkpoint written before params.safetensors existed kept the parameters
+in lora.safetensors; `load_checkpoint` still reads it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import random
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +36,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from catfast.adapters.formats import write_adapter
 from catfast.errors import CatfastError
 from catfast.train.config import TrainConfig, differing_settings
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-FILES = ("lora.safetensors", "state.pt", "rng.pt", "trainer.json")
+FILES = ("params.safetensors", "state.pt", "rng.pt", "trainer.json")
+_OLD_PARAMS = "lora.safetensors"  # where checkpoints written before params.safetensors kept the parameters
 
 
 class CheckpointError(CatfastError):
@@ -49,7 +55,8 @@ class TrainState:
 
     ``step``: optimizer steps done. ``epoch``, ``batch_index``: the next micro-batch is batch
     ``batch_index`` of epoch ``epoch``'s order. ``lora``: parameter name -> tensor. ``settings``: the
-    config's `result_settings()` plus ``world_size``; ``config_hash`` their digest.
+    config's `result_settings()` plus ``world_size``; ``config_hash`` their digest. ``adapters``: file name
+    -> (LoraAdapter, format) of the adapter file(s) the checkpoint carries (lora.safetensors).
     """
 
     step: int
@@ -63,6 +70,7 @@ class TrainState:
     settings: dict[str, Any]
     config_hash: str
     identities: dict[str, Any] | None = None  # `content_identities` of the run (None: not recorded)
+    adapters: dict[str, tuple] = field(default_factory=dict)
 
 
 def checkpoint_name(step: int) -> str:
@@ -84,7 +92,7 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int = 1) -> Path:
-    """Write ``state`` as ``folder/step-NNNNNNN`` atomically, then keep only the newest ``keep``."""
+    """Write ``state`` as ``folder/step-NNNNNNN`` atomically, then keep only the newest ``keep`` (0: all)."""
 
     folder = Path(folder)
     final = folder / checkpoint_name(state.step)
@@ -94,7 +102,9 @@ def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int =
         _remove_stale(folder)
         tmp.mkdir()
         lora = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.lora.items()}
-        save_file(lora, str(tmp / "lora.safetensors"), metadata={"step": str(state.step)})
+        save_file(lora, str(tmp / "params.safetensors"), metadata={"step": str(state.step)})
+        for name, (adapter, format_) in state.adapters.items():
+            write_adapter(adapter, tmp / name, format=format_)
         torch.save(
             {"optimizer": state.optimizer, "scheduler": state.scheduler, "scaler": state.scaler}, tmp / "state.pt"
         )
@@ -108,7 +118,7 @@ def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int =
             "identities": state.identities,
         }
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        for name in FILES:
+        for name in (*FILES, *state.adapters):
             _fsync_file(tmp / name)
         if final.exists():  # the same step written again (a resumed run): swap, then drop the old one
             old = folder / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
@@ -126,7 +136,7 @@ def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int =
             f"cannot write the step {state.step} checkpoint in {folder}: {why}. "
             f"Existing checkpoints are intact: {', '.join(kept) or 'none'}"
         ) from e
-    for _, old_path in list_checkpoints(folder)[:-keep]:
+    for _, old_path in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         _prune(old_path)
     return final
 
@@ -146,12 +156,15 @@ def load_checkpoint(path: str | os.PathLike) -> TrainState:
     """Read a checkpoint folder written by `save_checkpoint`."""
 
     path = Path(path)
-    for name in FILES:
+    params = path / FILES[0]
+    if not params.is_file() and (path / _OLD_PARAMS).is_file():
+        params = path / _OLD_PARAMS  # written before params.safetensors existed
+    for name in (params.name, *FILES[1:]):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: not a complete checkpoint ({name} is missing)")
     try:
         meta = json.loads((path / "trainer.json").read_text())
-        lora = load_file(path / "lora.safetensors")
+        lora = load_file(params)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except Exception as e:

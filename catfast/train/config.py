@@ -4,7 +4,10 @@ YAML or JSON file and overridden by command-line flags.
 Defaults follow the official CAT configs (docs/method.md, §1): LoRA on to_q/to_k/to_v/to_out.0 of
 every attention, rank 1 with alpha = rank, AdamW lr 1e-4 (betas 0.9/0.999, eps 1e-8, weight decay
 1e-2), constant lr, batch 1, seed 42, cat_weight 1.0, random crop + flip, clip norm 1.0 (applied to
-the LoRA parameters), 900 steps with a checkpoint every 150.
+the LoRA parameters), 900 steps with a checkpoint every 150 (every checkpoint kept). Rank, lr, batch
+size and steps follow the base (`recipe_for`): on the shipped demo model (``--base demo``) they are the
+demo's recipe (rank 16, lr 1e-3, batch 4, 300 steps; the paper's rank 1 / lr 1e-4 learned nothing there
+in 300 steps); a value given in a flag, ``--set`` or the config file wins.
 
 A config file is flat (``rank = 4``; dashes and underscores both work) and may hold a list of
 concepts for a multi-concept run::
@@ -60,6 +63,23 @@ _NOT_RESULT = {
 }
 
 
+# Rank, lr, batch size and steps left unset follow the base (`recipe_for`): the CAT paper's SD1.5 values, or
+# on the shipped demo model the demo's recipe (`catfast demo` trains with it: catfast/demo/run.py's TRAIN).
+PAPER_RECIPE = dict(rank=1, lr=1e-4, batch_size=1, steps=900)
+DEMO_RECIPE = dict(rank=16, lr=1e-3, batch_size=4, steps=300)
+
+
+def recipe_for(base: str | None) -> tuple[str, dict[str, Any]]:
+    """(name, values) of the defaults of rank, lr, batch_size and steps for ``base``: the demo's recipe on
+    the shipped demo model (``demo``, or its folder), else the CAT paper's."""
+    if base is not None:
+        from catfast.integrations.models import is_demo_base  # lazy: startup
+
+        if is_demo_base(base):
+            return "the demo's recipe (--base demo)", dict(DEMO_RECIPE)
+    return "the CAT paper's SD1.5 recipe", dict(PAPER_RECIPE)
+
+
 _RETENTION_DEFAULTS = dict(cat_prompts="stripped", bank=None, bank_ratio=0.2, bank_weight=0.1, keep=[], keep_weight=1.0)
 
 
@@ -88,7 +108,7 @@ class TrainConfig:
     concept_adapters: str = "per-concept"  # several concepts: one adapter each, or one shared adapter
     out: str | None = None
     # adapter
-    rank: int = 1
+    rank: int | None = None  # None: the base's recipe (recipe_for)
     alpha: float | None = None  # None: alpha = rank (scale 1, as diffusers' LoRAAttnProcessor of the paper)
     targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     # objective
@@ -105,15 +125,15 @@ class TrainConfig:
     keep: list[str] = field(default_factory=list)  # adapters kept frozen and distilled (lifelong)
     keep_weight: float = 1.0  # weight of the kept adapters' distillation term
     # optimization
-    steps: int = 900
-    lr: float = 1e-4
+    steps: int | None = None  # None: the base's recipe
+    lr: float | None = None  # None: the base's recipe
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    batch_size: int = 1
+    batch_size: int | None = None  # None: the base's recipe
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
@@ -131,7 +151,7 @@ class TrainConfig:
     cache_dir: str | None = None  # None: OUT/cache
     # output
     checkpoint_every: int = 150
-    keep_checkpoints: int = 1
+    keep_checkpoints: int = 0  # the newest N checkpoints are kept; 0: all
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=list)  # None given: the first stripped captions
     sample_steps: int = 25
@@ -178,13 +198,17 @@ class TrainConfig:
         if self.out is None:
             raise ConfigError("no output folder: pass --out DIR or set out in the config file")
         if not self.concepts:
-            if self.data is None or self.trigger is None:
-                raise ConfigError("no training data: pass --data DIR and --trigger WORD (or a concepts list)")
-            self.concepts = [ConceptConfig(self.data, self.trigger)]
-        elif (self.data is not None or self.trigger is not None) and self.concepts != [
-            ConceptConfig(str(self.data), str(self.trigger))
-        ]:
+            self.concepts = self._data_concepts()
+        elif (self.data is not None or self.trigger is not None) and (
+            self.data is None or self.concepts != self._data_concepts()
+        ):
             raise ConfigError("give either data/trigger or a concepts list, not both")
+        _, recipe = recipe_for(self.base)
+        filled = [k for k, v in recipe.items() if getattr(self, k) is None]
+        for key in filled:
+            setattr(self, key, recipe[key])
+        if filled:  # a second validate() finds nothing to fill and keeps what the first one recorded
+            self._from_recipe = filled
         triggers = [c.trigger for c in self.concepts]
         if any(not t.strip() for t in triggers):
             raise ConfigError("a trigger word must not be empty")
@@ -208,7 +232,7 @@ class TrainConfig:
             ("batch_size", 1),
             ("grad_accum", 1),
             ("crop_variants", 1),
-            ("keep_checkpoints", 1),
+            ("keep_checkpoints", 0),
             ("sample_steps", 1),
             ("warmup_steps", 0),
             ("checkpoint_every", 0),
@@ -239,7 +263,40 @@ class TrainConfig:
         if self.mixed_precision != "no" and self.mode == "reference":
             raise ConfigError("mixed precision trains fp32 LoRA weights on a half UNet, which needs mode = fused")
 
+    def _data_concepts(self) -> list[ConceptConfig]:
+        """The concepts ``data``/``trigger`` give: one, or for a kohya-style data folder (``N_trigger class``
+        subfolders) one per trigger its subfolders name (``trigger`` may then be left out)."""
+        if self.data is None:
+            raise ConfigError("no training data: pass --data DIR and --trigger WORD (or a concepts list)")
+        from catfast.train.data import kohya_triggers  # lazy: startup
+
+        triggers = kohya_triggers(Path(self.data), self.trigger)
+        if triggers is None:
+            if self.trigger is None:
+                raise ConfigError(
+                    "no trigger: pass --trigger WORD (only a kohya-style --data folder of N_trigger class "
+                    "subfolders names its triggers itself)"
+                )
+            triggers = [self.trigger]
+        return [ConceptConfig(self.data, t) for t in triggers]
+
     # ---------------------------------------------------------------------------------- identity
+
+    def describe(self) -> str:
+        """One line of what the run trains with, and which of those values are the base's defaults."""
+        name, recipe = recipe_for(self.base)
+        filled = getattr(self, "_from_recipe", [])
+        schedule = f"{self.lr_schedule}" + (f", {self.warmup_steps} warmup steps" if self.warmup_steps else "")
+        accum = f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else ""
+        line = (
+            f"training with rank {self.rank} (alpha {self.lora_alpha:g}), lr {self.lr:g} ({schedule}), batch "
+            f"{self.batch_size}{accum}, {self.steps} steps, cat_weight {self.cat_weight:g}, "
+            f"{len(self.concepts)} concept(s), targets {','.join(self.targets)}"
+        )
+        if filled:
+            given = ", ".join(f"{k} {recipe[k]:g}" for k in filled)
+            line += f"; defaults from {name}: {given} (flags, --set or --config override them)"
+        return line
 
     @property
     def lora_alpha(self) -> float:

@@ -4,7 +4,13 @@ VAE latents `catfast.train.cache` stores.
 
 A concept folder holds images (``IMAGE_SUFFIXES``, top level only) with captions from
 ``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` per line, file names relative to the
-folder; it wins over a .txt) or a same-named ``.txt`` (``cat.png`` -> ``cat.txt``). Every caption
+folder; it wins over a .txt) or a same-named ``.txt`` (``cat.png`` -> ``cat.txt``).
+
+kohya's layout is read too (`kohya_folders`): a data folder without images of its own whose subfolders are
+named ``N_trigger class`` (``10_sks star``). Each such subfolder's images count ``N`` times (each is ``N``
+examples, as kohya's repeats), an image there without a caption file gets the folder's ``trigger class``
+as caption, and the subfolders belong to the concept whose trigger their name holds (several triggers:
+several concepts; `kohya_triggers`). Other subfolders are left out with a warning, as kohya does. Every caption
 must contain its concept's trigger as a whole word, or it is prepended (``"sks, " + caption``) with
 ``prepend_trigger``. The CAT term's caption is ``strip_trigger(caption, trigger)``; it must not be
 empty (CAT compares adapter and base on a real prompt).
@@ -34,6 +40,7 @@ import io
 import json
 import math
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,35 +107,150 @@ def scan_concepts(
         raise CatfastError(f"each concept needs its own trigger; got {triggers}")
 
     examples = []
+    claimed: dict[Path, str] = {}  # kohya subfolder -> the trigger of the concept that took it
     for index, (concept, trigger) in enumerate(zip(concepts, triggers)):
         folder = Path(concept.data)
-        captions = _folder_captions(folder)
-        if not captions:
-            raise CatfastError(
-                f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the data folder; put the concept's "
-                "images there with same-named .txt captions or a metadata.jsonl"
-            )
         usable = 0
-        for image, caption in captions.items():
-            problem = _image_problem(image)
-            if problem is not None:
-                if on_bad_image == "stop":
-                    raise CatfastError(
-                        f"{image}: unreadable or corrupt image ({problem}); fix or remove it, "
-                        "or pass --on-bad-image skip to leave it out"
-                    )
-                warnings.warn(f"{image}: skipped, unreadable or corrupt image ({problem})", stacklevel=2)
-                continue
-            if caption is None:
-                raise CatfastError(
-                    f"{image}: no caption: write {image.with_suffix('.txt').name} beside it or add a line "
-                    f'{{"file_name": "{image.relative_to(folder).as_posix()}", "text": ...}} to {METADATA_FILE}'
-                )
-            examples.append(_example(image, caption, trigger, index, prepend_trigger, require_description))
-            usable += 1
+        for source, repeats, default_caption in _sources(folder, trigger, claimed):
+            for image, caption in _folder_captions(source).items():
+                if caption is None:
+                    caption = default_caption
+                found = _scan_image(image, caption, source, trigger, index, prepend_trigger, on_bad_image,
+                                    require_description)  # fmt: skip
+                if found is not None:
+                    examples += [found] * repeats
+                    usable += 1
         if usable == 0:
             raise CatfastError(f"{folder}: every image was skipped as unreadable or corrupt; no training data")
     return examples
+
+
+_KOHYA_NAME = re.compile(r"^([1-9][0-9]*)_(.*\S.*)$")
+
+
+@dataclass(frozen=True)
+class KohyaFolder:
+    """One ``N_trigger class`` subfolder of a kohya-style data folder: its images count ``repeats`` times,
+    and ``caption`` (the name after ``N_``) captions an image without a caption file."""
+
+    path: Path
+    repeats: int
+    caption: str
+
+    @property
+    def trigger(self) -> str:
+        """The trigger its name gives when none is asked for: the first word (kohya's identifier)."""
+        return self.caption.split()[0].strip(",")
+
+
+def kohya_folders(folder: Path) -> list[KohyaFolder]:
+    """The ``N_trigger class`` subfolders of ``folder``, sorted by name, when it is a kohya-style data folder
+    (no images or metadata.jsonl of its own); [] otherwise. Other visible subfolders of a kohya folder are
+    left out with a warning (kohya ignores them too)."""
+    if not folder.is_dir() or (folder / METADATA_FILE).is_file():
+        return []
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in entries):
+        return []
+    found, other = [], []
+    for p in entries:
+        m = _KOHYA_NAME.match(p.name) if p.is_dir() else None
+        if m:
+            found.append(KohyaFolder(p, int(m.group(1)), " ".join(m.group(2).split())))
+        elif p.is_dir():
+            other.append(p.name)
+    if found and other:
+        warnings.warn(
+            f"{folder}: left out subfolder(s) {', '.join(other)}: not named N_trigger class (e.g. 10_sks dog)",
+            stacklevel=2,
+        )
+    return found
+
+
+def kohya_triggers(folder: Path, trigger: str | None = None) -> list[str] | None:
+    """The concepts' triggers of a kohya-style data folder (None when ``folder`` is not one): ``[trigger]``
+    when one is given (every ``N_...`` subfolder must name it), else each subfolder's first word, distinct,
+    in name order. CatfastError names a subfolder without the given trigger."""
+    found = kohya_folders(Path(folder))
+    if not found:
+        return None
+    if trigger is None:
+        return list(dict.fromkeys(k.trigger for k in found))
+    missing = [k.path.name for k in found if not has_trigger(k.caption, trigger)]
+    if missing:
+        raise CatfastError(
+            f"{folder}: kohya folder(s) {', '.join(missing)} do not name the trigger {trigger!r}; rename them "
+            "N_trigger class (e.g. 10_sks dog), or leave --trigger out to train one concept per trigger word"
+        )
+    return [trigger]
+
+
+def _sources(folder: Path, trigger: str, claimed: dict[Path, str]) -> list[tuple[Path, int, str | None]]:
+    """(folder, repeats, caption of an image without one) of every image folder of a concept: the data
+    folder itself, or its kohya subfolders that name ``trigger``."""
+    kohya = kohya_folders(folder)
+    if not kohya:
+        if not _folder_captions(folder):
+            subfolders = folder.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+            hint = (
+                "; its subfolders are not kohya folders: name them N_trigger class (e.g. 10_sks dog: 10 repeats, "
+                "caption 'sks dog' where no .txt exists)"
+                if subfolders
+                else ""
+            )
+            raise CatfastError(
+                f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the data folder; put the concept's "
+                f"images there with same-named .txt captions or a metadata.jsonl{hint}"
+            )
+        return [(folder, 1, None)]
+    mine = [k for k in kohya if has_trigger(k.caption, trigger)]
+    if not mine:
+        names = ", ".join(k.path.name for k in kohya)
+        raise CatfastError(f"{folder}: no kohya folder names the trigger {trigger!r} (its folders: {names})")
+    for k in mine:
+        if k.path in claimed:
+            raise CatfastError(
+                f"{k.path}: its name holds two concepts' triggers ({claimed[k.path]!r}, {trigger!r}); give each "
+                "concept its own N_trigger class folder"
+            )
+        claimed[k.path] = trigger
+        if not _folder_captions(k.path):
+            raise CatfastError(f"{k.path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this kohya folder")
+        if not strip_trigger(k.caption, trigger):
+            warnings.warn(
+                f"{k.path}: the folder name gives the caption {k.caption!r}, only the trigger; name it "
+                "N_trigger class (e.g. 10_sks dog) so images without a .txt have a class to compare with",
+                stacklevel=3,
+            )
+    return [(k.path, k.repeats, k.caption) for k in mine]
+
+
+def _scan_image(
+    image: Path,
+    caption: str | None,
+    folder: Path,
+    trigger: str,
+    index: int,
+    prepend_trigger: bool,
+    on_bad_image: str,
+    require_description: bool,
+) -> Example | None:
+    """The Example of one image, None when it is skipped as unreadable (``on_bad_image`` skip)."""
+    problem = _image_problem(image)
+    if problem is not None:
+        if on_bad_image == "stop":
+            raise CatfastError(
+                f"{image}: unreadable or corrupt image ({problem}); fix or remove it, "
+                "or pass --on-bad-image skip to leave it out"
+            )
+        warnings.warn(f"{image}: skipped, unreadable or corrupt image ({problem})", stacklevel=3)
+        return None
+    if caption is None:
+        raise CatfastError(
+            f"{image}: no caption: write {image.with_suffix('.txt').name} beside it or add a line "
+            f'{{"file_name": "{image.relative_to(folder).as_posix()}", "text": ...}} to {METADATA_FILE}'
+        )
+    return _example(image, caption, trigger, index, prepend_trigger, require_description)
 
 
 def _example(

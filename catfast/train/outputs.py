@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from catfast.adapters.adapter import LoraAdapter, LoraLayer, layer_key
 from catfast.adapters.formats import write_adapter
 from catfast.errors import CatfastError
 from catfast.eval.grids import save_grid
 from catfast.eval.sampler import sample_images
 from catfast.folders import ensure_writable_folder, write_atomic
-from catfast.integrations.peft_adapters import extract_adapter
 from catfast.train.captions import has_trigger, strip_trigger
 from catfast.train.checkpoint import check_resumable, list_checkpoints
 from catfast.train.config import TrainConfig
@@ -199,20 +199,45 @@ class SamplePlan:
         save_grid(images, len(self.rows), cols, path, labels=labels, col_labels=heads)
 
 
-def write_adapters(unet, config: TrainConfig, names: list[str], out: Path, examples) -> dict[str, Path]:
-    """The final adapter file(s): adapter.safetensors, or adapter-<trigger>.safetensors per concept. The
-    metadata records the triggers and the training captions (`--keep` distills on them later)."""
+def trained_adapters(
+    params: dict[str, torch.Tensor], config: TrainConfig, names: list[str], examples, step: int
+) -> dict[str, tuple[LoraAdapter, list[str]]]:
+    """{file name: (adapter, its triggers)} of the trainable LoRA parameters ``params`` (peft names,
+    ``<module>.lora_A.<adapter name>.weight``) after ``step`` steps: adapter.safetensors, or
+    adapter-<trigger>.safetensors per concept. The metadata records the triggers, the steps and the
+    training captions (`--keep` distills on them later). The final adapter and every checkpoint's come
+    from here, so a checkpoint's file is the same kind of adapter as the final one."""
     files = {}
     for k, name in enumerate(names):
-        adapter = extract_adapter(unet, name)
+        layers = {}
+        for key, down in params.items():
+            module, sep, tail = key.rpartition(".lora_A.")
+            if not sep or tail != f"{name}.weight":
+                continue
+            up = params[f"{module}.lora_B.{tail}"]
+            layers[layer_key("unet", module)] = LoraLayer(
+                down=down.detach().to("cpu", copy=True), up=up.detach().to("cpu", copy=True), alpha=config.lora_alpha
+            )
+        if not layers:
+            raise CatfastError(f"no LoRA parameters of adapter {name!r} to write")
+        adapter = LoraAdapter(layers=layers, source_format="memory")
         triggers = [c.trigger for c in config.concepts] if len(names) == 1 else [config.concepts[k].trigger]
-        adapter.metadata.update({"catfast.triggers": json.dumps(triggers), "catfast.steps": str(config.steps)})
+        adapter.metadata.update({"catfast.triggers": json.dumps(triggers), "catfast.steps": str(step)})
         mine = [e.caption for e in examples if len(names) == 1 or e.concept == k]
         adapter.metadata[TRIGGER_PROMPTS] = trigger_prompts_metadata(mine)
         if len(names) == 1:
-            path = out / "adapter.safetensors"
+            file = "adapter.safetensors"
         else:
-            path = out / f"adapter-{re.sub(r'[^A-Za-z0-9_.-]+', '_', triggers[0])}.safetensors"
+            file = f"adapter-{re.sub(r'[^A-Za-z0-9_.-]+', '_', triggers[0])}.safetensors"
+        files[file] = (adapter, triggers)
+    return files
+
+
+def write_adapters(params, config: TrainConfig, names: list[str], out: Path, examples) -> dict[str, Path]:
+    """The final adapter file(s) (`trained_adapters`) in OUT; returns {trigger: file}."""
+    files = {}
+    for file, (adapter, triggers) in trained_adapters(params, config, names, examples, config.steps).items():
+        path = out / file
         try:
             write_adapter(adapter, path, format=config.format, overwrite=True)
         except OSError as e:

@@ -58,6 +58,7 @@ from catfast.train.outputs import (
     SamplePlan,
     prepare_out,
     start_out,
+    trained_adapters,
     truncate_metrics,
     write_adapters,
 )
@@ -315,6 +316,12 @@ class _Run:
             settings=run_settings(config, self.dist.world),
             config_hash=config.result_hash(),
             identities=self.identities,
+            adapters={  # OUT's adapter file(s) as of this step: lora.safetensors (lora-<trigger>... per concept)
+                "lora" + file.removeprefix("adapter"): (adapter, config.format)
+                for file, (adapter, _) in trained_adapters(self.params, config, self.names, self.examples, step).items()
+            }
+            if self.dist.main
+            else {},
         )
         if self.dist.main:
             save_checkpoint(self.out / "checkpoints", state, keep=config.keep_checkpoints)
@@ -328,7 +335,7 @@ class _Run:
         if self.dist.main:
             if self.mode == "fused":
                 unpatch_unet(self.base.unet)
-            files = write_adapters(self.base.unet, self.config, self.names, self.out, self.examples)
+            files = write_adapters(self.params, self.config, self.names, self.out, self.examples)
             self.metrics.plot(self.out / "loss.png")
             self.metrics.close()
         self.dist.barrier()
