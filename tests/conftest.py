@@ -38,3 +38,39 @@ def data(tmp_path_factory):
     from catfast.testing import make_data
 
     return make_data(tmp_path_factory.mktemp("data") / "stars")
+
+
+# ---- the serving tests' server (tests/test_serve_http.py, tests/test_robust_*.py): one per test module
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(engine, server): the shipped demo model on the CPU with a copy of the demo adapters in a folder of
+    its own (max batch 4, queue 16), behind the HTTP app on a free loopback port."""
+    from catfast.serve.loadtest import copy_demo_adapters, demo_server
+
+    with demo_server(copy_demo_adapters(tmp_path_factory.mktemp("adapters")), max_batch=4, max_queue=16) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def engine(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[1]
+
+
+@pytest.fixture(scope="module")
+def folder(engine):
+    return engine.adapters_dir
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c

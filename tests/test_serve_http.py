@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from catfast.demo.adapters import CONCEPTS, adapters_dir
 from catfast.serve.engine import Engine
 from catfast.serve.http import Server, create_app, parse_model
 from catfast.serve.loadtest import wait_idle
@@ -23,33 +22,6 @@ from catfast.serve.loadtest import wait_idle
 pytestmark = pytest.mark.timeout(300)
 KEY = "test-key-123"
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("adapters")
-    for name in CONCEPTS:
-        shutil.copy(adapters_dir() / f"{name}.safetensors", out / f"{name}.safetensors")
-    return out
-
-
-@pytest.fixture(scope="module")
-def engine(folder):
-    eng = Engine("demo", adapters_dir=folder, device="cpu", max_batch=4, max_queue=16).start()
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
-def server(engine, folder):
-    with Server(create_app(engine, adapters_dir=folder)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
 
 
 def _png(b64: str) -> Image.Image:

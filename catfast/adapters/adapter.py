@@ -60,11 +60,14 @@ class LoraLayer:
 
 
 def pair_problem(down: torch.Tensor, up: torch.Tensor) -> str | None:
-    """Why (down, up) is not a LoRA pair, or None. Checks dimensions and that both agree on the rank."""
+    """Why (down, up) is not a LoRA pair, or None. Checks dimensions, that both agree on the rank, and
+    that the rank is at least 1."""
     if down.ndim not in (2, 4) or up.ndim not in (2, 4):
         return f"down {tuple(down.shape)} / up {tuple(up.shape)} must be 2-D (linear) or 4-D (conv)"
     if up.shape[1] != down.shape[0]:
         return f"rank mismatch: down {tuple(down.shape)} has rank {down.shape[0]}, up {tuple(up.shape)} {up.shape[1]}"
+    if down.shape[0] == 0:  # alpha / rank would divide by zero
+        return f"rank 0: down {tuple(down.shape)} / up {tuple(up.shape)} hold no LoRA pair"
     if up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
         return f"up {tuple(up.shape)} must have a 1x1 kernel"
     return None

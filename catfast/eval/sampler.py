@@ -44,7 +44,8 @@ def sample_images(
     samples per sampler run (memory), None = all rows in one run; output: "images" (PIL) or "latents"
     (one ``[C, h, w]`` tensor per row, the final latents before the VAE decode). The UNet is patched for the call when
     it was not (and unpatched after), or used with the slots it is patched with. Images are decoded by
-    ``base.vae`` on its own device, prompts encoded on the text encoder's.
+    ``base.vae`` on its own device, prompts encoded on the text encoder's. NonFiniteLatents (naming the
+    likely causes) when the final latents hold NaN or Inf, instead of black pictures.
     """
     n = len(prompts)
     if isinstance(prompts, str) or len(adapters) != n or len(seeds) != n:
@@ -123,7 +124,24 @@ def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, 
             text = torch.empty_like(latents).index_copy_(0, index[n:], out[n:])
             pred = pred + guidance * (text - pred)
         latents = scheduler.step(pred, t, latents, eta=0.0, return_dict=False)[0]
+    bad = nonfinite_rows(latents)
+    if bad:
+        raise NonFiniteLatents(
+            f"sampling ended with NaN/Inf latents in {len(bad)} of {n} rows (prompt {prompts[bad[0]]!r}): no picture "
+            f"to decode. Likely causes: guidance {guidance:g} too high, an adapter out of proportion to the base "
+            f"(LoRA scale {scale:g}), or a base model whose weights hold NaN/Inf"
+        )
     return decode_latents(base, latents) if decode else list(latents.float().cpu().unbind(0))
+
+
+class NonFiniteLatents(CatfastError):
+    """A sampler run ended with NaN or Inf in its latents (decoded, they are black pictures)."""
+
+
+def nonfinite_rows(latents: torch.Tensor) -> list[int]:
+    """The rows of final latents ``[N, ...]`` that hold NaN or Inf. One reduction and one host read, made
+    once after the last step (a check per step would synchronise the device every step)."""
+    return (~torch.isfinite(latents).flatten(1).all(dim=1)).nonzero().flatten().tolist()
 
 
 def _row_order(slots: list, cfg: bool) -> tuple[list[int], bool]:

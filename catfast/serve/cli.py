@@ -33,6 +33,7 @@ def build_app(
     max_queue: int = 64,
     max_resident: int = 16,
     timeout: float = 300.0,
+    max_steps: int = 150,
 ):
     """(engine, app) for the options of ``catfast serve``; the engine is started."""
     from catfast.serve.engine import Engine, default_adapters_dir  # lazy: startup
@@ -49,6 +50,7 @@ def build_app(
         max_queue=max_queue,
         max_resident=max_resident,
         timeout_s=timeout,
+        max_steps=max_steps,
     )
     engine.start()
     name = "catfast-demo" if base == "demo" else os.path.basename(os.path.normpath(base))
@@ -80,18 +82,30 @@ def build_app(
 @click.option("--max-resident", default=16, show_default=True, type=click.IntRange(min=1), help="Adapters on device.")
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1), help="Seconds per request.")
 @click.option(
+    "--max-steps",
+    default=150,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Most denoising steps a request may ask for.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
-def serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level) -> None:
+def serve(
+    base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, max_steps, log_level
+) -> None:
     """Serve BASE and its adapters: OpenAI-compatible /v1/images/generations, /v1/adapters, /health,
     /metrics and a web playground at /. Without --base: the shipped demo model and adapters."""
     try:
-        _serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level)
+        options = (max_batch, max_queue, max_resident, timeout, max_steps, log_level)
+        _serve(base, adapters, host, port, api_key, device, *options)
     except CatfastError as e:  # one line, no traceback (as catfast.cli's commands)
         raise click.ClickException(str(e)) from None
 
 
-def _serve(base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, log_level):
+def _serve(
+    base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, max_steps, log_level
+):
     from catfast.serve.http import run  # lazy: startup
 
     if api_key is not None and not api_key.strip():
@@ -107,6 +121,7 @@ def _serve(base, adapters, host, port, api_key, device, max_batch, max_queue, ma
         max_queue=max_queue,
         max_resident=max_resident,
         timeout=timeout,
+        max_steps=max_steps,
     )
     names = ", ".join(a.name for a in engine.adapters()) or "none"
     click.echo(f"catfast serve: {base} with adapters {names}; playground at http://{host}:{port}/")

@@ -19,9 +19,18 @@ import torch
 
 from catfast.demo.adapters import adapters_dir as shipped
 from catfast.integrations.models import BaseModel, load_base
-from catfast.serve.errors import BadRequest, Cancelled, ServeError
+from catfast.serve.errors import BadRequest, Cancelled, EngineFailure, NonFiniteOutput, ServeError
 from catfast.serve.pool import AdapterInfo, AdapterPool
-from catfast.serve.requests import SCHEDULERS, Event, GenerationRequest, RequestHandle, check_adapter_name
+from catfast.serve.requests import (
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    SCHEDULERS,
+    Event,
+    GenerationRequest,
+    RequestHandle,
+    check_adapter_name,
+)
+from catfast.serve.scan import SUFFIX, adapter_file, folder_entries, one_line
 from catfast.serve.scheduler import Job, StepScheduler
 
 log = logging.getLogger("catfast.serve")
@@ -60,10 +69,13 @@ class Engine:
     """A serving engine over one base model (see the module docstring and docs/serving-engine.md).
 
     base: "demo" (the shipped demo model), a diffusers folder, or a loaded ``BaseModel``.
-    adapters_dir: every ``*.safetensors`` in it is registered by its stem at construction (a file
-    that fails is logged and skipped); relative paths given to ``load_adapter`` resolve inside it.
+    adapters_dir: every ``*.safetensors`` entry in it is registered by its stem at construction, under
+    the rule ``POST /v1/adapters`` follows too (``catfast.serve.scan``: links that leave the folder,
+    loops and non-files are refused); a file that fails is skipped with a one-line warning
+    (``skipped`` lists them). Relative paths given to ``load_adapter`` resolve inside it by that rule.
     max_batch: images running at once; max_queue: requests waiting; max_resident: device slots;
-    host_cache: parsed adapters kept in host memory; timeout_s: default per-request deadline.
+    host_cache: parsed adapters kept in host memory; timeout_s: default per-request deadline;
+    max_steps: the most denoising steps a request may ask for.
     """
 
     def __init__(
@@ -78,9 +90,11 @@ class Engine:
         max_resident: int = 16,
         host_cache: int = 64,
         timeout_s: float = 300.0,
+        max_steps: int = MAX_STEPS,
     ):
-        if max_batch < 1 or max_queue < 1 or max_resident < 1:
-            raise ValueError("max_batch, max_queue and max_resident must be >= 1")
+        if max_batch < 1 or max_queue < 1 or max_resident < 1 or max_steps < 1:
+            raise ValueError("max_batch, max_queue, max_resident and max_steps must be >= 1")
+        self.max_steps = int(max_steps)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.base = _load_base(base, device, dtype)
         self.unet = self.base.unet
@@ -106,14 +120,22 @@ class Engine:
         # the UNet halves the latent len(down blocks) - 1 times
         self._multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         self.max_n = min(MAX_N, max_batch)
+        self.skipped: list[tuple[str, str]] = []  # (file, why) of the start-up scan
         if self.adapters_dir is not None:
             if not self.adapters_dir.is_dir():
                 raise ServeError(f"{adapters_dir}: the adapters folder does not exist")
-            for path in sorted(self.adapters_dir.glob("*.safetensors")):
-                try:
-                    self.load_adapter(path.stem, path)
-                except ServeError as e:
-                    log.warning("skipping adapter %s: %s", path, e)
+            self._scan()
+
+    def _scan(self) -> None:
+        """Register every ``*.safetensors`` entry of the adapters folder by its stem, under the rule
+        ``POST /v1/adapters`` follows (``catfast.serve.scan``); skip what fails with one warning line."""
+        for entry in folder_entries(self.adapters_dir):
+            try:
+                self.load_adapter(entry[: -len(SUFFIX)], adapter_file(self.adapters_dir, entry))
+            except ServeError as e:
+                why = one_line(e)
+                self.skipped.append((entry, why))
+                log.warning("skipping adapter %s: %s", self.adapters_dir / entry, why)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -160,10 +182,7 @@ class Engine:
         path = Path(path)
         if path.is_absolute() or self.adapters_dir is None:
             return path
-        full = (self.adapters_dir / path).resolve()
-        if not full.is_relative_to(self.adapters_dir):
-            raise BadRequest(f"adapter path {str(path)!r} leaves the adapters folder")
-        return full
+        return adapter_file(self.adapters_dir, str(path))  # the rule of the start-up scan and POST /v1/adapters
 
     def load_adapter(self, name: str, path=None) -> AdapterInfo:
         """Register adapter ``name`` from ``path`` (a .safetensors file in peft/diffusers or kohya format,
@@ -194,9 +213,11 @@ class Engine:
         top = max(self.native_size * 2, self._multiple)
         sizes = [s for s in range(self._multiple, top + 1, self._multiple)]
         return {
-            "steps": 20,
+            "steps": min(20, self.max_steps),
             "guidance": 5.0,
-            "max_steps": MAX_STEPS,
+            "max_steps": self.max_steps,
+            "max_guidance": MAX_GUIDANCE,
+            "max_prompt_chars": MAX_PROMPT_CHARS,
             "max_n": self.max_n,
             "sizes": sizes,
             "schedulers": list(SCHEDULERS),
@@ -219,8 +240,8 @@ class Engine:
         UnknownAdapter or QueueFull without queueing anything."""
         if not isinstance(request, GenerationRequest):
             raise BadRequest(f"submit takes a GenerationRequest, got {type(request).__name__}")
-        if request.steps > MAX_STEPS:
-            raise BadRequest(f"steps must be at most {MAX_STEPS}, got {request.steps}")
+        if request.steps > self.max_steps:
+            raise BadRequest(f"steps must be at most {self.max_steps}, got {request.steps}")
         if request.n > self.max_n:
             raise BadRequest(f"n must be at most {self.max_n}, got {request.n}")
         if len(request.adapters) > self.pool.num_slots:
@@ -311,7 +332,7 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
                     log.exception("request %s failed to start", job.handle.id)
                     with self._lock:
-                        sched.drop(job, ServeError(f"request failed: {type(e).__name__}: {e}"))
+                        sched.drop(job, _failure("while encoding the prompts", e))
             with self._lock:
                 batch = [j for j in batch if j.started and j in sched.running]
             if not batch:
@@ -325,16 +346,21 @@ class Engine:
                 log.exception("a step failed")
                 with self._lock:
                     for job in batch:
-                        sched.drop(job, ServeError(f"generation failed: {type(e).__name__}: {e}"))
+                        sched.drop(job, _failure("in a denoising step", e))
                 continue
             for job in batch:
                 job.handle.emit(_progress(job))
             for job in done:
                 try:
                     images = sched.decode(job)
-                except Exception as e:  # noqa: BLE001
+                except NonFiniteOutput as e:
                     with self._lock:
-                        sched.drop(job, ServeError(f"decoding failed: {type(e).__name__}: {e}"))
+                        sched.drop(job, e)
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    log.exception("decoding request %s failed", job.handle.id)
+                    with self._lock:
+                        sched.drop(job, _failure("while decoding the latents", e))
                     continue
                 with self._lock:
                     sched.drop(job, None)
@@ -349,8 +375,8 @@ class Engine:
             try:
                 layers, _ = self.pool.read_file(entry.path)
                 error = None
-            except ServeError as e:
-                layers, error = None, str(e)
+            except Exception as e:  # noqa: BLE001 - read_file reports files as ServeErrors; anything else must not end this thread
+                layers, error = None, one_line(e)
             with self._cond:
                 entry.loading = False
                 if layers is not None:
@@ -362,3 +388,10 @@ class Engine:
 
 def _progress(job: Job) -> Event:
     return Event("progress", job.step, len(job.timesteps))
+
+
+def _failure(stage: str, e: BaseException) -> EngineFailure:
+    """The error a request gets when the engine itself failed ``stage`` (HTTP 500)."""
+    return EngineFailure(
+        one_line(f"the engine failed {stage} ({type(e).__name__}: {e}); this is not a problem with the request")
+    )

@@ -30,3 +30,22 @@ class Cancelled(ServeError):
 
 class RequestTimeout(ServeError):
     """The request did not finish within its timeout (HTTP 504)."""
+
+
+class AdapterPathError(BadRequest):
+    """An adapter path the server will not read: outside the adapters folder, a symlink loop, not
+    ``.safetensors`` (HTTP 400; ``code`` is the OpenAI error code)."""
+
+    def __init__(self, message: str, code: str = "invalid_path"):
+        super().__init__(message)
+        self.code = code
+
+
+class NonFiniteOutput(ServeError):
+    """The request's final latents hold NaN or Inf: there is no picture to send (HTTP 422). The message
+    names the likely cause (guidance, an adapter's magnitude)."""
+
+
+class EngineFailure(ServeError):
+    """The engine itself failed while running a request (an exception in a UNet step, the text encoder or
+    the VAE): HTTP 500, the one 5xx that is not about time or shutdown."""

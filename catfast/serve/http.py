@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import threading
 import time
@@ -43,11 +42,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catfast.serve.errors import ServeError
+from catfast.serve.openapi import openapi_spec
 from catfast.serve.protocol import (
     MAX_BODY,
     HTTPError,
     adapter_json,
     http_error,
+    parse_json_body,
     parse_model,
     png_b64,
     refuse_unknown,
@@ -73,7 +74,9 @@ def create_app(engine, *, api_key: str | None = None, adapters_dir=None, model_n
     folder adapter files may be registered from over HTTP (default: the engine's)."""
     folder = Path(adapters_dir) if adapters_dir is not None else getattr(engine, "adapters_dir", None)
     metrics = _Metrics(engine)
-    app = FastAPI(title="catfast serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="catfast serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    spec = openapi_spec(engine, auth=api_key is not None)
+    app.openapi = lambda: spec  # the bounds of this engine (catfast/serve/openapi.py), not FastAPI's guess
     app.state.engine = engine
     _add_error_handlers(app)
     app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
@@ -107,12 +110,12 @@ class _Metrics:
 
 def _error_response(err: HTTPError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    body = {"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}}
-    return JSONResponse(body, status_code=err.status, headers=headers)
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    """Every error answers in OpenAI's shape: our HTTPErrors, engine errors, unknown routes, and crashes."""
+    """Every error answers in OpenAI's shape: our HTTPErrors, engine errors and unknown routes here;
+    crashes (a bug) in ``_AuthAndCount``."""
 
     @app.exception_handler(HTTPError)
     async def _http_error(request, err: HTTPError):
@@ -128,15 +131,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"{request.method} {request.url.path}: {err.detail}"
         return _error_response(HTTPError(err.status_code, message, code=code))
 
-    @app.exception_handler(Exception)
-    async def _crash(request, err):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error_response(HTTPError(500, f"internal error: {type(err).__name__}", "server_error", "internal"))
-
 
 class _AuthAndCount:
     """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints):
-    checks the API key and counts answers by route and status."""
+    checks the API key, counts answers by route and status, and turns an unhandled exception (a bug in
+    this server, never a client's fault) into a 500 in OpenAI's shape without re-raising it: Starlette's
+    own handler re-raises, and uvicorn then closed the connection, resetting a keep-alive client's next
+    request."""
 
     def __init__(self, inner, *, api_key: str | None, metrics: _Metrics):
         self.inner, self.api_key, self.metrics = inner, api_key, metrics
@@ -155,29 +156,39 @@ class _AuthAndCount:
                 response = _error_response(HTTPError(401, message, "authentication_error", "invalid_api_key"))
                 return await response(scope, receive, send)
 
+        started = False
+
         async def counting_send(message):
-            if message["type"] == "http.response.start" and route in _COUNTED:
-                self.metrics.http_requests.labels(route, str(message["status"])).inc()
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if route in _COUNTED:
+                    self.metrics.http_requests.labels(route, str(message["status"])).inc()
             await send(message)
 
-        await self.inner(scope, receive, counting_send)
+        try:
+            await self.inner(scope, receive, counting_send)
+        except Exception as e:  # noqa: BLE001 - a bug: answer it, log it, keep the connection
+            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            if not started:
+                message = f"internal error in catfast serve ({type(e).__name__}); the server log has the traceback"
+                response = _error_response(HTTPError(500, message, "server_error", "internal"))
+                await response(scope, receive, counting_send)
 
 
 async def _json_body(request: Request) -> dict:
-    """The request's JSON object body (413 above MAX_BODY bytes, 400 when not a JSON object)."""
+    """The request's JSON object body (``parse_json_body``: 413 above MAX_BODY bytes, 400 when not a
+    JSON object). A body without a length is read only up to MAX_BODY + 1 bytes."""
+    too_large = HTTPError(413, f"request body is larger than {MAX_BODY} bytes", code="body_too_large")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY:
-        raise HTTPError(413, f"request body is larger than {MAX_BODY} bytes", code="body_too_large")
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise HTTPError(413, f"request body is larger than {MAX_BODY} bytes", code="body_too_large")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HTTPError(400, f"the body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
-    return body
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise too_large
+    return parse_json_body(bytes(raw))
 
 
 def _images_json(images) -> list[dict]:

@@ -17,6 +17,7 @@ answered, and how far the process's resident memory grew from after the warm-up.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
 import io
 import os
@@ -34,6 +35,26 @@ from catfast.serve.http import Server, create_app
 
 LONG_STEPS = 150  # steps of the requests whose clients leave early (the engine's maximum)
 KINDS = (("ok", 0.55), ("cancel", 0.15), ("stream_close", 0.1), ("unknown", 0.1), ("bad", 0.1))
+
+
+def copy_demo_adapters(folder: Path) -> Path:
+    """``folder`` with a copy of each shipped demo adapter (``<name>.safetensors``) in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CONCEPTS:
+        shutil.copy(adapters_dir() / f"{name}.safetensors", folder / f"{name}.safetensors")
+    return folder
+
+
+@contextlib.contextmanager
+def demo_server(folder: Path, **engine_options):
+    """(engine, server): an engine over the shipped demo model on the CPU with the adapters of ``folder``,
+    behind the HTTP app on a free loopback port; both are closed when the block ends."""
+    engine = Engine("demo", adapters_dir=folder, device="cpu", **engine_options).start()
+    try:
+        with Server(create_app(engine, adapters_dir=folder)) as server:
+            yield engine, server
+    finally:
+        engine.close()
 
 
 def rss_mib() -> float:
@@ -151,42 +172,36 @@ def run_load(
     import httpx  # lazy: httpx
 
     with tempfile.TemporaryDirectory(prefix="catfast-load-") as tmp:
-        folder = Path(tmp)
-        for name in CONCEPTS:
-            shutil.copy(adapters_dir() / f"{name}.safetensors", folder / f"{name}.safetensors")
-        engine = Engine("demo", adapters_dir=folder, device="cpu", max_batch=max_batch, max_queue=max_queue).start()
-        try:
-            with Server(create_app(engine, adapters_dir=folder)) as server:
-                url = server.url
-                with httpx.Client(base_url=url, timeout=300) as c:  # warm-up: every adapter once, streamed once
-                    for model in ["base", *CONCEPTS]:
-                        r = c.post("/v1/images/generations", json={"model": model, "prompt": "a star", "steps": 2})
-                        r.raise_for_status()
+        folder = copy_demo_adapters(Path(tmp))
+        with demo_server(folder, max_batch=max_batch, max_queue=max_queue) as (engine, server):
+            url = server.url
+            with httpx.Client(base_url=url, timeout=300) as c:  # warm-up: every adapter once, streamed once
+                for model in ["base", *CONCEPTS]:
+                    r = c.post("/v1/images/generations", json={"model": model, "prompt": "a star", "steps": 2})
+                    r.raise_for_status()
+            gc.collect()
+            rss_start = rss_mib()
+            plans, results, rss_rounds = [], [], []
+            t0 = time.perf_counter()
+            for r in range(rounds):
+                batch = _plan(requests, seed + r, list(CONCEPTS), steps)
+                with ThreadPoolExecutor(clients) as pool:
+                    results += list(pool.map(lambda p: _one(url, p), batch))
+                plans += batch
                 gc.collect()
-                rss_start = rss_mib()
-                plans, results, rss_rounds = [], [], []
-                t0 = time.perf_counter()
-                for r in range(rounds):
-                    batch = _plan(requests, seed + r, list(CONCEPTS), steps)
-                    with ThreadPoolExecutor(clients) as pool:
-                        results += list(pool.map(lambda p: _one(url, p), batch))
-                    plans += batch
-                    gc.collect()
-                    rss_rounds.append(round(rss_mib(), 1))
-                wall = time.perf_counter() - t0
-                t_idle = time.perf_counter()
-                stats = wait_idle(engine, settle_s)
-                idle_after = time.perf_counter() - t_idle
-                with engine._lock:
-                    held = [e.name for e in engine.pool.entries.values() if e.running or e.queued]
-                with httpx.Client(base_url=url, timeout=300) as c:
-                    final = c.post(
-                        "/v1/images/generations", json={"model": "striped-star", "prompt": "sks, a star", "steps": 2}
-                    )
-                gc.collect()
-                rss_end = rss_mib()
-        finally:
-            engine.close()
+                rss_rounds.append(round(rss_mib(), 1))
+            wall = time.perf_counter() - t0
+            t_idle = time.perf_counter()
+            stats = wait_idle(engine, settle_s)
+            idle_after = time.perf_counter() - t_idle
+            with engine._lock:
+                held = [e.name for e in engine.pool.entries.values() if e.running or e.queued]
+            with httpx.Client(base_url=url, timeout=300) as c:
+                final = c.post(
+                    "/v1/images/generations", json={"model": "striped-star", "prompt": "sks, a star", "steps": 2}
+                )
+            gc.collect()
+            rss_end = rss_mib()
     outcomes: dict[str, int] = {}
     for r in results:
         outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1

@@ -16,7 +16,7 @@ around every call except ``read_file``.
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,11 +26,14 @@ import torch
 
 from catfast.adapters.adapter import format_name, most_common
 from catfast.adapters.formats import read_adapter
-from catfast.adapters.merge import resolve_targets
+from catfast.adapters.merge import MAX_UPDATE_RATIO, resolve_targets, update_ratio
 from catfast.errors import CatfastError
 from catfast.integrations.word_embedding import read_embedding
 from catfast.nn.slot_lora import SlotHolder, SlotLora
 from catfast.serve.errors import AdapterLoadError, UnknownAdapter
+from catfast.serve.scan import one_line
+
+log = logging.getLogger("catfast.serve")
 
 
 @dataclass
@@ -93,31 +96,39 @@ class AdapterPool:
         self.resident_lru: OrderedDict[int, Entry] = OrderedDict()  # id(entry) -> entry, oldest first
         self.host_lru: OrderedDict[int, Entry] = OrderedDict()
         self.hits = self.loads = self.evictions = 0
+        self._norms: dict[str, float] = {}  # registration's ratio check: norms of the target weights
 
     # --------------------------------------------------------------------------- registry (host side)
 
     def read_file(self, path: str | os.PathLike) -> tuple[dict, dict]:
-        """Parse and check an adapter file against the UNet: (layers, meta). AdapterLoadError for a file
-        that is missing, corrupt, in an unknown format, or made for another model. Lock-free."""
-
+        """Parse and check an adapter file against the UNet: (layers, meta). AdapterLoadError (one line)
+        for a file that is missing, corrupt, in an unknown format, made for another model, of rank 0, with
+        non-finite values or damaged E4T metadata, or whose update is out of proportion to the weights it
+        modifies (``MAX_UPDATE_RATIO``); whatever else reading it raises is reported the same way, so one
+        bad file never escapes as a crash. Lock-free."""
         path = Path(path)
-        if not path.exists():
-            raise AdapterLoadError(f"{path}: no such file")
         try:
-            adapter = read_adapter(path, models=self.models)
-            others = [c for c in adapter.components() if c not in self.models]
-            if others:
-                raise AdapterLoadError(f"{path}: has {', '.join(others)} LoRA layers, but the base has no {others[0]}")
-            targets = {c: resolve_targets(self.models[c], adapter, c) for c in adapter.components()}
-        except AdapterLoadError:
-            raise
+            if not path.exists():
+                raise AdapterLoadError(f"{path}: no such file")
+            return self._read(path)
+        except AdapterLoadError as e:
+            raise AdapterLoadError(one_line(e)) from None
         except CatfastError as e:
-            raise AdapterLoadError(str(e)) from None
-        except (OSError, ValueError, RuntimeError) as e:
-            raise AdapterLoadError(f"{path}: cannot read the adapter: {type(e).__name__}: {e}") from None
+            raise AdapterLoadError(one_line(e)) from None
+        except Exception as e:  # noqa: BLE001 - a file must not crash the server, whatever it holds
+            log.debug("reading %s failed", path, exc_info=True)
+            raise AdapterLoadError(one_line(f"{path}: cannot read the adapter: {type(e).__name__}: {e}")) from None
+
+    def _read(self, path: Path) -> tuple[dict, dict]:
+        adapter = read_adapter(path, models=self.models)
+        others = [c for c in adapter.components() if c not in self.models]
+        if others:
+            raise AdapterLoadError(f"{path}: has {', '.join(others)} LoRA layers, but the base has no {others[0]}")
         unet_layers = adapter.component("unet")
         if not unet_layers:
             raise AdapterLoadError(f"{path}: no UNet layers in this adapter")
+        targets = {c: resolve_targets(self.models[c], adapter, c) for c in adapter.components()}
+        e4t = read_embedding(adapter.metadata, str(path))  # an E4T concept embedding, or None
         layers = {}
         for component, found in targets.items():
             component_layers = adapter.component(component)
@@ -125,10 +136,14 @@ class AdapterPool:
                 layer = component_layers[p]
                 if isinstance(module, torch.nn.Conv2d) and module.padding_mode != "zeros":
                     raise AdapterLoadError(f"{path}: {name} is a Conv2d with padding_mode={module.padding_mode!r}")
-                finite = torch.isfinite(layer.down).all() and torch.isfinite(layer.up).all()
-                if not finite or not math.isfinite(layer.alpha):
-                    raise AdapterLoadError(f"{path}: layer {name} has non-finite values")
                 key = name if component == "unet" else f"{component}:{name}"
+                ratio = update_ratio(layer, self._weight_norm(key, module))
+                if not ratio <= MAX_UPDATE_RATIO:
+                    raise AdapterLoadError(
+                        f"{path}: layer {key}: its LoRA update is {ratio:.3g} x the base weight it modifies "
+                        f"(Frobenius norms at weight 1; at most {MAX_UPDATE_RATIO:g} is accepted, trained LoRAs "
+                        "measure about 0.01-1): a damaged or mis-scaled file"
+                    )
                 layers[key] = (layer.down, layer.up, layer.scale)
         meta = {
             "format": format_name(adapter.source_format),
@@ -136,9 +151,16 @@ class AdapterPool:
             "alpha": float(most_common([v.alpha for v in unet_layers.values()])),
             "kinds": adapter.describe()["targets"],
             "modules": sorted(layers),
-            "e4t": read_embedding(adapter.metadata, str(path)),  # an E4T concept embedding, or None
+            "e4t": e4t,
         }
         return layers, meta
+
+    def _weight_norm(self, key: str, module: torch.nn.Module) -> float:
+        """The Frobenius norm of a target's weight, computed once per module (the base weights are frozen)."""
+        norm = self._norms.get(key)
+        if norm is None:
+            norm = self._norms[key] = float(module.weight.detach().double().norm())
+        return norm
 
     def register(self, name: str, path: str, layers: dict, meta: dict) -> AdapterInfo:
         """Add (or replace) ``name`` with a file already read by ``read_file``."""

@@ -15,15 +15,23 @@ import safetensors
 
 from catfast.serve.errors import (
     AdapterLoadError,
+    AdapterPathError,
     BadRequest,
     Cancelled,
+    EngineFailure,
+    NonFiniteOutput,
     QueueFull,
     RequestTimeout,
     ServeError,
     UnknownAdapter,
 )
+from catfast.serve.requests import show
+from catfast.serve.scan import adapter_file
 
 MAX_BODY = 1 << 20  # bytes of a JSON request body
+# nesting levels of a JSON body. Every field is a scalar (depth 1); Python's parser raised RecursionError
+# (a 500) at about 1000 levels, and error messages that print a value recurse into it.
+MAX_DEPTH = 16
 # fields of OpenAI's images.generate that we accept; the ones not listed in _IGNORED are used
 _OPENAI_FIELDS = {"model", "prompt", "n", "size", "response_format", "user", "quality", "style", "output_format"}
 _EXTRA_FIELDS = {"steps", "guidance_scale", "seed", "negative_prompt", "scheduler", "stream"}
@@ -36,24 +44,68 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
 
+    def body(self) -> dict:
+        """OpenAI's error object. The message is made valid UTF-8 (a client's lone surrogate echoed in it
+        is written as the escape \\udXXX) and cut to 2000 characters."""
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        if len(message) > 2000:
+            message = message[:2000] + " ..."
+        return {"error": {"message": message, "type": self.type, "param": None, "code": self.code}}
+
 
 # ServeError subclass -> (status, OpenAI error type, code)
 _STATUS = (
     (UnknownAdapter, 404, "invalid_request_error", "adapter_not_found"),
     (BadRequest, 400, "invalid_request_error", "invalid_value"),
     (AdapterLoadError, 422, "invalid_request_error", "adapter_load_failed"),
+    (NonFiniteOutput, 422, "invalid_request_error", "non_finite_output"),
     (QueueFull, 429, "rate_limit_error", "queue_full"),
     (RequestTimeout, 504, "timeout_error", "timeout"),
     (Cancelled, 503, "server_error", "cancelled"),
+    (EngineFailure, 500, "server_error", "engine_failure"),
 )
 
 
 def http_error(e: ServeError) -> HTTPError:
-    """The HTTP error of an engine error (other ServeErrors: 503, the engine cannot serve it now)."""
+    """The HTTP error of an engine error (other ServeErrors: 503, the engine cannot serve it now). An
+    error with its own ``code`` (AdapterPathError) keeps it."""
     for cls, status, type_, code in _STATUS:
         if isinstance(e, cls):
-            return HTTPError(status, str(e), type_, code)
+            return HTTPError(status, str(e), type_, getattr(e, "code", code))
     return HTTPError(503, str(e), "server_error", "unavailable")
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The JSON object of a request body; HTTPError 413 above MAX_BODY bytes, 400 when it is not UTF-8
+    JSON, nests deeper than MAX_DEPTH levels, or is not an object."""
+    if len(raw) > MAX_BODY:
+        raise HTTPError(413, f"request body is larger than {MAX_BODY} bytes", code="body_too_large")
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        body = None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HTTPError(400, f"the body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
+    if body is None or _depth(body) > MAX_DEPTH:
+        raise HTTPError(400, f"the JSON body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+    if not isinstance(body, dict):
+        raise HTTPError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def _depth(value) -> int:
+    """Nesting depth of a parsed JSON value (a scalar 0, {} or [] 1), without recursion; stops counting
+    past MAX_DEPTH + 1."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            level += 1
+            deepest = max(deepest, level)
+            if deepest > MAX_DEPTH:
+                break
+            stack.extend((v, level) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def parse_model(model) -> dict[str, float]:
@@ -63,13 +115,13 @@ def parse_model(model) -> dict[str, float]:
         return {}
     if not isinstance(model, str) or not model.strip():
         raise HTTPError(
-            400, f"model must be 'base' or adapter names joined by '+', got {model!r}", code="invalid_model"
+            400, f"model must be 'base' or adapter names joined by '+', got {show(model)}", code="invalid_model"
         )
     adapters: dict[str, float] = {}
     for part in model.strip().split("+"):
         name, sep, weight = part.strip().partition(":")
         if not name:
-            raise HTTPError(400, f"model {model!r} has an empty adapter name (use 'a+b:0.5')", code="invalid_model")
+            raise HTTPError(400, f"model {show(model)} has an empty adapter name (use 'a+b:0.5')", code="invalid_model")
         if name == "base":
             if sep:
                 raise HTTPError(400, "'base' takes no weight", code="invalid_model")
@@ -83,11 +135,11 @@ def parse_model(model) -> dict[str, float]:
             if not math.isfinite(value):
                 raise HTTPError(
                     400,
-                    f"weight of {name!r} must be a finite number (like {name}:0.8), got {weight!r}",
+                    f"weight of {show(name)} must be a finite number (like {show(name)}:0.8), got {show(weight)}",
                     code="invalid_model",
                 )
         if name in adapters:
-            raise HTTPError(400, f"adapter {name!r} appears twice in model {model!r}", code="invalid_model")
+            raise HTTPError(400, f"adapter {show(name)} appears twice in model {show(model)}", code="invalid_model")
         adapters[name] = value
     return adapters
 
@@ -96,7 +148,9 @@ def refuse_unknown(body: dict, accepted: set[str]) -> None:
     """HTTPError 400 naming the fields of ``body`` not in ``accepted`` (a misspelt field must not pass)."""
     unknown = sorted(set(body) - accepted)
     if unknown:
-        message = f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}"
+        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        names = ", ".join(show(k)[1:-1] for k in unknown[:5]) + more
+        message = f"unknown field(s) {names}; accepted: {', '.join(sorted(accepted))}"
         raise HTTPError(400, message, code="unknown_parameter")
 
 
@@ -107,22 +161,23 @@ def request_fields(body: dict, native: int) -> tuple[dict, bool]:
     if fmt != "b64_json":
         raise HTTPError(
             400,
-            f"response_format {fmt!r} is not supported: use 'b64_json' (this server keeps no image files to link to)",
+            f"response_format {show(fmt)} is not supported: use 'b64_json' (this server keeps no image files to "
+            "link to)",
             code="invalid_response_format",
         )
     out_fmt = body.get("output_format") or "png"
     if out_fmt != "png":
-        raise HTTPError(400, f"output_format {out_fmt!r} is not supported: use 'png'", code="invalid_value")
+        raise HTTPError(400, f"output_format {show(out_fmt)} is not supported: use 'png'", code="invalid_value")
     if "prompt" not in body:
         raise HTTPError(400, "prompt is required", code="missing_prompt")
     size = body.get("size")
     if size in ("auto", None):
         size = None
     elif not isinstance(size, str):
-        raise HTTPError(400, f"size must be a string like '{native}x{native}', got {size!r}", code="invalid_size")
+        raise HTTPError(400, f"size must be a string like '{native}x{native}', got {show(size)}", code="invalid_size")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise HTTPError(400, f"stream must be true or false, got {stream!r}")
+        raise HTTPError(400, f"stream must be true or false, got {show(stream)}")
     fields = dict(
         prompt=body["prompt"],
         adapters=parse_model(body.get("model", "base")),
@@ -148,40 +203,29 @@ def sse(data: dict | str, event: str | None = None) -> bytes:
 
 
 def safe_adapter_path(folder: Path | None, name: str, path) -> Path:
-    """The file an adapter request names, checked to lie inside ``folder`` (after resolving symlinks) and
-    to be a ``.safetensors`` file; HTTPError 400 otherwise."""
+    """The file an adapter request names (``path``, default ``<name>.safetensors``), checked by the rule
+    the start-up scan uses too (``catfast.serve.scan.adapter_file``); HTTPError 400 otherwise."""
     if folder is None:
         raise HTTPError(
             400, "this server has no adapters folder (start it with --adapters DIR)", code="no_adapters_dir"
         )
-    rel = f"{name}.safetensors" if path is None else path
-    if not isinstance(rel, str) or not rel or "\x00" in rel:
-        raise HTTPError(400, f"path must be a file name inside the adapters folder, got {rel!r}", code="invalid_path")
-    if Path(rel).is_absolute() or rel.startswith(("/", "\\", "~")) or ".." in Path(rel).parts:
-        raise HTTPError(
-            400, f"path {rel!r} leaves the adapters folder: give a name relative to it", code="path_outside_adapters"
-        )
-    root = folder.resolve()
-    full = (root / rel).resolve()
-    if not full.is_relative_to(root):
-        raise HTTPError(
-            400, f"path {rel!r} leaves the adapters folder (it resolves outside it)", code="path_outside_adapters"
-        )
-    if full.suffix != ".safetensors":
-        raise HTTPError(
-            400, f"path {rel!r}: adapters are .safetensors files (nothing else is read)", code="invalid_path"
-        )
-    return full
+    try:
+        return adapter_file(folder, f"{name}.safetensors" if path is None else path)
+    except AdapterPathError as e:
+        raise http_error(e) from None
 
 
 @functools.lru_cache(maxsize=4096)
 def triggers_of(path: str, mtime_ns: int) -> tuple[str, ...]:
-    """The trigger words catfast's trainer records in an adapter's metadata ("catfast.triggers"); () when
-    absent or unreadable. Reads only the safetensors JSON header."""
+    """The trigger words catfast's trainer records in an adapter's metadata ("catfast.triggers"), or an E4T
+    adapter's placeholder word ("catfast.e4t.token": files `catfast personalize` wrote before it recorded
+    triggers); () when absent or unreadable. Reads only the safetensors JSON header."""
     try:
         with safetensors.safe_open(path, "pt") as f:
-            words = json.loads((f.metadata() or {}).get("catfast.triggers", "[]"))
-    except (OSError, ValueError, safetensors.SafetensorError):
+            metadata = f.metadata() or {}
+        token = metadata.get("catfast.e4t.token")
+        words = json.loads(metadata.get("catfast.triggers", json.dumps([token] if token else [])))
+    except Exception:  # noqa: BLE001 - any unreadable or odd header (RecursionError for deep JSON): none
         return ()
     return tuple(w for w in words if isinstance(w, str)) if isinstance(words, list) else ()
 
@@ -192,9 +236,9 @@ def adapter_json(info, folder: Path | None) -> dict:
         triggers = list(triggers_of(str(path), path.stat().st_mtime_ns))
     except OSError:
         triggers = []
-    try:
-        shown = path.resolve().relative_to(folder.resolve()).as_posix() if folder is not None else path.name
-    except ValueError:
+    try:  # info.path was resolved at registration; the file may since have become a loop of links
+        shown = path.relative_to(folder.resolve()).as_posix() if folder is not None else path.name
+    except (ValueError, OSError, RuntimeError):
         shown = path.name
     return {
         "id": info.name,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import reprlib
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,15 +18,53 @@ NAME = re.compile(r"[A-Za-z0-9_.-]+")
 RESERVED = ("base",)
 MAX_ADAPTERS_PER_REQUEST = 8
 MAX_WEIGHT = 10.0
+# guidance_scale above this is refused. 30 is the top of AUTOMATIC1111's CFG slider; SD pictures saturate
+# long before it, and 1e308 turned every latent into Inf (a black PNG answered 200 before this bound).
+MAX_GUIDANCE = 30.0
+# characters of a prompt or negative prompt. CLIP reads 77 tokens (a few hundred characters) and drops the
+# rest, but the tokenizer reads it all on the step thread: encoding a 1 MiB prompt took 1.1 s there (dev CPU),
+# 100 to 10000 characters 0.15-0.17 s.
+MAX_PROMPT_CHARS = 4000
 # request scheduler name -> diffusers scheduler class (deterministic samplers only: the same seed gives
 # the same image whatever shares the batch)
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 60
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict = 2, 4, 4
+
+
+def show(value: Any) -> str:
+    """A short repr of a client's value for an error message (long strings and deep containers cut)."""
+    return _SHOW.repr(value)
+
+
+def check_text(value: Any, what: str, *, empty: bool) -> str:
+    """``value`` if it is text the model can read: a str of at most MAX_PROMPT_CHARS characters, valid
+    Unicode (JSON's "\\ud800" decodes to a lone surrogate, which no tokenizer reads), non-blank unless
+    ``empty``; BadRequest otherwise."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{what} must be a string, got {type(value).__name__}")
+    if not empty and not value.strip():
+        raise BadRequest(f"{what} must be a non-empty string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise BadRequest(
+            f"{what} has {len(value)} characters; at most {MAX_PROMPT_CHARS} (the text encoder reads 77 tokens)"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start]
+        raise BadRequest(
+            f"{what} holds a lone surrogate (U+{ord(bad):04X} at character {e.start}), which is not text: send "
+            "valid Unicode (a pair like \\ud83d\\ude00 is one character, a half of it alone is not)"
+        ) from None
+    return value
 
 
 def check_adapter_name(name: Any) -> str:
     """``name`` if it is a valid adapter name ([A-Za-z0-9_.-]+, not . or .., not "base"), else BadRequest."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", "..") or len(name) > 200:
-        raise BadRequest(f"adapter name {name!r} is invalid: use letters, digits, '_', '.', '-' (not '.' or '..')")
+        raise BadRequest(f"adapter name {show(name)} is invalid: use letters, digits, '_', '.', '-' (not '.' or '..')")
     if name in RESERVED:
         raise BadRequest(f"adapter name {name!r} is reserved (it means the base model without adapters)")
     return name
@@ -32,7 +72,7 @@ def check_adapter_name(name: Any) -> str:
 
 def _int(value: Any, what: str, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{what} must be an integer, got {value!r}")
+        raise BadRequest(f"{what} must be an integer, got {show(value)}")
     if value < low or (high is not None and value > high):
         span = f"between {low} and {high}" if high is not None else f">= {low}"
         raise BadRequest(f"{what} must be {span}, got {value}")
@@ -41,7 +81,7 @@ def _int(value: Any, what: str, low: int, high: int | None = None) -> int:
 
 def _float(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(f"{what} must be a finite number, got {value!r}")
+        raise BadRequest(f"{what} must be a finite number, got {show(value)}")
     return float(value)
 
 
@@ -52,7 +92,7 @@ def parse_size(size: Any) -> tuple[int, int] | None:
     if isinstance(size, str):
         m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", size)
         if m is None:
-            raise BadRequest(f"size must be like '512x512', got {size!r}")
+            raise BadRequest(f"size must be like '512x512', got {show(size)}")
         return int(m[1]), int(m[2])
     if isinstance(size, (tuple, list)) and len(size) == 2:
         return _int(size[0], "size width", 1), _int(size[1], "size height", 1)
@@ -83,10 +123,8 @@ class GenerationRequest:
     scheduler: str = "ddim"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise BadRequest("prompt must be a non-empty string")
-        if not isinstance(self.negative_prompt, str):
-            raise BadRequest("negative_prompt must be a string")
+        check_text(self.prompt, "prompt", empty=False)
+        check_text(self.negative_prompt, "negative_prompt", empty=True)
         adapters = {} if self.adapters is None else self.adapters
         if not isinstance(adapters, dict):
             raise BadRequest(f"adapters must be a mapping of adapter name to weight, got {type(adapters).__name__}")
@@ -104,12 +142,12 @@ class GenerationRequest:
         self.size = parse_size(self.size)
         self.steps = _int(self.steps, "steps", 1)
         self.guidance = _float(self.guidance, "guidance")
-        if self.guidance < 0:
-            raise BadRequest(f"guidance must be >= 0, got {self.guidance}")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise BadRequest(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance:g}")
         if self.seed is not None:
             self.seed = _int(self.seed, "seed", 0, 2**63 - 1)
-        if self.scheduler not in SCHEDULERS:
-            raise BadRequest(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not isinstance(self.scheduler, str) or self.scheduler not in SCHEDULERS:
+            raise BadRequest(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {show(self.scheduler)}")
         if self.timeout_s is not None:
             self.timeout_s = _float(self.timeout_s, "timeout_s")
             if self.timeout_s <= 0:
@@ -144,6 +182,8 @@ class RequestHandle:
         self.seed: int | None = request.seed  # the seed used (drawn by the engine when the request had none)
         self.peak_batch = 0  # the most requests that shared one of its UNet calls
         self.latents = None  # the final latents (set when done; what the images were decoded from)
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None  # when the engine admitted it to the running batch
 
     # ---- client side
     def cancel(self) -> None:

@@ -3,9 +3,17 @@
 Each request (``Job``) carries its own diffusers scheduler instance (DDIM, Euler or DPM++ 2M; steps),
 guidance, seed, size and adapter mix.
 Every loop iteration: drop cancelled and timed-out requests, install adapters that finished loading,
-admit queued requests (FIFO, up to ``max_batch`` images running), then run ONE denoising step for
-the running requests of one size bucket (the oldest request's; only same-size requests share a UNet
-call), as one UNet call whose rows are grouped by adapter mix (``SegmentPlan``).
+admit queued requests (up to ``max_batch`` images running), then run ONE denoising step for the running
+requests of one size bucket (the oldest request's; only same-size requests share a UNet call), as one
+UNet call whose rows are grouped by adapter mix (``SegmentPlan``).
+
+Admission order (no request starves): requests start in order of arrival. A request that does not fit
+the free batch room, or whose adapters cannot get a device slot (every slot holds an adapter that a
+running request uses), stops admission: nothing behind it starts until it has started. The one
+exception is a request whose adapter file is still being read from disk (on the loader thread): later
+requests may start meanwhile, and it starts first once the read is done. Before, a request that could
+not get a device slot was skipped, and requests behind it whose adapters were resident kept those slots
+busy: it could wait until its timeout. ``admissions`` records each start (request id, size, wait).
 
 Row layout of a step: requests sorted by adapter mix (base first); a request with n images and CFG
 has rows [uncond x n | cond x n], without CFG (guidance <= 1) [cond x n]. A request's rows get its
@@ -22,12 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from catfast.eval.sampler import decode_latents
+from catfast.eval.sampler import decode_latents, nonfinite_rows
 from catfast.integrations.models import encode_prompt
 from catfast.integrations.row_call import run_segmented
 from catfast.integrations.schedulers import sampling_scheduler
 from catfast.ops.segmented import Segment, SegmentPlan
-from catfast.serve.errors import AdapterLoadError, Cancelled, QueueFull, RequestTimeout, ServeError
+from catfast.serve.errors import AdapterLoadError, Cancelled, NonFiniteOutput, QueueFull, RequestTimeout, ServeError
 from catfast.serve.pool import AdapterPool, Entry
 from catfast.serve.requests import SCHEDULERS, Event, GenerationRequest, RequestHandle
 
@@ -79,6 +87,8 @@ class StepScheduler:
         self.running: list[Job] = []
         self.last_batch = 0
         self.last_step_s = 0.0
+        # (request id, (width, height), seconds from submission to start) of the latest starts
+        self.admissions: deque[tuple[int, tuple[int, int], float]] = deque(maxlen=10_000)
 
     # ---------------------------------------------------------------- under the engine lock
 
@@ -129,20 +139,22 @@ class StepScheduler:
         busy = sum(j.request.n for j in self.running)
         for job in list(self.queue):
             if self.running and busy + job.request.n > self.max_batch:
-                break  # FIFO: a later, smaller request does not overtake
+                break  # in order: a later, smaller request does not overtake
             missing = [e for e, _ in job.entries if e.slot is None and e.layers is None]
             if missing:
                 for entry in missing:
                     if not entry.loading and entry.error is None:
                         entry.loading = True
                         self.request_load(entry)
-                continue
+                continue  # its file is being read: later requests may go first meanwhile
             if not self._pin(job):
-                continue  # every slot holds an adapter a running request uses: wait
+                break  # every slot holds an adapter a running request uses: wait for one, in order
             self.queue.remove(job)
             self.running.append(job)
             busy += job.request.n
             admitted.append(job)
+            job.handle.started_at = time.monotonic()
+            self.admissions.append((job.order, job.size, job.handle.started_at - job.handle.submitted_at))
         return admitted
 
     def _pin(self, job: Job) -> bool:
@@ -299,7 +311,18 @@ class StepScheduler:
 
     @torch.no_grad()
     def decode(self, job: Job) -> list:
-
+        """The job's pictures; NonFiniteOutput, naming the likely cause, when its final latents hold NaN
+        or Inf (they would decode to black pictures)."""
+        bad = nonfinite_rows(job.latents)
+        if bad:
+            req = job.request
+            causes = [f"guidance_scale {req.guidance:g}"] if job.cfg else []
+            causes += [f"adapter {e.name!r} at weight {w:g}" for e, w in job.entries if w != 0.0]
+            raise NonFiniteOutput(
+                f"request {job.handle.id}: {len(bad)} of {req.n} images came out NaN/Inf (no picture to send). "
+                f"Likely cause: {', or '.join(causes) or 'the base model'}; lower the guidance or the adapter "
+                "weights, or check the adapter file"
+            )
         return decode_latents(self.base, job.latents)
 
 
