@@ -7,8 +7,14 @@ connection, a 201, or a 200 with an all-black PNG)."""
 
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 import torch
 from safetensors import safe_open
@@ -219,3 +225,98 @@ def test_8_non_finite_latents_are_422_not_a_black_png(client, engine):
         with torch.no_grad():
             bias.copy_(saved)
     assert client.post("/v1/images/generations", json={**body, "steps": 1}).status_code == 200
+
+
+# -------------------------------------------------------------------------------- defects 6, 7: start-up
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_6_7_catfast_serve_starts_past_bad_files_and_refuses_links_that_leave(tmp_path):
+    """`catfast serve --adapters DIR` with one good adapter and every kind of bad entry: it starts, serves
+    the good one, and prints one warning line per bad entry (the same rule and checks as POST
+    /v1/adapters). On b9a3351 the rank-0 file stopped it (exit 1, a traceback), and the links that leave
+    the folder were registered."""
+    folder, elsewhere = tmp_path / "loras", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(adapters_dir() / f"{GOOD}.safetensors", folder / "good.safetensors")
+    shutil.copy(adapters_dir() / f"{GOOD}.safetensors", elsewhere / "good.safetensors")
+    variant(folder / "rank0.safetensors", tensors=rank_zero)
+    variant(folder / "e4t.safetensors", metadata=DAMAGED_E4T)
+    variant(folder / "huge.safetensors", tensors=huge)
+    os.symlink(elsewhere / "good.safetensors", folder / "link_out.safetensors")
+    os.symlink("/etc/passwd", folder / "passwd.safetensors")
+    os.symlink("loop.safetensors", folder / "loop.safetensors")
+    (folder / "dir.safetensors").mkdir()
+    os.mkfifo(folder / "fifo.safetensors")
+    (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    bad = ["corrupt", "dir", "e4t", "fifo", "huge", "link_out", "loop", "passwd", "rank0"]
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CATFAST_API_KEY", None)
+    cmd = [sys.executable, "-m", "catfast.cli", "serve", "--adapters", str(folder), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "catfast serve did not come up"
+            time.sleep(0.5)
+        assert [a["id"] for a in httpx.get(url + "/v1/adapters").json()["data"]] == ["good"]
+        r = httpx.post(url + "/v1/adapters", json={"name": "link_out"})  # R refuses it the same way
+        assert_openai_error(r, 400, "resolves outside")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert "Traceback" not in out + err, err
+    warnings = [line for line in err.splitlines() if "skipping adapter" in line]
+    assert sorted(line.split("skipping adapter ")[1].split(":")[0] for line in warnings) == sorted(
+        str(folder / f"{name}.safetensors") for name in bad
+    ), err
+    for name, words in (
+        ("rank0", "rank 0"),
+        ("e4t", "damaged E4T"),
+        ("huge", "x the base weight"),
+        ("link_out", "resolves outside"),
+        ("passwd", "resolves outside"),
+        ("loop", "loop"),
+        ("dir", "not a regular file"),
+        ("fifo", "not a regular file"),
+    ):
+        line = next(w for w in warnings if f"/{name}.safetensors:" in w)
+        assert words in line, line
+
+
+def test_7_start_up_refuses_links_that_leave_the_folder(tmp_path):
+    """Only links: on b9a3351 the engine started and registered link_out (and opened /etc/passwd)."""
+    from catfast.serve.engine import Engine
+
+    folder, elsewhere = tmp_path / "loras", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(adapters_dir() / f"{GOOD}.safetensors", elsewhere / "good.safetensors")
+    os.symlink(elsewhere / "good.safetensors", folder / "link_out.safetensors")
+    os.symlink("/etc/passwd", folder / "passwd.safetensors")
+    os.symlink("link_in_target.safetensors", folder / "link_in.safetensors")  # a link inside is fine
+    shutil.copy(adapters_dir() / f"{GOOD}.safetensors", folder / "link_in_target.safetensors")
+    engine = Engine("demo", adapters_dir=folder, device="cpu")
+    try:
+        assert sorted(a.name for a in engine.adapters()) == ["link_in", "link_in_target"]
+    finally:
+        engine.close()
