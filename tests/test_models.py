@@ -23,6 +23,7 @@ from catfast.integrations.models import (  # noqa: E402
     resolve_base,
 )
 from catfast.integrations.tokenizer import build_tokenizer, vocab_size  # noqa: E402
+from catfast.testing import unet_to_ldm  # noqa: E402
 
 CAPTIONS = ["sks, a cat statue on a carpet", "a photo of a dog"]
 
@@ -216,57 +217,6 @@ def test_tokenizer_offline(tiny_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # single UNet files
 
-_RESNET_TO_LDM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-
-
-def _to_ldm(state: dict, cfg: dict) -> dict:
-    """diffusers UNet naming -> original LDM naming (`model.diffusion_model.*`), the inverse of diffusers'
-    convert_ldm_unet_checkpoint (diffusers ships no helper for this direction). Its top-level names come
-    from diffusers' own DIFFUSERS_TO_LDM_MAPPING; the block numbering is LDM's: input block n holds
-    (resnet .0, attention .1) or a downsampler (.0.op); output blocks hold resnet .0, attention .1 and the
-    upsampler last."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    top = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
-    if cfg.get("addition_embed_type") == "text_time":
-        top.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
-    per = cfg["layers_per_block"] + 1
-    out = {}
-    for key, value in state.items():
-        p = key.split(".")
-        resnet = ".".join([_RESNET_TO_LDM.get(p[4], p[4])] + p[5:]) if len(p) > 4 else ""
-        rest = ".".join(p[4:])
-        if key in top:
-            new = top[key]
-        elif p[0] == "mid_block":
-            idx = 1 if p[1] == "attentions" else 2 * int(p[2])
-            tail = ".".join([_RESNET_TO_LDM.get(p[3], p[3])] + p[4:]) if p[1] == "resnets" else ".".join(p[3:])
-            new = f"middle_block.{idx}.{tail}"
-        elif p[0] == "down_blocks":
-            b, kind, j = int(p[1]), p[2], int(p[3])
-            if kind == "downsamplers":
-                new = f"input_blocks.{(b + 1) * per}.0.op.{p[5]}"
-            else:
-                new = f"input_blocks.{b * per + j + 1}." + (f"0.{resnet}" if kind == "resnets" else f"1.{rest}")
-        elif p[0] == "up_blocks":
-            b, kind, j = int(p[1]), p[2], int(p[3])
-            if kind == "upsamplers":
-                has_attn = "CrossAttn" in cfg["up_block_types"][b]
-                new = f"output_blocks.{b * per + per - 1}.{2 if has_attn else 1}.conv.{p[5]}"
-            else:
-                new = f"output_blocks.{b * per + j}." + (f"0.{resnet}" if kind == "resnets" else f"1.{rest}")
-        else:
-            raise AssertionError(f"no LDM name for {key}")
-        out["model.diffusion_model." + new] = value
-    return out
-
 
 def test_single_file_diffusers_naming(tiny_dir, tmp_path):
     unet = build_unet("tiny", seed=7)
@@ -289,7 +239,7 @@ def test_single_file_diffusers_naming(tiny_dir, tmp_path):
 def test_single_file_ldm_naming(name, tmp_path):
     cfg = unet_config(name)
     unet = build_unet(name, seed=5)
-    ldm = _to_ldm(unet.state_dict(), cfg)
+    ldm = unet_to_ldm(unet.state_dict(), cfg)
     assert all(".down_blocks." not in k and ".up_blocks." not in k for k in ldm)
     # a full SD checkpoint also holds the VAE and text encoder: those keys are ignored
     ldm["first_stage_model.encoder.conv_in.weight"] = torch.zeros(8, 3, 3, 3)
@@ -305,7 +255,7 @@ def test_single_file_ldm_naming(name, tmp_path):
 def test_pickle_refused_then_allowed(tmp_path):
     unet = build_unet("tiny", seed=2)
     ckpt = tmp_path / "model.ckpt"  # LDM-style: {"state_dict": {...}, "global_step": n}
-    torch.save({"state_dict": _to_ldm(unet.state_dict(), unet_config("tiny")), "global_step": 10}, ckpt)
+    torch.save({"state_dict": unet_to_ldm(unet.state_dict(), unet_config("tiny")), "global_step": 10}, ckpt)
     with pytest.raises(ModelLoadError, match="refusing to load a pickle") as err:
         load_unet_file(ckpt, unet_config("tiny"))
     assert str(ckpt) in str(err.value) and "allow_pickle=True" in str(err.value)
@@ -355,7 +305,7 @@ def test_bad_folders(tiny_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="names no 'text_encoder'"):
         load_base(unnamed)
 
-    with pytest.raises(ModelLoadError, match="needs config="):
+    with pytest.raises(ModelLoadError, match="UNet weights only .* pass --base-config DIR"):
         resolve_base(tiny_dir / "unet" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ModelLoadError, match="no such file or folder"):
         resolve_base(missing)

@@ -16,8 +16,13 @@ def export_group() -> None:
 
 @export_group.command("onnx")
 @click.option(
-    "--base", required=True, type=click.Path(), help="Base model: a diffusers folder (read, never written), or demo."
+    "--base",
+    required=True,
+    type=click.Path(),
+    help="Base model: a diffusers folder (read, never written), a single-file SD1.5 checkpoint (.safetensors), "
+    "or demo.",
 )
+@click.option("--base-config", type=click.Path(), help="The diffusers folder that completes a UNet-only --base file.")
 @click.option(
     "--adapter",
     "adapters",
@@ -43,7 +48,9 @@ def export_group() -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
 @_friendly
-def export_onnx_command(base, adapters, out, fp16, opset, components, dynamic, adapter_inputs, overwrite) -> None:
+def export_onnx_command(
+    base, base_config, adapters, out, fp16, opset, components, dynamic, adapter_inputs, overwrite
+) -> None:
     """Merge adapters into a copy of BASE (or make them graph inputs), export to ONNX, check every graph
     with onnx.checker and against PyTorch in ONNX Runtime, and write OUT/manifest.json."""
     from catfast.export.onnx import export_onnx  # lazy: startup
@@ -59,6 +66,7 @@ def export_onnx_command(base, adapters, out, fp16, opset, components, dynamic, a
         adapter_inputs=adapter_inputs,
         overwrite=overwrite,
         log=click.echo,
+        base_config=base_config,
     )
     for name, comp in manifest["components"].items():
         v = comp["validation"]

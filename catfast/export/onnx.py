@@ -61,7 +61,7 @@ from catfast.export.graphs import (
 from catfast.export.manifest import MANIFEST, build_manifest, read_manifest
 from catfast.export.validate import TOLERANCE, _validate, _validation_shapes
 from catfast.folders import check_target, staged_folder
-from catfast.integrations.models import BaseModel, load_base
+from catfast.integrations.models import BaseModel, resolve_base
 from catfast.integrations.tokenizer import save_tokenizer
 from catfast.integrations.word_embedding import install_for_export
 
@@ -162,8 +162,10 @@ def export_onnx(
     overwrite: bool = False,
     external_data_over: int = EXTERNAL_DATA_OVER,
     log: Callable[[str], None] = lambda s: None,
+    base_config: str | os.PathLike | None = None,
 ) -> dict:
-    """Export ``components`` of ``base`` (a diffusers folder, or a loaded `BaseModel`) with ``adapters``
+    """Export ``components`` of ``base`` (a diffusers folder, a single-file checkpoint, with ``base_config``
+    the diffusers folder that completes a UNet-only file, or a loaded `BaseModel`) with ``adapters``
     (``"[NAME=]FILE[:SCALE]"`` strings or `AdapterSpec`) to the folder ``out``, and return the manifest (also
     written as ``out/manifest.json``).
 
@@ -198,7 +200,7 @@ def export_onnx(
 
     if isinstance(base, (str, os.PathLike)):
         log(f"loading base {base}")
-        base = load_base(base)
+        base = resolve_base(base, config=base_config)
     if base.is_sdxl:
         raise ExportError(f"{base.path or 'base'}: SDXL bases are not supported by the ONNX export yet (SD 1.x/2.x)")
     loaded = _read_adapters(specs, base)

@@ -1,12 +1,20 @@
 """Base models: the `BaseModel` bundle, prompt encoding, and loaders for local diffusers folders and
 single UNet weight files (diffusers or original LDM/SD naming). Nothing here touches the hub.
 
-What `--base` accepts (`resolve_base`):
+What `--base` accepts (`resolve_base`, and `load_base` for every command):
 - a diffusers folder (model_index.json + unet/ text_encoder/ tokenizer/ vae/ scheduler/, and
   text_encoder_2/ tokenizer_2/ for SDXL), e.g. one written by `catfast models init`;
-- a single UNet weights file (`.safetensors`; pickle formats only with allow_pickle) together with
-  `config=` a diffusers folder: the file replaces that folder's UNet weights, and the folder supplies
-  the UNet config, text encoders, tokenizers, VAE and scheduler.
+- a single-file SD1.x or SDXL checkpoint as A1111 / civitai share them (`.safetensors`; pickle formats
+  only with allow_pickle): the original (non-diffusers) key layout, UNet under ``model.diffusion_model.``,
+  VAE under ``first_stage_model.``, text encoder(s) under ``cond_stage_model.transformer.`` (SD1.x) or
+  ``conditioner.embedders.0.transformer.`` and ``conditioner.embedders.1.model.`` (SDXL, the second in
+  OpenCLIP's layout). Every component comes from the file, converted with diffusers' own single-file
+  converters; the configs are the ones shipped in ``single_file/`` (SD1.5's and SDXL-base's, with real
+  CLIP's tokenizer built from its shipped merges), or those of ``config=`` a diffusers folder (its
+  tokenizers too) for a fine-tune of another shape. `load_single_file`;
+- a file of UNet weights only (either naming) together with ``config=`` a diffusers folder: the file
+  replaces that folder's UNet weights, and the folder supplies the UNet config, text encoders,
+  tokenizers, VAE and scheduler.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class BaseModel:
     tokenizer_2: Any = None
     path: Path | None = None
     unet_file: Path | None = None
+    file: Path | None = None  # the single-file checkpoint every component came from (`load_single_file`)
 
     @property
     def is_sdxl(self) -> bool:
@@ -133,7 +142,7 @@ def _read_model_index(folder: Path) -> dict[str, list]:
     if not folder.exists():
         raise ModelLoadError(f"{folder}: no such folder")
     if not folder.is_dir():
-        raise ModelLoadError(f"{folder}: not a folder (a single UNet file needs config= a diffusers folder)")
+        raise ModelLoadError(f"{folder}: not a diffusers folder (model_index.json and one subfolder per component)")
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(f"{folder}: not a diffusers folder: model_index.json is missing")
@@ -227,8 +236,10 @@ def load_base(
     with requires_grad False, in `dtype` on `device`; the scheduler is a DDPMScheduler built from the
     folder's scheduler config. With `unet_file`, the UNet comes from that single file (see
     `load_unet_file`) with the folder's unet/config.json, and the folder's UNet weights are not read.
-    ``"demo"``: the shipped demo model (`base_location`)."""
+    ``"demo"``: the shipped demo model (`base_location`). A file instead of a folder: `load_single_file`."""
     folder = Path(base_location(path))
+    if folder.is_file() and unet_file is None:
+        return load_single_file(folder, dtype=dtype, device=device, allow_pickle=allow_pickle)
     quiet_progress_bars()
     components = _read_model_index(folder)
     loaded = {}
@@ -257,10 +268,11 @@ def resolve_base(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
 ) -> BaseModel:
-    """What every `--base SPEC [--config DIR]` means: SPEC a diffusers folder (config must be None), a
-    single UNet weights file with `config` the diffusers folder that supplies the rest, or a Hugging
-    Face Hub model id ("owner/name", fetched or found in the local hub cache; see `hub_folder`), or
-    "demo", the shipped demo model (`base_location`)."""
+    """What every `--base SPEC [--base-config DIR]` means: SPEC a diffusers folder (config must be None), a
+    single-file SD1.x / SDXL checkpoint (`load_single_file`; ``config`` optional), a UNet weights file with
+    ``config`` the diffusers folder that supplies the rest, a Hugging Face Hub model id ("owner/name",
+    fetched or found in the local hub cache; see `hub_folder`), or "demo", the shipped demo model
+    (`base_location`)."""
     spec = base_location(spec)
     if config is None and not Path(spec).exists() and _HUB_ID.fullmatch(str(spec)):
         return load_base(hub_folder(str(spec)), dtype=dtype, device=device)
@@ -271,12 +283,7 @@ def resolve_base(
         return load_base(spec, dtype=dtype, device=device)
     if not spec.exists():
         raise ModelLoadError(f"{spec}: no such file or folder")
-    if config is None:
-        raise ModelLoadError(
-            f"{spec}: a single UNet file needs config= (--config) a diffusers folder that supplies the UNet "
-            "config, text encoder(s), tokenizer(s), VAE and scheduler"
-        )
-    return load_base(config, dtype=dtype, device=device, unet_file=spec, allow_pickle=allow_pickle)
+    return load_single_file(spec, config=config, dtype=dtype, device=device, allow_pickle=allow_pickle)
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -401,3 +408,184 @@ def load_unet_file(
         raise ModelLoadError(f"{path}: UNet weights do not fit the config from {cfg_src}: {problems}")
     unet.load_state_dict(state, strict=True, assign=True)
     return unet.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# single-file checkpoints (A1111 / civitai)
+
+SINGLE_FILE_CONFIGS = Path(__file__).with_name("single_file")  # sd15/, sdxl/: diffusers configs, no weights
+LDM_VAE_PREFIX = "first_stage_model."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+_SD2_TEXT_PREFIX = "cond_stage_model.model."
+
+
+def single_file_kind(keys) -> str:
+    """What a single weights file holds, by its keys: ``"sd15"`` / ``"sdxl"`` (a whole SD1.x / SDXL checkpoint
+    in the original layout), ``"sd2"`` (SD2.x, OpenCLIP-H text encoder) or ``"unet"`` (UNet weights only,
+    original or diffusers naming)."""
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if not (has(LDM_UNET_PREFIX) and has(LDM_VAE_PREFIX)):
+        return "unet"
+    if has(SDXL_TEXT_PREFIXES[1]):
+        return "sdxl"
+    if has(SD1_TEXT_PREFIX):
+        return "sd15"
+    return "sd2" if has(_SD2_TEXT_PREFIX) else "unet"
+
+
+def load_single_file(
+    path: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> BaseModel:
+    """A base from ONE weights file (module docstring): a whole SD1.x / SDXL checkpoint in the original layout
+    (configs from ``config``, a diffusers folder, or else the shipped ones of its kind), or UNet weights only
+    with ``config`` the diffusers folder that supplies the rest. ModelLoadError names the file and what does
+    not fit, and for UNet weights without ``config`` the flag that supplies it (--base-config)."""
+    path = Path(path)
+    state = _read_state_dict(path, allow_pickle)
+    kind = single_file_kind(state)
+    if kind == "unet":
+        if config is None:
+            naming = "original" if any(k.startswith(LDM_UNET_PREFIX) for k in state) else "diffusers"
+            raise ModelLoadError(
+                f"{path}: holds UNet weights only ({naming} naming), no VAE and text encoder: pass --base-config "
+                "DIR, a diffusers folder that supplies the UNet config, text encoder(s), tokenizer(s), VAE and "
+                "scheduler (a whole SD1.x / SDXL checkpoint needs none)"
+            )
+        del state
+        return load_base(config, dtype=dtype, device=device, unet_file=path, allow_pickle=allow_pickle)
+    if kind == "sd2" and config is None:
+        raise ModelLoadError(
+            f"{path}: an SD 2.x checkpoint (OpenCLIP-H text encoder); catfast ships the configs of SD 1.x and SDXL "
+            "single files only: pass --base-config DIR, a diffusers SD 2.x folder"
+        )
+    quiet_progress_bars()
+    loaded = components_from_state(state, kind, config=config, where=str(path), dtype=dtype)
+    del state
+    for component in loaded.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False).to(device)
+    return BaseModel(**loaded, file=path)
+
+
+def components_from_state(
+    state: dict[str, torch.Tensor],
+    kind: str,
+    *,
+    config: str | os.PathLike | None = None,
+    where: str = "checkpoint",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Every component (diffusers' model_index names) of a whole single-file checkpoint's ``state`` of
+    ``kind`` (`single_file_kind`), with the configs of ``config`` or the shipped ones. Meta tensors give meta
+    models (the tests check real SD1.5 / SDXL shapes against the shipped configs so, without the memory)."""
+    folder = Path(config) if config is not None else SINGLE_FILE_CONFIGS / kind
+    where = f"{where} (configs from {folder}{'' if config is not None else '; --base-config DIR for another shape'})"
+    loaded = dict(
+        unet=_unet_from_state(state, _unet_config(folder)[0], where, dtype),
+        vae=_vae_from_state(state, folder, where, dtype),
+        text_encoder=_text_encoder_from_state(state, folder, "text_encoder", kind, where, dtype),
+        tokenizer=_single_file_tokenizer(folder, "tokenizer", config is not None),
+        scheduler=_load_component(folder, "scheduler", dtype),
+    )
+    if kind == "sdxl":
+        loaded["text_encoder_2"] = _text_encoder_from_state(state, folder, "text_encoder_2", kind, where, dtype)
+        loaded["tokenizer_2"] = _single_file_tokenizer(folder, "tokenizer_2", config is not None, pad_token="!")
+    return loaded
+
+
+def _single_file_tokenizer(folder: Path, name: str, given: bool, pad_token: str | None = None):
+    """The tokenizer of a single-file base: a given config folder's own, else real CLIP's (shipped merges)."""
+    from catfast.integrations.tokenizer import EOS, clip_tokenizer  # lazy: transformers
+
+    if given:
+        return _load_component(folder, name, torch.float32)
+    return clip_tokenizer(pad_token or EOS)
+
+
+def _component_config(folder: Path, name: str) -> dict:
+    file = folder / name / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{file}: no readable {name} config: {e}") from None
+
+
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, what: str, dtype: torch.dtype):
+    """``model`` with ``state`` as its weights: exactly its keys and shapes, else ModelLoadError naming them."""
+    problems = _fit_problems(state, {k: v.shape for k, v in model.state_dict().items()})
+    if problems:
+        raise ModelLoadError(f"{where}: the {what} weights do not fit its config: {problems}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return torch.nn.Module.to(model, dtype)  # not diffusers' .to, which warns about casts it cannot check
+
+
+def _unet_from_state(state: dict, cfg: dict, where: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel  # lazy: diffusers
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # lazy: diffusers
+
+    try:
+        converted = {k: v for k, v in convert_ldm_unet_checkpoint(state, cfg).items() if v is not None}
+    except Exception as e:  # diffusers' converter raises KeyError/IndexError/... on a layout it does not expect
+        raise ModelLoadError(f"{where}: the UNet weights do not fit its config: {type(e).__name__}: {e}") from None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+    return _assign(unet, converted, where, "UNet", dtype)
+
+
+def _vae_from_state(state: dict, folder: Path, where: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL  # lazy: diffusers
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # lazy: diffusers
+
+    cfg = _component_config(folder, "vae")
+    try:
+        converted = convert_ldm_vae_checkpoint(state, cfg)
+    except Exception as e:
+        raise ModelLoadError(f"{where}: the VAE weights do not fit its config: {type(e).__name__}: {e}") from None
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(cfg)
+    return _assign(vae, converted, where, "VAE", dtype)
+
+
+def _text_encoder_from_state(state: dict, folder: Path, name: str, kind: str, where: str, dtype: torch.dtype):
+    """A text encoder of the file, by diffusers' converters: CLIP's layout (SD1.x, SDXL's first) or OpenCLIP's
+    (SDXL's second; SD2.x's). Built on the CPU (its position ids are a buffer the file does not hold)."""
+    from diffusers.loaders.single_file_utils import (  # lazy: diffusers
+        convert_ldm_clip_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # lazy: transformers
+
+    try:
+        config = CLIPTextConfig.from_pretrained(folder / name, local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{folder / name}: no readable {name} config: {type(e).__name__}: {e}") from None
+    with torch.device("meta" if next(iter(state.values())).is_meta else "cpu"):
+        model = (CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel)(config)
+    if name == "text_encoder" and kind != "sd2":
+        prefix = SD1_TEXT_PREFIX if kind == "sd15" else SDXL_TEXT_PREFIXES[0]
+        mine = {k: v for k, v in state.items() if k.startswith(prefix)}
+        converted = convert_ldm_clip_checkpoint(mine)
+    else:
+        prefix = _SD2_TEXT_PREFIX if kind == "sd2" else SDXL_TEXT_PREFIXES[1]
+        converted = convert_open_clip_checkpoint(model, state, prefix=prefix)
+    wants_wrapper = any(k.startswith("text_model.") for k in model.state_dict())
+    converted = {
+        ("text_model." + k if wants_wrapper and not k.startswith(("text_model.", "text_projection")) else k)
+        if wants_wrapper
+        else k.removeprefix("text_model."): v
+        for k, v in converted.items()
+        if not k.endswith("position_ids")  # a buffer transformers makes itself; some files carry it
+    }
+    if not converted:
+        raise ModelLoadError(f"{where}: no {name} weights (keys under {prefix})")
+    return _assign(model, converted, where, name, dtype)

@@ -10,6 +10,7 @@ encodes, byte by byte at worst. Real CLIP has 49,408 tokens; this one has 1,113 
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 from collections import Counter
 from pathlib import Path
@@ -105,6 +106,30 @@ def build_tokenizer(max_length: int = MAX_LENGTH):
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
 
 
+# OpenAI CLIP's BPE merges (the 48,894 that its 49,408-token vocabulary uses; from the MIT-licensed
+# bpe_simple_vocab_16e6.txt.gz of openai/CLIP and open_clip), for the tokenizers of single-file SD1.5 / SDXL bases
+CLIP_MERGES = Path(__file__).with_name("single_file") / "clip-merges.txt.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """Real CLIP's vocabulary (token -> id, 49,408 tokens) and merges, built as OpenAI CLIP builds them: the
+    256 byte symbols, the same with ``</w>``, one token per merge, then start and end of text."""
+    lines = gzip.decompress(CLIP_MERGES.read_bytes()).decode("utf-8").splitlines()[1:]
+    merges = tuple(tuple(line.split()) for line in lines if line)
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def clip_tokenizer(pad_token: str = EOS):
+    """Real CLIP's tokenizer (SD1.5's and SDXL's first; SDXL's second pads with ``"!"``), offline."""
+    from transformers import CLIPTokenizer  # lazy: transformers
+
+    vocab, merges = clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_LENGTH, pad_token=pad_token)
+
+
 def load_tokenizer(folder: str | Path):
     """The CLIPTokenizer saved in a local ``folder`` (``save_tokenizer``, or any CLIP tokenizer folder); no hub."""
     from transformers import CLIPTokenizer  # lazy: transformers
@@ -113,11 +138,14 @@ def load_tokenizer(folder: str | Path):
 
 
 def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
-    """Save `tokenizer` to `out_dir` with the classic vocab.json + merges.txt beside transformers' own files,
-    so that `CLIPTokenizer.from_pretrained(out_dir)` loads it with older transformers versions too."""
+    """Save `tokenizer` to `out_dir` with the classic vocab.json + merges.txt (its own: the generated
+    vocabulary, or real CLIP's) beside transformers' own files, so that `CLIPTokenizer.from_pretrained(out_dir)`
+    loads it with older transformers versions too."""
     out_dir = Path(out_dir)
     tokenizer.save_pretrained(out_dir)
-    vocab, merges = vocab_and_merges()
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    vocab = model["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (out_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

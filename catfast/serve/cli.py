@@ -33,17 +33,24 @@ def build_app(
     max_queue: int = 64,
     max_resident: int = 16,
     timeout: float = 300.0,
+    base_config: str | None = None,
     max_steps: int = 150,
 ):
-    """(engine, app) for the options of ``catfast serve``; the engine is started."""
+    """(engine, app) for the options of ``catfast serve``; the engine is started. ``base_config``: the
+    diffusers folder that completes a UNet-only ``base`` file."""
     from catfast.serve.engine import Engine, default_adapters_dir  # lazy: startup
     from catfast.serve.http import create_app  # lazy: startup
 
     adapters = default_adapters_dir(base, adapters)
     if adapters is not None and not os.path.isdir(adapters):
         raise CatfastError(f"{adapters}: --adapters must be an existing folder of .safetensors files")
+    model = base
+    if base_config is not None:  # a UNet-only file and the folder of the rest (a whole checkpoint needs none)
+        from catfast.integrations.models import resolve_base  # lazy: startup
+
+        model = resolve_base(base, config=base_config)
     engine = Engine(
-        base,
+        model,
         adapters_dir=adapters,
         device=device,
         max_batch=max_batch,
@@ -59,8 +66,13 @@ def build_app(
 
 @click.command("serve")
 @click.option(
-    "--base", default="demo", show_default=True, help="Base model: a diffusers folder, or 'demo' (the shipped model)."
+    "--base",
+    default="demo",
+    show_default=True,
+    help="Base model: a diffusers folder, a single-file SD1.5/SDXL checkpoint (.safetensors), or 'demo' (the "
+    "shipped model).",
 )
+@click.option("--base-config", default=None, help="The diffusers folder that completes a UNet-only --base file.")
 @click.option(
     "--adapters",
     type=click.Path(file_okay=False),
@@ -92,19 +104,43 @@ def build_app(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 def serve(
-    base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, max_steps, log_level
+    base,
+    base_config,
+    adapters,
+    host,
+    port,
+    api_key,
+    device,
+    max_batch,
+    max_queue,
+    max_resident,
+    timeout,
+    max_steps,
+    log_level,
 ) -> None:
     """Serve BASE and its adapters: OpenAI-compatible /v1/images/generations, /v1/adapters, /health,
     /metrics and a web playground at /. Without --base: the shipped demo model and adapters."""
     try:
         options = (max_batch, max_queue, max_resident, timeout, max_steps, log_level)
-        _serve(base, adapters, host, port, api_key, device, *options)
+        _serve(base, adapters, host, port, api_key, device, *options, base_config=base_config)
     except CatfastError as e:  # one line, no traceback (as catfast.cli's commands)
         raise click.ClickException(str(e)) from None
 
 
 def _serve(
-    base, adapters, host, port, api_key, device, max_batch, max_queue, max_resident, timeout, max_steps, log_level
+    base,
+    adapters,
+    host,
+    port,
+    api_key,
+    device,
+    max_batch,
+    max_queue,
+    max_resident,
+    timeout,
+    max_steps,
+    log_level,
+    base_config=None,
 ):
     from catfast.serve.http import run  # lazy: startup
 
@@ -117,6 +153,7 @@ def _serve(
         adapters,
         api_key=api_key,
         device=device,
+        base_config=base_config,
         max_batch=max_batch,
         max_queue=max_queue,
         max_resident=max_resident,

@@ -247,7 +247,8 @@ def base_identity(base) -> str:
     """sha256 identity of a base model's weights. Loaded from files: every weight file of the folder
     (and a single UNet file) by size and 16 evenly spaced 64 KiB samples of its bytes (a file under
     1 MiB whole): any replaced weights file changes it, copying or touching the folder does not, and a
-    multi-GB model costs milliseconds, not a full read. Built in memory: all of its UNet's weights."""
+    multi-GB model costs milliseconds, not a full read; a single-file checkpoint likewise. Built in memory:
+    all of its UNet's weights."""
     h = hashlib.sha256(b"catfast-base-identity/1;")
     files = []
     if base.path is not None:
@@ -256,8 +257,9 @@ def base_identity(base) -> str:
             p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")
         )
         files = [(p.relative_to(folder).as_posix(), p) for p in files]
-    if getattr(base, "unet_file", None) is not None:
-        files.append(("unet_file", Path(base.unet_file)))
+    for name in ("unet_file", "file"):  # a single UNet file; a single-file checkpoint (every component)
+        if getattr(base, name, None) is not None:
+            files.append((name, Path(getattr(base, name))))
     if files:
         for name, file in files:
             size = file.stat().st_size
