@@ -65,3 +65,28 @@ def test_installed_transformers_accepts_the_installed_peft():
     assert Version(version("peft")) >= needed, (
         f"transformers {version('transformers')} needs peft >= {needed}, installed {version('peft')}"
     )
+
+
+def test_readme_install_lines_say_which_torch_build_they_get():
+    """Issue 26, item 1: PyPI's torch for Linux x86-64 is the CUDA build (about 2.7 GB with its libraries), so
+    "torch first" alone never gave the CPU build on a normal machine. The README's CPU line must use PyTorch's
+    CPU index, its GPU line PyPI's build, both at the version installed here (which the CI block pins too), and
+    the old promise is gone."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quick = readme[readme.index("## Quick start") : readme.index("## The demo")]
+    version = torch.__version__.split("+")[0]
+    blocks = re.findall(r"```bash\n(.*?)```", quick, flags=re.S)
+    cpu = [b for b in blocks if "download.pytorch.org/whl/cpu" in b]
+    assert cpu and f"pip install torch=={version} --index-url https://download.pytorch.org/whl/cpu" in cpu[0]
+    assert "catfast demo" in cpu[0]
+    gpu = [b for b in blocks if f"pip install torch=={version} setuptools" in b]
+    assert gpu, "the GPU install line (PyPI's CUDA build)"
+    assert "CUDA 13 build" in quick and "2.7 GB" in quick and "192 MB" in quick
+    assert "so pip takes the CPU build" not in readme
+    ci = readme[readme.index("<!-- ci:test -->") :]
+    assert f"pip install torch=={version} " in ci[: ci.index("```\n", 10)]

@@ -341,7 +341,7 @@ def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if not allow_pickle:
         raise ModelLoadError(
             f"{path}: refusing to load a pickle checkpoint ({suffix}): unpickling can run arbitrary code. "
-            "Convert it to .safetensors, or pass allow_pickle=True (--allow-pickle) to load it with "
+            "Convert it to .safetensors, or (from Python) pass allow_pickle=True to load it with "
             "torch.load(weights_only=True), which accepts only tensors and plain containers."
         )
     try:
