@@ -43,10 +43,15 @@ _REQUIRED = "[required unless set in --config]"
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML, YAML or JSON file of options.")
 @click.option(
     "--base",
-    help="Base model: a diffusers folder, a hub id (owner/name), a UNet file with --base-config, or demo "
-    f"(the shipped demo model). {_REQUIRED}",
+    help="Base model: a diffusers folder, a hub id (owner/name), a single-file SD1.x/SDXL checkpoint "
+    f"(.safetensors, A1111/civitai layout), a UNet-only file with --base-config, or demo (the shipped demo model). "
+    f"{_REQUIRED}",
 )
-@click.option("--base-config", help="The diffusers folder that completes a single-file --base.")
+@click.option(
+    "--base-config",
+    help="A diffusers folder: the rest of a UNet-only --base file, or the configs of a single-file checkpoint "
+    "of another shape than SD1.5 / SDXL-base.",
+)
 @click.option(
     "--data",
     help="Folder of images with .txt captions or a metadata.jsonl, or a kohya-style folder of N_trigger class "
