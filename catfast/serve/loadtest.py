@@ -20,6 +20,7 @@ import base64
 import contextlib
 import gc
 import io
+import math
 import os
 import random
 import shutil
@@ -231,5 +232,86 @@ def run_load(
         "rss_end_mib": round(rss_end, 1),
         "rss_after_each_round_mib": rss_rounds,
         "rss_growth_mib": round(rss_end - rss_start, 1),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+    }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank ``q``-th percentile (0-100) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def run_fairness(
+    requests: int = 32,
+    *,
+    seed: int = 0,
+    max_batch: int = 4,
+    max_resident: int = 2,
+    sizes: tuple[str, ...] = ("32x32", "16x16", "64x64"),
+    steps: tuple[int, int] = (2, 4),
+) -> dict:
+    """The fairness load: ``requests`` mixed requests (sizes, base / one adapter / two weighted adapters,
+    steps), all sent at once by as many clients to a server with room for fewer (``max_batch`` images,
+    ``max_resident`` adapters on the device, three adapters in use). The engine's record of each start
+    (``StepScheduler.admissions``) gives the wait of every request (submission to start) and whether
+    requests of one size started in order of arrival. Report: outcomes, waits p50/p99/max, their ratio,
+    and the starts out of order per size."""
+    import httpx  # lazy: httpx
+
+    rng = random.Random(seed)
+    adapters = list(CONCEPTS)
+    bodies = []
+    for i in range(requests):
+        pick = rng.random()
+        if pick < 0.2:
+            model = "base"
+        elif pick < 0.7:
+            model = rng.choice(adapters)
+        else:
+            a, b = rng.sample(adapters, 2)
+            model = f"{a}:0.8+{b}:0.5"
+        size = rng.choice(sizes)
+        bodies.append({"model": model, "prompt": "a star", "size": size, "steps": rng.randint(*steps), "seed": i})
+    with tempfile.TemporaryDirectory(prefix="catfast-fair-") as tmp:
+        folder = copy_demo_adapters(Path(tmp))
+        options = dict(max_batch=max_batch, max_queue=requests + 1, max_resident=max_resident)
+        with demo_server(folder, **options) as (engine, server):
+            with httpx.Client(base_url=server.url, timeout=300) as c:  # warm-up: each size once
+                for size in sizes:
+                    c.post("/v1/images/generations", json={"prompt": "a star", "size": size, "steps": 1})
+            engine.scheduler.admissions.clear()
+
+            def send(body):
+                with httpx.Client(base_url=server.url, timeout=300) as c:
+                    return c.post("/v1/images/generations", json=body).status_code
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(requests) as pool:
+                statuses = list(pool.map(send, bodies))
+            wall = time.perf_counter() - t0
+            starts = list(engine.scheduler.admissions)
+    waits = [w for _, _, w in starts]
+    out_of_order = {}
+    for size in {s for _, s, _ in starts}:
+        ids = [i for i, s, _ in starts if s == size]
+        late = [b for a, b in zip(ids, ids[1:]) if b < a]
+        if late:
+            out_of_order[f"{size[0]}x{size[1]}"] = late
+    p50, p99 = percentile(waits, 50), percentile(waits, 99)
+    return {
+        "requests": requests,
+        "max_batch": max_batch,
+        "max_resident": max_resident,
+        "sizes": list(sizes),
+        "steps": list(steps),
+        "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
+        "started": len(starts),
+        "wait_s": {"p50": round(p50, 3), "p99": round(p99, 3), "max": round(max(waits), 3)} if waits else None,
+        "p99_over_p50": round(p99 / p50, 2) if waits and p50 > 0 else None,
+        "out_of_order": out_of_order,
+        "wall_s": round(wall, 2),
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
     }
