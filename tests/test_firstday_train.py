@@ -101,7 +101,9 @@ def test_the_demo_trains_with_the_recipe_that_base_demo_defaults_to():
 def test_train_says_what_it_trains_with_before_it_starts(data, tmp_path):
     r = _train("--base", "demo", "--data", data, "--trigger", "sks", "--out", tmp_path / "run", "--steps", 1,
                "--checkpoint-every", 0)  # fmt: skip
-    first = r.output.splitlines()[0]
+    lines = r.output.splitlines()
+    first = next(line for line in lines if line.startswith("training with"))
+    assert lines.index(first) < next(i for i, line in enumerate(lines) if line.startswith("trained 1 steps"))
     assert first.startswith("training with rank 16 (alpha 16), lr 0.001 (constant), batch 4, 1 steps")
     assert "defaults from the demo's recipe (--base demo): rank 16, lr 0.001, batch_size 4" in first
     help_text = _cli("train", "-h").output

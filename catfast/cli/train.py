@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 import tomllib
 
@@ -209,13 +207,11 @@ def train_command(config_file, settings, resume, overwrite, no_progress, format_
 
     flags.update(format=format_, sample_prompts=list(sample_prompts) or None)
     config = TrainConfig.load(config_file, merge_overrides(settings, flags))
-    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
-        click.echo(config.describe())
     import torch  # lazy: startup
 
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         _set_threads(threads, None)  # a CPU run: threads matter (on a GPU, torch's default is left alone)
-    result = train(config, resume=resume, overwrite=overwrite, progress=not no_progress)
+    result = train(config, resume=resume, overwrite=overwrite, progress=not no_progress, announce=click.echo)
     if not result.adapters:  # a rank other than 0 under torchrun
         return
     done = result.steps - result.start_step

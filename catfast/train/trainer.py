@@ -25,6 +25,7 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,20 +87,32 @@ class TrainResult:
     lora: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    announce: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Train the adapter(s) ``config`` describes; see the module docstring. ``resume`` continues from the
     newest checkpoint in OUT/checkpoints (refused when its settings differ); ``overwrite`` starts over in
-    an OUT that holds an earlier run's files."""
+    an OUT that holds an earlier run's files. ``announce`` (rank 0) gets ``config.describe()``, what the run
+    trains with, once every input check has passed and before the first step."""
     config.validate()
     dist = init_distributed()
     try:
-        return _train(config, dist, resume=resume, overwrite=overwrite, progress=progress and dist.main)
+        announce = announce if dist.main else None
+        return _train(config, dist, resume=resume, overwrite=overwrite, progress=progress and dist.main,
+                      announce=announce)  # fmt: skip
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(config: TrainConfig, dist: Dist, *, resume: bool, overwrite: bool, progress: bool) -> TrainResult:
+def _train(
+    config: TrainConfig, dist: Dist, *, resume: bool, overwrite: bool, progress: bool, announce=None
+) -> TrainResult:
     """The run: check OUT and the data, load and cache, then the step loop (``_Run``), then the adapter."""
     out = Path(config.out)
     resume_from, earlier = prepare_out(out, config, dist, resume=resume, overwrite=overwrite)
@@ -115,6 +128,8 @@ def _train(config: TrainConfig, dist: Dist, *, resume: bool, overwrite: bool, pr
         check_identities(resume_from, identities)
     else:  # every input check passed: only now is an earlier run's output replaced and config.json written
         start_out(out, earlier, config, dist)
+    if announce is not None:
+        announce(config.describe())
 
     run = _Run(config, dist, base, dataset, device, identities, retention, examples)
     run.attach_adapters()
