@@ -396,7 +396,8 @@ def test_train_help_describes_every_option_one_way():
     text = " ".join(invoke("train", "-h").output.split())
     assert text.count("[required unless set in --config]") == 4  # base, data, trigger, out
     for option, default in (("--seed", "42"), ("--lr-schedule", "constant"), ("--warmup-steps", "0"),
-                            ("--timesteps", "uniform"), ("--mixed-precision", "no"), ("--steps", "900")):  # fmt: skip
+                            ("--timesteps", "uniform"), ("--mixed-precision", "no"),
+                            ("--steps", "900; 300 on --base demo")):  # fmt: skip
         after = text[text.index(option + " ") :]
         assert f"[default: {default}]" in after[:400], option
     assert "[900]" not in text and "[42]" not in text  # the old second style
