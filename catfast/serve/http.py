@@ -202,6 +202,7 @@ def _add_generation_routes(app: FastAPI, engine, metrics: _Metrics) -> None:
     async def generations(request: Request):
         body = await _json_body(request)
         fields, stream = request_fields(body, engine.native_size)
+        fields.setdefault("steps", engine.defaults["steps"])  # at most the engine's max_steps
         t0 = time.perf_counter()
         handle = engine.submit(GenerationRequest(**fields))  # BadRequest / UnknownAdapter / QueueFull before any work
         created = int(time.time())
@@ -362,6 +363,10 @@ def _add_status_routes(app: FastAPI, engine, metrics: _Metrics, auth: bool, mode
     @app.get("/")
     async def playground():
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico")
+    async def favicon():  # the demo's striped star; browsers ask for it at this path
+        return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon")
 
 
 class _EngineCollector:

@@ -7,7 +7,7 @@ it, which also checks that the server answers what this document says.
 
 from __future__ import annotations
 
-from catfast.serve.protocol import MAX_BODY, MAX_DEPTH
+from catfast.serve.protocol import MAX_BODY, MAX_DEPTH, WEIGHT
 from catfast.serve.requests import (
     MAX_ADAPTERS_PER_REQUEST,
     MAX_GUIDANCE,
@@ -93,46 +93,46 @@ def _body(schema: dict) -> dict:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
+def _nullable(schema: dict) -> dict:
+    """``schema`` that also takes null (an optional field sent as null means its default)."""
+    if "enum" in schema:
+        return {**schema, "enum": [*schema["enum"], None]}
+    return {**schema, "type": [schema["type"], "null"]}
+
+
 def generation_schema(defaults: dict, native: int) -> dict:
     """JSON schema of a ``POST /v1/images/generations`` body under an engine's ``defaults``."""
     sides = defaults["sizes"]
-    name = NAME.pattern
-    adapter = f"{name}(:[-+]?[0-9]*\\.?[0-9]+)?"
+    part = f" *{NAME.pattern} *(: *{WEIGHT.pattern} *)?"  # what parse_model reads
+    optional = {
+        "model": {
+            "type": "string",
+            "description": f"'base', or up to {MAX_ADAPTERS_PER_REQUEST} adapter names joined by '+', each with "
+            f"an optional ':weight' within +-{MAX_WEIGHT:g}",
+            "pattern": f"^{part}(\\+{part}){{0,{MAX_ADAPTERS_PER_REQUEST - 1}}}$",
+            "default": "base",
+        },
+        "n": {"type": "integer", "minimum": 1, "maximum": defaults["max_n"], "default": 1},
+        "size": {"enum": ["auto"] + [f"{w}x{h}" for w in sides for h in sides], "default": f"{native}x{native}"},
+        "response_format": {"enum": ["b64_json"], "default": "b64_json"},
+        "output_format": {"enum": ["png"], "default": "png"},
+        "user": {"type": "string"},
+        "quality": {"type": "string"},
+        "style": {"type": "string"},
+        "steps": {"type": "integer", "minimum": 1, "maximum": defaults["max_steps"], "default": defaults["steps"]},
+        "guidance_scale": {"type": "number", "minimum": 0, "maximum": MAX_GUIDANCE, "default": defaults["guidance"]},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "negative_prompt": {"type": "string", "maxLength": MAX_PROMPT_CHARS, "default": ""},
+        "scheduler": {"enum": list(SCHEDULERS), "default": "ddim"},
+        "stream": {"type": "boolean", "default": False},
+    }
     return {
         "type": "object",
         "required": ["prompt"],
         "additionalProperties": False,
         "properties": {
             "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS, "pattern": "\\S"},
-            "model": {
-                "type": "string",
-                "description": f"'base', or up to {MAX_ADAPTERS_PER_REQUEST} adapter names joined by '+', each "
-                f"with an optional ':weight' within +-{MAX_WEIGHT:g}",
-                "pattern": f"^({adapter})(\\+{adapter}){{0,{MAX_ADAPTERS_PER_REQUEST - 1}}}$",
-                "default": "base",
-            },
-            "n": {"type": "integer", "minimum": 1, "maximum": defaults["max_n"], "default": 1},
-            "size": {
-                "type": "string",
-                "enum": ["auto"] + [f"{w}x{h}" for w in sides for h in sides],
-                "default": f"{native}x{native}",
-            },
-            "response_format": {"enum": ["b64_json"], "default": "b64_json"},
-            "output_format": {"enum": ["png"], "default": "png"},
-            "user": {"type": "string"},
-            "quality": {"type": "string"},
-            "style": {"type": "string"},
-            "steps": {"type": "integer", "minimum": 1, "maximum": defaults["max_steps"], "default": defaults["steps"]},
-            "guidance_scale": {
-                "type": "number",
-                "minimum": 0,
-                "maximum": MAX_GUIDANCE,
-                "default": defaults["guidance"],
-            },
-            "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-            "negative_prompt": {"type": "string", "maxLength": MAX_PROMPT_CHARS, "default": ""},
-            "scheduler": {"enum": list(SCHEDULERS), "default": "ddim"},
-            "stream": {"type": "boolean", "default": False},
+            **{k: _nullable(v) for k, v in optional.items()},
         },
     }
 
@@ -146,7 +146,7 @@ def openapi_spec(engine, *, auth: bool) -> dict:
         "type": "object",
         "required": ["name"],
         "additionalProperties": False,
-        "properties": {"name": name, "path": {"type": "string", "minLength": 1, "pattern": "\\.safetensors$"}},
+        "properties": {"name": name, "path": {"type": "string", "pattern": "[^/]\\.safetensors$"}},
     }
     text = {"200": {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}}
     spec = {

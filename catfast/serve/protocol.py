@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import safetensors
@@ -25,15 +26,17 @@ from catfast.serve.errors import (
     ServeError,
     UnknownAdapter,
 )
-from catfast.serve.requests import show
+from catfast.serve.requests import MAX_ADAPTERS_PER_REQUEST, show
 from catfast.serve.scan import adapter_file
 
 MAX_BODY = 1 << 20  # bytes of a JSON request body
 # nesting levels of a JSON body. Every field is a scalar (depth 1); Python's parser raised RecursionError
 # (a 500) at about 1000 levels, and error messages that print a value recurse into it.
 MAX_DEPTH = 16
-# fields of OpenAI's images.generate that we accept; the ones not listed in _IGNORED are used
+WEIGHT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")  # an adapter's weight in ``model``
+# fields of OpenAI's images.generate that we accept; the ones in _IGNORED are not used
 _OPENAI_FIELDS = {"model", "prompt", "n", "size", "response_format", "user", "quality", "style", "output_format"}
+_IGNORED = ("user", "quality", "style")  # accepted (strings) and ignored
 _EXTRA_FIELDS = {"steps", "guidance_scale", "seed", "negative_prompt", "scheduler", "stream"}
 
 
@@ -110,38 +113,51 @@ def _depth(value) -> int:
 
 def parse_model(model) -> dict[str, float]:
     """``model`` of a generation request -> {adapter: weight}. "base" (or None) -> {}; "a+b:0.5" ->
-    {"a": 1.0, "b": 0.5}. Names are checked by the engine; this checks the syntax."""
+    {"a": 1.0, "b": 0.5}; spaces (" ") around names and weights are allowed, at most MAX_ADAPTERS_PER_REQUEST
+    parts, weights are decimal numbers (``WEIGHT``). Names are checked by the engine; this checks the
+    syntax."""
     if model is None:
         return {}
-    if not isinstance(model, str) or not model.strip():
+    if not isinstance(model, str) or not model.strip(" "):
         raise HTTPError(
             400, f"model must be 'base' or adapter names joined by '+', got {show(model)}", code="invalid_model"
         )
+    parts = _split_model(model)
+    if len(parts) > MAX_ADAPTERS_PER_REQUEST:
+        raise HTTPError(
+            400,
+            f"model {show(model)} joins {len(parts)} names; at most {MAX_ADAPTERS_PER_REQUEST}",
+            code="invalid_model",
+        )
     adapters: dict[str, float] = {}
-    for part in model.strip().split("+"):
-        name, sep, weight = part.strip().partition(":")
+    for part in parts:
+        name, sep, weight = (x.strip(" ") for x in part.partition(":"))
         if not name:
             raise HTTPError(400, f"model {show(model)} has an empty adapter name (use 'a+b:0.5')", code="invalid_model")
         if name == "base":
             if sep:
                 raise HTTPError(400, "'base' takes no weight", code="invalid_model")
             continue
-        value = 1.0
-        if sep:
-            try:
-                value = float(weight)
-            except ValueError:
-                value = math.nan
-            if not math.isfinite(value):
-                raise HTTPError(
-                    400,
-                    f"weight of {show(name)} must be a finite number (like {show(name)}:0.8), got {show(weight)}",
-                    code="invalid_model",
-                )
+        value = float(weight) if sep and WEIGHT.fullmatch(weight) else math.nan if sep else 1.0
+        if not math.isfinite(value):
+            raise HTTPError(
+                400,
+                f"weight of {show(name)} must be a finite number written in decimals (like {show(name)}:0.8), "
+                f"got {show(weight)}",
+                code="invalid_model",
+            )
         if name in adapters:
             raise HTTPError(400, f"adapter {show(name)} appears twice in model {show(model)}", code="invalid_model")
         adapters[name] = value
     return adapters
+
+
+def _split_model(model: str) -> list[str]:
+    """The parts of ``model`` joined by '+'. A '+' that is a weight's sign (``a:+0.5``) or its exponent's
+    (``a:1e+2``) joins nothing; it is dropped first (it does not change the number)."""
+    text = re.sub(r"(: *)\+", r"\1", model)
+    text = re.sub(r"(: *-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE])\+", r"\1", text)
+    return text.split("+")
 
 
 def refuse_unknown(body: dict, accepted: set[str]) -> None:
@@ -155,9 +171,12 @@ def refuse_unknown(body: dict, accepted: set[str]) -> None:
 
 
 def request_fields(body: dict, native: int) -> tuple[dict, bool]:
-    """The GenerationRequest arguments of an images/generations body, and whether it asks to stream."""
+    """The GenerationRequest arguments of an images/generations body, and whether it asks to stream.
+    Every optional field may be null (its default); any other value must have the field's type, so what
+    ``GET /openapi.json`` calls invalid is refused (HTTPError 400; GenerationRequest checks the values)."""
     refuse_unknown(body, _OPENAI_FIELDS | _EXTRA_FIELDS)
-    fmt = body.get("response_format") or "b64_json"
+    given = {k: v for k, v in body.items() if v is not None}
+    fmt = given.get("response_format", "b64_json")
     if fmt != "b64_json":
         raise HTTPError(
             400,
@@ -165,29 +184,30 @@ def request_fields(body: dict, native: int) -> tuple[dict, bool]:
             "link to)",
             code="invalid_response_format",
         )
-    out_fmt = body.get("output_format") or "png"
+    out_fmt = given.get("output_format", "png")
     if out_fmt != "png":
         raise HTTPError(400, f"output_format {show(out_fmt)} is not supported: use 'png'", code="invalid_value")
+    for key in _IGNORED:
+        if not isinstance(given.get(key, ""), str):
+            raise HTTPError(400, f"{key} must be a string, got {show(given[key])}", code="invalid_value")
     if "prompt" not in body:
         raise HTTPError(400, "prompt is required", code="missing_prompt")
-    size = body.get("size")
-    if size in ("auto", None):
-        size = None
-    elif not isinstance(size, str):
+    size = given.get("size", "auto")
+    if not isinstance(size, str):
         raise HTTPError(400, f"size must be a string like '{native}x{native}', got {show(size)}", code="invalid_size")
-    stream = body.get("stream", False)
+    stream = given.get("stream", False)
     if not isinstance(stream, bool):
         raise HTTPError(400, f"stream must be true or false, got {show(stream)}")
     fields = dict(
         prompt=body["prompt"],
-        adapters=parse_model(body.get("model", "base")),
-        n=body.get("n", 1) if body.get("n") is not None else 1,
-        size=size,
-        negative_prompt=body.get("negative_prompt") or "",
+        adapters=parse_model(given.get("model", "base")),
+        n=given.get("n", 1),
+        size=None if size == "auto" else size,
+        negative_prompt=given.get("negative_prompt", ""),
     )
     for key, arg in (("steps", "steps"), ("guidance_scale", "guidance"), ("seed", "seed"), ("scheduler", "scheduler")):
-        if body.get(key) is not None:
-            fields[arg] = body[key]
+        if key in given:
+            fields[arg] = given[key]
     return fields, stream
 
 

@@ -44,7 +44,7 @@ def check_text(value: Any, what: str, *, empty: bool) -> str:
     ``empty``; BadRequest otherwise."""
     if not isinstance(value, str):
         raise BadRequest(f"{what} must be a string, got {type(value).__name__}")
-    if not empty and not value.strip():
+    if not empty and not value.replace("\ufeff", "").strip():  # U+FEFF is blank to JSON Schema's \s
         raise BadRequest(f"{what} must be a non-empty string")
     if len(value) > MAX_PROMPT_CHARS:
         raise BadRequest(
@@ -71,6 +71,8 @@ def check_adapter_name(name: Any) -> str:
 
 
 def _int(value: Any, what: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, float) and value.is_integer():  # JSON's 2.0 is the integer 2 (as JSON Schema says)
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"{what} must be an integer, got {show(value)}")
     if value < low or (high is not None and value > high):
@@ -90,7 +92,7 @@ def parse_size(size: Any) -> tuple[int, int] | None:
     if size is None:
         return None
     if isinstance(size, str):
-        m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", size)
+        m = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", size)
         if m is None:
             raise BadRequest(f"size must be like '512x512', got {show(size)}")
         return int(m[1]), int(m[2])
