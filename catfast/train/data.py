@@ -281,7 +281,9 @@ def _folder_captions(folder: Path) -> dict[Path, str | None]:
     if not folder.is_dir():
         raise CatfastError(f"{folder}: the data path must be a folder of images")
     metadata = _read_metadata(folder)
-    images = {p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    # a link counts even when it leads nowhere (a loop, a missing file): is_file() would drop it silently,
+    # and it must reach the bad-image check (--on-bad-image stop / skip) like any unreadable image
+    images = {p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES}
     images |= set(metadata)
     images = {p for p in images if not p.name.startswith(".")}
     captions = {}
