@@ -131,7 +131,7 @@ def test_every_command_takes_a_single_file_base(data, tmp_path):
               "--seeds", 2, "--steps", 2, "--json")  # fmt: skip
     assert 0 < json.loads(out.strip().splitlines()[-1])["kps"] <= 1
     run("export", "onnx", *base, "--adapter", adapter, "--out", tmp_path / "onnx")
-    assert (tmp_path / "onnx" / "manifest.json").is_file()
+    assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["base"] == str(file.absolute())
 
     from catfast.serve.cli import build_app
 

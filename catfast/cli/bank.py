@@ -14,7 +14,11 @@ def bank() -> None:
 
 
 @bank.command("make")
-@click.option("--base", required=True, help="Base model: a diffusers folder, a hub id, or demo.")
+@click.option(
+    "--base",
+    required=True,
+    help="Base model: a diffusers folder, a hub id, a single-file SD1.x/SDXL checkpoint, or demo.",
+)
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False), help="Prompts, one a line.")
 @click.option("--n", type=click.IntRange(min=1), required=True, help="Samples (row i: prompt i mod len, seed S+i).")
 @click.option("--out", required=True, type=click.Path(), help="The bank folder to write.")

@@ -36,7 +36,12 @@ def models_init(name: str, out_dir: str, seed: int, overwrite: bool) -> None:
 
 
 @main.command("cat-step")
-@click.option("--base", required=True, type=click.Path(), help="Base model: a diffusers folder, or demo.")
+@click.option(
+    "--base",
+    required=True,
+    type=click.Path(),
+    help="Base model: a diffusers folder, a single-file SD1.x/SDXL checkpoint (.safetensors), or demo.",
+)
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
 @click.option(
     "--caption",
