@@ -158,14 +158,17 @@ def test_save_grid_writes_png_atomically_with_labels(tmp_path):
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
     images = [Image.new("RGB", (8, 6), c) for c in colours]
     path = tmp_path / "sub" / "grid.png"
-    save_grid(images, 2, 3, path)
+    save_grid(images, 2, 3, path, min_cell=None)  # min_cell None: pictures at their own size
     grid = Image.open(path)
     assert grid.format == "PNG" and grid.size == (24, 12)
     assert grid.getpixel((17, 7)) == colours[5]  # row 1, column 2
-    save_grid(images, 3, 2, path, labels=["one", "two", "three"])
+    layout = save_grid(images, 3, 2, path, labels=["one", "two", "three"], min_cell=None)
     labelled = Image.open(path)
     offset = labelled.width - 16
-    assert offset > 0 and labelled.height == 18 and labelled.getpixel((offset + 9, 13)) == colours[5]
+    # rows as tall as a label line (6 px pictures no longer let the labels overlap), the picture centred in it
+    y = 2 * layout.row_h + (layout.row_h - 6) // 2
+    assert offset > 0 and labelled.height == 3 * layout.row_h > 18
+    assert labelled.getpixel((offset + 9, y + 1)) == colours[5]
     before = path.read_bytes()
     with pytest.raises(AttributeError):  # a non-image fails mid-way: the old grid stays, no temp file
         save_grid(images[:5] + ["not an image"], 2, 3, path)

@@ -32,7 +32,7 @@ from catfast.adapters.merge import merge_adapter_
 from catfast.demo import world
 from catfast.demo.adapters import CONCEPTS, concept_scenes
 from catfast.demo.adapters import write_concept as write_other
-from catfast.demo.run import GRID_CELL, PROMPTS, SAMPLE, TRAIN, diversity, prepare
+from catfast.demo.run import PROMPTS, SAMPLE, TRAIN, diversity, prepare
 from catfast.errors import CatfastError
 from catfast.eval.grids import save_grid
 from catfast.eval.kps import harmonic_mean, kps_scores, with_trigger
@@ -276,7 +276,7 @@ def _grid(path: Path, images: dict, shown: list[str], seeds: int) -> Path:
     rows += [(f"{n}-", f"{n}, without trigger") for n in shown]
     rows += [(f"{n}+", f'{n}: "{with_trigger(PROMPTS[0], world.TRIGGER)}"') for n in shown]
     for key, label in rows:
-        cells += [im.resize((GRID_CELL, GRID_CELL), 0) for im in images[key][:seeds]]
+        cells += images[key][:seeds]  # save_grid enlarges the 32 px samples (nearest)
         labels.append(label)
     save_grid(cells, len(labels), seeds, path, labels=labels, col_labels=[f"seed {s}" for s in range(seeds)])
     return path
@@ -334,7 +334,7 @@ def _lifelong(
             ("star+", with_trigger(PROMPTS[0], world.TRIGGER)),
             ("ball+", with_trigger(BALL_PROMPTS[0], trigger2)),
         ):
-            cells += [im.resize((GRID_CELL, GRID_CELL), 0) for im in images[f"{variant}:{part}"][:seeds]]
+            cells += images[f"{variant}:{part}"][:seeds]
             labels.append(f'A + B {variant}: "{prompt}"')
     grids["lifelong"] = out / "grid-lifelong.png"
     save_grid(

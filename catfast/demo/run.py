@@ -53,7 +53,6 @@ PROMPTS = (
 TRAIN = dict(rank=16, lr=1e-3, steps=300, batch_size=4, crop_variants=1, max_grad_norm=1.0)
 SAMPLE = dict(steps=20, guidance=5.0)
 METHODS = ("plain", "cat")
-GRID_CELL = 80  # pixels per grid picture (the 32 px samples, enlarged without smoothing)
 
 
 def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -239,7 +238,7 @@ def _grid(images, prompts, pairs, cols: int, grid: Path) -> Path:
         (f'plain LoRA: "{trigger_prompt}"', 2),
         (f'CAT: "{trigger_prompt}"', 4),
     ):
-        cells += [images[k * m + i].resize((GRID_CELL, GRID_CELL), 0) for i in first]
+        cells += [images[k * m + i] for i in first]  # save_grid enlarges the 32 px samples (nearest)
         labels.append(label)
     save_grid(cells, len(labels), cols, grid, labels=labels, col_labels=[f"seed {pairs[i][1]}" for i in first])
     return grid

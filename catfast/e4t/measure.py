@@ -334,7 +334,7 @@ def _save_grid(cells: dict[str, list], path: Path, prompt: str) -> None:
     if not cells:
         return
     cols = len(next(iter(cells.values())))
-    images = [im.resize((64, 64), 0) for label in cells for im in cells[label]]
+    images = [im for label in cells for im in cells[label]]  # save_grid enlarges the 32 px pictures (nearest)
     save_grid(
         images,
         len(cells),

@@ -139,6 +139,23 @@ def kps_scores(
     return {"samples": samples, "per_prompt": per_prompt, "total": summary(samples)}
 
 
+IDENTITY_HEADS = ("shape", "color", "pattern")  # what identity accuracy asks an attribute encoder to read
+
+
+def identity_accuracy(read: dict[str, Sequence[str]], concept: dict[str, str], heads=IDENTITY_HEADS) -> float:
+    """The share of pictures in which an attribute classifier reads the concept: ``read[head][i]`` is the
+    class it reads in picture i for each head of ``heads``; ``concept[head]`` the concept's. A picture counts
+    only when every head matches (a yellow striped texture without the star's outline does not). Unlike
+    identity (a mean similarity, high for pictures that share most attributes with the concept), this says
+    how many pictures show the object. Raises ValueError for no pictures or heads of unequal length."""
+    counts = {len(read[h]) for h in heads}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"identity accuracy needs the same positive number of readings per head, got {counts}")
+    (n,) = counts
+    hits = sum(all(read[h][i] == concept[h] for h in heads) for i in range(n))
+    return hits / n
+
+
 def with_trigger(prompt: str, trigger: str) -> str:
     """The prompt with the trigger prepended as in CAT's captions: "<trigger>, <prompt>"."""
     return f"{trigger}, {prompt}"
@@ -199,7 +216,10 @@ def kps_eval(
     for row in scores["per_prompt"]:
         row["prompt"] = prompts[row.pop("group")]
     if grid_path is not None:
-        save_grid(images, len(pairs), 3, grid_path, labels=[f"{prompts[i]} / seed {s}" for i, s in pairs])
+        heads = ["base", "adapter, without trigger", f'adapter, "{trigger}, ..."']
+        save_grid(
+            images, len(pairs), 3, grid_path, labels=[f"{prompts[i]} / seed {s}" for i, s in pairs], col_labels=heads
+        )
     return {
         "definition": _definition(aggregate_with, refs is not None),
         "settings": {
