@@ -20,14 +20,39 @@ def adapter() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_friendly
 def adapter_info(file: str, as_json: bool) -> None:
-    """Format, rank per layer, alpha, targets and parameter count of FILE."""
+    """Format, rank per layer, alpha, targets and parameter count of FILE, its trigger words, and the word
+    embedding an E4T adapter (`catfast personalize`) carries."""
     from catfast.adapters.formats import read_adapter  # lazy: startup
 
-    info = read_adapter(file).describe()
+    adapter_obj = read_adapter(file)
+    info = adapter_obj.describe()
+    info.update(_carried(file, adapter_obj.metadata))
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
     click.echo(_format_info(file, info))
+
+
+def _carried(file: str, metadata: dict) -> dict:
+    """{"triggers": [...], "embedding": {word, class_word, dims, norm} or None} of an adapter's metadata:
+    the trigger words catfast records ("catfast.triggers", or an E4T file's placeholder word) and an E4T
+    adapter's word embedding (v*, which `serve`, `export onnx` and the sampler install for the word)."""
+    from catfast.integrations.word_embedding import CLASS_KEY, read_embedding  # lazy: startup (torch)
+
+    embedding = read_embedding(metadata, file)
+    try:
+        triggers = json.loads(metadata.get("catfast.triggers", "[]"))
+    except ValueError:
+        triggers = []
+    triggers = [t for t in triggers if isinstance(t, str)] if isinstance(triggers, list) else []
+    if embedding is not None and embedding[0] not in triggers:
+        triggers.append(embedding[0])
+    if embedding is None:
+        return {"triggers": triggers, "embedding": None}
+    word, vector = embedding
+    shown = {"word": word, "class_word": metadata.get(CLASS_KEY), "dims": int(vector.numel())}
+    shown["norm"] = round(float(vector.norm()), 4)
+    return {"triggers": triggers, "embedding": shown}
 
 
 def _format_info(file: str, info: dict) -> str:
@@ -42,7 +67,15 @@ def _format_info(file: str, info: dict) -> str:
         f"alpha:       {alphas[0] if len(alphas) == 1 else f'{alphas[0]}..{alphas[-1]} (varies per layer)'}",
         f"targets:     {', '.join(info['targets'])}",
         f"parameters:  {info['num_parameters']:,}",
+        f"triggers:    {', '.join(info['triggers']) if info['triggers'] else '(none recorded)'}",
     ]
+    embedding = info.get("embedding")
+    if embedding:
+        of = f", class word {embedding['class_word']!r}" if embedding["class_word"] else ""
+        lines.append(
+            f"embedding:   E4T word {embedding['word']!r}: a {embedding['dims']}-d vector "
+            f"(norm {embedding['norm']}{of}), installed for that word when the adapter is used"
+        )
     if len(ranks) > 1 or len(alphas) > 1:
         lines.append("per layer (rank, alpha):")
         lines += [f"  {name}: {info['ranks'][name]}, {info['alphas'][name]}" for name in sorted(info["ranks"])]

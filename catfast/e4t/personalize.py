@@ -204,6 +204,9 @@ def _write_tuned(unet, target: Path, token: str, v, class_word: str, steps: int)
     adapter.metadata = {
         **embedding_metadata(token, v.detach(), class_word),
         "catfast.e4t.steps": str(steps),
+        # the placeholder is the adapter's trigger word, recorded where the trainer records its triggers:
+        # `/v1/adapters` and the playground list it from there
+        "catfast.triggers": json.dumps([token]),
     }
     write_adapter(adapter, target, overwrite=True)
 
