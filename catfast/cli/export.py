@@ -96,7 +96,9 @@ def export_onnx_command(
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--negative-prompt", default="", show_default=True, help="What the guidance steers away from.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="DDIM steps.")
-@click.option("--guidance-scale", default=7.5, show_default=True, type=float, help="Classifier-free guidance.")
+@click.option(
+    "--guidance-scale", default=5.0, show_default=True, type=float, help="Classifier-free guidance (serve's default)."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--height", type=click.IntRange(min=1), default=None, help="Pixels. [default: the model's native size]")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="Pixels. [default: the model's native size]")
