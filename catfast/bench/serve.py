@@ -15,6 +15,11 @@ process, interleaved.
 
 Adapter files: ``adapters`` distinct random adapters (rank ``rank``, attention targets, random B);
 registrations beyond that reuse the files under other names (each is its own registry entry).
+
+The defaults (``QUICK``) load at most 16 adapters into the diffusers baseline and run 32 throughput
+requests: a few minutes on a CPU. ``FULL`` (``catfast bench serve --full``) is the whole sweep: diffusers
+with up to 1024 adapters loaded (``load_lora_weights`` one by one: it ran past 20 minutes on the dev CPU)
+and 64 requests. Each phase prints a progress line as it starts.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ from catfast.serve.requests import GenerationRequest
 from catfast.targets import ATTENTION_PROJECTIONS
 
 TARGETS = ATTENTION_PROJECTIONS
+# the settings `--full` changes (every other default is shared)
+QUICK = dict(diffusers_max=16, requests=32)
+FULL = dict(diffusers_max=1024, requests=64)
+PHASES = ("adapter switch", "one mixed step", "throughput")
 
 
 def _write_adapters(model: str, count: int, rank: int, folder: Path) -> list[Path]:
@@ -244,24 +253,31 @@ def bench_serve(
     registered=(1, 64, 1024),
     mixed=(1, 4, 16),
     batch: int = 16,
-    requests: int = 64,
+    requests: int = QUICK["requests"],
     adapters: int = 16,
     steps: int = 10,
     max_batch: int = 16,
     rank: int = 4,
     reps: int = 5,
-    diffusers_max: int = 1024,
+    diffusers_max: int = QUICK["diffusers_max"],
     device: str | None = None,
     log=print,
 ) -> dict:
-    """Run the three benchmarks (module docstring) and return one JSON-able dict."""
+    """Run the three benchmarks (module docstring) and return one JSON-able dict; ``log`` gets a line as
+    each phase starts (and the phases' own results as they come)."""
     if device is not None and device != ("cuda" if torch.cuda.is_available() else "cpu"):
         raise ValueError("the serving bench runs on the default device")
     if max(mixed) > batch:
         raise ValueError(f"--batch {batch} must be at least the largest --mixed count {max(mixed)}")
     tic = time.perf_counter()
+
+    def phase(k: int, what: str) -> None:
+        log(f"[{k}/{len(PHASES)}] {PHASES[k - 1]}: {what} ({time.perf_counter() - tic:.0f} s so far)")
+
     with tempfile.TemporaryDirectory() as tmp:
-        paths = _write_adapters(model, max(adapters, max(mixed), 1), rank, Path(tmp))
+        count = max(adapters, max(mixed), 1)
+        log(f"writing {count} random rank-{rank} adapters of the {model} model")
+        paths = _write_adapters(model, count, rank, Path(tmp))
         result = {
             "model": model,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -270,9 +286,17 @@ def bench_serve(
             "rank": rank,
             "torch": torch.__version__,
             "git": git_commit(),
-            "switch_ms": _switch(model, paths, list(registered), reps, diffusers_max, log),
-            "mixed": _mixed(model, paths, list(mixed), batch, reps, log),
-            "throughput": _throughput(model, paths, requests, adapters, steps, max_batch, log),
-        }
+            "settings": dict(registered=list(registered), mixed=list(mixed), batch=batch, requests=requests,
+                             adapters=adapters, steps=steps, max_batch=max_batch, reps=reps,
+                             diffusers_max=diffusers_max),
+        }  # fmt: skip
+        loaded = ", ".join(str(min(c, diffusers_max)) for c in registered)
+        phase(1, f"{', '.join(map(str, registered))} registered; diffusers with {loaded} loaded, {reps} reps")
+        result["switch_ms"] = _switch(model, paths, list(registered), reps, diffusers_max, log)
+        phase(2, f"{batch} rows with {', '.join(map(str, mixed))} distinct adapters, {reps} reps")
+        result["mixed"] = _mixed(model, paths, list(mixed), batch, reps, log)
+        phase(3, f"{requests} requests over {adapters} adapters, {steps} steps each, engine then diffusers")
+        result["throughput"] = _throughput(model, paths, requests, adapters, steps, max_batch, log)
     result["seconds"] = round(time.perf_counter() - tic, 1)
+    log(f"done in {result['seconds']:.0f} s")
     return result

@@ -162,22 +162,34 @@ def bench_ops_command(device, dtypes, reps, smoke, tune_path, as_json) -> None:
 @click.option("--registered", default="1,64,1024", show_default=True, help="Adapter counts registered for the switch.")
 @click.option("--mixed", default="1,4,16", show_default=True, help="Distinct adapters in the one-step batch.")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Rows of the one-step batch.")
-@click.option("--requests", default=64, show_default=True, type=click.IntRange(min=1), help="Throughput requests.")
+@click.option("--requests", type=click.IntRange(min=1), help="Throughput requests. [default: 32; 64 with --full]")
 @click.option("--adapters", default=16, show_default=True, type=click.IntRange(min=1), help="Throughput adapters.")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Denoising steps per request.")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1), help="Engine's max batch.")
 @click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--diffusers-max", default=1024, show_default=True, type=click.IntRange(min=0),
-              help="At most this many adapters loaded into the diffusers baseline (loading is slow).")  # fmt: skip
+@click.option("--diffusers-max", type=click.IntRange(min=0),
+              help="At most this many adapters loaded into the diffusers baseline (loading is slow). "
+              "[default: 16; 1024 with --full]")  # fmt: skip
+@click.option(
+    "--full",
+    is_flag=True,
+    help="The whole sweep: diffusers with up to 1024 adapters loaded and 64 requests (it ran past 20 min on "
+    "a 2-core CPU; the defaults take a few minutes).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
 def bench_serve_command(
-    model, registered, mixed, batch, requests, adapters, steps, max_batch, rank, reps, diffusers_max, as_json
+    model, registered, mixed, batch, requests, adapters, steps, max_batch, rank, reps, diffusers_max, full, as_json
 ) -> None:
     """The serving engine against diffusers on the same model, interleaved: adapter switch latency, one
-    step with N distinct adapters in the batch, and throughput of mixed-adapter requests."""
-    from catfast.bench.serve import bench_serve  # lazy: startup
+    step with N distinct adapters in the batch, and throughput of mixed-adapter requests. A progress line
+    starts each phase (on stderr with --json)."""
+    from catfast.bench.serve import FULL, QUICK, bench_serve  # lazy: startup
+
+    preset = FULL if full else QUICK
+    requests = preset["requests"] if requests is None else requests
+    diffusers_max = preset["diffusers_max"] if diffusers_max is None else diffusers_max
 
     def counts(text: str, what: str) -> list[int]:
         try:
