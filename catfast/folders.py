@@ -1,16 +1,33 @@
 """Write outputs atomically, so a crash or a failed check never leaves a half-written file or folder:
 ``write_atomic`` for one file; for a whole folder, refuse a non-empty target unless asked to
 overwrite, build the new folder beside it under a temporary name, and swap it into place only when
-complete."""
+complete.
+
+Interrupted runs: while a staging folder exists, SIGTERM (what ``kill``, systemd, ``docker stop`` and job
+schedulers send) ends the run the way Ctrl-C does (``sigterm_as_interrupt``), so the folder is removed.
+Only SIGKILL or a power cut leaves one behind; each staging folder carries a marker file
+(``STAGING_MARKER``: its target, process id and host), and the next run for the same target removes the
+ones whose process is gone (``remove_stale_staging``) and says so. A folder without the marker is left
+alone: nothing proves it is catfast's."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger("catfast")
+STAGING_MARKER = ".catfast-staging.json"
 
 # Image files catfast reads (training data, KPS reference images), by suffix, compared lower-case.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -46,15 +63,22 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, error: type[Exce
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path):
+def staged_folder(out: Path, say: Callable[[str], None] | None = None):
     """Yield an empty temporary folder beside ``out``; when the block ends without an exception, it
     replaces ``out`` (the old folder is removed only after the rename). The temporary folder is removed
-    in every case."""
+    in every case, SIGTERM included (``sigterm_as_interrupt``). Stale staging folders of ``out`` left by
+    a killed run are removed first (``remove_stale_staging``; ``say`` gets one line for each, default: a
+    logged warning). The temporary folder holds ``STAGING_MARKER`` until it is renamed; then the marker
+    is removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out.parent, f".{out.name}.partial-", say)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        yield tmp
+        mark_staging(tmp, out.name)
+        with sigterm_as_interrupt():
+            yield tmp
+        (tmp / STAGING_MARKER).unlink()
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
@@ -65,6 +89,73 @@ def staged_folder(out: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def mark_staging(folder: Path, target: str) -> None:
+    """Write ``STAGING_MARKER`` into a new staging folder: what it is for (``target``), the process that
+    writes it and its host, so that a later run can prove the folder stale (``remove_stale_staging``)."""
+    record = {"target": target, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    (folder / STAGING_MARKER).write_text(json.dumps(record))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Path, prefix: str, say: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the folders ``parent/<prefix>*`` that a killed run left: those whose ``STAGING_MARKER``
+    names this host and a process that no longer runs. ``say`` (default: a logged warning) gets one line
+    per folder removed, and per folder left because nothing proves it stale (no marker, or its process is
+    still running). Returns the folders removed."""
+    say = say or log.warning
+    removed = []
+    for path in sorted(parent.glob(f"{prefix}*")) if parent.is_dir() else []:
+        if path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            record = json.loads((path / STAGING_MARKER).read_text())
+            pid, host, started = int(record["pid"]), str(record["host"]), float(record["started"])
+        except (OSError, ValueError, KeyError, TypeError):
+            say(f"left {path} in place: it has no readable {STAGING_MARKER}, so nothing proves it stale")
+            continue
+        if pid == os.getpid():
+            continue  # this process's own, in use
+        if host != socket.gethostname() or _alive(pid):
+            say(f"left {path} in place: its run (process {pid} on {host}) may still be writing it")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+        say(f"removed {path}: the staging folder of an interrupted run (process {pid}, started {when})")
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While active, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does, so ``finally``
+    blocks (a staging folder's removal) run; the previous handler is restored after. Does nothing outside
+    the main thread, or when another SIGTERM handler than the default one is installed (a server's own)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def ensure_writable_folder(out: Path, error: type[Exception]) -> None:

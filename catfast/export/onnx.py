@@ -177,8 +177,9 @@ def export_onnx(
 
     The base is never changed: a folder is only read, and the weights an adapter merges into in a `BaseModel`
     are restored afterwards. The export is built in a temporary folder beside ``out`` and renamed into place
-    only when every check passed, so a failed or interrupted export never looks complete. An existing
-    non-empty ``out`` is refused unless ``overwrite``.
+    only when every check passed, so a failed or interrupted export never looks complete; Ctrl-C and SIGTERM
+    remove it, and the staging folder a killed export left is removed by the next export to ``out`` (it says
+    so through ``log``). An existing non-empty ``out`` is refused unless ``overwrite``.
 
     Manifest: ``format``, ``mode`` ("merged" | "adapter_inputs"), ``dtype``, ``opset``, ``dynamic``,
     ``exporter``, versions, ``base``, ``adapters`` [{name, file, scale, components, weights?}], ``components``
@@ -209,7 +210,7 @@ def export_onnx(
     saved = []  # (weight, original) of every weight a merge changes, restored at the end
     try:
         saved += install_for_export(base, loaded, "text_encoder" in components, log)
-        with staged_folder(out) as tmp:
+        with staged_folder(out, say=log) as tmp:  # SIGTERM removes it too; a killed run's is removed next time
             if not adapter_inputs:
                 _merge_all(base, loaded, applied, saved, log)
             job = _Job(base, loaded, tmp, dtype, dtype_name, opset, dynamic, adapter_inputs, external_data_over, log)

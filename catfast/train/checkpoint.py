@@ -14,8 +14,10 @@ It is written into a hidden ``.step-NNNNNNN.partial-*`` folder, every file fsync
 place only when complete; older checkpoints beyond ``keep`` (0: none is) are removed only after that,
 each first renamed to a hidden ``.step-NNNNNNN.prune-*`` folder (an interrupted removal leaves only a
 hidden folder, cleaned up by the next save). Any failure (a full disk, a permission error) removes the partial
-folder and raises CheckpointError, leaving every checkpoint that existed intact. A ``step-*`` folder is
-therefore always complete. A checkpoint written before params.safetensors existed kept the parameters
+folder and raises CheckpointError, leaving every checkpoint that existed intact; Ctrl-C (and SIGTERM,
+which the trainer turns into one) removes it too. A partial folder carries a staging marker, so one a
+SIGKILL left is removed, and named, when the next run into OUT starts. A ``step-*`` folder is therefore
+always complete. A checkpoint written before params.safetensors existed kept the parameters
 in lora.safetensors; `load_checkpoint` still reads it.
 """
 
@@ -38,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from catfast.adapters.formats import write_adapter
 from catfast.errors import CatfastError
+from catfast.folders import STAGING_MARKER, mark_staging, remove_stale_staging
 from catfast.train.config import TrainConfig, differing_settings
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -101,6 +104,7 @@ def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int =
         folder.mkdir(parents=True, exist_ok=True)
         _remove_stale(folder)
         tmp.mkdir()
+        mark_staging(tmp, final.name)
         lora = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.lora.items()}
         save_file(lora, str(tmp / "params.safetensors"), metadata={"step": str(state.step)})
         for name, (adapter, format_) in state.adapters.items():
@@ -120,6 +124,7 @@ def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int =
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         for name in (*FILES, *state.adapters):
             _fsync_file(tmp / name)
+        (tmp / STAGING_MARKER).unlink()
         if final.exists():  # the same step written again (a resumed run): swap, then drop the old one
             old = folder / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)
@@ -136,6 +141,9 @@ def save_checkpoint(folder: str | os.PathLike, state: TrainState, *, keep: int =
             f"cannot write the step {state.step} checkpoint in {folder}: {why}. "
             f"Existing checkpoints are intact: {', '.join(kept) or 'none'}"
         ) from e
+    except BaseException:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt: no partial folder stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for _, old_path in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         _prune(old_path)
     return final
@@ -324,17 +332,24 @@ def restore_rng(rng: dict, generator: torch.Generator | None = None) -> None:
 # ------------------------------------------------------------------------------------- helpers
 
 
+def remove_stale_partials(folder: Path, say=None) -> list[Path]:
+    """Remove the ``.step-N.partial-*`` folders of ``folder`` that a killed run left (their staging marker
+    names a process that no longer runs: ``catfast.folders.remove_stale_staging``), saying so; run once
+    when a training starts. A folder without the marker is left, and named."""
+    return remove_stale_staging(Path(folder), ".step-*.partial-", say)
+
+
 def _remove_stale(folder: Path) -> None:
-    """Partial folders are left only by a process that died while writing; nothing refers to them. An
-    ``.old-`` folder is a complete checkpoint set aside for a same-step rewrite: put it back when the
-    rewrite did not land, else drop it."""
+    """An ``.old-`` folder is a complete checkpoint set aside for a same-step rewrite: put it back when the
+    rewrite did not land, else drop it; a ``.prune-`` one was being removed. (Partial folders are removed
+    when a run starts, once their marker proves them stale: ``remove_stale_partials``.)"""
     for p in folder.iterdir():
         name, _, tag = p.name.lstrip(".").partition(".")
         if not (p.name.startswith(".step-") and _STEP_DIR.match(name)):
             continue
         if tag.startswith("old-") and not (folder / name).exists():
             p.rename(folder / name)
-        elif tag.startswith(("old-", "partial-", "prune-")):
+        elif tag.startswith(("old-", "prune-")):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -34,8 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from catfast.errors import CatfastError
+from catfast.folders import sigterm_as_interrupt
 from catfast.integrations.models import resolve_base
-from catfast.integrations.patch import patch_unet, unpatch_unet
+from catfast.integrations.patch import fused_blocker, patch_report, patch_unet, unpatch_unet
 from catfast.integrations.peft_adapters import add_lora
 from catfast.train.batches import BatchStream, collate_batch
 from catfast.train.cache import build_cache
@@ -45,6 +46,7 @@ from catfast.train.checkpoint import (
     check_identities,
     content_identities,
     load_checkpoint,
+    remove_stale_partials,
     restore_rng,
     run_settings,
     save_checkpoint,
@@ -52,6 +54,7 @@ from catfast.train.checkpoint import (
 from catfast.train.config import TrainConfig
 from catfast.train.data import Concept, Transform, scan_concepts
 from catfast.train.dist import Dist, init_distributed
+from catfast.train.mode_trial import ModeTrial
 from catfast.train.objective import auto_mode, cat_loss
 from catfast.train.outputs import (
     METRICS,
@@ -103,8 +106,9 @@ def train(
     dist = init_distributed()
     try:
         announce = announce if dist.main else None
-        return _train(config, dist, resume=resume, overwrite=overwrite, progress=progress and dist.main,
-                      announce=announce)  # fmt: skip
+        with sigterm_as_interrupt():  # SIGTERM ends the run like Ctrl-C: no partial checkpoint folder stays
+            return _train(config, dist, resume=resume, overwrite=overwrite, progress=progress and dist.main,
+                          announce=announce)  # fmt: skip
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -116,6 +120,8 @@ def _train(
     """The run: check OUT and the data, load and cache, then the step loop (``_Run``), then the adapter."""
     out = Path(config.out)
     resume_from, earlier = prepare_out(out, config, dist, resume=resume, overwrite=overwrite)
+    if dist.main:
+        remove_stale_partials(out / "checkpoints")  # what a SIGKILLed run left, named as it goes
     device = _device(config, dist)
     _seed_everything(config.seed)
     examples = _scan(config)  # bad data fails before any model work
@@ -172,8 +178,12 @@ class _Run:
             for p in self.params.values():
                 p.data = p.data.float()
         self.mode, self.mode_reason = (config.mode, "set by the config")
+        self.trial, self.announce_mode = None, False
         if config.mode == "auto":  # before checkpointing is on: the trainer patches the UNet once for fused
             self.mode, self.mode_reason = auto_mode(unet, self.device, per_sample_adapters=True)
+        if _measures(config.mode, self.device, dist.world) and fused_blocker(unet, True) is None:
+            self.trial = ModeTrial()
+            self.mode, self.mode_reason = self.trial.next_mode(), "timing fused and reference over the first steps"
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if dist.main:
@@ -230,9 +240,14 @@ class _Run:
         t_timed = None  # training time after the first step, without sampling and checkpoints
         timed_steps, excluded = 0, 0.0
         for step in range(self.start_step + 1, config.steps + 1):
+            if self.trial is not None:
+                self._use_mode(self.trial.next_mode())
             t0 = time.perf_counter()
-            values, lr = self.step()
-            self._record(step, values, lr, time.perf_counter() - t0, bar)
+            values, lr = self.step()  # its loss read back is the step's sync with the device
+            seconds = time.perf_counter() - t0
+            self._record(step, values, lr, seconds, bar)
+            if self.trial is not None:
+                self._end_trial_step(seconds)
             if t_timed is None:
                 t_timed = time.perf_counter()
             else:
@@ -249,6 +264,23 @@ class _Run:
         total = time.perf_counter() - t_start
         rate = timed_steps / (time.perf_counter() - t_timed - excluded) if timed_steps else None
         return total, rate
+
+    def _use_mode(self, mode: str) -> None:
+        """Run the next steps in ``mode``: the fused step on the patched UNet, the reference on the plain one."""
+        unet = self.base.unet
+        if mode == "fused" and patch_report(unet) is None:
+            patch_unet(unet, self.names)
+        elif mode == "reference" and patch_report(unet) is not None:
+            unpatch_unet(unet)
+        self.mode = mode
+
+    def _end_trial_step(self, seconds: float) -> None:
+        decided = self.trial.record(self.mode, seconds)
+        if decided is not None:
+            self.mode_reason, self.announce_mode = decided[1], True  # on the next step's metrics line
+            self._use_mode(decided[0])
+            logging.getLogger("catfast.train").info("CAT step mode %s: %s", *decided)
+            self.trial = None
 
     def step(self) -> tuple[list[float], float]:
         """One optimizer step of ``grad_accum`` micro-batches; returns the global batch's (loss, ldm, cat,
@@ -309,8 +341,9 @@ class _Run:
             raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({config.lr}) or check the data")
         if self.metrics is not None:
             record = {"step": step, **self.last, "lr": lr, "seconds": round(seconds, 6), "mode": self.mode}
-            if step == self.start_step + 1:  # the run's first line says why (config.mode "auto" decides per run)
+            if step == self.start_step + 1 or self.announce_mode:  # why (config.mode "auto" decides per run)
                 record["mode_reason"] = self.mode_reason
+                self.announce_mode = False
             self.metrics.write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{values[0]:.4f}", ldm=f"{values[1]:.4f}", cat=f"{values[2]:.2e}", refresh=False)
@@ -348,7 +381,7 @@ class _Run:
         files: dict[str, Path] = {}
         final = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
         if self.dist.main:
-            if self.mode == "fused":
+            if patch_report(self.base.unet) is not None:
                 unpatch_unet(self.base.unet)
             files = write_adapters(self.params, self.config, self.names, self.out, self.examples)
             self.metrics.plot(self.out / "loss.png")
@@ -438,6 +471,12 @@ def _add_adapters(unet, config: TrainConfig) -> tuple[list[str], dict[str, torch
     for p in params.values():
         p.requires_grad_(True)
     return names, params
+
+
+def _measures(mode: str, device: torch.device, world: int) -> bool:
+    """Whether the run times both CAT step modes over its first steps (``ModeTrial``): ``measure`` asks for it;
+    ``auto`` does it on a GPU in one process (ranks timing apart could pick different modes)."""
+    return mode == "measure" or (mode == "auto" and device.type == "cuda" and world == 1)
 
 
 def _adapters(adapter_of_concept: list[str], concepts: torch.Tensor) -> list[str]:
