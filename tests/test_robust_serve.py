@@ -320,3 +320,19 @@ def test_7_start_up_refuses_links_that_leave_the_folder(tmp_path):
         assert sorted(a.name for a in engine.adapters()) == ["link_in", "link_in_target"]
     finally:
         engine.close()
+
+
+def test_the_one_5xx_is_the_engine_failing_and_it_says_so(client, engine):
+    """A model that breaks mid-step (here the UNet's last convolution given a weight of the wrong shape, as
+    a damaged checkpoint would) is the engine's failure, not the request's: a 500 that says so, and the
+    server goes on serving once the model is whole."""
+    conv = engine.unet.conv_out
+    saved = conv.weight
+    try:
+        conv.weight = torch.nn.Parameter(torch.zeros(1, 1, 1, 1), requires_grad=False)
+        r = client.post("/v1/images/generations", json={"prompt": "a star", "steps": 1})
+        err = assert_openai_error(r, 500, "the engine failed in a denoising step")
+        assert err["code"] == "engine_failure" and "not a problem with the request" in err["message"], err
+    finally:
+        conv.weight = saved
+    assert client.post("/v1/images/generations", json={"prompt": "a star", "steps": 1}).status_code == 200
