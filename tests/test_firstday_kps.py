@@ -21,7 +21,7 @@ def test_eval_kps_on_the_demo_base_scores_with_the_demo_encoder(tmp_path):
             prompts, "--trigger", "sks", "--seeds", 2, "--steps", 2, "--out-json", out_json, "--json"]  # fmt: skip
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exit_code == 0, r.output
-    total = json.loads(r.output.strip().splitlines()[-1])
+    total = json.loads(next(line for line in r.output.splitlines() if line.startswith("{")))
     assert 0 < total["preservation"] <= 1 and 0 < total["identity"] <= 1 and 0 < total["kps"] <= 1
     settings = json.loads(out_json.read_text())["settings"]
     assert settings["clip"] is None and settings["encoder"] == "DomainEncoder"

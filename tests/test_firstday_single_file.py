@@ -129,7 +129,7 @@ def test_every_command_takes_a_single_file_base(data, tmp_path):
     clip = make_tiny_clip(tmp_path / "clip")
     out = run("eval", "kps", *base, "--adapter", adapter, "--prompts", prompts, "--clip", clip, "--trigger", "sks",
               "--seeds", 2, "--steps", 2, "--json")  # fmt: skip
-    assert 0 < json.loads(out.strip().splitlines()[-1])["kps"] <= 1
+    assert 0 < json.loads(next(line for line in out.splitlines() if line.startswith("{")))["kps"] <= 1
     run("export", "onnx", *base, "--adapter", adapter, "--out", tmp_path / "onnx")
     assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["base"] == str(file.absolute())
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from catfast.cli.base import _friendly, main
+from catfast.cli.base import _THREADS_HELP, DEMO_THREADS, _friendly, _set_threads, main
 
 
 @main.group("eval")
@@ -40,10 +40,15 @@ def eval_group() -> None:
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), help="Also write the images as a PNG grid.")
 @click.option("--out-json", type=click.Path(dir_okay=False), help="Write the full result as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the totals as one JSON object.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help=f"{_THREADS_HELP}. [default: 1 on --base demo (a tiny model), one per core otherwise]",
+)
 @_friendly
 def eval_kps_command(
     base, base_config, adapter_file, prompts_file, clip_path, trigger, seeds, steps, guidance, references, grid_path,
-    out_json, as_json,
+    out_json, as_json, threads,
 ) -> None:  # fmt: skip
     """Knowledge preservation (KPS): base / adapter without trigger / adapter with trigger, in one sampler run.
 
@@ -64,6 +69,7 @@ def eval_kps_command(
 
         check_assets()
         encoder = load_encoder(encoder_path())
+    _set_threads(threads, DEMO_THREADS if is_demo_base(base) else None)
     result = run_kps_cli(
         base, adapter_file, prompts_file, clip_path, trigger, seeds, steps, out_json, config=base_config,
         references=references, guidance=guidance, grid_path=grid_path, progress=not as_json, encoder=encoder,
