@@ -19,6 +19,10 @@ from dataclasses import dataclass
 import torch
 
 NO_ADAPTER = -1
+PLAN_CACHE = 256  # built plans kept for reuse (RowPlan.build)
+
+
+_built: dict[tuple, RowPlan] = {}  # RowPlan.build's cache, oldest first
 
 
 class cached_property:  # noqa: N801 (named as the functools one it replaces)
@@ -51,6 +55,16 @@ def run_of(samples: Sequence[int]) -> tuple[int, int] | None:
     if last - first + 1 != len(samples):
         return None
     return (first, last + 1) if all(b == a + 1 for a, b in zip(samples, samples[1:])) else None
+
+
+def host_to_device(values, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """A tensor of host ``values`` on ``device`` without a host sync: on CUDA the values go through pinned
+    memory with a non-blocking copy (a copy from pageable memory waits for the stream, a sync per plan field
+    and index, each layer's plan included)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _per_sample(value, n: int | None, cast) -> list:
@@ -136,7 +150,11 @@ class RowPlan:
     @staticmethod
     def build(slots, scales=1.0, needs_grad=True, device=None) -> RowPlan:
         """A plan from Python values: ``slots`` a sequence of ints (``NO_ADAPTER`` = -1 for none);
-        ``scales`` / ``needs_grad`` a scalar for all samples or one value per sample."""
+        ``scales`` / ``needs_grad`` a scalar for all samples or one value per sample.
+
+        Plans are immutable, so the same values give back the same plan (the ``PLAN_CACHE`` newest plans are
+        kept), with the device tensors it made and cached: a training run builds the same plan every step, and
+        its tensors are made once per run instead of per step (and a captured CUDA graph reads the same ones)."""
         host_slots = tuple(_per_sample(slots, None, int))
         n = len(host_slots)
         grads, host_scales = _per_sample(needs_grad, n, bool), _per_sample(scales, n, float)
@@ -145,10 +163,21 @@ class RowPlan:
                 f"row plan fields need one value per sample: {n} slots, {len(host_scales)} scales, "
                 f"{len(grads)} needs_grad"
             )
+        key = (host_slots, tuple(host_scales), tuple(grads), torch.device(device) if device is not None else None)
+        hit = _built.pop(key, None)
+        if hit is None:
+            hit = RowPlan._build(host_slots, host_scales, grads, device)
+        _built[key] = hit  # the newest last
+        while len(_built) > PLAN_CACHE:
+            del _built[next(iter(_built))]
+        return hit
+
+    @staticmethod
+    def _build(host_slots, host_scales, grads, device) -> RowPlan:
         plan = RowPlan(
-            torch.tensor(host_slots, dtype=torch.int64, device=device),
-            torch.tensor(host_scales, dtype=torch.float32, device=device),
-            torch.tensor(grads, dtype=torch.bool, device=device),
+            host_to_device(host_slots, torch.int64, device),
+            host_to_device(host_scales, torch.float32, device),
+            host_to_device(grads, torch.bool, device),
         )
         plan._seed(RowLayout(host_slots, tuple(grads)), tuple(host_scales))
         plan.validate()
@@ -198,7 +227,7 @@ class RowPlan:
         key = tuple(samples)
         hit = cache.get(key)
         if hit is None:
-            hit = cache[key] = torch.tensor(key, dtype=torch.int64, device=self.slots.device)
+            hit = cache[key] = host_to_device(key, torch.int64, self.slots.device)
         return hit
 
     def grad_samples(self) -> torch.Tensor:
@@ -225,9 +254,10 @@ class RowPlan:
         """The plan restricted to its grad samples."""
         return self.select(self.layout.grad_samples)
 
-    def with_scales(self, scales: torch.Tensor) -> RowPlan:
-        """The same samples with other scales; shares the layout and the index tensors."""
+    def with_scales(self, scales: torch.Tensor, host_scales: tuple[float, ...] | None = None) -> RowPlan:
+        """The same samples with other scales (``host_scales``: their host copy, when known); shares the layout
+        and the index tensors."""
         plan = RowPlan(self.slots, scales, self.needs_grad)
-        plan._seed(self.layout)
+        plan._seed(self.layout, host_scales)
         plan.__dict__["_indices"] = self.__dict__.setdefault("_indices", {})
         return plan

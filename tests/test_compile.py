@@ -1,14 +1,12 @@
-"""torch.compile over the row-planned UNet: the fused CAT step and the sampler's UNet call trace with the
-LoRA layers as catfast:: custom ops (catfast/ops/library.py), give the eager results, and the graph breaks
-are counted (torch 2.13, tiny UNet, CPU).
+"""torch.compile over the row-planned UNet: the fused CAT step (both layouts) and the sampler's UNet call trace
+with the LoRA layers as catfast:: custom ops (catfast/ops/library.py) and 0 graph breaks (``fullgraph=True``),
+give the eager results; regional compilation (each repeated block compiled, ``compile_regions``) too (torch
+2.13, tiny UNet, CPU).
 
 Backend "eager" (dynamo's graphs run as they are): the test is about what dynamo can trace, and the CPU
-time of inductor's code generation would dominate CI. Not "aot_eager" for the fused step: measured on
-the dev CPU, AOT autograd's saved tensors pass through keep_grad_rows' saved-tensor hooks
-(catfast/ops/grad_rows.py), which assume batch-major saved tensors, and the LoRA gradients came out
-wrong (max relative error 0.78 vs eager); with those hooks replaced by no-ops the same aot_eager step
-had 0 graph breaks and gradients within 2.2e-6 of eager (108 s on the loaded 2-core machine, too slow
-for CI). Making keep_grad_rows step aside under torch.compile is left to its owner (issue 13)."""
+time of inductor's code generation would dominate CI. The 11 graph breaks the fused step had came from
+saved-tensor hooks that kept only the grad rows of what autograd saved; the one-call layout no longer uses
+them (catfast/ops/grad_rows.py says why)."""
 
 import pytest
 import torch
@@ -29,14 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # every LoRA Linear of the tiny UNet's transformer blocks (40 layers)
 ALL = [*ATTENTION_PROJECTIONS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
-# every graph break of the fused step comes from catfast.ops.grad_rows' saved-tensor hooks: dynamo cannot
-# call torch._C._autograd._top_saved_tensors_default_hooks (keep_grad_rows / sub_batch_rows entered in
-# the twin stage), nor trace the pack hook's key of storage data_ptr() / storage_offset()
-HOOK_BREAKS = ("_top_saved_tensors_default_hooks", "data_ptr", "storage_offset")
-FUSED_BREAKS = 11  # measured: 7 _top_saved_tensors_default_hooks, 3 data_ptr, 1 storage_offset
-
-
-def _counting_compile(module):
+def _counting_compile(module, fullgraph: bool = False):
     graphs = []
 
     def backend(gm, example_inputs):
@@ -45,7 +36,7 @@ def _counting_compile(module):
 
     torch._dynamo.reset()
     counters.clear()
-    return torch.compile(module, backend=backend), graphs
+    return torch.compile(module, backend=backend, fullgraph=fullgraph), graphs
 
 
 def _is_lora_op(node) -> bool:
@@ -56,31 +47,58 @@ def _breaks() -> dict[str, int]:
     return {reason.split("\n")[0] + " | " + reason: n for reason, n in counters["graph_break"].items()}
 
 
-def test_fused_cat_step_compiles_with_only_the_hook_breaks():
+def _fused_unet():
     unet = build_unet("tiny", seed=0).requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4.0, target_modules=ALL))
     randomize_lora_(unet, seed=1)
-    sched, batch = DDPMScheduler(**SCHEDULER_CONFIG), cat_batch(2)
-    # one call over 3B rows: the layout the fused step takes on a GPU, where compiling pays (on the CPU the tiny
-    # UNet would run teacher rows first, two UNet calls)
-    eager = catfast.cat_loss(unet, sched, **batch, mode="fused", layout="one-call")
+    return unet, DDPMScheduler(**SCHEDULER_CONFIG), cat_batch(2)
+
+
+def _eager(unet, sched, batch, layout):
+    eager = catfast.cat_loss(unet, sched, **batch, mode="fused", layout=layout)
     eager.total.backward()
     want = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
     unet.zero_grad(set_to_none=True)
+    return eager, want
 
-    compiled, graphs = _counting_compile(unet)
-    out = catfast.cat_loss(compiled, sched, **batch, mode="fused", layout="one-call")
-    out.total.backward()
+
+def _check_against(unet, out, eager, want):
     assert_rel_close(out.total.detach(), eager.total.detach(), 1e-6, "loss")
     for name, g in want.items():
         assert g.abs().sum() > 0
         assert_rel_close(unet.get_parameter(name).grad, g, 1e-5, name)
+
+
+@pytest.mark.parametrize("layout", ["one-call", "teacher-first"])
+def test_fused_cat_step_compiles_as_one_graph(layout):
+    """fullgraph=True: any graph break raises. one-call is the layout the fused step takes on a GPU."""
+    unet, sched, batch = _fused_unet()
+    eager, want = _eager(unet, sched, batch, layout)
+    compiled, graphs = _counting_compile(unet, fullgraph=True)
+    out = catfast.cat_loss(compiled, sched, **batch, mode="fused", layout=layout)
+    out.total.backward()
+    _check_against(unet, out, eager, want)
     lora_ops = [n for gm in graphs for n in gm.graph.nodes if _is_lora_op(n)]
-    assert len(lora_ops) == 40  # every LoRA Linear of the tiny UNet (ALL targets) is one custom-op node
-    breaks = _breaks()
-    assert sum(breaks.values()) == FUSED_BREAKS, breaks
-    for reason in breaks:
-        assert any(h in reason for h in HOOK_BREAKS), reason
+    # every LoRA Linear of the tiny UNet (ALL targets: 40) is one custom-op node per UNet call
+    assert len(lora_ops) == 40 * (2 if layout == "teacher-first" else 1)
+    assert _breaks() == {}, _breaks()
+
+
+def test_regional_compile_of_the_fused_step():
+    """Each transformer block and resnet compiled on its own (fullgraph), as OneTrainer and ai-toolkit compile:
+    the same results, no graph break."""
+    from catfast.integrations.compile import compile_regions
+
+    unet, sched, batch = _fused_unet()
+    eager, want = _eager(unet, sched, batch, "one-call")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compile_regions(unet, backend="eager")
+    assert compiled and all(name.split(".")[-2] in ("transformer_blocks", "resnets") for name in compiled)
+    out = catfast.cat_loss(unet, sched, **batch, mode="fused", layout="one-call")
+    out.total.backward()
+    _check_against(unet, out, eager, want)
+    assert _breaks() == {}, _breaks()
 
 
 def test_sampler_unet_call_compiles_without_breaks():

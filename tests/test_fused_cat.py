@@ -275,7 +275,9 @@ def test_bad_input_fails_before_any_kernel():
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_wasted_teacher_work(batch, layout, monkeypatch):
-    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x, bytes saved for backward <= (docs/design.md)."""
+    """Forward FLOPs <= the reference's, backward FLOPs <= 1.02x; bytes saved for backward <= the reference's
+    teacher-first, and one-call at most the 3B rows' share of them (1.5x: the norms and activations between the
+    row-aware layers save the teacher rows too; docs/design.md, "What a step issues")."""
     from contextlib import nullcontext
 
     from catfast.bench.train_step import _measure_once, _setup
@@ -286,7 +288,7 @@ def test_no_wasted_teacher_work(batch, layout, monkeypatch):
     fused = _measure_once(unet, lambda: catfast.cat_loss(unet, sched, **args, mode="fused", layout=layout), nullcontext)
     assert fused["fwd_flops"] < ref["fwd_flops"]  # the shared prefix (conv_in, time embedding, ...) ran once
     assert fused["bwd_flops"] <= 1.02 * ref["bwd_flops"]
-    assert fused["saved_bytes"] <= ref["saved_bytes"]
+    assert fused["saved_bytes"] <= (1.5 if layout == "one-call" else 1.0) * ref["saved_bytes"]
     assert ref["saved_bytes"] > 0 and ref["bwd_flops"] > 0
     for name, g in ref["grads"].items():
         assert_rel_close(fused["grads"][name], g, 1e-4, name)
@@ -456,16 +458,15 @@ def test_fp32_lora_on_bf16_unet(layout, monkeypatch):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fused_with_gradient_checkpointing(layout, monkeypatch):
-    """Checkpointed blocks recompute during backward, after the row plan is unset: they must replay it."""
+    """Checkpointed blocks recompute during backward, after the row plan is unset: they must replay it. The
+    user patches nothing: the fused step leaves the UNet patched for its backward."""
     monkeypatch.setenv("CATFAST_BACKEND", "torch")
     unet = _unet(ALL, 4, 4.0)
     sched, b = _scheduler(), cat_batch(2)
     ref, ref_grads = _run(unet, sched, b, "reference")
     unet.enable_gradient_checkpointing()
-    with pytest.raises(ValueError, match="needs a patched UNet"):
-        catfast.cat_loss(unet, sched, **b, mode="fused")
-    patch_unet(unet)
     fused, grads = _run(unet, sched, b, "fused", layout=layout)
+    assert patch_report(unet) is not None
     unpatch_unet(unet)
     assert_rel_close(fused.total.detach(), ref.total.detach(), 1e-5, "total")
     for name, g in ref_grads.items():

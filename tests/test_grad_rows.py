@@ -1,24 +1,20 @@
-"""catfast/ops/grad_rows.py's public behaviour: row gathers and scatters, the saved-tensor hooks that keep
-only the grad samples' rows, the frozen conv / linear whose backward skips the other samples, split_rows,
-and autocast_inputs."""
+"""catfast/ops/grad_rows.py's public behaviour: row gathers and scatters (a run scattered in one launch), the
+frozen conv / linear whose backward skips the other samples, split_rows, and autocast_inputs."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from catfast.bench.launches import count_step
 from catfast.ops.grad_rows import (
-    ROWS_ONLY,
     autocast_inputs,
     frozen_conv2d,
     frozen_linear,
     gather_rows,
-    keep_grad_rows,
     sample_rows,
     scatter_rows,
     split_rows,
-    sub_batch_rows,
     take_samples,
-    zeros_outside,
 )
 from catfast.rows import NO_ADAPTER, RowPlan
 from catfast.testing import assert_rel_close, cat_plan
@@ -44,53 +40,16 @@ def test_take_gather_scatter_and_sample_rows():
     view = take_samples(s, torch.tensor([1, 2]), (1, 3))
     assert view.data_ptr() == s[1].data_ptr()  # a run is a view
     assert torch.equal(take_samples(s, torch.tensor([3, 0]), None), s[[3, 0]])
-    full, rows = zeros_outside(s, (8, 2), (1, 3), 4)
-    rows.fill_(7.0)
-    assert full[:2].abs().sum() == 0 and full[6:].abs().sum() == 0 and (full[2:6] == 7).all()
 
 
-@pytest.mark.parametrize("plan", [SCATTERED, CAT], ids=["scattered", "cat-run"])
-def test_keep_grad_rows_saves_only_grad_rows_and_keeps_their_gradients(plan):
-    n = len(plan)
-    x = torch.randn(n * 3, 5, requires_grad=True)  # 3 rows per sample, batch-major
-    w = torch.nn.Parameter(torch.randn(5, 5))
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the enclosing hooks see what is kept
-        with keep_grad_rows(plan, exclude={w.untyped_storage().data_ptr()}):
-            y = (x * x).sum() + (x @ w).sum()
-    y.backward()
-    grad_rows = sample_rows(plan.grad_samples(), 3)
-    other = torch.ones(n * 3, dtype=torch.bool)
-    other[grad_rows] = False
-    xs = [t for t in saved if t.shape[1:] == (5,) and t.shape[0] != 5]
-    assert xs and all(t.shape[0] == grad_rows.numel() for t in xs)  # x saved as grad rows only
-    assert any(t.shape == (5, 5) for t in saved)  # the excluded parameter saved whole
-    want = 2 * x.detach() + w.detach().sum(1)
-    assert_rel_close(x.grad[grad_rows], want[grad_rows], 1e-6, "grad rows")
-    # the other rows' saved x reads as zeros: only the term through the parameter reaches them
-    assert_rel_close(x.grad[other], w.detach().sum(1).expand(int(other.sum()), 5), 1e-6, "other rows")
-
-
-def test_rows_only_tensors_and_sub_batch_rows():
-    plan = SCATTERED
-    x = torch.randn(4, 3, requires_grad=True)
-    marked = torch.randn(4, 3)
-    setattr(marked, ROWS_ONLY, True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        with keep_grad_rows(plan):
-            (x * marked).sum().backward()
-    assert any(t is marked for t in saved)  # saved as it is
-    assert torch.equal(x.grad, marked)  # whole: its other rows were not cut to zeros
-    with sub_batch_rows(plan):  # no open context: nothing happens
-        y = torch.randn(2, requires_grad=True)
-        (y * y).sum().backward()
-    assert_rel_close(y.grad, 2 * y.detach(), 1e-6, "no context")
+@pytest.mark.parametrize("run", [(0, 2), (1, 3), (2, 4)], ids=["first", "middle", "last"])
+def test_scatter_of_a_run_is_one_launch(run):
+    kept, samples = torch.randn(2 * 3, 5), torch.arange(*run)
+    counter = count_step(lambda: scatter_rows(kept, (12, 5), samples, run, 4))
+    assert counter.launch_ops == 1, counter.launches
+    full = scatter_rows(kept, (12, 5), torch.arange(*run), run, 4)
+    lo, hi = run[0] * 3, run[1] * 3
+    assert torch.equal(full[lo:hi], kept) and full[:lo].abs().sum() == 0 and full[hi:].abs().sum() == 0
 
 
 def test_frozen_linear_and_conv_backward_only_for_grad_samples():
@@ -127,10 +86,9 @@ def test_split_rows_equals_fn_and_grads_only_grad_rows(plan):
     assert q.grad[other].abs().sum() == 0 and q.grad[plan.grad_samples()].abs().sum() > 0
 
 
-def test_autocast_inputs_casts_like_torch_and_marks_weight_copies():
+def test_autocast_inputs_casts_like_torch():
     x, w, b = torch.randn(2, 3), torch.randn(4, 3), None
     assert autocast_inputs(x, w, b)[1] is w  # autocast off: unchanged
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cx, cw, cb = autocast_inputs(x, w, b)
     assert cx.dtype == cw.dtype == torch.bfloat16 and cb is None
-    assert getattr(cw, ROWS_ONLY, False) and not getattr(cx, ROWS_ONLY, False)

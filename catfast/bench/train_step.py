@@ -22,6 +22,13 @@ backward on the same random-weight UNet (catfast's factories), with a LoRA on ev
 - ``loss_rel_err`` / ``grad_rel_err``: parity with catfast's reference step where the loss is the same
   (kohya's loss is half of it, see ``contestants.LOSS_FACTOR``).
 
+- ``launch_ops`` / ``host_syncs``: the aten ops of one step that launch work (views and bare allocations
+  excluded) and that make the host wait for the device (``catfast.bench.launches``), with ``launch_ops_by_op``
+  (the ten most issued); ``host_ms``: median wall time the host spends issuing a step, without waiting for
+  the device (on the CPU the step's time). On ``sd15-skeleton`` (SD1.5's module structure at widths where
+  arithmetic is negligible) these are the CPU stand-in for a batch-1 GPU step, which is bound by what the
+  host issues.
+
 ``conv_gemm``: of the convolution shapes (forward and input gradient apart) the fused step timed
 (``catfast.ops.conv``), how many run as im2col + GEMM.
 
@@ -42,6 +49,7 @@ import time
 import torch
 
 from catfast.bench.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
+from catfast.bench.launches import count_step
 from catfast.bench.measure import flop_counter, git_commit, rel_err
 from catfast.errors import CatfastError
 from catfast.integrations.factory import build_unet
@@ -127,10 +135,14 @@ def _measure_once(unet, loss_fn, autocast) -> dict:
     with flop_counter() as bwd:
         out.total.backward()
     grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+    launches = count_step(lambda: _step(unet, loss_fn, autocast))
     return dict(
         fwd_flops=fwd.get_total_flops(),
         bwd_flops=bwd.get_total_flops(),
         saved_bytes=sum(storages.values()),
+        launch_ops=launches.launch_ops,
+        launch_ops_by_op=dict(launches.launches.most_common(10)),
+        host_syncs=launches.host_syncs,
         out=out,
         grads=grads,
     )
@@ -247,7 +259,7 @@ def bench_train_step(
         results["reference_compiled"] = {}
     gemm_dtype = torch.bfloat16 if precision == "bf16" else torch_dtype
     gemm = [gemm_rate(gemm_dtype, device)]
-    times, cpu_times, peaks = _time_interleaved(unet, fns, names, steps, autocast, device)
+    times, cpu_times, host_times, peaks = _time_interleaved(unet, fns, names, steps, autocast, device)
     gemm.append(gemm_rate(gemm_dtype, device))
     gemm_flops = statistics.mean(gemm)
 
@@ -278,6 +290,7 @@ def bench_train_step(
     for m in names:
         entry = _entry(results[m], results["reference"], m, times[m], gemm_flops, _param_bytes(fns[m][1]), peaks[m])
         entry["median_cpu_ms"] = round(statistics.median(cpu_times[m]), 3)
+        entry["host_ms"] = round(statistics.median(host_times[m]), 3)
         out["against" if m in CONTESTANTS else "modes"][m] = entry
     if memory and device != "cuda":
         spec = dict(
@@ -293,16 +306,24 @@ def bench_train_step(
     out["cpu_speedup"] = round(reference["median_cpu_ms"] / fused["median_cpu_ms"], 3)
     default_ms = out["modes"][chosen]["median_ms"]
     out["default_vs"] = {name: round(e["median_ms"] / default_ms, 3) for name, e in out["against"].items()}
+    if "official" in out["against"]:  # what each entry issues per step against the three-call official step
+        official = out["against"]["official"]
+        out["launch_vs_official"] = {
+            name: {"launch_ops": round(e["launch_ops"] / official["launch_ops"], 3),
+                   "host_ms": round(e["host_ms"] / official["host_ms"], 3)}  # fmt: skip
+            for name, e in out["modes"].items()
+            if e.get("launch_ops") is not None
+        }
     chosen_convs = list(conv_choices().values())
     out["conv_gemm"] = {"gemm": chosen_convs.count("gemm"), "timed": len(chosen_convs)}
     return out
 
 
 def _time_interleaved(unet, fns: dict, names: list[str], steps: int, autocast, device: str):
-    """Per entry, the wall and process-CPU ms of each timed step (entries alternate step by step after one
-    warm-up round, which also compiles) and, on CUDA, the step's own peak: the allocator's peak above what
-    was resident when it started (every entry's modules stay resident in this process), plus the entry's
-    own weights."""
+    """Per entry, the wall, process-CPU and host-issue ms of each timed step (entries alternate step by step
+    after one warm-up round, which also compiles; host-issue time stops before the device is waited for) and,
+    on CUDA, the step's own peak: the allocator's peak above what was resident when it started (every entry's
+    modules stay resident in this process), plus the entry's own weights."""
 
     def sync():
         if device == "cuda":
@@ -310,6 +331,7 @@ def _time_interleaved(unet, fns: dict, names: list[str], steps: int, autocast, d
 
     times: dict[str, list[float]] = {m: [] for m in names}
     cpu_times: dict[str, list[float]] = {m: [] for m in names}
+    host_times: dict[str, list[float]] = {m: [] for m in names}
     peaks: dict[str, int | None] = {m: None for m in names}
     for i in range(steps + 1):
         for m in names:
@@ -321,13 +343,15 @@ def _time_interleaved(unet, fns: dict, names: list[str], steps: int, autocast, d
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
             _step(unet, fns[m][0], autocast)
+            issued = time.perf_counter()
             sync()
             if i:
                 times[m].append((time.perf_counter() - t0) * 1e3)
+                host_times[m].append((issued - t0) * 1e3)
                 cpu_times[m].append((time.process_time() - c0) * 1e3)
             if device == "cuda":
                 peaks[m] = torch.cuda.max_memory_allocated() - resident + _param_bytes(fns[m][1])
-    return times, cpu_times, peaks
+    return times, cpu_times, host_times, peaks
 
 
 def _entry(r: dict, ref: dict, name: str, times: list[float], gemm_flops: float, param_bytes: int, peak) -> dict:
@@ -341,6 +365,9 @@ def _entry(r: dict, ref: dict, name: str, times: list[float], gemm_flops: float,
         "achieved_flops": round(flops / (median / 1e3)) if flops else None,
         "gemm_fraction": round(flops / (median / 1e3) / gemm_flops, 4) if flops else None,
         "saved_bytes": r.get("saved_bytes"),
+        "launch_ops": r.get("launch_ops"),
+        "launch_ops_by_op": r.get("launch_ops_by_op"),
+        "host_syncs": r.get("host_syncs"),
         "param_bytes": param_bytes,
         "peak_bytes": peak,
     }

@@ -38,7 +38,10 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
 
 @bench.command("train-step")
 @click.option(
-    "--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15-narrow", "sd15", "sdxl"])
+    "--model",
+    default="tiny",
+    show_default=True,
+    type=click.Choice(["tiny", "small", "sd15-skeleton", "sd15-narrow", "sd15", "sdxl"]),
 )
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per entry.")
@@ -111,12 +114,16 @@ def bench_train_step_command(
             parity = f"loss/grad rel err {m['loss_rel_err']:.0e}/{m['grad_rel_err']:.0e}" if "loss_rel_err" in m else ""
             click.echo(
                 f"  {name:<20} {m['median_ms']:10.1f} ms (cpu {m['median_cpu_ms']:.0f} ms)  {flops}  "
+                f"launching ops {m['launch_ops']}  host syncs {m['host_syncs']}  "
                 f"params {m['param_bytes'] / 2**20:6.0f} MiB  "
                 f"{peak}  {parity}"
             )
     click.echo(f"  auto -> {result['auto']['mode']}: {result['auto']['reason']}")
     for name, ratio in result["default_vs"].items():
         click.echo(f"  catfast's default step is {ratio:.2f}x the {name} step's speed")
+    for name, r in result.get("launch_vs_official", {}).items():
+        click.echo(f"  {name} issues {r['launch_ops']:.2f}x the official step's launching ops in {r['host_ms']:.2f}x "
+                   "its host time")  # fmt: skip
 
 
 @bench.command("ops")

@@ -148,6 +148,13 @@ _REQUIRED = "[required unless set in --config]"
     default=None,
     help="Recompute UNet activations in backward: less memory, more time. [default: off]",
 )
+@click.option(
+    "--cuda-graphs/--no-cuda-graphs",
+    default=None,
+    help="Capture each batch shape's whole step (forward, backward, optimizer) as a CUDA graph and replay it: "
+    "a batch-1 step is bound by the kernels the host issues. CUDA only; one process, constant lr, no fp16 "
+    "loss scaling, one adapter. [default: off]",
+)
 @click.option("--max-grad-norm", type=float, help=f"Clip the LoRA gradients' norm. {_default('max_grad_norm')}")
 @click.option(
     "--format",
@@ -167,8 +174,9 @@ _REQUIRED = "[required unless set in --config]"
 )
 @click.option(
     "--mode",
-    type=click.Choice(["auto", "fused", "reference"]),
-    help="CAT step implementation; auto picks the faster exact one for the device (recorded in metrics.jsonl). "
+    type=click.Choice(["auto", "fused", "reference", "measure"]),
+    help="CAT step implementation; auto picks the faster exact one for the device (on a GPU by timing both over "
+    "the first steps; measure: that timing on any device), recorded in metrics.jsonl. "
     f"{_default('mode')}",
 )
 @click.option(

@@ -22,7 +22,7 @@ from catfast.targets import ATTENTION_PROJECTIONS
 
 MODEL_NAMES = ("tiny", "small", "sd15", "sdxl")
 ALL_MODEL_NAMES = MODEL_NAMES + ("tiny-sdxl",)
-UNET_ONLY_NAMES = ("sd15-narrow",)  # build_unet / unet_config only (no text encoder, VAE or folder)
+UNET_ONLY_NAMES = ("sd15-narrow", "sd15-skeleton")  # build_unet / unet_config only (no text encoder, VAE or folder)
 
 # UNet2DConditionModel configs. tiny/small keep SD1.5's structure (cross-attn down/up blocks, a
 # cross-attn mid block, attn1/attn2/ff in every transformer block) at a fraction of the width.
@@ -95,6 +95,21 @@ _UNET_CONFIGS: dict[str, dict] = {
         cross_attention_dim=768,
         attention_head_dim=8,
         norm_num_groups=32,
+    ),
+    # SD1.5's exact module structure (4 levels, 2 layers per block, 16 transformer blocks, 8 heads) at widths
+    # where arithmetic is negligible (32 channels, 8x8 latents, 32-wide text): what is left of a step is the
+    # host's cost of issuing its ops, the CPU stand-in for a batch-1 GPU step (bench train-step's launch_ops).
+    "sd15-skeleton": dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     ),
     # SDXL's structure (two text encoders, text_time added conditioning, linear projections, several
     # transformer layers per block) at tiny size: cross_attention_dim 64 = 32 + 32, 80 = 32 + 6 * 8.

@@ -132,8 +132,6 @@ def fused_blocker(model: torch.nn.Module, per_sample_adapters: bool) -> str | No
 
     if not getattr(model, "peft_config", None):
         return "no LoRA adapter"
-    if getattr(model, "is_gradient_checkpointing", False):
-        return "gradient checkpointing without patch_unet"
     if not per_sample_adapters and len(model.active_adapters()) != 1:
         return "several active adapters and no per-sample adapters"
     slots = list(getattr(model, "peft_config", {}) or {}) if per_sample_adapters else model.active_adapters()

@@ -18,6 +18,7 @@ blocks after the patch is undone).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -25,10 +26,11 @@ import torch
 from catfast.errors import CatfastError
 from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
 from catfast.nn.row_lora import RowLoraLayer
-from catfast.ops.grad_rows import keep_grad_rows
 from catfast.rows import NO_ADAPTER, RowPlan
 
-__all__ = ["PlannedUnet", "keep_grad_rows", "planned_unet", "run_segmented", "unplannable"]
+_log = logging.getLogger("catfast.train")
+
+__all__ = ["PlannedUnet", "planned_unet", "run_segmented", "unplannable"]
 
 
 class PlannedUnet:
@@ -82,7 +84,11 @@ def planned_unet(
         return
     temporary = patch_report(unet) is None
     if purpose == "fused" and temporary and getattr(unet, "is_gradient_checkpointing", False):
-        raise error("mode='fused' with gradient checkpointing needs a patched UNet: call patch_unet(unet) first")
+        # the backward recomputes checkpointed blocks after this call returns: they need the row-planned
+        # layers then, so the patch stays (what the trainer does for every fused run)
+        temporary = False
+        _log.info("fused CAT with gradient checkpointing: the UNet stays patched for row plans (its backward "
+                  "recomputes blocks with them); catfast.integrations.patch.unpatch_unet(unet) undoes it")  # fmt: skip
     report = patch_unet(unet)
     try:
         problem = unplannable(unet, report, check_disabled=purpose == "sample")

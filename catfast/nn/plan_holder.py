@@ -17,8 +17,7 @@ import weakref
 
 import torch
 
-from catfast.ops.grad_rows import sub_batch_rows
-from catfast.rows import RowPlan
+from catfast.rows import RowPlan, host_to_device
 
 
 class PlanHolder:
@@ -40,7 +39,6 @@ class PlanHolder:
         self.twins = False
         self._twin = twin  # (group size, the plan's state restricted to groups 1..)
         self._twin_views: dict = {}
-        self._scaled: dict = {}
 
     def snapshot(self) -> dict:
         """The whole state, for ``restore`` (a checkpointed block replays its forward with it)."""
@@ -57,12 +55,18 @@ class PlanHolder:
     def scaled_plan(self, scaling: tuple[float, ...]) -> RowPlan:
         """The current plan with each sample's scale times ``scaling[slot]`` (a LoRA layer's alpha / r per
         slot), made once per call and scaling: layers with the same scaling share it and what it caches."""
-        key = (id(self.plan), scaling)
-        hit = self._scaled.get(key)
+        cache = self.plan.__dict__.setdefault("_scaled", {})  # on the plan: a built plan is reused across steps
+        hit = cache.get(scaling)
         if hit is None:
             plan = self.plan
-            per_slot = torch.tensor(scaling, dtype=plan.scales.dtype, device=plan.scales.device)
-            hit = self._scaled[key] = plan.with_scales(plan.scales * per_slot[plan.slots.clamp(min=0)])
+            host = plan.__dict__.get("_host_scales")
+            if host is not None:  # from the host copy: one host-to-device copy, the layers' fast paths see the scales
+                scaled = tuple(s * scaling[max(slot, 0)] for s, slot in zip(host, plan.layout.slots))
+                hit = plan.with_scales(host_to_device(scaled, plan.scales.dtype, plan.scales.device), scaled)
+            else:
+                per_slot = host_to_device(scaling, plan.scales.dtype, plan.scales.device)
+                hit = plan.with_scales(plan.scales * per_slot[plan.slots.clamp(min=0)])
+            cache[scaling] = hit
         return hit
 
     def lora_layer_reached(self) -> None:
@@ -95,8 +99,7 @@ class PlanHolder:
         self.plan = plan
         self.in_prefix = self.twins = False
         try:
-            with sub_batch_rows(plan):  # the restricted rows are not the call's samples
-                y = fn(view)
+            y = fn(view)
         finally:
             self.restore(outer)
         return torch.cat([y[:size], y])
@@ -114,6 +117,13 @@ class PlanHolder:
 def _twin_state(plan: RowPlan, prefix_groups: int):
     if prefix_groups < 2:
         raise ValueError("twin_groups needs identical_groups >= 2")
+    cache = plan.__dict__.setdefault("_twin", {})  # made once per plan (a training run reuses its plan)
+    if prefix_groups not in cache:
+        cache[prefix_groups] = _make_twin_state(plan, prefix_groups)
+    return cache[prefix_groups]
+
+
+def _make_twin_state(plan: RowPlan, prefix_groups: int):
     size = len(plan) // prefix_groups
     first, second = (plan.select(range(i * size, (i + 1) * size)) for i in (0, 1))
     if first.layout != second.layout or first.host_scales() != second.host_scales():

@@ -19,13 +19,11 @@ import torch
 
 from catfast.backends import choose, get, register, torch_probe, triton_probe
 from catfast.ops.grad_rows import (
-    ROWS_ONLY,
     autocast_inputs,
     gather_rows,
     sample_rows,
     scatter_rows,
     take_samples,
-    zeros_outside,
 )
 from catfast.ops.library import call_lora_gemm, call_segment_outer
 from catfast.rows import NO_ADAPTER, RowPlan
@@ -69,6 +67,9 @@ def lora_linear(
             from catfast.ops.library import flatten_plan
 
             return torch.ops.catfast.lora_linear(x, weight, bias, lora_a, lora_b, *flatten_plan(plan), backend)
+        if not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad)):
+            # nothing to differentiate (the teacher call, sampling): the forward alone, nothing saved
+            return forward_rows(x, weight, bias, lora_a, lora_b, plan, backend, False)[0].view(*x.shape[:-1], -1)
         return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, plan, backend, input_memo)
 
 
@@ -110,14 +111,10 @@ class LoraLinearFunction(torch.autograd.Function):
         n = x.shape[0]
         grad_samples, run = plan.grad_samples(), plan.layout.grad_run
         need_low = grad_samples.numel() > 0 and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        y2, low, x2, rows = forward_rows(x, weight, bias, lora_a, lora_b, plan, backend, need_low)
+        y2, low_rows, x2, rows = forward_rows(x, weight, bias, lora_a, lora_b, plan, backend, need_low)
         ctx.rows, ctx.num_samples, ctx.x_shape, ctx.backend = rows, n, x.shape, backend
         ctx.plan, ctx.grad_samples, ctx.run = plan.grad_plan, grad_samples, run
         x_rows = _input_rows(x, x2, grad_samples, run, input_memo)
-        low_rows = gather_rows(low, grad_samples, run, n) if need_low else None
-        for t in (x_rows, low_rows):  # already grad rows only: catfast.ops.grad_rows hooks keep them whole
-            if t is not None:
-                setattr(t, ROWS_ONLY, True)
         ctx.save_for_backward(x_rows, low_rows, weight, lora_a, lora_b)
         return y2.view(*x.shape[:-1], weight.shape[0])
 
@@ -131,14 +128,14 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def forward_rows(x, weight, bias, lora_a, lora_b, plan: RowPlan, backend: str, need_low: bool):
-    """The forward GEMM of ``lora_linear`` on every row: ``(y [M, out], T = X A^T [M, r] fp32 or None,
-    x as [M, in], rows per sample)`` with M = N x rows per sample."""
+    """The forward GEMM of ``lora_linear`` on every row: ``(y [M, out], T = X A^T of the grad samples' rows
+    [M_g, r] fp32 or None, x as [M, in], rows per sample)`` with M = N x rows per sample."""
     n, in_f = x.shape[0], x.shape[-1]
     x2 = x.reshape(-1, in_f).contiguous()
     rows = x2.shape[0] // n if n else 0
     if backend == "triton":  # the custom op catfast::lora_gemm under torch.compile (ops/library.py)
         y2, low = call_lora_gemm(x2, weight, bias, lora_a, lora_b, plan.slots, plan.scales, rows, need_low)
-        low = low if need_low else None
+        low = gather_rows(low, plan.grad_samples(), plan.layout.grad_run, n) if need_low else None
     else:
         y2, low = _torch_gemm(x2, weight, bias, lora_a, lora_b, plan, rows, store_low=need_low)
     return y2, low, x2, rows
@@ -152,6 +149,14 @@ def backward_rows(dy, x_rows, low_rows, weight, lora_a, lora_b, plan: RowPlan, g
     if grad_samples.numel() == 0:
         return (dy.new_zeros(x_shape) if want_x else None, torch.zeros_like(lora_a) if want_a else None,
                 torch.zeros_like(lora_b) if want_b else None)  # fmt: skip
+    one = one_adapter(plan) if backend != "triton" and run is not None and lora_a.shape[0] == 1 else None
+    if (
+        one is not None
+        and one[2:] == (0, len(plan))  # every grad sample on the adapter
+        and dy.dtype == weight.dtype == lora_a.dtype == lora_b.dtype == x_rows.dtype == torch.float32
+    ):
+        return _one_adapter_backward(dy, x_rows, low_rows, weight, lora_a[0], lora_b[0], one[1], run, rows, num_samples,
+                                     x_shape, want_x, want_a, want_b)  # fmt: skip
     # run: a view when the grad samples are one run (the CAT layout puts them first)
     dy_rows = take_samples(dy.reshape(num_samples, rows, -1), grad_samples, run)
     dy_rows = dy_rows.reshape(-1, dy.shape[-1]).contiguous()
@@ -161,15 +166,11 @@ def backward_rows(dy, x_rows, low_rows, weight, lora_a, lora_b, plan: RowPlan, g
         if backend == "triton":
             dx_rows, up_low = call_lora_gemm(dy_rows, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2),
                                              plan.slots, plan.scales, rows, want_a or want_b)  # fmt: skip
-            dx = scatter_rows(dx_rows, flat_shape, grad_samples, run, num_samples)
         else:
-            # the grad rows' dX is written straight into the full-size result when they are one run
-            dx, into = zeros_outside(dy, flat_shape, run, num_samples) if run is not None else (None, None)
             b_as_a, a_as_b = lora_b.transpose(1, 2), lora_a.transpose(1, 2)
             dx_rows, up_low = _torch_gemm(dy_rows, weight.t(), None, b_as_a, a_as_b, plan, rows,
-                                          store_low=want_a or want_b, out=into)  # fmt: skip
-            if run is None:
-                dx = scatter_rows(dx_rows, flat_shape, grad_samples, run, num_samples)
+                                          store_low=want_a or want_b)  # fmt: skip
+        dx = scatter_rows(dx_rows, flat_shape, grad_samples, run, num_samples)
         dx = dx.view(x_shape)
     elif want_a or want_b:  # x needs no gradient (to_k/to_v on the text embeddings): only U = dY B
         up_low = _lora_low(dy_rows, lora_b.transpose(1, 2), plan, rows)
@@ -181,10 +182,44 @@ def backward_rows(dy, x_rows, low_rows, weight, lora_a, lora_b, plan: RowPlan, g
     return dx, da, db
 
 
+def _one_adapter_backward(dy, x_rows, low_rows, weight, a, b, scale: float, run: tuple[int, int], rows: int,
+                          num_samples: int, x_shape, want_x: bool, want_a: bool, want_b: bool):  # fmt: skip
+    """``backward_rows`` for one adapter ``a`` [r, in] / ``b`` [out, r] on every grad sample (one run), fp32: U = dY B
+    (one GEMM), dX = dY W + s U A written into its rows of the result (two), dA = s U^T X and dB = s dY^T T (one
+    each, ``beta=0`` so nothing is read from the weights they are shaped like): 5 launches and the zero fill of
+    the other samples' dX, where the general path issued 20 (``launch_ops``)."""
+    total, lo, hi = num_samples * rows, run[0] * rows, run[1] * rows
+    dy_rows = dy.reshape(total, -1)[lo:hi]
+    u = dy_rows @ b if want_x or want_a else None  # [M_g, r]
+    dx = None
+    if want_x:
+        dx = dy.new_empty((total, weight.shape[1]))
+        into = dx[lo:hi]
+        torch.mm(dy_rows, weight, out=into)
+        into.addmm_(u, a, alpha=scale)
+        _zero_other_rows(dx, lo, hi)
+        dx = dx.view(x_shape)
+    da = torch.addmm(a, u.t(), x_rows, beta=0, alpha=scale).unsqueeze(0) if want_a else None
+    db = torch.addmm(b, dy_rows.t(), low_rows, beta=0, alpha=scale).unsqueeze(0) if want_b else None
+    return dx, da, db
+
+
+def _zero_other_rows(t: torch.Tensor, lo: int, hi: int) -> None:
+    """Zero ``t``'s rows outside ``[lo, hi)`` (no launch for an empty side)."""
+    if lo:
+        t[:lo].zero_()
+    if hi < t.shape[0]:
+        t[hi:].zero_()
+
+
 def _input_rows(x, x2, grad_samples, run, memo: dict | None) -> torch.Tensor:
-    """The grad samples' rows of ``x`` (as ``x2`` [M, in]), gathered once per input tensor and call:
-    to_q, to_k and to_v read the same tensor (each kept its own copy before: 3x the saved bytes and
-    copies of a self-attention input)."""
+    """The grad samples' rows of ``x`` (as ``x2`` [M, in]). One run (the CAT layouts) is a view: a copy of the
+    rows was a launch per input of every step (65 of a fused step of ``sd15-skeleton``) to leave the teacher
+    rows unsaved, which the norms and activations between the layers save anyway. Scattered samples are
+    gathered once per input tensor and call: to_q, to_k and to_v read the same tensor."""
+    if run is not None:
+        k = x2.shape[0] // x.shape[0]
+        return x2[run[0] * k : run[1] * k]
     key = (id(x), x._version)
     hit = memo.get(key) if memo is not None else None
     if hit is not None and hit[0]() is x:
@@ -195,26 +230,58 @@ def _input_rows(x, x2, grad_samples, run, memo: dict | None) -> torch.Tensor:
     return kept
 
 
+def one_adapter(plan: RowPlan) -> tuple[int, float, int, int] | None:
+    """``(slot, scale, first, stop)`` when the plan's samples with an adapter are one run ``[first, stop)`` on one
+    slot with one scale known on the host (a training step: every adapter sample on the trained adapter), else
+    None. Such a plan's LoRA term is two plain GEMMs on a view of the rows, the scale an ``alpha``: no gather,
+    no per-sample scale tensor, no copies (``catfast bench train-step``'s ``launch_ops``)."""
+    layout = plan.layout
+    run, scales = layout.adapter_run, plan.__dict__.get("_host_scales")
+    if run is None or len(layout.slots_used) != 1 or scales is None:
+        return None
+    first, stop = run
+    if any(scales[i] != scales[first] for i in range(first + 1, stop)):
+        return None
+    return layout.slots_used[0], scales[first], first, stop
+
+
 def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, store_low: bool, out=None):
-    """Torch twin of kernels.lora_gemm: (X W^T + b + s (X A^T) B^T, T = X A^T fp32 or None), the
-    LoRA terms computed for the samples with an adapter only. weight [out, in]; lora_a [S, r, in];
-    lora_b [S, out, r]. The rank-r product is accumulated in fp32. ``out``: a contiguous [M, out]
-    tensor to write the result into."""
-    n = plan.slots.numel()
+    """Torch twin of kernels.lora_gemm: (X W^T + b + s (X A^T) B^T, T = X A^T of the grad samples' rows, fp32,
+    or None), the LoRA terms computed for the samples with an adapter only. weight [out, in]; lora_a
+    [S, r, in]; lora_b [S, out, r]. The rank-r product is accumulated in fp32. ``out``: a contiguous
+    [M, out] tensor to write the result into."""
     if out is None:
         y = torch.nn.functional.linear(x2, weight, bias)
     elif bias is None:
         y = torch.mm(x2, weight.t(), out=out)
     else:
         y = torch.addmm(bias, x2, weight.t(), out=out)
-    low = torch.zeros((x2.shape[0], lora_a.shape[1]), device=x2.device, dtype=torch.float32) if store_low else None
-    if not plan.layout.adapter_samples:
-        return y, low
+    layout = plan.layout
+    if not layout.adapter_samples:
+        return y, (x2.new_zeros((len(layout.grad_samples) * rows, lora_a.shape[1]), dtype=torch.float32)
+                   if store_low else None)  # fmt: skip
+    one = one_adapter(plan)
+    if (
+        one is not None
+        and y.dtype == x2.dtype == lora_a.dtype == lora_b.dtype == torch.float32
+        and (not store_low or layout.grad_samples == layout.adapter_samples)
+    ):
+        slot, scale, first, stop = one
+        low = x2[first * rows : stop * rows] @ lora_a[slot].t()  # [M_a, r]
+        y[first * rows : stop * rows].addmm_(low, lora_b[slot].t(), alpha=scale)
+        return y, low if store_low else None
+    return y, _torch_lora_rows(y, x2, lora_a, lora_b, plan, rows, store_low)
+
+
+def _torch_lora_rows(y, x2, lora_a, lora_b, plan: RowPlan, rows: int, store_low: bool) -> torch.Tensor | None:
+    """Adds every adapter sample's LoRA term into ``y`` (any slots, scales and order) and returns T = X A^T of
+    the grad samples' rows (fp32; zeros for those without an adapter) when ``store_low``."""
+    n = plan.slots.numel()
     with_adapter, run = plan.index(plan.layout.adapter_samples), plan.layout.adapter_run
     xs = take_samples(x2.view(n, rows, -1), with_adapter, run)
     scales = take_samples(plan.scales, with_adapter, run).view(-1, 1, 1)
     used = plan.layout.slots_used
-    if len(used) == 1:  # one adapter (training): plain matmuls, no per-sample copies of A and B
+    if len(used) == 1:  # one adapter: plain matmuls, no per-sample copies of A and B
         a, b = lora_a[used[0]].float(), lora_b[used[0]].float()
         low_sel = (xs.float() @ a.t()).view(xs.shape[0], rows, -1)  # [n_sel, rows, r]
         delta = (low_sel * scales) @ b.t()
@@ -223,14 +290,15 @@ def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, s
         low_sel = torch.bmm(xs.float(), lora_a[slots].float().transpose(1, 2))
         delta = torch.bmm(low_sel * scales, lora_b[slots].float().transpose(1, 2))
     y3 = y.view(n, rows, -1)
-    if run is not None:  # the CAT layout: one run, added in place (index_add_ ran as scatter_add: 18% of a
-        # profiled fused step on the dev CPU)
-        y3[run[0] : run[1]] += delta.to(y.dtype)
+    if run is not None:  # one run, added in place (index_add_ ran as scatter_add: 18% of a profiled fused step)
+        y3[run[0] : run[1]].add_(delta.to(y.dtype))
     else:
         y3.index_add_(0, with_adapter, delta.to(y.dtype))
-    if store_low:
-        low.view(n, rows, -1).index_copy_(0, with_adapter, low_sel)
-    return y, low
+    if not store_low:
+        return None
+    low = torch.zeros((x2.shape[0], lora_a.shape[1]), device=x2.device, dtype=torch.float32)
+    low.view(n, rows, -1).index_copy_(0, with_adapter, low_sel)
+    return gather_rows(low, plan.grad_samples(), plan.layout.grad_run, n)
 
 
 def _lora_low(x2, lora_a, plan: RowPlan, rows: int) -> torch.Tensor:

@@ -48,8 +48,8 @@ def lora_conv2d(
 
 class _DownRows(torch.autograd.Function):
     """low = conv2d(x[samples], A): the k x k down projection of some samples. Saves the whole ``x``, not
-    a copy of its rows: under the fused pass's saved-tensor hooks that is the same kept copy the other
-    ops saving ``x`` (the norm before it) share; a copy of the rows here added to the saved bytes."""
+    a copy of its rows: the norm before it saves the same tensor, and a copy of the rows would add a launch
+    and bytes."""
 
     @staticmethod
     def forward(ctx, x, lora_a, samples, run, stride, padding):

@@ -41,7 +41,9 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 FORMATS = ("diffusers", "kohya")
 BAD_IMAGE_POLICIES = ("stop", "skip")
 CONCEPT_ADAPTERS = ("per-concept", "shared")
-MODES = ("auto", "fused", "reference")  # auto: objective.auto_mode picks the faster exact one
+# auto: on a GPU (one process) the run times both over its first steps and keeps the faster (train/mode_trial.py),
+# elsewhere objective.auto_mode's measured rule; measure: the timing on any device
+MODES = ("auto", "fused", "reference", "measure")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Settings that do not change the trained adapter: where things go, how often files are written, what
@@ -138,6 +140,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    cuda_graphs: bool = False  # capture the whole step per batch shape (catfast/train/graphs.py); CUDA only
     seed: int = 42
     # data
     resolution: int | None = None  # None: the UNet's native size
@@ -260,8 +263,6 @@ class TrainConfig:
             raise ConfigError("cat_prompts must be stripped, stripped+empty or a prompt file, got an empty value")
         if self.cat_prompts != "stripped" and self.cat_weight == 0:
             raise ConfigError(f"cat_prompts {self.cat_prompts!r} adds CAT prompts, but cat_weight is 0 (no CAT term)")
-        if self.mixed_precision != "no" and self.mode == "reference":
-            raise ConfigError("mixed precision trains fp32 LoRA weights on a half UNet, which needs mode = fused")
 
     def _data_concepts(self) -> list[ConceptConfig]:
         """The concepts ``data``/``trigger`` give: one, or for a kohya-style data folder (``N_trigger class``

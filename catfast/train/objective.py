@@ -20,9 +20,9 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
-from catfast.integrations.patch import active_adapters, parameter_storages, patch_report
+from catfast.integrations.patch import active_adapters, patch_report
 from catfast.integrations.patch import fused_blocker as _fused_blocker
-from catfast.integrations.row_call import keep_grad_rows, planned_unet
+from catfast.integrations.row_call import planned_unet
 from catfast.rows import NO_ADAPTER, RowPlan
 
 # A text condition: encoder hidden states [B, L, D], or for SDXL-style UNets a dict with
@@ -83,12 +83,13 @@ def auto_mode(
     UNet (teacher rows first) at 1.00-1.18x at 1 thread but 0.89-0.97x at 2 threads, so below
     ``FUSED_CPU_MIN_WIDTH`` channels the reference runs when torch uses more than one thread. On a GPU the
     fused step has not been timed against the reference (one H200 lease timed it against the official step
-    only, in the trainer's bf16 layout: 0.80x its speed at 0.52x its memory on SD1.5), so the reference is the
-    choice there for a UNet and LoRA of one dtype, until a benchmark says otherwise. A UNet patched by
-    ``patch_unet`` (the reference refuses it) and a half-precision UNet carrying fp32 LoRA weights (peft's
-    layers would mix dtypes) run fused; a UNet the fused step cannot run (a LoRA layer it cannot row-plan, gradient
-    checkpointing without ``patch_unet``, several active adapters without per-sample adapters) runs the
-    reference. ``per_sample_adapters``: the caller names each sample's adapter (``adapters=``)."""
+    only, in the trainer's bf16 layout: 0.80x its speed at 0.52x its memory on SD1.5), so a single call chooses
+    the reference there for a UNet and LoRA of one dtype; the trainer times both over a run's first steps
+    instead (``catfast.train.mode_trial``). A UNet patched by ``patch_unet`` (the reference refuses it) and a
+    half-precision UNet carrying fp32 LoRA weights run fused (peft's layers cast the input to the LoRA dtype
+    and back, the fused op keeps the rank-r term in fp32 without copies); a UNet the fused step cannot run (a
+    LoRA layer it cannot row-plan, several active adapters without per-sample adapters) runs the reference.
+    ``per_sample_adapters``: the caller names each sample's adapter (``adapters=``)."""
     model = _unwrap(unet)
     if patch_report(model) is not None:
         return "fused", "the UNet is patched for row plans (patch_unet), which only the fused step runs"
@@ -288,8 +289,7 @@ def _fused_predictions(unet, noisy, timesteps, cond, cond_stripped, adapters, wi
             pred, pred_stripped = out.chunk(2)
             return pred, pred_stripped, base
         plan = RowPlan.build(slots, needs_grad=needs_grad, device=noisy.device)
-        grad_rows = keep_grad_rows(plan, exclude=parameter_storages(model))
-        with call.plan_rows(plan, identical_groups=groups, twin_groups=with_teacher), grad_rows:
+        with call.plan_rows(plan, identical_groups=groups, twin_groups=with_teacher):
             out = _predict(unet, torch.cat([noisy] * groups), torch.cat([timesteps] * groups), rows_cond)
     if not with_teacher:
         return out, None, None

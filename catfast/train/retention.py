@@ -273,18 +273,16 @@ def _assemble(parts) -> _Rows:
 
 
 def _run_fused(unet, rows: _Rows) -> torch.Tensor:
-    """Every row in one UNet call with a row plan: each row on its adapter (None: no adapter), activations
-    kept for the grad rows only."""
+    """Every row in one UNet call with a row plan: each row on its adapter (None: no adapter); the row-aware
+    layers spend backward work on the grad rows only."""
     from catfast.integrations.row_call import planned_unet
-    from catfast.ops.grad_rows import keep_grad_rows
     from catfast.rows import RowPlan
     from catfast.train.objective import _predict, _unwrap
 
     model = _unwrap(unet)
     with planned_unet(model, rows.adapters, purpose="fused", error=ValueError) as call:
         plan = RowPlan.build(call.slots(rows.adapters), needs_grad=rows.needs_grad, device=rows.noisy.device)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        with call.plan_rows(plan), keep_grad_rows(plan, exclude=params):
+        with call.plan_rows(plan):
             return _predict(unet, rows.noisy, rows.timesteps, rows.cond)
 
 

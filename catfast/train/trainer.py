@@ -54,6 +54,7 @@ from catfast.train.checkpoint import (
 from catfast.train.config import TrainConfig
 from catfast.train.data import Concept, Transform, scan_concepts
 from catfast.train.dist import Dist, init_distributed
+from catfast.train.graphs import GraphedSteps, check_graphable, flatten_conditions, unflatten_conditions
 from catfast.train.mode_trial import ModeTrial
 from catfast.train.objective import auto_mode, cat_loss
 from catfast.train.outputs import (
@@ -178,10 +179,13 @@ class _Run:
             for p in self.params.values():
                 p.data = p.data.float()
         self.mode, self.mode_reason = (config.mode, "set by the config")
-        self.trial, self.announce_mode = None, False
+        self.trial, self.announce_mode, self.graphed = None, False, None
+        if config.cuda_graphs:  # before anything is built: a one-line refusal naming the setting
+            check_graphable(config, self.device, dist.world, len(self.names))
         if config.mode == "auto":  # before checkpointing is on: the trainer patches the UNet once for fused
             self.mode, self.mode_reason = auto_mode(unet, self.device, per_sample_adapters=True)
-        if _measures(config.mode, self.device, dist.world) and fused_blocker(unet, True) is None:
+        measures = _measures(config.mode, self.device, dist.world) and not config.cuda_graphs
+        if measures and fused_blocker(unet, True) is None:
             self.trial = ModeTrial()
             self.mode, self.mode_reason = self.trial.next_mode(), "timing fused and reference over the first steps"
         if config.gradient_checkpointing:
@@ -208,7 +212,10 @@ class _Run:
             # fused: one kernel for all LoRA tensors on CUDA. The dev CPU, 140 LoRA tensors: foreach 1.9 ms,
             # per tensor 3.2 ms, fused 440 ms per step
             **({"fused": True} if self.device.type == "cuda" else {"foreach": True}),
+            **({"capturable": True} if config.cuda_graphs else {}),  # state updated in place on the GPU
         )
+        if config.cuda_graphs:
+            self.graphed = GraphedSteps(self._graph_body, self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         # each sample's adapter, by concept (all on the one adapter when it is shared); named explicitly,
@@ -286,6 +293,8 @@ class _Run:
         """One optimizer step of ``grad_accum`` micro-batches; returns the global batch's (loss, ldm, cat,
         and with retention rows keep, bank) and the lr the step used."""
         config, dist = self.config, self.dist
+        if self.graphed is not None:
+            return self._graphed_step()
         retention = self.retention
         stats = torch.zeros(3 if retention is None else 5, device=self.device)
         step_loss = cat_loss if retention is None else functools.partial(retention.loss, generator=self.noise_gen)
@@ -329,6 +338,47 @@ class _Run:
             torch.distributed.all_reduce(stats)
             stats /= dist.world
         return stats.tolist(), lr  # the one host sync per step: the metrics line and the progress bar need it
+
+    def _graphed_step(self) -> tuple[list[float], float]:
+        """``step`` as a replayed CUDA graph (``--cuda-graphs``; ``check_graphable`` refused what it cannot
+        capture: one process, one micro-batch, no loss scaler, a constant lr)."""
+        keys, _, n, _ = self.batches.next_shard(self.dist)
+        batch = collate_batch(self.dataset, keys, self.device, self.weight_dtype)
+        inputs = {
+            "latents": batch["latents"],
+            "noise": torch.randn((n, *batch["latents"].shape[1:]), generator=self.noise_gen).to(self.device),
+            "timesteps": sample_timesteps(self.timestep_probs, n, self.noise_gen, self.num_timesteps).to(self.device),
+            **flatten_conditions(batch["cond"], "cond"),
+            **flatten_conditions(batch["cond_stripped"], "cond_stripped"),
+        }
+        self._graph_adapters = _adapters(self.adapter_of_concept, batch["concepts"])
+        stats = self.graphed.run(inputs)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()  # constant: nothing the captured step would miss
+        return stats.tolist(), lr
+
+    def _graph_body(self, inputs: dict) -> torch.Tensor:
+        """The captured step: CAT loss, backward, clipping, optimizer step; the loss terms as one tensor. The
+        gradients are not zeroed after it: the captured backward writes them afresh on every replay."""
+        config = self.config
+        loss = cat_loss(
+            self.model,
+            self.base.scheduler,
+            latents=inputs["latents"],
+            noise=inputs["noise"],
+            timesteps=inputs["timesteps"],
+            cond=unflatten_conditions(inputs, "cond"),
+            cond_stripped=unflatten_conditions(inputs, "cond_stripped"),
+            mode=self.mode,
+            adapters=self._graph_adapters,
+            cat_weight=config.cat_weight,
+            snr_gamma=config.snr_gamma,
+        )
+        loss.total.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        self.optimizer.step()
+        return torch.stack([loss.total.detach(), loss.ldm.detach(), loss.cat.detach()])
 
     def _record(self, step: int, values: list[float], lr: float, seconds: float, bar) -> None:
         """Refuse a non-finite loss (outside fp16, whose scaler skips such steps), write the metrics line
