@@ -99,7 +99,7 @@ def test_any_body_is_a_request_or_a_4xx(body):
         return
     assert isinstance(stream, bool)
     request.prompt.encode("utf-8")
-    assert request.prompt.strip() and 0 <= request.guidance <= MAX_GUIDANCE and request.steps >= 1
+    assert request.prompt.strip() and 0 <= request.guidance <= MAX_GUIDANCE and (request.steps or 1) >= 1
     assert all(math.isfinite(w) and abs(w) <= 10 for w in request.adapters.values())
 
 

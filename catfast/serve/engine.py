@@ -240,6 +240,8 @@ class Engine:
         UnknownAdapter or QueueFull without queueing anything."""
         if not isinstance(request, GenerationRequest):
             raise BadRequest(f"submit takes a GenerationRequest, got {type(request).__name__}")
+        if request.steps is None:
+            request.steps = self.defaults["steps"]
         if request.steps > self.max_steps:
             raise BadRequest(f"steps must be at most {self.max_steps}, got {request.steps}")
         if request.n > self.max_n:

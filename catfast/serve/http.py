@@ -202,7 +202,6 @@ def _add_generation_routes(app: FastAPI, engine, metrics: _Metrics) -> None:
     async def generations(request: Request):
         body = await _json_body(request)
         fields, stream = request_fields(body, engine.native_size)
-        fields.setdefault("steps", engine.defaults["steps"])  # at most the engine's max_steps
         t0 = time.perf_counter()
         handle = engine.submit(GenerationRequest(**fields))  # BadRequest / UnknownAdapter / QueueFull before any work
         created = int(time.time())

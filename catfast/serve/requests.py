@@ -117,7 +117,7 @@ class GenerationRequest:
     adapters: dict[str, float] = field(default_factory=dict)
     n: int = 1
     size: Any = None
-    steps: int = 20
+    steps: int | None = None  # None: the engine's default (20, or its max_steps when lower)
     guidance: float = 5.0
     seed: int | None = None
     negative_prompt: str = ""
@@ -142,7 +142,8 @@ class GenerationRequest:
         self.adapters = adapters
         self.n = _int(self.n, "n", 1)
         self.size = parse_size(self.size)
-        self.steps = _int(self.steps, "steps", 1)
+        if self.steps is not None:
+            self.steps = _int(self.steps, "steps", 1)
         self.guidance = _float(self.guidance, "guidance")
         if not 0 <= self.guidance <= MAX_GUIDANCE:
             raise BadRequest(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance:g}")
