@@ -35,6 +35,7 @@ import torch
 from catfast.adapters.formats import read_adapter, write_adapter
 from catfast.adapters.merge import merge_adapter_, unmerge_adapter_
 from catfast.bench.measure import git_commit
+from catfast.bench.serve_launches import serve_launch_ops
 from catfast.integrations.factory import build_base, build_unet
 from catfast.integrations.models import diffusers_pipeline
 from catfast.integrations.peft_adapters import add_lora, extract_adapter, randomize_lora_
@@ -295,6 +296,7 @@ def bench_serve(
         result["switch_ms"] = _switch(model, paths, list(registered), reps, diffusers_max, log)
         phase(2, f"{batch} rows with {', '.join(map(str, mixed))} distinct adapters, {reps} reps")
         result["mixed"] = _mixed(model, paths, list(mixed), batch, reps, log)
+        result["launch_ops"] = serve_launch_ops(model, paths[: max(mixed)], batch, log=log)  # vs merged weights
         phase(3, f"{requests} requests over {adapters} adapters, {steps} steps each, engine then diffusers")
         result["throughput"] = _throughput(model, paths, requests, adapters, steps, max_batch, log)
     result["seconds"] = round(time.perf_counter() - tic, 1)

@@ -113,7 +113,7 @@ def plan_tiles(plan, x: torch.Tensor, tiles: dict | None = None):
     """``(tile_seg, tile_row, seg_stop, block_m)``: the plan flattened to the launch's tensors (made once
     per plan and token count; ``tiles`` as in ``segmented_lora_triton_``)."""
     shrink = (tiles or {}).get("segmented_shrink") or config("segmented_shrink", x.device)
-    tokens = x.reshape(-1, x.shape[-1]).shape[0] // x.shape[0]
+    tokens = x.numel() // max(x.shape[0] * x.shape[-1], 1)  # (no reshape: it would copy a strided x)
     return (*_tiles(plan, tokens, shrink["BLOCK_M"], x.device), shrink["BLOCK_M"])
 
 

@@ -18,6 +18,13 @@ Backends: "torch" (batched matmuls when the segments have equal length; every se
 requests with one image each is like that) and "triton" (``catfast.kernels.segmented_lora``, Linear
 only), chosen by ``catfast.backends.choose`` (ops ``segmented_lora_linear`` and, torch only,
 ``segmented_lora_conv2d``).
+
+What a layer issues (issue 23, "Serving gets the same treatment"): with ``scales=None`` (A already holds
+each slot's scale, as ``catfast.nn.slot_lora`` stores it) and the plan's (segment, adapter) pairs gathered
+once per plan for every layer (``gather``, ``SlotHolder``'s stacked slot buffers), the torch path of an
+equal-length plan is ``bmm`` + ``baddbmm_`` per adapter of the largest mix (2 launches per layer for one
+adapter per request, whatever the number of distinct adapters), the Triton path its two kernels; the
+plan's device tensors (slots, int32 slots, weights) are made once per plan, and nothing reads the device.
 """
 
 from __future__ import annotations
@@ -84,19 +91,44 @@ class SegmentPlan:
         """(first row, stop row) covered by the segments."""
         return self.segments[0].start, self.segments[-1].stop
 
-    def coefficients(self, scales: torch.Tensor) -> torch.Tensor:
-        """``[G, K]`` per-(segment, adapter) coefficients w * scales[slot] for one layer."""
+    @cached_property
+    def common_weight(self) -> float | None:
+        """The weight every (segment, adapter) pair has, padding included (None when they differ): with 1.0
+        the gathered slots need no multiplication."""
+        values = {w for s in self.segments for _, w in s.mix}
+        if any(len(s.mix) < self.k for s in self.segments):
+            values.add(0.0)
+        return values.pop() if len(values) == 1 else None
+
+    @cached_property
+    def slots_i32(self) -> torch.Tensor:
+        """``slots`` as int32 (the Triton kernels' index type), made once per plan."""
+        return self.slots.to(torch.int32)
+
+    def cached(self, key, make):
+        """``make()`` once per plan and ``key``: what a call derives from its plan (device tensors, gathered
+        slots) is made once per call, not once per layer."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    def coefficients(self, scales: torch.Tensor | None) -> torch.Tensor:
+        """``[G, K]`` per-(segment, adapter) coefficients w * scales[slot] for one layer; the weights alone
+        (no launch) when ``scales`` is None (the slots' A already holds each slot's scale)."""
+        if scales is None:
+            return self.weights
         return self.weights.to(scales.dtype) * scales[self.slots]
 
 
-def _mixed(lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A and B of ``[G, K]`` slot mixes as virtual slots: A ``[G, K*R, in]``, B ``[G, out, K*R]``."""
-    g, k = slots.shape
-    r = lora_a.shape[1]
-    flat = slots.reshape(-1)
-    a = lora_a.index_select(0, flat).view(g, k * r, lora_a.shape[2])
-    b = lora_b.index_select(0, flat).view(g, k, lora_b.shape[1], r).permute(0, 2, 1, 3).reshape(g, -1, k * r)
-    return a, b
+def gather_pairs(lora_a, lora_b, plan: SegmentPlan, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's (segment, adapter) pairs from one layer's slots, coefficients folded into A: A
+    ``[G, K, R, in]``, B ``[G, K, out, R]`` (what ``SlotHolder.gathered`` makes for every layer at once)."""
+    g, k = plan.slots.shape
+    flat = plan.slots.reshape(-1)
+    a = lora_a.index_select(0, flat).view(g, k, *lora_a.shape[1:])
+    a.mul_(coef.to(a.dtype).view(g, k, 1, 1))
+    return a, lora_b.index_select(0, flat).view(g, k, *lora_b.shape[1:])
 
 
 def segmented_lora_linear_(
@@ -104,51 +136,66 @@ def segmented_lora_linear_(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    scales: torch.Tensor,
+    scales: torch.Tensor | None,
     plan: SegmentPlan,
     *,
     backend: str | None = None,
+    gather=None,
 ) -> torch.Tensor:
     """Add the plan's LoRA terms into ``y`` (the base Linear's output for ``x``) in place; returns ``y``.
-    x ``[N, ..., in]``, y ``[N, ..., out]``, N = ``plan.rows``. No autograd."""
+    x ``[N, ..., in]``, y ``[N, ..., out]``, N = ``plan.rows``. No autograd.
+
+    ``scales``: ``[S]``, or None when ``lora_a`` already holds each slot's scale (no per-layer launch for
+    the coefficients). ``gather``: None, or a callable returning ``gather_pairs``' result for these slots
+    with the mix weights folded in (and the scales, which must then be None), made once per plan for
+    every layer; the torch path of an equal-length plan calls it instead of gathering here."""
     if not plan.segments:
         return y
     if x.shape[0] != plan.rows or y.shape[0] != plan.rows:
         raise ValueError(f"segment plan has {plan.rows} rows but the batch has {x.shape[0]}")
     backend = choose("segmented_lora_linear", x.device, x.dtype, requested=backend)
     with torch.no_grad():
-        coef = plan.coefficients(scales.to(x.dtype))
         if backend == "triton":  # the custom op catfast::segmented_lora_linear_ under torch.compile (ops/library.py)
             from catfast.kernels.segmented_lora import plan_tiles  # lazy: triton
 
             if not y.is_contiguous():
                 raise ValueError("the Triton segmented LoRA adds into a contiguous output")
-            call_segmented_lora_linear_(y, x, lora_a, lora_b, coef, plan.slots, *plan_tiles(plan, x))
+            coef = _coef(plan, scales, x)
+            call_segmented_lora_linear_(y, x, lora_a, lora_b, coef, plan.slots_i32, *plan_tiles(plan, x))
             return y
-        return _linear_torch_(y, x, lora_a, lora_b, coef, plan)
+        return _linear_torch_(y, x, lora_a, lora_b, scales, plan, gather)
 
 
-def _linear_torch_(y, x, lora_a, lora_b, coef, plan) -> torch.Tensor:
-    r, fan_in, out = lora_a.shape[1], x.shape[-1], y.shape[-1]
-    if plan.uniform and y.is_contiguous():
+def _linear_torch_(y, x, lora_a, lora_b, scales, plan, gather) -> torch.Tensor:
+    fan_in, out = x.shape[-1], y.shape[-1]
+    if plan.uniform and y.is_contiguous():  # two batched matmuls per adapter of the largest mix
         lo, hi = plan.span
         g = len(plan.segments)
-        a, b = _mixed(lora_a, lora_b, plan.slots)
+        a, b = gather() if gather is not None else gather_pairs(lora_a, lora_b, plan, _coef(plan, scales, x))
         xg = x[lo:hi].reshape(g, -1, fan_in)
-        t = torch.bmm(xg, a.transpose(1, 2))  # [G, rows*tokens, K*R]
-        t.mul_(coef.repeat_interleave(r, dim=1).unsqueeze(1))
-        y[lo:hi].view(g, -1, out).baddbmm_(t, b.transpose(1, 2))
+        yg = y[lo:hi].view(g, -1, out)
+        for k in range(plan.k):
+            yg.baddbmm_(torch.bmm(xg, a[:, k].transpose(1, 2)), b[:, k].transpose(1, 2))
         return y
-    for i, seg in enumerate(plan.segments):
-        a, b = _mixed(lora_a, lora_b, plan.slots[i : i + 1])
+    coef = None if scales is None else _coef(plan, scales, x)
+    for i, seg in enumerate(plan.segments):  # one matmul pair per adapter of each segment, on slot views
         xs = x[seg.start : seg.stop].reshape(-1, fan_in)
-        t = (xs @ a[0].T).mul_(coef[i].repeat_interleave(r))
         ys = y[seg.start : seg.stop]
-        if ys.is_contiguous():
-            ys.view(-1, out).addmm_(t, b[0].T)
-        else:
-            ys += (t @ b[0].T).view(ys.shape)
+        for k, (slot, w) in enumerate(seg.mix):
+            t = xs @ lora_a[slot].T
+            if coef is not None:  # the scale is on the device: one more launch (not the slots' case)
+                t.mul_(coef[i, k])
+                w = 1.0
+            if ys.is_contiguous():
+                ys.view(-1, out).addmm_(t, lora_b[slot].T, alpha=w)
+            else:
+                u = t @ lora_b[slot].T
+                ys += (u if w == 1.0 else u.mul_(w)).view(ys.shape)
     return y
+
+
+def _coef(plan: SegmentPlan, scales: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return plan.coefficients(None if scales is None else scales.to(x.dtype))
 
 
 def segmented_lora_conv2d_(
@@ -157,42 +204,47 @@ def segmented_lora_conv2d_(
     conv: torch.nn.Conv2d,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    scales: torch.Tensor,
+    scales: torch.Tensor | None,
     plan: SegmentPlan,
+    *,
+    gather=None,
 ) -> torch.Tensor:
     """Conv2d twin of ``segmented_lora_linear_``: A ``[S, R, C*kh*kw]`` is a conv with the base layer's
     kernel, stride, padding and dilation (kohya LoCon), B ``[S, out, R]`` a 1x1 conv. x ``[N, C, H, W]``,
-    y ``[N, out, H', W']``. Torch only (cuDNN/oneDNN convolutions): equal-length segments as one grouped
-    conv pair (segment g = channel group g), else one conv pair per segment."""
+    y ``[N, out, H', W']``; ``scales`` and ``gather`` as there. Torch only (cuDNN/oneDNN convolutions):
+    equal-length segments as one grouped conv pair (segment g = channel group g), else one conv pair per
+    adapter of each segment."""
     if not plan.segments:
         return y
     if x.shape[0] != plan.rows or y.shape[0] != plan.rows:
         raise ValueError(f"segment plan has {plan.rows} rows but the batch has {x.shape[0]}")
     choose("segmented_lora_conv2d", x.device, x.dtype)  # torch only: checks CATFAST_BACKEND, forces nothing
     with torch.no_grad():
-        coef = plan.coefficients(scales.to(x.dtype))
-        r = lora_a.shape[1]
         kernel = (x.shape[1], *conv.kernel_size)
+        geometry = (conv.stride, conv.padding, conv.dilation)
         if plan.uniform and len(plan.segments) > 1:
-            return _conv_grouped_(y, x, conv, lora_a, lora_b, coef, plan, kernel)
+            a, b = gather() if gather is not None else gather_pairs(lora_a, lora_b, plan, _coef(plan, scales, x))
+            return _conv_grouped_(y, x, geometry, a, b, plan, kernel)
+        coef = None if scales is None else _coef(plan, scales, x)
         for i, seg in enumerate(plan.segments):
-            a, b = _mixed(lora_a, lora_b, plan.slots[i : i + 1])
-            a = (a[0] * coef[i].repeat_interleave(r)[:, None]).view(-1, *kernel)
-            t = F.conv2d(x[seg.start : seg.stop], a, None, conv.stride, conv.padding, conv.dilation)
-            y[seg.start : seg.stop] += F.conv2d(t, b[0][:, :, None, None])
+            for k, (slot, w) in enumerate(seg.mix):
+                t = F.conv2d(x[seg.start : seg.stop], lora_a[slot].reshape(-1, *kernel), None, *geometry)
+                if coef is not None or w != 1.0:
+                    t.mul_(w if coef is None else coef[i, k])
+                y[seg.start : seg.stop] += F.conv2d(t, lora_b[slot][:, :, None, None])
     return y
 
 
-def _conv_grouped_(y, x, conv, lora_a, lora_b, coef, plan, kernel) -> torch.Tensor:
-    """Equal-length segments as one grouped conv pair: segment g's rows become channel group g."""
+def _conv_grouped_(y, x, geometry, a, b, plan, kernel) -> torch.Tensor:
+    """Equal-length segments as one grouped conv pair: segment g's rows become channel group g (a, b:
+    ``gather_pairs``' ``[G, K, R, C*kh*kw]`` and ``[G, K, out, R]``, coefficients in a)."""
     lo, hi = plan.span
-    g, r = len(plan.segments), lora_a.shape[1]
+    g, k, r = a.shape[:3]
     m = (hi - lo) // g
-    a, b = _mixed(lora_a, lora_b, plan.slots)  # [G, K*R, C*kh*kw], [G, out, K*R]
-    kr = a.shape[1]
-    a = (a * coef.repeat_interleave(r, dim=1)[:, :, None]).reshape(g * kr, *kernel)
+    a = a.reshape(g * k * r, *kernel)
+    b = b.permute(0, 2, 1, 3).reshape(g * b.shape[2], k * r, 1, 1)  # group g: [out, K*R]
     xs = x[lo:hi].reshape(g, m, *x.shape[1:]).transpose(0, 1).reshape(m, g * x.shape[1], *x.shape[2:])
-    t = F.conv2d(xs, a, None, conv.stride, conv.padding, conv.dilation, groups=g)
-    u = F.conv2d(t, b.reshape(g * b.shape[1], kr, 1, 1), groups=g)  # [m, G*out, H', W']
+    t = F.conv2d(xs, a, None, *geometry, groups=g)
+    u = F.conv2d(t, b, groups=g)  # [m, G*out, H', W']
     y[lo:hi] += u.view(m, g, *y.shape[1:]).transpose(0, 1).reshape(hi - lo, *y.shape[1:])
     return y
