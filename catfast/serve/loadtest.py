@@ -10,7 +10,8 @@ Kinds of request (drawn per request from ``seed``):
 - "unknown": an unknown adapter (must be 404); "bad": an invalid size (must be 400).
 
 The report counts outcomes, lists any 5xx ("server_errors") and answers that do not fit their kind
-("unexpected"), and after the load checks that the engine is idle, no adapter is held, a new request is
+("unexpected"), gives the wait of the requests that started (submission to start: p50, p99, max), and
+after the load checks that the engine is idle, no adapter is held, a new request is
 answered, and how far the process's resident memory grew from after the warm-up.
 """
 
@@ -182,6 +183,7 @@ def run_load(
                     r.raise_for_status()
             gc.collect()
             rss_start = rss_mib()
+            engine.scheduler.admissions.clear()
             plans, results, rss_rounds = [], [], []
             t0 = time.perf_counter()
             for r in range(rounds):
@@ -197,6 +199,7 @@ def run_load(
             idle_after = time.perf_counter() - t_idle
             with engine._lock:
                 held = [e.name for e in engine.pool.entries.values() if e.running or e.queued]
+                waits = [w for _, _, w in engine.scheduler.admissions]
             with httpx.Client(base_url=url, timeout=300) as c:
                 final = c.post(
                     "/v1/images/generations", json={"model": "striped-star", "prompt": "sks, a star", "steps": 2}
@@ -225,6 +228,7 @@ def run_load(
             "p50": round(statistics.median(ok_s), 3) if ok_s else None,
             "p95": round(ok_s[int(0.95 * (len(ok_s) - 1))], 3) if ok_s else None,
         },
+        **_waits(waits),
         "idle_after_s": round(idle_after, 2),
         "after": {"queue_depth": stats["queue_depth"], "running": stats["running"], "held_entries": held},
         "final_request_ok": final.status_code == 200,
@@ -242,6 +246,17 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def _waits(waits: list[float]) -> dict:
+    """p50 / p99 / max of the requests' waits (submission to start, seconds) and p99 / p50."""
+    if not waits:
+        return {"wait_s": None, "p99_over_p50": None}
+    p50, p99 = percentile(waits, 50), percentile(waits, 99)
+    return {
+        "wait_s": {"p50": round(p50, 3), "p99": round(p99, 3), "max": round(max(waits), 3)},
+        "p99_over_p50": round(p99 / p50, 2) if p50 > 0 else None,
+    }
 
 
 def run_fairness(
@@ -300,7 +315,6 @@ def run_fairness(
         late = [b for a, b in zip(ids, ids[1:]) if b < a]
         if late:
             out_of_order[f"{size[0]}x{size[1]}"] = late
-    p50, p99 = percentile(waits, 50), percentile(waits, 99)
     return {
         "requests": requests,
         "max_batch": max_batch,
@@ -309,8 +323,7 @@ def run_fairness(
         "steps": list(steps),
         "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
         "started": len(starts),
-        "wait_s": {"p50": round(p50, 3), "p99": round(p99, 3), "max": round(max(waits), 3)} if waits else None,
-        "p99_over_p50": round(p99 / p50, 2) if waits and p50 > 0 else None,
+        **_waits(waits),
         "out_of_order": out_of_order,
         "wall_s": round(wall, 2),
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
