@@ -16,9 +16,12 @@ Endpoints (``create_app``):
   ``DELETE /v1/adapters/{name}``.
 - ``GET /health`` (status, model limits), ``GET /metrics`` (Prometheus text), ``GET /`` (playground).
 
-Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 bad request, 401
-missing/wrong API key, 404 unknown adapter or route, 413 body too large, 422 adapter file that cannot
-be loaded, 429 queue full, 504 timeout, 503 engine closed. With ``api_key``, every ``/v1`` route and
+Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 bad request (bounds:
+``catfast.serve.requests`` and ``protocol``; ``GET /openapi.json`` states them), 401 missing/wrong API key,
+404 unknown adapter or route, 413 body too large, 422 adapter file that cannot be loaded or a result that
+is not finite, 429 queue full, 504 timeout, 503 engine closed, 500 only when the engine itself failed
+(``engine_failure``, or ``internal`` for a bug here). No client input makes a 5xx
+(tests/test_robust_fuzz.py). With ``api_key``, every ``/v1`` route and
 ``/metrics`` need ``Authorization: Bearer <key>``; ``/health`` and the playground page stay open (the
 page asks for the key). Adapter files are only read from inside the adapters folder (symlinks are
 resolved first), only as safetensors: the server never unpickles.
