@@ -42,21 +42,24 @@ def stages(smoke: bool) -> list[tuple[str, list[str], int]]:
             ("ops", [*bench, *"ops --smoke --json".split()], 240),
         ]  # fmt: skip
 
-    def train(batch: int, extra: str) -> list[str]:
-        return [*bench, *f"train-step --model sd15 --batch {batch} --steps 5 --rank 16 {extra} --json".split()]
+    def train(batch: int, extra: str, model: str = "sd15") -> list[str]:
+        return [*bench, *f"train-step --model {model} --batch {batch} --steps 5 --rank 16 {extra} --json".split()]
 
-    # caps sum to 460 s (7.7 min) after the build, sized from the first H200 lease (an SD1.5 step ~0.3 s; the
+    # caps sum to 430 s (7.2 min) after the build, sized from the first H200 lease (an SD1.5 step ~0.3 s; the
     # memory table with two entries per configuration took 55 s, it has four now, SD1.5 first); a stage that
-    # overruns is cut and the next one runs. Not yet run end to end on a GPU with these caps.
+    # overruns is cut and the next one runs. Not yet run end to end on a GPU with these caps. Each train-step
+    # stage times catfast eager (reference, fused) and graphed (fused:graphed, one CUDA graph a step) against
+    # the official and ai-toolkit steps, with launch_ops and host_ms per entry.
+    contestants = "--against official,ai-toolkit --graphs"
     return [
-        ("train-step-sd15-bf16-b1", train(1, "--dtype bf16"), 70),
-        ("memory", [*py, *"benchmarks/cuda_memory.py --ranks 16 --steps 3 --profile".split()], 100),
-        ("tests", [*py, *"-m pytest -q -p no:cacheprovider -x -m cuda tests".split()], 80),
-        ("ops", [*bench, "ops", "--json"], 40),
-        ("train-step-sd15-bf16-b4", train(4, "--dtype bf16"), 60),
+        ("train-step-sd15-bf16-b1", train(1, f"--dtype bf16 {contestants}"), 80),
+        ("memory", [*py, *"benchmarks/cuda_memory.py --ranks 16 --steps 3 --profile".split()], 80),
+        ("tests", [*py, *"-m pytest -q -p no:cacheprovider -x -m cuda tests".split()], 60),
+        ("train-step-sd15-bf16-b4", train(4, f"--dtype bf16 {contestants}"), 60),
         ("serve", [*bench, *"serve --model sd15 --registered 1,64,1024 --mixed 1,4,16 --requests 32 --steps 10 "
                    "--diffusers-max 16 --json".split()], 60),
-        ("train-step-sd15-fp32-amp-b1", train(1, "--dtype fp32 --mixed-precision bf16"), 50),
+        ("train-step-sdxl-bf16-b1", train(1, f"--dtype bf16 {contestants}", "sdxl"), 60),
+        ("ops", [*bench, "ops", "--json"], 30),
     ]  # fmt: skip
 
 

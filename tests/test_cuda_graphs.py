@@ -59,6 +59,7 @@ def test_conditions_flatten_and_back():
     assert unflatten_conditions(flatten_conditions(t, "c"), "c") is t
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU (benchmarks/gpu.sh)")
 def test_graphed_training_equals_eager(tiny, data, tmp_path):
     from catfast.train.config import TrainConfig

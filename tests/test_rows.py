@@ -114,3 +114,19 @@ def test_cached_property_computes_once_and_stores_in_the_instance():
     t = Thing()
     assert t.value == 42 and t.value == 42 and calls == [1]
     assert t.__dict__["value"] == 42 and Thing.value.__doc__ == "the doc"
+
+
+def test_build_returns_the_same_plan_for_the_same_values_within_its_cache(monkeypatch):
+    """A training run builds the same plan every step: its device tensors are made once (and a captured CUDA graph
+    reads the same ones). Different values, or a plan pushed out of the bounded cache, give a new plan."""
+    import catfast.rows as rows
+
+    monkeypatch.setattr(rows, "PLAN_CACHE", 2)
+    monkeypatch.setattr(rows, "_built", {})
+    a = RowPlan.build([0, 0, NO_ADAPTER], [1.0, 1.0, 0.0], [True, True, False])
+    index = a.grad_samples()
+    assert RowPlan.build([0, 0, -1], [1, 1, 0], [1, 1, 0]) is a and a.grad_samples() is index
+    assert RowPlan.build([0, 0, NO_ADAPTER], 0.5, [True, True, False]) is not a  # other scales
+    RowPlan.build([1], 1.0, True)  # a third plan: the oldest unused one leaves the cache
+    assert len(rows._built) == 2
+    assert RowPlan.build([0, 0, NO_ADAPTER], [1.0, 1.0, 0.0], [True, True, False]) is not a

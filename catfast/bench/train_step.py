@@ -53,16 +53,18 @@ from catfast.bench.launches import count_step
 from catfast.bench.measure import flop_counter, git_commit, rel_err
 from catfast.errors import CatfastError
 from catfast.integrations.factory import build_unet
+from catfast.integrations.patch import patch_unet, unpatch_unet
 from catfast.integrations.peft_adapters import add_lora, randomize_lora_
 from catfast.integrations.schedulers import training_scheduler
 from catfast.ops.conv import choices as conv_choices
 from catfast.targets import ATTENTION_PROJECTIONS
-from catfast.train.objective import auto_mode, cat_loss
+from catfast.train.objective import CatLossOutput, auto_mode, cat_loss
 
 TARGETS = ATTENTION_PROJECTIONS
 TOKENS = 77
 MODES = ("reference", "fused")
 LAYOUT_MODES = ("fused:one-call", "fused:teacher-first")  # cat_loss(mode="fused", layout=...)
+GRAPHED = "fused:graphed"  # the one-call fused step replayed as a CUDA graph (--graphs)
 BF16_MARGIN = 1.2  # --mixed-precision auto takes bf16 only where its GEMM is this much faster than fp32's
 
 
@@ -93,21 +95,58 @@ def _setup(model: str, batch: int, rank: int, dtype: torch.dtype, device: str, s
 
 
 def _loss_fns(names, unet, sched, batch_args, load_teacher) -> dict:
-    """name -> (zero-argument forward returning a CatLossOutput, the modules the entry holds)."""
+    """name -> (zero-argument forward returning a CatLossOutput, the modules the entry holds, a context the
+    entry's steps run in). catfast's fused entries run on the UNet patched once, as the trainer runs them (the
+    patch is put on and taken off around each step, outside the timed region); ``fused:graphed`` (CUDA) replays
+    the fused step's forward and backward as one captured CUDA graph (``catfast.train.graphs``)."""
     fns = {}
     for name in names:
-        if name in MODES:
-            fns[name] = (lambda m=name: cat_loss(unet, sched, **batch_args, mode=m), (unet,))
-        elif name in LAYOUT_MODES:
-            layout = name.split(":")[1]
-            fns[name] = (lambda lay=layout: cat_loss(unet, sched, **batch_args, mode="fused", layout=lay), (unet,))
+        if name == "reference":
+            fns[name] = (lambda: cat_loss(unet, sched, **batch_args, mode="reference"), (unet,), contextlib.nullcontext)
+        elif name in MODES or name in LAYOUT_MODES:
+            layout = name.split(":")[1] if ":" in name else "auto"
+            fns[name] = (lambda lay=layout: cat_loss(unet, sched, **batch_args, mode="fused", layout=lay), (unet,),
+                         lambda: _patched(unet))  # fmt: skip
+        elif name == GRAPHED:
+            fns[name] = (_graphed_fused(unet, sched, batch_args), (unet,), lambda: _patched(unet))
         else:
             c = make_contestant(name, unet, sched, load_teacher)
-            fns[name] = (lambda c=c: c.loss(**batch_args), c.modules)
+            fns[name] = (lambda c=c: c.loss(**batch_args), c.modules, contextlib.nullcontext)
     return fns
 
 
+@contextlib.contextmanager
+def _patched(unet):
+    patch_unet(unet)
+    try:
+        yield
+    finally:
+        unpatch_unet(unet)
+
+
+def _graphed_fused(unet, sched, batch_args):
+    """The fused step (one call) as a replayed CUDA graph: a zero-argument loss function whose result carries
+    no graph (the backward ran inside the replay, into the graph's own gradient buffers)."""
+    from catfast.train.graphs import GraphedSteps  # lazy: train's graph capture, CUDA only
+
+    def body(inputs):
+        loss = cat_loss(unet, sched, **inputs, mode="fused", layout="one-call")
+        loss.total.backward()
+        return torch.stack([loss.total.detach(), loss.ldm.detach(), loss.cat.detach()])
+
+    graphed = GraphedSteps(body, lambda: unet.zero_grad(set_to_none=True))
+
+    def loss_fn():
+        total, ldm, cat = graphed.run(batch_args)
+        return CatLossOutput(total=total, ldm=ldm, cat=cat)
+
+    loss_fn.graphed = True
+    return loss_fn
+
+
 def _step(unet, loss_fn, autocast):
+    if getattr(loss_fn, "graphed", False):  # a replay computes the gradients into its own buffers
+        return loss_fn()
     unet.zero_grad(set_to_none=True)
     with autocast():
         out = loss_fn()
@@ -115,11 +154,25 @@ def _step(unet, loss_fn, autocast):
     return out
 
 
-def _measure_once(unet, loss_fn, autocast) -> dict:
+def _measure_once(unet, loss_fn, autocast, context=contextlib.nullcontext) -> dict:
     """FLOPs of forward and backward, and unique bytes autograd saved (parameters excluded). One step runs
     first, uncounted: the first call of each convolution shape times its algorithms (``catfast.ops.conv``),
-    whose runs the counter would add to the step's FLOPs."""
-    _step(unet, loss_fn, autocast)
+    whose runs the counter would add to the step's FLOPs. A graphed entry replays what was captured: no FLOPs or
+    saved bytes are seen, its launching ops are the copies into the graph's input buffers."""
+    with context():
+        _step(unet, loss_fn, autocast)
+        if getattr(loss_fn, "graphed", False):
+            for _ in range(3):  # through its eager warm-up steps to the capture
+                _step(unet, loss_fn, autocast)
+            launches = count_step(lambda: _step(unet, loss_fn, autocast))
+            out = _step(unet, loss_fn, autocast)
+            grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+            return dict(launch_ops=launches.launch_ops, launch_ops_by_op=dict(launches.launches.most_common(10)),
+                        host_syncs=launches.host_syncs, out=out, grads=grads)  # fmt: skip
+        return _measure_eager(unet, loss_fn, autocast)
+
+
+def _measure_eager(unet, loss_fn, autocast) -> dict:
     params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
     storages: dict[int, int] = {}
 
@@ -239,9 +292,12 @@ def bench_train_step(
     memory: bool = True,
     compile_reference: bool = False,
     layouts: bool = False,
+    graphs: bool = False,
 ) -> dict:
     """Run the benchmark and return the result object (see the module docstring)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if graphs and device != "cuda":
+        raise CatfastError(f"--graphs captures the fused step as a CUDA graph: it needs CUDA (this run is on {device})")
     against = check_names(against)
     precision, precision_why = resolve_mixed_precision(mixed_precision, device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -249,13 +305,14 @@ def bench_train_step(
         raise CatfastError("--mixed-precision bf16 autocasts an fp32 UNet; use it with --dtype fp32")
     autocast = _autocast_factory(precision, device)
     unet, sched, batch_args, load_teacher = _setup(model, batch, rank, torch_dtype, device, seed, targets)
-    names = [*MODES, *(LAYOUT_MODES if layouts else ()), *against]
+    names = [*MODES, *(LAYOUT_MODES if layouts else ()), *((GRAPHED,) if graphs else ()), *against]
     fns = _loss_fns(names, unet, sched, batch_args, load_teacher)
-    results = {m: _measure_once(unet, fns[m][0], autocast) for m in names}
+    results = {m: _measure_once(unet, fns[m][0], autocast, fns[m][2]) for m in names}
     if compile_reference:  # the CPU compile and SD1.5's on CUDA take minutes: asked for, not by default
         compiled = torch.compile(unet)
         names.append("reference_compiled")
-        fns["reference_compiled"] = (lambda: cat_loss(compiled, sched, **batch_args, mode="reference"), (unet,))
+        fns["reference_compiled"] = (lambda: cat_loss(compiled, sched, **batch_args, mode="reference"), (unet,),
+                                     contextlib.nullcontext)  # fmt: skip
         results["reference_compiled"] = {}
     gemm_dtype = torch.bfloat16 if precision == "bf16" else torch_dtype
     gemm = [gemm_rate(gemm_dtype, device)]
@@ -341,12 +398,14 @@ def _time_interleaved(unet, fns: dict, names: list[str], steps: int, autocast, d
                 resident = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            _step(unet, fns[m][0], autocast)
-            issued = time.perf_counter()
-            sync()
+            with fns[m][2]():
+                t0, c0 = time.perf_counter(), time.process_time()
+                _step(unet, fns[m][0], autocast)
+                issued = time.perf_counter()
+                sync()
+                done = time.perf_counter()
             if i:
-                times[m].append((time.perf_counter() - t0) * 1e3)
+                times[m].append((done - t0) * 1e3)
                 host_times[m].append((issued - t0) * 1e3)
                 cpu_times[m].append((time.process_time() - c0) * 1e3)
             if device == "cuda":
@@ -417,11 +476,12 @@ def _peak_child(spec: dict) -> None:
     unet, sched, batch_args, load_teacher = _setup(
         spec["model"], spec["batch"], spec["rank"], torch_dtype, "cpu", spec["seed"], spec["targets"]
     )
-    fn = _loss_fns([spec["name"]], unet, sched, batch_args, load_teacher)[spec["name"]][0]
+    fn, _, context = _loss_fns([spec["name"]], unet, sched, batch_args, load_teacher)[spec["name"]]
     autocast = _autocast_factory(spec["precision"], "cpu")
     setup = _vm("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current RSS
         f.write("5")
-    for _ in range(2):
-        _step(unet, fn, autocast)
+    with context():
+        for _ in range(2):
+            _step(unet, fn, autocast)
     print(json.dumps({"peak": _vm("VmHWM"), "setup": setup}))

@@ -77,11 +77,15 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
 @click.option(
     "--layouts", is_flag=True, help="Also time the fused step in each layout (fused:one-call, fused:teacher-first)."
 )
+@click.option(
+    "--graphs", is_flag=True, help="Also time the fused step replayed as a CUDA graph (fused:graphed; CUDA only)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
 def bench_train_step_command(
-    model, batch, steps, rank, dtype, targets, against, mixed_precision, memory, compile_reference, layouts, as_json
-):
+    model, batch, steps, rank, dtype, targets, against, mixed_precision, memory, compile_reference, layouts, graphs,
+    as_json,
+):  # fmt: skip
     """catfast's CAT step modes against today's CAT steps (official CAT, ai-toolkit and kohya DOP),
     interleaved in one process: time, FLOPs and their share of the GEMM rate, memory, parity."""
     from catfast.bench.contestants import check_names  # lazy: startup
@@ -99,6 +103,7 @@ def bench_train_step_command(
         memory=memory,
         compile_reference=compile_reference,
         layouts=layouts,
+        graphs=graphs,
     )
     if as_json:
         click.echo(json.dumps(result))

@@ -13,8 +13,6 @@ Unpatched modules between them (norms, activations, residual adds) still see all
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from catfast.rows import RowPlan, host_to_device
@@ -38,7 +36,6 @@ class PlanHolder:
         self.in_prefix = plan is not None and prefix_groups > 1
         self.twins = False
         self._twin = twin  # (group size, the plan's state restricted to groups 1..)
-        self._twin_views: dict = {}
 
     def snapshot(self) -> dict:
         """The whole state, for ``restore`` (a checkpointed block replays its forward with it)."""
@@ -94,7 +91,7 @@ class PlanHolder:
         """``fn(x)`` for a module in the twins stage: ``fn`` runs on groups 1.. with the plan restricted to
         them, and group 0's output is group 1's. ``x`` is ``[N, ...]`` (N = plan rows)."""
         size, plan = self._twin
-        view = self._twin_view(x, size)
+        view = x[size:]
         outer = self.snapshot()
         self.plan = plan
         self.in_prefix = self.twins = False
@@ -103,16 +100,6 @@ class PlanHolder:
         finally:
             self.restore(outer)
         return torch.cat([y[:size], y])
-
-    def _twin_view(self, x: torch.Tensor, size: int) -> torch.Tensor:
-        """``x[size:]``, the same view object for the same input (to_q / to_k / to_v share their memo)."""
-        hit = self._twin_views.get(id(x))
-        if hit is not None and hit[0]() is x:
-            return hit[1]
-        view = x[size:]
-        self._twin_views[id(x)] = (weakref.ref(x), view)
-        return view
-
 
 def _twin_state(plan: RowPlan, prefix_groups: int):
     if prefix_groups < 2:

@@ -10,8 +10,6 @@ original module / processor exactly. Parameters are the original ones, under the
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 
@@ -93,14 +91,6 @@ class RowFrozenLinear(_RowFrozen):
     plain_op = staticmethod(lambda x, inner: inner(x))
 
 
-def _with_signature(method):
-    """``method`` carrying its own ``__signature__``: diffusers' ``Attention.forward`` asks
-    ``inspect.signature(processor.__call__)`` on every call, and building it from the code object cost more
-    host time than the processor's own Python (32 attention calls per SD1.5 step)."""
-    method.__signature__ = inspect.signature(method)
-    return method
-
-
 class RowAttnProcessor:
     """diffusers' AttnProcessor2_0 with the attention core split by the row plan: the grad samples with
     autograd, the others under no_grad. Falls back to ``fallback`` for what it does not handle."""
@@ -110,7 +100,6 @@ class RowAttnProcessor:
         self.fallback = fallback
         self._holds_lora: bool | None = None  # whether this attention module has a row-planned LoRA layer
 
-    @_with_signature
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         holder = self.holder
         if encoder_hidden_states is not None:

@@ -139,9 +139,8 @@ def _(x, weight, bias, lora_a, lora_b, slots, scales, slots_host, needs_grad_hos
 
 def _lora_linear_setup(ctx, inputs, output):
     x, weight, _, lora_a, lora_b, slots, scales, slots_host, needs_grad_host, backend = inputs
-    # x whole: under catfast.ops.grad_rows.keep_grad_rows the hooks keep its grad samples' rows only.
-    # T = x A^T is recomputed in backward (rank r) rather than saved: a saved copy of the grad rows alone
-    # is not batch-major, and those hooks would cut it again (the eager Function marks its copy instead)
+    # x whole (its grad samples' rows are a view in backward); T = x A^T is recomputed in backward (rank r)
+    # rather than saved
     ctx.save_for_backward(x, weight, lora_a, lora_b, slots, scales)
     ctx.slots_host, ctx.needs_grad_host, ctx.backend = list(slots_host), list(needs_grad_host), backend
 

@@ -68,10 +68,11 @@ def unflatten_conditions(flat: dict[str, torch.Tensor], name: str):
 class GraphedSteps:
     """One captured training step per batch shape. ``run(inputs)`` takes the step's device tensors (a dict of
     name -> tensor) and returns the static loss-terms tensor of that step; ``body(inputs)`` is the step itself
-    (forward, backward, clipping, optimizer step; returns the loss terms as one tensor)."""
+    (forward, backward, clipping, optimizer step; returns the loss terms as one tensor); ``zero_grad()`` sets
+    the trained parameters' gradients to None (the optimizer's ``zero_grad(set_to_none=True)``)."""
 
-    def __init__(self, body: Callable[[dict], torch.Tensor], optimizer: torch.optim.Optimizer):
-        self.body, self.optimizer = body, optimizer
+    def __init__(self, body: Callable[[dict], torch.Tensor], zero_grad: Callable[[], None]):
+        self.body, self.zero_grad = body, zero_grad
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
         self.eager_steps: dict[tuple, int] = {}
         self.stream = torch.cuda.Stream()
@@ -89,13 +90,13 @@ class GraphedSteps:
             self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
-                self.optimizer.zero_grad(set_to_none=True)
+                self.zero_grad()
                 out = self.body(inputs)
             torch.cuda.current_stream().wait_stream(self.stream)
             return out
         static = {name: t.clone() for name, t in inputs.items()}
         graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward makes the gradients its own buffers
+        self.zero_grad()  # the captured backward makes the gradients its own buffers
         with torch.cuda.graph(graph):
             out = self.body(static)
         self.graphs[key] = (graph, static, out)

@@ -215,7 +215,7 @@ class _Run:
             **({"capturable": True} if config.cuda_graphs else {}),  # state updated in place on the GPU
         )
         if config.cuda_graphs:
-            self.graphed = GraphedSteps(self._graph_body, self.optimizer)
+            self.graphed = GraphedSteps(self._graph_body, functools.partial(self.optimizer.zero_grad, set_to_none=True))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         # each sample's adapter, by concept (all on the one adapter when it is shared); named explicitly,
