@@ -8,11 +8,9 @@ connection, a 201, or a 200 with an all-black PNG)."""
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -21,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from catfast.demo.adapters import adapters_dir
+from catfast.serve.loadtest import free_port, stop_server, wait_for_server
 
 pytestmark = pytest.mark.timeout(300)
 GOOD = "toy-box"
@@ -230,12 +229,6 @@ def test_8_non_finite_latents_are_422_not_a_black_png(client, engine):
 # -------------------------------------------------------------------------------- defects 6, 7: start-up
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_6_7_catfast_serve_starts_past_bad_files_and_refuses_links_that_leave(tmp_path):
     """`catfast serve --adapters DIR` with one good adapter and every kind of bad entry: it starts, serves
     the good one, and prints one warning line per bad entry (the same rule and checks as POST
@@ -257,33 +250,19 @@ def test_6_7_catfast_serve_starts_past_bad_files_and_refuses_links_that_leave(tm
     (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     bad = ["corrupt", "dir", "e4t", "fifo", "huge", "link_out", "loop", "passwd", "rank0"]
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CATFAST_API_KEY", None)
     cmd = [sys.executable, "-m", "catfast.cli", "serve", "--adapters", str(folder), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "catfast serve did not come up"
-            time.sleep(0.5)
+        wait_for_server(url, proc)
         assert [a["id"] for a in httpx.get(url + "/v1/adapters").json()["data"]] == ["good"]
         r = httpx.post(url + "/v1/adapters", json={"name": "link_out"})  # R refuses it the same way
         assert_openai_error(r, 400, "resolves outside")
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
+        out, err = stop_server(proc)
     assert "Traceback" not in out + err, err
     warnings = [line for line in err.splitlines() if "skipping adapter" in line]
     assert sorted(line.split("skipping adapter ")[1].split(":")[0] for line in warnings) == sorted(

@@ -2,11 +2,8 @@
 on 127.0.0.1, behind an API key, and stops cleanly on Ctrl-C; bad options are one-line errors."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -14,19 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from catfast.cli import main
+from catfast.serve.loadtest import free_port, stop_server, wait_for_server
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_catfast_serve_default_demo_subprocess():
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CATFAST_API_KEY": "k1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "catfast.cli", "serve", "--port", str(port)],
@@ -37,16 +29,7 @@ def test_catfast_serve_default_demo_subprocess():
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "catfast serve did not come up"
-            time.sleep(0.5)
+        wait_for_server(url, proc)
         auth = {"Authorization": "Bearer k1"}
         assert httpx.get(url + "/v1/adapters").status_code == 401
         names = sorted(a["id"] for a in httpx.get(url + "/v1/adapters", headers=auth).json()["data"])
@@ -59,12 +42,7 @@ def test_catfast_serve_default_demo_subprocess():
         )
         assert r.status_code == 200 and len(r.json()["data"]) == 1
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        out, _ = stop_server(proc)
     assert proc.returncode == 0, out
     assert "playground at http://127.0.0.1:" in out
     assert "Traceback" not in out

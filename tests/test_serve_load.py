@@ -71,7 +71,8 @@ def test_a_request_waiting_for_a_device_slot_is_not_overtaken():
 def test_mixed_burst_starts_in_order_and_waits_stay_bounded():
     """32 requests at once (sizes 16, 32 and 64, base / one / two adapters, 2-4 steps) to a server with room
     for 4 images and 2 adapters on the device: each size's requests start in order of arrival, and the
-    p99 wait (submission to start) is at most 3x the median (1.7-2.5x measured on the dev CPU, 1 thread)."""
+    p99 wait (submission to start) is at most 3x the median (1.89-2.22x in three runs of seed 0 on the
+    dev CPU, 1 thread; b9a3351 reached 3.07x and started 6 requests out of order on it)."""
     report = run_fairness(requests=32, seed=0)
     assert report["statuses"] == {"200": 32}, report
     assert report["started"] == 32, report

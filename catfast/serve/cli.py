@@ -103,65 +103,26 @@ def build_app(
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
-def serve(
-    base,
-    base_config,
-    adapters,
-    host,
-    port,
-    api_key,
-    device,
-    max_batch,
-    max_queue,
-    max_resident,
-    timeout,
-    max_steps,
-    log_level,
-) -> None:
+def serve(**options) -> None:
     """Serve BASE and its adapters: OpenAI-compatible /v1/images/generations, /v1/adapters, /health,
     /metrics and a web playground at /. Without --base: the shipped demo model and adapters."""
     try:
-        options = (max_batch, max_queue, max_resident, timeout, max_steps, log_level)
-        _serve(base, adapters, host, port, api_key, device, *options, base_config=base_config)
+        _serve(**options)
     except CatfastError as e:  # one line, no traceback (as catfast.cli's commands)
         raise click.ClickException(str(e)) from None
 
 
-def _serve(
-    base,
-    adapters,
-    host,
-    port,
-    api_key,
-    device,
-    max_batch,
-    max_queue,
-    max_resident,
-    timeout,
-    max_steps,
-    log_level,
-    base_config=None,
-):
+def _serve(*, host, port, api_key, log_level, **engine_options):
+    """``catfast serve`` with its options; ``engine_options`` are ``build_app``'s (base, adapters, ...)."""
     from catfast.serve.http import run  # lazy: startup
 
     if api_key is not None and not api_key.strip():
         raise CatfastError("--api-key must not be empty")
     if api_key is None and not _is_loopback(host):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
-    engine, app = build_app(
-        base,
-        adapters,
-        api_key=api_key,
-        device=device,
-        base_config=base_config,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        max_resident=max_resident,
-        timeout=timeout,
-        max_steps=max_steps,
-    )
+    engine, app = build_app(api_key=api_key, **engine_options)
     names = ", ".join(a.name for a in engine.adapters()) or "none"
-    click.echo(f"catfast serve: {base} with adapters {names}; playground at http://{host}:{port}/")
+    click.echo(f"catfast serve: {engine_options['base']} with adapters {names}; playground at http://{host}:{port}/")
     try:
         run(app, host=host, port=port, log_level=log_level)
     finally:

@@ -25,7 +25,10 @@ import math
 import os
 import random
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +62,52 @@ def demo_server(folder: Path, **engine_options):
         engine.close()
 
 
+def random_model(rng: random.Random, adapters: list[str]) -> str:
+    """A request's ``model``: the base (1 in 4), one adapter (45%), or two with random weights."""
+    pick = rng.random()
+    if pick < 0.25:
+        return "base"
+    if pick < 0.7:
+        return rng.choice(adapters)
+    a, b = rng.sample(adapters, 2)
+    return f"{a}:{rng.choice((0.5, 0.8, 1.0))}+{b}:{rng.choice((0.3, 0.6))}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, proc, within: float = 180.0) -> None:
+    """Wait until the server at ``url`` answers ``/health`` with 200; AssertionError (with its output) when
+    its process ``proc`` ends first or ``within`` seconds pass."""
+    import httpx  # lazy: httpx
+
+    deadline = time.monotonic() + within
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not come up within {within} s"
+        time.sleep(0.5)
+
+
+def stop_server(proc, within: float = 60.0) -> tuple[str, str]:
+    """Ctrl-C a ``catfast serve`` process (killed when it has not stopped ``within`` seconds); its
+    (stdout, stderr)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
 def rss_mib() -> float:
     """This process's resident memory in MiB (Linux /proc; 0.0 elsewhere)."""
     try:
@@ -84,14 +133,7 @@ def _plan(n: int, seed: int, adapters: list[str], steps: tuple[int, int]) -> lis
     plans = []
     for i in range(n):
         kind = rng.choices(kinds, weights)[0]
-        pick = rng.random()
-        if pick < 0.25:
-            model = "base"
-        elif pick < 0.7:
-            model = rng.choice(adapters)
-        else:
-            a, b = rng.sample(adapters, 2)
-            model = f"{a}:{rng.choice((0.5, 0.8, 1.0))}+{b}:{rng.choice((0.3, 0.6))}"
+        model = random_model(rng, adapters)
         body = {
             "model": model,
             "prompt": rng.choice(("a star", "sks, a star on a blue background", "tiger, a ball", "toy, a box")),
@@ -280,14 +322,7 @@ def run_fairness(
     adapters = list(CONCEPTS)
     bodies = []
     for i in range(requests):
-        pick = rng.random()
-        if pick < 0.2:
-            model = "base"
-        elif pick < 0.7:
-            model = rng.choice(adapters)
-        else:
-            a, b = rng.sample(adapters, 2)
-            model = f"{a}:0.8+{b}:0.5"
+        model = random_model(rng, adapters)
         size = rng.choice(sizes)
         bodies.append({"model": model, "prompt": "a star", "size": size, "steps": rng.randint(*steps), "seed": i})
     with tempfile.TemporaryDirectory(prefix="catfast-fair-") as tmp:
