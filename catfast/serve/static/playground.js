@@ -52,6 +52,7 @@ async function loadHealth() {
   $("steps").max = h.defaults.max_steps;
   $("steps").value = h.defaults.steps;
   $("guidance").value = h.defaults.guidance;
+  if (h.defaults.max_guidance !== undefined) $("guidance").max = h.defaults.max_guidance;
   $("n").max = h.defaults.max_n;
   if (h.auth) document.querySelector("details").open = true;
 }
