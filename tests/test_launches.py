@@ -121,3 +121,14 @@ def tiny_lora_unet():
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     randomize_lora_(unet, seed=1)
     return unet, DDPMScheduler(**SCHEDULER_CONFIG)
+
+
+def test_a_triton_kernel_counts_as_one_launch():
+    """A Triton launch is not an aten op: the counter adds the kernels catfast's launchers start (on the CPU the
+    interpreter's own tensor copies show up too; on a GPU they do not exist)."""
+    x, w = torch.randn(3, 16, 32), torch.randn(32, 32)
+    a, b = torch.randn(1, 4, 32), torch.randn(1, 32, 4)
+    plan = RowPlan.build([0, 0, NO_ADAPTER], [1.0, 1.0, 0.0], [True, True, False])
+    with LaunchCounter() as c:
+        lora_linear(x, w, None, a, b, plan, backend="triton")
+    assert c.launches["triton::lora_gemm"] == 1

@@ -8,7 +8,8 @@ op below autograd, the backward's included, and sorts them:
 - **launching ops**: everything that runs work on the device. Not counted: views (an op whose outputs alias
   its input without writing it: ``view``, ``transpose``, ``detach``, ...) and allocations without a fill
   (``empty``, ``new_empty``, ``empty_strided``, ...): neither launches a kernel on a GPU. ``zeros`` (a fill)
-  counts. catfast's own custom ops (``catfast::``, seen only while tracing) count as one launch each;
+  counts. catfast's own custom ops (``catfast::``, seen only while tracing) count as one launch each, and so
+  does each Triton kernel catfast's launchers start (``catfast.kernels.launched``; not an aten op);
 - **host syncs**: data-dependent ops whose result the host must read before it can go on (``item`` /
   ``_local_scalar_dense``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without an output
   size, ``equal``, ``is_nonzero``). A step of catfast should issue none.
@@ -20,6 +21,8 @@ import time
 from collections import Counter
 
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from catfast.kernels import launched
 
 ALLOCATIONS = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted"})
 SYNCS = frozenset(
@@ -56,13 +59,24 @@ def is_sync(func, args) -> bool:
 
 
 class LaunchCounter(TorchDispatchMode):
-    """Counts, while active, the launching ops and host syncs by name (see the module docstring)."""
+    """Counts, while active, the launching ops and host syncs by name (see the module docstring); the Triton
+    kernels catfast's launchers start meanwhile count one each, as ``triton::<kernel>``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.launches: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
         self.views = 0
+        self._triton_before: Counter[str] = Counter()
+
+    def __enter__(self):
+        self._triton_before = Counter(launched)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for kernel, n in (launched - self._triton_before).items():
+            self.launches[f"triton::{kernel}"] += n
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from catfast.kernels import launched
 from catfast.kernels.tiles import config, fit, launch_options
 
 
@@ -198,6 +199,7 @@ def lora_gemm(
     bm, bn, bk = _blocks(cfg, rows_per_sample, n, k)
     grid = (num_samples * triton.cdiv(rows_per_sample, bm), triton.cdiv(n, bn))
     with torch.device(x.device):
+        launched["lora_gemm"] += 1
         _lora_gemm_kernel[grid](
             x, w_kn, bias if bias is not None else y, a_skr, b_srn, slots, scales, y, low,
             rows_per_sample, n, k, r,
@@ -228,6 +230,7 @@ def segment_outer(
     bp, bq = fit(cfg["BLOCK_P"], p), fit(cfg["BLOCK_Q"], q)
     grid = (s, triton.cdiv(p, bp), triton.cdiv(q, bq))
     with torch.device(lhs.device):
+        launched["segment_outer"] += 1
         _segment_outer_kernel[grid](
             lhs, rhs, row_scale, seg_offsets, out, p, q,
             lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1), out.stride(0), out.stride(1), out.stride(2),

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from catfast.kernels import launched
 from catfast.kernels.lora_gemm import interpreting_bf16
 from catfast.kernels.tiles import config, fit, launch_options
 
@@ -147,6 +148,7 @@ def segmented_launch_(y, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg
     block_r = max(16, triton.next_power_of_2(r))
     block_k = fit(shrink["BLOCK_K"], fan_in)
     grid = (tile_seg.numel(),)
+    launched["shrink"] += 1
     _shrink_kernel[grid](
         x2, lora_a, t, tile_seg, tile_row, seg_stop, slots, coef,
         fan_in, r, kmax,
@@ -156,6 +158,7 @@ def segmented_launch_(y, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **launch_options(shrink, x.device),
     )  # fmt: skip
     block_n = fit(expand["BLOCK_N"], out)
+    launched["expand"] += 1
     _expand_kernel[(tile_seg.numel(), triton.cdiv(out, block_n))](
         t, lora_b, y2, tile_seg, tile_row, seg_stop, slots,
         out, r, kmax,
