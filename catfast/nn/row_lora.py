@@ -55,6 +55,8 @@ class RowLoraLayer(torch.nn.Module):
         self.holder.lora_layer_reached()
         if self.holder.shares_twins(x):
             return self.holder.twin_shared(x, lambda rows: self.forward(rows, *args, **kwargs))
+        if not plan.layout.adapter_samples:  # base rows only (the teacher call): the frozen layer, nothing else
+            return self.base_layer(x)
         lora_a, lora_b = self._stacked()
         if lora_a.dtype != x.dtype:  # fp32 LoRA parameters on a bf16/fp16 UNet (peft's cast_training_params)
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)

@@ -46,11 +46,18 @@ _choices: dict[tuple, str] = {}
 
 
 def setting() -> str:
-    """``CATFAST_CONV``, checked: one of ``SETTINGS``."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in SETTINGS:
-        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not valid; use one of {', '.join(SETTINGS)}")
-    return value
+    """``CATFAST_CONV``, checked: one of ``SETTINGS`` (parsed once per value: it is read on every convolution)."""
+    raw = os.environ.get(ENV_VAR)
+    hit = _parsed.get(raw)
+    if hit is None:
+        value = (raw or "auto").strip().lower() or "auto"
+        if value not in SETTINGS:
+            raise ValueError(f"{ENV_VAR}={raw!r} is not valid; use one of {', '.join(SETTINGS)}")
+        hit = _parsed[raw] = value
+    return hit
+
+
+_parsed: dict[str | None, str] = {}
 
 
 def choices() -> dict[tuple, str]:
