@@ -1,5 +1,6 @@
 """Random-weight model factories: `tiny` (tests), `small` (CPU benchmarks), `sd15` and `sdxl` (real
 shapes for GPU benchmarks), plus `tiny-sdxl` (SDXL's structure at tiny size, for testing SDXL code paths).
+The diffusion transformers (`tiny-flux`, `tiny-sd3`, `tiny-qwenimage`, `flux-narrow`) live in factory_dit.py.
 No hub access: everything is built from configs in this file.
 
 `build_unet` gives one UNet; `build_base` every component of a pipeline; `init_model_folder` writes them
@@ -15,6 +16,7 @@ import torch
 
 from catfast.errors import ModelLoadError
 from catfast.folders import check_target, staged_folder
+from catfast.integrations.factory_dit import DIT_MODEL_NAMES, init_dit_folder
 from catfast.integrations.models import BaseModel, quiet_progress_bars
 from catfast.integrations.schedulers import training_scheduler
 from catfast.integrations.tokenizer import BOS, EOS, build_tokenizer, save_tokenizer, vocab_and_merges
@@ -332,6 +334,8 @@ def init_model_folder(name: str, out_dir: str | os.PathLike, *, seed: int = 0, o
     beside the target under a temporary name and renamed into place, so a crash never leaves a half
     folder at `out_dir`. An existing non-empty `out_dir` is refused unless `overwrite`."""
 
+    if name in DIT_MODEL_NAMES:  # tiny-flux, tiny-sd3, tiny-qwenimage: their family's pipeline folder
+        return init_dit_folder(name, out_dir, seed=seed, overwrite=overwrite)
     out = Path(out_dir).absolute()
     check_target(out, overwrite, ModelLoadError)
     quiet_progress_bars()

@@ -1,0 +1,144 @@
+"""What every model family declares (docs/design.md, "Model families"): the base class each family module
+subclasses, the flow-matching training recipe of the transformer families, and the one way to run a model
+with its LoRA switched off (the CAT teacher: the same weights, never a second model).
+
+A family is data plus a few small functions. It is the one place that knows a denoiser's class, the
+keyword names and layout of its forward, its LoRA targets, its noise schedule and its latent packing; the
+rest of catfast asks it and never checks a class name. Latents cross the seam in the VAE's layout
+``[B, C, H, W]`` (scaled and shifted), conditions as a ``dict`` of batch-major tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Cond = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FlowRecipe:
+    """How a flow-matching family samples training timesteps, as diffusers' ``train_dreambooth_lora_*``
+    scripts do: ``u`` from ``compute_density_for_timestep_sampling(weighting_scheme, ...)``, quantized to
+    one of the scheduler's ``num_train_timesteps`` (``indices = (u * N).long()``), then shifted:
+
+    - ``shift`` (static, SD3: 3.0): ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)``, the scheduler's own
+      rule when ``use_dynamic_shifting`` is off;
+    - ``dynamic`` (Flux, Qwen-Image): ``(base_seq_len, max_seq_len, base_shift, max_shift)``; ``mu`` grows
+      linearly with the image's token count (the pipelines' ``calculate_shift``) and
+      ``sigma' = exp(mu) / (exp(mu) + 1 / sigma - 1)`` (the scheduler's exponential ``time_shift``): the
+      schedule the pipelines sample with, and the "flux_shift" of ai-toolkit and musubi-tuner. (diffusers'
+      Flux script draws from the scheduler's unshifted grid, since ``use_dynamic_shifting`` leaves it
+      unshifted; ``resolution_shift=False`` does the same.)
+
+    ``loss_weighting``: ``compute_loss_weighting_for_sd3``'s scheme ("none", "sigma_sqrt", "cosmap").
+    ``guidance``: the value fed to a guidance-distilled transformer's guidance embedding (Flux-dev; the
+    Flux script's ``--guidance_scale`` default 3.5), unused where the model has none."""
+
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    dynamic: tuple[int, int, float, float] | None = None
+    resolution_shift: bool = True
+    loss_weighting: str = "none"
+    guidance: float = 3.5
+
+    def mu(self, image_seq_len: int) -> float:
+        """The dynamic shift's ``mu`` for an image of ``image_seq_len`` transformer tokens."""
+        base_len, max_len, base_shift, max_shift = self.dynamic
+        slope = (max_shift - base_shift) / (max_len - base_len)
+        return image_seq_len * slope + base_shift - slope * base_len
+
+    def shifted(self, sigmas: torch.Tensor, image_seq_len: int) -> torch.Tensor:
+        """``sigmas`` (in (0, 1]) under the family's shift for an image of ``image_seq_len`` tokens."""
+        if self.dynamic is not None:
+            if not self.resolution_shift:
+                return sigmas
+            e = torch.tensor(self.mu(image_seq_len), dtype=torch.float64).exp()
+            return (e / (e + (1 / sigmas.double() - 1))).to(sigmas.dtype)
+        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+
+    def sample_sigmas(self, batch: int, image_seq_len: int, *, generator: torch.Generator | None = None):
+        """``batch`` training sigmas in (0, 1] (fp32, CPU; the timestep is ``1000 * sigma``)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling  # lazy: diffusers
+
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=self.weighting_scheme,
+            batch_size=batch,
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            mode_scale=self.mode_scale,
+            generator=generator,
+        )
+        n = self.num_train_timesteps
+        grid = torch.linspace(1, n, n, dtype=torch.float32).flip(0) / n  # the scheduler's unshifted sigmas
+        return self.shifted(grid[(u * n).long().clamp(max=n - 1)], image_seq_len)
+
+    def loss_weights(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights ``[B]`` for ``sigmas`` ``[B]``."""
+        from diffusers.training_utils import compute_loss_weighting_for_sd3  # lazy: diffusers
+
+        return compute_loss_weighting_for_sd3(self.loss_weighting, sigmas).float()
+
+
+class DenoiserFamily:
+    """One model family. Subclasses set the class attributes and implement ``predict`` (and ``pack`` /
+    ``unpack`` where the transformer reads tokens)."""
+
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json's _class_name values of this family
+    denoiser_key: str = ""  # the folder and adapter-key prefix of the denoiser: "unet" / "transformer"
+    denoiser_class: str = ""  # diffusers class name
+    default_targets: tuple[str, ...] = ()  # peft target_modules suffixes, as the family's trainers use them
+    # which row sharing of the fused call (docs/design.md, "Sharing work between rows") is sound: a UNet's
+    # captions enter only at cross-attention ("prefix", "twins"); an MMDiT's text enters every block (none)
+    sharing: tuple[str, ...] = ()
+    flow: FlowRecipe | None = None  # None: a DDPM (epsilon / v) family
+    vae_shift: bool = False  # latents are (z - shift_factor) * scaling_factor, not z * scaling_factor
+    patch: int = 1  # latent pixels per token side when the family packs latents itself
+
+    def denoiser_type(self) -> type:
+        import diffusers  # lazy: diffusers
+
+        return getattr(diffusers, self.denoiser_class)
+
+    def predict(self, model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The denoiser's prediction for ``latents`` ``[B, C, H, W]`` at ``sigmas`` ``[B]`` (flow families:
+        in (0, 1]; DDPM families: integer timesteps), in the latents' layout."""
+        raise NotImplementedError
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        """Transformer image tokens of ``latents`` ``[B, C, H, W]`` (what the dynamic shift reads)."""
+        return (latents.shape[-2] // self.patch) * (latents.shape[-1] // self.patch)
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+@contextlib.contextmanager
+def lora_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` with every peft LoRA layer switched off (its frozen base alone), then restore each
+    layer's own on/off state: the CAT teacher is the same model, not a copy."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # lazy: peft
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m.disable_adapters for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, was_disabled in zip(layers, before):
+            m.enable_adapters(not was_disabled)
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """The sample tensor of a diffusers model output (``return_dict=False`` tuple)."""
+    return out[0] if isinstance(out, tuple) else out.sample

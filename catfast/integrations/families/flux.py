@@ -1,0 +1,101 @@
+"""FLUX.1 (dev / schnell): ``FluxTransformer2DModel`` in a ``FluxPipeline`` folder.
+
+Forward: the VAE's 16-channel latents packed 2x2 into tokens (``[B, H/2 * W/2, 64]``), the T5 hidden states
+``encoder_hidden_states [B, L, D]``, the CLIP pooled output ``pooled_projections [B, 768]``, ``timestep =
+sigma`` (the transformer multiplies by 1000), position ids ``img_ids [H/2 * W/2, 3]`` (0, row, column) and
+``txt_ids [L, 3]`` (zeros), and ``guidance [B]`` where ``guidance_embeds`` (dev: guidance-distilled, no CFG
+rows). Condition keys: ``prompt_embeds``, ``pooled_prompt_embeds`` (``FluxPipeline.encode_prompt``'s)."""
+
+from __future__ import annotations
+
+import torch
+
+from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output
+
+# diffusers' train_dreambooth_lora_flux.py's targets (its --lora_layers default list): the double blocks'
+# image and text attention, both feed-forwards; "attn.to_q/k/v" also match the single blocks' attention.
+FLUX_TARGETS = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+
+# black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, H/2 * W/2, 4C]`` (``FluxPipeline._pack_latents``: each 2x2 patch one token)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[B, H/2 * W/2, 4C]`` -> ``[B, C, H, W]``, ``pack``'s inverse (``height``, ``width``: latent pixels)."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[H/2 * W/2, 3]`` ids (0, row, column) of the packed tokens (``FluxPipeline._prepare_latent_image_ids``)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxFamily(DenoiserFamily):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    denoiser_key = "transformer"
+    denoiser_class = "FluxTransformer2DModel"
+    default_targets = FLUX_TARGETS
+    sharing = ()
+    flow = FlowRecipe(dynamic=(256, 4096, 0.5, 1.15), guidance=3.5)
+    vae_shift = True
+    patch = 2
+    scheduler_config = FLUX_SCHEDULER
+
+    pack = staticmethod(pack)
+    unpack = staticmethod(unpack)
+
+    def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
+        b, _, h, w = latents.shape
+        embeds = cond["prompt_embeds"]
+        dtype = model.dtype
+        guidance = None
+        if model.config.guidance_embeds:
+            guidance = torch.full((b,), self.flow.guidance, device=latents.device, dtype=torch.float32)
+        out = model(
+            hidden_states=pack(latents).to(dtype),
+            encoder_hidden_states=embeds.to(dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+            timestep=sigmas.to(latents.device, dtype),
+            img_ids=image_ids(h, w, latents.device, dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
+            guidance=guidance,
+            return_dict=False,
+        )
+        return unpack(first_output(out), h, w)
+
+
+FAMILY = FluxFamily()

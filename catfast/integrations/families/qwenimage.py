@@ -1,0 +1,62 @@
+"""Qwen-Image: ``QwenImageTransformer2DModel`` in a ``QwenImagePipeline`` folder.
+
+Forward: the VAE's 16-channel latents (``AutoencoderKLQwenImage`` is a video VAE: ``[B, 16, 1, H, W]``; the
+seam passes ``[B, 16, H, W]``) packed 2x2 into tokens like Flux's, Qwen2.5-VL's last hidden states
+``encoder_hidden_states [B, L, 3584]`` with their ``encoder_hidden_states_mask [B, L]``, ``timestep = sigma``
+and ``img_shapes`` (one ``(frames, H/2, W/2)`` list per sample); no pooled vector, no guidance embedding
+(true CFG). Condition keys: ``prompt_embeds``, ``prompt_embeds_mask`` (``QwenImagePipeline.encode_prompt``'s)."""
+
+from __future__ import annotations
+
+import torch
+
+from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output
+from catfast.integrations.families.flux import pack, unpack
+
+# diffusers' train_dreambooth_lora_qwen_image.py's default targets
+QWEN_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+# Qwen/Qwen-Image scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)
+QWEN_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=1.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=0.9,
+    base_image_seq_len=256,
+    max_image_seq_len=8192,
+    shift_terminal=0.02,
+    time_shift_type="exponential",
+)
+
+
+class QwenImageFamily(DenoiserFamily):
+    name = "qwenimage"
+    pipeline_classes = ("QwenImagePipeline",)
+    denoiser_key = "transformer"
+    denoiser_class = "QwenImageTransformer2DModel"
+    default_targets = QWEN_TARGETS
+    sharing = ()
+    flow = FlowRecipe(dynamic=(256, 8192, 0.5, 0.9))
+    vae_shift = True  # per-channel latents_mean / latents_std rather than one scale and shift
+    patch = 2
+    scheduler_config = QWEN_SCHEDULER
+
+    pack = staticmethod(pack)
+    unpack = staticmethod(unpack)
+
+    def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
+        b, _, h, w = latents.shape
+        dtype = model.dtype
+        out = model(
+            hidden_states=pack(latents).to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            encoder_hidden_states_mask=cond["prompt_embeds_mask"],
+            timestep=sigmas.to(latents.device, dtype),
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )
+        return unpack(first_output(out), h, w)
+
+
+FAMILY = QwenImageFamily()

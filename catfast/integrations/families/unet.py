@@ -1,0 +1,39 @@
+"""Stable Diffusion 1.x / 2.x / XL: ``UNet2DConditionModel`` (epsilon or v-prediction, DDPM training).
+
+Described here for the registry; catfast's UNet code paths (train/objective.py, integrations/patch.py) do
+not call it yet. Forward: latents ``[B, 4, H, W]``, integer ``timestep``, ``encoder_hidden_states [B, 77, D]``
+and, for SDXL, ``added_cond_kwargs`` (``text_embeds [B, 1280]``, ``time_ids [B, 6]``). Condition keys:
+``prompt_embeds``, and for SDXL ``text_embeds``, ``time_ids``."""
+
+from __future__ import annotations
+
+import torch
+
+from catfast.integrations.families.base import Cond, DenoiserFamily, first_output
+from catfast.targets import ATTENTION_PROJECTIONS
+
+
+class UNetFamily(DenoiserFamily):
+    name = "unet"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+    denoiser_key = "unet"
+    denoiser_class = "UNet2DConditionModel"
+    default_targets = ATTENTION_PROJECTIONS  # the CAT paper's (diffusers' SD/SDXL LoRA scripts' too)
+    sharing = ("prefix", "twins")  # captions enter at cross-attention only
+    flow = None  # DDPM: integrations/schedulers.py's training scheduler, epsilon or v
+    vae_shift = False
+    patch = 1
+
+    def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
+        added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+        out = model(
+            latents,
+            sigmas,
+            encoder_hidden_states=cond["prompt_embeds"],
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )
+        return first_output(out)
+
+
+FAMILY = UNetFamily()

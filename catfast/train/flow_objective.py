@@ -1,0 +1,87 @@
+"""The CAT objective for flow-matching diffusion transformers (Flux, SD3, Qwen-Image), reference mode.
+
+Semantics (docs/method.md's CAT, with rectified flow in place of DDPM), for B samples sharing x0, noise and
+sigma (each sample its own sigma in (0, 1]):
+  x_t    = (1 - sigma) x0 + sigma noise
+  target = noise - x0                                                  the rectified-flow velocity
+  L_LDM  = mean_b w_b mse_b(v_{W+dW}(x_t, sigma, c ), target)           adapter, trigger caption
+  L_CAT  = mean_b w_b mse_b(v_{W+dW}(x_t, sigma, c-), sg(v_W(x_t, sigma, c-)))   adapter vs frozen base
+  L      = L_LDM + cat_weight * L_CAT
+w: the family recipe's loss weighting (``compute_loss_weighting_for_sd3``; "none": 1). The base v_W is the same
+transformer with its LoRA switched off under no_grad (``families.lora_disabled``), never a second model;
+``cat_weight == 0`` runs the plain LoRA step (one forward). The family (``integrations.families``) hides the
+transformer's inputs: packing, position ids, timestep scaling, Flux's guidance embedding. Losses are reduced
+in fp32 whatever the transformer's dtype. Latents are ``[B, C, H, W]``, scaled and shifted as the VAE's
+``(z - shift_factor) * scaling_factor``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from catfast.integrations.families import Cond, DenoiserFamily, lora_disabled
+
+
+@dataclass
+class FlowLossOutput:
+    loss: torch.Tensor  # L (fp32 scalar, carries the graph)
+    ldm: torch.Tensor  # L_LDM, detached
+    cat: torch.Tensor | None  # L_CAT, detached (None when cat_weight == 0)
+    sigmas: torch.Tensor  # [B], the sigmas used
+
+
+def sample_flow_inputs(
+    family: DenoiserFamily, latents: torch.Tensor, *, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noise, sigmas)`` for one training batch by the family's recipe: noise ``N(0, I)`` like ``latents``,
+    sigmas ``[B]`` (``FlowRecipe.sample_sigmas`` at this resolution's token count)."""
+    sigmas = family.flow.sample_sigmas(latents.shape[0], family.image_seq_len(latents), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    return noise, sigmas.to(latents.device)
+
+
+def flow_cat_loss(
+    family: DenoiserFamily,
+    model: torch.nn.Module,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: Cond,
+    cond_stripped: Cond | None = None,
+    *,
+    cat_weight: float = 1.0,
+) -> FlowLossOutput:
+    """L for one batch (module docstring). ``model``: the family's transformer with a peft LoRA attached
+    (the active adapter trains); ``cond`` / ``cond_stripped``: the family's condition dicts for the trigger
+    and the stripped captions (``cond_stripped`` is needed only when ``cat_weight > 0``)."""
+    if family.flow is None:
+        raise ValueError(f"family {family.name} is not a flow-matching family")
+    if cat_weight < 0:
+        raise ValueError(f"cat_weight must be >= 0, got {cat_weight}")
+    if cat_weight > 0 and cond_stripped is None:
+        raise ValueError("cat_weight > 0 needs the stripped caption's condition (cond_stripped)")
+    if sigmas.shape != (latents.shape[0],) or noise.shape != latents.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} / sigmas {tuple(sigmas.shape)} do not fit {tuple(latents.shape)}")
+    s = sigmas.to(latents.device, torch.float32).view(-1, *([1] * (latents.dim() - 1)))
+    noisy = ((1 - s) * latents.float() + s * noise.float()).to(latents.dtype)
+    target = noise.float() - latents.float()
+    weights = family.flow.loss_weights(sigmas.float().cpu()).to(latents.device)
+
+    pred = family.predict(model, noisy, sigmas, cond)
+    ldm = _weighted_mse(pred, target, weights)
+    if cat_weight == 0:
+        return FlowLossOutput(loss=ldm, ldm=ldm.detach(), cat=None, sigmas=sigmas)
+    with torch.no_grad(), lora_disabled(model):
+        teacher = family.predict(model, noisy, sigmas, cond_stripped)
+    student = family.predict(model, noisy, sigmas, cond_stripped)
+    cat = _weighted_mse(student, teacher.float(), weights)
+    return FlowLossOutput(loss=ldm + cat_weight * cat, ldm=ldm.detach(), cat=cat.detach(), sigmas=sigmas)
+
+
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """mean over samples of ``weights[b] * mean((pred[b] - target[b])^2)``, in fp32 (the diffusers scripts'
+    reduction)."""
+    per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+    return (weights * per_sample).mean()
