@@ -238,7 +238,18 @@ def one_adapter(plan: RowPlan) -> tuple[int, float, int, int] | None:
     """``(slot, scale, first, stop)`` when the plan's samples with an adapter are one run ``[first, stop)`` on one
     slot with one scale known on the host (a training step: every adapter sample on the trained adapter), else
     None. Such a plan's LoRA term is two plain GEMMs on a view of the rows, the scale an ``alpha``: no gather,
-    no per-sample scale tensor, no copies (``catfast bench train-step``'s ``launch_ops``)."""
+    no per-sample scale tensor, no copies (``catfast bench train-step``'s ``launch_ops``). Cached on the plan:
+    every layer asks it, forward and backward."""
+    cached = plan.__dict__.get("_one_adapter", _UNSET)
+    if cached is _UNSET:
+        cached = plan.__dict__["_one_adapter"] = _one_adapter(plan)
+    return cached
+
+
+_UNSET = object()
+
+
+def _one_adapter(plan: RowPlan) -> tuple[int, float, int, int] | None:
     layout = plan.layout
     run, scales = layout.adapter_run, plan.__dict__.get("_host_scales")
     if run is None or len(layout.slots_used) != 1 or scales is None:
