@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
 from catfast.cli import main
 from catfast.errors import ModelLoadError
@@ -18,12 +18,12 @@ from catfast.testing import assert_rel_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PIPELINES = {"tiny-flux": FluxPipeline, "tiny-sd3": StableDiffusion3Pipeline}
+PIPELINES = {"tiny-flux": FluxPipeline, "tiny-sd3": StableDiffusion3Pipeline, "tiny-qwenimage": QwenImagePipeline}
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """tiny-flux and tiny-sd3 written by the command line."""
+    """tiny-flux, tiny-sd3 and tiny-qwenimage written by the command line."""
     root = tmp_path_factory.mktemp("dit")
     for name in PIPELINES:
         result = CliRunner().invoke(main, ["models", "init", name, str(root / name)])
@@ -43,6 +43,7 @@ def test_family_of_folders_pipelines_and_models(folders, pipes, tiny):
     assert family_of(pipes["tiny-flux"]).name == "flux"
     assert family_of(pipes["tiny-sd3"].transformer).name == "sd3"
     assert family_of(build_transformer("tiny-qwenimage")).name == "qwenimage"
+    assert family_of(folders["tiny-qwenimage"]).name == "qwenimage"
 
 
 def test_unsupported_family_is_one_line(tmp_path):
@@ -59,15 +60,15 @@ def test_unsupported_family_is_one_line(tmp_path):
         family_named("wan")
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("name", list(PIPELINES))
 def test_folder_runs_in_diffusers(pipes, name):
-    """The pipeline folder loads offline and makes a picture (its T5 tokenizer is catfast's, built here)."""
+    """The pipeline folder loads offline and makes a picture (its T5 / Qwen tokenizer is catfast's, built here)."""
     image = pipes[name](
         "a photo of sks cat",
         num_inference_steps=2,
         height=32,
         width=32,
-        max_sequence_length=16,
+        max_sequence_length=16 if name != "tiny-qwenimage" else 512,
         generator=torch.Generator().manual_seed(0),
         output_type="np",
     ).images
@@ -84,39 +85,50 @@ def test_flux_packing_matches_the_pipeline():
     assert torch.equal(image_ids(6, 8), FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("name", list(PIPELINES))
 def test_predict_is_the_pipelines_denoiser_call(pipes, name):
-    """One Euler step from sigma 1 to 0 gives x0 = x1 - v: the pipeline's own latents after one step
-    equal the family's prediction at sigma 1 on the pipeline's own prompt embeddings (Flux with its
-    guidance embedding at the recipe's 3.5; SD3 at guidance 1, no CFG rows)."""
+    """The pipeline's own first Euler step, x_1 = x_0 + (sigma_1 - sigma_0) v, gives the denoiser's velocity
+    v; the family's prediction at sigma_0 on the pipeline's own prompt embeddings equals it (Flux with its
+    guidance embedding at the recipe's 3.5; SD3 at guidance 1 and Qwen-Image without a negative prompt: no
+    CFG rows)."""
     pipe, family = pipes[name], family_of(pipes[name])
-    x1 = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    x0 = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
     if name == "tiny-flux":
         embeds, pooled, _ = pipe.encode_prompt("a photo of sks cat", prompt_2=None, max_sequence_length=16)
-        given, guidance = pack(x1), family.flow.guidance
+        cond, kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, dict(guidance_scale=3.5)
+    elif name == "tiny-sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt("a photo of sks cat", None, None, do_classifier_free_guidance=False)
+        cond, kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, dict(guidance_scale=1.0)
     else:
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            "a photo of sks cat", None, None, do_classifier_free_guidance=False, max_sequence_length=16
-        )
-        given, guidance = x1, 1.0
-    out = pipe(
-        prompt_embeds=embeds,
-        pooled_prompt_embeds=pooled,
-        latents=given,
-        num_inference_steps=1,
+        embeds, mask = pipe.encode_prompt("a photo of sks cat")
+        cond, kwargs = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}, {}
+    steps = []
+    pipe(
+        **{f"{key}": value for key, value in cond.items()},
+        latents=x0 if name == "tiny-sd3" else pack(x0),
+        num_inference_steps=2,
         height=32,
         width=32,
-        guidance_scale=guidance,
         output_type="latent",
-        max_sequence_length=16,
-    ).images
-    if name == "tiny-flux":
-        out = unpack(out, 16, 16)
+        callback_on_step_end=lambda p, i, t, kw: steps.append(kw["latents"].clone()) or kw,
+        **kwargs,
+    )
+    sigmas = pipe.scheduler.sigmas
+    x1 = steps[0] if name == "tiny-sd3" else unpack(steps[0], 16, 16)
     with torch.no_grad():
-        v = family.predict(
-            pipe.transformer, x1, torch.ones(1), {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        )
-    assert_rel_close(x1 - v, out, 1e-5, f"{name} one Euler step")
+        v = family.predict(pipe.transformer, x0, sigmas[:1], cond)
+    assert_rel_close(v, (x1 - x0) / (sigmas[1] - sigmas[0]), 1e-4, f"{name} velocity")
+
+
+def test_qwen_tokenizer_drops_the_template_like_qwen():
+    """QwenImagePipeline drops the first 34 tokens of its template (Qwen2.5's count of the system prefix);
+    the tokenizer built here counts the same, so the first kept token is the caption's."""
+    from catfast.integrations.factory_qwen import TEMPLATE, qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(TEMPLATE.format("a photo of sks cat")).input_ids)
+    assert tokens[33:39] == ["Ċ", "a", "Ġphoto", "Ġof", "Ġsks", "Ġcat"]  # the template is diffusers' own:
+    assert TEMPLATE == QwenImagePipeline(None, None, None, None, None).prompt_template_encode
 
 
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-qwenimage"])

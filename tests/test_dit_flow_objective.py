@@ -1,14 +1,14 @@
 """The flow-matching CAT objective (reference mode) against hand computations with diffusers' modules:
 the LoRA is applied by hand as merged weights W + scale * B A in a functional call of an untouched copy of
-the transformer, packing and ids come from diffusers' FluxPipeline, and the timestep sampler is checked
-against diffusers' compute_density_for_timestep_sampling and FlowMatchEulerDiscreteScheduler."""
+the transformer, packing and ids come from diffusers' FluxPipeline / QwenImagePipeline, and the timestep
+sampler is checked against diffusers' compute_density_for_timestep_sampling and FlowMatchEulerDiscreteScheduler."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from peft import LoraConfig
@@ -25,7 +25,7 @@ RANK, ALPHA = 3, 5.0  # scale 5/3: alpha != rank
 
 def _lora_model(name: str):
     """(transformer with a random-B LoRA on the family's targets, untouched copy of the base)."""
-    family = FAMILIES[{"tiny-flux": "flux", "tiny-sd3": "sd3"}[name]]
+    family = FAMILIES[{"tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-qwenimage": "qwenimage"}[name]]
     model = build_transformer(name)
     base = copy.deepcopy(model).requires_grad_(False)
     model.requires_grad_(False)
@@ -37,13 +37,15 @@ def _lora_model(name: str):
 def _conds(model, batch: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     width = model.config.joint_attention_dim
-    pooled = model.config.pooled_projection_dim
+    pooled = getattr(model.config, "pooled_projection_dim", None)
 
     def one():
-        return {
-            "prompt_embeds": torch.randn(batch, 7, width, generator=g),
-            "pooled_prompt_embeds": torch.randn(batch, pooled, generator=g),
-        }
+        embeds = torch.randn(batch, 7, width, generator=g)
+        if pooled is None:  # Qwen-Image: a text mask (the last two tokens of sample 0 are padding)
+            mask = torch.ones(batch, 7, dtype=torch.long)
+            mask[0, -2:] = 0
+            return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": torch.randn(batch, pooled, generator=g)}
 
     return one(), one()
 
@@ -59,8 +61,24 @@ def _lora_params(model):
 
 def _hand_call(name, base, weights, latents, sigmas, cond):
     """The transformer's prediction with ``weights`` swapped in, the inputs built as diffusers' training
-    scripts build them (FluxPipeline's packing and ids, guidance 3.5; SD3: timestep 1000 sigma)."""
+    scripts build them (FluxPipeline's packing and ids, guidance 3.5; SD3: timestep 1000 sigma; Qwen-Image:
+    QwenImagePipeline's packing, img_shapes and text mask)."""
     b, c, h, w = latents.shape
+    if name == "tiny-qwenimage":
+        out = torch.func.functional_call(
+            base,
+            weights,
+            (),
+            dict(
+                hidden_states=QwenImagePipeline._pack_latents(latents, b, c, h, w),
+                encoder_hidden_states=cond["prompt_embeds"],
+                encoder_hidden_states_mask=cond["prompt_embeds_mask"],
+                timestep=sigmas,
+                img_shapes=[[(1, h // 2, w // 2)]] * b,
+                return_dict=False,
+            ),
+        )[0]
+        return QwenImagePipeline._unpack_latents(out, h * 8, w * 8, 8).reshape(b, c, h, w)
     if name == "tiny-flux":
         out = torch.func.functional_call(
             base,
@@ -92,7 +110,7 @@ def _hand_call(name, base, weights, latents, sigmas, cond):
     )[0]
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-qwenimage"])
 @pytest.mark.parametrize("cat_weight", [0.0, 0.7])
 def test_loss_and_gradients_match_a_hand_computation(name, cat_weight):
     family, model, base = _lora_model(name)

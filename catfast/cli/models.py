@@ -22,7 +22,9 @@ def models() -> None:
 
 
 @models.command("init")
-@click.argument("name", type=click.Choice(["tiny", "tiny-sdxl", "small", "sd15", "sdxl", "tiny-flux", "tiny-sd3"]))
+@click.argument(
+    "name", type=click.Choice(["tiny", "tiny-sdxl", "small", "sd15", "sdxl", "tiny-flux", "tiny-sd3", "tiny-qwenimage"])
+)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")

@@ -1,8 +1,9 @@
 """Random-weight diffusion-transformer models (``integrations/factory.py`` delegates here): ``tiny-flux`` and
-``tiny-sd3`` (a tiny transformer, tiny text encoders, a tiny VAE; complete pipeline folders that diffusers'
-own pipelines load offline), ``tiny-qwenimage`` (transformer only so far) and ``flux-narrow`` (FLUX.1's widths
-and head sizes at a CPU-benchmark depth; transformer only). No hub access: tokenizers are built here (the CLIP ones are
-catfast's offline CLIP tokenizer, the T5 one a small Unigram vocabulary, ``t5_tokenizer``)."""
+``tiny-sd3`` and ``tiny-qwenimage`` (a tiny transformer, tiny text encoders, a tiny VAE; complete pipeline
+folders that diffusers' own pipelines load offline; the Qwen parts in factory_qwen.py) and ``flux-narrow``
+(FLUX.1's widths and head sizes at a CPU-benchmark depth; transformer only). No hub access: tokenizers are
+built here (the CLIP ones are catfast's offline CLIP tokenizer, the T5 one a small Unigram vocabulary,
+``t5_tokenizer``; the Qwen one a byte-level BPE, ``factory_qwen.qwen_tokenizer``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from catfast.folders import check_target, staged_folder
 from catfast.integrations.families import FAMILIES
 from catfast.integrations.tokenizer import build_tokenizer
 
-PIPELINE_NAMES = ("tiny-flux", "tiny-sd3")
-TRANSFORMER_ONLY_NAMES = ("flux-narrow", "tiny-qwenimage")  # tiny-qwenimage: no pipeline folder yet
+PIPELINE_NAMES = ("tiny-flux", "tiny-sd3", "tiny-qwenimage")
+TRANSFORMER_ONLY_NAMES = ("flux-narrow",)
 DIT_MODEL_NAMES = PIPELINE_NAMES + TRANSFORMER_ONLY_NAMES
 FAMILY_OF_NAME = {"tiny-flux": "flux", "flux-narrow": "flux", "tiny-sd3": "sd3", "tiny-qwenimage": "qwenimage"}
 
@@ -111,7 +112,8 @@ def transformer_config(name: str) -> dict:
     return dict(_TRANSFORMER_CONFIGS[name])
 
 
-def _seeded(seed: int, make):
+def seeded(seed: int, make):
+    """``make()`` under ``torch.manual_seed(seed)``, the caller's global RNG state left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make()
@@ -127,7 +129,7 @@ def build_transformer(name: str, *, seed: int = 0, dtype: torch.dtype = torch.fl
     if device == "meta":
         with torch.device("meta"):
             return cls(**config).eval()
-    model = _seeded(seed, lambda: cls(**config)).eval()
+    model = seeded(seed, lambda: cls(**config)).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -150,21 +152,21 @@ def _clip(seed: int, projection: bool, **overrides):
 
     config = clip_text_config(**{**_CLIP_TINY, **overrides})
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    return _seeded(seed, lambda: cls(config)).eval()
+    return seeded(seed, lambda: cls(config)).eval()
 
 
 def _t5(seed: int, tokenizer, **overrides):
     from transformers import T5Config, T5EncoderModel  # lazy: transformers
 
     config = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **{**_T5_TINY, **overrides})
-    return _seeded(seed, lambda: T5EncoderModel(config)).eval()
+    return seeded(seed, lambda: T5EncoderModel(config)).eval()
 
 
 def _vae(name: str, seed: int):
     from diffusers import AutoencoderKL  # lazy: diffusers
 
     scaling, shift = _VAE_FACTORS[name]
-    return _seeded(seed, lambda: AutoencoderKL(**_VAE, scaling_factor=scaling, shift_factor=shift)).eval()
+    return seeded(seed, lambda: AutoencoderKL(**_VAE, scaling_factor=scaling, shift_factor=shift)).eval()
 
 
 def _scheduler(name: str):
@@ -180,6 +182,12 @@ def build_pipeline(name: str, *, seed: int = 0):
 
     if name not in PIPELINE_NAMES:
         raise ValueError(f"unknown pipeline model {name!r}; choose one of {', '.join(PIPELINE_NAMES)}")
+    if name == "tiny-qwenimage":
+        from catfast.integrations.factory_qwen import qwen_components  # lazy: the Qwen parts
+
+        parts = qwen_components(seed)
+        parts.update(transformer=build_transformer(name, seed=seed), scheduler=_scheduler(name))
+        return diffusers.QwenImagePipeline(**parts)
     parts = dict(transformer=build_transformer(name, seed=seed), vae=_vae(name, seed + 9), scheduler=_scheduler(name))
     t5_tok = t5_tokenizer()
     if name == "tiny-flux":

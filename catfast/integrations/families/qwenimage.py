@@ -4,7 +4,8 @@ Forward: the VAE's 16-channel latents (``AutoencoderKLQwenImage`` is a video VAE
 seam passes ``[B, 16, H, W]``) packed 2x2 into tokens like Flux's, Qwen2.5-VL's last hidden states
 ``encoder_hidden_states [B, L, 3584]`` with their ``encoder_hidden_states_mask [B, L]``, ``timestep = sigma``
 and ``img_shapes`` (one ``(frames, H/2, W/2)`` list per sample); no pooled vector, no guidance embedding
-(true CFG). Condition keys: ``prompt_embeds``, ``prompt_embeds_mask`` (``QwenImagePipeline.encode_prompt``'s)."""
+(true CFG). Condition keys: ``prompt_embeds`` and ``prompt_embeds_mask`` (``QwenImagePipeline.encode_prompt``'s;
+its mask is None when no token is padding)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class QwenImageFamily(DenoiserFamily):
         out = model(
             hidden_states=pack(latents).to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            encoder_hidden_states_mask=cond["prompt_embeds_mask"],
+            encoder_hidden_states_mask=cond.get("prompt_embeds_mask"),
             timestep=sigmas.to(latents.device, dtype),
             img_shapes=[[(1, h // 2, w // 2)]] * b,
             return_dict=False,
