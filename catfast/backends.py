@@ -32,6 +32,7 @@ that depend on the call's tensors (contiguity, a mix of devices) are passed to `
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -213,8 +214,6 @@ def torch_probe(device, dtype=None) -> str | None:
 
 def triton_probe(device, dtype=None) -> str | None:
     """Triton runs on CUDA devices, and on the CPU under TRITON_INTERPRET=1, for fp32/fp16/bf16."""
-    from catfast.env import has_triton
-
     cap = has_triton()
     if not cap.available and not (device.type == "cpu" and cap.version and os.environ.get("TRITON_INTERPRET") == "1"):
         return f"triton unavailable: {cap.detail}"
@@ -234,3 +233,42 @@ def ext_probe(device, dtype=None) -> str | None:
     if device.type != "cpu" and not getattr(EXT, "has_cuda", False):
         return f"tensors on {device.type}: catfast._C was built for the CPU only"
     return _dtype_reason(dtype)
+
+
+# The CUDA and Triton capability probes (``catfast env`` prints them; ``triton_probe`` asks the second).
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One probe's answer: whether the thing is usable, its version, and why not when it is not."""
+
+    name: str
+    available: bool
+    version: str | None = None
+    detail: str | None = None
+
+
+@functools.cache
+def has_cuda() -> Capability:
+    import torch
+
+    if not torch.cuda.is_available():
+        reason = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
+        return Capability("cuda", False, torch.version.cuda, reason)
+    name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    return Capability("cuda", True, torch.version.cuda, f"{name}, sm_{major}{minor}")
+
+
+@functools.cache
+def has_triton() -> Capability:
+    """Triton is usable when it imports and either a CUDA device is present or TRITON_INTERPRET=1."""
+    try:
+        import triton
+    except Exception as e:
+        return Capability("triton", False, None, f"import failed: {type(e).__name__}: {e}")
+    if has_cuda().available:
+        return Capability("triton", True, triton.__version__, "compiles for the CUDA device")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return Capability("triton", True, triton.__version__, "CPU interpreter (TRITON_INTERPRET=1), slow")
+    return Capability("triton", False, triton.__version__, "no CUDA device; set TRITON_INTERPRET=1 to interpret on CPU")

@@ -1,7 +1,7 @@
-"""Capability probes, each computed once: torch, CUDA, Triton, the C++ extension, and the libraries
-catfast integrates with. `python -m catfast.env` (`catfast env`) prints them with the reason for anything
-missing, then the table of ops x backends from ``catfast.backends`` (``--json``: both).
-Nothing here imports triton, diffusers or onnx until a probe is asked for."""
+"""Capability probes, each computed once: torch, CUDA, Triton (those two live in ``catfast.backends``, whose
+probes ask them), the C++ extension, and the libraries catfast integrates with. `python -m catfast.env`
+(`catfast env`) prints them with the reason for anything missing, then the table of ops x backends from
+``catfast.backends`` (``--json``: both). Nothing here imports triton, diffusers or onnx until a probe is asked for."""
 
 from __future__ import annotations
 
@@ -12,43 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-
-@dataclass(frozen=True)
-class Capability:
-    """One probe's answer: whether the thing is usable, its version, and why not when it is not."""
-
-    name: str
-    available: bool
-    version: str | None = None
-    detail: str | None = None
-
-
-@functools.cache
-def has_cuda() -> Capability:
-    import torch
-
-    if not torch.cuda.is_available():
-        reason = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
-        return Capability("cuda", False, torch.version.cuda, reason)
-    name = torch.cuda.get_device_name()
-    major, minor = torch.cuda.get_device_capability()
-    return Capability("cuda", True, torch.version.cuda, f"{name}, sm_{major}{minor}")
-
-
-@functools.cache
-def has_triton() -> Capability:
-    """Triton is usable when it imports and either a CUDA device is present or TRITON_INTERPRET=1."""
-    try:
-        import triton
-    except Exception as e:
-        return Capability("triton", False, None, f"import failed: {type(e).__name__}: {e}")
-    if has_cuda().available:
-        return Capability("triton", True, triton.__version__, "compiles for the CUDA device")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return Capability("triton", True, triton.__version__, "CPU interpreter (TRITON_INTERPRET=1), slow")
-    return Capability("triton", False, triton.__version__, "no CUDA device; set TRITON_INTERPRET=1 to interpret on CPU")
+from catfast.backends import Capability, has_cuda, has_triton
 
 
 @functools.cache
