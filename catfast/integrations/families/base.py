@@ -101,7 +101,6 @@ class DenoiserFamily:
     # captions enter only at cross-attention ("prefix", "twins"); an MMDiT's text enters every block (none)
     sharing: tuple[str, ...] = ()
     flow: FlowRecipe | None = None  # None: a DDPM (epsilon / v) family
-    vae_shift: bool = False  # latents are (z - shift_factor) * scaling_factor, not z * scaling_factor
     patch: int = 1  # latent pixels per token side when the family packs latents itself
 
     def denoiser_type(self) -> type:
@@ -113,6 +112,20 @@ class DenoiserFamily:
         """The denoiser's prediction for ``latents`` ``[B, C, H, W]`` at ``sigmas`` ``[B]`` (flow families:
         in (0, 1]; DDPM families: integer timesteps), in the latents' layout."""
         raise NotImplementedError
+
+    def encode_latents(self, vae, pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training latents ``[B, C, H, W]`` of ``pixels`` ``[B, 3, H', W']`` in [-1, 1]: a sample of the VAE's
+        posterior, shifted and scaled as the family's training scripts do (``(z - shift_factor) *
+        scaling_factor``; SD's VAEs have no shift)."""
+        z = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H', W']`` (about [-1, 1]) of latents ``[B, C, H, W]``: ``encode_latents``' scale and
+        shift undone, then the VAE's decoder (what the family's pipeline does before postprocessing)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         """Transformer image tokens of ``latents`` ``[B, C, H, W]`` (what the dynamic shift reads)."""

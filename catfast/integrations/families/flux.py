@@ -71,7 +71,6 @@ class FluxFamily(DenoiserFamily):
     default_targets = FLUX_TARGETS
     sharing = ()
     flow = FlowRecipe(dynamic=(256, 4096, 0.5, 1.15), guidance=3.5)
-    vae_shift = True
     patch = 2
     scheduler_config = FLUX_SCHEDULER
 

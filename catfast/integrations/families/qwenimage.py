@@ -39,12 +39,29 @@ class QwenImageFamily(DenoiserFamily):
     default_targets = QWEN_TARGETS
     sharing = ()
     flow = FlowRecipe(dynamic=(256, 8192, 0.5, 0.9))
-    vae_shift = True  # per-channel latents_mean / latents_std rather than one scale and shift
     patch = 2
     scheduler_config = QWEN_SCHEDULER
 
     pack = staticmethod(pack)
     unpack = staticmethod(unpack)
+
+    def _stats(self, vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape)
+        std = torch.tensor(vae.config.latents_std).view(shape)
+        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+    def encode_latents(self, vae, pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-channel ``(z - latents_mean) / latents_std`` of the one-frame video latent, frame axis dropped
+        (train_dreambooth_lora_qwen_image.py's normalisation)."""
+        z = vae.encode(pixels.to(vae.dtype)[:, :, None]).latent_dist.sample(generator)
+        mean, std = self._stats(vae, z)
+        return ((z - mean) / std)[:, :, 0]
+
+    def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(vae.dtype)[:, :, None]
+        mean, std = self._stats(vae, z)
+        return vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         b, _, h, w = latents.shape

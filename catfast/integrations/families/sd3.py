@@ -36,7 +36,6 @@ class SD3Family(DenoiserFamily):
     sharing = ()
     # train_dreambooth_lora_sd3.py's defaults: weighting_scheme "logit_normal" (0, 1), static shift 3.0
     flow = FlowRecipe(weighting_scheme="logit_normal", shift=3.0)
-    vae_shift = True
     patch = 2
     scheduler_config = SD3_SCHEDULER
 

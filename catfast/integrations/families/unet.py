@@ -21,7 +21,6 @@ class UNetFamily(DenoiserFamily):
     default_targets = ATTENTION_PROJECTIONS  # the CAT paper's (diffusers' SD/SDXL LoRA scripts' too)
     sharing = ("prefix", "twins")  # captions enter at cross-attention only
     flow = None  # DDPM: integrations/schedulers.py's training scheduler, epsilon or v
-    vae_shift = False
     patch = 1
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
