@@ -193,3 +193,24 @@ def test_encode_latents_inverts_the_scale_and_shift(pipes, name):
         want = want[:, :, 0] if name == "tiny-qwenimage" else want
         assert_rel_close(family.decode_latents(pipe.vae, a), want, 1e-5, f"{name} round trip")
         assert float((a - (z[:, :, 0] if name == "tiny-qwenimage" else z)).abs().max()) > 1e-3  # normalised
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_a_batch_of_captions_predicts_row_by_row(pipes, name):
+    """encode_prompt of two captions of different lengths, then one predict call, gives each row what the
+    caption alone gives (Qwen-Image: the shorter row is padded and masked; Flux, SD3: T5 pads to the length)."""
+    pipe, family = pipes[name], family_of(pipes[name])
+    captions = ["a red star", "sks, a photo of a cat sitting on the beach in the morning"]
+    length = None if name == "tiny-qwenimage" else 24
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    sigmas = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        both = family.encode_prompt(pipe, captions, max_sequence_length=length)
+        assert both["prompt_embeds"].shape[0] == 2
+        if name == "tiny-qwenimage":
+            assert both["prompt_embeds_mask"] is not None and not both["prompt_embeds_mask"][0].all()
+        batched = family.predict(pipe.transformer, latents, sigmas, both)
+        for i, caption in enumerate(captions):
+            one = family.encode_prompt(pipe, [caption], max_sequence_length=length)
+            alone = family.predict(pipe.transformer, latents[i : i + 1], sigmas[i : i + 1], one)
+            assert_rel_close(batched[i : i + 1], alone, 1e-5, f"{name} row {i}")

@@ -1,7 +1,8 @@
 """A few flow-matching CAT steps on each tiny DiT pipeline, end to end through diffusers: captions encoded by
-the pipeline's own text encoders (catfast's offline tokenizers), a fresh peft LoRA on the family's targets,
-AdamW on the LoRA alone; the trained adapter, saved with the pipeline's own ``save_lora_weights`` under the
-family's ``denoiser_key``, loads into a fresh pipeline with ``load_lora_weights`` and predicts the same."""
+the family's encode_prompt (the pipeline's own text encoders, catfast's offline tokenizers), a fresh peft
+LoRA on the family's targets, AdamW on the LoRA alone; the trained adapter, saved with the pipeline's own
+``save_lora_weights`` under the family's ``denoiser_key``, loads into a fresh pipeline with
+``load_lora_weights`` and predicts the same."""
 
 import pytest
 import torch
@@ -19,28 +20,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PIPELINES = {"tiny-flux": FluxPipeline, "tiny-sd3": StableDiffusion3Pipeline, "tiny-qwenimage": QwenImagePipeline}
 
 
-def _encode(pipe, name: str, caption: str) -> dict:
-    """The family's condition dict from the pipeline's own encode_prompt."""
-    if name == "tiny-flux":
-        embeds, pooled, _ = pipe.encode_prompt(caption, prompt_2=None, max_sequence_length=16)
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    if name == "tiny-sd3":
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            caption, None, None, do_classifier_free_guidance=False, max_sequence_length=16
-        )
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    embeds, mask = pipe.encode_prompt(caption)
-    return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-
-
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_cat_steps_train_the_lora_and_diffusers_loads_it(tmp_path, name):
     folder = init_dit_folder(name, tmp_path / name)
     pipe = PIPELINES[name].from_pretrained(folder, local_files_only=True)
     family = family_of(folder)
     with torch.no_grad():
-        cond = _encode(pipe, name, "sks, a photo of a cat")
-        stripped = _encode(pipe, name, "a photo of a cat")
+        length = None if name == "tiny-qwenimage" else 16
+        cond = family.encode_prompt(pipe, ["sks, a photo of a cat"], max_sequence_length=length)
+        stripped = family.encode_prompt(pipe, ["a photo of a cat"], max_sequence_length=length)
     model = pipe.transformer
     trainable = add_lora(model, rank=4, alpha=4.0, target_modules=family.default_targets)
     assert trainable and all("lora_" in n for n in trainable)

@@ -102,6 +102,7 @@ class DenoiserFamily:
     sharing: tuple[str, ...] = ()
     flow: FlowRecipe | None = None  # None: a DDPM (epsilon / v) family
     patch: int = 1  # latent pixels per token side when the family packs latents itself
+    max_sequence_length: int = 77  # text tokens of a caption, the family pipeline's default
 
     def denoiser_type(self) -> type:
         import diffusers  # lazy: diffusers
@@ -112,6 +113,12 @@ class DenoiserFamily:
         """The denoiser's prediction for ``latents`` ``[B, C, H, W]`` at ``sigmas`` ``[B]`` (flow families:
         in (0, 1]; DDPM families: integer timesteps), in the latents' layout."""
         raise NotImplementedError
+
+    def encode_prompt(self, pipe, captions: list[str], *, max_sequence_length: int | None = None) -> Cond:
+        """The condition dict of ``captions`` (batch-major, one row per caption) from the family's diffusers
+        pipeline ``pipe``: its own ``encode_prompt``, no CFG rows, captions longer than ``max_sequence_length``
+        (default: the pipeline's) truncated with the pipeline's warning."""
+        raise NotImplementedError(f"{self.name}: catfast's UNet paths encode captions themselves")
 
     def encode_latents(self, vae, pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training latents ``[B, C, H, W]`` of ``pixels`` ``[B, 3, H', W']`` in [-1, 1]: a sample of the VAE's

@@ -74,8 +74,15 @@ class FluxFamily(DenoiserFamily):
     patch = 2
     scheduler_config = FLUX_SCHEDULER
 
+    max_sequence_length = 512  # FLUX.1-dev's T5 length (schnell: 256)
+
     pack = staticmethod(pack)
     unpack = staticmethod(unpack)
+
+    def encode_prompt(self, pipe, captions: list[str], *, max_sequence_length: int | None = None) -> Cond:
+        length = max_sequence_length or self.max_sequence_length
+        embeds, pooled, _ = pipe.encode_prompt(list(captions), prompt_2=None, max_sequence_length=length)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         b, _, h, w = latents.shape

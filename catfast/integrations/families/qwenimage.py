@@ -42,8 +42,17 @@ class QwenImageFamily(DenoiserFamily):
     patch = 2
     scheduler_config = QWEN_SCHEDULER
 
+    max_sequence_length = 1024
+
     pack = staticmethod(pack)
     unpack = staticmethod(unpack)
+
+    def encode_prompt(self, pipe, captions: list[str], *, max_sequence_length: int | None = None) -> Cond:
+        """Qwen2.5-VL's states of each caption (the chat template's prefix dropped), padded to the batch's
+        longest with a mask (None when no row is padded); rows of separate calls may differ in length."""
+        length = max_sequence_length or self.max_sequence_length
+        embeds, mask = pipe.encode_prompt(list(captions), max_sequence_length=length)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
     def _stats(self, vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, vae.config.z_dim, 1, 1, 1)

@@ -38,6 +38,14 @@ class SD3Family(DenoiserFamily):
     flow = FlowRecipe(weighting_scheme="logit_normal", shift=3.0)
     patch = 2
     scheduler_config = SD3_SCHEDULER
+    max_sequence_length = 256
+
+    def encode_prompt(self, pipe, captions: list[str], *, max_sequence_length: int | None = None) -> Cond:
+        length = max_sequence_length or self.max_sequence_length
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            list(captions), None, None, do_classifier_free_guidance=False, max_sequence_length=length
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = model.dtype
