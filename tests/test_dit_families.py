@@ -150,6 +150,18 @@ def test_flux_narrow_has_flux_widths():
     assert model.inner_dim == 3072 and config["attention_head_dim"] == 128 and sum(config["axes_dims_rope"]) == 128
     assert model.context_embedder.in_features == 4096 and model.x_embedder.in_features == 64
     assert 0.4e9 < sum(p.numel() for p in model.parameters()) < 0.7e9
+    assert {k: v for k, v in config.items() if "layers" not in k} == {
+        k: v for k, v in transformer_config("flux-dev").items() if "layers" not in k
+    }
+
+
+# published transformer sizes: FLUX.1 [dev] 12 B (11.9), SD3 Medium 2 B, SD3.5 Large 8.1 B, Qwen-Image 20 B
+@pytest.mark.parametrize(
+    "name,billions", [("flux-dev", 11.9), ("sd3-medium", 2.03), ("sd35-large", 8.06), ("qwen-image", 20.4)]
+)
+def test_real_configs_have_the_published_sizes(name, billions):
+    model = build_transformer(name, device="meta")
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - billions) < 0.01 * billions
 
 
 def test_models_init_refuses_transformer_only_names(tmp_path):

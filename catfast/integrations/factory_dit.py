@@ -1,9 +1,10 @@
-"""Random-weight diffusion-transformer models (``integrations/factory.py`` delegates here): ``tiny-flux`` and
+"""Random-weight diffusion-transformer models (``integrations/factory.py`` delegates here): ``tiny-flux``,
 ``tiny-sd3`` and ``tiny-qwenimage`` (a tiny transformer, tiny text encoders, a tiny VAE; complete pipeline
-folders that diffusers' own pipelines load offline; the Qwen parts in factory_qwen.py) and ``flux-narrow``
-(FLUX.1's widths and head sizes at a CPU-benchmark depth; transformer only). No hub access: tokenizers are
-built here (the CLIP ones are catfast's offline CLIP tokenizer, the T5 one a small Unigram vocabulary,
-``t5_tokenizer``; the Qwen one a byte-level BPE, ``factory_qwen.qwen_tokenizer``)."""
+folders that diffusers' own pipelines load offline; the Qwen parts in factory_qwen.py), ``flux-narrow``
+(FLUX.1's widths and head sizes at a CPU-benchmark depth; transformer only), and the real transformers'
+shapes ``flux-dev``, ``sd3-medium``, ``sd35-large``, ``qwen-image`` (transformer only, for the meta device).
+No hub access: tokenizers are built here (the CLIP ones are catfast's offline CLIP tokenizer, the T5 one a
+small Unigram vocabulary, ``t5_tokenizer``; the Qwen one a byte-level BPE, ``factory_qwen.qwen_tokenizer``)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,51 @@ from catfast.integrations.families import FAMILIES
 from catfast.integrations.tokenizer import build_tokenizer
 
 PIPELINE_NAMES = ("tiny-flux", "tiny-sd3", "tiny-qwenimage")
-TRANSFORMER_ONLY_NAMES = ("flux-narrow",)
+TRANSFORMER_ONLY_NAMES = ("flux-narrow", "flux-dev", "sd3-medium", "sd35-large", "qwen-image")
 DIT_MODEL_NAMES = PIPELINE_NAMES + TRANSFORMER_ONLY_NAMES
-FAMILY_OF_NAME = {"tiny-flux": "flux", "flux-narrow": "flux", "tiny-sd3": "sd3", "tiny-qwenimage": "qwenimage"}
+FAMILY_OF_NAME = {
+    **{name: "flux" for name in ("tiny-flux", "flux-narrow", "flux-dev")},
+    **{name: "sd3" for name in ("tiny-sd3", "sd3-medium", "sd35-large")},
+    **{name: "qwenimage" for name in ("tiny-qwenimage", "qwen-image")},
+}
+
+# The real transformers' config.json values (transformer only, built on the meta device: shapes for benchmarks
+# and memory arithmetic). black-forest-labs/FLUX.1-dev: 24 heads x 128 (3072 wide), T5-XXL's 4096-wide text,
+# CLIP-L's 768 pooled, rotary 16 + 56 + 56, guidance-distilled.
+_FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+# stabilityai/stable-diffusion-3-medium-diffusers and stable-diffusion-3.5-large
+_SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=4096)
+_SD3 |= dict(pooled_projection_dim=2048, pos_embed_max_size=192, attention_head_dim=64)
+_REAL_CONFIGS: dict[str, dict] = {
+    "flux-dev": _FLUX_DEV,
+    "sd3-medium": dict(_SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536),
+    "sd35-large": dict(_SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"),
+    # Qwen/Qwen-Image: 60 blocks of 24 heads x 128, Qwen2.5-VL-7B's 3584-wide states
+    "qwen-image": dict(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=60,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=3584,
+        axes_dims_rope=(16, 56, 56),
+    ),
+}
 
 _TRANSFORMER_CONFIGS: dict[str, dict] = {
+    **_REAL_CONFIGS,
     # FluxTransformer2DModel: 16 latent channels packed 2x2 (64 in), 2 heads x 16 (rotary axes 4 + 6 + 6),
     # one double and one single block, guidance-distilled like FLUX.1-dev; text 32 wide (T5), pooled 32 (CLIP)
     "tiny-flux": dict(
@@ -37,20 +78,8 @@ _TRANSFORMER_CONFIGS: dict[str, dict] = {
         guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
     ),
-    # black-forest-labs/FLUX.1-dev transformer/config.json with 1 double and 1 single block (FLUX.1 has 19
-    # and 38): 24 heads x 128 (3072 wide), T5-XXL's 4096-wide text, CLIP-L's 768 pooled, rotary 16 + 56 + 56
-    "flux-narrow": dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ),
+    # FLUX.1-dev's widths with 1 double and 1 single block (FLUX.1 has 19 and 38): about 0.5 B parameters
+    "flux-narrow": dict(_FLUX_DEV, num_layers=1, num_single_layers=1),
     # SD3Transformer2DModel: 16 latent channels, 2x2 patches, 2 blocks of 4 heads x 8; text 64 wide (T5; the
     # two 32-wide CLIPs side by side fill it), pooled 64 (32 + 32)
     "tiny-sd3": dict(
@@ -121,7 +150,7 @@ def seeded(seed: int, make):
 
 def build_transformer(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device=None):
     """The named model's transformer (its family's diffusers class) with seeded random weights, eval mode.
-    ``device="meta"`` builds the shapes only (``flux-narrow`` is about 0.5 B parameters)."""
+    ``device="meta"`` builds the shapes only (``flux-narrow`` is about 0.5 B parameters, the real ones 2 to 20 B)."""
     family = FAMILIES[FAMILY_OF_NAME.get(name, "")] if name in FAMILY_OF_NAME else None
     if family is None:
         raise ValueError(f"unknown transformer model {name!r}; choose one of {', '.join(DIT_MODEL_NAMES)}")
