@@ -226,3 +226,26 @@ def test_a_batch_of_captions_predicts_row_by_row(pipes, name):
             one = family.encode_prompt(pipe, [caption], max_sequence_length=length)
             alone = family.predict(pipe.transformer, latents[i : i + 1], sigmas[i : i + 1], one)
             assert_rel_close(batched[i : i + 1], alone, 1e-5, f"{name} row {i}")
+
+
+def test_flux_without_guidance_embedding_gets_no_guidance():
+    """FLUX.1-schnell's transformer has no guidance embedding: predict passes guidance=None (a value would
+    be refused by diffusers' embedding-free time projection)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**dict(transformer_config("tiny-flux"), guidance_embeds=False)).eval()
+    latents, sigmas = torch.randn(2, 16, 8, 8), torch.tensor([0.2, 0.9])
+    cond = {"prompt_embeds": torch.randn(2, 5, 32), "pooled_prompt_embeds": torch.randn(2, 32)}
+    with torch.no_grad():
+        got = FAMILIES["flux"].predict(model, latents, sigmas, cond)
+        want = model(
+            hidden_states=FluxPipeline._pack_latents(latents, 2, 16, 8, 8),
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+            timestep=sigmas,
+            img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
+            txt_ids=torch.zeros(5, 3),
+            return_dict=False,
+        )[0]
+    assert_rel_close(got, FluxPipeline._unpack_latents(want, 64, 64, 8).reshape(2, 16, 8, 8), 1e-6, "schnell")
