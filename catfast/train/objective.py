@@ -46,7 +46,7 @@ def fused_layout(unet: torch.nn.Module, device: torch.device | str | None = None
       (``catfast bench train-step``'s ``launch_ops``). The row-aware convs, linears and attention spend no
       backward work on the teacher rows, but the ops between them (norms, activations, residual adds) run their
       backward over all rows (zero gradients in the teacher's) and save the teacher rows too (at most 1.5x the
-      reference's saved bytes; measured 1.17x on ``sd15-narrow``).
+      reference's saved bytes; measured 1.23x on ``sd15-narrow``).
     - ``"teacher-first"``: the B teacher rows first, as their own call under no_grad, then the 2B adapter
       rows as one call that still runs the shared prefix once and the two caption groups once until the
       first cross-attention. Gradients are compact by construction: no teacher row enters autograd (nothing
