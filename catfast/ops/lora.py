@@ -139,7 +139,13 @@ def forward_rows(x, weight, bias, lora_a, lora_b, plan: RowPlan, backend: str, n
     rows = x2.shape[0] // n if n else 0
     if backend == "triton":  # the custom op catfast::lora_gemm under torch.compile (ops/library.py)
         y2, low = call_lora_gemm(x2, weight, bias, lora_a, lora_b, plan.slots, plan.scales, rows, need_low)
-        low = gather_rows(low, plan.grad_samples(), plan.layout.grad_run, n) if need_low else None
+        run = plan.layout.grad_run
+        if not need_low:
+            low = None
+        elif run is not None:  # T of the grad samples' rows: a view (rank r: pinning all rows costs little)
+            low = low[run[0] * rows : run[1] * rows]
+        else:
+            low = gather_rows(low, plan.grad_samples(), run, n)
     else:
         y2, low = _torch_gemm(x2, weight, bias, lora_a, lora_b, plan, rows, store_low=need_low)
     return y2, low, x2, rows
@@ -260,17 +266,11 @@ def _one_adapter(plan: RowPlan) -> tuple[int, float, int, int] | None:
     return layout.slots_used[0], scales[first], first, stop
 
 
-def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, store_low: bool, out=None):
+def _torch_gemm(x2, weight, bias, lora_a, lora_b, plan: RowPlan, rows: int, *, store_low: bool):
     """Torch twin of kernels.lora_gemm: (X W^T + b + s (X A^T) B^T, T = X A^T of the grad samples' rows, fp32,
     or None), the LoRA terms computed for the samples with an adapter only. weight [out, in]; lora_a
-    [S, r, in]; lora_b [S, out, r]. The rank-r product is accumulated in fp32. ``out``: a contiguous
-    [M, out] tensor to write the result into."""
-    if out is None:
-        y = torch.nn.functional.linear(x2, weight, bias)
-    elif bias is None:
-        y = torch.mm(x2, weight.t(), out=out)
-    else:
-        y = torch.addmm(bias, x2, weight.t(), out=out)
+    [S, r, in]; lora_b [S, out, r]. The rank-r product is accumulated in fp32."""
+    y = torch.nn.functional.linear(x2, weight, bias)
     layout = plan.layout
     if not layout.adapter_samples:
         return y, (x2.new_zeros((len(layout.grad_samples) * rows, lora_a.shape[1]), dtype=torch.float32)
