@@ -34,7 +34,7 @@ from catfast.cli.base import _THREADS_HELP, DEMO_THREADS, DEMO_TIME, _friendly, 
 @_friendly
 def demo_command(out: str, overwrite: bool, seed: int, seeds: int, threads: int, as_json: bool, compare) -> None:
     """`catfast demo` (help text above: it names DEMO_TIME, the time README.md states too)."""
-    from catfast.demo.run import format_table, run_demo  # lazy: startup
+    from catfast.demo.run import demo_summary, format_table, run_demo  # lazy: startup
 
     _set_threads(threads, DEMO_THREADS)
     if compare is not None:
@@ -53,7 +53,4 @@ def demo_command(out: str, overwrite: bool, seed: int, seeds: int, threads: int,
     click.echo(format_table(result))
     click.echo(f"grid: {result['grid']}  ({result['seconds']:.0f} s in all)")
     if as_json:
-        keys = ("preservation", "identity", "diversity", "kps", "train_seconds")
-        summary = {m: {k: result[m][k] for k in keys} for m in ("plain", "cat")}
-        summary.update(base=result["base"], seconds=result["seconds"], grid=result["grid"])
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps(demo_summary(result)))

@@ -11,10 +11,12 @@ Methods (plain LoRA and CAT are always trained: they are the baselines):
   after the striped star, stacked on the star's CAT adapter A: B trained as plain LoRA, as CAT, and as
   CAT with ``keep = [A]``. Scored on base + A + B (A merged into the weights, B attached).
 
-Scores as `catfast demo` (``run`` module docstring): preservation, identity, diversity, KPS per method,
+Scores as `catfast demo` (``run`` module docstring): preservation, identity, identity accuracy, diversity, KPS
+per method,
 plus ``colour_preservation`` (the mean per-prompt preservation of the two prompts that name a colour)
 and ``step_seconds`` (training seconds per step after the first). For ``lifelong``: ``identity`` is the
-star's identity after learning the ball (previous-concept forgetting), ``identity_new`` the ball's,
+star's identity after learning the ball (previous-concept forgetting), ``identity_new`` the ball's
+(``identity_accuracy``, ``identity_accuracy_new``: the same as shares of pictures read as the star and the ball),
 ``preservation`` the mean over the star and ball class prompts (relevant-concept forgetting), and
 ``variants`` holds the numbers of B trained as plain LoRA, CAT and with ``--keep``.
 """
@@ -32,6 +34,7 @@ from catfast.adapters.merge import merge_adapter_
 from catfast.demo import world
 from catfast.demo.adapters import CONCEPTS, concept_scenes
 from catfast.demo.adapters import write_concept as write_other
+from catfast.demo.encoder import concept_accuracy
 from catfast.demo.run import PROMPTS, SAMPLE, TRAIN, diversity, prepare
 from catfast.errors import CatfastError
 from catfast.eval.grids import save_grid
@@ -226,6 +229,7 @@ def _sample_and_score(results, model, adapters, with_ball, encoder, references, 
     ref = encoder.embed_images(references)
     for name in single:
         results[name].update(_scores(emb["base"], emb[f"{name}-"], emb[f"{name}+"], ref, groups))
+        results[name]["identity_accuracy"] = round(concept_accuracy(encoder, images[f"{name}+"]), 4)
     results["base"] = {"diversity": round(diversity(emb["base"], groups), 4)}
     return images, emb, ref
 
@@ -319,6 +323,8 @@ def _lifelong(
             preservation=round(preservation, 4),
             identity=round(identity, 4),
             identity_new=round(ball["total"]["identity"], 4),
+            identity_accuracy=round(concept_accuracy(encoder, images[f"{variant}:star+"]), 4),
+            identity_accuracy_new=round(concept_accuracy(encoder, images[f"{variant}:ball+"], CONCEPTS[SECOND][1]), 4),
             preservation_star=round(star["total"]["preservation"], 4),
             preservation_ball=round(ball["total"]["preservation"], 4),
             diversity=round(
@@ -345,29 +351,37 @@ def _lifelong(
 
 def format_compare(results: dict) -> str:
     """The comparison as a plain-text table (one row per method; the lifelong variants below)."""
-    head = f"{'':<16}{'preservation':>14}{'colour pres':>13}{'identity':>10}{'diversity':>11}{'KPS':>8}{'s/step':>8}"
+    head = f"{'':<16}{'preservation':>14}{'colour pres':>13}{'identity':>10}{'id. acc':>9}{'diversity':>11}"
+    head += f"{'KPS':>8}{'s/step':>8}"
     lines = [head, "-" * len(head)]
     for name in ("plain", "cat", "cat-guidance", "bank"):
         if name in results:
             r = results[name]
             lines.append(
                 f"{name:<16}{r['preservation']:>14.4f}{r['colour_preservation']:>13.4f}{r['identity']:>10.4f}"
-                f"{r['diversity']:>11.4f}{r['kps']:>8.4f}{r['step_seconds'] or float('nan'):>8.3f}"
+                f"{r['identity_accuracy']:>9.3f}{r['diversity']:>11.4f}{r['kps']:>8.4f}"
+                f"{r['step_seconds'] or float('nan'):>8.3f}"
             )
     if "lifelong" in results:
         lines.append("lifelong (base + star adapter + ball adapter B): identity = the star's after the ball")
         for variant, r in results["lifelong"]["variants"].items():
             lines.append(
-                f"  B {variant:<12}{r['preservation']:>14.4f}{'':>13}{r['identity']:>10.4f}{r['diversity']:>11.4f}"
-                f"{r['kps']:>8.4f}{r['step_seconds'] or float('nan'):>8.3f}   ball identity {r['identity_new']:.4f}"
+                f"  B {variant:<12}{r['preservation']:>14.4f}{'':>13}{r['identity']:>10.4f}"
+                f"{r['identity_accuracy']:>9.3f}{r['diversity']:>11.4f}{r['kps']:>8.4f}"
+                f"{r['step_seconds'] or float('nan'):>8.3f}   ball identity {r['identity_new']:.4f}"
+                f" (accuracy {r['identity_accuracy_new']:.3f})"
             )
-    lines.append(f"{'base model':<16}{'':>14}{'':>13}{'':>10}{results['base']['diversity']:>11.4f}")
+    lines.append(f"{'base model':<16}{'':>14}{'':>13}{'':>10}{'':>9}{results['base']['diversity']:>11.4f}")
+    lines.append(
+        "id. acc: identity accuracy, the share of trigger pictures read as the concept's shape, colour, pattern"
+    )
     return "\n".join(lines)
 
 
 def summary(results: dict) -> dict:
     """The ``--json`` last line: one object per method by name, with preservation, identity, diversity, kps."""
-    keys = ("preservation", "identity", "diversity", "kps", "colour_preservation", "step_seconds", "train_seconds")
+    keys = ("preservation", "identity", "identity_accuracy", "diversity", "kps", "colour_preservation")
+    keys += ("step_seconds", "train_seconds")
     out = {
         name: {k: results[name][k] for k in keys if k in results[name]}
         for name in ("plain", "cat", "cat-guidance", "bank")

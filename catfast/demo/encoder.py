@@ -27,6 +27,7 @@ from torch import nn
 
 from catfast.demo import world
 from catfast.errors import CatfastError
+from catfast.eval.kps import identity_accuracy
 from catfast.folders import write_atomic
 
 HEADS: dict[str, tuple[str, ...]] = {
@@ -96,6 +97,11 @@ class DomainEncoder:
         outs = [self.net(x[i : i + 256]) for i in range(0, len(x), 256)]
         return {h: torch.cat([o[h] for o in outs]).softmax(dim=1) for h in HEADS}
 
+    def read(self, images: list) -> dict[str, list[str]]:
+        """{head: the class name it reads in each image} (the most probable class)."""
+        probs = self.predict(images)
+        return {h: [HEADS[h][int(i)] for i in probs[h].argmax(1)] for h in HEADS}
+
     def embed_images(self, images: list) -> torch.Tensor:
         return _embedding(self.predict(images))
 
@@ -110,6 +116,12 @@ class DomainEncoder:
                     row = nn.functional.one_hot(torch.tensor(named), len(classes)).float()
                 rows[head].append(row)
         return _embedding({h: torch.stack(r) if r else torch.zeros(0, len(HEADS[h])) for h, r in rows.items()})
+
+
+def concept_accuracy(encoder: DomainEncoder, images: list, concept: dict | None = None) -> float:
+    """Identity accuracy (``catfast.eval.kps.identity_accuracy``) of ``images``: the share the encoder reads
+    as the concept's shape, colour and pattern (``concept``: Scene fields; default the demo's striped star)."""
+    return identity_accuracy(encoder.read(images), world.CONCEPT if concept is None else concept)
 
 
 def _named(head: str, classes: tuple[str, ...], words: list[str]) -> int | None:

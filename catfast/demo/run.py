@@ -8,6 +8,8 @@
    adapter and the CAT adapter, and every prompt with the trigger from both adapters, over several seeds.
 4. Score with the demo's attribute encoder (``catfast.demo.encoder``):
    preservation, identity, KPS: ``catfast.eval.kps.kps_scores`` (identity against the concept images);
+   identity accuracy: ``catfast.eval.kps.identity_accuracy``, the share of trigger pictures in which the
+   encoder reads the concept's shape, colour and pattern (a star, yellow, striped);
    diversity: 1 - the mean pairwise cosine of the class images of one prompt across seeds, averaged
    over prompts (0: every seed gives the same picture).
 5. Write OUT/grid.png (rows, labelled: base / plain / CAT on the first class prompt, then plain / CAT
@@ -26,7 +28,7 @@ import torch
 
 from catfast.adapters.formats import read_adapter
 from catfast.demo import world
-from catfast.demo.encoder import load_encoder
+from catfast.demo.encoder import concept_accuracy, load_encoder
 from catfast.demo.shipped import check_assets, encoder_path, model_path
 from catfast.errors import CatfastError
 from catfast.eval.grids import save_grid
@@ -200,7 +202,8 @@ def _sample_blocks(model: Path, adapters: dict[str, Path], prompts, pairs, sampl
 
 
 def _score(results: dict, encoder, images, references, prompts, pairs) -> None:
-    """Add preservation, identity, diversity, KPS (and per prompt) of each method, and the base's diversity."""
+    """Add preservation, identity, identity accuracy, diversity, KPS (and per prompt) of each method, and the
+    base's diversity."""
     m = len(pairs)
     emb = encoder.embed_images(images)
     ref_emb = encoder.embed_images(references)
@@ -209,15 +212,20 @@ def _score(results: dict, encoder, images, references, prompts, pairs) -> None:
     for method in METHODS:
         kps = kps_scores(block["base"], block[f"{method}-"], block[f"{method}+"], None, groups, reference_emb=ref_emb)
         scores = kps["total"]
+        trigger_images = images[BLOCKS.index(f"{method}+") * m :][:m]
         results[method].update(
             preservation=round(scores["preservation"], 4),
             identity=round(scores["identity"], 4),
+            identity_accuracy=round(concept_accuracy(encoder, trigger_images), 4),
             diversity=round(diversity(block[f"{method}-"], groups), 4),
             kps=round(scores["kps"], 4),
             per_prompt={
                 prompts[row["group"]]: {
                     "preservation": round(row["preservation"], 4),
                     "diversity": round(diversity(block[f"{method}-"], groups, only=row["group"]), 4),
+                    "identity_accuracy": round(
+                        concept_accuracy(encoder, [im for im, g in zip(trigger_images, groups) if g == row["group"]]), 4
+                    ),
                 }
                 for row in kps["per_prompt"]
             },
@@ -244,15 +252,27 @@ def _grid(images, prompts, pairs, cols: int, grid: Path) -> Path:
     return grid
 
 
+def demo_summary(results: dict) -> dict:
+    """The ``catfast demo --json`` last line: per method its scores and training time, the base's diversity,
+    the total seconds and the grid."""
+    keys = ("preservation", "identity", "identity_accuracy", "diversity", "kps", "train_seconds")
+    out = {m: {k: results[m][k] for k in keys} for m in METHODS}
+    out.update(base=results["base"], seconds=results["seconds"], grid=results["grid"])
+    return out
+
+
 def format_table(results: dict) -> str:
     """The demo's numbers as a plain-text table."""
-    head = f"{'':<12}{'preservation':>14}{'identity':>10}{'diversity':>11}{'KPS':>8}{'train s':>9}"
+    head = f"{'':<12}{'preservation':>14}{'identity':>10}{'id. accuracy':>14}{'diversity':>11}{'KPS':>8}{'train s':>9}"
     lines = [head, "-" * len(head)]
     for method, label in (("plain", "plain LoRA"), ("cat", "CAT")):
         r = results[method]
         lines.append(
-            f"{label:<12}{r['preservation']:>14.4f}{r['identity']:>10.4f}{r['diversity']:>11.4f}"
-            f"{r['kps']:>8.4f}{r['train_seconds']:>9.1f}"
+            f"{label:<12}{r['preservation']:>14.4f}{r['identity']:>10.4f}{r['identity_accuracy']:>14.3f}"
+            f"{r['diversity']:>11.4f}{r['kps']:>8.4f}{r['train_seconds']:>9.1f}"
         )
-    lines.append(f"{'base model':<12}{'':>14}{'':>10}{results['base']['diversity']:>11.4f}")
+    lines.append(f"{'base model':<12}{'':>14}{'':>10}{'':>14}{results['base']['diversity']:>11.4f}")
+    lines.append(
+        "id. accuracy: the share of trigger pictures the encoder reads as the concept's shape, colour and pattern"
+    )
     return "\n".join(lines)
