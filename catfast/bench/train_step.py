@@ -3,9 +3,11 @@ in one process.
 
 For each entry (catfast's modes ``reference`` and ``fused``, with ``layouts=True`` also the fused step in each
 of its layouts, ``fused:one-call`` and ``fused:teacher-first``, and the contestants of
-``catfast.bench.contestants``: ``official``, ``ai-toolkit``, ``kohya``), one step is its loss forward +
-backward on the same random-weight UNet (catfast's factories), with a LoRA on every attention projection
-(the CAT paper's targets) and random, nonzero B, on the same batch and seed. Reported per entry:
+``catfast.bench.contestants``: ``official``, ``ai-toolkit``, ``kohya``; with ``graphs=True`` on CUDA also
+``fused:graphed``, the one-call fused step's forward and backward replayed as one captured CUDA graph), one step is
+its loss forward + backward on the same random-weight UNet (catfast's factories), with a LoRA on every attention
+projection (the CAT paper's targets) and random, nonzero B, on the same batch and seed; catfast's fused entries run
+on the UNet patched once, as the trainer runs them. Reported per entry:
 
 - ``median_ms``: median wall time of the timed steps; the entries alternate step by step after one warm-up
   round, so machine load falls on all of them alike; ``median_cpu_ms``: the same steps' process CPU time
