@@ -58,7 +58,11 @@ def fused_layout(unet: torch.nn.Module, device: torch.device | str | None = None
     widths one launch over 3B rows pays more than the copies cost (re-checked with the convolutions chosen per
     shape, quiet, 1 thread, interleaved: one-call 1424 ms, teacher-first 1511). So: one-call from
     ``FUSED_CPU_MIN_WIDTH`` channels on the CPU, teacher-first below. Off the CPU one-call (the layout the GPU
-    kernels were built for; neither layout has been timed on a GPU yet)."""
+    kernels were built for, and the one that issues the fewest launching ops; neither layout has been timed on a
+    GPU yet). Those figures predate the launch work (one-call then copied what autograd saved through hooks);
+    after it, one loaded run (1 thread, process CPU time, benchmarks/results/train-step-cpu-dev-2core-launch.jsonl)
+    had one-call ahead on both: sd15-narrow 2066 ms against teacher-first 2250 (reference 3129), small 852 against
+    889 (reference 1049). The small UNet's rule stands until a quiet run says more."""
     model = _unwrap(unet)
     kind = torch.device(device).type if device is not None else model.conv_in.weight.device.type
     if kind != "cpu":
