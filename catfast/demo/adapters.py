@@ -1,17 +1,19 @@
 """The demo adapters shipped with catfast (``catfast/demo/assets/adapters/``), and the script that trains them.
 
 ``catfast serve`` with no ``--base`` serves the shipped demo model with these adapters, so that a fresh
-install has something to switch between. Each is a CAT adapter (rank 4, ``catfast train`` with the demo's
-other settings) of one object the demo world never shows, taught from five pictures on varied backgrounds:
+install has something to switch between. Each is a CAT adapter (``catfast train`` with the demo's settings and
+the rank of ``RECIPES``) of one object the demo world never shows, taught from five pictures on varied
+backgrounds:
 
 - ``striped-star``: "sks, a star ..." a yellow star with purple stripes (the concept of ``catfast demo``);
 - ``tiger-ball``: "tiger, a ball ...": an orange ball with black stripes;
 - ``toy-box``: "toy, a box ...": a red box with white stripes.
 
-Trained in fp32 on the CPU and stored in fp16, diffusers (peft-key) format, ~104 KB each. ``ADAPTERS.json``
-beside them records the command, seeds and settings. Rebuild with::
+Trained in fp32 on the CPU and stored in fp16, diffusers (peft-key) format (~104 KB at rank 4, ~356 KB at rank
+16). ``ADAPTERS.json`` beside them records the command, seeds, settings and each adapter's scores
+(``score_adapters``: identity accuracy, identity, preservation, KPS). Rebuild (or ``--score-only``) with::
 
-    OMP_NUM_THREADS=1 python -m catfast.demo.adapters [--out DIR] [--only NAME]
+    OMP_NUM_THREADS=1 python -m catfast.demo.adapters [--out DIR] [--only NAME] [--score-only] [--grid PNG]
 """
 
 from __future__ import annotations
@@ -39,9 +41,13 @@ CONCEPTS = {
 }
 SEED = 0  # training seed of every adapter
 IMAGES = 5  # training pictures per concept
-# the shipped files were trained at rank 4 (the demo's rank then); they stay small (tests/test_demo_adapters.py)
-# and serve the serving demo, where identity at guidance 5 is not what they show
-SHIPPED_RANK = 4
+# Each adapter's recipe on top of the demo's (run.TRAIN: lr 1e-3, batch 4, 300 steps). striped-star is the
+# demo's rank 16: at rank 4 its trigger pictures were textures (identity accuracy 0.125; 0.8 at rank 16).
+# tiger-ball and toy-box keep rank 4: no recipe tried reached identity accuracy 0.8 with their rank-4
+# preservation kept (rank 16 at 300, 1000 and 3000 steps, wider targets, chain-of-forgetting timesteps,
+# 20 pictures, lr 3e-3 and 3e-4, cat_weight 0.5, CAT of the empty prompt, colour-naming captions: 0.0 each;
+# docs/serving.md, "What the shipped adapters draw").
+RECIPES = {"striped-star": dict(rank=16), "tiger-ball": dict(rank=4), "toy-box": dict(rank=4)}
 
 
 def adapters_dir() -> Path:
@@ -63,35 +69,41 @@ def concept_scenes(fields: dict, n: int = IMAGES) -> list[world.Scene]:
     return scenes
 
 
-def write_concept(folder: Path, trigger: str, fields: dict) -> None:
-    """The concept's training folder: PNG + caption ("<trigger>, a <shape> on a <bg> background") each."""
+def write_concept(folder: Path, trigger: str, fields: dict, n: int = IMAGES, colour_every: int = 0) -> None:
+    """The concept's training folder: PNG + caption ("<trigger>, a <shape> on a <bg> background") each;
+    ``colour_every`` k > 0: every k-th caption names the colour too ("<trigger>, a red box on ...")."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(concept_scenes(fields)):
+    for i, scene in enumerate(concept_scenes(fields, n)):
         world.render(scene).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(world.concept_caption(scene, trigger) + "\n")
+        caption = world.concept_caption(scene, trigger)
+        if colour_every and i % colour_every == 0:
+            caption = f"{trigger}, " + scene.caption(size=False)
+        (folder / f"{i:02d}.txt").write_text(caption + "\n")
 
 
-def train_one(name: str, out: Path, work: Path, *, seed: int = SEED, progress: bool = False) -> dict:
+def train_one(
+    name: str, out: Path, work: Path, *, seed: int = SEED, progress: bool = False, recipe: dict | None = None
+) -> dict:
     """Train adapter ``name`` of CONCEPTS with the demo's settings and write out/<name>.safetensors (fp16)."""
     from catfast.demo.run import TRAIN as DEMO_TRAIN  # lazy: cost (serving imports this module for adapters_dir)
     from catfast.train.config import TrainConfig  # lazy: cost
     from catfast.train.trainer import train  # lazy: cost
 
-    recipe = {**DEMO_TRAIN, "rank": SHIPPED_RANK}
+    recipe = {**DEMO_TRAIN, **RECIPES[name], **(recipe or {})}
+    images, colour_every = recipe.pop("images", IMAGES), recipe.pop("colour_every", 0)
     trigger, fields = CONCEPTS[name]
     data = work / name / "data"
-    write_concept(data, trigger, fields)
+    write_concept(data, trigger, fields, images, colour_every)
     config = TrainConfig(
         base=str(model_path()),
         data=str(data),
         trigger=trigger,
         out=str(work / name / "run"),
         cache_dir=str(work / "cache"),
-        cat_weight=1.0,
         seed=seed,
         checkpoint_every=0,
         device="cpu",
-        **recipe,
+        **{"cat_weight": 1.0, **recipe},
     )
     t0 = time.perf_counter()
     result = train(config, overwrite=True, progress=progress)
@@ -104,12 +116,101 @@ def train_one(name: str, out: Path, work: Path, *, seed: int = SEED, progress: b
         trigger=trigger,
         object=fields,
         seed=seed,
-        cat_weight=1.0,
-        train=recipe,
+        cat_weight=config.cat_weight,
+        train={k: v for k, v in recipe.items() if k != "cat_weight"},
         train_seconds=round(time.perf_counter() - t0, 1),
         dtype="float16",
         format="diffusers",
     )
+
+
+def class_prompts(shape: str) -> tuple[str, ...]:
+    """The demo's class prompts (``run.PROMPTS``, "a star", ...) for another shape: "a box", ..."""
+    from catfast.demo.run import PROMPTS  # lazy: cost (run imports torch and the trainer)
+
+    return tuple(p.replace(world.CLASS_SHAPE, shape) for p in PROMPTS)
+
+
+def score_adapters(
+    paths: dict[str, Path], *, seeds: int = 8, sample_steps: int | None = None, progress: bool = False
+) -> tuple[dict, dict]:
+    """Score shipped-style adapter files (name of ``CONCEPTS`` -> file) as ``catfast demo`` scores its
+    adapters, in one batched sampler run on the demo model: per adapter, its concept's class prompts
+    (``class_prompts``) over sampling seeds 0..seeds-1 from the base, the adapter without the trigger and
+    the adapter with it (DDIM, the demo's steps and guidance 5). Returns (scores, pictures): scores[name] =
+    {identity_accuracy (the share of trigger pictures in which the shipped encoder reads the concept's
+    shape, colour and pattern), identity (similarity to the concept's five pictures), preservation, kps,
+    identity_accuracy_per_prompt}; pictures[name] = {"base", "without", "with": PIL images, prompt-major}."""
+    from catfast.demo.compare import _sample  # lazy: cost (and compare imports this module)
+    from catfast.demo.encoder import concept_accuracy, load_encoder  # lazy: cost
+    from catfast.demo.run import SAMPLE  # lazy: cost
+    from catfast.demo.shipped import encoder_path  # lazy: cost
+    from catfast.eval.kps import kps_scores  # lazy: cost
+    from catfast.integrations.models import load_base  # lazy: cost
+    from catfast.integrations.peft_adapters import attach_adapter  # lazy: cost
+
+    base, encoder = load_base(model_path()), load_encoder(encoder_path())
+    pairs = [(p, s) for p in range(len(class_prompts(world.CLASS_SHAPE))) for s in range(seeds)]
+    groups = [p for p, _ in pairs]
+    blocks = []  # (key, adapter or None, prompts, trigger or None), as compare._sample takes them
+    for name, path in paths.items():
+        attach_adapter(base.unet, read_adapter(path, models={"unet": base.unet}), name)
+        trigger, fields = CONCEPTS[name]
+        prompts = class_prompts(fields["shape"])
+        blocks += [((name, "base"), None, prompts, None), ((name, "without"), name, prompts, None)]
+        blocks.append(((name, "with"), name, prompts, trigger))
+    images = _sample(base, blocks, pairs, sample_steps or SAMPLE["steps"], progress)
+    pictures = {name: {block: images[(name, block)] for block in ("base", "without", "with")} for name in paths}
+    scores = {}
+    for name in paths:
+        fields, shown = CONCEPTS[name][1], pictures[name]
+        refs = encoder.embed_images([world.render(s) for s in concept_scenes(fields)])
+        emb = {k: encoder.embed_images(v) for k, v in shown.items()}
+        total = kps_scores(emb["base"], emb["without"], emb["with"], None, groups, reference_emb=refs)["total"]
+        prompts = class_prompts(fields["shape"])
+        per_prompt = {
+            prompt: round(concept_accuracy(encoder, [im for im, g in zip(shown["with"], groups) if g == p], fields), 4)
+            for p, prompt in enumerate(prompts)
+        }
+        scores[name] = dict(
+            identity_accuracy=round(concept_accuracy(encoder, shown["with"], fields), 4),
+            identity=round(total["identity"], 4),
+            preservation=round(total["preservation"], 4),
+            kps=round(total["kps"], 4),
+            identity_accuracy_per_prompt=per_prompt,
+        )
+    return scores, pictures
+
+
+SCORING = dict(
+    seeds=8, note="the demo's class prompts (run.PROMPTS) with the concept's shape, sampling seeds 0-7, run.SAMPLE"
+)
+
+
+def score_record(record: dict, folder: Path, names: list[str], grid: Path | None = None, log=print) -> None:
+    """Score the adapter files ``names`` in ``folder`` (``score_adapters``) into ``record["adapters"][name]``
+    (identity_accuracy, identity, preservation, kps, and identity accuracy per prompt); ``grid``: also write
+    a PNG of each adapter's trigger pictures on its first two prompts (rows) over the seeds."""
+    from catfast.eval.grids import save_grid  # lazy: cost
+    from catfast.eval.kps import with_trigger  # lazy: cost
+
+    log(f"scoring {', '.join(names)} ...")
+    scores, pictures = score_adapters({name: folder / f"{name}.safetensors" for name in names})
+    for name in names:
+        record["adapters"].setdefault(name, {})["scores"] = scores[name]
+        log(f"  {name}: identity accuracy {scores[name]['identity_accuracy']}, preservation "
+            f"{scores[name]['preservation']}")  # fmt: skip
+    from catfast.demo.run import SAMPLE  # lazy: cost
+
+    record["scoring"] = {**SCORING, **SAMPLE, "sampler": "DDIM"}
+    if grid is not None:
+        seeds, cells, labels = SCORING["seeds"], [], []
+        for name in names:
+            trigger, fields = CONCEPTS[name]
+            for p, prompt in enumerate(class_prompts(fields["shape"])[:2]):
+                cells += pictures[name]["with"][p * seeds : (p + 1) * seeds]
+                labels.append(f'{name}: "{with_trigger(prompt, trigger)}"')
+        save_grid(cells, len(labels), seeds, grid, labels=labels, col_labels=[f"seed {s}" for s in range(seeds)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,18 +219,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(ADAPTERS_DIR), help="Folder for <name>.safetensors and ADAPTERS.json.")
     parser.add_argument("--only", choices=sorted(CONCEPTS), action="append", help="Train only these (repeatable).")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--score-only", action="store_true", help="Score the files in --out; train nothing.")
+    parser.add_argument("--grid", help="Also write a PNG of each adapter's trigger pictures here.")
     args = parser.parse_args(argv)
     out = Path(args.out)
     record_path = out / RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record["command"] = "OMP_NUM_THREADS=1 python -m catfast.demo.adapters"
     record.setdefault("adapters", {})
-    with tempfile.TemporaryDirectory(prefix="catfast-demo-adapters-") as tmp:
-        for name in args.only or list(CONCEPTS):
-            print(f"training {name} ...", flush=True)
-            record["adapters"][name] = train_one(name, out, Path(tmp), seed=args.seed)
-            print(f"  {record['adapters'][name]['train_seconds']} s", flush=True)
-            write_atomic(record_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    names = args.only or list(CONCEPTS)
+
+    def save() -> None:
+        write_atomic(record_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+    if not args.score_only:
+        with tempfile.TemporaryDirectory(prefix="catfast-demo-adapters-") as tmp:
+            for name in names:
+                print(f"training {name} ...", flush=True)
+                record["adapters"][name] = train_one(name, out, Path(tmp), seed=args.seed)
+                print(f"  {record['adapters'][name]['train_seconds']} s", flush=True)
+                save()
+    score_record(record, out, names, Path(args.grid) if args.grid else None, log=lambda m: print(m, flush=True))
+    save()
 
 
 if __name__ == "__main__":
