@@ -79,8 +79,9 @@ def test_fused_cat_step_compiles_as_one_graph(layout):
     out.total.backward()
     _check_against(unet, out, eager, want)
     lora_ops = [n for gm in graphs for n in gm.graph.nodes if _is_lora_op(n)]
-    # every LoRA Linear of the tiny UNet (ALL targets: 40) is one custom-op node per UNet call
-    assert len(lora_ops) == 40 * (2 if layout == "teacher-first" else 1)
+    # every LoRA Linear of the tiny UNet (ALL targets: 40) is one custom-op node; teacher-first's own call for the
+    # teacher rows has no adapter sample, and its LoRA layers run their frozen layer alone
+    assert len(lora_ops) == 40
     assert _breaks() == {}, _breaks()
 
 

@@ -15,7 +15,7 @@ from catfast.adapters.adapter import LoraAdapter, LoraLayer
 from catfast.adapters.formats import write_adapter
 from catfast.errors import CatfastError
 from catfast.eval.encoders import ImageTextEncoder, load_clip, make_tiny_clip
-from catfast.eval.grids import save_grid
+from catfast.eval.grids import grid_layout, save_grid
 from catfast.eval.kps import format_kps_table, harmonic_mean, kps_eval, kps_scores, read_images, run_kps_cli
 from catfast.eval.sampler import sample_images
 from catfast.integrations.factory import build_base, init_model_folder
@@ -291,7 +291,11 @@ def test_kps_eval_zero_adapter_preserves_exactly_and_accepts_any_encoder(tmp_pat
     assert [(s["prompt"], s["seed"]) for s in result["samples"]] == [("a cat", 0), ("a dog", 0)]
     t = result["total"]
     assert t["kps"] == pytest.approx(harmonic_mean([t["preservation"], t["identity"]]))
-    assert Image.open(grid).size[1] == 2 * 32  # one row per (prompt, seed)
+    heads = ["base", "adapter, without trigger", 'adapter, "sks, ..."']
+    labels = ["a cat / seed 0", "a dog / seed 0"]
+    one_row_each = grid_layout([(32, 32)] * 6, 2, 3, labels=labels, col_labels=heads)  # one row per (prompt, seed)
+    assert Image.open(grid).size == one_row_each.size
+    assert one_row_each.size[1] < grid_layout([(32, 32)] * 9, 3, 3, labels=labels + ["x"], col_labels=heads).size[1]
     assert "prompt sim" not in format_kps_table(result)
     with pytest.raises(CatfastError, match="already contains the trigger"):
         kps_eval(base, "fresh", ["a sks cat"], [0, 1], "sks", MeanColourEncoder(), steps=1)
