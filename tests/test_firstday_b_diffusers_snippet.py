@@ -32,7 +32,7 @@ def test_readme_diffusers_snippet_runs_and_matches_catfast(tmp_path):
         [sys.executable, "-c", _snippet()], cwd=tmp_path, capture_output=True, text=True, timeout=500, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    with Image.open(tmp_path / "toy-box.png") as im:
+    with Image.open(tmp_path / "striped-star.png") as im:
         theirs = np.asarray(im.convert("RGB"), dtype=np.int16)
     assert theirs.shape == (32, 32, 3)
 
@@ -44,9 +44,10 @@ def test_readme_diffusers_snippet_runs_and_matches_catfast(tmp_path):
     from catfast.integrations.peft_adapters import attach_adapter
 
     base = load_base(model_path())
-    attach_adapter(base.unet, read_adapter(adapters_dir() / "toy-box.safetensors", models={"unet": base.unet}), "t")
+    adapter = read_adapter(adapters_dir() / "striped-star.safetensors", models={"unet": base.unet})
+    attach_adapter(base.unet, adapter, "t")
     (ours,) = sample_images(
-        base, ["toy, a box on a green background"], adapters=["t"], seeds=[0], steps=20, guidance=5.0
+        base, ["sks, a star on a green background"], adapters=["t"], seeds=[0], steps=20, guidance=5.0
     )
     diff = np.abs(theirs - np.asarray(ours, dtype=np.int16))
     assert diff.mean() < 1.0 and diff.max() <= 8, (diff.mean(), diff.max())
