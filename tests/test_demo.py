@@ -172,7 +172,8 @@ def test_demo_end_to_end_small(tmp_path):
         for key in ("preservation", "identity", "diversity", "kps"):
             assert 0 <= result[method][key] <= 1
         per_prompt = result[method]["per_prompt"]["a star"]  # one prompt: the per-prompt row is the total
-        assert per_prompt == {"preservation": result[method]["preservation"], "diversity": result[method]["diversity"]}
+        keys = ("preservation", "diversity", "identity_accuracy")
+        assert per_prompt == {k: result[method][k] for k in keys}
         assert (tmp_path / "demo" / method / "adapter.safetensors").is_file()
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["cat"] == result["cat"]
