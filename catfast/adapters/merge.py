@@ -62,7 +62,8 @@ def resolve_targets(
 
 # Registration refuses a layer whose update ||scale * up @ down|| is more than this many times the norm of
 # the base weight it modifies (Frobenius norms, at weight 1). What LoRAs measure: catfast's demo adapters
-# (300 steps, rank 4) 0.04-0.45 over their 56 layers (median 0.12); the random LoRAs the serving tests
+# (300 steps, rank 4) 0.04-0.45 over their 56 layers (median 0.12), the rank-16 striped-star 0.05-0.62 (as
+# measured by the engineer who retrained it, docs/serving.md); the random LoRAs the serving tests
 # compare with diffusers (std 0.3 on the tiny UNet) 1.4-10.4, and their pictures are still finite and
 # equal diffusers'. For third-party files only absolute norms were at hand (no kohya or diffusers LoRA
 # file could be downloaded here): kohya's sd-scripts cap the norm of the same product with
