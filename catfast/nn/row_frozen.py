@@ -59,7 +59,7 @@ class _RowFrozen(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # attributes read once from __dict__: nn.Module's __getattr__ cost 20% of this method's host time
+        # read from __dict__ once, not through nn.Module.__getattr__ (a Python call per read, per module, per step)
         holder, inner = self.__dict__["holder"], self.__dict__["inner"]
         if holder.plan is None:  # no plan: exactly the original module
             return inner(x)
