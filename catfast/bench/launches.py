@@ -17,7 +17,6 @@ op below autograd, the backward's included, and sorts them:
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,16 +41,17 @@ def op_name(func) -> str:
 UNMARKED_VIEWS = frozenset({"_unsafe_view", "lift_fresh"})
 
 
-def is_view(func) -> bool:
-    """Whether the op only aliases its input (no work): some output aliases an input and none is written."""
-    if func.is_view or op_name(func) in UNMARKED_VIEWS:
+def is_view(func, name: str) -> bool:
+    """Whether op ``func`` (named ``name``) only aliases its input (no work): some output aliases an input and
+    none is written."""
+    if func.is_view or name in UNMARKED_VIEWS:
         return True
     returns = func._schema.returns
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
-def is_sync(func, args) -> bool:
-    name = op_name(func)
+def is_sync(func, args, name: str) -> bool:
+    """Whether op ``func`` (named ``name``, ``op_name(func)``) makes the host wait for a device value."""
     if name in SYNCS:
         return True
     # repeat_interleave(repeats: Tensor) sizes its output from the repeats' values unless output_size is given
@@ -66,7 +66,6 @@ class LaunchCounter(TorchDispatchMode):
         super().__init__()
         self.launches: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
-        self.views = 0
         self._triton_before: Counter[str] = Counter()
 
     def __enter__(self):
@@ -79,14 +78,12 @@ class LaunchCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if is_sync(func, args):
-            self.syncs[op_name(func)] += 1
-        if is_view(func):
-            self.views += 1
-        elif op_name(func) not in ALLOCATIONS:
-            self.launches[op_name(func)] += 1
-        return func(*args, **kwargs)
+        name = op_name(func)
+        if is_sync(func, args, name):
+            self.syncs[name] += 1
+        if not is_view(func, name) and name not in ALLOCATIONS:
+            self.launches[name] += 1
+        return func(*args, **(kwargs or {}))
 
     @property
     def launch_ops(self) -> int:
@@ -97,22 +94,8 @@ class LaunchCounter(TorchDispatchMode):
         return sum(self.syncs.values())
 
 
-def count_step(step, *, repeat: int = 1) -> LaunchCounter:
-    """Run ``step()`` ``repeat`` times under a ``LaunchCounter`` and return it (per-step figures are its
-    counts divided by ``repeat``)."""
+def count_step(step) -> LaunchCounter:
+    """Run ``step()`` once under a ``LaunchCounter`` and return it."""
     with LaunchCounter() as counter:
-        for _ in range(repeat):
-            step()
-    return counter
-
-
-def host_ms(step, *, rounds: int = 5) -> float:
-    """Median wall milliseconds of ``step()`` over ``rounds`` calls, uncounted (the host's cost of issuing a step
-    whose arithmetic is negligible, as on ``sd15-skeleton``)."""
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
         step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return counter

@@ -157,24 +157,30 @@ def _step(unet, loss_fn, autocast):
 
 
 def _measure_once(unet, loss_fn, autocast, context=contextlib.nullcontext) -> dict:
-    """FLOPs of forward and backward, and unique bytes autograd saved (parameters excluded). One step runs
-    first, uncounted: the first call of each convolution shape times its algorithms (``catfast.ops.conv``),
-    whose runs the counter would add to the step's FLOPs. A graphed entry replays what was captured: no FLOPs or
-    saved bytes are seen, its launching ops are the copies into the graph's input buffers."""
+    """FLOPs of forward and backward, unique bytes autograd saved (parameters excluded), and what one step
+    issues. One step runs first, uncounted: the first call of each convolution shape times its algorithms
+    (``catfast.ops.conv``), whose runs the counter would add to the step's FLOPs. A graphed entry replays what
+    was captured: no FLOPs or saved bytes are seen, its launching ops are the copies into the graph's input
+    buffers."""
     with context():
         _step(unet, loss_fn, autocast)
         if getattr(loss_fn, "graphed", False):
             for _ in range(3):  # through its eager warm-up steps to the capture
                 _step(unet, loss_fn, autocast)
-            launches = count_step(lambda: _step(unet, loss_fn, autocast))
-            out = _step(unet, loss_fn, autocast)
-            grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
-            return dict(launch_ops=launches.launch_ops, launch_ops_by_op=dict(launches.launches.most_common(10)),
-                        host_syncs=launches.host_syncs, out=out, grads=grads)  # fmt: skip
-        return _measure_eager(unet, loss_fn, autocast)
+            figures = {"out": _step(unet, loss_fn, autocast), "grads": _lora_grads(unet)}
+        else:
+            figures = _flops_and_saved(unet, loss_fn, autocast)
+        launches = count_step(lambda: _step(unet, loss_fn, autocast))
+    return figures | dict(launch_ops=launches.launch_ops, launch_ops_by_op=dict(launches.launches.most_common(10)),
+                          host_syncs=launches.host_syncs)  # fmt: skip
 
 
-def _measure_eager(unet, loss_fn, autocast) -> dict:
+def _lora_grads(unet) -> dict:
+    return {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def _flops_and_saved(unet, loss_fn, autocast) -> dict:
+    """One eager step's forward and backward FLOPs, saved bytes, output and LoRA gradients."""
     params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
     storages: dict[int, int] = {}
 
@@ -189,18 +195,8 @@ def _measure_eager(unet, loss_fn, autocast) -> dict:
         out = loss_fn()
     with flop_counter() as bwd:
         out.total.backward()
-    grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
-    launches = count_step(lambda: _step(unet, loss_fn, autocast))
-    return dict(
-        fwd_flops=fwd.get_total_flops(),
-        bwd_flops=bwd.get_total_flops(),
-        saved_bytes=sum(storages.values()),
-        launch_ops=launches.launch_ops,
-        launch_ops_by_op=dict(launches.launches.most_common(10)),
-        host_syncs=launches.host_syncs,
-        out=out,
-        grads=grads,
-    )
+    return dict(fwd_flops=fwd.get_total_flops(), bwd_flops=bwd.get_total_flops(), saved_bytes=sum(storages.values()),
+                out=out, grads=_lora_grads(unet))  # fmt: skip
 
 
 def _param_bytes(modules) -> int:

@@ -98,21 +98,6 @@ _UNET_CONFIGS: dict[str, dict] = {
         attention_head_dim=8,
         norm_num_groups=32,
     ),
-    # SD1.5's exact module structure (4 levels, 2 layers per block, 16 transformer blocks, 8 heads) at widths
-    # where arithmetic is negligible (32 channels, 8x8 latents, 32-wide text): what is left of a step is the
-    # host's cost of issuing its ops, the CPU stand-in for a batch-1 GPU step (bench train-step's launch_ops).
-    "sd15-skeleton": dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ),
     # SDXL's structure (two text encoders, text_time added conditioning, linear projections, several
     # transformer layers per block) at tiny size: cross_attention_dim 64 = 32 + 32, 80 = 32 + 6 * 8.
     "tiny-sdxl": dict(
@@ -133,6 +118,13 @@ _UNET_CONFIGS: dict[str, dict] = {
         norm_num_groups=8,
     ),
 }
+
+# SD1.5's exact module structure (4 levels, 2 layers per block, 16 transformer blocks, 8 heads) at widths where
+# arithmetic is negligible (32 channels, 8x8 latents, 32-wide text): what is left of a step is the host's cost of
+# issuing its ops, the CPU stand-in for a batch-1 GPU step (bench train-step's launch_ops).
+_UNET_CONFIGS["sd15-skeleton"] = dict(
+    _UNET_CONFIGS["sd15"], sample_size=8, block_out_channels=(32, 32, 32, 32), cross_attention_dim=32, norm_num_groups=8
+)
 
 
 def unet_config(name: str) -> dict:

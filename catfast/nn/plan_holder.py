@@ -51,8 +51,9 @@ class PlanHolder:
 
     def scaled_plan(self, scaling: tuple[float, ...]) -> RowPlan:
         """The current plan with each sample's scale times ``scaling[slot]`` (a LoRA layer's alpha / r per
-        slot), made once per call and scaling: layers with the same scaling share it and what it caches."""
-        cache = self.plan.__dict__.setdefault("_scaled", {})  # on the plan: a built plan is reused across steps
+        slot), made once per plan and scaling and kept on the plan (``RowPlan.build`` gives a training run the
+        same plan every step): layers with the same scaling share it and what it caches."""
+        cache = self.plan.__dict__.setdefault("_scaled", {})
         hit = cache.get(scaling)
         if hit is None:
             plan = self.plan

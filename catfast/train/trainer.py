@@ -297,29 +297,11 @@ class _Run:
             return self._graphed_step()
         retention = self.retention
         stats = torch.zeros(3 if retention is None else 5, device=self.device)
-        step_loss = cat_loss if retention is None else functools.partial(retention.loss, generator=self.noise_gen)
-        plain = {"cat_weight": config.cat_weight, "snr_gamma": config.snr_gamma} if retention is None else {}
         for micro in range(config.grad_accum):
-            keys, start, n, count = self.batches.next_shard(dist)
-            batch = collate_batch(self.dataset, keys, self.device, self.weight_dtype)
-            # drawn for the whole global batch on every rank: W processes compute what one would
-            mine = slice(start, start + len(keys))
-            noise = torch.randn((n, *batch["latents"].shape[1:]), generator=self.noise_gen)[mine]
-            timesteps = sample_timesteps(self.timestep_probs, n, self.noise_gen, self.num_timesteps)[mine]
+            inputs, adapters, count, n = self._micro_batch()
             sync = micro == config.grad_accum - 1 or dist.world == 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                loss = step_loss(
-                    self.model,
-                    self.base.scheduler,
-                    latents=batch["latents"],
-                    noise=noise.to(self.device),
-                    timesteps=timesteps.to(self.device),
-                    cond=batch["cond"],
-                    cond_stripped=batch["cond_stripped"],
-                    mode=self.mode,
-                    adapters=_adapters(self.adapter_of_concept, batch["concepts"]),
-                    **plain,  # the retention loss reads them from the config
-                )
+                loss = self._loss(inputs, adapters)
                 # DDP averages the ranks' gradients; weighting each rank's mean by its share of the
                 # global batch makes that average the global batch's mean
                 scale = count * dist.world / n / config.grad_accum
@@ -339,44 +321,50 @@ class _Run:
             stats /= dist.world
         return stats.tolist(), lr  # the one host sync per step: the metrics line and the progress bar need it
 
+    def _micro_batch(self) -> tuple[dict, list[str], int, int]:
+        """This rank's next micro-batch as ``cat_loss`` inputs (latents, noise, timesteps, cond, cond_stripped on
+        the device), its samples' adapters, and (count, n) for weighting its loss in the global batch."""
+        keys, start, n, count = self.batches.next_shard(self.dist)
+        batch = collate_batch(self.dataset, keys, self.device, self.weight_dtype)
+        # drawn for the whole global batch on every rank: W processes compute what one would
+        mine = slice(start, start + len(keys))
+        noise = torch.randn((n, *batch["latents"].shape[1:]), generator=self.noise_gen)[mine]
+        timesteps = sample_timesteps(self.timestep_probs, n, self.noise_gen, self.num_timesteps)[mine]
+        inputs = dict(latents=batch["latents"], noise=noise.to(self.device), timesteps=timesteps.to(self.device),
+                      cond=batch["cond"], cond_stripped=batch["cond_stripped"])  # fmt: skip
+        return inputs, _adapters(self.adapter_of_concept, batch["concepts"]), count, n
+
+    def _loss(self, inputs: dict, adapters: list[str]):
+        """The step's loss on one micro-batch: the CAT loss, or the retention loss when retention rows are on."""
+        config = self.config
+        if self.retention is None:
+            return cat_loss(self.model, self.base.scheduler, **inputs, mode=self.mode, adapters=adapters,
+                            cat_weight=config.cat_weight, snr_gamma=config.snr_gamma)  # fmt: skip
+        # the retention loss reads cat_weight and snr_gamma from the config
+        return self.retention.loss(self.model, self.base.scheduler, **inputs, mode=self.mode, adapters=adapters,
+                                   generator=self.noise_gen)  # fmt: skip
+
     def _graphed_step(self) -> tuple[list[float], float]:
         """``step`` as a replayed CUDA graph (``--cuda-graphs``; ``check_graphable`` refused what it cannot
-        capture: one process, one micro-batch, no loss scaler, a constant lr)."""
-        keys, _, n, _ = self.batches.next_shard(self.dist)
-        batch = collate_batch(self.dataset, keys, self.device, self.weight_dtype)
-        inputs = {
-            "latents": batch["latents"],
-            "noise": torch.randn((n, *batch["latents"].shape[1:]), generator=self.noise_gen).to(self.device),
-            "timesteps": sample_timesteps(self.timestep_probs, n, self.noise_gen, self.num_timesteps).to(self.device),
-            **flatten_conditions(batch["cond"], "cond"),
-            **flatten_conditions(batch["cond_stripped"], "cond_stripped"),
-        }
-        self._graph_adapters = _adapters(self.adapter_of_concept, batch["concepts"])
+        capture: one process, one micro-batch, no loss scaler, a constant lr, no retention rows)."""
+        inputs, self._graph_adapters, _, _ = self._micro_batch()
+        cond, cond_stripped = inputs.pop("cond"), inputs.pop("cond_stripped")
+        inputs |= flatten_conditions(cond, "cond") | flatten_conditions(cond_stripped, "cond_stripped")
         stats = self.graphed.run(inputs)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()  # constant: nothing the captured step would miss
         return stats.tolist(), lr
 
-    def _graph_body(self, inputs: dict) -> torch.Tensor:
+    def _graph_body(self, flat: dict) -> torch.Tensor:
         """The captured step: CAT loss, backward, clipping, optimizer step; the loss terms as one tensor. The
         gradients are not zeroed after it: the captured backward writes them afresh on every replay."""
-        config = self.config
-        loss = cat_loss(
-            self.model,
-            self.base.scheduler,
-            latents=inputs["latents"],
-            noise=inputs["noise"],
-            timesteps=inputs["timesteps"],
-            cond=unflatten_conditions(inputs, "cond"),
-            cond_stripped=unflatten_conditions(inputs, "cond_stripped"),
-            mode=self.mode,
-            adapters=self._graph_adapters,
-            cat_weight=config.cat_weight,
-            snr_gamma=config.snr_gamma,
-        )
+        inputs = {k: flat[k] for k in ("latents", "noise", "timesteps")}
+        for name in ("cond", "cond_stripped"):
+            inputs[name] = unflatten_conditions(flat, name)
+        loss = self._loss(inputs, self._graph_adapters)
         loss.total.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         self.optimizer.step()
         return torch.stack([loss.total.detach(), loss.ldm.detach(), loss.cat.detach()])
 
