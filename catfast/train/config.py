@@ -7,7 +7,9 @@ every attention, rank 1 with alpha = rank, AdamW lr 1e-4 (betas 0.9/0.999, eps 1
 the LoRA parameters), 900 steps with a checkpoint every 150 (every checkpoint kept). Rank, lr, batch
 size and steps follow the base (`recipe_for`): on the shipped demo model (``--base demo``) they are the
 demo's recipe (rank 16, lr 1e-3, batch 4, 300 steps; the paper's rank 1 / lr 1e-4 learned nothing there
-in 300 steps); a value given in a flag, ``--set`` or the config file wins.
+in 300 steps), on a diffusion transformer's pipeline folder (Flux, SD3, Qwen-Image: `dit_family`) the DiT
+recipe (rank 16, lr 1e-4, batch 1, 500 steps) and the family's LoRA targets; a value given in a flag,
+``--set`` or the config file wins.
 
 A config file is flat (``rank = 4``; dashes and underscores both work) and may hold a list of
 concepts for a multi-concept run::
@@ -69,6 +71,9 @@ _NOT_RESULT = {
 # on the shipped demo model the demo's recipe (`catfast demo` trains with it: catfast/demo/run.py's TRAIN).
 PAPER_RECIPE = dict(rank=1, lr=1e-4, batch_size=1, steps=900)
 DEMO_RECIPE = dict(rank=16, lr=1e-3, batch_size=4, steps=300)
+# A diffusion transformer (train/flow_trainer.py): diffusers' train_dreambooth_lora_flux.py README example's lr,
+# batch and steps (1e-4, 1, 500), at rank 16 (its rank 4 is a smoke value; 16 is the common Flux LoRA rank)
+DIT_RECIPE = dict(rank=16, lr=1e-4, batch_size=1, steps=500)
 
 
 def recipe_for(base: str | None) -> tuple[str, dict[str, Any]]:
@@ -79,7 +84,26 @@ def recipe_for(base: str | None) -> tuple[str, dict[str, Any]]:
 
         if is_demo_base(base):
             return "the demo's recipe (--base demo)", dict(DEMO_RECIPE)
+        family = dit_family(base)
+        if family is not None:
+            return f"the DiT recipe ({family.name})", dict(DIT_RECIPE)
     return "the CAT paper's SD1.5 recipe", dict(PAPER_RECIPE)
+
+
+def dit_family(base: str | None):
+    """The model family (``integrations.families``) of ``base`` when it is a diffusers pipeline folder of a
+    diffusion transformer (Flux, SD3, Qwen-Image), which `catfast train` trains with train/flow_trainer.py;
+    None for anything else (UNet folders, files, hub ids, demo, and pipeline classes no family knows: the UNet
+    loader handles or names them, as before)."""
+    if base is None or not (Path(base).expanduser() / "model_index.json").is_file():
+        return None
+    from catfast.integrations.families import family_of  # lazy: torch
+
+    try:
+        family = family_of(Path(base).expanduser())
+    except CatfastError:
+        return None
+    return family if family.flow is not None else None
 
 
 _RETENTION_DEFAULTS = dict(cat_prompts="stripped", bank=None, bank_ratio=0.2, bank_weight=0.1, keep=[], keep_weight=1.0)
@@ -212,6 +236,10 @@ class TrainConfig:
             setattr(self, key, recipe[key])
         if filled:  # a second validate() finds nothing to fill and keeps what the first one recorded
             self._from_recipe = filled
+        family = dit_family(self.base)
+        if family is not None and self.targets == list(ATTENTION_PROJECTIONS):
+            # the UNet default stands for "the base's default": on a DiT, the family's trainers' targets
+            self.targets = list(family.default_targets)
         triggers = [c.trigger for c in self.concepts]
         if any(not t.strip() for t in triggers):
             raise ConfigError("a trigger word must not be empty")

@@ -51,7 +51,7 @@ from catfast.train.checkpoint import (
     run_settings,
     save_checkpoint,
 )
-from catfast.train.config import TrainConfig
+from catfast.train.config import TrainConfig, dit_family
 from catfast.train.data import Concept, Transform, scan_concepts
 from catfast.train.dist import Dist, init_distributed
 from catfast.train.graphs import GraphedSteps, check_graphable, flatten_conditions, unflatten_conditions
@@ -99,7 +99,8 @@ def train(
     progress: bool = True,
     announce: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train the adapter(s) ``config`` describes; see the module docstring. ``resume`` continues from the
+    """Train the adapter(s) ``config`` describes; see the module docstring (a diffusion transformer's pipeline
+    folder as base: ``catfast.train.flow_trainer``). ``resume`` continues from the
     newest checkpoint in OUT/checkpoints (refused when its settings differ); ``overwrite`` starts over in
     an OUT that holds an earlier run's files. ``announce`` (rank 0) gets ``config.describe()``, what the run
     trains with, once every input check has passed and before the first step."""
@@ -108,6 +109,12 @@ def train(
     try:
         announce = announce if dist.main else None
         with sigterm_as_interrupt():  # SIGTERM ends the run like Ctrl-C: no partial checkpoint folder stays
+            family = dit_family(config.base)
+            if family is not None:  # a Flux / SD3 / Qwen-Image pipeline folder: the flow-matching trainer
+                from catfast.train.flow_trainer import train_flow  # lazy: it imports this module
+
+                return train_flow(config, dist, family, resume=resume, overwrite=overwrite,
+                                  progress=progress and dist.main, announce=announce)  # fmt: skip
             return _train(config, dist, resume=resume, overwrite=overwrite, progress=progress and dist.main,
                           announce=announce)  # fmt: skip
     finally:

@@ -1,0 +1,598 @@
+"""`catfast train` on a diffusion transformer (Flux, SD3, Qwen-Image): the flow-matching CAT loop.
+
+`trainer.train` sends here a base whose folder is a diffusers pipeline of a flow-matching family
+(`config.dit_family`); UNet bases stay in trainer.py. One run:
+
+1. refuses, in one line naming the option, what this path does not build (`check_supported`: DDP,
+   --cuda-graphs, retention, samples, kohya files, ...), then checks OUT as the UNet trainer does;
+2. scans the concept folders (train/data.py: captions, triggers, kohya folders) and plans each image's
+   variants (data.Transform: resize, crops, flips, aspect buckets) at sides that are multiples of the VAE's
+   scale x the family's 2x2 patch;
+3. caches on disk, under OUT/cache (or cache_dir), one safetensors entry per image (`build_flow_cache`): its
+   variants' latents ``[V, C, h, w]`` fp32 (`family.encode_latents`: a posterior sample seeded by the image's
+   hash, so an entry is reproducible) and the condition dicts of its caption and trigger-stripped caption
+   (`family.encode_prompt`, one caption per call: no padding). Only a build with misses loads the text
+   encoders; they and the VAE run in fp32 (entries shared by runs of any precision) and are dropped before
+   the transformer is loaded (T5-XXL and Qwen2.5-VL outweigh the LoRA's working set);
+4. loads the transformer alone (the mixed precision's dtype), attaches one peft LoRA on ``config.targets``
+   (the family's ``default_targets`` unless set), and per optimizer step runs ``grad_accum`` micro-batches of
+   `flow_cat_loss` (noise and sigmas from `sample_flow_inputs` with the run's generator), clips the LoRA
+   gradients, steps AdamW (fp32 LoRA parameters only) and the lr schedule;
+5. writes what the UNet trainer writes: config.json, metrics.jsonl (step, loss, ldm, cat, lr, seconds, mode),
+   loss.png, checkpoints (`catfast.train.checkpoint`: --resume continues bit for bit), and adapter.safetensors
+   in diffusers' format (``transformer.`` keys, rank and alpha in ``lora_adapter_metadata``) written by the
+   pipeline class's own ``save_lora_weights``, which ``pipe.load_lora_weights`` loads. A checkpoint's
+   lora.safetensors is that file as of its step, written into the checkpoint folder right after it lands
+   (a kill between the two leaves a checkpoint that resumes but lacks it).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import inspect
+import json
+import logging
+import math
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from catfast.errors import CatfastError
+from catfast.folders import write_atomic
+from catfast.integrations.families import DenoiserFamily
+from catfast.integrations.peft_adapters import add_lora
+from catfast.train import flow_objective
+from catfast.train.batches import BatchStream
+from catfast.train.checkpoint import (
+    TrainState,
+    capture_rng,
+    check_identities,
+    content_identities,
+    load_checkpoint,
+    remove_stale_partials,
+    restore_rng,
+    run_settings,
+    save_checkpoint,
+)
+from catfast.train.config import TrainConfig
+from catfast.train.data import Example, ImagePlan, Transform, image_size, load_image, plan_image, render
+from catfast.train.dist import Dist
+from catfast.train.lifelong import TRIGGER_PROMPTS, trigger_prompts_metadata
+from catfast.train.outputs import METRICS, MetricsWriter, prepare_out, start_out, truncate_metrics
+from catfast.train.schedules import lr_lambda
+from catfast.train.trainer import DTYPES, TrainResult, _device, _load_lora, _scan, _seed_everything
+
+log = logging.getLogger("catfast.train")
+FLOW_CACHE_FORMAT = "catfast-flow-cache/1"
+ADAPTER = "adapter.safetensors"
+
+
+def train_flow(
+    config: TrainConfig,
+    dist: Dist,
+    family: DenoiserFamily,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    announce=None,
+) -> TrainResult:
+    """Train one CAT LoRA on the transformer of the pipeline folder ``config.base`` (module docstring)."""
+    check_supported(config, family, dist.world)
+    mode, mode_reason = flow_mode(config)
+    folder = Path(config.base).expanduser()
+    out = Path(config.out)
+    resume_from, earlier = prepare_out(out, config, dist, resume=resume, overwrite=overwrite)
+    remove_stale_partials(out / "checkpoints")  # what a SIGKILLed run left, named as it goes
+    device = _device(config, dist)
+    _seed_everything(config.seed)
+    examples = _scan(config)  # bad data fails before any model work
+    cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
+    dataset, pipeline_class, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, progress)
+    identities = content_identities(SimpleNamespace(path=str(folder)), dataset.digests,
+                                    [str(e.image) for e in dataset.examples])  # fmt: skip
+    if resume_from is not None:
+        check_identities(resume_from, identities)
+    else:  # every input check passed: only now is an earlier run's output replaced and config.json written
+        start_out(out, earlier, config, dist)
+    if announce is not None:
+        announce(config.describe())
+
+    run = _FlowRun(config, family, pipeline_class, dataset, device, identities, examples, mode, mode_reason)
+    run.freed = freed
+    if resume_from is not None:
+        run.restore(resume_from)
+    history = truncate_metrics(out / METRICS, run.start_step) if resume_from is not None else []
+    run.metrics = MetricsWriter(out / METRICS, history)
+    total, rate = run.loop(progress)
+    return run.finish(total, rate)
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def check_supported(config: TrainConfig, family: DenoiserFamily, world: int) -> None:
+    """Raise a one-line CatfastError naming the first option the DiT path does not build: such an option is
+    refused, never ignored."""
+    refused = [
+        (world > 1, f"DDP (torchrun, {world} processes)", "run one process"),
+        (config.cuda_graphs, "--cuda-graphs", "leave it off"),
+        (bool(config.keep), "--keep", "train without kept adapters"),
+        (config.bank is not None, "--bank", "train without a knowledge bank"),
+        (config.cat_prompts != "stripped", f"--cat-prompts {config.cat_prompts}", "use stripped"),
+        (config.snr_gamma is not None, "--snr-gamma (a DDPM weighting)", "the family's recipe weights the loss"),
+        (config.timesteps != "uniform", f"--timesteps {config.timesteps}", "the family's recipe samples sigmas"),
+        (config.mixed_precision == "fp16", "--mixed-precision fp16", "use bf16"),
+        (config.sample_every > 0, "--sample-every", "set it to 0 and sample with the pipeline and load_lora_weights"),
+        (config.format != "diffusers", f"--format {config.format}", "use diffusers"),
+        (
+            len(config.concepts) > 1 and config.concept_adapters == "per-concept",
+            "one adapter per concept",
+            "set concept_adapters = shared",
+        ),  # fmt: skip
+        (config.mode == "measure", "--mode measure", "use auto, fused or reference"),
+        (config.base_config is not None, "--base-config", "a pipeline folder is complete without it"),
+    ]
+    for is_refused, option, hint in refused:
+        if is_refused:
+            raise CatfastError(f"{option} is not built for DiT bases ({family.name}) yet; {hint}")
+
+
+def flow_mode(config: TrainConfig) -> tuple[str, str]:
+    """(the CAT step mode `flow_cat_loss` runs, why): ``auto`` is fused where flow_cat_loss has it, else
+    reference; fused where it has not is refused."""
+    modes = getattr(flow_objective, "MODES", ("reference",)) if _has_modes() else ("reference",)
+    if config.mode == "auto":
+        if "fused" in modes:
+            return "fused", "auto: the fused flow CAT step (one row-planned call of 3B rows)"
+        return "reference", "auto: flow_cat_loss has no fused mode here"
+    if config.mode not in modes:
+        raise CatfastError(f"--mode {config.mode} is not built for DiT bases yet; use {' or '.join(modes)}")
+    return config.mode, "set by the config"
+
+
+def _has_modes() -> bool:
+    return "mode" in inspect.signature(flow_objective.flow_cat_loss).parameters
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+@dataclass
+class _FlowEntry:
+    """One image's cached tensors: ``latents`` ``[V, C, h, w]`` fp32; ``cond`` / ``cond_stripped`` the
+    condition dicts of its caption / stripped caption, one row each without the batch axis (fp32)."""
+
+    latents: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    cond_stripped: dict[str, torch.Tensor]
+
+
+class FlowDataset:
+    """The cached training set in memory, batched by `batch_order` (via `BatchStream`) like the UNet's:
+    ``len``, ``num_variants``, ``bucket``; `batch` stacks entries on the device. ``optional``: condition keys
+    the family returned as None (Qwen-Image's ``prompt_embeds_mask`` for an unpadded caption)."""
+
+    def __init__(self, examples: list[Example], plans: list[ImagePlan], entries: list[_FlowEntry], digests,
+                 optional: set[str]):  # fmt: skip
+        self.examples, self.plans, self.entries = list(examples), list(plans), list(entries)
+        self.digests, self.optional = list(digests), set(optional)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def num_variants(self, example: int) -> int:
+        return self.entries[example].latents.shape[0]
+
+    def bucket(self, example: int) -> tuple[int, int]:
+        h, w = self.entries[example].latents.shape[-2:]
+        return int(h), int(w)
+
+    def batch(self, keys, device, dtype) -> tuple[torch.Tensor, dict, dict]:
+        """(latents ``[B, C, h, w]`` fp32, cond, cond_stripped) of the (example, variant) ``keys`` on
+        ``device``; floating condition tensors in ``dtype``."""
+        rows = [self.entries[e] for e, _ in keys]
+        latents = torch.stack([self.entries[e].latents[v] for e, v in keys]).to(device)
+        cond = self._stack([r.cond for r in rows], device, dtype)
+        return latents, cond, self._stack([r.cond_stripped for r in rows], device, dtype)
+
+    def _stack(self, conds: list[dict], device, dtype) -> dict:
+        """Rows stacked per key. Rows of one key that differ in length (Qwen-Image's captions) are zero-padded
+        at the end, with ``<key>_mask`` (1: a caption token) built where the family has that key: what the
+        family's pipeline does to a batch of captions."""
+        out = {}
+        for key in conds[0]:
+            tensors = [c[key] for c in conds]
+            if len({t.shape for t in tensors}) > 1:
+                if f"{key}_mask" not in self.optional:
+                    raise CatfastError(f"captions give {key} of different shapes and no padding mask; use batch 1")
+                length = max(t.shape[0] for t in tensors)
+                mask = torch.zeros(len(tensors), length, dtype=torch.long)
+                for i, t in enumerate(tensors):
+                    mask[i, : t.shape[0]] = 1
+                tensors = [torch.cat([t, t.new_zeros(length - t.shape[0], *t.shape[1:])]) for t in tensors]
+                out[f"{key}_mask"] = mask.to(device)
+            stacked = torch.stack(tensors)
+            out[key] = stacked.to(device, dtype if stacked.is_floating_point() else stacked.dtype)
+        return out
+
+
+def build_flow_cache(folder: Path, family: DenoiserFamily, examples: list[Example], config: TrainConfig,
+                     cache_dir: Path, device: torch.device, progress: bool):  # fmt: skip
+    """(FlowDataset, the pipeline class, the names of the freed encoders with weak references to them).
+
+    Every image is read and planned before any encoder loads (a small or unreadable image fails first). An
+    entry's file is ``cache_dir/<key>.safetensors``, key = sha256 of (format, `_model_identity`, the image's
+    sha256, both captions, ``Transform.key()``, bucket step), written atomically; a damaged one is encoded
+    again with a warning. Text encoders and the VAE are dropped from the pipeline and collected here."""
+    from diffusers import DiffusionPipeline  # lazy: diffusers
+
+    from catfast.integrations.models import quiet_progress_bars  # lazy: diffusers
+
+    quiet_progress_bars()
+    index = json.loads((folder / "model_index.json").read_text())
+    encoders = [k for k in index if k.startswith("text_encoder") and index[k] and index[k][0]]
+    # the VAE, tokenizers and scheduler alone: the image geometry, before the text encoders are known to be needed
+    light = DiffusionPipeline.from_pretrained(folder, local_files_only=True, transformer=None,
+                                              **dict.fromkeys(encoders))  # fmt: skip
+    transform, step = _transform(folder, family, light, config)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CatfastError(f"{cache_dir}: cannot create the latent cache folder: {e}") from None
+    model_id = _model_identity(folder, index, family)
+    planned = []  # (example, plan, digest, cache file)
+    for ex in examples:
+        data = _read(ex.image)
+        digest = hashlib.sha256(data).hexdigest()
+        plan = plan_image(ex.image, image_size(ex.image, data), transform, step, digest)
+        blob = [FLOW_CACHE_FORMAT, model_id, digest, ex.caption, ex.caption_stripped, transform.key(), step]
+        key = hashlib.sha256(json.dumps(blob).encode()).hexdigest()
+        planned.append((ex, plan, digest, cache_dir / f"{key}.safetensors"))
+
+    entries, optional, seen, pipe = [], set(), {}, None
+    for ex, plan, digest, path in tqdm(planned, desc="caching latents", unit="img", disable=not progress):
+        if path in seen:  # a repeated example (kohya repeats) shares its entry
+            entries.append(seen[path])
+            continue
+        loaded = _load_entry(path, plan)
+        if loaded is None:
+            if pipe is None:  # the text encoders, only for a build with misses
+                pipe = type(light).from_pretrained(folder, local_files_only=True, transformer=None, vae=light.vae)
+                pipe.to(device)
+            loaded = _encode(pipe, family, ex, plan, digest)
+            _write_entry(path, *loaded, ex)
+        entry, none_keys = loaded
+        optional |= none_keys
+        entries.append(entry)
+        seen[path] = entry
+    freed = []  # drop every encoder: the pipelines are the only holders, so they are collected here
+    for p in (pipe, light):
+        for name in (*encoders, "vae"):
+            module = getattr(p, name, None) if p is not None else None
+            if module is not None:
+                freed.append((name, weakref.ref(module)))
+                setattr(p, name, None)
+    pipeline_class = type(light)
+    del pipe, light, module
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    dataset = FlowDataset([p[0] for p in planned], [p[1] for p in planned], entries, [p[2] for p in planned], optional)
+    return dataset, pipeline_class, list(dict(freed).items())
+
+
+def _transform(folder: Path, family: DenoiserFamily, light, config: TrainConfig) -> tuple[Transform, int]:
+    """The image transform and bucket step: sides multiples of the VAE's scale x the family's patch; the
+    default resolution the transformer's native one (``sample_size``, else the pipeline's default)."""
+    scale = light.vae_scale_factor
+    multiple = scale * family.patch
+    resolution = config.resolution
+    if resolution is None:
+        native = family.denoiser_type().load_config(folder, subfolder=family.denoiser_key).get("sample_size")
+        resolution = (native or getattr(light, "default_sample_size", 128)) * scale
+    if not config.buckets and resolution % multiple:
+        raise CatfastError(
+            f"resolution {resolution} is not a multiple of {multiple}, which this model needs (VAE x patch); "
+            f"use {max(multiple, resolution // multiple * multiple)}"
+        )
+    transform = Transform(
+        resolution=resolution,
+        center_crop=config.center_crop,
+        random_flip=config.random_flip,
+        buckets=config.buckets,
+        crop_variants=1 if config.center_crop else config.crop_variants,
+        allow_upscale=config.allow_upscale,
+    )
+    return transform, max(8 * scale, multiple)
+
+
+@torch.no_grad()
+def _encode(pipe, family: DenoiserFamily, example: Example, plan: ImagePlan, digest: str):
+    """(entry, the condition keys the family returned as None) of one image."""
+    data = _read(example.image)
+    if hashlib.sha256(data).hexdigest() != digest:  # the entry's key must describe what it holds
+        raise CatfastError(f"{example.image}: the image changed while the cache was being built; run again")
+    pixels = render(load_image(example.image, data), plan).to(pipe.vae.device)
+    generator = torch.Generator().manual_seed(int(digest[:15], 16))  # the image's own sample, in every run
+    latents = family.encode_latents(pipe.vae, pixels, generator=generator).float().cpu()
+    conds, none_keys = [], set()
+    for caption in (example.caption, example.caption_stripped):
+        cond = family.encode_prompt(pipe, [caption])  # one caption a call: no padding between captions
+        none_keys |= {k for k, v in cond.items() if v is None}
+        conds.append({k: v[0].float().cpu() for k, v in cond.items() if v is not None})
+    return _FlowEntry(latents, conds[0], conds[1]), none_keys
+
+
+def _write_entry(path: Path, entry: _FlowEntry, none_keys: set[str], example: Example) -> None:
+    tensors = {"latents": entry.latents}
+    tensors |= {f"cond.{k}": v for k, v in entry.cond.items()}
+    tensors |= {f"stripped.{k}": v for k, v in entry.cond_stripped.items()}
+    meta = {"format": FLOW_CACHE_FORMAT, "image": str(example.image), "none_keys": json.dumps(sorted(none_keys))}
+    try:
+        write_atomic(path, safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, meta))
+    except OSError as e:  # the temp file is already removed; existing entries are untouched
+        raise CatfastError(f"{path}: cannot write the cache entry for {example.image}: {e}") from None
+
+
+def _load_entry(path: Path, plan: ImagePlan):
+    """(entry, its None keys) at ``path``, or None when it is missing, unreadable or of the wrong shape."""
+    import warnings
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FLOW_CACHE_FORMAT:
+                raise ValueError(f"not a {FLOW_CACHE_FORMAT} file")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        latents = tensors["latents"]
+        if latents.dim() != 4 or latents.shape[0] != len(plan.variants):
+            raise ValueError(f"latents {tuple(latents.shape)} for {len(plan.variants)} variants")
+        cond = {k.removeprefix("cond."): v for k, v in tensors.items() if k.startswith("cond.")}
+        stripped = {k.removeprefix("stripped."): v for k, v in tensors.items() if k.startswith("stripped.")}
+        return _FlowEntry(latents, cond, stripped), set(json.loads(meta["none_keys"]))
+    except Exception as e:  # safetensors raises several types for truncated/garbage files
+        warnings.warn(f"{path}: cache entry is unreadable or damaged ({e}); encoding it again", stacklevel=3)
+        return None
+
+
+def _model_identity(folder: Path, index: dict, family: DenoiserFamily) -> str:
+    """sha256 of what the cached tensors depend on: the folder, and the names, sizes and mtimes of every
+    component's files but the transformer's and the scheduler's (no multi-GB hashing per run), and the
+    diffusers version (the pipelines' encode_prompt code)."""
+    import diffusers  # lazy: diffusers
+
+    h = hashlib.sha256(f"{FLOW_CACHE_FORMAT};{family.name};fp32;{diffusers.__version__}".encode())
+    h.update(str(folder.resolve()).encode())
+    for name in sorted(k for k in index if not k.startswith("_") and k not in (family.denoiser_key, "scheduler")):
+        if (folder / name).is_dir():
+            for file in sorted(p for p in (folder / name).rglob("*") if p.is_file()):
+                st = file.stat()
+                h.update(f"{file.relative_to(folder).as_posix()}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise CatfastError(f"{path}: cannot read the image file: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+class _FlowRun:
+    """One run between its steps: the transformer with its LoRA, optimizer, lr schedule, noise generator,
+    data position and writers. ``freed``: (name, weak reference) of the encoders dropped before the loop."""
+
+    def __init__(self, config: TrainConfig, family: DenoiserFamily, pipeline_class, dataset: FlowDataset, device,
+                 identities, examples, mode: str, mode_reason: str):  # fmt: skip
+        self.config, self.family, self.pipeline_class, self.dataset = config, family, pipeline_class, dataset
+        self.device, self.identities, self.examples = device, identities, examples
+        self.mode, self.mode_reason = mode, mode_reason
+        self.out = Path(config.out)
+        self.weight_dtype = DTYPES[config.mixed_precision]
+        self.noise_gen = torch.Generator().manual_seed(config.seed)
+        self.start_step, self.epoch, self.batch_index = 0, 0, 0
+        self.metrics: MetricsWriter | None = None
+        self.freed: list = []
+        self.last: dict[str, float] = {}
+        _check_metadata(pipeline_class, config)
+        self.model = family.denoiser_type().from_pretrained(
+            Path(config.base).expanduser(), subfolder=family.denoiser_key, local_files_only=True,
+            torch_dtype=self.weight_dtype,
+        ).to(device)  # fmt: skip
+        _seed_everything(config.seed)  # the LoRA's init does not depend on what loading drew
+        add_lora(self.model, rank=config.rank, alpha=config.lora_alpha, target_modules=config.targets)
+        self.params = {n: p for n, p in sorted(self.model.named_parameters()) if p.requires_grad}
+        if not self.params:
+            raise CatfastError(f"no module of the {family.name} transformer matches the LoRA targets {config.targets}")
+        for p in self.params.values():  # half frozen transformer, fp32 LoRA (peft's cast_training_params)
+            p.data = p.data.float()
+        if config.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.trainable = list(self.params.values())
+        self.optimizer = torch.optim.AdamW(
+            self.trainable,
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+            **({"fused": True} if device.type == "cuda" else {"foreach": True}),  # as the UNet trainer's
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.loss_kwargs = {"cat_weight": config.cat_weight, **({"mode": mode} if _has_modes() else {})}
+
+    def restore(self, checkpoint: Path) -> None:
+        """Continue from ``checkpoint``: LoRA weights, optimizer, lr schedule, RNG, data position."""
+        state = load_checkpoint(checkpoint)
+        _load_lora(self.params, state.lora, checkpoint)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        restore_rng(state.rng, self.noise_gen)
+        self.start_step, self.epoch, self.batch_index = state.step, state.epoch, state.batch_index
+
+    def loop(self, progress: bool) -> tuple[float, float | None]:
+        """Steps start_step + 1 .. config.steps with their metrics and checkpoints; (total seconds, optimizer
+        steps per second after the first step without checkpoint time, None for one step)."""
+        config = self.config
+        alive = [name for name, ref in self.freed if ref() is not None]
+        log.info("CAT step mode %s: %s", self.mode, self.mode_reason)
+        log.info("text encoders and VAE freed before the first step: %s (still referenced: %s)",
+                 ", ".join(name for name, _ in self.freed) or "none loaded", ", ".join(alive) or "none")  # fmt: skip
+        self.batches = BatchStream(self.dataset, config.batch_size, config.seed, self.epoch, self.batch_index)
+        bar = tqdm(total=config.steps, initial=self.start_step, desc="train", unit="step", disable=not progress)
+        t_start, t_timed, timed, excluded = time.perf_counter(), None, 0, 0.0
+        for step in range(self.start_step + 1, config.steps + 1):
+            t0 = time.perf_counter()
+            values, lr = self.step()
+            self._record(step, values, lr, time.perf_counter() - t0, bar)
+            if t_timed is None:
+                t_timed = time.perf_counter()
+            else:
+                timed += 1
+            t_extra = time.perf_counter()
+            if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
+                self.checkpoint(step)
+            excluded += time.perf_counter() - t_extra
+        bar.close()
+        rate = timed / (time.perf_counter() - t_timed - excluded) if timed else None
+        return time.perf_counter() - t_start, rate
+
+    def step(self) -> tuple[list[float], float]:
+        """One optimizer step of ``grad_accum`` micro-batches: (loss, ldm, cat) and the lr it used."""
+        config, family = self.config, self.family
+        stats = torch.zeros(3, device=self.device)
+        for _ in range(config.grad_accum):
+            keys, _, _, _ = self.batches.next_shard(Dist())
+            latents, cond, cond_stripped = self.dataset.batch(keys, self.device, self.weight_dtype)
+            noise, sigmas = flow_objective.sample_flow_inputs(family, latents, generator=self.noise_gen)
+            out = flow_objective.flow_cat_loss(family, self.model, latents, noise, sigmas, cond, cond_stripped,
+                                               **self.loss_kwargs)  # fmt: skip
+            (out.loss / config.grad_accum).backward()
+            cat = out.cat if out.cat is not None else torch.zeros_like(out.ldm)
+            stats += torch.stack([out.loss.detach(), out.ldm, cat]) / config.grad_accum
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats.tolist(), lr  # the one host sync per step
+
+    def _record(self, step: int, values: list[float], lr: float, seconds: float, bar) -> None:
+        """Refuse a non-finite loss, write the metrics line, move the progress bar."""
+        self.last = {"loss": values[0], "ldm": values[1], "cat": values[2]}
+        if not math.isfinite(values[0]):
+            lr_now = self.config.lr
+            raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({lr_now}) or check the data")
+        record = {"step": step, **self.last, "lr": lr, "seconds": round(seconds, 6), "mode": self.mode}
+        if step == self.start_step + 1:
+            record["mode_reason"] = self.mode_reason
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{values[0]:.4f}", ldm=f"{values[1]:.4f}", cat=f"{values[2]:.2e}", refresh=False)
+        bar.update(1)
+
+    def checkpoint(self, step: int) -> None:
+        """Save a checkpoint after ``step`` (its lora.safetensors right after), redraw loss.png."""
+        config = self.config
+        state = TrainState(
+            step=step,
+            epoch=self.batches.epoch,
+            batch_index=self.batches.index,
+            lora=self.params,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=None,
+            rng=capture_rng(self.noise_gen),
+            settings=run_settings(config, 1),
+            config_hash=config.result_hash(),
+            identities=self.identities,
+        )
+        folder = save_checkpoint(self.out / "checkpoints", state, keep=config.keep_checkpoints)
+        self.write_adapter(folder / "lora.safetensors", step)
+        self.metrics.plot(self.out / "loss.png")
+
+    def write_adapter(self, path: Path, step: int) -> None:
+        """The LoRA as of ``step`` at ``path``: `write_dit_adapter` with the run's triggers and captions."""
+        metadata = {
+            "catfast.triggers": json.dumps([c.trigger for c in self.config.concepts]),
+            "catfast.steps": str(step),
+            "catfast.family": self.family.name,
+            TRIGGER_PROMPTS: trigger_prompts_metadata([e.caption for e in self.examples]),
+        }
+        write_dit_adapter(self.pipeline_class, self.model, self.config, path, metadata)
+
+    def finish(self, total: float, rate: float | None) -> TrainResult:
+        """Write adapter.safetensors and the final loss.png; the run's result."""
+        path = self.out / ADAPTER
+        self.write_adapter(path, self.config.steps)
+        self.metrics.plot(self.out / "loss.png")
+        self.metrics.close()
+        return TrainResult(
+            out=self.out,
+            adapters={c.trigger: path for c in self.config.concepts},
+            steps=self.config.steps,
+            start_step=self.start_step,
+            seconds=total,
+            steps_per_second=rate,
+            last=self.last,
+            mode=self.mode,
+            mode_reason=self.mode_reason,
+            lora={name: p.detach().to("cpu", copy=True) for name, p in self.params.items()},
+        )
+
+
+# ------------------------------------------------------------------------------------------------ adapter
+
+
+def _check_metadata(pipeline_class, config: TrainConfig) -> None:
+    """Refuse, before training, an alpha this diffusers cannot record (no ``transformer_lora_adapter_metadata``:
+    ``load_lora_weights`` would assume alpha = rank)."""
+    if config.lora_alpha != config.rank and not _takes_metadata(pipeline_class):
+        raise CatfastError(
+            f"this diffusers' {pipeline_class.__name__}.save_lora_weights cannot record alpha {config.lora_alpha:g} "
+            f"(no transformer_lora_adapter_metadata); set alpha = rank ({config.rank}) or upgrade diffusers"
+        )
+
+
+def _takes_metadata(pipeline_class) -> bool:
+    return "transformer_lora_adapter_metadata" in inspect.signature(pipeline_class.save_lora_weights).parameters
+
+
+def write_dit_adapter(pipeline_class, model: torch.nn.Module, config: TrainConfig, path: Path,
+                      metadata: dict[str, str]) -> None:  # fmt: skip
+    """``model``'s LoRA as the file ``pipeline_class.save_lora_weights`` writes (``transformer.<module>.lora_A
+    .weight`` keys; rank, alpha and targets in ``lora_adapter_metadata``), plus ``metadata``, at ``path``
+    atomically: written into a hidden temporary folder beside ``path``, then its tensors rewritten with the
+    extra metadata through a temp file and a rename."""
+    from peft.utils import get_peft_model_state_dict  # lazy: peft
+
+    layers = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    kwargs = {}
+    if _takes_metadata(pipeline_class):
+        kwargs["transformer_lora_adapter_metadata"] = {
+            "r": config.rank, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.targets),
+        }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".adapter-", dir=path.parent) as tmp:
+            pipeline_class.save_lora_weights(tmp, transformer_lora_layers=layers, **kwargs)
+            with safe_open(str(Path(tmp) / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+                header = {**(f.metadata() or {}), **metadata}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        write_atomic(path, safetensors.torch.save(tensors, header))
+    except OSError as e:
+        raise CatfastError(f"{path}: cannot write the adapter: {e.strerror or e}") from None
