@@ -174,3 +174,22 @@ SGM_SDXL = {
     "label_emb_0_2": "add_embedding.linear_2",
     "out_2": "conv_out",
 }
+
+
+def lora_transformer(name: str, *, rank: int = 3, alpha: float = 5.0, seed: int = 3):
+    """(family, tiny DiT ``name`` ("tiny-flux", "tiny-sd3", "tiny-qwenimage") frozen with a peft LoRA of random
+    A and B (std 0.3, never a zero B) on the family's targets, untouched frozen copy of the base)."""
+    import copy
+
+    from peft import LoraConfig  # lazy: peft
+
+    from catfast.integrations.factory_dit import FAMILY_OF_NAME, build_transformer  # lazy: diffusers
+    from catfast.integrations.families import FAMILIES
+
+    family = FAMILIES[FAMILY_OF_NAME[name]]
+    model = build_transformer(name)
+    base = copy.deepcopy(model).requires_grad_(False)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(family.default_targets)))
+    randomize_lora_(model, seed=seed, std=0.3)
+    return family, model, base

@@ -3,19 +3,15 @@ the LoRA is applied by hand as merged weights W + scale * B A in a functional ca
 the transformer, packing and ids come from diffusers' FluxPipeline / QwenImagePipeline, and the timestep
 sampler is checked against diffusers' compute_density_for_timestep_sampling and FlowMatchEulerDiscreteScheduler."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
-from peft import LoraConfig
 
-from catfast.integrations.factory_dit import build_transformer
 from catfast.integrations.families import FAMILIES, lora_disabled
-from catfast.testing import assert_rel_close, randomize_lora_
+from catfast.testing import assert_rel_close, lora_transformer
 from catfast.train.flow_objective import flow_cat_loss, sample_flow_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,14 +20,8 @@ RANK, ALPHA = 3, 5.0  # scale 5/3: alpha != rank
 
 
 def _lora_model(name: str):
-    """(transformer with a random-B LoRA on the family's targets, untouched copy of the base)."""
-    family = FAMILIES[{"tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-qwenimage": "qwenimage"}[name]]
-    model = build_transformer(name)
-    base = copy.deepcopy(model).requires_grad_(False)
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(family.default_targets)))
-    randomize_lora_(model, seed=3, std=0.3)
-    return family, model, base
+    """(family, transformer with a random-B LoRA on the family's targets, untouched copy of the base)."""
+    return lora_transformer(name, rank=RANK, alpha=ALPHA)
 
 
 def _conds(model, batch: int, seed: int):

@@ -1,9 +1,11 @@
-"""Swap the peft LoRA layers of a diffusers UNet for catfast's row-planned layers, and back.
+"""Swap the peft LoRA layers of a diffusers denoiser (a UNet, or a transformer of ``integrations.families``)
+for catfast's row-planned layers, and back.
 
 Instance-level and reversible: ``patch_unet`` replaces each supported peft layer instance in its
 parent module by a ``RowLoraLayer`` that shares its parameters (no copies), each other Conv2d /
-Linear by a row-aware frozen stand-in (same parameters, same names), and sets a row-aware attention
-processor (diffusers' official ``set_attn_processor``). ``unpatch_unet`` puts the original instances
+Linear by a row-aware frozen stand-in (same parameters, same names), and, where the model's family allows
+it (``row_attention``: UNets), sets a row-aware attention processor (diffusers' official
+``set_attn_processor``). ``unpatch_unet`` puts the original instances
 and processors back, so the UNet is exactly what it was. Nothing global is changed. Without a row
 plan, every patched module computes exactly what the original does.
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from catfast.integrations.families import family_of
 from catfast.nn.plan_holder import PlanHolder
 from catfast.nn.row_frozen import RowAttnProcessor, RowFrozenConv2d, RowFrozenLinear
 from catfast.nn.row_lora import RowLoraLayer
@@ -61,6 +64,8 @@ class _PatchState:
     # the modules that have a ``gradient_checkpointing`` flag (diffusers' blocks), read by row_plan
     checkpointable: list[torch.nn.Module] = field(default_factory=list)
     parameters: tuple[torch.nn.Parameter, ...] = ()  # the UNet's parameters when the patch was built
+    # the row sharing the model's family declares sound for it (families.DenoiserFamily.row_sharing)
+    sharing: tuple[str, ...] = ()
 
 
 def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> PatchReport:
@@ -109,16 +114,19 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
             continue
         _swap(unet, modules, state, name, kind(module, holder))
         report.frozen.append(name)
-    processors = dict(unet.attn_processors)
-    row_processors = {name: RowAttnProcessor(holder, proc) for name, proc in processors.items()}
-    unet.set_attn_processor(dict(row_processors))
-    state.processors = processors
-    state.attention = [
-        (modules[name.removesuffix(".processor")], processors[name], row_processors[name]) for name in processors
-    ]
+    family = family_of(unet)
+    state.sharing = family.row_sharing(unet)
+    if family.row_attention:
+        processors = dict(unet.attn_processors)
+        row_processors = {name: RowAttnProcessor(holder, proc) for name, proc in processors.items()}
+        unet.set_attn_processor(dict(row_processors))
+        state.processors = processors
+        state.attention = [
+            (modules[name.removesuffix(".processor")], processors[name], row_processors[name]) for name in processors
+        ]
     state.checkpointable = [m for m in modules.values() if "gradient_checkpointing" in m.__dict__]
     state.parameters = tuple(unet.parameters())
-    report.attention = sorted(processors)
+    report.attention = sorted(state.processors)
     unet.__dict__.pop(_CACHE, None)
     setattr(unet, _STATE, state)
     return report
@@ -254,8 +262,9 @@ def row_plan(unet: torch.nn.Module, plan: RowPlan, identical_groups: int = 1, tw
     of consecutive samples, so the prefix before the first LoRA layer or cross-attention runs once for
     one group. ``twin_groups`` adds that groups 0 and 1 have the same plan too (they differ only in the
     text condition), so they are computed once until the first cross-attention (see
-    catfast.nn.plan_holder). Both are ignored for UNets whose prefix reads other inputs (SDXL's added
-    text embeddings, class embeddings, an encoder_hid_proj)."""
+    catfast.nn.plan_holder). Both are ignored where the model's family does not declare them sound for it
+    (``DenoiserFamily.row_sharing``: UNets whose prefix reads other inputs, such as SDXL's added text
+    embeddings; transformers, whose text enters every block)."""
     state = getattr(unet, _STATE, None)
     if state is None:
         raise ValueError("row_plan needs a patched UNet: call catfast.integrations.patch.patch_unet(unet) first")
@@ -264,13 +273,9 @@ def row_plan(unet: torch.nn.Module, plan: RowPlan, identical_groups: int = 1, tw
     plan.validate(num_slots=len(state.report.slots))
     if identical_groups < 1 or len(plan) % identical_groups:
         raise ValueError(f"identical_groups={identical_groups} does not divide the {len(plan)} rows of the plan")
-    prefix_reads_other_inputs = (getattr(unet, "encoder_hid_proj", None) is not None
-                                 or getattr(unet, "class_embedding", None) is not None
-                                 or unet.config.addition_embed_type is not None)  # fmt: skip
-    if prefix_reads_other_inputs:
-        state.holder.set(plan)
-    else:
-        state.holder.set(plan, identical_groups, twin_groups)
+    if "prefix" not in state.sharing:
+        identical_groups = 1
+    state.holder.set(plan, identical_groups, twin_groups and "twins" in state.sharing)
     checkpointed = [m for m in state.checkpointable if m.gradient_checkpointing]
     originals = [m._gradient_checkpointing_func for m in checkpointed]
     for module, func in zip(checkpointed, originals):

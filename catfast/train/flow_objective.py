@@ -1,4 +1,4 @@
-"""The CAT objective for flow-matching diffusion transformers (Flux, SD3, Qwen-Image), reference mode.
+"""The CAT objective for flow-matching diffusion transformers (Flux, SD3, Qwen-Image).
 
 Semantics (docs/method.md's CAT, with rectified flow in place of DDPM), for B samples sharing x0, noise and
 sigma (each sample its own sigma in (0, 1]):
@@ -13,6 +13,14 @@ transformer with its LoRA switched off under no_grad (``families.lora_disabled``
 transformer's inputs: packing, position ids, timestep scaling, Flux's guidance embedding. Losses are reduced
 in fp32 whatever the transformer's dtype. Latents are ``[B, C, H, W]``, scaled and shifted as the VAE's
 ``(z - shift_factor) * scaling_factor``.
+
+Modes (same losses and gradients, fp32 within rounding):
+- "reference": three transformer calls of B rows, as the official CAT code runs them (adapter on c, frozen base
+  on c- under no_grad, adapter on c-);
+- "fused": one call of 3B rows ``[c | c- | c-]`` under a row plan (``integrations.row_call``): the LoRA
+  layers add the adapter to the first 2B rows only, and the frozen layers compute no input gradient for the
+  B teacher rows. A transformer's text enters every block, so no rows are shared (the family declares it,
+  ``DenoiserFamily.sharing``), and the joint attention core runs on every row.
 """
 
 from __future__ import annotations
@@ -22,6 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from catfast.integrations.families import Cond, DenoiserFamily, lora_disabled
+from catfast.integrations.patch import active_adapters
+from catfast.integrations.row_call import planned_unet
+from catfast.rows import NO_ADAPTER, RowPlan
+
+MODES = ("reference", "fused")
 
 
 @dataclass
@@ -52,10 +65,14 @@ def flow_cat_loss(
     cond_stripped: Cond | None = None,
     *,
     cat_weight: float = 1.0,
+    mode: str = "reference",
 ) -> FlowLossOutput:
     """L for one batch (module docstring). ``model``: the family's transformer with a peft LoRA attached
     (the active adapter trains); ``cond`` / ``cond_stripped``: the family's condition dicts for the trigger
-    and the stripped captions (``cond_stripped`` is needed only when ``cat_weight > 0``)."""
+    and the stripped captions (``cond_stripped`` is needed only when ``cat_weight > 0``); ``mode``: one of
+    ``MODES``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if family.flow is None:
         raise ValueError(f"family {family.name} is not a flow-matching family")
     if cat_weight < 0:
@@ -69,13 +86,18 @@ def flow_cat_loss(
     target = noise.float() - latents.float()
     weights = family.flow.loss_weights(sigmas.float().cpu()).to(latents.device)
 
-    pred = family.predict(model, noisy, sigmas, cond)
-    ldm = _weighted_mse(pred, target, weights)
     if cat_weight == 0:
+        pred = family.predict(model, noisy, sigmas, cond)
+        ldm = _weighted_mse(pred, target, weights)
         return FlowLossOutput(loss=ldm, ldm=ldm.detach(), cat=None, sigmas=sigmas)
-    with torch.no_grad(), lora_disabled(model):
-        teacher = family.predict(model, noisy, sigmas, cond_stripped)
-    student = family.predict(model, noisy, sigmas, cond_stripped)
+    if mode == "fused":
+        pred, student, teacher = _fused_predictions(family, model, noisy, sigmas, cond, cond_stripped)
+    else:
+        pred = family.predict(model, noisy, sigmas, cond)
+        with torch.no_grad(), lora_disabled(model):
+            teacher = family.predict(model, noisy, sigmas, cond_stripped)
+        student = family.predict(model, noisy, sigmas, cond_stripped)
+    ldm = _weighted_mse(pred, target, weights)
     cat = _weighted_mse(student, teacher.float(), weights)
     return FlowLossOutput(loss=ldm + cat_weight * cat, ldm=ldm.detach(), cat=cat.detach(), sigmas=sigmas)
 
@@ -85,3 +107,19 @@ def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
     reduction)."""
     per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
     return (weights * per_sample).mean()
+
+
+def _fused_predictions(family: DenoiserFamily, model, noisy, sigmas, cond: Cond, cond_stripped: Cond):
+    """(adapter on c, adapter on c-, detached base on c-) from one row-planned call over 3B rows."""
+    batch = noisy.shape[0]
+    with planned_unet(model, [], purpose="fused", error=ValueError) as call:
+        active = active_adapters(model)  # read once patched: unpatched, diffusers walks the module tree for it
+        if len(active) != 1:
+            raise ValueError(f"fused CAT trains one adapter; the transformer has active adapters {active}")
+        slots = call.slots(active * 2 * batch) + [NO_ADAPTER] * batch
+        plan = RowPlan.build(slots, needs_grad=[True] * 2 * batch + [False] * batch, device=noisy.device)
+        rows = family.concat_conds([cond, cond_stripped, cond_stripped])
+        with call.plan_rows(plan):
+            out = family.predict(model, torch.cat([noisy] * 3), torch.cat([sigmas] * 3), rows)
+    pred, student, teacher = out.chunk(3)
+    return pred, student, teacher.detach()

@@ -100,9 +100,18 @@ class DenoiserFamily:
     # which row sharing of the fused call (docs/design.md, "Sharing work between rows") is sound: a UNet's
     # captions enter only at cross-attention ("prefix", "twins"); an MMDiT's text enters every block (none)
     sharing: tuple[str, ...] = ()
+    # whether catfast's RowAttnProcessor (diffusers' AttnProcessor2_0 call, UNet attention modules) may stand
+    # in for the attention processors of a row-planned call; joint-attention processors (Flux, SD3, Qwen-Image)
+    # take other arguments, so there the attention core runs on every row as the model's own processor does
+    row_attention: bool = False
     flow: FlowRecipe | None = None  # None: a DDPM (epsilon / v) family
-    patch: int = 1  # latent pixels per token side when the family packs latents itself
+    patch: int = 1  # latent pixels per token side
+    packs_latents: bool = False  # whether the family packs latents into tokens itself (else the model patchifies)
     max_sequence_length: int = 77  # text tokens of a caption, the family pipeline's default
+
+    def row_sharing(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """The row sharing of ``sharing`` that is sound for this denoiser instance (default: all of it)."""
+        return self.sharing
 
     def denoiser_type(self) -> type:
         import diffusers  # lazy: diffusers
@@ -133,6 +142,28 @@ class DenoiserFamily:
         shift undone, then the VAE's decoder (what the family's pipeline does before postprocessing)."""
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
+
+    def concat_conds(self, conds: list[Cond]) -> Cond:
+        """One condition holding the rows of ``conds`` in order (a batched call over several captions' rows);
+        their text lengths must agree (families whose encoders pad to a fixed length)."""
+        lengths = {c["prompt_embeds"].shape[1] for c in conds}
+        if len(lengths) > 1:
+            raise ValueError(f"{self.name}: conditions of text lengths {sorted(lengths)} cannot share a call")
+        return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+    def latent_channels(self, model: torch.nn.Module) -> int:
+        """Channels C of the latents ``[B, C, H, W]`` that ``predict`` takes for ``model``."""
+        return model.config.in_channels // (self.patch**2 if self.packs_latents else 1)
+
+    def example_cond(self, model: torch.nn.Module, batch: int, tokens: int, generator=None) -> Cond:
+        """Random conditions of ``batch`` rows and ``tokens`` text tokens in the shapes ``model`` takes (N(0, 1)
+        states: for benchmarks and tests that need no text encoder)."""
+        width = model.config.joint_attention_dim
+        cond = {"prompt_embeds": torch.randn(batch, tokens, width, generator=generator)}
+        pooled = getattr(model.config, "pooled_projection_dim", None)
+        if pooled is not None:
+            cond["pooled_prompt_embeds"] = torch.randn(batch, pooled, generator=generator)
+        return cond
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         """Transformer image tokens of ``latents`` ``[B, C, H, W]`` (what the dynamic shift reads)."""

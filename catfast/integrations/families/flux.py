@@ -72,6 +72,7 @@ class FluxFamily(DenoiserFamily):
     sharing = ()
     flow = FlowRecipe(dynamic=(256, 4096, 0.5, 1.15), guidance=3.5)
     patch = 2
+    packs_latents = True
     scheduler_config = FLUX_SCHEDULER
 
     max_sequence_length = 512  # FLUX.1-dev's T5 length (schnell: 256)

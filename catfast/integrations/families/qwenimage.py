@@ -40,6 +40,7 @@ class QwenImageFamily(DenoiserFamily):
     sharing = ()
     flow = FlowRecipe(dynamic=(256, 8192, 0.5, 0.9))
     patch = 2
+    packs_latents = True
     scheduler_config = QWEN_SCHEDULER
 
     max_sequence_length = 1024
@@ -53,6 +54,24 @@ class QwenImageFamily(DenoiserFamily):
         length = max_sequence_length or self.max_sequence_length
         embeds, mask = pipe.encode_prompt(list(captions), max_sequence_length=length)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+    def concat_conds(self, conds: list[Cond]) -> Cond:
+        """The rows of ``conds`` in one condition: shorter captions' states padded with zeros to the longest,
+        masked out (the pipeline's own batching of captions of several lengths)."""
+        length = max(c["prompt_embeds"].shape[1] for c in conds)
+        embeds, masks = [], []
+        for c in conds:
+            e, mask = c["prompt_embeds"], c.get("prompt_embeds_mask")
+            if mask is None:  # encode_prompt's "no row padded"
+                mask = torch.ones(e.shape[:2], dtype=torch.long, device=e.device)
+            pad = length - e.shape[1]
+            embeds.append(torch.nn.functional.pad(e, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(mask, (0, pad)))
+        return {"prompt_embeds": torch.cat(embeds), "prompt_embeds_mask": torch.cat(masks)}
+
+    def example_cond(self, model: torch.nn.Module, batch: int, tokens: int, generator=None) -> Cond:
+        cond = super().example_cond(model, batch, tokens, generator)
+        return {**cond, "prompt_embeds_mask": torch.ones(batch, tokens, dtype=torch.long)}
 
     def _stats(self, vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, vae.config.z_dim, 1, 1, 1)

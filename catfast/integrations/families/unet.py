@@ -1,9 +1,9 @@
 """Stable Diffusion 1.x / 2.x / XL: ``UNet2DConditionModel`` (epsilon or v-prediction, DDPM training).
 
-Described here for the registry; catfast's UNet code paths (train/objective.py, integrations/patch.py) do
-not call it yet. Forward: latents ``[B, 4, H, W]``, integer ``timestep``, ``encoder_hidden_states [B, 77, D]``
-and, for SDXL, ``added_cond_kwargs`` (``text_embeds [B, 1280]``, ``time_ids [B, 6]``). Condition keys:
-``prompt_embeds``, and for SDXL ``text_embeds``, ``time_ids``."""
+integrations/patch.py asks it which row sharing and attention stand-in a row-planned call may use; the UNet
+objective (train/objective.py) does not call it yet. Forward: latents ``[B, 4, H, W]``, integer ``timestep``,
+``encoder_hidden_states [B, 77, D]`` and, for SDXL, ``added_cond_kwargs`` (``text_embeds [B, 1280]``,
+``time_ids [B, 6]``). Condition keys: ``prompt_embeds``, and for SDXL ``text_embeds``, ``time_ids``."""
 
 from __future__ import annotations
 
@@ -20,8 +20,17 @@ class UNetFamily(DenoiserFamily):
     denoiser_class = "UNet2DConditionModel"
     default_targets = ATTENTION_PROJECTIONS  # the CAT paper's (diffusers' SD/SDXL LoRA scripts' too)
     sharing = ("prefix", "twins")  # captions enter at cross-attention only
+    row_attention = True
     flow = None  # DDPM: integrations/schedulers.py's training scheduler, epsilon or v
     patch = 1
+
+    def row_sharing(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """None for a UNet whose prefix (before the first LoRA layer or cross-attention) reads inputs other
+        than the sample and timestep: SDXL's added text embeddings, class embeddings, an encoder_hid_proj."""
+        reads_other_inputs = (getattr(model, "encoder_hid_proj", None) is not None
+                              or getattr(model, "class_embedding", None) is not None
+                              or model.config.addition_embed_type is not None)  # fmt: skip
+        return () if reads_other_inputs else self.sharing
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
