@@ -6,7 +6,7 @@ import click
 import tomllib
 
 from catfast.cli.base import _THREADS_HELP, _friendly, _set_threads, main
-from catfast.train.config import DEMO_RECIPE, PAPER_RECIPE, TrainConfig
+from catfast.train.config import DEMO_RECIPE, DIT_RECIPE, PAPER_RECIPE, TrainConfig
 
 
 def _set_option(ctx, param, values) -> dict:
@@ -25,9 +25,9 @@ def _set_option(ctx, param, values) -> dict:
 
 def _default(name: str) -> str:
     """`train -h`'s default of option ``name``, from TrainConfig, in click's own "[default: X]" form (rank,
-    lr, batch size and steps: the CAT paper's, and the demo's recipe on --base demo)."""
+    lr, batch size and steps: the CAT paper's, the demo's recipe on --base demo, the DiT recipe on a DiT base)."""
     if name in PAPER_RECIPE:
-        return f"[default: {PAPER_RECIPE[name]:g}; {DEMO_RECIPE[name]:g} on --base demo]"
+        return f"[default: {PAPER_RECIPE[name]:g}; {DEMO_RECIPE[name]:g} on --base demo; {DIT_RECIPE[name]:g} on a DiT]"
     value = getattr(TrainConfig(), name)
     if value is None or isinstance(value, bool):
         value = "on" if value else "off"
@@ -43,6 +43,8 @@ _REQUIRED = "[required unless set in --config]"
     "--base",
     help="Base model: a diffusers folder, a hub id (owner/name), a single-file SD1.x/SDXL checkpoint "
     f"(.safetensors, A1111/civitai layout), a UNet-only file with --base-config, or demo (the shipped demo model). "
+    "A DiT base, a diffusers FluxPipeline / StableDiffusion3Pipeline / QwenImagePipeline folder, trains the "
+    "transformer with the flow-matching CAT loss (one adapter, one process; options it lacks are refused). "
     f"{_REQUIRED}",
 )
 @click.option(
@@ -206,7 +208,8 @@ def train_command(config_file, settings, resume, overwrite, no_progress, format_
 
     Every option can also be set in --config or with --set KEY=VALUE. Precedence: a flag, then --set,
     then the config file, then the default (defaults follow the CAT paper; rank, lr, batch size and steps
-    follow the base: the demo's recipe on --base demo). The run prints what it trains with first.
+    follow the base: the demo's recipe on --base demo, the DiT recipe and the family's LoRA targets on a Flux, SD3
+    or Qwen-Image pipeline folder). The run prints what it trains with first.
 
     --data may be a kohya-style folder: subfolders named N_trigger class (e.g. "10_sks star") give each of
     their images N times an epoch, use the folder's "sks star" as the caption of an image without a .txt,

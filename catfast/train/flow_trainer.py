@@ -52,6 +52,7 @@ from catfast.integrations.families import DenoiserFamily
 from catfast.integrations.peft_adapters import add_lora
 from catfast.train import flow_objective
 from catfast.train.batches import BatchStream
+from catfast.train.cache import _read_bytes
 from catfast.train.checkpoint import (
     TrainState,
     capture_rng,
@@ -252,7 +253,7 @@ def build_flow_cache(folder: Path, family: DenoiserFamily, examples: list[Exampl
     model_id = _model_identity(folder, index, family)
     planned = []  # (example, plan, digest, cache file)
     for ex in examples:
-        data = _read(ex.image)
+        data = _read_bytes(ex.image)
         digest = hashlib.sha256(data).hexdigest()
         plan = plan_image(ex.image, image_size(ex.image, data), transform, step, digest)
         blob = [FLOW_CACHE_FORMAT, model_id, digest, ex.caption, ex.caption_stripped, transform.key(), step]
@@ -319,7 +320,7 @@ def _transform(folder: Path, family: DenoiserFamily, light, config: TrainConfig)
 @torch.no_grad()
 def _encode(pipe, family: DenoiserFamily, example: Example, plan: ImagePlan, digest: str):
     """(entry, the condition keys the family returned as None) of one image."""
-    data = _read(example.image)
+    data = _read_bytes(example.image)
     if hashlib.sha256(data).hexdigest() != digest:  # the entry's key must describe what it holds
         raise CatfastError(f"{example.image}: the image changed while the cache was being built; run again")
     pixels = render(load_image(example.image, data), plan).to(pipe.vae.device)
@@ -381,13 +382,6 @@ def _model_identity(folder: Path, index: dict, family: DenoiserFamily) -> str:
                 st = file.stat()
                 h.update(f"{file.relative_to(folder).as_posix()}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise CatfastError(f"{path}: cannot read the image file: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ the run
