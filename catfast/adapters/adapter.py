@@ -1,8 +1,9 @@
 """In-memory LoRA adapters: one low-rank pair (down, up) and alpha per targeted module.
 
 A layer contributes ``delta_W = (alpha / rank) * up @ down`` (flattened for convolutions) to the
-module it targets. Layers are keyed by a component-qualified module path, e.g.
-``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` or
+module it targets. Layers are keyed by a component-qualified module path in diffusers' names, e.g.
+``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``,
+``transformer.single_transformer_blocks.0.attn.to_q`` (Flux, SD3, Qwen-Image) or
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``. Pure torch: no diffusers or peft.
 """
 
@@ -17,7 +18,18 @@ import torch
 
 from catfast.errors import AdapterFormatError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+DENOISERS = ("unet", "transformer")  # a pipeline's denoiser: families' `denoiser_key`
+
+# Module names that only one transformer family has (diffusers' spelling), for `guess_family`: Flux's single
+# blocks and embedders, Qwen-Image's per-stream MLP/modulation and embedders, SD3's patch embedding and SD3.5's
+# second attention. All three name their blocks' attention transformer_blocks.N.attn.to_q, ...; Flux's double
+# blocks and SD3's joint blocks also share attn.add_q_proj, ff_context, norm1_context.
+_FAMILY_MARKS = {
+    "flux": ("single_transformer_blocks.", "x_embedder", "guidance_embedder", "proj_mlp"),
+    "qwenimage": (".img_mlp.", ".txt_mlp.", ".img_mod.", ".txt_mod.", "img_in", "txt_in"),
+    "sd3": ("pos_embed.", ".attn2."),
+}
 
 # Top-level children of a CLIP text transformer. transformers 5 flattens CLIPTextModel (no
 # `text_model.`) but not CLIPTextModelWithProjection; adapters always spell the `text_model.` form.
@@ -26,6 +38,7 @@ _CLIP_TEXT_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
 # A path part after which the module's own name starts (see `leaf_name`).
 _OWNERS = {"mid_block", "attn1", "attn2", "attn", "self_attn", "mlp", "time_embedding", "add_embedding"}
 _INDEXED_OWNERS = {"down_blocks", "up_blocks", "attentions", "resnets", "transformer_blocks", "layers"}
+_INDEXED_OWNERS |= {"single_transformer_blocks"}
 _INDEXED_OWNERS |= {"downsamplers", "upsamplers"}
 
 
@@ -112,12 +125,14 @@ class LoraAdapter:
 
     def describe(self) -> dict:
         """Summary for ``catfast adapter info``: format ("diffusers" for both the peft and the old
-        diffusers key style, or "kohya"), key style, components, per-layer rank and alpha, leaf targets
-        (to_q, proj_in, ff.net.0.proj, ...), layer and parameter counts."""
+        diffusers key style, or "kohya"), key style, components, the model family its module names
+        point to (``guess_family``), per-layer rank and alpha, leaf targets (to_q, proj_in, ff.net.0.proj,
+        ...), layer and parameter counts."""
         return {
             "format": format_name(self.source_format),
             "keys": KEY_STYLES.get(self.source_format, self.source_format),
             "components": self.components(),
+            "family": guess_family(self),
             "num_layers": len(self.layers),
             "num_parameters": self.num_parameters(),
             "ranks": {k: v.rank for k, v in self.layers.items()},
@@ -151,9 +166,21 @@ def split_key(key: str) -> tuple[str, str]:
 
 def layer_key(component: str, path: str) -> str:
     """The canonical key of module ``path`` in ``component`` (text encoders get the ``text_model.`` form)."""
-    if component != "unet" and path.startswith(_CLIP_TEXT_ROOTS):
+    if component.startswith("text_encoder") and path.startswith(_CLIP_TEXT_ROOTS):
         path = "text_model." + path
     return f"{component}.{path}"
+
+
+def guess_family(adapter: LoraAdapter) -> str | None:
+    """The model family an adapter's denoiser layers were made for, from their module names: "unet" for
+    UNet layers; for transformer layers "flux", "sd3" or "qwenimage" when a module only that family has
+    is targeted (`_FAMILY_MARKS`). None when the names do not tell: no denoiser layers, or only the
+    blocks' attention projections, which all three families name alike. A guess; attaching checks shapes."""
+    if adapter.component("unet"):
+        return "unet"
+    paths = ["." + p for p in adapter.component("transformer")]
+    found = [family for family, marks in _FAMILY_MARKS.items() if any(m in p for p in paths for m in marks)]
+    return found[0] if len(found) == 1 else None
 
 
 def leaf_name(path: str) -> str:

@@ -1,14 +1,27 @@
 """LoRA safetensors files: detect, read and write the diffusers/peft and kohya formats.
 
 Formats (``detect_format``):
-  "peft"       ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``, ``text_encoder_2.``);
-               alpha from the ``lora_adapter_metadata`` JSON diffusers writes (``unet.lora_alpha``,
-               ``unet.alpha_pattern``, ...), else alpha = rank, as diffusers assumes.
+  "peft"       ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (also ``transformer.`` for Flux, SD3 and
+               Qwen-Image, ``text_encoder.``, ``text_encoder_2.``); alpha from the ``lora_adapter_metadata``
+               JSON diffusers writes (``unet.lora_alpha``, ``transformer.alpha_pattern``, ...), else alpha =
+               rank, as diffusers assumes. ai-toolkit's files are this format without alphas (its Flux
+               files ``transformer.``, its newer ones ComfyUI's ``diffusion_model.``, read as
+               ``transformer.``); keys without a prefix are the transformer's when their module path starts
+               with a diffusion-transformer root (``transformer_blocks``, ``single_transformer_blocks``, ...),
+               else the UNet's.
   "diffusers"  the older ``<path>.lora.down.weight`` / ``.lora.up.weight`` (and ``lora_linear_layer``,
                and ``attn1.processor.to_q_lora.down.weight``) that diffusers' training scripts still write.
   "kohya"      ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and
                ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for the text encoders; SDXL files in SGM
-               names (``input_blocks_4_1_...``) are mapped to diffusers paths.
+               names (``input_blocks_4_1_...``) are mapped to diffusers paths. sd-scripts' FLUX.1 files
+               (BFL names: ``lora_unet_double_blocks_0_img_attn_qkv``, ``..._single_blocks_0_linear1``, and
+               ComfyUI's ``diffusion_model.double_blocks.0...lora_down``) become transformer layers in
+               diffusers' names, a fused qkv/linear1 split by rows (``kohya_names.split_flux_layer``);
+               ``lora_unet_`` stems in diffusers' transformer names (musubi-tuner) are transformer layers.
+               catfast does not call diffusers' ``_convert_kohya_flux_lora_to_diffusers``: it folds alpha
+               into the weights, fixes linear1's split at FLUX.1's widths (3072, 12288), and (0.42.1)
+               drops ``img_in``/``time_in``/``final_layer`` layers, whose keys it leaves without a
+               ``transformer.`` prefix.
 
 Alpha survives every read, write and conversion: ``write_adapter`` stores per-layer alphas in a form
 diffusers' own ``load_lora_weights`` restores. Pure torch + safetensors (no diffusers, no peft).
@@ -29,6 +42,7 @@ import torch
 
 from catfast.adapters.adapter import (
     COMPONENTS,
+    DENOISERS,
     LoraAdapter,
     LoraLayer,
     layer_key,
@@ -39,7 +53,10 @@ from catfast.adapters.adapter import (
 )
 from catfast.adapters.kohya_names import (
     KohyaResolver,
+    flux_targets,
+    is_bfl_flux,
     path_to_kohya,
+    split_flux_layer,
 )
 from catfast.errors import AdapterFormatError, CatfastError
 from catfast.folders import write_atomic
@@ -54,6 +71,15 @@ PEFT_DEFAULT_ALPHA = 8  # LoraConfig().lora_alpha: what diffusers gets when meta
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 _KOHYA_PREFIXES["lora_te2_"] = "text_encoder_2"
+# The first module name of every diffusion transformer's layer paths (Flux, SD3, Qwen-Image, diffusers'
+# names); no UNet2DConditionModel module starts with one. Bare keys and kohya stems starting so are the
+# transformer's.
+DIT_ROOTS = (
+    "transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder", "time_text_embed",
+    "norm_out", "proj_out", "pos_embed", "img_in", "txt_in",
+)  # fmt: skip
+_DIT_STEM = re.compile(r"^(?:" + "|".join(DIT_ROOTS) + r")(?:_|$)")
+_COMFY_PREFIX = "diffusion_model."  # ComfyUI's name of the denoiser: ai-toolkit's newer files, BFL-named Flux
 
 # diffusers/peft keys: [component.]<path>.<role>.weight, and [component.]<path>.alpha.
 _DIFFUSERS_ROLES = {
@@ -103,6 +129,8 @@ def detect_format(keys: Iterable[str]) -> str:
     keys = list(keys)
     if any(k.startswith(tuple(_KOHYA_PREFIXES)) for k in keys):
         return "kohya"
+    if any(k.startswith(_COMFY_PREFIX) and (".lora_down." in k or ".lora_up." in k) for k in keys):
+        return "kohya"
     if any(_OLD_STYLE.search(k) for k in keys):
         return "diffusers"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
@@ -137,7 +165,7 @@ def read_adapter(path: str | os.PathLike, *, models: Mapping[str, torch.nn.Modul
     try:
         fmt = detect_format(tensors)
         if fmt == "kohya":
-            layers = _parse_kohya(tensors, models or {})
+            layers = _parse_kohya(_comfy_to_kohya(tensors), models or {})
         else:
             layers = _parse_diffusers(tensors, _lora_config_metadata(header))
     except AdapterFormatError as e:
@@ -212,15 +240,39 @@ def _unsupported(keys: Iterable[str]) -> None:
                 raise AdapterFormatError(f"{what} adapters are not supported (key {key})")
 
 
+def _comfy_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's kohya-style keys (``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight``) in
+    sd-scripts' spelling (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``), as diffusers reads them."""
+    out = {}
+    for key, tensor in tensors.items():
+        if key.startswith(_COMFY_PREFIX):
+            name, dot, role = key[len(_COMFY_PREFIX) :].partition(".lora_")
+            if not dot:
+                name, dot, role = key[len(_COMFY_PREFIX) :].rpartition(".")
+            key = "lora_unet_" + name.replace(".", "_") + dot + role
+        out[key] = tensor
+    return out
+
+
+def _bare_component(path: str, bfl: bool) -> str:
+    """The denoiser a path without component prefix belongs to (see DIT_ROOTS; ``bfl``: the file names
+    FLUX.1's modules in BFL's names)."""
+    is_dit = path.split(".", 1)[0] in DIT_ROOTS or (bfl and flux_targets(path) is not None)
+    return "transformer" if is_dit else "unet"
+
+
 def _parse_diffusers(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> dict[str, LoraLayer]:
     """Layers of a peft/diffusers-style state dict. Keys without a component prefix (_BARE while
-    parsing) are the UNet's."""
+    parsing) are the transformer's or the UNet's (``_bare_component``); ``diffusion_model.`` is
+    ``transformer.``; transformer layers in BFL FLUX.1 names are split into diffusers' modules."""
     halves: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     alphas: dict[tuple[str, str], float] = {}
     unknown = []
     _unsupported(tensors)
     for key, tensor in tensors.items():
         key_ = key.replace(".processor.", ".")
+        if key_.startswith(_COMFY_PREFIX):
+            key_ = "transformer." + key_[len(_COMFY_PREFIX) :]
         if m := _PROCESSOR_KEY.match(key_):
             component = m["component"] or _BARE
             names = _PROCESSOR_TEXT if component.startswith("text_encoder") else _PROCESSOR_UNET
@@ -240,15 +292,29 @@ def _parse_diffusers(tensors: dict[str, torch.Tensor], configs: dict[str, dict])
     if stray:
         raise AdapterFormatError(f"alpha without LoRA weights for {', '.join(sorted(p for _, p in stray))}")
 
+    bfl = is_bfl_flux(p for c, p in halves if c in ("transformer", _BARE))
     layers = {}
     for (component, path), pair in halves.items():
-        down, up = _pair(f"{component or 'unet'}.{path}", pair)
+        owner = component or _bare_component(path, bfl)
+        down, up = _pair(f"{owner}.{path}", pair)
         alpha = alphas.get((component, path))
         if alpha is None:
-            config = configs.get(component) or (configs.get("unet") if component == _BARE else None)
+            config = configs.get(component) or (configs.get(owner) if component == _BARE else None)
             alpha = _alpha_from_config(config, path, down.shape[0])
-        layers[layer_key(component or "unet", path)] = LoraLayer(down=down, up=up, alpha=alpha)
+        layer = LoraLayer(down=down, up=up, alpha=alpha)
+        if owner == "transformer" and bfl and flux_targets(path) is not None:
+            _add_layers(layers, "transformer", split_flux_layer(path, layer))
+        else:
+            _add_layers(layers, owner, {path: layer})
     return layers
+
+
+def _add_layers(layers: dict[str, LoraLayer], component: str, new: dict[str, LoraLayer]) -> None:
+    for path, layer in new.items():
+        key = layer_key(component, path)
+        if key in layers:  # e.g. a FLUX.1 qkv and a to_q of the same block, or bare and prefixed keys
+            raise AdapterFormatError(f"two LoRA layers for module {key}")
+        layers[key] = layer
 
 
 def _alpha_from_config(config: dict | None, path: str, rank: int) -> float:
@@ -286,6 +352,15 @@ def _parse_kohya(tensors: dict[str, torch.Tensor], models: Mapping[str, torch.nn
     if unknown:
         raise AdapterFormatError(f"unknown keys in a kohya LoRA file: {_few(unknown)}")
 
+    if any(stem.startswith("joint_blocks_") for _, stem in groups):
+        raise AdapterFormatError(
+            "sd-scripts' SD3 names (lora_unet_joint_blocks_...) are not supported; "
+            "diffusers' names (lora_unet_transformer_blocks_...) are"
+        )
+    bfl = is_bfl_flux(stem for c, stem in groups if c == "unet")
+    groups = {(_kohya_component(c, stem, bfl), stem): group for (c, stem), group in groups.items()}
+    if len({c for c, _ in groups} & set(DENOISERS)) > 1:
+        raise AdapterFormatError("lora_unet_ layers name both UNet and diffusion-transformer modules")
     resolvers = {c: KohyaResolver(c, models.get(c)) for c in {c for c, _ in groups}}
     layers, unresolved = {}, []
     for (component, stem), group in groups.items():
@@ -293,17 +368,30 @@ def _parse_kohya(tensors: dict[str, torch.Tensor], models: Mapping[str, torch.nn
         if "alpha" in group and "down" not in group and "up" not in group:
             raise AdapterFormatError(f"layer {name} has an alpha but no LoRA weights")
         down, up = _pair(name, group)
+        alpha = float(group["alpha"].item()) if "alpha" in group else float(down.shape[0])
+        layer = LoraLayer(down=down, up=up, alpha=alpha)
+        if component == "transformer" and bfl and flux_targets(stem) is not None:
+            _add_layers(layers, component, split_flux_layer(stem, layer))
+            continue
         path = resolvers[component].path(stem)
         if path is None:
             unresolved.append(stem)
             continue
-        alpha = float(group["alpha"].item()) if "alpha" in group else float(down.shape[0])
-        layers[layer_key(component, path)] = LoraLayer(down=down, up=up, alpha=alpha)
+        _add_layers(layers, component, {path: layer})
     if unresolved:
         raise AdapterFormatError(
             f"kohya layers that match no Linear/Conv2d module of the given model: {_few(unresolved)}"
         )
     return layers
+
+
+def _kohya_component(component: str, stem: str, bfl: bool) -> str:
+    """A ``lora_unet_`` stem in BFL FLUX.1 names (``bfl``: the file uses them) or starting with a
+    diffusion-transformer root is the transformer's (sd-scripts and musubi-tuner use ``lora_unet_`` for
+    every denoiser)."""
+    if component == "unet" and ((bfl and flux_targets(stem) is not None) or _DIT_STEM.match(stem)):
+        return "transformer"
+    return component
 
 
 # ------------------------------------------------------------------------------------------ write
@@ -317,7 +405,9 @@ def write_adapter(
     "diffusers" (alias "peft"): peft keys (``unet.<path>.lora_A.weight``) plus diffusers'
     ``lora_adapter_metadata`` JSON (r, lora_alpha, rank_pattern, alpha_pattern, target_modules per
     component), which ``pipe.load_lora_weights`` turns into the LoraConfig: rank and alpha restored.
-    "kohya": ``lora_unet_...lora_down.weight`` / ``lora_up.weight`` / ``.alpha`` per layer.
+    "kohya": ``lora_unet_...lora_down.weight`` / ``lora_up.weight`` / ``.alpha`` per layer; UNet and
+    text-encoder adapters only (CatfastError for transformer layers: sd-scripts' FLUX.1 names fuse q, k, v
+    into one layer, which catfast does not write).
     Tensor dtypes are kept; alphas are stored in float32 (kohya) or JSON.
     """
     format = "diffusers" if format == "peft" else format
@@ -328,6 +418,12 @@ def write_adapter(
         raise CatfastError(f"{dest} exists (pass --overwrite to replace it)")
     if not adapter.layers:
         raise AdapterFormatError(f"{adapter.where()}: adapter has no layers to write")
+    if format == "kohya" and adapter.component("transformer"):
+        raise CatfastError(
+            f"{adapter.where()}: catfast writes kohya files for UNet and text-encoder adapters only, "
+            "not for a diffusion transformer's (Flux, SD3, Qwen-Image); write format 'diffusers' "
+            "(transformer.<module>.lora_A/lora_B keys, which diffusers' load_lora_weights reads)"
+        )
     tensors, lora_metadata = _kohya_state_dict(adapter) if format == "kohya" else _peft_state_dict(adapter)
     metadata = {**{str(k): str(v) for k, v in adapter.metadata.items()}, "format": "pt"}
     if lora_metadata:
@@ -342,7 +438,11 @@ def _peft_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dic
         for path, layer in layers.items():
             tensors[f"{component}.{path}.lora_A.weight"] = layer.down.contiguous()
             tensors[f"{component}.{path}.lora_B.weight"] = layer.up.contiguous()
-        config = lora_config_kwargs({_config_path(component, p): v for p, v in layers.items()})
+        # a denoiser's paths are full module names: anchored, so that the top-level proj_out's rank and alpha
+        # are not also single_transformer_blocks.N.proj_out's (peft's patterns match name suffixes)
+        config = lora_config_kwargs(
+            {_config_path(component, p): v for p, v in layers.items()}, anchored=component in DENOISERS
+        )
         lora_metadata.update({f"{component}.{k}": v for k, v in config.items()})
     return tensors, lora_metadata
 
@@ -350,20 +450,23 @@ def _peft_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dic
 def _config_path(component: str, path: str) -> str:
     # peft matches target names as suffixes, so the text encoders' "encoder.layers..." fits both the
     # flattened CLIPTextModel of transformers 5 and models that keep `text_model.`.
-    return path.removeprefix("text_model.") if component != "unet" else path
+    return path.removeprefix("text_model.") if component.startswith("text_encoder") else path
 
 
-def lora_config_kwargs(layers: Mapping[str, LoraLayer]) -> dict:
+def lora_config_kwargs(layers: Mapping[str, LoraLayer], *, anchored: bool = False) -> dict:
     """peft ``LoraConfig`` arguments that give every module path in ``layers`` its rank and alpha:
-    the most common rank/alpha as defaults, the rest as exact (regex-escaped) rank/alpha patterns."""
+    the most common rank/alpha as defaults, the rest as exact (regex-escaped) rank/alpha patterns.
+    ``anchored``: the paths are full module names from the model's root, and each pattern matches only
+    its own module (``^`` + path), not every module whose name ends so."""
+    start = "^" if anchored else ""
     ranks = {p: layer.rank for p, layer in layers.items()}
     alphas = {p: _plain(layer.alpha) for p, layer in layers.items()}
     r, lora_alpha = most_common(list(ranks.values())), most_common(list(alphas.values()))
     return {
         "r": r,
         "lora_alpha": lora_alpha,
-        "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != lora_alpha},
+        "rank_pattern": {start + re.escape(p): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {start + re.escape(p): v for p, v in alphas.items() if v != lora_alpha},
         "target_modules": sorted(layers),
     }
 

@@ -1,14 +1,16 @@
 """kohya module names: a kohya/A1111 name stem (a module path with every "." written "_") back to a module
-path, a path to its kohya stem, and sd-scripts' SGM names of the SDXL UNet (``input_blocks_4_1_...``) to
-diffusers' spelling. Used by ``catfast.adapters.formats`` to read and write kohya files."""
+path, a path to its kohya stem, sd-scripts' SGM names of the SDXL UNet (``input_blocks_4_1_...``) in
+diffusers' spelling, and BFL's FLUX.1 names (sd-scripts' FLUX LoRAs, ComfyUI's ``diffusion_model.``) as
+diffusers' FluxTransformer2DModel layers (``split_flux_layer``). Used by ``catfast.adapters.formats``."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import torch
 
-from catfast.adapters.adapter import layer_key, split_key
+from catfast.adapters.adapter import LoraLayer, layer_key, split_key
 from catfast.errors import AdapterFormatError
 
 # Module-name components that contain "_": kohya replaces every "." by "_", so these are re-joined
@@ -20,6 +22,11 @@ _MULTI_WORD = {
     "add_embedding", "linear_1", "linear_2", "encoder_hid_proj", "class_embedding", "conv_norm_out",
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "text_projection",
     "final_layer_norm", "layer_norm1", "layer_norm2", "token_embedding", "position_embedding",
+    # diffusion transformers (musubi-tuner's kohya files keep diffusers' names): Flux, SD3, Qwen-Image
+    "single_transformer_blocks", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context",
+    "norm1_context", "proj_mlp", "x_embedder", "context_embedder", "time_text_embed", "timestep_embedder",
+    "guidance_embedder", "text_embedder", "norm_out", "pos_embed", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
+    "img_in", "txt_in",
 }  # fmt: skip
 _MAX_WORDS = max(name.count("_") + 1 for name in _MULTI_WORD)
 
@@ -127,3 +134,102 @@ def _sgm_inner(inner: str, rest: str) -> str:
             raise AdapterFormatError(f"SGM ResBlock layer {rest!r} has no diffusers counterpart")
         return _SGM_RESNET[rest]
     return rest
+
+
+# BFL's FLUX.1 module names -> diffusers' FluxTransformer2DModel modules, as in diffusers'
+# `_convert_sd_scripts_to_ai_toolkit` (lora_conversion_utils). Keys are written with "_" (kohya's stems; a
+# dotted name is looked up the same way). A fused projection lists its modules in row order: a double
+# block's qkv is q, k, v; a single block's linear1 is q, k, v and then the MLP's input (proj_mlp).
+_FLUX_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+_FLUX_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+_FLUX_TOP = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+# BFL's final adaLN emits (shift, scale); diffusers' AdaLayerNormContinuous reads (scale, shift): the up
+# rows swap halves (diffusers' `swap_scale_shift`).
+_FLUX_SWAPPED = "norm_out.linear"
+_FLUX_BLOCK = re.compile(r"^(?P<kind>double_blocks|single_blocks)_(?P<i>\d+)_(?P<rest>.+)$")
+
+
+# Names only BFL's FLUX.1 has ("img_in"/"txt_in" are also Qwen-Image's diffusers names, of other modules).
+_BFL_ONLY = ("double_blocks_", "single_blocks_", "time_in_", "vector_in_", "guidance_in_", "final_layer_")
+
+
+def is_bfl_flux(names: Iterable[str]) -> bool:
+    """Whether module names (dotted or kohya stems) are BFL's FLUX.1 ones: any of them is a double/single
+    block's, an embedder's or the final layer's."""
+    return any(name.replace(".", "_").startswith(_BFL_ONLY) for name in names)
+
+
+def flux_targets(name: str) -> tuple[str, ...] | None:
+    """diffusers module paths of BFL FLUX.1 module ``name`` (``double_blocks.0.img_attn.qkv`` or kohya's
+    ``double_blocks_0_img_attn_qkv``), several for a fused projection; None if ``name`` is no FLUX.1 name."""
+    stem = name.replace(".", "_")
+    if stem in _FLUX_TOP:
+        return (_FLUX_TOP[stem],)
+    m = _FLUX_BLOCK.match(stem)
+    if m is None:
+        return None
+    table, block = (
+        (_FLUX_DOUBLE, "transformer_blocks")
+        if m["kind"] == "double_blocks"
+        else (_FLUX_SINGLE, "single_transformer_blocks")
+    )
+    inner = table.get(m["rest"])
+    return None if inner is None else tuple(f"{block}.{m['i']}.{t}" for t in inner)
+
+
+def split_flux_layer(name: str, layer: LoraLayer) -> dict[str, LoraLayer]:
+    """The diffusers-named layers equal to one LoRA layer on BFL FLUX.1 module ``name`` (see ``flux_targets``).
+
+    A fused projection's update ``scale * up @ down`` is split by output rows: every part keeps the whole
+    ``down`` and the alpha (so the same rank and scale) and gets its rows of ``up``; q, k and v are each
+    as wide as the block's hidden size, which is ``down``'s input width (a single block's linear1 reads
+    the hidden states), and proj_mlp gets the rest. Exact: no alpha is folded into the weights."""
+    targets = flux_targets(name)
+    if targets is None:
+        raise AdapterFormatError(f"{name} is not a FLUX.1 module name")
+    if layer.down.ndim != 2:
+        raise AdapterFormatError(f"FLUX.1 layer {name}: down {tuple(layer.down.shape)} must be 2-D (linear)")
+    up = layer.up
+    if len(targets) == 1:
+        if targets[0] == _FLUX_SWAPPED:
+            shift, scale = up.chunk(2, dim=0)
+            up = torch.cat([scale, shift])
+        return {targets[0]: LoraLayer(down=layer.down, up=up, alpha=layer.alpha)}
+    width, rows = layer.down.shape[1], up.shape[0]
+    sizes = [width] * 3 + ([rows - 3 * width] if len(targets) == 4 else [])
+    if sum(sizes) != rows or min(sizes) <= 0:
+        raise AdapterFormatError(
+            f"FLUX.1 layer {name}: up has {rows} rows, which do not split into {', '.join(targets)} "
+            f"for hidden size {width}"
+        )
+    # clones: safetensors refuses to save tensors that share memory
+    return {
+        t: LoraLayer(down=layer.down.clone(), up=part.clone(), alpha=layer.alpha)
+        for t, part in zip(targets, up.split(sizes), strict=True)
+    }

@@ -55,13 +55,19 @@ def _carried(file: str, metadata: dict) -> dict:
     return {"triggers": triggers, "embedding": shown}
 
 
+def _family(info: dict) -> str:
+    """ " (family flux)" for a transformer adapter; nothing where the component already says it (unet)."""
+    family = info.get("family")
+    return f" (family {family})" if family and family not in info["components"] else ""
+
+
 def _format_info(file: str, info: dict) -> str:
     ranks = sorted(set(info["ranks"].values()))
     alphas = sorted(set(info["alphas"].values()))
     lines = [
         f"file:        {file}",
         f"format:      {info['format']} ({info['keys']} keys)",
-        f"components:  {', '.join(info['components'])}",
+        f"components:  {', '.join(info['components'])}{_family(info)}",
         f"layers:      {info['num_layers']}",
         f"rank:        {ranks[0] if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]} (varies per layer)'}",
         f"alpha:       {alphas[0] if len(alphas) == 1 else f'{alphas[0]}..{alphas[-1]} (varies per layer)'}",

@@ -1,5 +1,5 @@
-"""Attach a catfast ``LoraAdapter`` to a diffusers UNet (or transformers text encoder) as a peft LoRA
-adapter, and read a peft-attached adapter back (how the trainer saves its result).
+"""Attach a catfast ``LoraAdapter`` to a diffusers UNet or diffusion transformer (or a transformers text
+encoder) as a peft LoRA adapter, and read a peft-attached adapter back (how the trainer saves its result).
 
 The peft config gives every layer its own rank and alpha (exact module names in ``target_modules``,
 ``rank_pattern`` and ``alpha_pattern``), so the attached model computes the same output as
@@ -12,36 +12,69 @@ import math
 
 import torch
 
-from catfast.adapters.adapter import LoraAdapter, LoraLayer, layer_key
+from catfast.adapters.adapter import DENOISERS, LoraAdapter, LoraLayer, guess_family, layer_key
 from catfast.adapters.formats import lora_config_kwargs
 from catfast.adapters.merge import resolve_targets
 from catfast.errors import CatfastError
 
 
 def attach_adapter(
-    model: torch.nn.Module, adapter: LoraAdapter, adapter_name: str = "default", component: str = "unet"
+    model: torch.nn.Module, adapter: LoraAdapter, adapter_name: str = "default", component: str | None = None
 ) -> list[str]:
     """Add the ``component`` layers of ``adapter`` to ``model`` as peft adapter ``adapter_name`` and
     load its weights; the new adapter becomes the active one (``model.set_adapter``). Returns the
-    module names it targets.
+    module names it targets. ``component`` None: the model's denoiser ("unet" for a UNet, "transformer"
+    for a Flux/SD3/Qwen-Image transformer).
 
-    Shapes are validated first (AdapterShapeError, model untouched); if anything fails after peft has
-    injected layers, the half-made adapter is removed again.
+    An adapter for the other kind of denoiser (a transformer adapter on a UNet, or the reverse) raises a
+    one-line CatfastError naming both. Shapes are validated first (AdapterShapeError, model untouched);
+    if anything fails after peft has injected layers, the half-made adapter is removed again.
     """
     from peft import LoraConfig  # lazy: peft
 
+    component = component or denoiser_component(model)
+    _check_denoiser(model, adapter, component)
     targets = resolve_targets(model, adapter, component)
     if adapter_name in (getattr(model, "peft_config", None) or {}):
         raise CatfastError(f"{adapter.where()}: the model already has an adapter named {adapter_name!r}")
     layers = {name: adapter.component(component)[path] for path, (name, _) in targets.items()}
     had_peft = bool(getattr(model, "peft_config", None))
-    model.add_adapter(LoraConfig(**lora_config_kwargs(layers)), adapter_name=adapter_name)
+    # real module names: anchored patterns (a top-level proj_out is not single_transformer_blocks.0.proj_out)
+    model.add_adapter(LoraConfig(**lora_config_kwargs(layers, anchored=True)), adapter_name=adapter_name)
     try:
         _load_weights(model, layers, adapter_name)
     except BaseException:
         _remove(model, adapter_name, had_peft)
         raise
     return sorted(layers)
+
+
+def denoiser_component(model: torch.nn.Module) -> str:
+    """The adapter component of a denoiser: its family's ``denoiser_key`` ("unet", "transformer"); "unet"
+    for a model no family knows (catfast's older callers pass UNets)."""
+    from catfast.errors import ModelLoadError
+    from catfast.integrations.families import family_of  # lazy: diffusers
+
+    try:
+        return family_of(model).denoiser_key or "unet"
+    except ModelLoadError:
+        return "unet"
+
+
+def _check_denoiser(model: torch.nn.Module, adapter: LoraAdapter, component: str) -> None:
+    """Refuse, in one line naming both, an adapter whose only denoiser layers are for the other kind of
+    denoiser than ``component`` (the model's)."""
+    if component not in DENOISERS or adapter.component(component):
+        return
+    other = next((c for c in DENOISERS if adapter.component(c)), None)
+    if other is None:
+        return  # no denoiser layers at all: resolve_targets names what is missing
+    family = guess_family(adapter)
+    made_for = f"a {other} ({family})" if family and family != other else f"a {other}"
+    raise CatfastError(
+        f"{adapter.where()} is a LoRA for {made_for}, but the model is a {component} "
+        f"({type(model).__name__}); load it into a pipeline of its own family"
+    )
 
 
 @torch.no_grad()
@@ -80,11 +113,13 @@ def _remove(model: torch.nn.Module, adapter_name: str, had_peft: bool) -> None:
     model.peft_config.pop(adapter_name, None)
 
 
-def extract_adapter(model: torch.nn.Module, adapter_name: str = "default", component: str = "unet") -> LoraAdapter:
+def extract_adapter(model: torch.nn.Module, adapter_name: str = "default", component: str | None = None) -> LoraAdapter:
     """The peft LoRA adapter ``adapter_name`` of ``model`` as a ``LoraAdapter`` (copies of the weights;
-    alpha is peft's ``lora_alpha``, rescaled for rsLoRA so that ``alpha / r`` is the layer's scale)."""
+    alpha is peft's ``lora_alpha``, rescaled for rsLoRA so that ``alpha / r`` is the layer's scale).
+    ``component`` None: the model's denoiser (``denoiser_component``)."""
     from peft.tuners.lora import LoraLayer as PeftLoraLayer  # lazy: peft
 
+    component = component or denoiser_component(model)
     layers = {}
     for name, module in model.named_modules():
         if not isinstance(module, PeftLoraLayer) or adapter_name not in module.lora_A:
