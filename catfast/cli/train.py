@@ -25,9 +25,9 @@ def _set_option(ctx, param, values) -> dict:
 
 def _default(name: str) -> str:
     """`train -h`'s default of option ``name``, from TrainConfig, in click's own "[default: X]" form (rank,
-    lr, batch size and steps: the CAT paper's, the demo's recipe on --base demo, the DiT recipe on a DiT base)."""
+    lr, batch size and steps: the CAT paper's, and the demo's recipe on --base demo; --base names the DiT recipe)."""
     if name in PAPER_RECIPE:
-        return f"[default: {PAPER_RECIPE[name]:g}; {DEMO_RECIPE[name]:g} on --base demo; {DIT_RECIPE[name]:g} on a DiT]"
+        return f"[default: {PAPER_RECIPE[name]:g}; {DEMO_RECIPE[name]:g} on --base demo]"
     value = getattr(TrainConfig(), name)
     if value is None or isinstance(value, bool):
         value = "on" if value else "off"
@@ -35,6 +35,7 @@ def _default(name: str) -> str:
 
 
 _REQUIRED = "[required unless set in --config]"
+_DIT_DEFAULTS = ", ".join(f"{k.replace('_size', '')} {v:g}" for k, v in DIT_RECIPE.items())
 
 
 @main.command("train")
@@ -44,7 +45,8 @@ _REQUIRED = "[required unless set in --config]"
     help="Base model: a diffusers folder, a hub id (owner/name), a single-file SD1.x/SDXL checkpoint "
     f"(.safetensors, A1111/civitai layout), a UNet-only file with --base-config, or demo (the shipped demo model). "
     "A DiT base, a diffusers FluxPipeline / StableDiffusion3Pipeline / QwenImagePipeline folder, trains the "
-    "transformer with the flow-matching CAT loss (one adapter, one process; options it lacks are refused). "
+    "transformer with the flow-matching CAT loss (one adapter, one process; options it lacks are refused), by "
+    f"default with {_DIT_DEFAULTS} and the family's LoRA targets. "
     f"{_REQUIRED}",
 )
 @click.option(
