@@ -2,10 +2,14 @@
 step (three calls, the official CAT code's), on each tiny DiT with a random-B LoRA and alpha != rank: the same
 losses and LoRA gradients in fp32, fewer launching ops, no host sync, the transformer left as it was."""
 
+import json
+
 import pytest
 import torch
+from click.testing import CliRunner
 
 from catfast.bench.launches import count_step
+from catfast.cli import main
 from catfast.integrations.patch import patch_report
 from catfast.testing import assert_rel_close, lora_transformer
 from catfast.train.flow_objective import flow_cat_loss, sample_flow_inputs
@@ -90,3 +94,15 @@ def test_cat_weight_zero_is_the_plain_step_in_both_modes():
     inputs = _batch(family, model, 1, seed=4)
     plain = {m: flow_cat_loss(family, model, *inputs, cat_weight=0.0, mode=m).loss for m in ("reference", "fused")}
     assert torch.equal(plain["reference"], plain["fused"])
+
+
+def test_bench_dit_step_reports_both_modes():
+    result = CliRunner().invoke(main, ["bench", "dit-step", "--model", "tiny-sd3", "--steps", "1", "--side", "8",
+                                       "--tokens", "4", "--rank", "2", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output.strip().splitlines()[-1])
+    fused, ref = r["modes"]["fused"], r["modes"]["reference"]
+    assert fused["launch_ops"] < ref["launch_ops"] and fused["host_syncs"] == ref["host_syncs"] == 0
+    assert fused["loss_rel_err"] < 1e-5 and fused["grad_rel_err"] < 1e-5
+    odd = CliRunner().invoke(main, ["bench", "dit-step", "--side", "7"])
+    assert odd.exit_code == 2 and "even --side" in odd.output

@@ -1,4 +1,5 @@
-"""`catfast bench train-step|onnx|serve|ops`: against the baseline, in one process, interleaved (``catfast.bench``)."""
+"""`catfast bench train-step|dit-step|onnx|serve|ops`: against the baseline, one process, interleaved
+(``catfast.bench``)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,42 @@ def bench_train_step_command(
     for name, r in result.get("launch_vs_official", {}).items():
         click.echo(f"  {name} issues {r['launch_ops']:.2f}x the official step's launching ops in {r['host_ms']:.2f}x "
                    "its host time")  # fmt: skip
+
+
+@bench.command("dit-step")
+@click.option(
+    "--model",
+    default="tiny-flux",
+    show_default=True,
+    type=click.Choice(["tiny-flux", "tiny-sd3", "tiny-qwenimage", "flux-narrow"]),
+    help="flux-narrow: one double and one single FLUX.1 block at FLUX.1's widths (about 2 GB in fp32).",
+)
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per mode.")
+@click.option("--rank", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--side", default=16, show_default=True, type=click.IntRange(min=2), help="Latent pixels per side.")
+@click.option("--tokens", default=32, show_default=True, type=click.IntRange(min=1), help="Text tokens per caption.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench_dit_step_command(model, batch, steps, rank, side, tokens, as_json) -> None:
+    """The flow-matching CAT step on a diffusion transformer: fused (one call) against reference (three calls),
+    interleaved in one process: launching ops, host syncs, time, parity."""
+    from catfast.bench.dit_step import bench_dit_step  # lazy: startup
+
+    if side % 2:
+        raise click.BadParameter("the transformers patch 2x2 latent pixels: give an even --side", param_hint="--side")
+    result = bench_dit_step(model, batch=batch, steps=steps, rank=rank, side=side, tokens=tokens)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{model} ({result['family']}), batch {batch}, rank {rank}, {side}x{side} latents, {tokens} text "
+               f"tokens, {result['threads']} threads, median of {steps} steps:")  # fmt: skip
+    for name, m in result["modes"].items():
+        parity = f"  loss/grad rel err {m['loss_rel_err']:.0e}/{m['grad_rel_err']:.0e}" if "loss_rel_err" in m else ""
+        click.echo(f"  {name:<10} {m['median_ms']:9.1f} ms (cpu {m['median_cpu_ms']:.0f} ms)  launching ops "
+                   f"{m['launch_ops']}  host syncs {m['host_syncs']}{parity}")  # fmt: skip
+    r = result["fused_vs_reference"]
+    click.echo(f"  fused: {r['launch_ops']:.2f}x the reference's launching ops, {r['speed']:.2f}x its speed")
 
 
 @bench.command("ops")
