@@ -343,6 +343,14 @@ def test_kohya_write_of_a_transformer_adapter_is_refused(flux_adapter_file, tmp_
     assert "\n" not in str(err.value) and not (tmp_path / "k.safetensors").exists()
 
 
+def test_kohya_flux_attention_only_names_the_family(tmp_path):
+    """A kohya FLUX.1 file on the double blocks' qkv only: its diffusers names (to_q, ...) are every family's,
+    its BFL names FLUX.1's alone."""
+    kohya_file(tmp_path / "qkv.safetensors", {"double_blocks_0_img_attn_qkv": (3 * D, D)}, seed=9)
+    r = CliRunner().invoke(main, ["adapter", "info", str(tmp_path / "qkv.safetensors")])
+    assert r.exit_code == 0 and "components:  transformer (family flux)" in r.output, r.output
+
+
 def test_cli_info_names_component_and_family(flux_adapter_file):
     r = CliRunner().invoke(main, ["adapter", "info", str(flux_adapter_file)])
     assert r.exit_code == 0, r.output

@@ -93,12 +93,14 @@ class LoraAdapter:
     ``metadata``: the file's free-form string metadata (e.g. kohya's ``ss_*`` keys), kept on write.
     ``source_format``: "peft", "diffusers" or "kohya" for a file read from disk, "memory" otherwise.
     ``path``: the file it was read from, if any (named in error messages).
+    ``family``: the model family the file's format names (a kohya FLUX.1 file: "flux"), else None.
     """
 
     layers: dict[str, LoraLayer]
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = "memory"
     path: str | None = None
+    family: str | None = None
 
     def component(self, name: str) -> dict[str, LoraLayer]:
         """The layers of one component ("unet", "text_encoder", ...) keyed by path without the prefix."""
@@ -172,12 +174,15 @@ def layer_key(component: str, path: str) -> str:
 
 
 def guess_family(adapter: LoraAdapter) -> str | None:
-    """The model family an adapter's denoiser layers were made for, from their module names: "unet" for
-    UNet layers; for transformer layers "flux", "sd3" or "qwenimage" when a module only that family has
-    is targeted (`_FAMILY_MARKS`). None when the names do not tell: no denoiser layers, or only the
-    blocks' attention projections, which all three families name alike. A guess; attaching checks shapes."""
+    """The model family an adapter's denoiser layers were made for: "unet" for UNet layers; for transformer
+    layers the family the file's names told (``adapter.family``), else "flux", "sd3" or "qwenimage" when a
+    module only that family has is targeted (`_FAMILY_MARKS`). None when the names do not tell: no denoiser
+    layers, or only the blocks' attention projections, which all three name alike. A guess; attaching
+    checks shapes."""
     if adapter.component("unet"):
         return "unet"
+    if adapter.family:
+        return adapter.family
     paths = ["." + p for p in adapter.component("transformer")]
     found = [family for family, marks in _FAMILY_MARKS.items() if any(m in p for p in paths for m in marks)]
     return found[0] if len(found) == 1 else None

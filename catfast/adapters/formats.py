@@ -171,7 +171,10 @@ def read_adapter(path: str | os.PathLike, *, models: Mapping[str, torch.nn.Modul
     except AdapterFormatError as e:
         raise AdapterFormatError(f"{source}: {e}") from None
     metadata = {k: v for k, v in header.items() if k not in ("format", LORA_ADAPTER_METADATA_KEY)}
-    adapter = LoraAdapter(layers=layers, metadata=metadata, source_format=fmt, path=source)
+    # BFL's names are FLUX.1's alone, even where the diffusers names they become (to_q, ...) are every family's
+    names = (k.removeprefix("lora_unet_").removeprefix(_COMFY_PREFIX).removeprefix("transformer.") for k in tensors)
+    family = "flux" if is_bfl_flux(names) else None
+    adapter = LoraAdapter(layers=layers, metadata=metadata, source_format=fmt, path=source, family=family)
     adapter.check_finite()
     return adapter
 
