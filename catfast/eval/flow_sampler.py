@@ -1,0 +1,225 @@
+"""One batched flow-matching Euler sampler over rows that use different adapters, for diffusion transformers
+(FLUX.1, SD3/3.5, Qwen-Image: the flow families of ``catfast.integrations.families``).
+
+Row i of ``sample_flow_latents`` is (prompt i, peft adapter i or the base model, seed i). Every transformer
+call carries all rows at once through catfast's row-planned layers (``integrations.row_call``): with CFG the
+uncond half then the cond half, both rows of a sample on that sample's adapter. Each row's result equals the
+family's diffusers pipeline run for that row alone (``generator=torch.Generator().manual_seed(seed)``, the
+same steps, guidance and size), because each step reproduces the pipeline's math:
+
+- timesteps: ``FlowMatchEulerDiscreteScheduler`` from the pipeline's scheduler config; Flux and Qwen-Image
+  pass ``sigmas = linspace(1, 1/steps, steps)`` and ``mu = calculate_shift(image tokens, ...)`` (the
+  resolution shift), SD3 the scheduler's own grid (static shift; ``mu`` only under dynamic shifting);
+- guidance: Flux feeds it to the guidance embedding (guidance-distilled, no CFG rows; ignored by a model
+  without one); SD3 runs CFG rows with the negative prompt when guidance > 1; Qwen-Image runs its true CFG
+  (``true_cfg_scale`` with a negative prompt) and rescales the guided velocity to the cond velocity's
+  per-token norm, as ``QwenImagePipeline`` does;
+- noise: the pipeline's ``randn_tensor`` on the CPU generator of the row's seed, in the transformer's dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from catfast.errors import CatfastError
+from catfast.eval.sampler import NonFiniteLatents, _row_order, nonfinite_rows
+from catfast.integrations.families import DenoiserFamily, family_of
+from catfast.integrations.row_call import planned_unet
+from catfast.rows import NO_ADAPTER, RowPlan
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How a family's diffusers pipeline samples (its ``__call__``; the families do not declare it yet)."""
+
+    guidance: str  # "embed" (guidance embedding), "cfg" (uncond rows), "cfg_norm" (CFG then per-token rescale)
+    flow_sigmas: bool  # linspace(1, 1/steps) sigmas and a resolution mu; else the scheduler's own grid
+    max_shift: float  # calculate_shift's max_shift default where the scheduler config has none
+    guidance_default: float  # the pipeline's default guidance_scale / true_cfg_scale
+    negative_default: str | None  # the negative prompt when the caller gives none (None: no CFG)
+
+
+_RECIPES = {
+    "flux": _Recipe("embed", True, 1.15, 3.5, None),
+    "sd3": _Recipe("cfg", False, 1.16, 7.0, ""),  # encode_prompt's negative_prompt or ""
+    # QwenImagePipeline guides only with a negative prompt; the Qwen-Image model card passes " "
+    "qwenimage": _Recipe("cfg_norm", True, 1.15, 4.0, " "),
+}
+
+
+def sample_flow_latents(
+    pipe,
+    prompts: list[str],
+    *,
+    adapters: list[str | None],
+    seeds: list[int],
+    steps: int = 28,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    scale: float = 1.0,
+    max_sequence_length: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Final latents ``[N, C, H/f, W/f]`` (the family's unpacked VAE layout, f = ``pipe.vae_scale_factor``)
+    of ``prompts[i]`` on peft adapter ``adapters[i]`` of ``pipe.transformer`` (None = the base model) from the
+    noise of ``seeds[i]``.
+
+    pipe: a loaded FluxPipeline / StableDiffusion3Pipeline / QwenImagePipeline (its text encoders, scheduler
+    config and transformer are used; the pipeline's scheduler is not touched). steps: Euler steps; guidance:
+    Flux's embedded guidance, SD3's CFG scale, Qwen-Image's ``true_cfg_scale`` (None: the pipeline's default;
+    CFG families run cond rows only when <= 1); height, width: pixels, multiples of ``vae_scale_factor * 2``
+    (default: the pipeline's); negative_prompt: the uncond caption of CFG families (default: the pipeline's,
+    "" for SD3, " " for Qwen-Image); scale: LoRA scale of every adapter row; max_sequence_length: text tokens
+    (default: the pipeline's). The transformer is patched for the call when it was not (and unpatched after)."""
+    n = len(prompts)
+    if isinstance(prompts, str) or len(adapters) != n or len(seeds) != n:
+        raise CatfastError(
+            f"prompts, adapters and seeds must be lists of equal length, got {n}, {len(adapters)}, {len(seeds)}"
+        )
+    if steps < 1:
+        raise CatfastError(f"steps must be >= 1, got {steps}")
+    family = family_of(pipe)
+    if family.name not in _RECIPES:
+        raise CatfastError(f"{family.name} is not a flow-matching transformer family; use catfast.eval.sampler")
+    model = pipe.transformer
+    configs = getattr(model, "peft_config", None) or {}
+    missing = [a for a in adapters if a is not None and a not in configs]
+    if missing:
+        raise CatfastError(f"the transformer has no adapter named {missing[0]!r} (it has {list(configs) or 'none'})")
+    height, width = _size(pipe, height, width)
+    if n == 0:
+        return torch.empty(0, family.latent_channels(model), height, width)
+    with planned_unet(model, adapters, purpose="sample") as call:
+        return _sample(
+            pipe, family, call, list(prompts), call.slots(adapters), seeds, steps=steps,
+            guidance=_RECIPES[family.name].guidance_default if guidance is None else float(guidance),
+            height=height, width=width, negative_prompt=negative_prompt, scale=scale,
+            max_sequence_length=max_sequence_length, progress=progress,
+        )  # fmt: skip
+
+
+def sample_flow_images(pipe, prompts: list[str], **kwargs) -> tuple[list, torch.Tensor]:
+    """``(images, latents)``: one PIL image per row, decoded by ``family.decode_latents`` and the pipeline's
+    own postprocessing, and ``sample_flow_latents(pipe, prompts, **kwargs)``'s latents."""
+    latents = sample_flow_latents(pipe, prompts, **kwargs)
+    family, vae = family_of(pipe), pipe.vae
+    images = []
+    with torch.no_grad():
+        for row in latents:  # one at a time: the VAE decoder's activations dominate memory at full size
+            pixels = family.decode_latents(vae, row[None].to(vae.device))
+            images += pipe.image_processor.postprocess(pixels, output_type="pil")
+    return images, latents
+
+
+def _size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    """Latent (height, width) of an image of ``height`` x ``width`` pixels; refuses sides the pipelines would
+    round down (2x2 packing or patches after the VAE's factor)."""
+    factor = pipe.vae_scale_factor
+    multiple = factor * 2
+    default = pipe.default_sample_size * factor
+    height, width = height or default, width or default
+    if height % multiple or width % multiple:
+        raise CatfastError(
+            f"height and width must be multiples of {multiple} (the VAE's factor {factor} x 2x2 patches), "
+            f"got {height} x {width}"
+        )
+    return height // factor, width // factor
+
+
+def _timesteps(pipe, family: DenoiserFamily, recipe: _Recipe, steps: int, image_seq_len: int, device):
+    """A fresh scheduler from the pipeline's config, with timesteps set as the family's pipeline sets them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler  # lazy: diffusers
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    config = scheduler.config
+    kwargs = {}
+    if recipe.flow_sigmas or config.get("use_dynamic_shifting", None):
+        kwargs["mu"] = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", recipe.max_shift),
+        )
+    if recipe.flow_sigmas and not config.get("use_flow_sigmas", False):
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(steps, device=device, **kwargs)
+    scheduler.set_begin_index(0)
+    return scheduler
+
+
+@torch.no_grad()
+def _sample(pipe, family, call, prompts, slots, seeds, *, steps, guidance, height, width, negative_prompt, scale,
+            max_sequence_length, progress) -> torch.Tensor:  # fmt: skip
+    """One run over all rows; slots None = a transformer without adapters (base rows only, no plan)."""
+    model = call.unet
+    recipe = _RECIPES[family.name]
+    n, device, dtype = len(prompts), model.device, model.dtype
+    negative = recipe.negative_default if negative_prompt is None else negative_prompt
+    cfg = recipe.guidance != "embed" and guidance > 1.0 and negative is not None
+    if recipe.guidance == "embed":
+        # Flux's predict feeds family.flow.guidance to the guidance embedding: this run's value on a copy
+        family = copy.copy(family)
+        family.flow = dataclasses.replace(family.flow, guidance=guidance)
+
+    # captions: each distinct prompt once, the negative first (rows index into them)
+    unique = list(dict.fromkeys(prompts))
+    texts = ([negative] if cfg else []) + unique
+    encoded = family.encode_prompt(pipe, texts, max_sequence_length=max_sequence_length)
+    encoded = family.concat_conds([encoded])  # Qwen-Image: a mask on every row, even when none is padded
+    caption = [(1 if cfg else 0) + unique.index(p) for p in prompts]
+
+    # the pipelines' prepare_latents: randn_tensor on each row's CPU generator, [1, C, h, w] (Qwen-Image's
+    # [1, 1, C, h, w] draws the same numbers), in the text states' dtype (the transformer's here)
+    shape = (1, family.latent_channels(model), height, width)
+    latents = torch.cat(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
+    ).to(device)
+    scheduler = _timesteps(pipe, family, recipe, steps, family.image_seq_len(latents), device)
+
+    order, identical = _row_order(slots, cfg)
+    index = torch.tensor(order, device=device)
+    rows = torch.tensor([0 if cfg and k < n else caption[i] for k, i in enumerate(order)], device=device)
+    cond = {k: v[rows.to(v.device)].to(device) for k, v in encoded.items()}
+    plan = None
+    if slots[0] is not None:
+        row_slots = [slots[i] for i in order]
+        scales = [0.0 if s == NO_ADAPTER else scale for s in row_slots]
+        plan = RowPlan.build(row_slots, scales, needs_grad=False, device=device)
+    timesteps = scheduler.timesteps
+    if progress:
+        timesteps = tqdm(timesteps, desc="sampling", unit="step")
+    for t in timesteps:
+        # the pipelines' transformer timestep: t (= 1000 sigma) in the latents' dtype, / 1000 (the family's
+        # predict scales it back for SD3)
+        sigmas = t.expand(len(order)).to(dtype) / 1000
+        with call.plan_rows(plan, identical_groups=2 if identical else 1):
+            out = family.predict(model, latents[index], sigmas, cond)
+        text = torch.empty_like(latents, dtype=out.dtype).index_copy_(0, index[-n:], out[-n:])
+        pred = text
+        if cfg:
+            uncond = torch.empty_like(text).index_copy_(0, index[:n], out[:n])
+            pred = uncond + guidance * (text - uncond)
+            if recipe.guidance == "cfg_norm":  # QwenImagePipeline: each token's guided velocity at the cond norm
+                packed = family.pack(pred)
+                ratio = family.pack(text).norm(dim=-1, keepdim=True) / packed.norm(dim=-1, keepdim=True)
+                pred = family.unpack(packed * ratio, height, width)
+        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    bad = nonfinite_rows(latents)
+    if bad:
+        raise NonFiniteLatents(
+            f"sampling ended with NaN/Inf latents in {len(bad)} of {n} rows (prompt {prompts[bad[0]]!r}): no picture "
+            f"to decode. Likely causes: guidance {guidance:g} too high, an adapter out of proportion to the base "
+            f"(LoRA scale {scale:g}), or a base model whose weights hold NaN/Inf"
+        )
+    return latents
