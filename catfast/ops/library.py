@@ -12,13 +12,9 @@ the host layout as ``int[]`` / ``bool[]``, so no op reads the device to plan its
   backward is the same op on transposed weights (``catfast.ops.lora.backward_rows``).
 - ``catfast::segment_outer(lhs, rhs, row_scale, seg_offsets) -> out``: the Triton segmented reduction
   of the adapter gradients, ``out[s] = (row_scale * lhs)[seg s]^T rhs[seg s]`` ``[S, P, Q]`` fp32.
-- ``catfast::lora_linear(x, weight, bias, lora_a, lora_b, slots, scales, slots_host, needs_grad_host,
-  backend) -> y``: the whole row-planned LoRA Linear, differentiable in x, lora_a and lora_b
-  (``register_autograd``); its backward spends work on the samples with needs_grad only, as the eager
-  ``LoraLinearFunction`` does, and recomputes the rank-r ``x A^T`` of those rows for dB instead of
-  saving it. ``catfast.ops.lora.lora_linear`` calls it under ``torch.compile``; eager calls keep the
-  autograd Function, whose per-call memo lets to_q / to_k / to_v save their shared input once and which
-  saves ``x A^T`` from the forward.
+- ``catfast::lora_linear``, the whole differentiable row-planned LoRA Linear, is registered by
+  ``catfast.ops.lora`` beside the autograd Function it mirrors: it is built from that module's
+  ``forward_rows`` / ``backward_rows``, which call the ops here.
 - ``catfast::segmented_lora_linear_(y!, x, lora_a, lora_b, coef, slots, tile_seg, tile_row, seg_stop,
   block_m) -> ()``: the Triton segmented mixed-adapter LoRA of serving, added into ``y`` in place.
 - ``catfast::merge_lora_(weights!, downs, ups, scales) -> ()``: the multi-layer merge (extension or
@@ -115,56 +111,6 @@ def segment_outer(lhs: Tensor, rhs: Tensor, row_scale: Tensor, seg_offsets: Tens
 @segment_outer.register_fake
 def _(lhs, rhs, row_scale, seg_offsets):
     return lhs.new_empty((seg_offsets.shape[0] - 1, lhs.shape[1], rhs.shape[1]), dtype=torch.float32)
-
-
-# -- the differentiable row-planned LoRA Linear -----------------------------------------------------------
-
-
-@torch.library.custom_op("catfast::lora_linear", mutates_args=())
-def lora_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, slots: Tensor, scales: Tensor,
-    slots_host: list[int], needs_grad_host: list[bool], backend: str,
-) -> Tensor:  # fmt: skip
-    from catfast.ops.lora import forward_rows
-
-    plan = host_plan(slots, scales, slots_host, needs_grad_host)
-    y2, _, _, _ = forward_rows(x, weight, bias, lora_a, lora_b, plan, backend, False)
-    return y2.view(*x.shape[:-1], weight.shape[0])
-
-
-@lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, slots, scales, slots_host, needs_grad_host, backend):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _lora_linear_setup(ctx, inputs, output):
-    x, weight, _, lora_a, lora_b, slots, scales, slots_host, needs_grad_host, backend = inputs
-    # x whole (its grad samples' rows are a view in backward); T = x A^T is recomputed in backward (rank r)
-    # rather than saved
-    ctx.save_for_backward(x, weight, lora_a, lora_b, slots, scales)
-    ctx.slots_host, ctx.needs_grad_host, ctx.backend = list(slots_host), list(needs_grad_host), backend
-
-
-def _lora_linear_backward(ctx, dy):
-    from catfast.ops.grad_rows import gather_rows
-    from catfast.ops.lora import _lora_low, backward_rows
-
-    x, weight, lora_a, lora_b, slots, scales = ctx.saved_tensors
-    plan = host_plan(slots, scales, ctx.slots_host, ctx.needs_grad_host)
-    n = x.shape[0]
-    grad_samples, run = plan.grad_samples(), plan.layout.grad_run
-    rows = x.numel() // x.shape[-1] // n if n else 0
-    want = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    x_rows = low_rows = None
-    if grad_samples.numel():
-        x_rows = gather_rows(x.reshape(-1, x.shape[-1]), grad_samples, run, n)
-        low_rows = _lora_low(x_rows, lora_a, plan.grad_plan, rows) if want[1] or want[2] else None
-    dx, da, db = backward_rows(dy, x_rows, low_rows, weight, lora_a, lora_b, plan.grad_plan, grad_samples, run, rows,
-                               n, x.shape, ctx.backend, *want)  # fmt: skip
-    return dx, None, None, da, db, None, None, None, None, None
-
-
-lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
 
 
 # -- serving and merging ------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The row-planned LoRA linear as an autograd Function, with its backend choice.
+"""The row-planned LoRA linear as an autograd Function, with its backend choice, and the same layer as one
+``torch.library`` custom op, ``catfast::lora_linear`` (``lora_linear_op``: what ``torch.compile`` sees; its
+autograd recomputes the rank-r ``x A^T`` of the grad rows instead of saving it).
 
 Backends: "triton" (catfast/kernels/lora_gemm.py; CUDA, or the CPU interpreter under
 TRITON_INTERPRET=1) and "torch" (pure-torch math with the same row-aware saving). The choice is made
@@ -17,6 +19,7 @@ import contextlib
 import weakref
 
 import torch
+from torch import Tensor
 
 from catfast.backends import choose, get, register, torch_probe, triton_probe
 from catfast.ops.grad_rows import (
@@ -26,7 +29,7 @@ from catfast.ops.grad_rows import (
     scatter_rows,
     take_samples,
 )
-from catfast.ops.library import call_lora_gemm, call_segment_outer
+from catfast.ops.library import call_lora_gemm, call_segment_outer, flatten_plan, host_plan
 from catfast.rows import NO_ADAPTER, RowPlan
 
 register("lora_linear", "row-planned LoRA Linear (forward GEMM + rank-r term, row-aware backward)",
@@ -67,9 +70,7 @@ def lora_linear(
     # inputs cast above; the rank-r terms stay fp32 inside. Entered only under autocast: its enter, exit and
     # autocast-cache clearing were about a sixth of the op's host time on a small layer (cProfile, 1 thread)
     with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _NO_CONTEXT:
-        if torch.compiler.is_compiling():  # one opaque custom op for dynamo (ops/library.py)
-            from catfast.ops.library import flatten_plan
-
+        if torch.compiler.is_compiling():  # one opaque custom op for dynamo (lora_linear_op, below)
             return torch.ops.catfast.lora_linear(x, weight, bias, lora_a, lora_b, *flatten_plan(plan), backend)
         if not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad)):
             # nothing to differentiate (the teacher call, sampling): the forward alone, nothing saved
@@ -355,3 +356,48 @@ def _adapter_grads(x_rows, dy_rows, low_rows, up_low, plan: RowPlan, rows: int, 
             da[s] = (up_s[lo:hi].float() * scaled).t() @ x_s[lo:hi].float()
             db[s] = (dy_s[lo:hi].float() * scaled).t() @ low_s[lo:hi].float()
     return da, db
+
+
+# -- the same LoRA Linear as one custom op (catfast::lora_linear), what torch.compile sees ---------------
+
+
+@torch.library.custom_op("catfast::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, slots: Tensor, scales: Tensor,
+    slots_host: list[int], needs_grad_host: list[bool], backend: str,
+) -> Tensor:  # fmt: skip
+    plan = host_plan(slots, scales, slots_host, needs_grad_host)
+    y2, _, _, _ = forward_rows(x, weight, bias, lora_a, lora_b, plan, backend, False)
+    return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, slots, scales, slots_host, needs_grad_host, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, weight, _, lora_a, lora_b, slots, scales, slots_host, needs_grad_host, backend = inputs
+    # x whole (its grad samples' rows are a view in backward); T = x A^T is recomputed in backward (rank r)
+    # rather than saved
+    ctx.save_for_backward(x, weight, lora_a, lora_b, slots, scales)
+    ctx.slots_host, ctx.needs_grad_host, ctx.backend = list(slots_host), list(needs_grad_host), backend
+
+
+def _lora_linear_backward(ctx, dy):
+    x, weight, lora_a, lora_b, slots, scales = ctx.saved_tensors
+    plan = host_plan(slots, scales, ctx.slots_host, ctx.needs_grad_host)
+    n = x.shape[0]
+    grad_samples, run = plan.grad_samples(), plan.layout.grad_run
+    rows = x.numel() // x.shape[-1] // n if n else 0
+    want = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    x_rows = low_rows = None
+    if grad_samples.numel():
+        x_rows = gather_rows(x.reshape(-1, x.shape[-1]), grad_samples, run, n)
+        low_rows = _lora_low(x_rows, lora_a, plan.grad_plan, rows) if want[1] or want[2] else None
+    dx, da, db = backward_rows(dy, x_rows, low_rows, weight, lora_a, lora_b, plan.grad_plan, grad_samples, run, rows,
+                               n, x.shape, ctx.backend, *want)  # fmt: skip
+    return dx, None, None, da, db, None, None, None, None, None
+
+
+lora_linear_op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)

@@ -1,5 +1,6 @@
-"""The catfast:: custom ops (catfast/ops/library.py): torch.library.opcheck on each (schema, fake
-implementation, autograd registration, AOT dispatch), and their results against the references."""
+"""The catfast:: custom ops (catfast/ops/library.py; catfast::lora_linear in catfast/ops/lora.py):
+torch.library.opcheck on each (schema, fake implementation, autograd registration, AOT dispatch), and their
+results against the references."""
 
 import os
 
@@ -8,6 +9,7 @@ import torch
 from torch.library import opcheck
 
 import catfast.ops.library as lib
+import catfast.ops.lora  # noqa: F401  registers catfast::lora_linear
 from catfast.kernels.segmented_lora import plan_tiles
 from catfast.ops.segmented import Segment, SegmentPlan
 from catfast.reference.lora import lora_linear_ref
