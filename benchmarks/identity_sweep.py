@@ -79,11 +79,11 @@ def main(argv=None) -> None:
     from catfast.demo.compare import _config
     from catfast.demo.encoder import load_encoder
     from catfast.demo.run import PROMPTS, SAMPLE, diversity, write_concept
-    from catfast.demo.shipped import encoder_path, model_path
     from catfast.eval.kps import harmonic_mean, image_similarity, kps_scores, with_trigger
     from catfast.eval.sampler import sample_images
     from catfast.integrations.models import load_base
     from catfast.integrations.peft_adapters import attach_adapter
+    from catfast.shipped import encoder_path, model_path
     from catfast.train.trainer import train
 
     out = Path(args.out)

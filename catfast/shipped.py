@@ -2,7 +2,9 @@
 
 catfast/demo/assets/ holds the pretrained demo model (model/, a diffusers folder that ``load_base``
 reads), the attribute encoder (encoder.safetensors) and MANIFEST.json: the size and sha256 of every
-file, written when the assets are built (``write_manifest``) and checked before the demo uses them.
+file, written when the assets are built (``write_manifest``) and checked before the demo uses them
+(catfast/e4t/assets/ is checked the same way). A foundation module, not part of ``catfast.demo``:
+``--base demo`` is resolved in integrations/models.py, below the demo package, and needs only this.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from catfast.errors import CatfastError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent / "demo" / "assets"
 MANIFEST = "MANIFEST.json"
 
 

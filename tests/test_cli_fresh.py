@@ -375,7 +375,7 @@ def test_run_onnx_refuses_bad_sizes_and_guidance(tmp_path):
 
 
 def test_base_demo_names_the_shipped_model(tmp_path):
-    from catfast.demo.shipped import model_path
+    from catfast.shipped import model_path
 
     assert Path(base_location("demo")) == model_path() and base_location("./demo") == "./demo"
     assert TrainConfig(base="demo").result_settings()["base"] == str(model_path().resolve())

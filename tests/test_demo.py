@@ -13,10 +13,10 @@ import torch
 
 from catfast.demo import world
 from catfast.demo.encoder import HEADS, DomainEncoder, accuracy, labels, load_encoder
-from catfast.demo.shipped import check_assets, encoder_path, model_path, write_manifest
 from catfast.errors import CatfastError, ModelLoadError
 from catfast.integrations.models import load_base
 from catfast.integrations.tokenizer import build_tokenizer
+from catfast.shipped import check_assets, encoder_path, model_path, write_manifest
 from catfast.train.captions import strip_trigger
 
 

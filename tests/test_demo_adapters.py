@@ -12,8 +12,8 @@ import torch
 from catfast.adapters.formats import read_adapter
 from catfast.demo.adapters import CONCEPTS, RECIPES, RECORD, adapters_dir, class_prompts
 from catfast.demo.encoder import HEADS, concept_accuracy, load_encoder
-from catfast.demo.shipped import encoder_path
 from catfast.serve.engine import Engine
+from catfast.shipped import encoder_path
 
 pytestmark = pytest.mark.timeout(300)
 SEEDS = 4

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from catfast.adapters.formats import read_adapter
 from catfast.demo import world
-from catfast.demo.shipped import model_path
 from catfast.e4t import concepts as cc
 from catfast.e4t.model import ASSETS, DOMAIN_FILE, ENCODER_FILE, check_shipped, load_encoder
 from catfast.e4t.personalize import TuneSettings, personalize
@@ -28,6 +27,7 @@ from catfast.integrations.word_embedding import (
     single_token,
     token_table,
 )
+from catfast.shipped import model_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -38,10 +38,10 @@ def test_readme_diffusers_snippet_runs_and_matches_catfast(tmp_path):
 
     from catfast.adapters.formats import read_adapter
     from catfast.demo.adapters import adapters_dir
-    from catfast.demo.shipped import model_path
     from catfast.eval.sampler import sample_images
     from catfast.integrations.models import load_base
     from catfast.integrations.peft_adapters import attach_adapter
+    from catfast.shipped import model_path
 
     base = load_base(model_path())
     adapter = read_adapter(adapters_dir() / "striped-star.safetensors", models={"unet": base.unet})
@@ -57,7 +57,7 @@ def test_the_shipped_files_as_loaded_are_fp16():
     """Why the snippet casts: the shipped weights are fp16 (small files), which diffusers keeps on load."""
     from safetensors import safe_open
 
-    from catfast.demo.shipped import model_path
+    from catfast.shipped import model_path
 
     with safe_open(str(model_path() / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         key = next(iter(f.keys()))

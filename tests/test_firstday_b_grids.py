@@ -128,9 +128,9 @@ def test_kps_grid_has_column_headers(tmp_path):
     )
     assert run.exit_code == 0, run.output
     from catfast.demo.encoder import load_encoder
-    from catfast.demo.shipped import encoder_path, model_path
     from catfast.eval.kps import kps_eval
     from catfast.integrations.models import load_base
+    from catfast.shipped import encoder_path, model_path
 
     result = kps_eval(
         load_base(model_path()),

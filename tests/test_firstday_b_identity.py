@@ -11,8 +11,8 @@ import pytest
 
 from catfast.demo import world
 from catfast.demo.encoder import concept_accuracy, load_encoder
-from catfast.demo.shipped import encoder_path
 from catfast.eval.kps import identity_accuracy
+from catfast.shipped import encoder_path
 
 
 def test_identity_accuracy_needs_all_three_attributes():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FOUNDATION = {"errors", "folders", "rows", "env", "_ext", "targets", "backends"}
+FOUNDATION = {"errors", "folders", "shipped", "rows", "env", "_ext", "targets", "backends"}
 LOWER = FOUNDATION | {"ops", "nn", "adapters", "integrations"}
 
 # package (a subpackage or a top-level module of catfast) -> the catfast packages it may import.
@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "rows": set(),
     "_ext": {"_C"},
     "folders": {"errors"},
+    "shipped": {"errors"},  # where the shipped demo files lie; integrations resolves `--base demo` with it
     "env": {"_ext", "backends"},
     "backends": {"errors", "_ext"},  # its probes (CUDA and Triton ones its own) ask what runs; env prints its table
     "reference": {"rows"},
@@ -28,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "ops": FOUNDATION | {"reference", "kernels"},
     "nn": FOUNDATION | {"ops"},
     "adapters": FOUNDATION | {"ops"},
-    "integrations": FOUNDATION | {"ops", "nn", "adapters", "demo.shipped"},
+    "integrations": FOUNDATION | {"ops", "nn", "adapters"},
     "eval": LOWER,
     "export": FOUNDATION | {"adapters", "integrations"},
     "train": LOWER | {"eval"},
@@ -42,7 +43,7 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
 }
 
-# Only integrations/ wraps these libraries.
+# Only integrations/ wraps these libraries (and testing.py, the tests' fixture builders, may build with them).
 WRAPPED = {"diffusers", "peft", "transformers"}
 
 
@@ -69,9 +70,7 @@ def _allowed(package: str, target: str) -> bool:
     """Whether ``package`` may import ``catfast.<target>`` (target: dotted, without the catfast prefix)."""
     allowed = ALLOWED[package]
     top = target.split(".")[0]
-    if "*" in allowed or top == package:
-        return True
-    return top in allowed or any(target == a or target.startswith(a + ".") for a in allowed if "." in a)
+    return "*" in allowed or top == package or top in allowed
 
 
 def _violations(root: Path = ROOT) -> list[str]:
@@ -85,7 +84,7 @@ def _violations(root: Path = ROOT) -> list[str]:
             continue
         for line, name in _imports(path, root):
             top = name.split(".")[0]
-            if top in WRAPPED and package != "integrations":
+            if top in WRAPPED and package not in ("integrations", "testing"):
                 found.append(f"{where}:{line} imports {name} (only catfast/integrations/ may)")
             if top == "catfast" and name != "catfast":
                 target = name.split(".", 1)[1]
@@ -116,6 +115,83 @@ def test_the_rule_catches_a_violation(tmp_path):
     assert "ops/bad.py:2 imports diffusers" in found[0]
     assert "ops/bad.py:3 imports catfast.train" in found[1]
     assert "serve/bad.py:1 imports catfast.testing" in found[2]
+
+
+# Circles of modules (a imports b imports ... a, imports inside functions included) that are known and still to be
+# broken; each entry is one circle's modules. Any other circle fails, and so does an entry whose circle is gone
+# (delete it with the change that breaks the circle).
+KNOWN_CIRCLES: list[set[str]] = [
+    # compare._sample is the sampler adapters.score_adapters uses; compare reads adapters' CONCEPTS
+    {"catfast.demo.adapters", "catfast.demo.compare"},
+    # factory re-exports the DiT models; factory_dit takes factory's CLIP config, factory_qwen factory_dit's seeding
+    {"catfast.integrations.factory", "catfast.integrations.factory_dit", "catfast.integrations.factory_qwen"},
+    # trainer.train hands DiT bases to flow_trainer.train_flow, which takes trainer's helpers (file being edited by
+    # another change; move later)
+    {"catfast.train.flow_trainer", "catfast.train.trainer"},
+]
+
+
+def _module_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the catfast modules it imports (dotted; a package is its __init__), for catfast/ under ``root``."""
+    files = {}
+    for path in sorted((root / "catfast").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def nearest(name: str) -> str | None:  # the module a dotted name lies in
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {nearest(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = path.relative_to(root).with_suffix("").parts[: -node.level] if node.level else ()
+                base = ".".join(base + ((node.module,) if node.module else ()))
+                targets |= {nearest(f"{base}.{alias.name}") for alias in node.names}
+        graph[module] = {t for t in targets if t and t != module and t != "catfast"}
+    return graph
+
+
+def _circles(root: Path = ROOT) -> list[set[str]]:
+    """The circles of modules: each set of two or more modules that all reach each other through imports."""
+    graph = _module_graph(root)
+    reach = {}
+    for start in graph:
+        seen, todo = set(), [start]
+        while todo:
+            for t in graph[todo.pop()] - seen:
+                seen.add(t)
+                todo.append(t)
+        reach[start] = seen
+    circles = []
+    for module in sorted(graph):
+        circle = {m for m in reach[module] if module in reach[m]}
+        if len(circle) > 1 and circle not in circles:
+            circles.append(circle)
+    return circles
+
+
+def test_no_circles_of_modules():
+    found = _circles()
+    new = [sorted(c) for c in found if c not in KNOWN_CIRCLES]
+    gone = [sorted(c) for c in KNOWN_CIRCLES if c not in found]
+    assert not new, f"modules that import each other in a circle: {new}"
+    assert not gone, f"these circles are gone (or changed): remove them from KNOWN_CIRCLES: {gone}"
+
+
+def test_the_circle_check_catches_a_circle(tmp_path):
+    """The checker itself: a lazy import back (ops/b.py -> ops/a.py inside a function) closes a circle."""
+    ops = tmp_path / "catfast" / "ops"
+    ops.mkdir(parents=True)
+    (ops / "a.py").write_text("from catfast.ops.b import f\n")
+    (ops / "b.py").write_text("def f():\n    from catfast.ops import a\n")
+    (ops / "c.py").write_text("from catfast.ops import a, b\n")
+    assert _circles(tmp_path) == [{"catfast.ops.a", "catfast.ops.b"}]
 
 
 def _doc_table() -> dict[str, set[str]]:

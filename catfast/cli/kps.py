@@ -65,7 +65,7 @@ def eval_kps_command(
                 "default encoder (the demo's attribute encoder)"
             )
         from catfast.demo.encoder import load_encoder  # lazy: startup
-        from catfast.demo.shipped import check_assets, encoder_path  # lazy: startup
+        from catfast.shipped import check_assets, encoder_path  # lazy: startup
 
         check_assets()
         encoder = load_encoder(encoder_path())

@@ -27,8 +27,8 @@ from pathlib import Path
 from catfast.adapters.adapter import LoraAdapter, LoraLayer
 from catfast.adapters.formats import read_adapter, write_adapter
 from catfast.demo import world
-from catfast.demo.shipped import ASSETS, model_path
 from catfast.folders import write_atomic
+from catfast.shipped import ASSETS, model_path
 
 ADAPTERS_DIR = ASSETS / "adapters"
 RECORD = "ADAPTERS.json"
@@ -144,10 +144,10 @@ def score_adapters(
     from catfast.demo.compare import _sample  # lazy: cost (and compare imports this module)
     from catfast.demo.encoder import concept_accuracy, load_encoder  # lazy: cost
     from catfast.demo.run import SAMPLE  # lazy: cost
-    from catfast.demo.shipped import encoder_path  # lazy: cost
     from catfast.eval.kps import kps_scores  # lazy: cost
     from catfast.integrations.models import load_base  # lazy: cost
     from catfast.integrations.peft_adapters import attach_adapter  # lazy: cost
+    from catfast.shipped import encoder_path  # lazy: cost
 
     base, encoder = load_base(model_path()), load_encoder(encoder_path())
     pairs = [(p, s) for p in range(len(class_prompts(world.CLASS_SHAPE))) for s in range(seeds)]

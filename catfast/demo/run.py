@@ -29,7 +29,6 @@ import torch
 from catfast.adapters.formats import read_adapter
 from catfast.demo import world
 from catfast.demo.encoder import concept_accuracy, load_encoder
-from catfast.demo.shipped import check_assets, encoder_path, model_path
 from catfast.errors import CatfastError
 from catfast.eval.grids import save_grid
 from catfast.eval.kps import kps_scores, with_trigger
@@ -37,6 +36,7 @@ from catfast.eval.sampler import sample_images
 from catfast.folders import ensure_writable_folder, write_atomic
 from catfast.integrations.models import load_base
 from catfast.integrations.peft_adapters import attach_adapter
+from catfast.shipped import check_assets, encoder_path, model_path
 from catfast.train.config import TrainConfig
 from catfast.train.trainer import train
 

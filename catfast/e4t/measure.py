@@ -45,7 +45,6 @@ from catfast.adapters.formats import read_adapter
 from catfast.demo import world
 from catfast.demo.encoder import load_encoder as load_attribute_encoder
 from catfast.demo.run import TRAIN
-from catfast.demo.shipped import encoder_path, model_path
 from catfast.e4t import concepts as cc
 from catfast.e4t.personalize import TuneSettings, personalize
 from catfast.eval.grids import save_grid
@@ -55,6 +54,7 @@ from catfast.folders import write_atomic
 from catfast.integrations.models import load_base
 from catfast.integrations.peft_adapters import _remove, attach_adapter
 from catfast.integrations.word_embedding import install_from_metadata
+from catfast.shipped import encoder_path, model_path
 from catfast.train.config import TrainConfig
 from catfast.train.trainer import train
 

@@ -27,9 +27,9 @@ from safetensors.torch import load, save
 from torch import nn
 
 from catfast.demo.encoder import AttributeNet
-from catfast.demo.shipped import check_assets
 from catfast.errors import CatfastError
 from catfast.folders import write_atomic
+from catfast.shipped import check_assets
 
 ASSETS = Path(__file__).parent / "assets"
 ENCODER_FILE = "encoder.safetensors"

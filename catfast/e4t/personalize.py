@@ -29,7 +29,6 @@ from catfast.adapters.adapter import LoraAdapter, LoraLayer
 from catfast.adapters.formats import read_adapter, write_adapter
 from catfast.demo import world
 from catfast.demo.encoder import to_tensor
-from catfast.demo.shipped import model_path
 from catfast.e4t.losses import embedding_penalty, lora_parameters, offset_penalty
 from catfast.e4t.model import DOMAIN_FILE, ENCODER_FILE, ConceptEncoder, check_shipped, load_encoder
 from catfast.e4t.pretrain import encode_latents
@@ -38,6 +37,7 @@ from catfast.folders import check_output_file, write_atomic
 from catfast.integrations.models import load_base
 from catfast.integrations.peft_adapters import _remove, attach_adapter, extract_adapter
 from catfast.integrations.word_embedding import embedding_metadata, encode, single_token, token_table
+from catfast.shipped import model_path
 from catfast.train.data import load_image
 from catfast.train.objective import cat_loss
 

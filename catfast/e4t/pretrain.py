@@ -35,7 +35,6 @@ from catfast.adapters.formats import write_adapter
 from catfast.demo import world
 from catfast.demo.encoder import load_encoder as load_attribute_encoder
 from catfast.demo.encoder import to_tensor
-from catfast.demo.shipped import check_assets, encoder_path, model_path, write_manifest
 from catfast.e4t import concepts as cc
 from catfast.e4t.losses import embedding_penalty, lora_parameters, offset_penalty
 from catfast.e4t.model import (
@@ -52,6 +51,7 @@ from catfast.folders import check_target, staged_folder
 from catfast.integrations.models import load_base
 from catfast.integrations.peft_adapters import add_lora, extract_adapter
 from catfast.integrations.word_embedding import encode, single_token, token_table
+from catfast.shipped import check_assets, encoder_path, model_path, write_manifest
 
 TOKEN = "sks"
 VIEWS = 3  # pictures per training concept in the pool

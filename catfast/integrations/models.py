@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from catfast.demo.shipped import check_assets, model_path
 from catfast.errors import ModelLoadError
+from catfast.shipped import check_assets, model_path
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LDM_UNET_PREFIX = "model.diffusion_model."
