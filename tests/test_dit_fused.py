@@ -30,10 +30,10 @@ def _batch(family, model, batch: int, seed: int):
     return latents, noise, sigmas, cond, stripped
 
 
-def _step(family, model, inputs, mode: str):
+def _step(family, model, inputs, mode: str, layout: str = "one-call"):
     for p in model.parameters():
         p.grad = None
-    out = flow_cat_loss(family, model, *inputs, cat_weight=0.7, mode=mode)
+    out = flow_cat_loss(family, model, *inputs, cat_weight=0.7, mode=mode, layout=layout)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
@@ -44,13 +44,14 @@ def _trainable(model):
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
 
 
+@pytest.mark.parametrize("layout", ["one-call", "teacher-first"])
 @pytest.mark.parametrize("name", NAMES)
-def test_fused_equals_reference(name):
+def test_fused_equals_reference(name, layout):
     family, model, _ = lora_transformer(name)
     _trainable(model)
     inputs = _batch(family, model, 2, seed=1)
     ref, ref_grads = _step(family, model, inputs, "reference")
-    fused, fused_grads = _step(family, model, inputs, "fused")
+    fused, fused_grads = _step(family, model, inputs, "fused", layout)
     assert ref.cat > 0  # the adapter moved the stripped prediction: the CAT term is not trivially zero
     assert_rel_close(fused.loss, ref.loss, 1e-5, "loss")
     assert_rel_close(fused.cat, ref.cat, 1e-5, "cat term")
@@ -79,6 +80,8 @@ def test_fused_refuses_what_it_cannot_plan():
     inputs = _batch(family, model, 1, seed=3)
     with pytest.raises(ValueError, match="mode must be one of"):
         flow_cat_loss(family, model, *inputs, mode="one-call")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        flow_cat_loss(family, model, *inputs, mode="fused", layout="two-calls")
     from peft import LoraConfig
 
     model.add_adapter(LoraConfig(r=2, target_modules=["attn.to_q"]), adapter_name="other")
@@ -101,8 +104,17 @@ def test_bench_dit_step_reports_both_modes():
                                        "--tokens", "4", "--rank", "2", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     r = json.loads(result.output.strip().splitlines()[-1])
-    fused, ref = r["modes"]["fused"], r["modes"]["reference"]
-    assert fused["launch_ops"] < ref["launch_ops"] and fused["host_syncs"] == ref["host_syncs"] == 0
-    assert fused["loss_rel_err"] < 1e-5 and fused["grad_rel_err"] < 1e-5
+    entries = r["entries"]
+    assert sorted(entries) == ["ai-toolkit", "fused", "fused:teacher-first", "plain", "reference"]
+    assert entries["fused"]["launch_ops"] < entries["reference"]["launch_ops"]
+    assert all(e["host_syncs"] == 0 and e["saved_bytes"] > 0 for e in entries.values())
+    assert entries["fused:teacher-first"]["saved_bytes"] < entries["fused"]["saved_bytes"]
+    for name in ("ai-toolkit", "fused", "fused:teacher-first"):  # all compute CAT's loss and gradients
+        assert entries[name]["loss_rel_err"] < 1e-5 and entries[name]["grad_rel_err"] < 1e-5
+    assert set(r["time_vs_plain"]) == set(entries) - {"plain"}
+    via_train_step = CliRunner().invoke(main, ["bench", "train-step", "--model", "tiny-sd3", "--steps", "1"])
+    assert via_train_step.exit_code == 0 and "plain LoRA step" in via_train_step.output, via_train_step.output
+    refused = CliRunner().invoke(main, ["bench", "train-step", "--model", "tiny-sd3", "--graphs"])
+    assert refused.exit_code == 2 and "fp32 eager" in refused.output
     odd = CliRunner().invoke(main, ["bench", "dit-step", "--side", "7"])
     assert odd.exit_code == 2 and "even --side" in odd.output

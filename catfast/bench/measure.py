@@ -61,3 +61,30 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+class SavedBytes:
+    """Within the block, the bytes of the unique storages autograd saves for backward, ``module``'s parameters
+    excluded (``total`` after the block)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in self._params:
+            self._storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self._storages.values())

@@ -52,7 +52,7 @@ import torch
 
 from catfast.bench.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
 from catfast.bench.launches import count_step
-from catfast.bench.measure import flop_counter, git_commit, rel_err
+from catfast.bench.measure import SavedBytes, flop_counter, git_commit, rel_err
 from catfast.errors import CatfastError
 from catfast.integrations.factory import build_unet
 from catfast.integrations.patch import patch_unet, unpatch_unet
@@ -181,21 +181,12 @@ def _lora_grads(unet) -> dict:
 
 def _flops_and_saved(unet, loss_fn, autocast) -> dict:
     """One eager step's forward and backward FLOPs, saved bytes, output and LoRA gradients."""
-    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
     unet.zero_grad(set_to_none=True)
-    with flop_counter() as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+    with flop_counter() as fwd, SavedBytes(unet) as saved, autocast():
         out = loss_fn()
     with flop_counter() as bwd:
         out.total.backward()
-    return dict(fwd_flops=fwd.get_total_flops(), bwd_flops=bwd.get_total_flops(), saved_bytes=sum(storages.values()),
+    return dict(fwd_flops=fwd.get_total_flops(), bwd_flops=bwd.get_total_flops(), saved_bytes=saved.total,
                 out=out, grads=_lora_grads(unet))  # fmt: skip
 
 

@@ -10,6 +10,8 @@ import click
 from catfast.cli.base import _friendly, main
 from catfast.targets import ATTENTION_PROJECTIONS
 
+DIT_MODELS = ("tiny-flux", "tiny-sd3", "tiny-qwenimage", "flux-narrow")  # catfast.bench.dit_step.MODELS
+
 
 @main.group()
 def bench() -> None:
@@ -42,7 +44,8 @@ def bench_onnx_command(model, reps, batch, rank, as_json) -> None:
     "--model",
     default="tiny",
     show_default=True,
-    type=click.Choice(["tiny", "small", "sd15-skeleton", "sd15-narrow", "sd15", "sdxl"]),
+    type=click.Choice(["tiny", "small", "sd15-skeleton", "sd15-narrow", "sd15", "sdxl", *DIT_MODELS]),
+    help="A DiT model runs `bench dit-step` (its own contestants: plain LoRA and ai-toolkit's DOP).",
 )
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per entry.")
@@ -92,6 +95,14 @@ def bench_train_step_command(
     from catfast.bench.contestants import check_names  # lazy: startup
     from catfast.bench.train_step import bench_train_step  # lazy: startup
 
+    if model in DIT_MODELS:
+        if dtype != "fp32" or mixed_precision != "no" or compile_reference or layouts or graphs:
+            raise click.UsageError(f"--model {model}: the DiT step is measured in fp32 eager (no --dtype, "
+                                   "--mixed-precision, --compile, --layouts or --graphs)")  # fmt: skip
+        from catfast.bench.dit_step import bench_dit_step  # lazy: startup
+
+        _echo_dit(bench_dit_step(model, batch=batch, steps=steps, rank=rank), as_json)
+        return
     result = bench_train_step(
         model,
         batch,
@@ -137,7 +148,7 @@ def bench_train_step_command(
     "--model",
     default="tiny-flux",
     show_default=True,
-    type=click.Choice(["tiny-flux", "tiny-sd3", "tiny-qwenimage", "flux-narrow"]),
+    type=click.Choice(DIT_MODELS),
     help="flux-narrow: one double and one single FLUX.1 block at FLUX.1's widths (about 2 GB in fp32).",
 )
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
@@ -154,18 +165,26 @@ def bench_dit_step_command(model, batch, steps, rank, side, tokens, as_json) -> 
 
     if side % 2:
         raise click.BadParameter("the transformers patch 2x2 latent pixels: give an even --side", param_hint="--side")
-    result = bench_dit_step(model, batch=batch, steps=steps, rank=rank, side=side, tokens=tokens)
+    _echo_dit(bench_dit_step(model, batch=batch, steps=steps, rank=rank, side=side, tokens=tokens), as_json)
+
+
+def _echo_dit(result: dict, as_json: bool) -> None:
+    """Print ``bench_dit_step``'s result: one JSON object, or a table."""
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{model} ({result['family']}), batch {batch}, rank {rank}, {side}x{side} latents, {tokens} text "
-               f"tokens, {result['threads']} threads, median of {steps} steps:")  # fmt: skip
-    for name, m in result["modes"].items():
+    click.echo(f"{result['model']} ({result['family']}), batch {result['batch']}, rank {result['rank']}, "
+               f"{result['latent_side']}x{result['latent_side']} latents, {result['text_tokens']} text tokens, "
+               f"{result['threads']} threads, median of {result['steps']} steps:")  # fmt: skip
+    for name, m in result["entries"].items():
         parity = f"  loss/grad rel err {m['loss_rel_err']:.0e}/{m['grad_rel_err']:.0e}" if "loss_rel_err" in m else ""
-        click.echo(f"  {name:<10} {m['median_ms']:9.1f} ms (cpu {m['median_cpu_ms']:.0f} ms)  launching ops "
-                   f"{m['launch_ops']}  host syncs {m['host_syncs']}{parity}")  # fmt: skip
+        click.echo(f"  {name:<20} {m['median_ms']:9.1f} ms (cpu {m['median_cpu_ms']:.0f} ms)  launching ops "
+                   f"{m['launch_ops']}  host syncs {m['host_syncs']}  saved {m['saved_bytes'] / 2**20:.1f} MiB"
+                   f"{parity}")  # fmt: skip
     r = result["fused_vs_reference"]
     click.echo(f"  fused: {r['launch_ops']:.2f}x the reference's launching ops, {r['speed']:.2f}x its speed")
+    for name, x in result["time_vs_plain"].items():
+        click.echo(f"  {name} takes {x:.2f}x a plain LoRA step's time")
 
 
 @bench.command("ops")
