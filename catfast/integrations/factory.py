@@ -17,6 +17,7 @@ import torch
 from catfast.errors import ModelLoadError
 from catfast.folders import check_target, staged_folder
 from catfast.integrations.factory_dit import DIT_MODEL_NAMES, init_dit_folder
+from catfast.integrations.families.unet import FAMILY as UNET
 from catfast.integrations.models import BaseModel, quiet_progress_bars
 from catfast.integrations.schedulers import training_scheduler
 from catfast.integrations.tokenizer import BOS, EOS, build_tokenizer, save_tokenizer, vocab_and_merges
@@ -136,9 +137,7 @@ def unet_config(name: str) -> dict:
 
 def build_unet(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A UNet2DConditionModel of the named shape with seeded random weights."""
-    from diffusers import UNet2DConditionModel  # lazy: diffusers
-
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**unet_config(name)))
+    unet = _seeded(seed, lambda: UNET.denoiser_type()(**unet_config(name)))
     return unet if dtype == torch.float32 else unet.to(dtype)
 
 
@@ -288,14 +287,14 @@ def model_index(*, xl: bool = False) -> dict:
     import diffusers  # lazy: diffusers
 
     index = {
-        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "_class_name": UNET.pipeline_class(xl=xl),
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
         "scheduler": ["diffusers", "DDPMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
+        "unet": ["diffusers", UNET.denoiser_class],
         "vae": ["diffusers", "AutoencoderKL"],
     }
     if xl:
@@ -345,7 +344,7 @@ def build_components(unet_config: dict, vae_config: dict, text_config, *, seed: 
     """Untrained SD1-style components from configs, in diffusers' model_index naming (fp32, seeded: text
     encoder ``seed``, VAE ``seed + 1``, UNet ``seed + 2``), with catfast's offline tokenizer and the training
     scheduler. ``text_config``: a transformers CLIPTextConfig (``clip_text_config``)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # lazy: diffusers
+    from diffusers import AutoencoderKL  # lazy: diffusers
     from transformers import CLIPTextModel  # lazy: transformers
 
     with torch.random.fork_rng(devices=[]):
@@ -354,7 +353,7 @@ def build_components(unet_config: dict, vae_config: dict, text_config, *, seed: 
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(**vae_config)
         torch.manual_seed(seed + 2)
-        unet = UNet2DConditionModel(**unet_config)
+        unet = UNET.denoiser_type()(**unet_config)
     tokenizer, scheduler = build_tokenizer(), training_scheduler()
     return dict(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, scheduler=scheduler)
 
@@ -374,9 +373,7 @@ def save_components(parts: dict, folder: Path, *, dtype: torch.dtype = torch.flo
 def attention_weight_shapes(name: str) -> list[tuple[int, int]]:
     """[out, in] of every to_q/to_k/to_v/to_out.0 Linear of the named model's UNet (built on the meta
     device: no memory, no time)."""
-    from diffusers import UNet2DConditionModel  # lazy: diffusers
-
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config(name))
+        unet = UNET.denoiser_type()(**unet_config(name))
     suffixes = tuple("." + t for t in ATTENTION_PROJECTIONS)
     return [tuple(m.weight.shape) for n, m in unet.named_modules() if n.endswith(suffixes)]

@@ -207,8 +207,6 @@ def _scheduler(name: str):
 def build_pipeline(name: str, *, seed: int = 0):
     """The named model as its family's diffusers pipeline (fp32, seeded random weights: transformer ``seed``,
     text encoders ``seed + 1`` ..., VAE ``seed + 9``), built offline."""
-    import diffusers  # lazy: diffusers
-
     if name not in PIPELINE_NAMES:
         raise ValueError(f"unknown pipeline model {name!r}; choose one of {', '.join(PIPELINE_NAMES)}")
     if name == "tiny-qwenimage":
@@ -216,7 +214,7 @@ def build_pipeline(name: str, *, seed: int = 0):
 
         parts = qwen_components(seed)
         parts.update(transformer=build_transformer(name, seed=seed), scheduler=_scheduler(name))
-        return diffusers.QwenImagePipeline(**parts)
+        return FAMILIES[FAMILY_OF_NAME[name]].pipeline_type()(**parts)
     parts = dict(transformer=build_transformer(name, seed=seed), vae=_vae(name, seed + 9), scheduler=_scheduler(name))
     t5_tok = t5_tokenizer()
     if name == "tiny-flux":
@@ -226,7 +224,7 @@ def build_pipeline(name: str, *, seed: int = 0):
             text_encoder_2=_t5(seed + 2, t5_tok),
             tokenizer_2=t5_tok,
         )
-        return diffusers.FluxPipeline(**parts)
+        return FAMILIES[FAMILY_OF_NAME[name]].pipeline_type()(**parts)
     parts.update(  # tiny-sd3: CLIP-L, CLIP-G (gelu, like OpenCLIP's), T5 64 wide
         text_encoder=_clip(seed + 1, True),
         tokenizer=build_tokenizer(),
@@ -235,7 +233,7 @@ def build_pipeline(name: str, *, seed: int = 0):
         text_encoder_3=_t5(seed + 3, t5_tok, d_model=64, d_kv=16),
         tokenizer_3=t5_tok,
     )
-    return diffusers.StableDiffusion3Pipeline(**parts)
+    return FAMILIES[FAMILY_OF_NAME[name]].pipeline_type()(**parts)
 
 
 def init_dit_folder(name: str, out_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool = False) -> Path:

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from catfast.errors import ModelLoadError
+from catfast.integrations.families.unet import FAMILY as UNET
 from catfast.shipped import check_assets, model_path
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -74,7 +75,7 @@ def diffusers_pipeline(base: BaseModel):
     ``base``'s components (shared, not copied), with a DDIM scheduler built from the base's config and the
     progress bar off: the oracle catfast's sampler and serving engine are checked against, and the
     baseline of the serving benchmark."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # lazy: diffusers
+    from diffusers import DDIMScheduler  # lazy: diffusers
 
     parts = dict(
         vae=base.vae,
@@ -83,11 +84,12 @@ def diffusers_pipeline(base: BaseModel):
         unet=base.unet,
         scheduler=DDIMScheduler.from_config(base.scheduler.config),
     )
+    pipeline = UNET.pipeline_type(xl=base.is_sdxl)
     if base.is_sdxl:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
+        pipe = pipeline(**parts, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
     else:
         no_safety_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = StableDiffusionPipeline(**parts, **no_safety_checker)
+        pipe = pipeline(**parts, **no_safety_checker)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -164,7 +166,7 @@ def _read_model_index(folder: Path) -> dict[str, list]:
 
 def _load_component(folder: Path, name: str, dtype: torch.dtype):
     """One component from `folder/name`, local files only; any failure becomes a ModelLoadError."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # lazy: diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler  # lazy: diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # lazy: transformers
 
     sub = folder / name
@@ -174,7 +176,7 @@ def _load_component(folder: Path, name: str, dtype: torch.dtype):
         if name == "scheduler":  # the training schedule, whatever sampler class the folder names
             return DDPMScheduler.from_pretrained(sub, local_files_only=True)
         if name == "unet":
-            model = UNet2DConditionModel.from_pretrained(sub, torch_dtype=dtype, local_files_only=True)
+            model = UNET.denoiser_type().from_pretrained(sub, torch_dtype=dtype, local_files_only=True)
         elif name == "vae":
             model = AutoencoderKL.from_pretrained(sub, torch_dtype=dtype, local_files_only=True)
         else:
@@ -386,8 +388,6 @@ def load_unet_file(
     converted with diffusers' own `convert_ldm_unet_checkpoint`. Pickle formats (.ckpt/.pt/.pth/.bin) are
     refused unless allow_pickle. The file's tensors become the parameters (no second copy when the file
     already has `dtype`). Keys and shapes must fit the config exactly, else ModelLoadError."""
-    from diffusers import UNet2DConditionModel  # lazy: diffusers
-
     path = Path(path)
     cfg, cfg_src = _unet_config(config)
     state = _read_state_dict(path, allow_pickle)
@@ -402,7 +402,7 @@ def load_unet_file(
             ) from None
         state = {k: v for k, v in state.items() if v is not None}
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg)
+        unet = UNET.denoiser_type().from_config(cfg)
     problems = _fit_problems(state, {k: v.shape for k, v in unet.state_dict().items()})
     if problems:
         raise ModelLoadError(f"{path}: UNet weights do not fit the config from {cfg_src}: {problems}")
@@ -530,7 +530,6 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, 
 
 
 def _unet_from_state(state: dict, cfg: dict, where: str, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel  # lazy: diffusers
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # lazy: diffusers
 
     try:
@@ -538,7 +537,7 @@ def _unet_from_state(state: dict, cfg: dict, where: str, dtype: torch.dtype):
     except Exception as e:  # diffusers' converter raises KeyError/IndexError/... on a layout it does not expect
         raise ModelLoadError(f"{where}: the UNet weights do not fit its config: {type(e).__name__}: {e}") from None
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg)
+        unet = UNET.denoiser_type().from_config(cfg)
     return _assign(unet, converted, where, "UNet", dtype)
 
 

@@ -118,6 +118,16 @@ class DenoiserFamily:
 
         return getattr(diffusers, self.denoiser_class)
 
+    def pipeline_class(self) -> str:
+        """The class name of this family's diffusers pipeline (model_index.json's ``_class_name``)."""
+        return self.pipeline_classes[0]
+
+    def pipeline_type(self, **variant) -> type:
+        """diffusers' pipeline class ``pipeline_class(**variant)``."""
+        import diffusers  # lazy: diffusers
+
+        return getattr(diffusers, self.pipeline_class(**variant))
+
     def predict(self, model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The denoiser's prediction for ``latents`` ``[B, C, H, W]`` at ``sigmas`` ``[B]`` (flow families:
         in (0, 1]; DDPM families: integer timesteps), in the latents' layout."""

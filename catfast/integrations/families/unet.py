@@ -24,6 +24,10 @@ class UNetFamily(DenoiserFamily):
     flow = None  # DDPM: integrations/schedulers.py's training scheduler, epsilon or v
     patch = 1
 
+    def pipeline_class(self, *, xl: bool = False) -> str:
+        """StableDiffusionPipeline (SD 1.x / 2.x), or StableDiffusionXLPipeline with ``xl``."""
+        return self.pipeline_classes[1 if xl else 0]
+
     def row_sharing(self, model: torch.nn.Module) -> tuple[str, ...]:
         """None for a UNet whose prefix (before the first LoRA layer or cross-attention) reads inputs other
         than the sample and timestep: SDXL's added text embeddings, class embeddings, an encoder_hid_proj."""
