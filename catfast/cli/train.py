@@ -148,6 +148,13 @@ _DIT_DEFAULTS = ", ".join(f"{k.replace('_size', '')} {v:g}" for k, v in DIT_RECI
     help=f"Run the frozen UNet in half precision (LoRA weights stay fp32). {_default('mixed_precision')}",
 )
 @click.option(
+    "--base-dtype",
+    type=click.Choice(["auto", "fp8"]),
+    help="How the frozen base is stored: auto (the --mixed-precision dtype) or fp8 (a DiT base's frozen Linears "
+    "as float8 e4m3 with per-output-channel scales, dequantized in the GEMM: about half of bf16's bytes, what fits "
+    f"FLUX.1 in 24 GB). {_default('base_dtype')}",
+)
+@click.option(
     "--gradient-checkpointing/--no-gradient-checkpointing",
     default=None,
     help="Recompute UNet activations in backward: less memory, more time. [default: off]",

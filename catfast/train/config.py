@@ -46,6 +46,9 @@ CONCEPT_ADAPTERS = ("per-concept", "shared")
 # auto: on a GPU (one process) the run times both over its first steps and keeps the faster (train/mode_trial.py),
 # elsewhere objective.auto_mode's measured rule; measure: the timing on any device
 MODES = ("auto", "fused", "reference", "measure")
+# auto: the frozen base in the mixed precision's dtype; fp8: a DiT base's frozen Linears as float8 e4m3 with
+# per-output-channel scales (catfast/nn/fp8_linear.py), about half of bf16's bytes
+BASE_DTYPES = ("auto", "fp8")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Settings that do not change the trained adapter: where things go, how often files are written, what
@@ -163,6 +166,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
+    base_dtype: str = "auto"  # auto | fp8 (DiT bases: frozen Linears stored as float8 e4m3)
     gradient_checkpointing: bool = False
     cuda_graphs: bool = False  # capture the whole step per batch shape (catfast/train/graphs.py); CUDA only
     seed: int = 42
@@ -254,6 +258,7 @@ class TrainConfig:
             ("concept_adapters", CONCEPT_ADAPTERS),
             ("mode", MODES),
             ("device", DEVICES),
+            ("base_dtype", BASE_DTYPES),
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -291,6 +296,13 @@ class TrainConfig:
             raise ConfigError("cat_prompts must be stripped, stripped+empty or a prompt file, got an empty value")
         if self.cat_prompts != "stripped" and self.cat_weight == 0:
             raise ConfigError(f"cat_prompts {self.cat_prompts!r} adds CAT prompts, but cat_weight is 0 (no CAT term)")
+        if self.base_dtype == "fp8":
+            if family is None:
+                raise ConfigError("base_dtype fp8 is for DiT bases (a Flux, SD3 or Qwen-Image pipeline folder); "
+                                  "a UNet base trains in its mixed precision: leave base_dtype auto")  # fmt: skip
+            from catfast.ops.fp8 import require_fp8  # lazy: torch
+
+            require_fp8()
 
     def _data_concepts(self) -> list[ConceptConfig]:
         """The concepts ``data``/``trigger`` give: one, or for a kohya-style data folder (``N_trigger class``
@@ -347,8 +359,9 @@ class TrainConfig:
         values["bank"], values["keep"] = _resolved(self.bank), [_resolved(k) for k in self.keep]
         if self.cat_prompts not in ("stripped", "stripped+empty"):
             values["cat_prompts"] = _resolved(self.cat_prompts)
-        # retention settings left at their defaults are left out: checkpoints written before they existed resume
-        for key, default in _RETENTION_DEFAULTS.items():
+        # retention settings and base_dtype left at their defaults are left out: checkpoints written before they
+        # existed resume
+        for key, default in {**_RETENTION_DEFAULTS, "base_dtype": "auto"}.items():
             if values[key] == default:
                 del values[key]
         if self.lr_schedule == "constant":

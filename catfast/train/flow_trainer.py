@@ -15,7 +15,9 @@
    encoders; they and the VAE run in fp32 (entries shared by runs of any precision) and are dropped before
    the transformer is loaded (T5-XXL and Qwen2.5-VL outweigh the LoRA's working set);
 4. loads the transformer alone (the mixed precision's dtype), attaches one peft LoRA on ``config.targets``
-   (the family's ``default_targets`` unless set), and per optimizer step runs ``grad_accum`` micro-batches of
+   (the family's ``default_targets`` unless set; with ``--base-dtype fp8`` every other frozen Linear, the LoRA
+   layers' base layers included, is then quantized to float8 e4m3 onto the device, one layer at a time:
+   nn/fp8_linear.py, reference mode only), and per optimizer step runs ``grad_accum`` micro-batches of
    `flow_cat_loss` (noise and sigmas from `sample_flow_inputs` with the run's generator), clips the LoRA
    gradients, steps AdamW (fp32 LoRA parameters only) and the lr schedule;
 5. writes what the UNet trainer writes: config.json, metrics.jsonl (step, loss, ldm, cat, lr, seconds, mode),
@@ -50,6 +52,7 @@ from catfast.errors import CatfastError
 from catfast.folders import write_atomic
 from catfast.integrations.families import DenoiserFamily
 from catfast.integrations.peft_adapters import add_lora
+from catfast.nn.fp8_linear import quantize_frozen_linears_
 from catfast.train import flow_objective
 from catfast.train.batches import BatchStream
 from catfast.train.cache import _read_bytes
@@ -142,6 +145,11 @@ def check_supported(config: TrainConfig, family: DenoiserFamily, world: int) -> 
         ),  # fmt: skip
         (config.mode == "measure", "--mode measure", "use auto, fused or reference"),
         (config.base_config is not None, "--base-config", "a pipeline folder is complete without it"),
+        (
+            config.base_dtype == "fp8" and config.mode == "fused",
+            "--mode fused with --base-dtype fp8",
+            "use auto or reference (the row-planned LoRA layer reads its base weight in full precision)",
+        ),
     ]
     for is_refused, option, hint in refused:
         if is_refused:
@@ -153,6 +161,8 @@ def flow_mode(config: TrainConfig) -> tuple[str, str]:
     reference; fused where it has not is refused."""
     modes = getattr(flow_objective, "MODES", ("reference",)) if _has_modes() else ("reference",)
     if config.mode == "auto":
+        if config.base_dtype == "fp8":
+            return "reference", "auto: an fp8 base (the fused step's row-planned layers take full-precision weights)"
         if "fused" in modes:
             return "fused", "auto: the fused flow CAT step (one row-planned call of 3B rows)"
         return "reference", "auto: flow_cat_loss has no fused mode here"
@@ -407,9 +417,16 @@ class _FlowRun:
         self.model = family.denoiser_type().from_pretrained(
             Path(config.base).expanduser(), subfolder=family.denoiser_key, local_files_only=True,
             torch_dtype=self.weight_dtype,
-        ).to(device)  # fmt: skip
+        )  # fmt: skip
+        fp8 = config.base_dtype == "fp8"
+        if not fp8:  # an fp8 base is quantized onto the device layer by layer: its full precision stays on the host
+            self.model.to(device)
         _seed_everything(config.seed)  # the LoRA's init does not depend on what loading drew
         add_lora(self.model, rank=config.rank, alpha=config.lora_alpha, target_modules=config.targets)
+        if fp8:
+            report = quantize_frozen_linears_(self.model, device=device)
+            self.model.to(device)
+            log.info("%s", report.line())
         self.params = {n: p for n, p in sorted(self.model.named_parameters()) if p.requires_grad}
         if not self.params:
             raise CatfastError(f"no module of the {family.name} transformer matches the LoRA targets {config.targets}")
