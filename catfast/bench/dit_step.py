@@ -51,21 +51,17 @@ def bench_dit_step(
 ) -> dict:
     """The figures of the module docstring for DiT ``model`` (``MODELS``) on latents ``[batch, C, side, side]``
     and ``tokens`` text tokens."""
-    from peft import LoraConfig  # lazy: peft
-
     from catfast.integrations.factory_dit import FAMILY_OF_NAME, build_transformer  # lazy: diffusers
     from catfast.integrations.families import FAMILIES
-    from catfast.integrations.peft_adapters import randomize_lora_
+    from catfast.integrations.peft_adapters import add_lora, randomize_lora_
 
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     family = FAMILIES[FAMILY_OF_NAME[model]]
-    transformer = build_transformer(model).requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(family.default_targets)))
+    transformer = build_transformer(model)
+    add_lora(transformer, rank=rank, alpha=rank, target_modules=family.default_targets)
     randomize_lora_(transformer, seed=0, std=0.02)
-    params = [p for n, p in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-    for p in params:
-        p.requires_grad_(True)
+    params = [p for p in transformer.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(batch, family.latent_channels(transformer), side, side, generator=g)
     noise, sigmas = sample_flow_inputs(family, latents, generator=g)

@@ -23,14 +23,14 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from catfast.errors import CatfastError
 from catfast.eval.sampler import NonFiniteLatents, _row_order, nonfinite_rows
-from catfast.integrations.families import DenoiserFamily, family_of
+from catfast.integrations.families import family_of
 from catfast.integrations.row_call import planned_unet
+from catfast.integrations.schedulers import flow_sampling_scheduler
 from catfast.rows import NO_ADAPTER, RowPlan
 
 
@@ -134,30 +134,6 @@ def _size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     return height // factor, width // factor
 
 
-def _timesteps(pipe, family: DenoiserFamily, recipe: _Recipe, steps: int, image_seq_len: int, device):
-    """A fresh scheduler from the pipeline's config, with timesteps set as the family's pipeline sets them."""
-    from diffusers import FlowMatchEulerDiscreteScheduler  # lazy: diffusers
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    config = scheduler.config
-    kwargs = {}
-    if recipe.flow_sigmas or config.get("use_dynamic_shifting", None):
-        kwargs["mu"] = calculate_shift(
-            image_seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", recipe.max_shift),
-        )
-    if recipe.flow_sigmas and not config.get("use_flow_sigmas", False):
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, **kwargs)
-    else:
-        scheduler.set_timesteps(steps, device=device, **kwargs)
-    scheduler.set_begin_index(0)
-    return scheduler
-
-
 @torch.no_grad()
 def _sample(pipe, family, call, prompts, slots, seeds, *, steps, guidance, height, width, negative_prompt, scale,
             max_sequence_length, progress) -> torch.Tensor:  # fmt: skip
@@ -185,7 +161,8 @@ def _sample(pipe, family, call, prompts, slots, seeds, *, steps, guidance, heigh
     latents = torch.cat(
         [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
     ).to(device)
-    scheduler = _timesteps(pipe, family, recipe, steps, family.image_seq_len(latents), device)
+    scheduler = flow_sampling_scheduler(pipe.scheduler.config, steps, family.image_seq_len(latents),
+                                        flow_sigmas=recipe.flow_sigmas, max_shift=recipe.max_shift, device=device)
 
     order, identical = _row_order(slots, cfg)
     index = torch.tensor(order, device=device)
