@@ -38,7 +38,8 @@ def _friendly(fn):
 @click.version_option(package_name="catfast")
 def main() -> None:
     """catfast: train (CAT), serve (many adapters, mixed in one batch) and export LoRA adapters for
-    Stable-Diffusion UNets.
+    Stable-Diffusion UNets; train CAT LoRAs on diffusion transformers too (FLUX.1, SD3, Qwen-Image pipeline
+    folders as --base of `catfast train`).
 
     Every command that takes a base model accepts `--base demo`, the small demo model shipped in the
     package (no download)."""
