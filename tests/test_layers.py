@@ -123,8 +123,6 @@ def test_the_rule_catches_a_violation(tmp_path):
 KNOWN_CIRCLES: list[set[str]] = [
     # compare._sample is the sampler adapters.score_adapters uses; compare reads adapters' CONCEPTS
     {"catfast.demo.adapters", "catfast.demo.compare"},
-    # factory re-exports the DiT models; factory_dit takes factory's CLIP config, factory_qwen factory_dit's seeding
-    {"catfast.integrations.factory", "catfast.integrations.factory_dit", "catfast.integrations.factory_qwen"},
     # trainer.train hands DiT bases to flow_trainer.train_flow, which takes trainer's helpers (file being edited by
     # another change; move later)
     {"catfast.train.flow_trainer", "catfast.train.trainer"},

@@ -17,10 +17,11 @@ import torch
 from catfast.errors import ModelLoadError
 from catfast.folders import check_target, staged_folder
 from catfast.integrations.factory_dit import DIT_MODEL_NAMES, init_dit_folder
+from catfast.integrations.factory_parts import clip_text_config, seeded
 from catfast.integrations.families.unet import FAMILY as UNET
 from catfast.integrations.models import BaseModel, quiet_progress_bars
 from catfast.integrations.schedulers import training_scheduler
-from catfast.integrations.tokenizer import BOS, EOS, build_tokenizer, save_tokenizer, vocab_and_merges
+from catfast.integrations.tokenizer import build_tokenizer, save_tokenizer
 from catfast.targets import ATTENTION_PROJECTIONS
 
 MODEL_NAMES = ("tiny", "small", "sd15", "sdxl")
@@ -137,15 +138,8 @@ def unet_config(name: str) -> dict:
 
 def build_unet(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A UNet2DConditionModel of the named shape with seeded random weights."""
-    unet = _seeded(seed, lambda: UNET.denoiser_type()(**unet_config(name)))
+    unet = seeded(seed, lambda: UNET.denoiser_type()(**unet_config(name)))
     return unet if dtype == torch.float32 else unet.to(dtype)
-
-
-def _seeded(seed: int, make):
-    """`make()` under torch.manual_seed(seed), leaving the caller's global RNG state as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
 
 
 # CLIP text encoders. vocab_size and the special token ids come from catfast's offline tokenizer (real
@@ -213,36 +207,19 @@ def _is_xl(name: str) -> bool:
     return _TEXT_CONFIGS[name][1] is not None
 
 
-def clip_text_config(**sizes):
-    """A transformers CLIPTextConfig for catfast's offline tokenizer (its vocabulary and special tokens,
-    77 positions, quick_gelu), with ``sizes`` (hidden_size, num_hidden_layers, ...) on top."""
-    from transformers import CLIPTextConfig  # lazy: transformers
-
-    vocab = vocab_and_merges()[0]
-    fields = dict(
-        vocab_size=len(vocab),
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[EOS],
-    )
-    return CLIPTextConfig(**{**fields, **sizes})
-
-
 def _text_encoder(name: str, which: int, seed: int):
     """CLIPTextModel (which=1) or CLIPTextModelWithProjection (which=2, SDXL) of the named model."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection  # lazy: transformers
 
     config = clip_text_config(**_TEXT_CONFIGS[name][which - 1])
     cls = CLIPTextModel if which == 1 else CLIPTextModelWithProjection
-    return _seeded(seed, lambda: cls(config)).eval()
+    return seeded(seed, lambda: cls(config)).eval()
 
 
 def _vae(name: str, seed: int):
     from diffusers import AutoencoderKL  # lazy: diffusers
 
-    return _seeded(seed, lambda: AutoencoderKL(**_VAE_CONFIGS[name])).eval()
+    return seeded(seed, lambda: AutoencoderKL(**_VAE_CONFIGS[name])).eval()
 
 
 def _scheduler():

@@ -15,6 +15,7 @@ import torch
 
 from catfast.errors import ModelLoadError
 from catfast.folders import check_target, staged_folder
+from catfast.integrations.factory_parts import clip_text_config, seeded
 from catfast.integrations.families import FAMILIES
 from catfast.integrations.tokenizer import build_tokenizer
 
@@ -141,13 +142,6 @@ def transformer_config(name: str) -> dict:
     return dict(_TRANSFORMER_CONFIGS[name])
 
 
-def seeded(seed: int, make):
-    """``make()`` under ``torch.manual_seed(seed)``, the caller's global RNG state left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
-
-
 def build_transformer(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device=None):
     """The named model's transformer (its family's diffusers class) with seeded random weights, eval mode.
     ``device="meta"`` builds the shapes only (``flux-narrow`` is about 0.5 B parameters, the real ones 2 to 20 B)."""
@@ -177,7 +171,6 @@ def t5_tokenizer(max_length: int = 512):
 def _clip(seed: int, projection: bool, **overrides):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection  # lazy: transformers
 
-    from catfast.integrations.factory import clip_text_config
 
     config = clip_text_config(**{**_CLIP_TINY, **overrides})
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel

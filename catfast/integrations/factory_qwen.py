@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 
-from catfast.integrations.factory_dit import seeded
+from catfast.integrations.factory_parts import seeded
 
 # QwenImagePipeline.prompt_template_encode (diffusers 0.42)
 TEMPLATE = (
