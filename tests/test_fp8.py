@@ -57,6 +57,10 @@ def test_round_trip_is_within_e4m3_rounding():
     assert sub.all() and (err[5, :10] <= 2**-10 * scale[5] * (1 + 1e-6)).all()
     # the row's largest value is 448 exactly: no saturation, no NaN
     assert torch.isfinite(w8.float()).all() and w8.float().abs().amax(1)[torch.arange(37) != 3].eq(448).all()
+    # a weight larger than one CPU chunk (2^18 elements) dequantizes as in one piece
+    big8, big_scale = quantize_fp8(torch.randn(700, 1000))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize_fp8(big8, big_scale, dtype), (big8.float() * big_scale[:, None]).to(dtype))
     # a bf16 weight quantizes as its fp32 values
     w8_bf16, scale_bf16 = quantize_fp8(w.bfloat16())
     assert torch.equal(scale_bf16, quantize_fp8(w.bfloat16().float())[1])

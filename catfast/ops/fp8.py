@@ -52,9 +52,22 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w8, scale
 
 
+# Rows dequantized at a time on the CPU, in elements: a 12288 x 3072 weight (FLUX.1's feed-forward) to bf16 took
+# 0.17 s in chunks of 2^18 elements against 0.31 s in one piece, whose fp32 temporaries (2 x 151 MB) also set
+# the step's peak RSS (1 thread, dev CPU); CUDA converts the whole weight in one launch per op
+_CPU_CHUNK = 2**18
+
+
 def dequantize_fp8(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``w8 * scale[:, None]`` as ``[out, in]`` of ``dtype`` (computed in fp32, rounded once)."""
-    return (w8.float() * scale.float()[:, None]).to(dtype)
+    scale = scale.float()
+    if w8.device.type == "cuda" or w8.numel() <= _CPU_CHUNK:
+        return (w8.float() * scale[:, None]).to(dtype)
+    out = torch.empty(w8.shape, dtype=dtype, device=w8.device)
+    rows = max(1, _CPU_CHUNK // max(w8.shape[1], 1))
+    for start in range(0, w8.shape[0], rows):
+        out[start : start + rows] = w8[start : start + rows].float().mul_(scale[start : start + rows, None])
+    return out
 
 
 def rounding_bound(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
