@@ -141,9 +141,8 @@ def score_adapters(
     {identity_accuracy (the share of trigger pictures in which the shipped encoder reads the concept's
     shape, colour and pattern), identity (similarity to the concept's five pictures), preservation, kps,
     identity_accuracy_per_prompt}; pictures[name] = {"base", "without", "with": PIL images, prompt-major}."""
-    from catfast.demo.compare import _sample  # lazy: cost (and compare imports this module)
     from catfast.demo.encoder import concept_accuracy, load_encoder  # lazy: cost
-    from catfast.demo.run import SAMPLE  # lazy: cost
+    from catfast.demo.run import SAMPLE, sample_blocks  # lazy: cost
     from catfast.eval.kps import kps_scores  # lazy: cost
     from catfast.integrations.models import load_base  # lazy: cost
     from catfast.integrations.peft_adapters import attach_adapter  # lazy: cost
@@ -152,14 +151,14 @@ def score_adapters(
     base, encoder = load_base(model_path()), load_encoder(encoder_path())
     pairs = [(p, s) for p in range(len(class_prompts(world.CLASS_SHAPE))) for s in range(seeds)]
     groups = [p for p, _ in pairs]
-    blocks = []  # (key, adapter or None, prompts, trigger or None), as compare._sample takes them
+    blocks = []  # (key, adapter or None, prompts, trigger or None), as run.sample_blocks takes them
     for name, path in paths.items():
         attach_adapter(base.unet, read_adapter(path, models={"unet": base.unet}), name)
         trigger, fields = CONCEPTS[name]
         prompts = class_prompts(fields["shape"])
         blocks += [((name, "base"), None, prompts, None), ((name, "without"), name, prompts, None)]
         blocks.append(((name, "with"), name, prompts, trigger))
-    images = _sample(base, blocks, pairs, sample_steps or SAMPLE["steps"], progress)
+    images = sample_blocks(base, blocks, pairs, sample_steps or SAMPLE["steps"], progress)
     pictures = {name: {block: images[(name, block)] for block in ("base", "without", "with")} for name in paths}
     scores = {}
     for name in paths:

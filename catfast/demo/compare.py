@@ -35,11 +35,10 @@ from catfast.demo import world
 from catfast.demo.adapters import CONCEPTS, concept_scenes
 from catfast.demo.adapters import write_concept as write_other
 from catfast.demo.encoder import concept_accuracy
-from catfast.demo.run import PROMPTS, SAMPLE, TRAIN, diversity, prepare
+from catfast.demo.run import PROMPTS, SAMPLE, TRAIN, diversity, prepare, sample_blocks
 from catfast.errors import CatfastError
 from catfast.eval.grids import save_grid
 from catfast.eval.kps import harmonic_mean, kps_scores, with_trigger
-from catfast.eval.sampler import sample_images
 from catfast.folders import write_atomic
 from catfast.integrations.models import load_base
 from catfast.integrations.peft_adapters import attach_adapter
@@ -224,7 +223,7 @@ def _sample_and_score(results, model, adapters, with_ball, encoder, references, 
         blocks.append(("base-ball", None, BALL_PROMPTS, None))
     for name in single:
         blocks += [(f"{name}-", name, PROMPTS, None), (f"{name}+", name, PROMPTS, world.TRIGGER)]
-    images = _sample(base, blocks, pairs, sample_steps, progress)
+    images = sample_blocks(base, blocks, pairs, sample_steps, progress)
     emb = {k: encoder.embed_images(v) for k, v in images.items()}
     ref = encoder.embed_images(references)
     for name in single:
@@ -237,24 +236,6 @@ def _sample_and_score(results, model, adapters, with_ball, encoder, references, 
 def _timing(result) -> dict:
     rate = result.steps_per_second
     return {"train_seconds": round(result.seconds, 1), "step_seconds": round(1 / rate, 4) if rate else None}
-
-
-def _sample(base, blocks, pairs, sample_steps, progress) -> dict:
-    """One batched sampler run over every block: name -> images (one per (prompt, seed) pair)."""
-
-    rows = []
-    for _, adapter, prompts, trigger in blocks:
-        rows += [(adapter, prompts[p] if trigger is None else with_trigger(prompts[p], trigger), s) for p, s in pairs]
-    images = sample_images(
-        base,
-        [r[1] for r in rows],
-        adapters=[r[0] for r in rows],
-        seeds=[r[2] for r in rows],
-        progress=progress,
-        **{**SAMPLE, "steps": sample_steps},
-    )
-    m = len(pairs)
-    return {name: images[i * m : (i + 1) * m] for i, (name, *_) in enumerate(blocks)}
 
 
 def _scores(base, without, with_, ref, groups) -> dict:
@@ -305,7 +286,7 @@ def _lifelong(
             (f"{variant}:ball-", variant, BALL_PROMPTS, None),
             (f"{variant}:ball+", variant, BALL_PROMPTS, trigger2),
         ]
-    images = _sample(base, blocks, pairs, sample_steps, progress)
+    images = sample_blocks(base, blocks, pairs, sample_steps, progress)
     lemb = {k: encoder.embed_images(v) for k, v in images.items()}
     ref2 = encoder.embed_images([world.render(s) for s in scenes2])
     groups = [p for p, _ in pairs]

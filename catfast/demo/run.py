@@ -276,3 +276,22 @@ def format_table(results: dict) -> str:
         "id. accuracy: the share of trigger pictures the encoder reads as the concept's shape, colour and pattern"
     )
     return "\n".join(lines)
+
+
+def sample_blocks(base, blocks, pairs, sample_steps, progress) -> dict:
+    """One batched sampler run over every block (key, adapter or None, prompts, trigger or None): key -> images,
+    one per (prompt index, seed) pair of ``pairs``, at the demo's sampling settings (``SAMPLE``)."""
+
+    rows = []
+    for _, adapter, prompts, trigger in blocks:
+        rows += [(adapter, prompts[p] if trigger is None else with_trigger(prompts[p], trigger), s) for p, s in pairs]
+    images = sample_images(
+        base,
+        [r[1] for r in rows],
+        adapters=[r[0] for r in rows],
+        seeds=[r[2] for r in rows],
+        progress=progress,
+        **{**SAMPLE, "steps": sample_steps},
+    )
+    m = len(pairs)
+    return {name: images[i * m : (i + 1) * m] for i, (name, *_) in enumerate(blocks)}
