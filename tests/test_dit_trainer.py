@@ -152,7 +152,7 @@ def test_qwen_captions_of_different_lengths_batch_with_the_pipelines_padding(fol
     c.validate()
     family = family_of(base)
     examples = flow_trainer._scan(c)
-    dataset, _, _ = flow_trainer.build_flow_cache(base, family, examples, c, tmp_path / "cache", torch.device("cpu"),
+    dataset, _ = flow_trainer.build_flow_cache(base, family, examples, c, tmp_path / "cache", torch.device("cpu"),
                                                   progress=False)  # fmt: skip
     latents, cond, _ = dataset.batch([(0, 0), (1, 0)], "cpu", torch.float32)
     assert cond["prompt_embeds_mask"].shape == cond["prompt_embeds"].shape[:2]

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import inspect
+import importlib.metadata
 import json
 import logging
 import math
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -48,10 +47,11 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from catfast.adapters.formats import write_adapter
 from catfast.errors import CatfastError
 from catfast.folders import write_atomic
 from catfast.integrations.families import DenoiserFamily
-from catfast.integrations.peft_adapters import add_lora
+from catfast.integrations.peft_adapters import add_lora, extract_adapter
 from catfast.nn.fp8_linear import quantize_frozen_linears_
 from catfast.train import flow_objective
 from catfast.train.batches import BatchStream
@@ -101,7 +101,7 @@ def train_flow(
     _seed_everything(config.seed)
     examples = _scan(config)  # bad data fails before any model work
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
-    dataset, pipeline_class, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, progress)
+    dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, progress)
     identities = content_identities(SimpleNamespace(path=str(folder)), dataset.digests,
                                     [str(e.image) for e in dataset.examples])  # fmt: skip
     if resume_from is not None:
@@ -111,7 +111,7 @@ def train_flow(
     if announce is not None:
         announce(config.describe())
 
-    run = _FlowRun(config, family, pipeline_class, dataset, device, identities, examples, mode, mode_reason)
+    run = _FlowRun(config, family, dataset, device, identities, examples, mode, mode_reason)
     run.freed = freed
     if resume_from is not None:
         run.restore(resume_from)
@@ -157,22 +157,16 @@ def check_supported(config: TrainConfig, family: DenoiserFamily, world: int) -> 
 
 
 def flow_mode(config: TrainConfig) -> tuple[str, str]:
-    """(the CAT step mode `flow_cat_loss` runs, why): ``auto`` is fused where flow_cat_loss has it, else
-    reference; fused where it has not is refused."""
-    modes = getattr(flow_objective, "MODES", ("reference",)) if _has_modes() else ("reference",)
+    """(the CAT step mode `flow_cat_loss` runs, why): ``auto`` is fused (one row-planned call of 3B rows),
+    except on an fp8 base (reference); a mode the flow objective lacks is refused."""
     if config.mode == "auto":
         if config.base_dtype == "fp8":
             return "reference", "auto: an fp8 base (the fused step's row-planned layers take full-precision weights)"
-        if "fused" in modes:
-            return "fused", "auto: the fused flow CAT step (one row-planned call of 3B rows)"
-        return "reference", "auto: flow_cat_loss has no fused mode here"
-    if config.mode not in modes:
-        raise CatfastError(f"--mode {config.mode} is not built for DiT bases yet; use {' or '.join(modes)}")
+        return "fused", "auto: the fused flow CAT step (one row-planned call of 3B rows)"
+    if config.mode not in flow_objective.MODES:
+        modes = " or ".join(flow_objective.MODES)
+        raise CatfastError(f"--mode {config.mode} is not built for DiT bases yet; use {modes}")
     return config.mode, "set by the config"
-
-
-def _has_modes() -> bool:
-    return "mode" in inspect.signature(flow_objective.flow_cat_loss).parameters
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -239,22 +233,20 @@ class FlowDataset:
 
 def build_flow_cache(folder: Path, family: DenoiserFamily, examples: list[Example], config: TrainConfig,
                      cache_dir: Path, device: torch.device, progress: bool):  # fmt: skip
-    """(FlowDataset, the pipeline class, the names of the freed encoders with weak references to them).
+    """(FlowDataset, the names of the freed encoders with weak references to them).
 
     Every image is read and planned before any encoder loads (a small or unreadable image fails first). An
     entry's file is ``cache_dir/<key>.safetensors``, key = sha256 of (format, `_model_identity`, the image's
     sha256, both captions, ``Transform.key()``, bucket step), written atomically; a damaged one is encoded
     again with a warning. Text encoders and the VAE are dropped from the pipeline and collected here."""
-    from diffusers import DiffusionPipeline  # lazy: diffusers
-
     from catfast.integrations.models import quiet_progress_bars  # lazy: diffusers
 
     quiet_progress_bars()
     index = json.loads((folder / "model_index.json").read_text())
     encoders = [k for k in index if k.startswith("text_encoder") and index[k] and index[k][0]]
     # the VAE, tokenizers and scheduler alone: the image geometry, before the text encoders are known to be needed
-    light = DiffusionPipeline.from_pretrained(folder, local_files_only=True, transformer=None,
-                                              **dict.fromkeys(encoders))  # fmt: skip
+    light = family.pipeline_type().from_pretrained(folder, local_files_only=True, transformer=None,
+                                                   **dict.fromkeys(encoders))  # fmt: skip
     transform, step = _transform(folder, family, light, config)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -293,13 +285,12 @@ def build_flow_cache(folder: Path, family: DenoiserFamily, examples: list[Exampl
             if module is not None:
                 freed.append((name, weakref.ref(module)))
                 setattr(p, name, None)
-    pipeline_class = type(light)
     del pipe, light, module
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     dataset = FlowDataset([p[0] for p in planned], [p[1] for p in planned], entries, [p[2] for p in planned], optional)
-    return dataset, pipeline_class, list(dict(freed).items())
+    return dataset, list(dict(freed).items())
 
 
 def _transform(folder: Path, family: DenoiserFamily, light, config: TrainConfig) -> tuple[Transform, int]:
@@ -382,9 +373,7 @@ def _model_identity(folder: Path, index: dict, family: DenoiserFamily) -> str:
     """sha256 of what the cached tensors depend on: the folder, and the names, sizes and mtimes of every
     component's files but the transformer's and the scheduler's (no multi-GB hashing per run), and the
     diffusers version (the pipelines' encode_prompt code)."""
-    import diffusers  # lazy: diffusers
-
-    h = hashlib.sha256(f"{FLOW_CACHE_FORMAT};{family.name};fp32;{diffusers.__version__}".encode())
+    h = hashlib.sha256(f"{FLOW_CACHE_FORMAT};{family.name};fp32;{importlib.metadata.version('diffusers')}".encode())
     h.update(str(folder.resolve()).encode())
     for name in sorted(k for k in index if not k.startswith("_") and k not in (family.denoiser_key, "scheduler")):
         if (folder / name).is_dir():
@@ -401,9 +390,9 @@ class _FlowRun:
     """One run between its steps: the transformer with its LoRA, optimizer, lr schedule, noise generator,
     data position and writers. ``freed``: (name, weak reference) of the encoders dropped before the loop."""
 
-    def __init__(self, config: TrainConfig, family: DenoiserFamily, pipeline_class, dataset: FlowDataset, device,
+    def __init__(self, config: TrainConfig, family: DenoiserFamily, dataset: FlowDataset, device,
                  identities, examples, mode: str, mode_reason: str):  # fmt: skip
-        self.config, self.family, self.pipeline_class, self.dataset = config, family, pipeline_class, dataset
+        self.config, self.family, self.dataset = config, family, dataset
         self.device, self.identities, self.examples = device, identities, examples
         self.mode, self.mode_reason = mode, mode_reason
         self.out = Path(config.out)
@@ -413,7 +402,6 @@ class _FlowRun:
         self.metrics: MetricsWriter | None = None
         self.freed: list = []
         self.last: dict[str, float] = {}
-        _check_metadata(pipeline_class, config)
         self.model = family.denoiser_type().from_pretrained(
             Path(config.base).expanduser(), subfolder=family.denoiser_key, local_files_only=True,
             torch_dtype=self.weight_dtype,
@@ -444,7 +432,7 @@ class _FlowRun:
             **({"fused": True} if device.type == "cuda" else {"foreach": True}),  # as the UNet trainer's
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
-        self.loss_kwargs = {"cat_weight": config.cat_weight, **({"mode": mode} if _has_modes() else {})}
+        self.loss_kwargs = {"cat_weight": config.cat_weight, "mode": mode}
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``: LoRA weights, optimizer, lr schedule, RNG, data position."""
@@ -544,7 +532,7 @@ class _FlowRun:
             "catfast.family": self.family.name,
             TRIGGER_PROMPTS: trigger_prompts_metadata([e.caption for e in self.examples]),
         }
-        write_dit_adapter(self.pipeline_class, self.model, self.config, path, metadata)
+        write_dit_adapter(self.model, path, metadata)
 
     def finish(self, total: float, rate: float | None) -> TrainResult:
         """Write adapter.safetensors and the final loss.png; the run's result."""
@@ -569,41 +557,10 @@ class _FlowRun:
 # ------------------------------------------------------------------------------------------------ adapter
 
 
-def _check_metadata(pipeline_class, config: TrainConfig) -> None:
-    """Refuse, before training, an alpha this diffusers cannot record (no ``transformer_lora_adapter_metadata``:
-    ``load_lora_weights`` would assume alpha = rank)."""
-    if config.lora_alpha != config.rank and not _takes_metadata(pipeline_class):
-        raise CatfastError(
-            f"this diffusers' {pipeline_class.__name__}.save_lora_weights cannot record alpha {config.lora_alpha:g} "
-            f"(no transformer_lora_adapter_metadata); set alpha = rank ({config.rank}) or upgrade diffusers"
-        )
-
-
-def _takes_metadata(pipeline_class) -> bool:
-    return "transformer_lora_adapter_metadata" in inspect.signature(pipeline_class.save_lora_weights).parameters
-
-
-def write_dit_adapter(pipeline_class, model: torch.nn.Module, config: TrainConfig, path: Path,
-                      metadata: dict[str, str]) -> None:  # fmt: skip
-    """``model``'s LoRA as the file ``pipeline_class.save_lora_weights`` writes (``transformer.<module>.lora_A
-    .weight`` keys; rank, alpha and targets in ``lora_adapter_metadata``), plus ``metadata``, at ``path``
-    atomically: written into a hidden temporary folder beside ``path``, then its tensors rewritten with the
-    extra metadata through a temp file and a rename."""
-    from peft.utils import get_peft_model_state_dict  # lazy: peft
-
-    layers = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
-    kwargs = {}
-    if _takes_metadata(pipeline_class):
-        kwargs["transformer_lora_adapter_metadata"] = {
-            "r": config.rank, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.targets),
-        }  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix=".adapter-", dir=path.parent) as tmp:
-            pipeline_class.save_lora_weights(tmp, transformer_lora_layers=layers, **kwargs)
-            with safe_open(str(Path(tmp) / "pytorch_lora_weights.safetensors"), framework="pt") as f:
-                header = {**(f.metadata() or {}), **metadata}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        write_atomic(path, safetensors.torch.save(tensors, header))
-    except OSError as e:
-        raise CatfastError(f"{path}: cannot write the adapter: {e.strerror or e}") from None
+def write_dit_adapter(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """``model``'s LoRA at ``path`` in the diffusers format (``transformer.<module>.lora_A.weight`` keys; rank,
+    alpha and targets in ``lora_adapter_metadata``, which ``load_lora_weights`` restores), plus ``metadata``,
+    written atomically (``catfast.adapters.formats.write_adapter``)."""
+    adapter = extract_adapter(model)
+    adapter.metadata.update(metadata)
+    write_adapter(adapter, path, "diffusers", overwrite=True)
