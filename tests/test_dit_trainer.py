@@ -151,7 +151,7 @@ def test_qwen_captions_of_different_lengths_batch_with_the_pipelines_padding(fol
     c = config(base, data, tmp_path / "out", batch_size=2, steps=1, resolution=32)
     c.validate()
     family = family_of(base)
-    examples = flow_trainer._scan(c)
+    examples = flow_trainer.scan_examples(c)
     dataset, _ = flow_trainer.build_flow_cache(base, family, examples, c, tmp_path / "cache", torch.device("cpu"),
                                                   progress=False)  # fmt: skip
     latents, cond, _ = dataset.batch([(0, 0), (1, 0)], "cpu", torch.float32)

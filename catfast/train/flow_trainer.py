@@ -72,8 +72,8 @@ from catfast.train.data import Example, ImagePlan, Transform, image_size, load_i
 from catfast.train.dist import Dist
 from catfast.train.lifelong import TRIGGER_PROMPTS, trigger_prompts_metadata
 from catfast.train.outputs import METRICS, MetricsWriter, prepare_out, start_out, truncate_metrics
+from catfast.train.run_parts import DTYPES, TrainResult, device_for, load_lora, scan_examples, seed_everything
 from catfast.train.schedules import lr_lambda
-from catfast.train.trainer import DTYPES, TrainResult, _device, _load_lora, _scan, _seed_everything
 
 log = logging.getLogger("catfast.train")
 FLOW_CACHE_FORMAT = "catfast-flow-cache/1"
@@ -97,9 +97,9 @@ def train_flow(
     out = Path(config.out)
     resume_from, earlier = prepare_out(out, config, dist, resume=resume, overwrite=overwrite)
     remove_stale_partials(out / "checkpoints")  # what a SIGKILLed run left, named as it goes
-    device = _device(config, dist)
-    _seed_everything(config.seed)
-    examples = _scan(config)  # bad data fails before any model work
+    device = device_for(config, dist)
+    seed_everything(config.seed)
+    examples = scan_examples(config)  # bad data fails before any model work
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
     dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, progress)
     identities = content_identities(SimpleNamespace(path=str(folder)), dataset.digests,
@@ -409,7 +409,7 @@ class _FlowRun:
         fp8 = config.base_dtype == "fp8"
         if not fp8:  # an fp8 base is quantized onto the device layer by layer: its full precision stays on the host
             self.model.to(device)
-        _seed_everything(config.seed)  # the LoRA's init does not depend on what loading drew
+        seed_everything(config.seed)  # the LoRA's init does not depend on what loading drew
         add_lora(self.model, rank=config.rank, alpha=config.lora_alpha, target_modules=config.targets)
         if fp8:
             report = quantize_frozen_linears_(self.model, device=device)
@@ -437,7 +437,7 @@ class _FlowRun:
     def restore(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``: LoRA weights, optimizer, lr schedule, RNG, data position."""
         state = load_checkpoint(checkpoint)
-        _load_lora(self.params, state.lora, checkpoint)
+        load_lora(self.params, state.lora, checkpoint)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         restore_rng(state.rng, self.noise_gen)

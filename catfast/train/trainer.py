@@ -21,15 +21,12 @@ import contextlib
 import functools
 import logging
 import math
-import random
 import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -52,7 +49,7 @@ from catfast.train.checkpoint import (
     save_checkpoint,
 )
 from catfast.train.config import TrainConfig, dit_family
-from catfast.train.data import Concept, Transform, scan_concepts
+from catfast.train.data import Transform
 from catfast.train.dist import Dist, init_distributed
 from catfast.train.graphs import GraphedSteps, check_graphable, flatten_conditions, unflatten_conditions
 from catfast.train.mode_trial import ModeTrial
@@ -68,27 +65,8 @@ from catfast.train.outputs import (
     write_adapters,
 )
 from catfast.train.retention import Retention
+from catfast.train.run_parts import DTYPES, TrainResult, device_for, load_lora, scan_examples, seed_everything
 from catfast.train.schedules import lr_lambda, sample_timesteps, timestep_probs
-
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainResult:
-    """What a run did. ``adapters``: trigger -> adapter file (rank 0; empty on other ranks). ``lora``:
-    the final trainable parameters by name (CPU copies, on every rank). ``steps_per_second``: optimizer
-    steps per second of training, after the first step and without sampling and checkpoint time."""
-
-    out: Path
-    adapters: dict[str, Path]
-    steps: int
-    start_step: int
-    seconds: float
-    steps_per_second: float | None
-    last: dict[str, float]
-    mode: str = "reference"  # the CAT step mode that ran (config.mode, or what "auto" chose)
-    mode_reason: str = ""
-    lora: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
 def train(
@@ -111,7 +89,7 @@ def train(
         with sigterm_as_interrupt():  # SIGTERM ends the run like Ctrl-C: no partial checkpoint folder stays
             family = dit_family(config.base)
             if family is not None:  # a Flux / SD3 / Qwen-Image pipeline folder: the flow-matching trainer
-                from catfast.train.flow_trainer import train_flow  # lazy: it imports this module
+                from catfast.train.flow_trainer import train_flow  # lazy: cost (only DiT bases need it)
 
                 return train_flow(config, dist, family, resume=resume, overwrite=overwrite,
                                   progress=progress and dist.main, announce=announce)  # fmt: skip
@@ -130,9 +108,9 @@ def _train(
     resume_from, earlier = prepare_out(out, config, dist, resume=resume, overwrite=overwrite)
     if dist.main:
         remove_stale_partials(out / "checkpoints")  # what a SIGKILLed run left, named as it goes
-    device = _device(config, dist)
-    _seed_everything(config.seed)
-    examples = _scan(config)  # bad data fails before any model work
+    device = device_for(config, dist)
+    seed_everything(config.seed)
+    examples = scan_examples(config)  # bad data fails before any model work
     base = resolve_base(config.base, config=config.base_config, device=device)
     dataset = _build_dataset(base, examples, config, out, device, dist, progress)
     identities = content_identities(base, dataset.digests, [str(e.image) for e in dataset.examples])
@@ -232,7 +210,7 @@ class _Run:
     def restore(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``: LoRA weights, optimizer, schedules, scaler, RNG, data position."""
         state = load_checkpoint(checkpoint)
-        _load_lora(self.params, state.lora, checkpoint)
+        load_lora(self.params, state.lora, checkpoint)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         if state.scaler:
@@ -449,31 +427,6 @@ class _Run:
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def _device(config: TrainConfig, dist: Dist) -> torch.device:
-    kind = config.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise CatfastError("device = cuda, but torch sees no CUDA device; use --device cpu")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def _scan(config: TrainConfig):
-    concepts = [Concept(Path(c.data), c.trigger) for c in config.concepts]
-    examples = scan_concepts(concepts, prepend_trigger=config.prepend_trigger, on_bad_image=config.on_bad_image)
-    if not examples:
-        raise CatfastError(f"no training images in {', '.join(c.data for c in config.concepts)}")
-    return examples
-
-
 def _build_dataset(base, examples, config: TrainConfig, out: Path, device, dist: Dist, progress: bool):
     """The cached latents and text embeddings. Rank 0 encodes what is missing first; the other ranks then
     find every entry in the cache (no two processes write one entry). Encoded in fp32 whatever the
@@ -526,11 +479,3 @@ def _measures(mode: str, device: torch.device, world: int) -> bool:
 
 def _adapters(adapter_of_concept: list[str], concepts: torch.Tensor) -> list[str]:
     return [adapter_of_concept[c] for c in concepts.tolist()]
-
-
-def _load_lora(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], where: Path) -> None:
-    if set(saved) != set(params):
-        raise CatfastError(f"{where}: the checkpoint's LoRA parameters do not match this run's adapters")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
