@@ -69,8 +69,8 @@ def build_app(
     "--base",
     default="demo",
     show_default=True,
-    help="Base model: a diffusers folder, a single-file SD1.5/SDXL checkpoint (.safetensors), or 'demo' (the "
-    "shipped model).",
+    help="Base model: a diffusers folder (a UNet model, or a FLUX.1 / SD3 / Qwen-Image pipeline), a single-file "
+    "SD1.5/SDXL checkpoint (.safetensors), or 'demo' (the shipped model).",
 )
 @click.option("--base-config", default=None, help="The diffusers folder that completes a UNet-only --base file.")
 @click.option(
@@ -89,7 +89,7 @@ def build_app(
     help="Require 'Authorization: Bearer KEY' on /v1 and /metrics (or set CATFAST_API_KEY).",
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per UNet call.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per denoiser call.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1), help="Waiting requests.")
 @click.option("--max-resident", default=16, show_default=True, type=click.IntRange(min=1), help="Adapters on device.")
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1), help="Seconds per request.")

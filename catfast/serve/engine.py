@@ -24,7 +24,6 @@ from catfast.serve.pool import AdapterInfo, AdapterPool
 from catfast.serve.requests import (
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
-    SCHEDULERS,
     Event,
     GenerationRequest,
     RequestHandle,
@@ -96,29 +95,44 @@ class Engine:
             raise ValueError("max_batch, max_queue, max_resident and max_steps must be >= 1")
         self.max_steps = int(max_steps)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.base = _load_base(base, device, dtype)
-        self.unet = self.base.unet
+        from catfast.serve.dit import flow_family  # lazy: `catfast --help` imports this module's package
+
+        self.family = flow_family(base)  # a diffusion transformer's family (catfast.serve.dit), None for a UNet
         self.device = device
         self.timeout_s = float(timeout_s)
         self.adapters_dir = None if adapters_dir is None else Path(adapters_dir).resolve()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        encoders = {"text_encoder": self.base.text_encoder, "text_encoder_2": self.base.text_encoder_2}
-        self.pool = AdapterPool(self.unet, num_slots=max_resident, host_cache=host_cache, text_encoders=encoders)
         self._loads: queue_module.Queue = queue_module.Queue()
-        self.scheduler = StepScheduler(
-            self.base, self.pool, max_batch=max_batch, max_queue=max_queue, request_load=self._loads.put
-        )
+        limits = dict(max_batch=max_batch, max_queue=max_queue, request_load=self._loads.put)
+        if self.family is None:
+            self.base = _load_base(base, device, dtype)
+            self.unet = self.base.unet
+            encoders = {"text_encoder": self.base.text_encoder, "text_encoder_2": self.base.text_encoder_2}
+            self.pool = AdapterPool(self.unet, num_slots=max_resident, host_cache=host_cache, text_encoders=encoders)
+            self.scheduler = StepScheduler(self.base, self.pool, **limits)
+            factor = self.base.vae_scale_factor
+            self.native_size = int(self.unet.config.sample_size * factor)
+            # the UNet halves the latent len(down blocks) - 1 times
+            self._multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+            self._why_multiple = ""
+        else:  # a diffusion transformer: whole-batch runs of the flow sampler (catfast.serve.dit)
+            from catfast.serve.dit import DitAdapterPool, DitScheduler, load_pipeline  # lazy: UNet servers skip it
+
+            self.base = load_pipeline(base, self.family, device, dtype)
+            self.unet = self.base.transformer  # the denoiser (named as the UNet's for the pool and benches)
+            self.pool = DitAdapterPool(self.unet, self.family, num_slots=max_resident, host_cache=host_cache)
+            self.scheduler = DitScheduler(self.base, self.pool, self.family, **limits)
+            factor = self.base.vae_scale_factor
+            self.native_size = int(self.base.default_sample_size * factor)
+            self._multiple = factor * 2
+            self._why_multiple = f": the VAE's factor {factor} x the {self.family.name} transformer's 2x2 patches"
         self._ids = 0
         self._thread: threading.Thread | None = None
         self._loader: threading.Thread | None = None
         self._stop = False
         self._closed = False
         self._rng = random.SystemRandom()
-        factor = self.base.vae_scale_factor
-        self.native_size = int(self.unet.config.sample_size * factor)
-        # the UNet halves the latent len(down blocks) - 1 times
-        self._multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         self.max_n = min(MAX_N, max_batch)
         self.skipped: list[tuple[str, str]] = []  # (file, why) of the start-up scan
         if self.adapters_dir is not None:
@@ -220,7 +234,8 @@ class Engine:
             "max_prompt_chars": MAX_PROMPT_CHARS,
             "max_n": self.max_n,
             "sizes": sizes,
-            "schedulers": list(SCHEDULERS),
+            "schedulers": list(self.scheduler.samplers),
+            "scheduler": self.scheduler.samplers[0],
         }
 
     def _size(self, size) -> tuple[int, int]:
@@ -230,8 +245,8 @@ class Engine:
         for side in size:
             if side % self._multiple or not self._multiple <= side <= top:
                 raise BadRequest(
-                    f"size {size[0]}x{size[1]}: each side must be a multiple of {self._multiple} between "
-                    f"{self._multiple} and {top} (the model's native size is {self.native_size})"
+                    f"size {size[0]}x{size[1]}: each side must be a multiple of {self._multiple}{self._why_multiple}, "
+                    f"between {self._multiple} and {top} (the model's native size is {self.native_size})"
                 )
         return size
 
@@ -242,6 +257,9 @@ class Engine:
             raise BadRequest(f"submit takes a GenerationRequest, got {type(request).__name__}")
         if request.steps is None:
             request.steps = self.defaults["steps"]
+        if request.scheduler is None:
+            request.scheduler = self.scheduler.samplers[0]
+        self.scheduler.check(request)  # what this kind of base cannot run (a DiT: stacked adapters, ...)
         if request.steps > self.max_steps:
             raise BadRequest(f"steps must be at most {self.max_steps}, got {request.steps}")
         if request.n > self.max_n:
@@ -279,7 +297,7 @@ class Engine:
         seed: int | None = None,
         negative_prompt: str = "",
         timeout_s: float | None = None,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
     ) -> list:
         """Submit and wait: the ``n`` PIL images of one request."""
         request = GenerationRequest(

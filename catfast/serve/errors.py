@@ -41,6 +41,13 @@ class AdapterPathError(BadRequest):
         self.code = code
 
 
+class AdapterFamilyError(BadRequest):
+    """An adapter file made for another model family than the base's (a UNet LoRA sent to a Flux server):
+    HTTP 400 naming both families (``code`` adapter_family_mismatch)."""
+
+    code = "adapter_family_mismatch"
+
+
 class NonFiniteOutput(ServeError):
     """The request's final latents hold NaN or Inf: there is no picture to send (HTTP 422). The message
     names the likely cause (guidance, an adapter's magnitude)."""

@@ -123,7 +123,10 @@ def generation_schema(defaults: dict, native: int) -> dict:
         "guidance_scale": {"type": "number", "minimum": 0, "maximum": MAX_GUIDANCE, "default": defaults["guidance"]},
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
         "negative_prompt": {"type": "string", "maxLength": MAX_PROMPT_CHARS, "default": ""},
-        "scheduler": {"enum": list(SCHEDULERS), "default": "ddim"},
+        "scheduler": {
+            "enum": defaults.get("schedulers", list(SCHEDULERS)),
+            "default": defaults.get("scheduler", "ddim"),
+        },
         "stream": {"type": "boolean", "default": False},
     }
     return {

@@ -30,7 +30,7 @@ from catfast.adapters.merge import MAX_UPDATE_RATIO, resolve_targets, update_rat
 from catfast.errors import CatfastError
 from catfast.integrations.word_embedding import read_embedding
 from catfast.nn.slot_lora import SlotHolder, SlotLora
-from catfast.serve.errors import AdapterLoadError, UnknownAdapter
+from catfast.serve.errors import AdapterFamilyError, AdapterLoadError, UnknownAdapter
 from catfast.serve.scan import one_line
 
 log = logging.getLogger("catfast.serve")
@@ -76,6 +76,19 @@ class Entry:
         return AdapterInfo(self.name, self.path, self.format, self.rank, self.alpha, list(self.kinds), resident)
 
 
+def adapter_meta(adapter, denoiser_layers: dict, layers: dict, e4t=None) -> dict:
+    """What registration records of a file read by ``AdapterPool._read``: format, the most common rank and
+    alpha of its denoiser layers, the module kinds it targets, the modules (``layers``' keys) and E4T data."""
+    return {
+        "format": format_name(adapter.source_format),
+        "rank": int(most_common([v.rank for v in denoiser_layers.values()])),
+        "alpha": float(most_common([v.alpha for v in denoiser_layers.values()])),
+        "kinds": adapter.describe()["targets"],
+        "modules": sorted(layers),
+        "e4t": e4t,
+    }
+
+
 class AdapterPool:
     """Registry, host LRU and device slots of one model (see the module docstring)."""
 
@@ -111,8 +124,8 @@ class AdapterPool:
             if not path.exists():
                 raise AdapterLoadError(f"{path}: no such file")
             return self._read(path)
-        except AdapterLoadError as e:
-            raise AdapterLoadError(one_line(e)) from None
+        except (AdapterLoadError, AdapterFamilyError) as e:
+            raise type(e)(one_line(e)) from None
         except CatfastError as e:
             raise AdapterLoadError(one_line(e)) from None
         except Exception as e:  # noqa: BLE001 - a file must not crash the server, whatever it holds
@@ -137,23 +150,19 @@ class AdapterPool:
                 if isinstance(module, torch.nn.Conv2d) and module.padding_mode != "zeros":
                     raise AdapterLoadError(f"{path}: {name} is a Conv2d with padding_mode={module.padding_mode!r}")
                 key = name if component == "unet" else f"{component}:{name}"
-                ratio = update_ratio(layer, self._weight_norm(key, module))
-                if not ratio <= MAX_UPDATE_RATIO:
-                    raise AdapterLoadError(
-                        f"{path}: layer {key}: its LoRA update is {ratio:.3g} x the base weight it modifies "
-                        f"(Frobenius norms at weight 1; at most {MAX_UPDATE_RATIO:g} is accepted; catfast's demo "
-                        "adapters measure 0.04-0.45): a damaged or mis-scaled file"
-                    )
+                self.check_ratio(path, key, layer, module)
                 layers[key] = (layer.down, layer.up, layer.scale)
-        meta = {
-            "format": format_name(adapter.source_format),
-            "rank": int(most_common([v.rank for v in unet_layers.values()])),
-            "alpha": float(most_common([v.alpha for v in unet_layers.values()])),
-            "kinds": adapter.describe()["targets"],
-            "modules": sorted(layers),
-            "e4t": e4t,
-        }
-        return layers, meta
+        return layers, adapter_meta(adapter, unet_layers, layers, e4t)
+
+    def check_ratio(self, path, key: str, layer, module: torch.nn.Module) -> None:
+        """AdapterLoadError when ``layer``'s update is out of proportion to ``module``'s weight."""
+        ratio = update_ratio(layer, self._weight_norm(key, module))
+        if not ratio <= MAX_UPDATE_RATIO:
+            raise AdapterLoadError(
+                f"{path}: layer {key}: its LoRA update is {ratio:.3g} x the base weight it modifies "
+                f"(Frobenius norms at weight 1; at most {MAX_UPDATE_RATIO:g} is accepted; catfast's demo "
+                "adapters measure 0.04-0.45): a damaged or mis-scaled file"
+            )
 
     def _weight_norm(self, key: str, module: torch.nn.Module) -> float:
         """The Frobenius norm of a target's weight, computed once per module (the base weights are frozen)."""
@@ -233,14 +242,17 @@ class AdapterPool:
             return True
         if entry.layers is None:
             raise RuntimeError(f"adapter {entry.name!r} is not in host memory")
-        slot = next((i for i, e in enumerate(self.slots) if e is None), None)
-        if slot is None:
-            victim = next((e for e in self.resident_lru.values() if e.running == 0), None)
-            if victim is None:
-                return False
-            slot = victim.slot
-            self._evict(victim)
-            self.evictions += 1
+        slot = self.claim_slot()
+        if slot is None or not self.put(entry, slot):
+            return False
+        entry.slot = slot
+        self.slots[slot] = entry
+        self.resident_lru[id(entry)] = entry
+        self.loads += 1
+        return True
+
+    def put(self, entry: Entry, slot: int) -> bool:
+        """Copy ``entry``'s host layers into device slot ``slot`` of the ``SlotLora`` hooks; True when done."""
         for name, (down, up, scale) in entry.layers.items():
             layer = self.layers.get(name)
             if layer is None:
@@ -249,11 +261,20 @@ class AdapterPool:
                 target = self.models[component].get_submodule(module)
                 layer = self.layers[name] = SlotLora(target, self.num_slots, self.holders[component])
             layer.put(slot, down, up, scale)
-        entry.slot = slot
-        self.slots[slot] = entry
-        self.resident_lru[id(entry)] = entry
-        self.loads += 1
         return True
+
+    def claim_slot(self) -> int | None:
+        """A free slot, else the slot of the least recently used adapter no running request uses (evicted);
+        None when every slot is in use."""
+        slot = next((i for i, e in enumerate(self.slots) if e is None), None)
+        if slot is None:
+            victim = next((e for e in self.resident_lru.values() if e.running == 0), None)
+            if victim is None:
+                return None
+            slot = victim.slot
+            self._evict(victim)
+            self.evictions += 1
+        return slot
 
     def _evict(self, entry: Entry) -> None:
         for name in entry.modules:

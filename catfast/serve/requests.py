@@ -108,8 +108,9 @@ class GenerationRequest:
     a request with ``seed`` s starts from the k-th of n noise draws of ``torch.Generator().manual_seed(s)``
     (what diffusers' pipeline draws for ``num_images_per_prompt=n``), so a seeded result does not depend
     on what else shares the batch. ``guidance`` <= 1 runs the conditional rows only (no CFG). Validated
-    on construction (BadRequest says what to change). ``scheduler``: "ddim" (eta 0), "euler" or
-    "dpmpp_2m" (diffusers' DDIM / EulerDiscrete / DPMSolverMultistep from the model's scheduler config);
+    on construction (BadRequest says what to change). ``scheduler``: "ddim" (eta 0, the default), "euler" or
+    "dpmpp_2m" (diffusers' DDIM / EulerDiscrete / DPMSolverMultistep from the model's scheduler config); a
+    diffusion transformer base runs its pipeline's flow-matching Euler only ("euler", its default);
     the engine checks size, steps and n against its
     own limits (``Engine.defaults``) when the request is submitted."""
 
@@ -122,7 +123,7 @@ class GenerationRequest:
     seed: int | None = None
     negative_prompt: str = ""
     timeout_s: float | None = None
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the engine's first sampler ("ddim" on a UNet, "euler" on a DiT)
 
     def __post_init__(self) -> None:
         check_text(self.prompt, "prompt", empty=False)
@@ -149,7 +150,7 @@ class GenerationRequest:
             raise BadRequest(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance:g}")
         if self.seed is not None:
             self.seed = _int(self.seed, "seed", 0, 2**63 - 1)
-        if not isinstance(self.scheduler, str) or self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or self.scheduler not in SCHEDULERS):
             raise BadRequest(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {show(self.scheduler)}")
         if self.timeout_s is not None:
             self.timeout_s = _float(self.timeout_s, "timeout_s")

@@ -77,7 +77,11 @@ class Job:
 
 class StepScheduler:
     """Queue, running set and the step itself. The engine calls ``prepare`` under its lock, then ``start``
-    and ``step`` outside it, then ``finish`` under it."""
+    and ``step`` outside it, then ``finish`` under it. ``catfast.serve.dit.DitScheduler`` keeps the queue,
+    admission and adapter pinning and replaces what runs (``check``, ``batch_key``, ``start``, ``step``,
+    ``decode``)."""
+
+    samplers: tuple[str, ...] = tuple(SCHEDULERS)  # the request schedulers it runs; the first is the default
 
     def __init__(self, base, pool: AdapterPool, *, max_batch: int, max_queue: int, request_load):
         self.base, self.pool = base, pool
@@ -123,9 +127,16 @@ class StepScheduler:
         admitted = self._admit()
         if not self.running:
             return admitted, []
-        oldest = min(self.running, key=lambda j: j.order)
-        batch = [j for j in self.running if j.size == oldest.size]
+        key = self.batch_key(min(self.running, key=lambda j: j.order))
+        batch = [j for j in self.running if self.batch_key(j) == key]
         return admitted, batch
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse (BadRequest) what this scheduler cannot run; a UNet step runs every valid request."""
+
+    def batch_key(self, job: Job):
+        """Jobs with equal keys can share a denoising call: the same image size."""
+        return job.size
 
     def _stop_reason(self, job: Job, now: float) -> ServeError | None:
         if job.handle.cancel_requested:
@@ -315,15 +326,21 @@ class StepScheduler:
         or Inf (they would decode to black pictures)."""
         bad = nonfinite_rows(job.latents)
         if bad:
-            req = job.request
-            causes = [f"guidance_scale {req.guidance:g}"] if job.cfg else []
-            causes += [f"adapter {e.name!r} at weight {w:g}" for e, w in job.entries if w != 0.0]
-            raise NonFiniteOutput(
-                f"request {job.handle.id}: {len(bad)} of {req.n} images came out NaN/Inf (no picture to send). "
-                f"Likely cause: {', or '.join(causes) or 'the base model'}; lower the guidance or the adapter "
-                "weights, or check the adapter file"
-            )
+            raise nonfinite_error(job, f"{len(bad)} of {job.request.n} images")
         return decode_latents(self.base, job.latents)
+
+
+def nonfinite_error(job: Job, which: str) -> NonFiniteOutput:
+    """The error of a request whose final latents (``which``: "2 of 4 images") hold NaN or Inf, naming the
+    likely causes."""
+    req = job.request
+    causes = [f"guidance_scale {req.guidance:g}"] if job.cfg else []
+    causes += [f"adapter {e.name!r} at weight {w:g}" for e, w in job.entries if w != 0.0]
+    return NonFiniteOutput(
+        f"request {job.handle.id}: {which} came out NaN/Inf (no picture to send). "
+        f"Likely cause: {', or '.join(causes) or 'the base model'}; lower the guidance or the adapter "
+        "weights, or check the adapter file"
+    )
 
 
 def _sdxl_conditions(base, req, size: tuple[int, int], cfg: bool, device, dtype) -> tuple[torch.Tensor, dict]:
