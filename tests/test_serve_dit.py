@@ -251,3 +251,35 @@ def test_one_device_slot_evicts_and_reattaches(served, engine):
         assert (stats["adapter_loads"], stats["adapter_evictions"], stats["resident"]) == (3, 2, 1)
     finally:
         small.close()
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-qwenimage"])
+def test_sd3_and_qwenimage_serve_mixed_batches_like_flux(tmp_path, name):
+    """The same code serves SD3 and Qwen-Image (CFG rows at guidance 3): adapters of different targets and the
+    base in one batch, each request equal to it alone."""
+    pipeline = init_dit_folder(name, tmp_path / name)
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    transformer = build_transformer(name)
+    for adapter, seed, leaves in (("a", 1, ("to_q", "to_k")), ("b", 2, ("to_v",))):
+        write_adapter(
+            random_adapter({"transformer": transformer}, seed=seed, leaves=leaves), folder / f"{adapter}.safetensors"
+        )
+    engine, _ = build_app(str(pipeline), str(folder), device="cpu")
+    try:
+
+        def submit(adapters):
+            return engine.submit(
+                GenerationRequest("a cat", adapters=adapters, size=SIDE, steps=2, seed=4, guidance=3.0)
+            )
+
+        models = [{"a": 1.0}, {"b": 1.0}, {}]
+        with engine._lock:
+            mixed = [submit(m) for m in models]
+        for handle, model in zip(mixed, models):
+            assert len(handle.result(60)) == 1 and handle.peak_batch == 3
+            alone = submit(model)
+            alone.result(60)
+            assert_rel_close(handle.latents, alone.latents, 1e-3, f"{name} {model}")
+    finally:
+        engine.close()
