@@ -249,3 +249,21 @@ def test_flux_without_guidance_embedding_gets_no_guidance():
             return_dict=False,
         )[0]
     assert_rel_close(got, FluxPipeline._unpack_latents(want, 64, 64, 8).reshape(2, 16, 8, 8), 1e-6, "schnell")
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_a_caption_longer_than_the_limit_is_truncated_with_a_warning(pipes, name, caplog):
+    """As diffusers does: the T5 caption is cut at max_sequence_length and the pipeline logs the part it dropped."""
+    from diffusers.utils import logging as diffusers_logging
+
+    family, pipe = family_of(pipes[name]), pipes[name]
+    long_caption = "sks, a photo of a red cat sitting on a large blue box in a green forest " * 4
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    try:
+        with torch.no_grad():
+            cond = family.encode_prompt(pipe, [long_caption], max_sequence_length=8)
+    finally:
+        diffusers_logging.set_verbosity(before)
+    assert cond["prompt_embeds"].shape[1] == (8 if name == "tiny-flux" else 77 + 8)  # SD3: CLIP's 77, then T5's
+    assert any("truncated" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
