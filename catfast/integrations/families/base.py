@@ -11,6 +11,7 @@ rest of catfast asks it and never checks a class name. Latents cross the seam in
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +199,19 @@ def lora_disabled(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, was_disabled in zip(layers, before):
             m.enable_adapters(not was_disabled)
+
+
+@contextlib.contextmanager
+def pipeline_warnings(pipe) -> Iterator[None]:
+    """Within the block, the warnings of ``pipe``'s own module reach the user even where catfast's command line
+    lowers diffusers' logging to errors: a caption cut at ``max_sequence_length`` says so, as in diffusers."""
+    logger = logging.getLogger(type(pipe).__module__)
+    before = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def first_output(out: Any) -> torch.Tensor:

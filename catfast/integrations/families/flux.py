@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output
+from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output, pipeline_warnings
 
 # diffusers' train_dreambooth_lora_flux.py's targets (its --lora_layers default list): the double blocks'
 # image and text attention, both feed-forwards; "attn.to_q/k/v" also match the single blocks' attention.
@@ -82,7 +82,8 @@ class FluxFamily(DenoiserFamily):
 
     def encode_prompt(self, pipe, captions: list[str], *, max_sequence_length: int | None = None) -> Cond:
         length = max_sequence_length or self.max_sequence_length
-        embeds, pooled, _ = pipe.encode_prompt(list(captions), prompt_2=None, max_sequence_length=length)
+        with pipeline_warnings(pipe):
+            embeds, pooled, _ = pipe.encode_prompt(list(captions), prompt_2=None, max_sequence_length=length)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:

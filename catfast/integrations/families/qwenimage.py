@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output
+from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output, pipeline_warnings
 from catfast.integrations.families.flux import pack, unpack
 
 # diffusers' train_dreambooth_lora_qwen_image.py's default targets
@@ -52,7 +52,8 @@ class QwenImageFamily(DenoiserFamily):
         """Qwen2.5-VL's states of each caption (the chat template's prefix dropped), padded to the batch's
         longest with a mask (None when no row is padded); rows of separate calls may differ in length."""
         length = max_sequence_length or self.max_sequence_length
-        embeds, mask = pipe.encode_prompt(list(captions), max_sequence_length=length)
+        with pipeline_warnings(pipe):
+            embeds, mask = pipe.encode_prompt(list(captions), max_sequence_length=length)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
     def concat_conds(self, conds: list[Cond]) -> Cond:

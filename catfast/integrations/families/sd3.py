@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output
+from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output, pipeline_warnings
 
 # diffusers' train_dreambooth_lora_sd3.py's default targets: the joint attention of every block, both streams
 SD3_TARGETS = (
@@ -42,9 +42,10 @@ class SD3Family(DenoiserFamily):
 
     def encode_prompt(self, pipe, captions: list[str], *, max_sequence_length: int | None = None) -> Cond:
         length = max_sequence_length or self.max_sequence_length
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            list(captions), None, None, do_classifier_free_guidance=False, max_sequence_length=length
-        )
+        with pipeline_warnings(pipe):
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                list(captions), None, None, do_classifier_free_guidance=False, max_sequence_length=length
+            )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
