@@ -193,3 +193,61 @@ def lora_transformer(name: str, *, rank: int = 3, alpha: float = 5.0, seed: int 
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(family.default_targets)))
     randomize_lora_(model, seed=seed, std=0.3)
     return family, model, base
+
+
+# Runs train(config) under torchrun and saves this rank's final LoRA parameters (rank 0 also writes OUT as usual).
+_TORCHRUN_TRAIN = """
+import json, os, sys
+from safetensors.torch import save_file
+from catfast.train.config import TrainConfig
+from catfast.train.trainer import train
+
+result = train(TrainConfig.load(None, json.loads(sys.argv[1])), progress=False)
+path = os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.safetensors")
+save_file({k: v.contiguous() for k, v in result.lora.items()}, path)
+"""
+
+
+def train_two_ranks_and_one(settings: dict, folder: Path, env: dict[str, str]):
+    """``catfast train`` with ``settings`` twice: under torchrun, 2 CPU processes (gloo) at ``batch_size`` 2 into
+    folder/two, and meanwhile in this process at the global batch 4 into folder/one (1 torch thread, ``env`` set
+    for both). Returns (rank 0's LoRA, rank 1's LoRA, this process's ``TrainResult``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from catfast.train.config import TrainConfig
+    from catfast.train.trainer import train
+
+    script, ranks = folder / "torchrun_train.py", folder / "ranks"
+    script.write_text(_TORCHRUN_TRAIN)
+    ranks.mkdir()
+    child_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    child_env.pop("TRITON_INTERPRET", None)
+    two = {**settings, "out": str(folder / "two"), "batch_size": 2}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen([*cmd, str(script), json.dumps(two), str(ranks)], env=child_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    saved_env, threads = {k: os.environ.get(k) for k in env}, torch.get_num_threads()
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    try:
+        one = train(TrainConfig.load(None, {**settings, "out": str(folder / "one"), "batch_size": 4}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"torchrun timed out:\n{output.decode()}") from None
+    assert proc.returncode == 0, output.decode()[-4000:]
+    return load_file(ranks / "rank0.safetensors"), load_file(ranks / "rank1.safetensors"), one

@@ -3,33 +3,16 @@
 an even split, then a rank with nothing to do (it computes a sample with weight 0)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 from safetensors.torch import load_file
 
 from catfast.integrations.factory import init_model_folder
-from catfast.testing import assert_rel_close
-from catfast.train.config import TrainConfig
+from catfast.testing import assert_rel_close, train_two_ranks_and_one
 from catfast.train.quickstart import synthetic_image
-from catfast.train.trainer import train
-
-# Runs train(config) and saves this rank's final LoRA parameters (rank 0 also writes OUT as usual).
-SCRIPT = """
-import json, os, sys
-from safetensors.torch import save_file
-from catfast.train.config import TrainConfig
-from catfast.train.trainer import train
-
-result = train(TrainConfig.load(None, json.loads(sys.argv[1])), progress=False)
-path = os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.safetensors")
-save_file({k: v.contiguous() for k, v in result.lora.items()}, path)
-"""
 
 
-def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
+def test_torchrun_two_ranks_match_one_process(tmp_path):
     base = init_model_folder("tiny", tmp_path / "tiny")
     data = tmp_path / "data"
     data.mkdir()
@@ -37,39 +20,10 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
         synthetic_image(32, i).save(data / f"img{i}.png")
         (data / f"img{i}.txt").write_text(f"sks, a star of colour {i}")
     settings = dict(base=str(base), data=str(data), trigger="sks", steps=3, rank=4, lr=1e-3, seed=3, checkpoint_every=0)
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
     # CATFAST_CONV=native: each process would time its own convolution algorithms (ranks at batch 2, the
     # single process at 4), and Adam turns their rounding differences into ~1e-4 (one CI run: 1.2e-4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CATFAST_BACKEND": "torch", "CATFAST_CONV": "native"}
-    env.pop("TRITON_INTERPRET", None)
-    ranks = tmp_path / "ranks"
-    ranks.mkdir()
-    two = {**settings, "out": str(tmp_path / "two"), "batch_size": 2}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.Popen(
-        [*cmd, str(script), json.dumps(two), str(ranks)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-
-    # meanwhile, one process with the global batch of 4
-    monkeypatch.setenv("CATFAST_BACKEND", "torch")
-    monkeypatch.setenv("CATFAST_CONV", "native")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = train(TrainConfig.load(None, {**settings, "out": str(tmp_path / "one"), "batch_size": 4}), progress=False)
-    finally:
-        torch.set_num_threads(threads)
-
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        raise AssertionError(f"torchrun timed out:\n{output.decode()}") from None
-    assert proc.returncode == 0, output.decode()
-
-    rank0, rank1 = load_file(ranks / "rank0.safetensors"), load_file(ranks / "rank1.safetensors")
+    env = {"CATFAST_BACKEND": "torch", "CATFAST_CONV": "native"}
+    rank0, rank1, one = train_two_ranks_and_one(settings, tmp_path, env)
     assert rank0.keys() == rank1.keys() == one.lora.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks differ at {name}"

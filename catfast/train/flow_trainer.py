@@ -3,8 +3,8 @@
 `trainer.train` sends here a base whose folder is a diffusers pipeline of a flow-matching family
 (`config.dit_family`); UNet bases stay in trainer.py. One run:
 
-1. refuses, in one line naming the option, what this path does not build (`check_supported`: DDP,
-   --cuda-graphs, retention, samples, kohya files, ...), then checks OUT as the UNet trainer does;
+1. refuses, in one line naming the option, what this path does not build (`check_supported`: --cuda-graphs,
+   retention, samples, kohya files, ...), then checks OUT as the UNet trainer does;
 2. scans the concept folders (train/data.py: captions, triggers, kohya folders) and plans each image's
    variants (data.Transform: resize, crops, flips, aspect buckets) at sides that are multiples of the VAE's
    scale x the family's 2x2 patch;
@@ -13,19 +13,23 @@
    hash, so an entry is reproducible) and the condition dicts of its caption and trigger-stripped caption
    (`family.encode_prompt`, one caption per call: no padding). Only a build with misses loads the text
    encoders; they and the VAE run in fp32 (entries shared by runs of any precision) and are dropped before
-   the transformer is loaded (T5-XXL and Qwen2.5-VL outweigh the LoRA's working set);
+   the transformer is loaded (T5-XXL and Qwen2.5-VL outweigh the LoRA's working set); under torchrun rank 0
+   builds the cache first and the other ranks read it;
 4. loads the transformer alone (the mixed precision's dtype), attaches one peft LoRA on ``config.targets``
    (the family's ``default_targets`` unless set; with ``--base-dtype fp8`` every other frozen Linear, the LoRA
    layers' base layers included, is then quantized to float8 e4m3 onto the device, one layer at a time:
    nn/fp8_linear.py, reference mode only), and per optimizer step runs ``grad_accum`` micro-batches of
    `flow_cat_loss` (noise and sigmas from `sample_flow_inputs` with the run's generator), clips the LoRA
-   gradients, steps AdamW (fp32 LoRA parameters only) and the lr schedule;
+   gradients, steps AdamW (fp32 LoRA parameters only) and the lr schedule. Under torchrun (WORLD_SIZE > 1)
+   each process takes its contiguous share of a global batch of ``batch_size x world`` samples, noise and
+   sigmas are drawn for the whole global batch on every rank, and the LoRA gradients are averaged in one
+   all-reduce per step: W processes compute what one process with the global batch computes;
 5. writes what the UNet trainer writes: config.json, metrics.jsonl (step, loss, ldm, cat, lr, seconds, mode),
    loss.png, checkpoints (`catfast.train.checkpoint`: --resume continues bit for bit), and adapter.safetensors
-   in diffusers' format (``transformer.`` keys, rank and alpha in ``lora_adapter_metadata``) written by the
-   pipeline class's own ``save_lora_weights``, which ``pipe.load_lora_weights`` loads. A checkpoint's
-   lora.safetensors is that file as of its step, written into the checkpoint folder right after it lands
-   (a kill between the two leaves a checkpoint that resumes but lacks it).
+   in diffusers' format (``transformer.`` keys, rank and alpha in ``lora_adapter_metadata``:
+   ``catfast.adapters.formats.write_adapter``), which ``pipe.load_lora_weights`` loads; only rank 0 writes. A
+   checkpoint's lora.safetensors is that file as of its step, written into the checkpoint folder right after
+   it lands (a kill between the two leaves a checkpoint that resumes but lacks it).
 """
 
 from __future__ import annotations
@@ -101,7 +105,13 @@ def train_flow(
     seed_everything(config.seed)
     examples = scan_examples(config)  # bad data fails before any model work
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
-    dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, progress)
+    # rank 0 encodes what is missing first; the other ranks then find every entry in the cache
+    dataset, freed = None, []
+    if dist.main:
+        dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, progress)
+    dist.barrier()
+    if not dist.main:
+        dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, False)
     identities = content_identities(SimpleNamespace(path=str(folder)), dataset.digests,
                                     [str(e.image) for e in dataset.examples])  # fmt: skip
     if resume_from is not None:
@@ -111,12 +121,13 @@ def train_flow(
     if announce is not None:
         announce(config.describe())
 
-    run = _FlowRun(config, family, dataset, device, identities, examples, mode, mode_reason)
+    run = _FlowRun(config, dist, family, dataset, device, identities, examples, mode, mode_reason)
     run.freed = freed
     if resume_from is not None:
         run.restore(resume_from)
     history = truncate_metrics(out / METRICS, run.start_step) if resume_from is not None else []
-    run.metrics = MetricsWriter(out / METRICS, history)
+    if dist.main:
+        run.metrics = MetricsWriter(out / METRICS, history)
     total, rate = run.loop(progress)
     return run.finish(total, rate)
 
@@ -128,7 +139,6 @@ def check_supported(config: TrainConfig, family: DenoiserFamily, world: int) -> 
     """Raise a one-line CatfastError naming the first option the DiT path does not build: such an option is
     refused, never ignored."""
     refused = [
-        (world > 1, f"DDP (torchrun, {world} processes)", "run one process"),
         (config.cuda_graphs, "--cuda-graphs", "leave it off"),
         (bool(config.keep), "--keep", "train without kept adapters"),
         (config.bank is not None, "--bank", "train without a knowledge bank"),
@@ -390,9 +400,9 @@ class _FlowRun:
     """One run between its steps: the transformer with its LoRA, optimizer, lr schedule, noise generator,
     data position and writers. ``freed``: (name, weak reference) of the encoders dropped before the loop."""
 
-    def __init__(self, config: TrainConfig, family: DenoiserFamily, dataset: FlowDataset, device,
+    def __init__(self, config: TrainConfig, dist: Dist, family: DenoiserFamily, dataset: FlowDataset, device,
                  identities, examples, mode: str, mode_reason: str):  # fmt: skip
-        self.config, self.family, self.dataset = config, family, dataset
+        self.config, self.dist, self.family, self.dataset = config, dist, family, dataset
         self.device, self.identities, self.examples = device, identities, examples
         self.mode, self.mode_reason = mode, mode_reason
         self.out = Path(config.out)
@@ -451,7 +461,8 @@ class _FlowRun:
         log.info("CAT step mode %s: %s", self.mode, self.mode_reason)
         log.info("text encoders and VAE freed before the first step: %s (still referenced: %s)",
                  ", ".join(name for name, _ in self.freed) or "none loaded", ", ".join(alive) or "none")  # fmt: skip
-        self.batches = BatchStream(self.dataset, config.batch_size, config.seed, self.epoch, self.batch_index)
+        self.batches = BatchStream(self.dataset, config.batch_size * self.dist.world, config.seed, self.epoch,
+                                   self.batch_index)  # fmt: skip
         bar = tqdm(total=config.steps, initial=self.start_step, desc="train", unit="step", disable=not progress)
         t_start, t_timed, timed, excluded = time.perf_counter(), None, 0, 0.0
         for step in range(self.start_step + 1, config.steps + 1):
@@ -471,18 +482,30 @@ class _FlowRun:
         return time.perf_counter() - t_start, rate
 
     def step(self) -> tuple[list[float], float]:
-        """One optimizer step of ``grad_accum`` micro-batches: (loss, ldm, cat) and the lr it used."""
-        config, family = self.config, self.family
+        """One optimizer step of ``grad_accum`` micro-batches of the global batch (``batch_size`` x processes):
+        the global batch's (loss, ldm, cat) and the lr it used."""
+        config, family, dist = self.config, self.family, self.dist
         stats = torch.zeros(3, device=self.device)
         for _ in range(config.grad_accum):
-            keys, _, _, _ = self.batches.next_shard(Dist())
+            keys, start, n, count = self.batches.next_shard(dist)
             latents, cond, cond_stripped = self.dataset.batch(keys, self.device, self.weight_dtype)
-            noise, sigmas = flow_objective.sample_flow_inputs(family, latents, generator=self.noise_gen)
-            out = flow_objective.flow_cat_loss(family, self.model, latents, noise, sigmas, cond, cond_stripped,
-                                               **self.loss_kwargs)  # fmt: skip
-            (out.loss / config.grad_accum).backward()
+            # noise and sigmas drawn for the whole global batch on every rank (one batch holds one bucket's
+            # shape), this rank's rows taken: W processes compute what one process with the global batch does
+            whole = latents[:1].expand(n, *latents.shape[1:])
+            noise, sigmas = flow_objective.sample_flow_inputs(family, whole, generator=self.noise_gen)
+            rows = slice(start, start + len(keys))
+            out = flow_objective.flow_cat_loss(family, self.model, latents, noise[rows], sigmas[rows], cond,
+                                               cond_stripped, **self.loss_kwargs)  # fmt: skip
+            # each rank's mean weighted by its share of the global batch: the ranks' gradients averaged below
+            # are the global batch's mean (a rank left without samples computes one with weight 0)
+            scale = count * dist.world / n / config.grad_accum
+            (out.loss * scale).backward()
             cat = out.cat if out.cat is not None else torch.zeros_like(out.ldm)
-            stats += torch.stack([out.loss.detach(), out.ldm, cat]) / config.grad_accum
+            stats += torch.stack([out.loss.detach(), out.ldm, cat]) * scale
+        if dist.world > 1:
+            _average_gradients(self.trainable, dist.world)
+            torch.distributed.all_reduce(stats)
+            stats /= dist.world
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self.optimizer.step()
@@ -497,10 +520,11 @@ class _FlowRun:
         if not math.isfinite(values[0]):
             lr_now = self.config.lr
             raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({lr_now}) or check the data")
-        record = {"step": step, **self.last, "lr": lr, "seconds": round(seconds, 6), "mode": self.mode}
-        if step == self.start_step + 1:
-            record["mode_reason"] = self.mode_reason
-        self.metrics.write(record)
+        if self.metrics is not None:  # rank 0
+            record = {"step": step, **self.last, "lr": lr, "seconds": round(seconds, 6), "mode": self.mode}
+            if step == self.start_step + 1:
+                record["mode_reason"] = self.mode_reason
+            self.metrics.write(record)
         bar.set_postfix(loss=f"{values[0]:.4f}", ldm=f"{values[1]:.4f}", cat=f"{values[2]:.2e}", refresh=False)
         bar.update(1)
 
@@ -516,13 +540,15 @@ class _FlowRun:
             scheduler=self.scheduler.state_dict(),
             scaler=None,
             rng=capture_rng(self.noise_gen),
-            settings=run_settings(config, 1),
+            settings=run_settings(config, self.dist.world),
             config_hash=config.result_hash(),
             identities=self.identities,
         )
-        folder = save_checkpoint(self.out / "checkpoints", state, keep=config.keep_checkpoints)
-        self.write_adapter(folder / "lora.safetensors", step)
-        self.metrics.plot(self.out / "loss.png")
+        if self.dist.main:
+            folder = save_checkpoint(self.out / "checkpoints", state, keep=config.keep_checkpoints)
+            self.write_adapter(folder / "lora.safetensors", step)
+            self.metrics.plot(self.out / "loss.png")
+        self.dist.barrier()  # no rank runs ahead of a checkpoint that may be resumed from
 
     def write_adapter(self, path: Path, step: int) -> None:
         """The LoRA as of ``step`` at ``path``: `write_dit_adapter` with the run's triggers and captions."""
@@ -535,14 +561,17 @@ class _FlowRun:
         write_dit_adapter(self.model, path, metadata)
 
     def finish(self, total: float, rate: float | None) -> TrainResult:
-        """Write adapter.safetensors and the final loss.png; the run's result."""
-        path = self.out / ADAPTER
-        self.write_adapter(path, self.config.steps)
-        self.metrics.plot(self.out / "loss.png")
-        self.metrics.close()
+        """Write adapter.safetensors and the final loss.png (rank 0); the run's result."""
+        path, adapters = self.out / ADAPTER, {}
+        if self.dist.main:
+            self.write_adapter(path, self.config.steps)
+            self.metrics.plot(self.out / "loss.png")
+            self.metrics.close()
+            adapters = {c.trigger: path for c in self.config.concepts}
+        self.dist.barrier()
         return TrainResult(
             out=self.out,
-            adapters={c.trigger: path for c in self.config.concepts},
+            adapters=adapters,
             steps=self.config.steps,
             start_step=self.start_step,
             seconds=total,
@@ -552,6 +581,18 @@ class _FlowRun:
             mode_reason=self.mode_reason,
             lora={name: p.detach().to("cpu", copy=True) for name, p in self.params.items()},
         )
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average the LoRA gradients over the processes in one all-reduce (what DDP would do; the transformer is
+    not wrapped in DDP, whose wrapper would hide the model's config from the family's ``predict`` and from the
+    row-planned patch). A parameter without a gradient has none on every rank (the same graph): left out."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 # ------------------------------------------------------------------------------------------------ adapter
