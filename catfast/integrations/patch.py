@@ -78,7 +78,7 @@ def patch_unet(unet: torch.nn.Module, adapters: list[str] | None = None) -> Patc
     unet = _inner(unet)
     configs = getattr(unet, "peft_config", None)
     if not configs:
-        raise ValueError("the UNet has no LoRA adapter: attach one with unet.add_adapter(LoraConfig(...))")
+        raise ValueError("the model has no LoRA adapter: attach one with model.add_adapter(LoraConfig(...))")
     slots = list(adapters) if adapters is not None else list(configs)
     missing = [name for name in slots if name not in configs]
     if missing:

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from catfast.errors import CatfastError
+from catfast.errors import CatfastError, ModelLoadError
+from catfast.integrations.families import family_of
 from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
 from catfast.nn.row_lora import RowLoraLayer
 from catfast.rows import NO_ADAPTER, RowPlan
@@ -78,7 +79,7 @@ def planned_unet(
     configs = getattr(unet, "peft_config", None) or {}
     missing = [name for name in names if name not in configs]
     if missing:
-        raise error(f"the UNet has no adapter named {missing[0]!r} (it has {list(configs) or 'none'})")
+        raise error(f"the {_kind(unet)} has no adapter named {missing[0]!r} (it has {list(configs) or 'none'})")
     if not configs and purpose == "sample":  # a plain UNet: every row is a base row, no plan needed
         yield PlannedUnet(unet, None, {None: None})
         return
@@ -113,8 +114,19 @@ def unplannable(unet: torch.nn.Module, report, *, check_disabled: bool = True) -
     if check_disabled:
         for module in unet.modules():
             if isinstance(module, RowLoraLayer) and module.peft_layer.disable_adapters:
-                return "the UNet's adapters are disabled (unet.disable_adapters()); call unet.enable_adapters() first"
+                kind = _kind(unet)
+                return f"the {kind}'s adapters are disabled (disable_adapters()); call enable_adapters() first"
     return None
+
+
+def _kind(model: torch.nn.Module) -> str:
+    """ "UNet" or "transformer": what error messages call the denoiser (its family's ``denoiser_key``; "model"
+    for a module no family knows)."""
+    try:
+        key = family_of(getattr(model, "_orig_mod", model)).denoiser_key
+    except ModelLoadError:
+        return "model"
+    return "UNet" if key == "unet" else "transformer"
 
 
 def run_segmented(unet: torch.nn.Module, holder, plan, sample, timestep, **kwargs) -> torch.Tensor:
