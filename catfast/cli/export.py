@@ -35,12 +35,19 @@ def export_group() -> None:
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (14..20).")
 @click.option(
     "--components",
-    default="unet",
-    show_default=True,
-    help="Comma-separated: unet,text_encoder,vae_decoder. The default (UNet only) is for your own pipeline: "
-    "`catfast run-onnx` needs all three.",
+    default=None,
+    help="Comma-separated: unet,text_encoder,vae_decoder (UNet base; default unet only, for your own pipeline: "
+    "`catfast run-onnx` needs all three); a FLUX.1 / SD3 folder: transformer, its text_encoder(s), vae_decoder "
+    "(default: all).",
 )
-@click.option("--dynamic", is_flag=True, help="Dynamic height/width and text length (batch is always dynamic).")
+@click.option("--dynamic", is_flag=True, help="UNet: dynamic height/width and text length (batch is always dynamic).")
+@click.option(
+    "--height", type=int, default=None, help="DiT (FLUX.1 / SD3): pixels to trace at. [default: the pipeline's]"
+)
+@click.option(
+    "--width", type=int, default=None, help="DiT (FLUX.1 / SD3): pixels to trace at. [default: the pipeline's]"
+)
+@click.option("--max-sequence-length", type=int, default=None, help="DiT: T5 text tokens. [default: the pipeline's]")
 @click.option(
     "--adapter-inputs",
     is_flag=True,
@@ -49,8 +56,9 @@ def export_group() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
 @_friendly
 def export_onnx_command(
-    base, base_config, adapters, out, fp16, opset, components, dynamic, adapter_inputs, overwrite
-) -> None:
+    base, base_config, adapters, out, fp16, opset, components, dynamic, height, width, max_sequence_length,
+    adapter_inputs, overwrite,
+) -> None:  # fmt: skip
     """Merge adapters into a copy of BASE (or make them graph inputs), export to ONNX, check every graph
     with onnx.checker and against PyTorch in ONNX Runtime, and write OUT/manifest.json."""
     from catfast.export.onnx import export_onnx  # lazy: startup
@@ -59,7 +67,7 @@ def export_onnx_command(
         base,
         out,
         adapters=adapters,
-        components=[c.strip() for c in components.split(",") if c.strip()],
+        components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
         fp16=fp16,
         opset=opset,
         dynamic=dynamic,
@@ -67,6 +75,9 @@ def export_onnx_command(
         overwrite=overwrite,
         log=click.echo,
         base_config=base_config,
+        height=height,
+        width=width,
+        max_sequence_length=max_sequence_length,
     )
     for name, comp in manifest["components"].items():
         v = comp["validation"]
@@ -74,6 +85,8 @@ def export_onnx_command(
             f"{name}: {comp['file']} ({comp['bytes'] / 1e6:.1f} MB), max abs err {v['max_abs_err']:.2e}, "
             f"max rel err {v['max_rel_err']:.2e} <= {v['tolerance']:.0e} ({comp['dtype']})"
         )
+    if manifest.get("family", "unet") != "unet":
+        return
     missing = [c for c in ("unet", "text_encoder", "vae_decoder") if c not in manifest["components"]]
     if missing:
         click.echo(
@@ -88,16 +101,24 @@ def export_onnx_command(
     "model_dir",
     required=True,
     type=click.Path(),
-    help="Folder written by `catfast export onnx --components unet,text_encoder,vae_decoder`.",
+    help="Folder written by `catfast export onnx --components unet,text_encoder,vae_decoder` (or of a FLUX.1 / "
+    "SD3 folder, all components).",
 )
 @click.option("--prompt", required=True)
 @click.option("--adapter", default=None, help="Adapter NAME of an --adapter-inputs export (default: the base).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write (atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--negative-prompt", default="", show_default=True, help="What the guidance steers away from.")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="DDIM steps.")
 @click.option(
-    "--guidance-scale", default=5.0, show_default=True, type=float, help="Classifier-free guidance (serve's default)."
+    "--negative-prompt", default=None, help='What the guidance steers away from. [default: "" (SD3: ""; Flux: none)]'
+)
+@click.option(
+    "--steps", default=20, show_default=True, type=click.IntRange(min=1), help="DDIM steps (DiT: flow Euler steps)."
+)
+@click.option(
+    "--guidance-scale",
+    default=None,
+    type=float,
+    help="Classifier-free guidance. [default: 5.0 (serve's); DiT: the pipeline's, Flux 3.5 embedded, SD3 7.0]",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--height", type=click.IntRange(min=1), default=None, help="Pixels. [default: the model's native size]")
@@ -109,7 +130,8 @@ def export_onnx_command(
 def run_onnx_command(
     model_dir, prompt, adapter, out, overwrite, negative_prompt, steps, guidance_scale, seed, height, width, provider
 ):
-    """Generate an image with ONNX Runtime alone (tokenizer, text encoder, DDIM UNet loop, VAE decoder)."""
+    """Generate an image with ONNX Runtime alone (tokenizer, text encoder, DDIM UNet loop, VAE decoder; a
+    FLUX.1 / SD3 export: tokenizers, text encoders, flow-matching Euler loop, VAE decoder)."""
     from catfast.export.runner import run_onnx  # lazy: startup
 
     if model_dir == "demo" and not Path(model_dir).exists():

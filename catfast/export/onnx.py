@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
-import safetensors.torch
 import torch
 
 from catfast.adapters.adapter import LoraAdapter
 from catfast.adapters.formats import read_adapter
 from catfast.adapters.merge import merge_adapter_, resolve_targets
-from catfast.errors import ExportError
+from catfast.errors import ExportError, ModelLoadError
+from catfast.export.adapter_files import _check_labels, _write_adapter_feeds
 from catfast.export.adapter_inputs import LoraInputsGraph, adapter_feeds, detach_lora_inputs, lora_input_specs
 from catfast.export.graphs import (
     UNetGraph,
@@ -61,6 +60,7 @@ from catfast.export.graphs import (
 from catfast.export.manifest import MANIFEST, build_manifest, read_manifest
 from catfast.export.validate import TOLERANCE, _validate, _validation_shapes
 from catfast.folders import check_target, staged_folder
+from catfast.integrations.families import family_of
 from catfast.integrations.models import BaseModel, resolve_base
 from catfast.integrations.tokenizer import save_tokenizer
 from catfast.integrations.word_embedding import install_for_export
@@ -130,19 +130,6 @@ def _check_fits(base, adapters: list[tuple[AdapterSpec, LoraAdapter]], component
     return applied
 
 
-def _check_labels(specs: Sequence[AdapterSpec]) -> None:
-    """The adapters' names become file and folder names in the export: unique, plain, never '.' or '..'."""
-    labels = [s.label for s in specs]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise ExportError(f"two adapters are named {dup[0]!r}; name them with --adapter NAME=FILE")
-    for label in labels:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or set(label) == {"."}:
-            raise ExportError(
-                f"adapter name {label!r} may use only letters, digits, '_', '.' and '-', and must not be '.' or '..'"
-            )
-
-
 def _read_adapters(specs: Sequence[AdapterSpec], base) -> list[tuple[AdapterSpec, LoraAdapter]]:
     _check_labels(specs)
     models = {"unet": base.unet, "text_encoder": base.text_encoder}
@@ -154,7 +141,7 @@ def export_onnx(
     out: str | os.PathLike,
     *,
     adapters: Sequence[AdapterSpec | str] = (),
-    components: Sequence[str] = ("unet",),
+    components: Sequence[str] | None = None,
     fp16: bool = False,
     opset: int = DEFAULT_OPSET,
     dynamic: bool = False,
@@ -163,6 +150,9 @@ def export_onnx(
     external_data_over: int = EXTERNAL_DATA_OVER,
     log: Callable[[str], None] = lambda s: None,
     base_config: str | os.PathLike | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    max_sequence_length: int | None = None,
 ) -> dict:
     """Export ``components`` of ``base`` (a diffusers folder, a single-file checkpoint, with ``base_config``
     the diffusers folder that completes a UNet-only file, or a loaded `BaseModel`) with ``adapters``
@@ -186,9 +176,33 @@ def export_onnx(
     {name: {file, external_data, inputs, outputs (name/dtype/shape), dtype, opset, lora_inputs, validation
     {tolerance, max_abs_err, max_rel_err, runs}, export_seconds, bytes}}, ``tokenizer``, ``scheduler``,
     ``latent`` {channels, sample_size, multiple_of, vae_scale_factor, scaling_factor}.
+
+    A FLUX.1 or SD3 pipeline folder (``model_index.json`` names a transformer family) is exported by
+    ``catfast.export.dit.export_dit_onnx``: the transformer, text encoders and VAE decoder (default: all) at
+    ``height`` x ``width`` pixels and ``max_sequence_length`` text tokens (defaults: the pipeline's); the
+    manifest adds ``family``, ``transformer`` (input names, packing, timestep), ``sampler``, ``text``.
+    ``height``, ``width`` and ``max_sequence_length`` are DiT options; ``fp16``, ``dynamic``, ``base_config``
+    UNet ones (each refused in one line where it does not apply).
     """
     t_start = time.perf_counter()
     specs = [a if isinstance(a, AdapterSpec) else AdapterSpec.parse(a) for a in adapters]
+    if _dit_folder(base):
+        from catfast.export.dit import export_dit_onnx  # lazy: the DiT export's graphs
+
+        if opset not in SUPPORTED_OPSETS:
+            _check_options(["unet"], opset, False, [])
+        return export_dit_onnx(
+            base, out, specs=specs, components=components, fp16=fp16, opset=opset, dynamic=dynamic,
+            adapter_inputs=adapter_inputs, overwrite=overwrite, external_data_over=external_data_over, log=log,
+            base_config=base_config, height=height, width=width, max_sequence_length=max_sequence_length,
+        )  # fmt: skip
+    for flag, given in (("--height", height), ("--width", width), ("--max-sequence-length", max_sequence_length)):
+        if given is not None:
+            raise ExportError(
+                f"{flag} is a DiT export option (FLUX.1 / SD3 pipeline folders); a UNet export takes its size from "
+                "the UNet (--dynamic for any size)"
+            )
+    components = list(components) if components else ["unet"]
     components = list(dict.fromkeys(components))
     _check_options(components, opset, adapter_inputs, specs)
     out = Path(out).absolute()
@@ -235,6 +249,16 @@ def export_onnx(
                 weight.copy_(original)
     log(f"wrote {out} in {manifest['export_seconds']:.1f} s")
     return manifest
+
+
+def _dit_folder(base) -> bool:
+    """Whether ``base`` is a diffusers pipeline folder of a transformer family (FLUX.1, SD3, Qwen-Image)."""
+    if not isinstance(base, (str, os.PathLike)) or not (Path(base) / "model_index.json").is_file():
+        return False
+    try:
+        return family_of(base).name != "unet"
+    except ModelLoadError:
+        return False
 
 
 def _check_options(components: list[str], opset: int, adapter_inputs: bool, specs: list[AdapterSpec]) -> None:
@@ -430,24 +454,6 @@ def _component_entry(job: _Job, component: str, traced: _Traced, validation: dic
         "export_seconds": round(export_seconds, 2),
         "bytes": sum(f.stat().st_size for f in traced.path.parent.iterdir()),
     }
-
-
-def _write_adapter_feeds(tmp: Path, label: str, component: str, feeds: dict[str, torch.Tensor]) -> dict:
-    """``adapters/LABEL/COMPONENT.safetensors`` (input name -> tensor) and the same as an ORT adapter file."""
-    folder = tmp / "adapters" / label
-    folder.mkdir(parents=True, exist_ok=True)
-    st = folder / f"{component}.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in feeds.items()}, str(st))
-    shutil.copymode(tmp / component / "model.onnx", st)  # safetensors writes 0600; give it the graph's mode
-    files = {"safetensors": str(st.relative_to(tmp))}
-    if hasattr(ort, "AdapterFormat"):  # onnxruntime >= 1.20
-        fmt = ort.AdapterFormat()
-        fmt.set_adapter_version(1)
-        fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v.numpy()) for k, v in feeds.items()})
-        ox = folder / f"{component}.onnx_adapter"
-        fmt.export_adapter(str(ox))
-        files["onnx_adapter"] = str(ox.relative_to(tmp))
-    return files
 
 
 def _size(folder: Path) -> str:

@@ -10,8 +10,6 @@ nothing fed, the LoRA inputs' zero defaults apply).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import io
 import json
 import math
@@ -21,76 +19,23 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from safetensors.numpy import load_file
 
-from catfast.errors import CatfastError, ModelLoadError
+from catfast.errors import ModelLoadError
 from catfast.export.manifest import read_manifest
+
+# re-exported: catfast.bench.onnx and the tests import them from here
+from catfast.export.providers import (  # noqa: F401
+    PREFERRED_PROVIDERS,
+    RunnerError,
+    pick_provider,
+    read_adapter_feeds,
+    session,
+    usable_providers,
+)
 from catfast.folders import check_output_file, write_atomic
 from catfast.integrations.tokenizer import load_tokenizer
 
-PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "DmlExecutionProvider", "CPUExecutionProvider")
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-
-
-class RunnerError(CatfastError):
-    """The runner cannot do what was asked with this export."""
-
-
-# --------------------------------------------------------------------------------------------- providers
-
-
-@functools.cache
-def usable_providers() -> tuple[str, ...]:
-    """The execution providers that really start here, in ORT's priority order. (onnxruntime-gpu lists CUDA
-    and TensorRT as available even on a machine without a GPU or without the CUDA libraries; creating a
-    session there silently falls back to CPU. Each provider is probed on a one-node graph.)"""
-    import onnx  # lazy: onnx
-    import onnxruntime as ort  # lazy: onnxruntime
-    from onnx import TensorProto, helper  # lazy: onnx
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, 9)
-    blob = model.SerializeToString()
-    onnx.checker.check_model(model)
-    found = []
-    ort.set_default_logger_severity(4)  # the failing probes log errors that mean nothing to the user
-    try:
-        for provider in ort.get_available_providers():
-            try:  # ORT's Python fallback prints "EP Error ... Falling back" to stdout
-                with contextlib.redirect_stdout(io.StringIO()):
-                    session = ort.InferenceSession(blob, providers=[provider])
-            except Exception:
-                continue
-            if session.get_providers()[:1] == [provider]:
-                found.append(provider)
-    finally:
-        ort.set_default_logger_severity(2)
-    return tuple(found)
-
-
-def pick_provider(requested: str | None = None) -> str:
-    """``requested`` if it starts here (else RunnerError); by default CUDA, then DirectML, then CPU."""
-    usable = usable_providers()
-    if requested:
-        if requested not in usable:
-            raise RunnerError(f"execution provider {requested} does not start here; usable: {', '.join(usable)}")
-        return requested
-    return next(p for p in PREFERRED_PROVIDERS if p in usable)
-
-
-def session(path: str | os.PathLike, provider: str, threads: int | None = None):
-    """An ORT session on ``path`` with ``provider`` (and CPU for anything it does not take)."""
-    import onnxruntime as ort  # lazy: onnxruntime
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # LoRA inputs with defaults make ORT warn once per input
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 # ----------------------------------------------------------------------------------------------- DDIM
@@ -216,21 +161,9 @@ class OnnxPipeline:
         """component -> LoRA input feeds of adapter ``name`` (None: nothing, the base); read once."""
         if name is None:
             return {}
-        if name in self._feeds:
-            return self._feeds[name]
-        if self.manifest["mode"] != "adapter_inputs":
-            merged = ", ".join(a["name"] for a in self.manifest["adapters"]) or "none"
-            raise RunnerError(
-                f"{self.folder}: adapters are merged into this export ({merged}); --adapter selects an adapter "
-                "only in an export made with --adapter-inputs"
-            )
-        entry = next((a for a in self.manifest["adapters"] if a["name"] == name), None)
-        if entry is None:
-            raise RunnerError(f"{self.folder}: no adapter {name!r}; this export has {', '.join(self.adapters)}")
-
-        feeds = {c: load_file(self.folder / files["safetensors"]) for c, files in entry["weights"].items()}
-        self._feeds[name] = feeds
-        return feeds
+        if name not in self._feeds:
+            self._feeds[name] = read_adapter_feeds(self.folder, self.manifest, name)
+        return self._feeds[name]
 
     def _run(self, component: str, inputs: dict[str, np.ndarray], adapter: str | None) -> list[np.ndarray]:
         sess = self.sessions[component]
@@ -318,9 +251,9 @@ def run_onnx(
     out: str | os.PathLike,
     *,
     adapter: str | None = None,
-    negative_prompt: str = "",
+    negative_prompt: str | None = None,
     steps: int = 20,
-    guidance_scale: float = 5.0,
+    guidance_scale: float | None = None,
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
@@ -330,7 +263,12 @@ def run_onnx(
     """Generate one image for ``prompt`` with the export in ``model_dir`` and write it to ``out`` (PNG,
     atomically). Before any work, RunnerError for: an ``out`` that exists (unless ``overwrite``), is a
     folder or a symbolic link, or cannot be written; steps < 1; a height or width <= 0; a guidance scale
-    that is not a finite number. Returns (the PNG's path, the execution provider used)."""
+    that is not a finite number. Returns (the PNG's path, the execution provider used).
+
+    A DiT export (FLUX.1 / SD3, manifest ``family``) runs through ``dit_runner.DitOnnxPipeline``: the flow
+    Euler loop at the export's traced size (``height`` / ``width`` must match it when given); ``guidance_scale``
+    and ``negative_prompt`` default to the family pipeline's (Flux: embedded guidance 3.5; SD3: CFG 7 with ""),
+    a UNet export's to 5.0 and ""."""
 
     check_output_file(out, overwrite, RunnerError)
     if steps < 1:
@@ -338,17 +276,40 @@ def run_onnx(
     for name, value in (("height", height), ("width", width)):
         if value is not None and value <= 0:
             raise RunnerError(f"{name} must be a positive number of pixels, got {value}")
-    if not math.isfinite(guidance_scale):
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
         raise RunnerError(f"guidance scale must be a finite number, got {guidance_scale}")
+    if read_manifest(model_dir).get("family", "unet") != "unet":
+        return _run_dit(
+            model_dir, prompt, out, adapter, negative_prompt, steps, guidance_scale, seed, height, width, provider
+        )
     pipe = OnnxPipeline.load(model_dir, provider)
     image = pipe(
         prompt,
-        negative_prompt=negative_prompt,
+        negative_prompt="" if negative_prompt is None else negative_prompt,
         steps=steps,
-        guidance_scale=guidance_scale,
+        guidance_scale=5.0 if guidance_scale is None else guidance_scale,
         seed=seed,
         adapter=adapter,
         height=height,
         width=width,
+    )
+    return save_png(image, out), pipe.provider
+
+
+def _run_dit(model_dir, prompt, out, adapter, negative_prompt, steps, guidance_scale, seed, height, width, provider):
+    """``run_onnx`` for a DiT export (FLUX.1 / SD3)."""
+    from catfast.export.dit_runner import DitOnnxPipeline  # lazy: the DiT runner
+
+    pipe = DitOnnxPipeline.load(model_dir, provider)
+    lat = pipe.manifest["latent"]
+    traced = (lat["height"] * lat["vae_scale_factor"], lat["width"] * lat["vae_scale_factor"])
+    h, w = height or traced[0], width or traced[1]
+    if (h, w) != traced:
+        raise RunnerError(
+            f"this {pipe.manifest['family']} export is traced at {traced[0]}x{traced[1]} pixels; export again with "
+            f"--height {h} --width {w} for {h}x{w}"
+        )
+    image = pipe(
+        prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed, adapter=adapter
     )
     return save_png(image, out), pipe.provider
