@@ -62,8 +62,11 @@ class VaeDecoderGraph(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+_GRAPHS = {"unet": UNetGraph, "text_encoder": TextEncoderGraph, "vae_decoder": VaeDecoderGraph}
+
+
 def _graph(component: str, model) -> torch.nn.Module:
-    return {"unet": UNetGraph, "text_encoder": TextEncoderGraph, "vae_decoder": VaeDecoderGraph}[component](model)
+    return _GRAPHS[component](model)
 
 
 def _source_model(base, component: str):
@@ -80,8 +83,19 @@ def _latent_factor(base) -> int:
     return 2 ** (len(base.unet.config.block_out_channels) - 1)
 
 
-def _inputs(base, component: str, batch: int, side: tuple[int, int], seq: int, seed: int, dtype) -> list[torch.Tensor]:
-    """Random (realistic) inputs of one component: tensors in graph input order; float ones in ``dtype``."""
+def _inputs(
+    base, component: str, batch: int, side: tuple[int, int], seq: int, seed: int, dtype
+) -> dict[str, torch.Tensor]:
+    """Random (realistic) inputs of one component by graph input name (the graph class's ``input_names``, which
+    are also its ``forward``'s parameters, in order); float ones in ``dtype``."""
+    tensors = _input_tensors(base, component, batch, side, seq, seed, dtype)
+    names = _GRAPHS[component].input_names
+    if len(names) != len(tensors):
+        raise ExportError(f"{component}: {len(tensors)} example inputs for the graph inputs {names}")
+    return dict(zip(names, tensors))
+
+
+def _input_tensors(base, component, batch, side, seq, seed, dtype) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     unet = base.unet
     if component == "unet":

@@ -366,7 +366,8 @@ def _trace_component(job: _Job, component: str) -> _Traced:
     input_names, output_names = list(graph.input_names), list(graph.output_names)
     axes = _dynamic_axes(component, job.dynamic)
     batch, side, seq = _validation_shapes(base, component, job.dynamic)[0]
-    args = _inputs(base, component, batch, side, seq, seed=0, dtype=dtype)
+    named = _inputs(base, component, batch, side, seq, seed=0, dtype=dtype)
+    args = [named[n] for n in input_names]  # the trace's order is the names' order
     if lora_specs:
         first_spec, first = next((s, a) for s, a in job.loaded if a.component(ac))
         graph = LoraInputsGraph(graph, model, lora_specs, num_inputs=len(input_names))

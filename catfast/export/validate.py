@@ -43,8 +43,8 @@ def _errors(got: list[np.ndarray], want: list[torch.Tensor]) -> tuple[float, flo
 
 
 @torch.no_grad()
-def _torch_outputs(graph: torch.nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    out = graph(*inputs)
+def _torch_outputs(graph: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    out = graph(**inputs)
     return list(out) if isinstance(out, tuple) else [out]
 
 
@@ -67,7 +67,7 @@ def _validate(base, component, reference, path, cases, dtype, dtype_name, dynami
         session = _ort_session(path)
     except Exception as e:  # a graph the checker accepts can still fail ORT's type/shape inference
         raise ExportError(f"{component}: ONNX Runtime cannot load the exported graph: {e}") from None
-    names = [i.name for i in session.get_inputs()]
+    names = {i.name for i in session.get_inputs()}
     source = _source_model(base, component)
     runs = []
     for label, adapter, scale, feeds in cases:
@@ -79,12 +79,17 @@ def _validate(base, component, reference, path, cases, dtype, dtype_name, dynami
         try:
             for i, (batch, side, seq) in enumerate(_validation_shapes(base, component, dynamic)):
                 inputs = _inputs(base, component, batch, side, seq, seed=100 + i, dtype=dtype)
-                feed = {n: t.numpy() for n, t in zip(names, inputs)}
+                missing = set(inputs) - names
+                if missing:  # fed by name, never by position: a renamed input fails here, not silently
+                    raise ExportError(f"{component}: the graph has no input {sorted(missing)[0]!r}")
+                feed = {n: t.numpy() for n, t in inputs.items()}
                 feed.update({k: v.numpy() for k, v in feeds.items()})
                 got = session.run(None, feed)
-                want = _torch_outputs(reference, [t.float() if t.is_floating_point() else t for t in inputs])
+                want = _torch_outputs(
+                    reference, {n: t.float() if t.is_floating_point() else t for n, t in inputs.items()}
+                )
                 abs_err, rel = _errors(got, want)
-                shape = list(inputs[0].shape)
+                shape = list(next(iter(inputs.values())).shape)
                 runs.append({"case": label, "batch": batch, "shape": shape, "abs_err": abs_err, "rel_err": rel})
         finally:
             for w, value in saved or ():
