@@ -180,7 +180,9 @@ def test_runner_latents_equal_sample_flow_latents(made, name):
                                            max_shift=recipe["max_shift"]), sched.sigmas.numpy(), rtol=1e-6)  # fmt: skip
     noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(seed)).numpy()
     got = runner(prompt, steps=steps, latents=noise, output="latent")
-    assert rel(torch.from_numpy(got), want) <= 1e-3, rel(torch.from_numpy(got), want)
+    err = rel(torch.from_numpy(got), want)
+    print(f"{name}: runner vs sample_flow_latents rel err {err:.2e}")
+    assert err <= 1e-3, err
     image = runner(prompt, steps=steps, latents=noise)
     assert image.shape == (SIDE, SIDE, 3) and np.isfinite(image).all()
 
