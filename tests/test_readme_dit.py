@@ -36,8 +36,8 @@ def test_readme_dit_commands_and_snippet_run(tmp_path):
     for run in ("flux", "sd3", "qwen"):
         assert (tmp_path / "runs" / run / "adapter.safetensors").is_file()
     assert "transformer (family flux)" in result.stdout
-    with Image.open(tmp_path / "flux-onnx-star.png") as im:  # drawn by ONNX Runtime alone
-        assert im.size == (32, 32)
+    with Image.open(tmp_path / "flux-onnx-star.png") as im:  # drawn by ONNX Runtime alone, at the export's size
+        assert im.mode == "RGB" and im.size[0] == im.size[1] >= 32
     snippet = _block("# mixed adapters on a DiT", "python")
     result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env=env)  # fmt: skip
