@@ -91,7 +91,7 @@ def flow_cat_loss(
     if sigmas.shape != (latents.shape[0],) or noise.shape != latents.shape:
         raise ValueError(f"noise {tuple(noise.shape)} / sigmas {tuple(sigmas.shape)} do not fit {tuple(latents.shape)}")
     noisy, target = noisy_and_target(latents, noise, sigmas)
-    weights = family.flow.loss_weights(sigmas.float().cpu()).to(latents.device)
+    weights = family.flow.loss_weights(sigmas.float().to(latents.device))  # on the device: no copy back to the host
 
     if cat_weight == 0:
         pred = family.predict(model, noisy, sigmas, cond)

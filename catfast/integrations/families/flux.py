@@ -57,10 +57,11 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """``[H/2 * W/2, 3]`` ids (0, row, column) of the packed tokens (``FluxPipeline._prepare_latent_image_ids``)."""
-    ids = torch.zeros(height // 2, width // 2, 3)
-    ids[..., 1] = torch.arange(height // 2)[:, None]
-    ids[..., 2] = torch.arange(width // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    # built on the device: a copy from pageable host memory would wait for the device queue on every step
+    ids = torch.zeros(height // 2, width // 2, 3, device=device)
+    ids[..., 1] = torch.arange(height // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(width // 2, device=device)[None, :]
+    return ids.reshape(-1, 3).to(dtype=dtype)
 
 
 class FluxFamily(DenoiserFamily):
