@@ -140,15 +140,15 @@ def test_cli_trains_a_dit_with_its_recipe_and_help_names_dit_bases(folders, data
 def test_qwen_captions_of_different_lengths_batch_with_the_pipelines_padding(folders, data, tmp_path):
     """A batch of two captions of different lengths: zero-padded with a mask, each row predicts what it
     predicts alone."""
-    from catfast.train import flow_trainer
+    from catfast.train.flow_cache import build_flow_cache
+    from catfast.train.run_parts import scan_examples
 
     base = folders["tiny-qwenimage"]
     c = config(base, data, tmp_path / "out", batch_size=2, steps=1, resolution=32)
     c.validate()
     family = family_of(base)
-    examples = flow_trainer.scan_examples(c)
-    dataset, _ = flow_trainer.build_flow_cache(base, family, examples, c, tmp_path / "cache", torch.device("cpu"),
-                                                  progress=False)  # fmt: skip
+    examples = scan_examples(c)
+    dataset, _ = build_flow_cache(base, family, examples, c, tmp_path / "cache", torch.device("cpu"), progress=False)
     latents, cond, _ = dataset.batch([(0, 0), (1, 0)], "cpu", torch.float32)
     assert cond["prompt_embeds_mask"].shape == cond["prompt_embeds"].shape[:2]
     assert not cond["prompt_embeds_mask"].all()  # one row is padded
