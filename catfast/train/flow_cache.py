@@ -26,6 +26,7 @@ from catfast.integrations.families import DenoiserFamily
 from catfast.train.cache import _read_bytes
 from catfast.train.config import TrainConfig
 from catfast.train.data import Example, ImagePlan, Transform, image_size, load_image, plan_image, render
+from catfast.train.run_parts import transform_for
 
 FLOW_CACHE_FORMAT = "catfast-flow-cache/1"
 
@@ -165,14 +166,7 @@ def _transform(folder: Path, family: DenoiserFamily, light, config: TrainConfig)
             f"resolution {resolution} is not a multiple of {multiple}, which this model needs (VAE x patch); "
             f"use {max(multiple, resolution // multiple * multiple)}"
         )
-    transform = Transform(
-        resolution=resolution,
-        center_crop=config.center_crop,
-        random_flip=config.random_flip,
-        buckets=config.buckets,
-        crop_variants=1 if config.center_crop else config.crop_variants,
-        allow_upscale=config.allow_upscale,
-    )
+    transform = transform_for(config, resolution)
     return transform, max(8 * scale, multiple)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from catfast.errors import CatfastError
 from catfast.train.config import TrainConfig
-from catfast.train.data import Concept, scan_concepts
+from catfast.train.data import Concept, Transform, scan_concepts
 from catfast.train.dist import Dist
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,3 +72,16 @@ def load_lora(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tens
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
+
+
+def transform_for(config: TrainConfig, resolution: int) -> Transform:
+    """The run's image transform at ``resolution`` px: the config's crops, flips and buckets (one crop variant
+    with center cropping)."""
+    return Transform(
+        resolution=resolution,
+        center_crop=config.center_crop,
+        random_flip=config.random_flip,
+        buckets=config.buckets,
+        crop_variants=1 if config.center_crop else config.crop_variants,
+        allow_upscale=config.allow_upscale,
+    )

@@ -49,7 +49,6 @@ from catfast.train.checkpoint import (
     save_checkpoint,
 )
 from catfast.train.config import TrainConfig, dit_family
-from catfast.train.data import Transform
 from catfast.train.dist import Dist, init_distributed
 from catfast.train.graphs import GraphedSteps, check_graphable, flatten_conditions, unflatten_conditions
 from catfast.train.mode_trial import ModeTrial
@@ -65,7 +64,15 @@ from catfast.train.outputs import (
     write_adapters,
 )
 from catfast.train.retention import Retention
-from catfast.train.run_parts import DTYPES, TrainResult, device_for, load_lora, scan_examples, seed_everything
+from catfast.train.run_parts import (
+    DTYPES,
+    TrainResult,
+    device_for,
+    load_lora,
+    scan_examples,
+    seed_everything,
+    transform_for,
+)
 from catfast.train.schedules import lr_lambda, sample_timesteps, timestep_probs
 
 
@@ -432,14 +439,7 @@ def _build_dataset(base, examples, config: TrainConfig, out: Path, device, dist:
     find every entry in the cache (no two processes write one entry). Encoded in fp32 whatever the
     mixed precision (the entries are shared by runs of either); the trainer casts per batch."""
     resolution = config.resolution or base.unet.config.sample_size * base.vae_scale_factor
-    transform = Transform(
-        resolution=resolution,
-        center_crop=config.center_crop,
-        random_flip=config.random_flip,
-        buckets=config.buckets,
-        crop_variants=1 if config.center_crop else config.crop_variants,
-        allow_upscale=config.allow_upscale,
-    )
+    transform = transform_for(config, resolution)
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
     dataset = None
     if dist.main:
