@@ -19,10 +19,6 @@ same steps, guidance and size), because each step reproduces the pipeline's math
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from tqdm.auto import tqdm
 
@@ -32,25 +28,6 @@ from catfast.integrations.families import family_of
 from catfast.integrations.row_call import planned_unet
 from catfast.integrations.schedulers import flow_sampling_scheduler
 from catfast.rows import NO_ADAPTER, RowPlan
-
-
-@dataclass(frozen=True)
-class _Recipe:
-    """How a family's diffusers pipeline samples (its ``__call__``; the families do not declare it yet)."""
-
-    guidance: str  # "embed" (guidance embedding), "cfg" (uncond rows), "cfg_norm" (CFG then per-token rescale)
-    flow_sigmas: bool  # linspace(1, 1/steps) sigmas and a resolution mu; else the scheduler's own grid
-    max_shift: float  # calculate_shift's max_shift default where the scheduler config has none
-    guidance_default: float  # the pipeline's default guidance_scale / true_cfg_scale
-    negative_default: str | None  # the negative prompt when the caller gives none (None: no CFG)
-
-
-_RECIPES = {
-    "flux": _Recipe("embed", True, 1.15, 3.5, None),
-    "sd3": _Recipe("cfg", False, 1.16, 7.0, ""),  # encode_prompt's negative_prompt or ""
-    # QwenImagePipeline guides only with a negative prompt; the Qwen-Image model card passes " "
-    "qwenimage": _Recipe("cfg_norm", True, 1.15, 4.0, " "),
-}
 
 
 def sample_flow_latents(
@@ -87,7 +64,7 @@ def sample_flow_latents(
     if steps < 1:
         raise CatfastError(f"steps must be >= 1, got {steps}")
     family = family_of(pipe)
-    if family.name not in _RECIPES:
+    if family.sampling is None:
         raise CatfastError(f"{family.name} is not a flow-matching transformer family; use catfast.eval.sampler")
     model = pipe.transformer
     configs = getattr(model, "peft_config", None) or {}
@@ -100,7 +77,7 @@ def sample_flow_latents(
     with planned_unet(model, adapters, purpose="sample") as call:
         return _sample(
             pipe, family, call, list(prompts), call.slots(adapters), seeds, steps=steps,
-            guidance=_RECIPES[family.name].guidance_default if guidance is None else float(guidance),
+            guidance=family.sampling.guidance_default if guidance is None else float(guidance),
             height=height, width=width, negative_prompt=negative_prompt, scale=scale,
             max_sequence_length=max_sequence_length, progress=progress,
         )  # fmt: skip
@@ -139,14 +116,10 @@ def _sample(pipe, family, call, prompts, slots, seeds, *, steps, guidance, heigh
             max_sequence_length, progress) -> torch.Tensor:  # fmt: skip
     """One run over all rows; slots None = a transformer without adapters (base rows only, no plan)."""
     model = call.unet
-    recipe = _RECIPES[family.name]
+    recipe = family.sampling
     n, device, dtype = len(prompts), model.device, model.dtype
     negative = recipe.negative_default if negative_prompt is None else negative_prompt
     cfg = recipe.guidance != "embed" and guidance > 1.0 and negative is not None
-    if recipe.guidance == "embed":
-        # Flux's predict feeds family.flow.guidance to the guidance embedding: this run's value on a copy
-        family = copy.copy(family)
-        family.flow = dataclasses.replace(family.flow, guidance=guidance)
 
     # captions: each distinct prompt once, the negative first (rows index into them)
     unique = list(dict.fromkeys(prompts))
@@ -168,6 +141,8 @@ def _sample(pipe, family, call, prompts, slots, seeds, *, steps, guidance, heigh
     index = torch.tensor(order, device=device)
     rows = torch.tensor([0 if cfg and k < n else caption[i] for k, i in enumerate(order)], device=device)
     cond = {k: v[rows.to(v.device)].to(device) for k, v in encoded.items()}
+    if recipe.guidance == "embed":  # the guidance embedding's input, this run's value on every row
+        cond["guidance"] = torch.full((len(order),), float(guidance), device=device)
     plan = None
     if slots[0] is not None:
         row_slots = [slots[i] for i in order]

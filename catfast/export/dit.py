@@ -41,7 +41,7 @@ from catfast.adapters.merge import merge_adapter_, resolve_targets
 from catfast.errors import ExportError
 from catfast.export.adapter_files import _check_labels, _write_adapter_feeds
 from catfast.export.adapter_inputs import LoraInputsGraph, adapter_feeds, detach_lora_inputs, lora_input_specs
-from catfast.export.dit_runner import SAMPLER, load_tokenizer, transformer_feeds, transformer_output
+from catfast.export.dit_runner import load_tokenizer, transformer_feeds, transformer_output
 from catfast.export.graphs import VaeDecoderGraph, _finalize, _io_info, _trace_to_onnx
 from catfast.export.manifest import MANIFEST, MANIFEST_FORMAT
 from catfast.export.validate import TOLERANCE, _errors, _ort_session
@@ -306,7 +306,7 @@ def export_dit_onnx(
             "components": entries,
             "transformer": transformer_spec,
             "scheduler": "scheduler/scheduler_config.json",
-            "sampler": SAMPLER[family.name],
+            "sampler": _sampler_manifest(family.sampling),
             "latent": {
                 "channels": family.latent_channels(model),
                 "height": height,
@@ -546,3 +546,9 @@ def _summary(runs: list[dict], component: str) -> dict:
             f"(worst run: {worst['case']}, batch {worst['batch']}); nothing was written"
         )
     return v
+
+
+def _sampler_manifest(recipe) -> dict:
+    """The family's ``SamplingRecipe`` as the manifest's "sampler" entry, which the torch-free runner reads."""
+    return {"guidance": recipe.guidance, "flow_sigmas": recipe.flow_sigmas, "max_shift": recipe.max_shift,
+            "guidance_default": recipe.guidance_default, "negative": recipe.negative_default}  # fmt: skip

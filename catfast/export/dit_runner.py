@@ -31,14 +31,6 @@ from catfast.errors import ModelLoadError
 from catfast.export.manifest import read_manifest
 from catfast.export.providers import RunnerError, pick_provider, read_adapter_feeds, session
 
-# What each family's diffusers pipeline does when sampling (catfast.eval.flow_sampler._RECIPES: export may not
-# import eval, so the two values it needs travel in the manifest, written from here).
-SAMPLER = {
-    "flux": {"guidance": "embed", "flow_sigmas": True, "max_shift": 1.15, "guidance_default": 3.5, "negative": None},
-    "sd3": {"guidance": "cfg", "flow_sigmas": False, "max_shift": 1.16, "guidance_default": 7.0, "negative": ""},
-}
-
-
 # ------------------------------------------------------------------------------------------ layout
 
 

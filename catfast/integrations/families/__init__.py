@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from catfast.errors import ModelLoadError
-from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, lora_disabled
+from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, SamplingRecipe, lora_disabled
 from catfast.integrations.families.flux import FAMILY as FLUX
 from catfast.integrations.families.qwenimage import FAMILY as QWENIMAGE
 from catfast.integrations.families.sd3 import FAMILY as SD3
@@ -21,7 +21,9 @@ from catfast.integrations.families.unet import FAMILY as UNET
 
 FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (UNET, FLUX, SD3, QWENIMAGE)}
 
-__all__ = ["Cond", "DenoiserFamily", "FAMILIES", "FlowRecipe", "family_named", "family_of", "lora_disabled"]
+__all__ = [
+    "Cond", "DenoiserFamily", "FAMILIES", "FlowRecipe", "SamplingRecipe", "family_named", "family_of", "lora_disabled",
+]  # fmt: skip
 
 
 def _supported() -> str:

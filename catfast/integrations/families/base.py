@@ -89,6 +89,23 @@ class FlowRecipe:
         return compute_loss_weighting_for_sd3(self.loss_weighting, sigmas).float()
 
 
+@dataclass(frozen=True)
+class SamplingRecipe:
+    """How the family's diffusers pipeline samples (its ``__call__``), for catfast's samplers and the ONNX runner:
+    ``guidance`` "embed" (a guidance embedding, no CFG rows: Flux-dev), "cfg" (uncond rows), "cfg_norm" (CFG,
+    then each token's velocity rescaled to the cond norm: QwenImagePipeline); ``flow_sigmas``: sigmas
+    ``linspace(1, 1/steps, steps)`` with a resolution ``mu`` (else the scheduler's own grid); ``max_shift``:
+    ``calculate_shift``'s value where the scheduler config has none; ``guidance_default``: the pipeline's default
+    guidance_scale / true_cfg_scale; ``negative_default``: the negative prompt when none is given (None: no
+    CFG)."""
+
+    guidance: str
+    flow_sigmas: bool
+    max_shift: float
+    guidance_default: float
+    negative_default: str | None
+
+
 class DenoiserFamily:
     """One model family. Subclasses set the class attributes and implement ``predict`` (and ``pack`` /
     ``unpack`` where the transformer reads tokens)."""
@@ -106,6 +123,7 @@ class DenoiserFamily:
     # take other arguments, so there the attention core runs on every row as the model's own processor does
     row_attention: bool = False
     flow: FlowRecipe | None = None  # None: a DDPM (epsilon / v) family
+    sampling: SamplingRecipe | None = None  # flow families: how their pipeline samples
     patch: int = 1  # latent pixels per token side
     packs_latents: bool = False  # whether the family packs latents into tokens itself (else the model patchifies)
     max_sequence_length: int = 77  # text tokens of a caption, the family pipeline's default

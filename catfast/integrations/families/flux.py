@@ -4,13 +4,21 @@ Forward: the VAE's 16-channel latents packed 2x2 into tokens (``[B, H/2 * W/2, 6
 ``encoder_hidden_states [B, L, D]``, the CLIP pooled output ``pooled_projections [B, 768]``, ``timestep =
 sigma`` (the transformer multiplies by 1000), position ids ``img_ids [H/2 * W/2, 3]`` (0, row, column) and
 ``txt_ids [L, 3]`` (zeros), and ``guidance [B]`` where ``guidance_embeds`` (dev: guidance-distilled, no CFG
-rows). Condition keys: ``prompt_embeds``, ``pooled_prompt_embeds`` (``FluxPipeline.encode_prompt``'s)."""
+rows). Condition keys: ``prompt_embeds``, ``pooled_prompt_embeds`` (``FluxPipeline.encode_prompt``'s), and
+optionally ``guidance [B]`` (a sampler's value; absent: the training recipe's 3.5)."""
 
 from __future__ import annotations
 
 import torch
 
-from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output, pipeline_warnings
+from catfast.integrations.families.base import (
+    Cond,
+    DenoiserFamily,
+    FlowRecipe,
+    SamplingRecipe,
+    first_output,
+    pipeline_warnings,
+)
 
 # diffusers' train_dreambooth_lora_flux.py's targets (its --lora_layers default list): the double blocks'
 # image and text attention, both feed-forwards; "attn.to_q/k/v" also match the single blocks' attention.
@@ -72,6 +80,7 @@ class FluxFamily(DenoiserFamily):
     default_targets = FLUX_TARGETS
     sharing = ()
     flow = FlowRecipe(dynamic=(256, 4096, 0.5, 1.15), guidance=3.5)
+    sampling = SamplingRecipe("embed", True, 1.15, 3.5, None)
     patch = 2
     packs_latents = True
     scheduler_config = FLUX_SCHEDULER
@@ -92,8 +101,12 @@ class FluxFamily(DenoiserFamily):
         embeds = cond["prompt_embeds"]
         dtype = model.dtype
         guidance = None
-        if model.config.guidance_embeds:
-            guidance = torch.full((b,), self.flow.guidance, device=latents.device, dtype=torch.float32)
+        if model.config.guidance_embeds:  # the condition's per-row value (a sampler's), else the training recipe's
+            given = cond.get("guidance")
+            if given is None:
+                guidance = torch.full((b,), self.flow.guidance, device=latents.device, dtype=torch.float32)
+            else:
+                guidance = given.to(latents.device, torch.float32)
         out = model(
             hidden_states=pack(latents).to(dtype),
             encoder_hidden_states=embeds.to(dtype),

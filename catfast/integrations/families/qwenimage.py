@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output, pipeline_warnings
+from catfast.integrations.families.base import (
+    Cond,
+    DenoiserFamily,
+    FlowRecipe,
+    SamplingRecipe,
+    first_output,
+    pipeline_warnings,
+)
 from catfast.integrations.families.flux import pack, unpack
 
 # diffusers' train_dreambooth_lora_qwen_image.py's default targets
@@ -39,6 +46,8 @@ class QwenImageFamily(DenoiserFamily):
     default_targets = QWEN_TARGETS
     sharing = ()
     flow = FlowRecipe(dynamic=(256, 8192, 0.5, 0.9))
+    # QwenImagePipeline guides only with a negative prompt; the Qwen-Image model card passes " "
+    sampling = SamplingRecipe("cfg_norm", True, 1.15, 4.0, " ")
     patch = 2
     packs_latents = True
     scheduler_config = QWEN_SCHEDULER

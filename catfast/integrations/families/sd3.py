@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from catfast.integrations.families.base import Cond, DenoiserFamily, FlowRecipe, first_output, pipeline_warnings
+from catfast.integrations.families.base import (
+    Cond,
+    DenoiserFamily,
+    FlowRecipe,
+    SamplingRecipe,
+    first_output,
+    pipeline_warnings,
+)
 
 # diffusers' train_dreambooth_lora_sd3.py's default targets: the joint attention of every block, both streams
 SD3_TARGETS = (
@@ -36,6 +43,7 @@ class SD3Family(DenoiserFamily):
     sharing = ()
     # train_dreambooth_lora_sd3.py's defaults: weighting_scheme "logit_normal" (0, 1), static shift 3.0
     flow = FlowRecipe(weighting_scheme="logit_normal", shift=3.0)
+    sampling = SamplingRecipe("cfg", False, 1.16, 7.0, "")  # encode_prompt's negative_prompt or ""
     patch = 2
     scheduler_config = SD3_SCHEDULER
     max_sequence_length = 256
