@@ -67,6 +67,15 @@ def host_to_device(values, dtype: torch.dtype, device=None) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
+def tensor_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor ``t`` (fresh, not written again by the caller) on ``device`` without a host sync: on CUDA
+    through pinned memory with a non-blocking copy, as ``host_to_device``; elsewhere ``t.to(device)``."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _per_sample(value, n: int | None, cast) -> list:
     """``value`` (a sequence, tensor or scalar) as a list of ``n`` host values."""
     if isinstance(value, torch.Tensor):

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from catfast.bench.launches import count_step
 from catfast.cli import main
 from catfast.integrations.patch import patch_report
+from catfast.rows import tensor_to_device
 from catfast.testing import assert_rel_close, lora_transformer
 from catfast.train.flow_objective import flow_cat_loss, sample_flow_inputs
 
@@ -118,3 +119,29 @@ def test_bench_dit_step_reports_both_modes():
     assert refused.exit_code == 2 and "fp32 eager" in refused.output
     odd = CliRunner().invoke(main, ["bench", "dit-step", "--side", "7"])
     assert odd.exit_code == 2 and "even --side" in odd.output
+
+
+def test_tensor_to_device_copies_host_tensors():
+    t = torch.randn(3)
+    assert torch.equal(tensor_to_device(t, "cpu"), t)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU (benchmarks/gpu.sh)")
+@pytest.mark.parametrize("layout", ["one-call", "teacher-first"])
+def test_a_fused_dit_step_on_cuda_never_waits_for_the_device(layout):
+    """torch's sync debug mode turns every host sync (a read of a device value, a pageable copy) into an error."""
+    family, model, _ = lora_transformer("tiny-flux")
+    model.cuda()
+    _trainable(model)
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, family.latent_channels(model), 8, 8, generator=g).cuda()
+    cond, stripped = ({k: v.cuda() for k, v in family.example_cond(model, 1, 7, g).items()} for _ in range(2))
+    for sync_mode in ("default", "error"):  # a warm-up step builds the plans and patch first
+        noise, sigmas = sample_flow_inputs(family, latents, generator=g)
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            out = flow_cat_loss(family, model, latents, noise, sigmas, cond, stripped, mode="fused", layout=layout)
+            out.loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -37,7 +37,7 @@ import torch
 from catfast.integrations.families import Cond, DenoiserFamily, lora_disabled
 from catfast.integrations.patch import active_adapters
 from catfast.integrations.row_call import planned_unet
-from catfast.rows import NO_ADAPTER, RowPlan
+from catfast.rows import NO_ADAPTER, RowPlan, tensor_to_device
 
 MODES = ("reference", "fused")
 LAYOUTS = ("one-call", "teacher-first")
@@ -57,8 +57,8 @@ def sample_flow_inputs(
     """``(noise, sigmas)`` for one training batch by the family's recipe: noise ``N(0, I)`` like ``latents``,
     sigmas ``[B]`` (``FlowRecipe.sample_sigmas`` at this resolution's token count)."""
     sigmas = family.flow.sample_sigmas(latents.shape[0], family.image_seq_len(latents), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    return noise, sigmas.to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    return tensor_to_device(noise, latents.device).to(latents.dtype), tensor_to_device(sigmas, latents.device)
 
 
 def flow_cat_loss(

@@ -35,6 +35,7 @@ from catfast.folders import sigterm_as_interrupt
 from catfast.integrations.models import resolve_base
 from catfast.integrations.patch import fused_blocker, patch_report, patch_unet, unpatch_unet
 from catfast.integrations.peft_adapters import add_lora
+from catfast.rows import tensor_to_device
 from catfast.train.batches import BatchStream, collate_batch
 from catfast.train.cache import build_cache
 from catfast.train.checkpoint import (
@@ -322,7 +323,8 @@ class _Run:
         mine = slice(start, start + len(keys))
         noise = torch.randn((n, *batch["latents"].shape[1:]), generator=self.noise_gen)[mine]
         timesteps = sample_timesteps(self.timestep_probs, n, self.noise_gen, self.num_timesteps)[mine]
-        inputs = dict(latents=batch["latents"], noise=noise.to(self.device), timesteps=timesteps.to(self.device),
+        inputs = dict(latents=batch["latents"], noise=tensor_to_device(noise, self.device),
+                      timesteps=tensor_to_device(timesteps, self.device),
                       cond=batch["cond"], cond_stripped=batch["cond_stripped"])  # fmt: skip
         return inputs, _adapters(self.adapter_of_concept, batch["concepts"]), count, n
 
