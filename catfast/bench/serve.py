@@ -70,6 +70,34 @@ def _median_ms(times: list[float]) -> float:
     return round(statistics.median(times) * 1e3, 4)
 
 
+def cold_switch(pool, entry) -> tuple[float, float]:
+    """Seconds to make resident entry ``entry`` resident again after evicting it: from the host tier, then
+    (evicted again) from disk (read and check the file, then install). It ends resident."""
+    pool._evict(entry)
+    tic = time.perf_counter()
+    pool.install(entry)
+    host_s = time.perf_counter() - tic
+    pool._evict(entry)
+    tic = time.perf_counter()
+    layers, _ = pool.read_file(entry.path)
+    pool.keep_on_host(entry, layers)
+    pool.install(entry)
+    return host_s, time.perf_counter() - tic
+
+
+def run_header(model: str, rank: int) -> dict:
+    """What a serving bench's result starts with: the model, the device, threads, rank, torch and commit."""
+    return {
+        "model": model,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "rank": rank,
+        "torch": torch.__version__,
+        "git": git_commit(),
+    }
+
+
 def _pipeline(model: str):
 
     return diffusers_pipeline(build_base(model))
@@ -99,18 +127,9 @@ def _switch(model, paths, registered, reps, diffusers_max, log) -> dict:
             SegmentPlan(2, [Segment(0, 2, ((entry.slot, 1.0),))], device=engine.device)
             entry.running -= 1
             resident.append(time.perf_counter() - tic)
-            # cold from the host tier: evict it, then install again
-            pool._evict(entry)
-            tic = time.perf_counter()
-            pool.install(entry)
-            cold_host.append(time.perf_counter() - tic)
-            # cold from disk: read the file, then install
-            pool._evict(entry)
-            tic = time.perf_counter()
-            layers, _ = pool.read_file(entry.path)
-            pool.keep_on_host(entry, layers)
-            pool.install(entry)
-            cold_disk.append(time.perf_counter() - tic)
+            host_s, disk_s = cold_switch(pool, entry)
+            cold_host.append(host_s)
+            cold_disk.append(disk_s)
         engine.close()
         out["resident"][count] = _median_ms(resident)
         out["cold_host"][count] = _median_ms(cold_host)
@@ -279,14 +298,7 @@ def bench_serve(
         count = max(adapters, max(mixed), 1)
         log(f"writing {count} random rank-{rank} adapters of the {model} model")
         paths = _write_adapters(model, count, rank, Path(tmp))
-        result = {
-            "model": model,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "rank": rank,
-            "torch": torch.__version__,
-            "git": git_commit(),
+        result = run_header(model, rank) | {
             "settings": dict(registered=list(registered), mixed=list(mixed), batch=batch, requests=requests,
                              adapters=adapters, steps=steps, max_batch=max_batch, reps=reps,
                              diffusers_max=diffusers_max),

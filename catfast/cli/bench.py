@@ -225,8 +225,28 @@ def bench_ops_command(device, dtypes, reps, smoke, tune_path, as_json) -> None:
     click.echo(f"{result['device']}, {result['threads']} thread(s), torch {result['torch']}, median of {reps} rounds")
 
 
+SERVE_DIT_MODELS = ("tiny-flux", "tiny-sd3", "tiny-qwenimage")  # catfast.bench.serve_dit.MODELS
+UNET_ONLY = ("registered", "requests", "adapters", "max_batch", "diffusers_max")  # serve options a DiT run refuses
+DIT_ONLY = ("resident", "size")
+
+
 @bench.command("serve")
-@click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "sd15"]))
+@click.option(
+    "--model",
+    default="tiny",
+    show_default=True,
+    type=click.Choice(["tiny", "small", "sd15", *SERVE_DIT_MODELS]),
+    help="A DiT pipeline serves through catfast.serve.dit (catfast/bench/serve_dit.py: switch, mixed sampler "
+    "runs, launching ops; no diffusers or throughput phase).",
+)
+@click.option(
+    "--resident",
+    default=None,
+    help="DiT models: adapters resident for the switch. [default: 1,16,256; 1,16,256,1024 with --full]",
+)
+@click.option(
+    "--size", default=None, type=click.IntRange(min=2), help="DiT models: image side in pixels. [default: 32]"
+)
 @click.option("--registered", default="1,64,1024", show_default=True, help="Adapter counts registered for the switch.")
 @click.option("--mixed", default="1,4,16", show_default=True, help="Distinct adapters in the one-step batch.")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Rows of the one-step batch.")
@@ -243,21 +263,17 @@ def bench_ops_command(device, dtypes, reps, smoke, tune_path, as_json) -> None:
     "--full",
     is_flag=True,
     help="The whole sweep: diffusers with up to 1024 adapters loaded and 64 requests (it ran past 20 min on "
-    "a 2-core CPU; the defaults take a few minutes).",
+    "a 2-core CPU; the defaults take a few minutes). DiT models: 1024 resident adapters too.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
 def bench_serve_command(
-    model, registered, mixed, batch, requests, adapters, steps, max_batch, rank, reps, diffusers_max, full, as_json
-) -> None:
+    model, resident, size, registered, mixed, batch, requests, adapters, steps, max_batch, rank, reps, diffusers_max,
+    full, as_json,
+) -> None:  # fmt: skip
     """The serving engine against diffusers on the same model, interleaved: adapter switch latency, one
     step with N distinct adapters in the batch, and throughput of mixed-adapter requests. A progress line
     starts each phase (on stderr with --json)."""
-    from catfast.bench.serve import FULL, QUICK, bench_serve  # lazy: startup
-
-    preset = FULL if full else QUICK
-    requests = preset["requests"] if requests is None else requests
-    diffusers_max = preset["diffusers_max"] if diffusers_max is None else diffusers_max
 
     def counts(text: str, what: str) -> list[int]:
         try:
@@ -268,6 +284,38 @@ def bench_serve_command(
             raise click.BadParameter(f"{what} must be positive integers, got {text!r}")
         return values
 
+    ctx = click.get_current_context()
+    given = lambda names: [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]  # noqa: E731
+    dit = model in SERVE_DIT_MODELS
+    wrong = given(UNET_ONLY if dit else DIT_ONLY)
+    if wrong:
+        what = "a DiT model" if dit else "a UNet model"
+        raise click.UsageError(f"--model {model}: {', '.join('--' + n.replace('_', '-') for n in wrong)} do not "
+                               f"apply to {what}")  # fmt: skip
+    if dit:
+        from catfast.bench.serve_dit import FULL as DIT_FULL  # lazy: startup
+        from catfast.bench.serve_dit import QUICK as DIT_QUICK
+        from catfast.bench.serve_dit import bench_serve_dit
+
+        preset = DIT_FULL if full else DIT_QUICK
+        result = bench_serve_dit(
+            model,
+            resident=preset["resident"] if resident is None else counts(resident, "--resident"),
+            mixed=counts(mixed, "--mixed"),
+            batch=batch,
+            steps=steps,
+            size=32 if size is None else size,
+            rank=rank,
+            reps=reps,
+            log=(lambda s: click.echo(s, err=True)) if as_json else click.echo,
+        )
+        _echo_serve_dit(result, as_json)
+        return
+    from catfast.bench.serve import FULL, QUICK, bench_serve  # lazy: startup
+
+    preset = FULL if full else QUICK
+    requests = preset["requests"] if requests is None else requests
+    diffusers_max = preset["diffusers_max"] if diffusers_max is None else diffusers_max
     result = bench_serve(
         model,
         registered=counts(registered, "--registered"),
@@ -300,3 +348,23 @@ def bench_serve_command(
         f"  throughput: {tp['engine_images_per_s']} images/s vs diffusers {tp['diffusers_images_per_s']} "
         f"({tp['vs_diffusers']}x)"
     )
+
+
+def _echo_serve_dit(result: dict, as_json: bool) -> None:
+    """Print ``bench_serve_dit``'s result: one JSON object, or a table."""
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    sw, mx, lo = result["switch_ms"], result["mixed"], result["launch_ops"]
+    click.echo(f"{result['model']}, {result['device']}, {result['threads']} thread(s), "
+               f"median of {result['settings']['reps']}:")  # fmt: skip
+    for count in sw["resident"]:
+        click.echo(f"  switch, {count:>5} resident: {sw['resident'][count]:.3f} ms (pool {sw['pool'][count]:.3f} ms), "
+                   f"cold host {sw['cold_host'][count]:.1f} ms, cold disk {sw['cold_disk'][count]:.1f} ms; a 1-row "
+                   f"1-step run {sw['step_ms'][count]:.1f} ms")  # fmt: skip
+    click.echo(f"  sampler run, {mx['rows']} rows, {mx['steps']} steps, {mx['size']} px: "
+               + ", ".join(f"{k} {v:.1f} ms" for k, v in mx["median_ms"].items()))  # fmt: skip
+    click.echo(f"  ratio 16/1: {mx.get('ratio_16')}, unmerged/merged {mx['unmerged_vs_merged']} "
+               f"(one resident: {mx['one_resident_vs_merged']}); mixed row vs alone rel err "
+               f"{mx['max_rel_err_vs_alone']:.1e}")  # fmt: skip
+    click.echo(f"  launching ops of one step, 1 row: unmerged {lo['unmerged']}, merged {lo['merged']} ({lo['ratio']}x)")
