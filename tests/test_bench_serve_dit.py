@@ -20,7 +20,7 @@ def test_bench_serve_tiny_flux_reports_switch_mixed_and_launch_ops():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert (result["model"], result["threads"], result["settings"]["resident"]) == ("tiny-flux", 1, [1, 3])
     sw = result["switch_ms"]
-    for key in ("resident", "pool", "cold_host", "cold_disk", "step_ms"):
+    for key in ("resident", "pool", "cold_host", "cold_disk", "run_ms"):
         assert set(sw[key]) == {"1", "3"} and all(v > 0 for v in sw[key].values()), key
     assert sw["pool"]["3"] <= sw["resident"]["3"] and sw["flat"]["max_ms"] == max(sw["resident"].values())
     mixed = result["mixed"]

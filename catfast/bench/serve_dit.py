@@ -13,8 +13,8 @@ pixels square (default 32: 16 x 16 latents, 64 image tokens on the tiny models).
    (``planned_unet``: the cached patch put back, each layer re-reading its per-slot scalings), the row
    slots and ``RowPlan.build`` for one row, and the unpatch after the run (each run pays both; a batch
    pays them once for all its requests). "cold_host": evict, then attach from the host tier (peft
-   ``add_adapter`` and a weight copy); "cold_disk": read and check the file, then attach. "step_ms": one
-   1-row, 1-step sampler run with R resident (the row-planned layers stack every resident adapter's A and B
+   ``add_adapter`` and a weight copy); "cold_disk": read and check the file, then attach. "run_ms": one
+   1-row, 2-step sampler run with R resident (the row-planned layers stack every resident adapter's A and B
    each call). With ``--full`` R also takes 1024; attaching one adapter grows with R (about 0.3 s each at
    256 on the dev CPU), so filling 1024 slots takes many minutes.
 2. mixed: one ``sample_flow_latents`` run (every Euler step one transformer call over all rows; the text
@@ -27,10 +27,11 @@ pixels square (default 32: 16 x 16 latents, 64 image tokens on the tiny models).
    ``one_resident_vs_merged`` the same with one adapter resident. Parity: each row of the N = max run
    against that row run alone on its adapter (``max_rel_err_vs_alone``; max|a - b| / max|b| over the
    latents), and the N = 1 run against the merged one (``merged_rel_err``).
-3. launch_ops: aten ops that launch work (``catfast.bench.launches``) of ONE sampler step (a 2-step run
-   minus a 1-step run: the transformer call, its row plan and the scheduler step), at 1 row: one adapter
-   unmerged (1 resident; and 16 resident) against merged weights; and ``batch`` rows on ``max(mixed)``
-   adapters. On a GPU at batch 1 each launching op is a kernel launch, and the launches decide the time.
+3. launch_ops: aten ops that launch work (``catfast.bench.launches``) of ONE sampler step (a 3-step run
+   minus a 2-step run, as Qwen-Image's scheduler gives NaN at 1 step: the transformer call, its row plan and the
+   scheduler step), at 1 row: one adapter unmerged (1 resident; and 16 resident) against merged weights; and
+   ``batch`` rows on ``max(mixed)`` adapters. On a GPU at batch 1 each launching op is a kernel launch, and the
+   launches decide the time.
 
 No diffusers baseline and no throughput phase here: diffusers' Flux/SD3/Qwen-Image pipelines call
 ``set_adapters`` like the UNet one (what the UNet bench measures), and the DiT engine runs a batch as one
@@ -118,7 +119,7 @@ def _sync() -> None:
 
 @torch.no_grad()
 def _switch(pipeline, paths, resident, reps, size, log) -> dict:
-    out = {k: {} for k in ("resident", "pool", "cold_host", "cold_disk", "step_ms", "attach_fill_s")}
+    out = {k: {} for k in ("resident", "pool", "cold_host", "cold_disk", "run_ms", "attach_fill_s")}
     for count in resident:
         tic = time.perf_counter()
         engine, _ = _engine(pipeline, paths, count)
@@ -127,7 +128,7 @@ def _switch(pipeline, paths, resident, reps, size, log) -> dict:
         names = [f"r{i}" for i in range(count)]
 
         def run(peft: str) -> None:
-            sample_flow_latents(engine.base, [PROMPT], adapters=[peft], seeds=[0], steps=1, height=size, width=size)
+            sample_flow_latents(engine.base, [PROMPT], adapters=[peft], seeds=[0], steps=2, height=size, width=size)
 
         run(pool.lookup(names[0]).meta["peft"])  # the first run patches (later ones put the cached patch back)
         times = {"resident": [], "pool": [], "step": []}
@@ -158,11 +159,11 @@ def _switch(pipeline, paths, resident, reps, size, log) -> dict:
             engine.close()
         out["resident"][count] = _median_ms(times["resident"])
         out["pool"][count] = _median_ms(times["pool"])
-        out["step_ms"][count] = _median_ms(times["step"])
+        out["run_ms"][count] = _median_ms(times["step"])
         out["cold_host"][count] = _median_ms(cold_host)
         out["cold_disk"][count] = _median_ms(cold_disk)
         log(f"switch, {count} resident: {out['resident'][count]} ms (pool {out['pool'][count]} ms), cold host "
-            f"{out['cold_host'][count]} ms, a 1-row 1-step run {out['step_ms'][count]} ms")  # fmt: skip
+            f"{out['cold_host'][count]} ms, a 1-row 2-step run {out['run_ms'][count]} ms")  # fmt: skip
     values = list(out["resident"].values())
     out["flat"] = {"max_over_min": round(max(values) / min(values), 3), "max_ms": max(values)}
     return out
@@ -251,7 +252,7 @@ def _launch_ops(engine, ctx, batch, top, log) -> dict:
             count_step(
                 lambda s=s: sample(pipe, adapters, rows_prompts=[PROMPT] * k, row_seeds=list(range(k)), n_steps=s)
             )  # fmt: skip
-            for s in (1, 2)
+            for s in (2, 3)
         ]
         return counts[1].launch_ops - counts[0].launch_ops, counts[1].host_syncs - counts[0].host_syncs
 

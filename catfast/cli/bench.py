@@ -361,7 +361,7 @@ def _echo_serve_dit(result: dict, as_json: bool) -> None:
     for count in sw["resident"]:
         click.echo(f"  switch, {count:>5} resident: {sw['resident'][count]:.3f} ms (pool {sw['pool'][count]:.3f} ms), "
                    f"cold host {sw['cold_host'][count]:.1f} ms, cold disk {sw['cold_disk'][count]:.1f} ms; a 1-row "
-                   f"1-step run {sw['step_ms'][count]:.1f} ms")  # fmt: skip
+                   f"2-step run {sw['run_ms'][count]:.1f} ms")  # fmt: skip
     click.echo(f"  sampler run, {mx['rows']} rows, {mx['steps']} steps, {mx['size']} px: "
                + ", ".join(f"{k} {v:.1f} ms" for k, v in mx["median_ms"].items()))  # fmt: skip
     click.echo(f"  ratio 16/1: {mx.get('ratio_16')}, unmerged/merged {mx['unmerged_vs_merged']} "
