@@ -145,3 +145,33 @@ def test_a_fused_dit_step_on_cuda_never_waits_for_the_device(layout):
             out.loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_adapters_with_different_targets_share_one_plan():
+    """A second adapter on 2 of the 12 Flux targets: rows [all-targets adapter, small adapter, base] in one
+    row-planned call equal each row run alone with peft (a slot adds nothing where its adapter has no layer)."""
+    from peft import LoraConfig
+
+    from catfast.integrations.peft_adapters import randomize_lora_
+    from catfast.integrations.row_call import planned_unet
+    from catfast.rows import RowPlan
+
+    family, model, base = lora_transformer("tiny-flux")
+    model.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["attn.to_q", "ff.net.2"]), adapter_name="b")
+    randomize_lora_(model, seed=9, std=0.3)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, family.latent_channels(model), 8, 8, generator=g)
+    cond, sigmas, names = family.example_cond(model, 3, 7, g), torch.tensor([0.3, 0.5, 0.7]), ["default", "b", None]
+    with torch.no_grad():
+        with planned_unet(model, names, purpose="sample") as call:
+            with call.plan_rows(RowPlan.build(call.slots(names), needs_grad=False)):
+                mixed = family.predict(model, latents, sigmas, cond)
+        for i, name in enumerate(names):
+            row = {k: v[i : i + 1] for k, v in cond.items()}
+            if name is None:
+                alone = family.predict(base, latents[i : i + 1], sigmas[i : i + 1], row)
+            else:
+                model.set_adapter(name)
+                alone = family.predict(model, latents[i : i + 1], sigmas[i : i + 1], row)
+                assert not torch.allclose(alone, family.predict(base, latents[i : i + 1], sigmas[i : i + 1], row))
+            assert_rel_close(mixed[i : i + 1], alone, 1e-5, f"row {i} ({name})")

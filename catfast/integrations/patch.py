@@ -204,8 +204,8 @@ def _unsupported(module: torch.nn.Module, slots: list[str]) -> str | None:
     ):
         return f"Conv2d with groups={base.groups}, padding={base.padding!r} ({base.padding_mode})"
     for name in slots:
-        if name not in module.lora_A:
-            return f"adapter {name!r} does not target this layer"
+        if name not in module.lora_A:  # a slot whose adapter does not target this layer adds nothing here
+            continue
         if module.use_dora.get(name):
             return "DoRA"
         if getattr(module, "lora_bias", {}).get(name):

@@ -7,6 +7,9 @@ unchanged while patched. With a row plan set on its ``PlanHolder`` it computes
 
   y[n] = base(x[n]) + plan.scales[n] * scaling[slot] * B_slot(A_slot(x[n]))      slot = plan.slots[n]
 
+(a slot whose adapter does not target this layer has scaling 0 and a zero rank-1 A and B here: adapters with
+different targets share one plan)
+
 with catfast.ops.lora.lora_linear (Linear: one launch) or catfast.ops.lora_conv.lora_conv2d (Conv2d);
 with no plan it defers to the peft layer, exactly.
 """
@@ -34,7 +37,13 @@ class RowLoraLayer(torch.nn.Module):
         self.kernel = tuple(self.base_layer.kernel_size) if self.is_conv else None
         self.__dict__["peft_layer"] = peft_layer  # not a submodule: its parameters are already ours
         self.__dict__["holder"] = holder
-        self._scaling = tuple(float(peft_layer.scaling[name]) for name in self.slot_names)
+        self._scaling = self._read_scaling()
+
+    def _read_scaling(self) -> tuple[float, ...]:
+        """Each slot's alpha / r here (0 for a slot whose adapter does not target this layer)."""
+        peft = self.peft_layer
+        self.__dict__["_targeted"] = any(name in peft.lora_A for name in self.slot_names)
+        return tuple(float(peft.scaling[name]) if name in peft.lora_A else 0.0 for name in self.slot_names)
 
     def matches(self) -> bool:
         """Whether the peft layer still has the submodules this stand-in shares (a cached patch is put
@@ -44,7 +53,7 @@ class RowLoraLayer(torch.nn.Module):
 
     def refresh(self) -> None:
         """Re-read the peft layer's scaling per slot (``set_adapters`` weights change it while unpatched)."""
-        self.__dict__["_scaling"] = tuple(float(self.peft_layer.scaling[name]) for name in self.slot_names)
+        self.__dict__["_scaling"] = self._read_scaling()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         plan = self.holder.plan
@@ -55,8 +64,8 @@ class RowLoraLayer(torch.nn.Module):
         self.holder.lora_layer_reached()
         if self.holder.shares_twins(x):
             return self.holder.twin_shared(x, lambda rows: self.forward(rows, *args, **kwargs))
-        if not plan.layout.adapter_samples:  # base rows only (the teacher call): the frozen layer, nothing else
-            return self.base_layer(x)
+        if not plan.layout.adapter_samples or not self._targeted:  # base rows only (the teacher call), or no
+            return self.base_layer(x)  # slot's adapter targets this layer: the frozen layer, nothing else
         lora_a, lora_b = self._stacked()
         if lora_a.dtype != x.dtype:  # fp32 LoRA parameters on a bf16/fp16 UNet (peft's cast_training_params)
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
@@ -82,10 +91,16 @@ class RowLoraLayer(torch.nn.Module):
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A ``[S, r, in]`` and B ``[S, out, r]`` over the slots (ranks zero-padded to the largest); views
         of the parameters when there is one slot, so gradients land on them directly."""
-        downs = [self.lora_A[name].weight.flatten(1) for name in self.slot_names]
-        ups = [self.lora_B[name].weight.flatten(1) for name in self.slot_names]
-        if len(downs) == 1:
-            return downs[0].unsqueeze(0), ups[0].unsqueeze(0)
+        present = [name for name in self.slot_names if name in self.lora_A]
+        if len(present) == len(self.slot_names) == 1:
+            name = present[0]
+            return self.lora_A[name].weight.flatten(1).unsqueeze(0), self.lora_B[name].weight.flatten(1).unsqueeze(0)
+        like_a, like_b = self.lora_A[present[0]].weight.flatten(1), self.lora_B[present[0]].weight.flatten(1)
+        downs, ups = [], []
+        for name in self.slot_names:  # an untargeting slot: zero rank-1 factors (its scaling is 0 as well)
+            present_here = name in self.lora_A
+            downs.append(self.lora_A[name].weight.flatten(1) if present_here else like_a.new_zeros(1, like_a.shape[1]))
+            ups.append(self.lora_B[name].weight.flatten(1) if present_here else like_b.new_zeros(like_b.shape[0], 1))
         r = max(d.shape[0] for d in downs)
         downs = [F.pad(d, (0, 0, 0, r - d.shape[0])) for d in downs]
         ups = [F.pad(u, (0, r - u.shape[1])) for u in ups]
