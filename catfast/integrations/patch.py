@@ -238,6 +238,13 @@ def unpatch_unet(unet: torch.nn.Module) -> PatchReport:
     return state.report
 
 
+def patched_lora_layers(unet: torch.nn.Module) -> list[RowLoraLayer]:
+    """The row-planned LoRA layers the current patch put in (none when the UNet is not patched): a list kept
+    by the patch, not a walk of the module tree (which cost serving a DiT a growing share of each run)."""
+    state = getattr(_inner(unet), _STATE, None)
+    return [] if state is None else [s for _, _, _, s in state.swaps if isinstance(s, RowLoraLayer)]
+
+
 def patch_report(unet: torch.nn.Module) -> PatchReport | None:
     """The report of the current patch, or None when the UNet is not patched."""
     state = getattr(unet, _STATE, None)

@@ -25,8 +25,7 @@ import torch
 
 from catfast.errors import CatfastError, ModelLoadError
 from catfast.integrations.families import family_of
-from catfast.integrations.patch import patch_report, patch_unet, row_plan, unpatch_unet
-from catfast.nn.row_lora import RowLoraLayer
+from catfast.integrations.patch import patch_report, patch_unet, patched_lora_layers, row_plan, unpatch_unet
 from catfast.rows import NO_ADAPTER, RowPlan
 
 _log = logging.getLogger("catfast.train")
@@ -112,8 +111,8 @@ def unplannable(unet: torch.nn.Module, report, *, check_disabled: bool = True) -
         name, why = next(iter(report.skipped.items()))
         return f"{len(report.skipped)} LoRA layer(s), e.g. {name}: {why}"
     if check_disabled:
-        for module in unet.modules():
-            if isinstance(module, RowLoraLayer) and module.peft_layer.disable_adapters:
+        for module in patched_lora_layers(unet):
+            if module.peft_layer.disable_adapters:
                 kind = _kind(unet)
                 return f"the {kind}'s adapters are disabled (disable_adapters()); call enable_adapters() first"
     return None
