@@ -110,14 +110,17 @@ def test_note_is_printed_once_after_the_command():
 
 
 def test_run_onnx_guidance_defaults_to_serves():
+    """A UNet export's guidance is serve's; the option and run_onnx leave it unset (None) so that a DiT export
+    gets its own pipeline's default (Flux 3.5 embedded, SD3 7)."""
     from catfast.cli import main
-    from catfast.export.runner import OnnxPipeline, run_onnx
+    from catfast.export.runner import UNET_GUIDANCE, OnnxPipeline, run_onnx
     from catfast.serve.requests import GenerationRequest
 
     serve_default = inspect.signature(GenerationRequest).parameters["guidance"].default
+    assert UNET_GUIDANCE == serve_default == 5.0
     option = next(p for p in main.commands["run-onnx"].params if p.name == "guidance_scale")
-    assert option.default == serve_default == 5.0
-    assert inspect.signature(run_onnx).parameters["guidance_scale"].default == 5.0
+    assert option.default is None and "5.0 (serve's)" in option.help
+    assert inspect.signature(run_onnx).parameters["guidance_scale"].default is None
     assert inspect.signature(OnnxPipeline.__call__).parameters["guidance_scale"].default == 5.0
 
 

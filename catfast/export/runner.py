@@ -245,6 +245,9 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
+UNET_GUIDANCE = 5.0  # a UNet export's default guidance: `catfast serve`'s (serve.requests.GenerationRequest)
+
+
 def run_onnx(
     model_dir: str | os.PathLike,
     prompt: str,
@@ -268,7 +271,7 @@ def run_onnx(
     A DiT export (FLUX.1 / SD3, manifest ``family``) runs through ``dit_runner.DitOnnxPipeline``: the flow
     Euler loop at the export's traced size (``height`` / ``width`` must match it when given); ``guidance_scale``
     and ``negative_prompt`` default to the family pipeline's (Flux: embedded guidance 3.5; SD3: CFG 7 with ""),
-    a UNet export's to 5.0 and ""."""
+    a UNet export's to ``UNET_GUIDANCE`` and ""."""
 
     check_output_file(out, overwrite, RunnerError)
     if steps < 1:
@@ -287,7 +290,7 @@ def run_onnx(
         prompt,
         negative_prompt="" if negative_prompt is None else negative_prompt,
         steps=steps,
-        guidance_scale=5.0 if guidance_scale is None else guidance_scale,
+        guidance_scale=UNET_GUIDANCE if guidance_scale is None else guidance_scale,
         seed=seed,
         adapter=adapter,
         height=height,
