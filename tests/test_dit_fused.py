@@ -175,3 +175,35 @@ def test_adapters_with_different_targets_share_one_plan():
                 alone = family.predict(model, latents[i : i + 1], sigmas[i : i + 1], row)
                 assert not torch.allclose(alone, family.predict(base, latents[i : i + 1], sigmas[i : i + 1], row))
             assert_rel_close(mixed[i : i + 1], alone, 1e-5, f"row {i} ({name})")
+
+
+def test_a_sampling_plan_sees_lora_weights_changed_in_place():
+    """Under no_grad the stacked slot weights are kept between calls; an in-place change of a LoRA weight (a
+    training step, a reload into the same tensor) must reach the next call."""
+    from peft import LoraConfig
+
+    from catfast.integrations.peft_adapters import randomize_lora_
+    from catfast.integrations.row_call import planned_unet
+    from catfast.rows import RowPlan
+
+    family, model, _ = lora_transformer("tiny-flux")
+    model.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["attn.to_q"]), adapter_name="b")
+    randomize_lora_(model, seed=4, std=0.3)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, family.latent_channels(model), 8, 8, generator=g)
+    cond, sigmas, names = family.example_cond(model, 2, 7, g), torch.tensor([0.4, 0.6]), ["default", "b"]
+    with torch.no_grad(), planned_unet(model, names, purpose="sample") as call:
+        plan = RowPlan.build(call.slots(names), needs_grad=False)
+        with call.plan_rows(plan):
+            before = family.predict(model, latents, sigmas, cond)
+        for name, p in model.named_parameters():
+            if ".lora_B.b." in name:
+                p.mul_(3.0)
+        with call.plan_rows(plan):
+            after = family.predict(model, latents, sigmas, cond)
+    assert torch.equal(after[:1], before[:1])  # the untouched adapter's row
+    model.set_adapter("b")
+    with torch.no_grad():
+        alone = family.predict(model, latents[1:], sigmas[1:], {k: v[1:] for k, v in cond.items()})
+    assert not torch.allclose(after[1:], before[1:])
+    assert_rel_close(after[1:], alone, 1e-5, "row of the changed adapter")
