@@ -23,11 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from catfast.errors import CatfastError
-from catfast.eval.sampler import NonFiniteLatents, _row_order, nonfinite_rows
+from catfast.eval.sampler import NonFiniteLatents, _row_order, nonfinite_rows, sampling_plan
 from catfast.integrations.families import family_of
 from catfast.integrations.row_call import planned_unet
 from catfast.integrations.schedulers import flow_sampling_scheduler
-from catfast.rows import NO_ADAPTER, RowPlan
 
 
 def sample_flow_latents(
@@ -146,11 +145,7 @@ def _sample(pipe, family, call, prompts, slots, seeds, *, steps, guidance, heigh
     cond = {k: v[rows.to(v.device)].to(device) for k, v in encoded.items()}
     if recipe.guidance == "embed":  # the guidance embedding's input, this run's value on every row
         cond["guidance"] = torch.full((len(order),), float(guidance), device=device)
-    plan = None
-    if slots[0] is not None:
-        row_slots = [slots[i] for i in order]
-        scales = [0.0 if s == NO_ADAPTER else scale for s in row_slots]
-        plan = RowPlan.build(row_slots, scales, needs_grad=False, device=device)
+    plan = sampling_plan(slots, order, scale, device)
     timesteps = scheduler.timesteps
     if progress:
         timesteps = tqdm(timesteps, desc="sampling", unit="step")

@@ -107,11 +107,7 @@ def _sample(base, call, prompts, slots, seeds, *, steps, guidance, scale, size, 
     order, identical = _row_order(slots, cfg)
     index = torch.tensor(order, device=device)
     cond = _take(cond, torch.tensor([i + (n if cfg and k >= n else 0) for k, i in enumerate(order)], device=device))
-    plan = None
-    if slots[0] is not None:
-        row_slots = [slots[i] for i in order]
-        scales = [0.0 if s == NO_ADAPTER else scale for s in row_slots]
-        plan = RowPlan.build(row_slots, scales, needs_grad=False, device=device)
+    plan = sampling_plan(slots, order, scale, device)
     timesteps = scheduler.timesteps
     if progress:
         timesteps = tqdm(timesteps, desc="sampling", unit="step")
@@ -142,6 +138,16 @@ def nonfinite_rows(latents: torch.Tensor) -> list[int]:
     """The rows of final latents ``[N, ...]`` that hold NaN or Inf. One reduction and one host read, made
     once after the last step (a check per step would synchronise the device every step)."""
     return (~torch.isfinite(latents).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+
+
+def sampling_plan(slots: list, order: list[int], scale: float, device) -> RowPlan | None:
+    """The no-grad row plan of a sampler run: rows in ``order``, each its slot (``slots[i]``) at LoRA ``scale``
+    (base rows 0); None for a model without adapters (``slots[0] is None``: no plan, plain calls)."""
+    if slots[0] is None:
+        return None
+    row_slots = [slots[i] for i in order]
+    scales = [0.0 if s == NO_ADAPTER else scale for s in row_slots]
+    return RowPlan.build(row_slots, scales, needs_grad=False, device=device)
 
 
 def _row_order(slots: list, cfg: bool) -> tuple[list[int], bool]:
