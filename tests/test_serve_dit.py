@@ -1,8 +1,9 @@
 """`catfast serve --base <tiny-flux folder> --adapters DIR` (catfast/serve/dit.py) over real loopback HTTP with
 the official OpenAI client: adapters listed, b64 PNGs per adapter, requests for different adapters in ONE batch
 (one transformer call per Euler step over all their rows) equal to each request alone, resident adapters not
-re-attached, and every bad input a 4xx (a UNet LoRA: 400 naming both families; a size off the patch grid:
-400 naming the multiple; stacking: 400; what the UNet server refuses: the same status)."""
+re-attached, stacked weighted adapters ("star:0.8+ball") equal to diffusers' FluxPipeline with both loaded by
+``load_lora_weights`` and weighted by ``set_adapters``, and every bad input a 4xx (a UNet LoRA: 400 naming both
+families; a size off the patch grid: 400 naming the multiple; what the UNet server refuses: the same status)."""
 
 import base64
 import contextlib
@@ -165,6 +166,49 @@ def test_a_request_in_a_mixed_batch_equals_it_alone_on_latents(engine):
         assert_rel_close(h.latents, alone.latents, 1e-3, model)
 
 
+def _flux_pipeline(served, loras: dict[str, float], prompt: str, seed: int, steps: int) -> torch.Tensor:
+    """diffusers' FluxPipeline on the served folder with ``loras`` {file stem: weight} loaded by
+    ``load_lora_weights`` and weighted by ``set_adapters``: final latents [1, C, h, w] (unpacked)."""
+    from diffusers import FluxPipeline
+
+    from catfast.integrations.families import family_of
+
+    pipe = FluxPipeline.from_pretrained(served[3], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for name in loras:
+        pipe.load_lora_weights(str(served[2] / f"{name}.safetensors"), adapter_name=name)
+    pipe.set_adapters(list(loras), adapter_weights=list(loras.values()))
+    out = pipe(prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, height=SIDE,
+               width=SIDE, guidance_scale=3.5, output_type="latent").images  # fmt: skip
+    side = SIDE // pipe.vae_scale_factor
+    return family_of(pipe).unpack(out, side, side)
+
+
+def test_stacked_and_weighted_adapters_share_a_batch_and_equal_diffusers(served, engine, openai_client):
+    """"star:0.8+ball" (one composite adapter of both, exact), "star:0.5", "ball" and the base in ONE batch;
+    each equals it alone, and the stacked and the weighted ones equal FluxPipeline with set_adapters weights."""
+    asks = [({"star": 0.8, "ball": 1.0}, 9), ({"star": 0.5}, 5), ({"ball": 1.0}, 5), ({}, 5)]
+
+    def submit(adapters, seed):
+        return engine.submit(GenerationRequest("a red dog", adapters=adapters, size=SIDE, steps=3, seed=seed,
+                                               guidance=3.5))  # fmt: skip
+
+    with engine._lock:
+        mixed = [submit(a, s) for a, s in asks]
+    for h in mixed:
+        h.result(60)
+    assert [h.peak_batch for h in mixed] == [4] * 4  # weights and stacks no longer split a batch
+    for h, (adapters, seed) in zip(mixed, asks):
+        alone = submit(adapters, seed)
+        alone.result(60)
+        assert_rel_close(h.latents, alone.latents, 1e-3, str(adapters))
+    assert_rel_close(mixed[0].latents, _flux_pipeline(served, asks[0][0], "a red dog", 9, 3), 1e-4, "stacked")
+    assert_rel_close(mixed[1].latents, _flux_pipeline(served, asks[1][0], "a red dog", 5, 3), 1e-4, "weighted")
+    stacked = _generate(openai_client, "star:0.8+ball")[0]  # the same through the official client
+    assert (stacked != _generate(openai_client, "star")[0]).any() and (stacked != _generate(openai_client, "ball")[0]).any()
+    assert len(engine.scheduler.pool.stacks) >= 1  # the composite stays attached for the next request of that mix
+
+
 # what the UNet server refuses, refused the same way; and what only a DiT base refuses
 REFUSED = [
     ({"prompt": ""}, 400, "prompt"),
@@ -184,7 +228,6 @@ REFUSED = [
     ({"prompt": "a star", "guidance": 3}, 400, "unknown field"),
     ({"prompt": "a star", "size": "18x16"}, 400, "multiple of 4: the VAE's factor 2 x the flux transformer's 2x2"),
     ({"prompt": "a star", "size": "1024x1024"}, 400, "between 4 and 512"),
-    ({"prompt": "a star", "model": "star+ball:0.5"}, 400, "one adapter per request"),
     ({"prompt": "a star", "scheduler": "ddim"}, 400, "flow-matching Euler"),
     ({"prompt": "a star", "scheduler": "lms"}, 400, "scheduler"),
 ]

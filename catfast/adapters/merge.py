@@ -74,6 +74,19 @@ def resolve_targets(
 MAX_UPDATE_RATIO = 100.0
 
 
+def stack_layers(parts: list[tuple[LoraLayer, float]]) -> LoraLayer:
+    """One LoRA layer whose update is the weighted sum of ``parts`` ``(layer, weight)`` on one module:
+    ``sum_i weight_i * scale_i * up_i @ down_i``, exactly (no SVD): the downs stacked along the rank,
+    ``[sum r_i, in]``, the ups side by side with each part's weight and scale folded in, ``[out, sum r_i]``,
+    and alpha = the summed rank (scale 1). What a row-planned layer needs to give one row several adapters."""
+    if not parts:
+        raise ValueError("stack_layers needs at least one (layer, weight) pair")
+    dtype = parts[0][0].up.dtype
+    down = torch.cat([layer.down.to(dtype) for layer, _ in parts])
+    up = torch.cat([layer.up.to(dtype) * (w * layer.scale) for layer, w in parts], dim=1)
+    return LoraLayer(down, up, alpha=float(down.shape[0]))
+
+
 def update_ratio(layer: LoraLayer, weight_norm: float) -> float:
     """||scale * up @ down||_F / ``weight_norm`` (the Frobenius norm of the weight the layer modifies; inf
     when that is zero and the update is not). Computed from the r x r Gram matrices in float64 on the CPU,

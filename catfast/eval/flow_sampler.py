@@ -40,7 +40,7 @@ def sample_flow_latents(
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | None = None,
-    scale: float = 1.0,
+    scale: float | list[float] = 1.0,
     max_sequence_length: int | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -53,7 +53,8 @@ def sample_flow_latents(
     Flux's embedded guidance, SD3's CFG scale, Qwen-Image's ``true_cfg_scale`` (None: the pipeline's default;
     CFG families run cond rows only when <= 1); height, width: pixels, multiples of ``vae_scale_factor * 2``
     (default: the pipeline's); negative_prompt: the uncond caption of CFG families (default: the pipeline's,
-    "" for SD3, " " for Qwen-Image); scale: LoRA scale of every adapter row; max_sequence_length: text tokens
+    "" for SD3, " " for Qwen-Image); scale: LoRA scale of every adapter row, or one per sample (a server's requests
+    ask for different weights); max_sequence_length: text tokens
     (default: the pipeline's). The transformer is patched for the call when it was not (and unpatched after)."""
     n = len(prompts)
     if isinstance(prompts, str) or len(adapters) != n or len(seeds) != n:
@@ -67,6 +68,8 @@ def sample_flow_latents(
         raise CatfastError(f"{family.name} is not a flow-matching transformer family; use catfast.eval.sampler")
     model = pipe.transformer
     configs = getattr(model, "peft_config", None) or {}
+    if not isinstance(scale, (int, float)) and len(scale) != n:
+        raise CatfastError(f"scale: one per sample ({n}), got {len(scale)}")
     missing = [a for a in adapters if a is not None and a not in configs]
     if missing:
         raise CatfastError(f"the transformer has no adapter named {missing[0]!r} (it has {list(configs) or 'none'})")
@@ -170,6 +173,11 @@ def _sample(pipe, family, call, prompts, slots, seeds, *, steps, guidance, heigh
         raise NonFiniteLatents(
             f"sampling ended with NaN/Inf latents in {len(bad)} of {n} rows (prompt {prompts[bad[0]]!r}): no picture "
             f"to decode. Likely causes: guidance {guidance:g} too high, an adapter out of proportion to the base "
-            f"(LoRA scale {scale:g}), or a base model whose weights hold NaN/Inf"
+            f"(LoRA scale {_scale_at(scale, bad[0]):g}), or a base model whose weights hold NaN/Inf"
         )
     return latents
+
+
+def _scale_at(scale: float | list[float], i: int) -> float:
+    """Sample ``i``'s LoRA scale (``scale`` is one for all samples or one per sample)."""
+    return float(scale) if isinstance(scale, (int, float)) else float(scale[i])

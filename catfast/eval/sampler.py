@@ -140,13 +140,15 @@ def nonfinite_rows(latents: torch.Tensor) -> list[int]:
     return (~torch.isfinite(latents).flatten(1).all(dim=1)).nonzero().flatten().tolist()
 
 
-def sampling_plan(slots: list, order: list[int], scale: float, device) -> RowPlan | None:
+def sampling_plan(slots: list, order: list[int], scale: float | list[float], device) -> RowPlan | None:
     """The no-grad row plan of a sampler run: rows in ``order``, each its slot (``slots[i]``) at LoRA ``scale``
-    (base rows 0); None for a model without adapters (``slots[0] is None``: no plan, plain calls)."""
+    (one for every sample, or ``scale[i]`` per sample; base rows 0); None for a model without adapters
+    (``slots[0] is None``: no plan, plain calls)."""
     if slots[0] is None:
         return None
+    per_sample = [float(scale)] * len(slots) if isinstance(scale, (int, float)) else [float(x) for x in scale]
+    scales = [0.0 if slots[i] == NO_ADAPTER else per_sample[i] for i in order]
     row_slots = [slots[i] for i in order]
-    scales = [0.0 if s == NO_ADAPTER else scale for s in row_slots]
     return RowPlan.build(row_slots, scales, needs_grad=False, device=device)
 
 

@@ -9,8 +9,8 @@ What differs, here:
   (``catfast.eval.flow_sampler.sample_flow_latents``): each Euler step is ONE transformer call over the
   rows of every request in the batch, whatever adapter each uses, and each row equals the family's
   diffusers pipeline run for it alone. Requests share a batch when they agree on size, steps, guidance
-  and negative prompt (``batch_key``) and adapter weight (the sampler has one LoRA scale per run;
-  base-model requests join any); others wait for the next batch. Unlike a UNet
+  and negative prompt (``batch_key``), whatever their adapters and weights; others wait for the next batch.
+  Unlike a UNet
   server, a request that arrives while a batch runs does not join it at a step boundary, and a
   cancellation or a timeout takes effect between batches.
 - the adapters (``DitAdapterPool``): a resident adapter is a peft adapter attached to the transformer
@@ -19,7 +19,11 @@ What differs, here:
   on the same modules, so an adapter is attached padded with rank-1 zero layers (an exactly-zero update)
   on the modules the others target; one that targets a module no resident adapter does makes the pool
   attach the resident ones again once, with the wider padding.
-- one adapter per request, at any weight (the row plan gives a row one adapter; stacking is refused, 400).
+- weights and stacks: each row has its own LoRA scale, so requests at different weights share a batch. The row
+  plan gives a row one adapter, so a request stacking several (``a:0.8+b``) gets one composite peft adapter:
+  the parts' LoRA factors side by side with their weights folded in (``adapters.merge.stack_layers``, exact,
+  rank = the summed ranks), attached once per mix and kept for the next request with the same mix
+  (``STACK_CACHE`` mixes, LRU; dropped when a part leaves the device or the padding widens).
 - image k of a request with seed s is the pipeline's image for seed s + k (each row's noise comes from
   its own generator, as the pipeline draws it for one image).
 - an adapter file of another family (a UNet LoRA, or a transformer LoRA whose module names say another
@@ -31,13 +35,14 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from catfast.adapters.adapter import LoraAdapter, LoraLayer, guess_family, layer_key
 from catfast.adapters.formats import read_adapter
-from catfast.adapters.merge import resolve_targets
+from catfast.adapters.merge import resolve_targets, stack_layers
 from catfast.errors import ModelLoadError
 from catfast.eval.flow_sampler import sample_flow_latents
 from catfast.eval.sampler import NonFiniteLatents
@@ -51,6 +56,7 @@ from catfast.serve.scan import one_line
 from catfast.serve.scheduler import Job, StepScheduler, nonfinite_error
 
 COMPONENT = "transformer"
+STACK_CACHE = 8  # composite adapters of stacked requests kept attached (each costs its summed rank)
 
 
 def flow_family(base):
@@ -119,6 +125,7 @@ class DitAdapterPool(AdapterPool):
         self._modules = _Modules(transformer)
         self.padding: set[str] = set()  # the modules every attached adapter targets (padded with zeros)
         self._ids = itertools.count()
+        self.stacks: OrderedDict[tuple, str] = OrderedDict()  # ((peft name, weight), ...) -> composite peft name
 
     def _read(self, path: Path) -> tuple[dict, dict]:
         adapter = read_adapter(path)
@@ -148,6 +155,7 @@ class DitAdapterPool(AdapterPool):
         try:
             if not self.padding.issuperset(entry.layers):
                 self.padding |= set(entry.layers)
+                self.drop_stacks()  # they lack the new modules
                 for other in [e for e in self.slots if e is not None]:  # once, with the wider padding
                     peft = other.meta["peft"]
                     attached = extract_adapter(self.unet, peft, COMPONENT).component(COMPONENT)
@@ -171,7 +179,32 @@ class DitAdapterPool(AdapterPool):
         attach_adapter(self.unet, adapter, peft, component=COMPONENT)
         entry.meta["peft"] = peft
 
+    def stacked(self, parts: list[tuple[Entry, float]]) -> str:
+        """The peft name of a composite adapter equal to ``parts`` (resident entries, weights) applied together
+        (module docstring), attached on first use. Only between transformer calls."""
+        key = tuple(sorted((e.meta["peft"], float(w)) for e, w in parts))
+        name = self.stacks.get(key)
+        if name is not None:
+            self.stacks.move_to_end(key)
+            return name
+        layers = [(extract_adapter(self.unet, peft, COMPONENT).component(COMPONENT), w) for peft, w in key]
+        adapter = LoraAdapter(
+            {layer_key(COMPONENT, m): stack_layers([(own[m], w) for own, w in layers]) for m in self.padding}
+        )
+        name = f"stack_{next(self._ids)}"
+        attach_adapter(self.unet, adapter, name, component=COMPONENT)
+        self.stacks[key] = name
+        while len(self.stacks) > STACK_CACHE:
+            self.unet.delete_adapters([self.stacks.popitem(last=False)[1]])
+        return name
+
+    def drop_stacks(self, peft: str | None = None) -> None:
+        """Detach the composite adapters that hold ``peft`` (None: all of them)."""
+        for key in [k for k in self.stacks if peft is None or any(p == peft for p, _ in k)]:
+            self.unet.delete_adapters([self.stacks.pop(key)])
+
     def _evict(self, entry: Entry) -> None:
+        self.drop_stacks(entry.meta["peft"])
         self.unet.delete_adapters([entry.meta.pop("peft")])
         self.slots[entry.slot] = None
         self.resident_lru.pop(id(entry), None)
@@ -179,6 +212,7 @@ class DitAdapterPool(AdapterPool):
 
     def close(self) -> None:
         """Detach every adapter: the transformer computes what it did before the pool."""
+        self.drop_stacks()
         for entry in [e for e in self.slots if e is not None]:
             self._evict(entry)
         self.padding.clear()
@@ -194,11 +228,6 @@ class DitScheduler(StepScheduler):
         self.family = family
 
     def check(self, request: GenerationRequest) -> None:
-        if len(request.adapters) > 1:
-            raise BadRequest(
-                f"model names {len(request.adapters)} adapters, but a {self.family.name} base applies one adapter "
-                "per request (the row plan gives each image one adapter): ask for one adapter, at any weight"
-            )
         if request.scheduler not in self.samplers:
             raise BadRequest(
                 f"scheduler {request.scheduler!r}: a {self.family.name} base samples with its pipeline's "
@@ -209,10 +238,15 @@ class DitScheduler(StepScheduler):
         req = job.request
         return job.size, req.steps, req.guidance, req.negative_prompt
 
-    @staticmethod
-    def _adapter(job: Job) -> tuple[Entry | None, float | None]:
-        """(the job's adapter, its weight), or (None, None) for the base model (weight 0 included)."""
-        return next(((e, w) for e, w in job.entries if w != 0.0), (None, None))
+    def _adapter(self, job: Job) -> tuple[str | None, float]:
+        """(the peft adapter of the job's rows, their LoRA scale): (None, 0) for the base model (weight 0
+        included), the adapter and its weight for one, a composite (``DitAdapterPool.stacked``) at 1 for several."""
+        parts = [(e, w) for e, w in job.entries if w != 0.0]
+        if not parts:
+            return None, 0.0
+        if len(parts) == 1:
+            return parts[0][0].meta["peft"], float(parts[0][1])
+        return self.pool.stacked(parts), 1.0
 
     def start(self, job: Job) -> None:
         """Nothing to prepare before the batch runs (the sampler encodes the prompts and draws the noise)."""
@@ -222,28 +256,25 @@ class DitScheduler(StepScheduler):
     @torch.no_grad()
     def step(self, jobs: list[Job]) -> list[Job]:
         """Every denoising step of ``jobs`` (one ``batch_key``) as one flow-sampler run: one transformer call
-        per step over all their rows. The sampler has one LoRA scale per run: the jobs whose adapter has the
-        oldest adapter job's weight run, with every base-model job; returns those (done), the others run
-        next. A batch with NaN/Inf latents runs again one request at a time, so only the request that caused
-        it fails (NonFiniteOutput at decode)."""
+        per step over all their rows, each row at its request's adapter (or composite of stacked adapters)
+        and weight; returns ``jobs`` (all done). A batch with NaN/Inf latents runs again one request at a
+        time, so only the request that caused it fails (NonFiniteOutput at decode)."""
         jobs = sorted(jobs, key=lambda j: j.order)
-        weight = next((w for w in (self._adapter(j)[1] for j in jobs) if w is not None), None)
-        jobs = [j for j in jobs if self._adapter(j)[1] in (None, weight)]
         width, height = jobs[0].size
         req = jobs[0].request
-        prompts, adapters, seeds = [], [], []
+        prompts, adapters, seeds, scales = [], [], [], []
         for job in jobs:
-            entry, _ = self._adapter(job)
+            peft, weight = self._adapter(job)
             n = job.request.n
             prompts += [job.request.prompt] * n
-            adapters += [None if entry is None else entry.meta["peft"]] * n
+            adapters += [peft] * n
+            scales += [weight] * n
             seeds += [job.seed + k for k in range(n)]
         tic = time.perf_counter()
         try:
             latents = sample_flow_latents(
                 self.base, prompts, adapters=adapters, seeds=seeds, steps=req.steps, guidance=req.guidance,
-                height=height, width=width, negative_prompt=req.negative_prompt or None,
-                scale=1.0 if weight is None else weight,
+                height=height, width=width, negative_prompt=req.negative_prompt or None, scale=scales,
             )  # fmt: skip
         except NonFiniteLatents:
             if len(jobs) > 1:

@@ -259,7 +259,7 @@ class Engine:
             request.steps = self.defaults["steps"]
         if request.scheduler is None:
             request.scheduler = self.scheduler.samplers[0]
-        self.scheduler.check(request)  # what this kind of base cannot run (a DiT: stacked adapters, ...)
+        self.scheduler.check(request)  # what this kind of base cannot run (a DiT: a sampler other than euler)
         if request.steps > self.max_steps:
             raise BadRequest(f"steps must be at most {self.max_steps}, got {request.steps}")
         if request.n > self.max_n:
