@@ -24,6 +24,11 @@ def model_path(root: str | os.PathLike | None = None) -> Path:
     return Path(root or ASSETS) / "model"
 
 
+def dit_model_path(root: str | os.PathLike | None = None) -> Path:
+    """The demo's Flux-style DiT base (a FluxPipeline folder; catfast/demo/dit_pretrain.py made it)."""
+    return Path(root or ASSETS) / "dit_model"
+
+
 def encoder_path(root: str | os.PathLike | None = None) -> Path:
     return Path(root or ASSETS) / "encoder.safetensors"
 

@@ -25,6 +25,14 @@ from catfast.cli.base import _THREADS_HELP, DEMO_THREADS, DEMO_TIME, _friendly, 
     type=click.IntRange(min=1),
     help=f"{_THREADS_HELP}; the demo's models are tiny, and on a busy CPU extra threads spin against other work.",
 )
+@click.option(
+    "--model",
+    "model_kind",
+    default="unet",
+    show_default=True,
+    type=click.Choice(["unet", "dit"]),
+    help="The demo base: the UNet, or the Flux-style diffusion transformer (double- and single-stream blocks).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object on the last line.")
 @click.option(
     "--compare",
@@ -32,11 +40,15 @@ from catfast.cli.base import _THREADS_HELP, DEMO_THREADS, DEMO_TIME, _friendly, 
     "(docs/retention.md; several times the default run's time). [default: plain LoRA vs CAT only]",
 )
 @_friendly
-def demo_command(out: str, overwrite: bool, seed: int, seeds: int, threads: int, as_json: bool, compare) -> None:
+def demo_command(
+    out: str, overwrite: bool, seed: int, seeds: int, threads: int, model_kind: str, as_json: bool, compare
+) -> None:
     """`catfast demo` (help text above: it names DEMO_TIME, the time README.md states too)."""
     from catfast.demo.run import demo_summary, format_table, run_demo  # lazy: startup
 
     _set_threads(threads, DEMO_THREADS)
+    if compare is not None and model_kind != "unet":
+        raise click.UsageError("--compare runs on the UNet demo base only; drop --compare or --model dit")
     if compare is not None:
         from catfast.demo.compare import format_compare, parse_methods, run_compare, summary  # lazy: startup
 
@@ -49,7 +61,9 @@ def demo_command(out: str, overwrite: bool, seed: int, seeds: int, threads: int,
         if as_json:
             click.echo(json.dumps(summary(result)))
         return
-    result = run_demo(out, seed=seed, seeds=seeds, overwrite=overwrite, progress=not as_json, log=click.echo)
+    result = run_demo(
+        out, seed=seed, seeds=seeds, overwrite=overwrite, progress=not as_json, log=click.echo, model_kind=model_kind
+    )
     click.echo(format_table(result))
     click.echo(f"grid: {result['grid']}  ({result['seconds']:.0f} s in all)")
     if as_json:

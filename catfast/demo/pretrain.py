@@ -94,6 +94,15 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def update(loss: torch.Tensor, opt, sched, params) -> None:
+    """One optimizer step on ``loss``: backward, gradients clipped to norm 1, the step and the lr schedule's."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def train_vae(vae, pool: torch.Tensor, *, steps: int, batch: int, lr: float, seed: int, log=print) -> float:
     """Autoencoder training: L1 + MSE reconstruction of the posterior sample + 1e-6 KL. Returns the final
     scaling factor (1 / std of the latent means over the pool)."""
@@ -167,11 +176,7 @@ def train_unet(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         pred = unet(scheduler.add_noise(z0, noise, t), t, encode(c)).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        update(loss, opt, sched, params)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step}: loss {ema:.4f} ({time.perf_counter() - t0:.0f} s)")

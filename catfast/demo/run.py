@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from catfast.adapters.formats import read_adapter
-from catfast.demo import world
+from catfast.demo import dit_run, world
 from catfast.demo.encoder import concept_accuracy, load_encoder
 from catfast.errors import CatfastError
 from catfast.eval.grids import save_grid
@@ -36,7 +36,7 @@ from catfast.eval.sampler import sample_images
 from catfast.folders import ensure_writable_folder, write_atomic
 from catfast.integrations.models import load_base
 from catfast.integrations.peft_adapters import attach_adapter
-from catfast.shipped import check_assets, encoder_path, model_path
+from catfast.shipped import check_assets, dit_model_path, encoder_path, model_path
 from catfast.train.config import TrainConfig
 from catfast.train.trainer import train
 
@@ -55,6 +55,7 @@ PROMPTS = (
 TRAIN = dict(rank=16, lr=1e-3, steps=300, batch_size=4, crop_variants=1, max_grad_norm=1.0)
 SAMPLE = dict(steps=20, guidance=5.0)
 METHODS = ("plain", "cat")
+MODELS = ("unet", "dit")  # the shipped demo bases: the UNet (model/) and the Flux-style DiT (dit_model/)
 
 
 def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -75,12 +76,16 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
-def prepare(out: str | os.PathLike, overwrite: bool, assets: str | os.PathLike | None):
+def prepare(out: str | os.PathLike, overwrite: bool, assets: str | os.PathLike | None, model: str = "unet"):
     """Before any training: ``out`` checked (``check_out``), the assets checked, and the concept's pictures
-    written to ``out/concept``; returns (out, model folder, attribute encoder, concept pictures)."""
+    written to ``out/concept``; returns (out, model folder, attribute encoder, concept pictures). ``model``:
+    "unet" (the demo's UNet base) or "dit" (its DiT base)."""
+    if model not in MODELS:
+        raise CatfastError(f"unknown demo model {model!r}; choose one of {', '.join(MODELS)}")
     out = check_out(out, overwrite)
     check_assets(assets)
-    return out, model_path(assets), load_encoder(encoder_path(assets)), write_concept(out / "concept")
+    folder = model_path(assets) if model == "unet" else dit_model_path(assets)
+    return out, folder, load_encoder(encoder_path(assets)), write_concept(out / "concept")
 
 
 def write_concept(folder: Path, n: int = 5) -> list:
@@ -95,7 +100,7 @@ def write_concept(folder: Path, n: int = 5) -> list:
     return images
 
 
-def _train(method: str, model: Path, concept: Path, out: Path, seed: int, steps: int, progress: bool):
+def _train(method: str, model: Path, concept: Path, out: Path, seed: int, steps: int, progress: bool, **extra):
 
     config = TrainConfig(
         base=str(model),
@@ -108,6 +113,7 @@ def _train(method: str, model: Path, concept: Path, out: Path, seed: int, steps:
         checkpoint_every=0,
         device="cpu",
         **{**TRAIN, "steps": steps},
+        **extra,
     )
     return train(config, overwrite=True, progress=progress)
 
@@ -138,26 +144,31 @@ def run_demo(
     assets: str | os.PathLike | None = None,
     progress: bool = True,
     log=print,
+    model_kind: str = "unet",
 ) -> dict:
     """Run the demo (module docstring) in ``out``; returns {"plain": {...}, "cat": {...}, "base":
     {"diversity": ...}, "seconds": total, "grid": path, ...}. ``seed``: the training seed of both
     adapters; ``seeds``: sampling seeds 0..seeds-1; ``overwrite``: run in an ``out`` that holds files
     (otherwise refused before any work); ``assets``: the folder of the demo model and encoder
-    (default: the shipped one), checked first."""
+    (default: the shipped one), checked first; ``model_kind``: "unet" or "dit" (``catfast.demo.dit_run``:
+    the same comparison on the Flux-style demo base, sampled by the flow sampler)."""
 
     t0 = time.perf_counter()
-    out, model, encoder, references = prepare(out, overwrite, assets)
+    out, model, encoder, references = prepare(out, overwrite, assets, model_kind)
+    sample = _sample_blocks if model_kind == "unet" else dit_run.sample_blocks
     results: dict = {}
     adapters: dict[str, Path] = {}
     for method in METHODS:
         log(f"training {'plain LoRA (cat_weight 0)' if method == 'plain' else 'CAT (cat_weight 1)'}: {steps} steps")
-        result = _train(method, model, out / "concept", out, seed, steps, progress)
+        # a FluxPipeline folder has no native size (the pipeline's default is 512 px): the world's
+        extra = {} if model_kind == "unet" else {"resolution": world.SIDE}
+        result = _train(method, model, out / "concept", out, seed, steps, progress, **extra)
         adapters[method] = result.adapters[world.TRIGGER]
         results[method] = {"train_seconds": round(result.seconds, 1)}
 
     log(f"sampling {len(prompts)} prompts x {seeds} seeds from base, plain and CAT")
     pairs = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
-    images = _sample_blocks(model, adapters, prompts, pairs, sample_steps, progress)
+    images = sample(model, adapters, block_rows(prompts, pairs), sample_steps, progress)
     _score(results, encoder, images, references, prompts, pairs)
     grid = _grid(images, prompts, pairs, seeds, out / "grid.png")
     results.update(
@@ -168,7 +179,8 @@ def run_demo(
             seeds=seeds,
             prompts=list(prompts),
             train={**TRAIN, "steps": steps},
-            sample={**SAMPLE, "steps": sample_steps},
+            sample={**(SAMPLE if model_kind == "unet" else dit_run.SAMPLE), "steps": sample_steps},
+            model=model_kind,
         ),
     )
     write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
@@ -180,17 +192,22 @@ def run_demo(
 BLOCKS = ("base", "plain-", "plain+", "cat-", "cat+")
 
 
-def _sample_blocks(model: Path, adapters: dict[str, Path], prompts, pairs, sample_steps: int, progress: bool):
-    """The pictures of every block (``BLOCKS``), in one batched sampler run over the base with both adapters."""
+def block_rows(prompts, pairs) -> list[tuple[str | None, str, int]]:
+    """(adapter or None, prompt, seed) of every row of every block (``BLOCKS``), block after block."""
+    rows = [(None, prompts[p], s) for p, s in pairs]
+    for method in METHODS:
+        rows += [(method, prompts[p], s) for p, s in pairs]
+        rows += [(method, with_trigger(prompts[p], world.TRIGGER), s) for p, s in pairs]
+    return rows
+
+
+def _sample_blocks(model: Path, adapters: dict[str, Path], rows, sample_steps: int, progress: bool):
+    """The pictures of ``rows`` (``block_rows``), in one batched sampler run over the base with both adapters."""
     base = load_base(model)
     with warnings.catch_warnings():  # peft warns that a second adapter makes the model multi-adapter: intended
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for method, path in adapters.items():
             attach_adapter(base.unet, read_adapter(path, models={"unet": base.unet}), method)
-    rows = [(None, prompts[p], s) for p, s in pairs]
-    for method in METHODS:
-        rows += [(method, prompts[p], s) for p, s in pairs]
-        rows += [(method, with_trigger(prompts[p], world.TRIGGER), s) for p, s in pairs]
     return sample_images(
         base,
         [r[1] for r in rows],

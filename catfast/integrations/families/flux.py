@@ -91,10 +91,16 @@ class FluxFamily(DenoiserFamily):
     unpack = staticmethod(unpack)
 
     def encode_prompt(self, pipe, captions: list[str], *, max_sequence_length: int | None = None) -> Cond:
-        length = max_sequence_length or self.max_sequence_length
+        length = max_sequence_length or self.text_length(pipe)
         with pipeline_warnings(pipe):
             embeds, pooled, _ = pipe.encode_prompt(list(captions), prompt_2=None, max_sequence_length=length)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def text_length(self, pipe) -> int:
+        """T5 tokens of a caption: FLUX.1's 512, or the pipeline's ``tokenizer_2.model_max_length`` where shorter
+        (the demo DiT's 16: its captions are a dozen words, and 512 padded tokens cost 16x the step)."""
+        own = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+        return min(self.max_sequence_length, own) if isinstance(own, int) and own > 0 else self.max_sequence_length
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         b, _, h, w = latents.shape
