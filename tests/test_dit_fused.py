@@ -62,6 +62,39 @@ def test_fused_equals_reference(name, layout):
     assert patch_report(model) is None  # the temporary patch was undone
 
 
+@pytest.mark.parametrize("layout", ["one-call", "teacher-first"])
+@pytest.mark.parametrize("name", NAMES)
+def test_held_prompt_groups_fused_equal_reference(name, layout):
+    """Two more held groups (``preserve``: an extra CAT prompt at 0.35, a kept adapter's prompt at 1.0) ride in
+    the same calls; each term, the loss and the LoRA gradients equal the reference's, and each term is the
+    reference MSE of its own group (a group's rows swapped with another's would change it)."""
+    family, model, _ = lora_transformer(name)
+    _trainable(model)
+    latents, noise, sigmas, cond, stripped = _batch(family, model, 2, seed=3)
+    g = torch.Generator().manual_seed(4)
+    extra = family.example_cond(model, 2, 6 if family.name == "qwenimage" else 7, g)
+    kept = family.example_cond(model, 2, 7, g)
+    runs = {}
+    for mode, lay in (("reference", "one-call"), ("fused", layout)):
+        for p in model.parameters():
+            p.grad = None
+        out = flow_cat_loss(family, model, latents, noise, sigmas, cond, stripped, cat_weight=0.7,
+                            preserve=[(extra, 0.35), (kept, 1.0)], mode=mode, layout=lay)  # fmt: skip
+        out.loss.backward()
+        runs[mode] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (ref, ref_grads), (fused, fused_grads) = runs["reference"], runs["fused"]
+    assert len(ref.preserved) == 2 and all(t > 0 for t in ref.preserved)
+    assert abs(float(ref.preserved[0] - ref.preserved[1])) > 1e-3 * float(ref.preserved[1])  # distinct groups
+    want = ref.ldm + 0.7 * ref.cat + 0.35 * ref.preserved[0] + ref.preserved[1]
+    assert_rel_close(ref.loss.detach(), want, 1e-6, "reference loss = its terms")
+    assert_rel_close(fused.loss, ref.loss, 1e-5, "loss")
+    for i in range(2):
+        assert_rel_close(fused.preserved[i], ref.preserved[i], 1e-5, f"group {i}")
+    assert sorted(fused_grads) == sorted(ref_grads) and ref_grads
+    for n, grad in ref_grads.items():
+        assert_rel_close(fused_grads[n], grad, 1e-5, n)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fused_issues_fewer_launching_ops_and_no_host_sync(name):
     family, model, _ = lora_transformer(name)

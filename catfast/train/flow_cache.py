@@ -47,9 +47,10 @@ class FlowDataset:
     the family returned as None (Qwen-Image's ``prompt_embeds_mask`` for an unpadded caption)."""
 
     def __init__(self, examples: list[Example], plans: list[ImagePlan], entries: list[_FlowEntry], digests,
-                 optional: set[str]):  # fmt: skip
+                 optional: set[str], prompt_conds: list[dict] = ()):  # fmt: skip
         self.examples, self.plans, self.entries = list(examples), list(plans), list(entries)
         self.digests, self.optional = list(digests), set(optional)
+        self.prompt_conds = list(prompt_conds)  # one condition dict per held prompt (``build_flow_cache(prompts=)``)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -68,6 +69,11 @@ class FlowDataset:
         latents = torch.stack([self.entries[e].latents[v] for e, v in keys]).to(device)
         cond = self._stack([r.cond for r in rows], device, dtype)
         return latents, cond, self._stack([r.cond_stripped for r in rows], device, dtype)
+
+    def prompt_batch(self, indices: list[int], device, dtype) -> dict:
+        """The condition of held prompts ``indices`` (into ``build_flow_cache``'s ``prompts``), one row each, on
+        ``device``, stacked (and padded) as ``batch`` stacks captions."""
+        return self._stack([self.prompt_conds[i] for i in indices], device, dtype)
 
     def _stack(self, conds: list[dict], device, dtype) -> dict:
         """Rows stacked per key. Rows of one key that differ in length (Qwen-Image's captions) are zero-padded
@@ -91,8 +97,10 @@ class FlowDataset:
 
 
 def build_flow_cache(folder: Path, family: DenoiserFamily, examples: list[Example], config: TrainConfig,
-                     cache_dir: Path, device: torch.device, progress: bool):  # fmt: skip
-    """(FlowDataset, the names of the freed encoders with weak references to them).
+                     cache_dir: Path, device: torch.device, progress: bool, prompts: list[str] = ()):  # fmt: skip
+    """(FlowDataset, the names of the freed encoders with weak references to them). ``prompts``: held prompts
+    (extra CAT prompts, kept adapters' prompts) encoded too, one per call, into ``FlowDataset.prompt_conds``
+    (not cached on disk: they load the text encoders in every run that has them).
 
     Every image is read and planned before any encoder loads (a small or unreadable image fails first). An
     entry's file is ``cache_dir/<key>.safetensors``, key = sha256 of (format, `_model_identity`, the image's
@@ -137,6 +145,15 @@ def build_flow_cache(folder: Path, family: DenoiserFamily, examples: list[Exampl
         optional |= none_keys
         entries.append(entry)
         seen[path] = entry
+    prompt_conds = []
+    if prompts:
+        if pipe is None:
+            pipe = type(light).from_pretrained(folder, local_files_only=True, transformer=None, vae=light.vae)
+            pipe.to(device)
+        for prompt in prompts:
+            cond, none_keys = _encode_caption(pipe, family, prompt)
+            optional |= none_keys
+            prompt_conds.append(cond)
     freed = []  # drop every encoder: the pipelines are the only holders, so they are collected here
     for p in (pipe, light):
         for name in (*encoders, "vae"):
@@ -148,7 +165,8 @@ def build_flow_cache(folder: Path, family: DenoiserFamily, examples: list[Exampl
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    dataset = FlowDataset([p[0] for p in planned], [p[1] for p in planned], entries, [p[2] for p in planned], optional)
+    dataset = FlowDataset([p[0] for p in planned], [p[1] for p in planned], entries, [p[2] for p in planned], optional,
+                          prompt_conds)  # fmt: skip
     return dataset, list(dict(freed).items())
 
 
@@ -179,12 +197,17 @@ def _encode(pipe, family: DenoiserFamily, example: Example, plan: ImagePlan, dig
     pixels = render(load_image(example.image, data), plan).to(pipe.vae.device)
     generator = torch.Generator().manual_seed(int(digest[:15], 16))  # the image's own sample, in every run
     latents = family.encode_latents(pipe.vae, pixels, generator=generator).float().cpu()
-    conds, none_keys = [], set()
-    for caption in (example.caption, example.caption_stripped):
-        cond = family.encode_prompt(pipe, [caption])  # one caption a call: no padding between captions
-        none_keys |= {k for k, v in cond.items() if v is None}
-        conds.append({k: v[0].float().cpu() for k, v in cond.items() if v is not None})
-    return _FlowEntry(latents, conds[0], conds[1]), none_keys
+    cond, none_a = _encode_caption(pipe, family, example.caption)
+    stripped, none_b = _encode_caption(pipe, family, example.caption_stripped)
+    return _FlowEntry(latents, cond, stripped), none_a | none_b
+
+
+@torch.no_grad()
+def _encode_caption(pipe, family: DenoiserFamily, caption: str) -> tuple[dict, set[str]]:
+    """(one caption's condition dict, fp32 on the CPU, without its None keys; those keys). One caption a call:
+    no padding between captions."""
+    cond = family.encode_prompt(pipe, [caption])
+    return {k: v[0].float().cpu() for k, v in cond.items() if v is not None}, {k for k, v in cond.items() if v is None}
 
 
 def _write_entry(path: Path, entry: _FlowEntry, none_keys: set[str], example: Example) -> None:

@@ -6,7 +6,8 @@ sigma (each sample its own sigma in (0, 1]):
   target = noise - x0                                                  the rectified-flow velocity
   L_LDM  = mean_b w_b mse_b(v_{W+dW}(x_t, sigma, c ), target)           adapter, trigger caption
   L_CAT  = mean_b w_b mse_b(v_{W+dW}(x_t, sigma, c-), sg(v_W(x_t, sigma, c-)))   adapter vs frozen base
-  L      = L_LDM + cat_weight * L_CAT
+  L      = L_LDM + cat_weight * L_CAT + sum_k w_k L_k
+  L_k    = mean_b w_b mse_b(v_{W+dW}(x_t, sigma, p_k), sg(v_W(x_t, sigma, p_k)))   ``preserve``: more held prompts
 w: the family recipe's loss weighting (``compute_loss_weighting_for_sd3``; "none": 1). The base v_W is the same
 transformer with its LoRA switched off under no_grad (``families.lora_disabled``), never a second model;
 ``cat_weight == 0`` runs the plain LoRA step (one forward). The family (``integrations.families``) hides the
@@ -30,6 +31,7 @@ Modes (same losses and gradients, fp32 within rounding):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +51,7 @@ class FlowLossOutput:
     ldm: torch.Tensor  # L_LDM, detached
     cat: torch.Tensor | None  # L_CAT, detached (None when cat_weight == 0)
     sigmas: torch.Tensor  # [B], the sigmas used
+    preserved: tuple[torch.Tensor, ...] = ()  # L_k of each ``preserve`` group, detached
 
 
 def sample_flow_inputs(
@@ -71,13 +74,16 @@ def flow_cat_loss(
     cond_stripped: Cond | None = None,
     *,
     cat_weight: float = 1.0,
+    preserve: Sequence[tuple[Cond, float]] = (),
     mode: str = "reference",
     layout: str = "one-call",
 ) -> FlowLossOutput:
     """L for one batch (module docstring). ``model``: the family's transformer with a peft LoRA attached
     (the active adapter trains); ``cond`` / ``cond_stripped``: the family's condition dicts for the trigger
-    and the stripped captions (``cond_stripped`` is needed only when ``cat_weight > 0``); ``mode``: one of
-    ``MODES``; ``layout``: the fused mode's, one of ``LAYOUTS``."""
+    and the stripped captions (``cond_stripped`` is needed only when ``cat_weight > 0``); ``preserve``: more
+    (condition of B rows, weight) groups whose prompts the adapter must leave as the base has them (extra CAT
+    prompts, kept adapters' prompts: ``flow_trainer``), each one more student and one more teacher row per
+    sample in the same calls; ``mode``: one of ``MODES``; ``layout``: the fused mode's, one of ``LAYOUTS``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if layout not in LAYOUTS:
@@ -93,20 +99,27 @@ def flow_cat_loss(
     noisy, target = noisy_and_target(latents, noise, sigmas)
     weights = family.flow.loss_weights(sigmas.float().to(latents.device))  # on the device: no copy back to the host
 
-    if cat_weight == 0:
+    held = ([(cond_stripped, cat_weight)] if cat_weight > 0 else []) + list(preserve)
+    if any(w < 0 for _, w in preserve):
+        raise ValueError(f"preserve weights must be >= 0, got {[w for _, w in preserve]}")
+    if not held:
         pred = family.predict(model, noisy, sigmas, cond)
         ldm = _weighted_mse(pred, target, weights)
         return FlowLossOutput(loss=ldm, ldm=ldm.detach(), cat=None, sigmas=sigmas)
+    groups = [c for c, _ in held]
     if mode == "fused":
-        pred, student, teacher = _fused_predictions(family, model, noisy, sigmas, cond, cond_stripped, layout)
+        pred, students, teachers = _fused_predictions(family, model, noisy, sigmas, cond, groups, layout)
     else:
         pred = family.predict(model, noisy, sigmas, cond)
         with torch.no_grad(), lora_disabled(model):
-            teacher = family.predict(model, noisy, sigmas, cond_stripped)
-        student = family.predict(model, noisy, sigmas, cond_stripped)
+            teachers = [family.predict(model, noisy, sigmas, c) for c in groups]
+        students = [family.predict(model, noisy, sigmas, c) for c in groups]
     ldm = _weighted_mse(pred, target, weights)
-    cat = _weighted_mse(student, teacher.float(), weights)
-    return FlowLossOutput(loss=ldm + cat_weight * cat, ldm=ldm.detach(), cat=cat.detach(), sigmas=sigmas)
+    terms = [_weighted_mse(s, t.float(), weights) for s, t in zip(students, teachers)]
+    loss = ldm + sum(w * term for (_, w), term in zip(held, terms))
+    cat = terms[0].detach() if cat_weight > 0 else None
+    preserved = tuple(t.detach() for t in terms[len(held) - len(preserve) :])
+    return FlowLossOutput(loss=loss, ldm=ldm.detach(), cat=cat, sigmas=sigmas, preserved=preserved)
 
 
 def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -124,27 +137,30 @@ def noisy_and_target(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.T
     return noisy, noise.float() - latents.float()
 
 
-def _fused_predictions(family: DenoiserFamily, model, noisy, sigmas, cond: Cond, cond_stripped: Cond, layout: str):
-    """(adapter on c, adapter on c-, detached base on c-) from row-planned calls in ``layout``."""
-    batch = noisy.shape[0]
+def _fused_predictions(family: DenoiserFamily, model, noisy, sigmas, cond: Cond, groups: list[Cond], layout: str):
+    """(adapter on c, [adapter on g for g in groups], [detached base on g]) from row-planned calls in
+    ``layout``: one-call rows ``[c | g_1 .. g_k | g_1 .. g_k]`` (adapter, adapter, base), teacher-first a no_grad
+    call of the k base groups, then one of the 1 + k adapter groups."""
+    batch, k = noisy.shape[0], len(groups)
     with planned_unet(model, [], purpose="fused", error=ValueError) as call:
         active = active_adapters(model)  # read once patched: unpatched, diffusers walks the module tree for it
         if len(active) != 1:
             raise ValueError(f"fused CAT trains one adapter; the transformer has active adapters {active}")
-        adapter_slots = call.slots(active * 2 * batch)
+        adapter_slots = call.slots(active * (1 + k) * batch)
         if layout == "teacher-first":
-            plan = RowPlan.build([NO_ADAPTER] * batch, needs_grad=False, device=noisy.device)
+            plan = RowPlan.build([NO_ADAPTER] * k * batch, needs_grad=False, device=noisy.device)
             with torch.no_grad(), call.plan_rows(plan):
-                teacher = family.predict(model, noisy, sigmas, cond_stripped)
+                teachers = family.predict(model, torch.cat([noisy] * k), torch.cat([sigmas] * k),
+                                          family.concat_conds(groups)).chunk(k)  # fmt: skip
             with call.plan_rows(RowPlan.build(adapter_slots, device=noisy.device)):
-                out = family.predict(model, torch.cat([noisy] * 2), torch.cat([sigmas] * 2),
-                                     family.concat_conds([cond, cond_stripped]))  # fmt: skip
-            pred, student = out.chunk(2)
-            return pred, student, teacher
-        slots = adapter_slots + [NO_ADAPTER] * batch
-        plan = RowPlan.build(slots, needs_grad=[True] * 2 * batch + [False] * batch, device=noisy.device)
-        rows = family.concat_conds([cond, cond_stripped, cond_stripped])
+                out = family.predict(model, torch.cat([noisy] * (1 + k)), torch.cat([sigmas] * (1 + k)),
+                                     family.concat_conds([cond, *groups]))  # fmt: skip
+            pred, *students = out.chunk(1 + k)
+            return pred, students, list(teachers)
+        slots = adapter_slots + [NO_ADAPTER] * k * batch
+        plan = RowPlan.build(slots, needs_grad=[True] * (1 + k) * batch + [False] * k * batch, device=noisy.device)
+        rows = family.concat_conds([cond, *groups, *groups])
         with call.plan_rows(plan):
-            out = family.predict(model, torch.cat([noisy] * 3), torch.cat([sigmas] * 3), rows)
-    pred, student, teacher = out.chunk(3)
-    return pred, student, teacher.detach()
+            out = family.predict(model, torch.cat([noisy] * (1 + 2 * k)), torch.cat([sigmas] * (1 + 2 * k)), rows)
+    pred, *rest = out.chunk(1 + 2 * k)
+    return pred, rest[:k], [t.detach() for t in rest[k:]]

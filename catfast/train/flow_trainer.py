@@ -4,7 +4,8 @@
 (`config.dit_family`); UNet bases stay in trainer.py. One run:
 
 1. refuses, in one line naming the option, what this path does not build (`check_supported`: --cuda-graphs,
-   retention, samples, kohya files, ...), then checks OUT as the UNet trainer does;
+   --bank, samples, kohya files, ...), then checks OUT as the UNet trainer does; reads the held prompts of
+   --cat-prompts and --keep (train/flow_held.py: extra CAT rows and kept adapters, as docs/retention.md);
 2. scans the concept folders (train/data.py: captions, triggers, kohya folders) and plans each image's
    variants (data.Transform: resize, crops, flips, aspect buckets) at sides that are multiples of the VAE's
    scale x the family's 2x2 patch;
@@ -24,7 +25,7 @@
    each process takes its contiguous share of a global batch of ``batch_size x world`` samples, noise and
    sigmas are drawn for the whole global batch on every rank, and the LoRA gradients are averaged in one
    all-reduce per step: W processes compute what one process with the global batch computes;
-5. writes what the UNet trainer writes: config.json, metrics.jsonl (step, loss, ldm, cat, lr, seconds, mode),
+5. writes what the UNet trainer writes: config.json, metrics.jsonl (step, loss, ldm, cat, [keep,] lr, seconds, mode),
    loss.png, checkpoints (`catfast.train.checkpoint`: --resume continues bit for bit), and adapter.safetensors
    in diffusers' format (``transformer.`` keys, rank and alpha in ``lora_adapter_metadata``:
    ``catfast.adapters.formats.write_adapter``), which ``pipe.load_lora_weights`` loads; only rank 0 writes. A
@@ -65,6 +66,7 @@ from catfast.train.checkpoint import (
 from catfast.train.config import TrainConfig
 from catfast.train.dist import Dist
 from catfast.train.flow_cache import FlowDataset, build_flow_cache
+from catfast.train.flow_held import HeldPrompts
 from catfast.train.lifelong import TRIGGER_PROMPTS, trigger_prompts_metadata
 from catfast.train.outputs import METRICS, MetricsWriter, prepare_out, start_out, truncate_metrics
 from catfast.train.run_parts import DTYPES, TrainResult, device_for, load_lora, scan_examples, seed_everything
@@ -94,25 +96,26 @@ def train_flow(
     device = device_for(config, dist)
     seed_everything(config.seed)
     examples = scan_examples(config)  # bad data fails before any model work
+    held = HeldPrompts.read(config)  # a bad --cat-prompts file or --keep adapter fails here too
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
     # rank 0 encodes what is missing first; the other ranks then find every entry in the cache
     dataset, freed = None, []
     if dist.main:
-        dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, progress)
+        dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, progress, held.prompts)
     dist.barrier()
     if not dist.main:
-        dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, False)
+        dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, False, held.prompts)
     identities = content_identities(SimpleNamespace(path=str(folder)), dataset.digests,
                                     [str(e.image) for e in dataset.examples])  # fmt: skip
     if resume_from is not None:
         check_identities(resume_from, identities)
-    else:  # every input check passed: only now is an earlier run's output replaced and config.json written
+    # the transformer with the kept adapters merged: a kept file that does not fit fails before OUT changes
+    run = _FlowRun(config, dist, family, dataset, device, identities, examples, mode, mode_reason, held)
+    run.freed = freed
+    if resume_from is None:  # every input check passed: only now is an earlier run's output replaced
         start_out(out, earlier, config, dist)
     if announce is not None:
         announce(config.describe())
-
-    run = _FlowRun(config, dist, family, dataset, device, identities, examples, mode, mode_reason)
-    run.freed = freed
     if resume_from is not None:
         run.restore(resume_from)
     history = truncate_metrics(out / METRICS, run.start_step) if resume_from is not None else []
@@ -130,9 +133,7 @@ def check_supported(config: TrainConfig, family: DenoiserFamily, world: int) -> 
     refused, never ignored."""
     refused = [
         (config.cuda_graphs, "--cuda-graphs", "leave it off"),
-        (bool(config.keep), "--keep", "train without kept adapters"),
-        (config.bank is not None, "--bank", "train without a knowledge bank"),
-        (config.cat_prompts != "stripped", f"--cat-prompts {config.cat_prompts}", "use stripped"),
+        (config.bank is not None, "--bank", "train without a knowledge bank (--cat-prompts and --keep are built)"),
         (config.snr_gamma is not None, "--snr-gamma (a DDPM weighting)", "the family's recipe weights the loss"),
         (config.timesteps != "uniform", f"--timesteps {config.timesteps}", "the family's recipe samples sigmas"),
         (config.mixed_precision == "fp16", "--mixed-precision fp16", "use bf16"),
@@ -177,8 +178,8 @@ class _FlowRun:
     data position and writers. ``freed``: (name, weak reference) of the encoders dropped before the loop."""
 
     def __init__(self, config: TrainConfig, dist: Dist, family: DenoiserFamily, dataset: FlowDataset, device,
-                 identities, examples, mode: str, mode_reason: str):  # fmt: skip
-        self.config, self.dist, self.family, self.dataset = config, dist, family, dataset
+                 identities, examples, mode: str, mode_reason: str, held: HeldPrompts):  # fmt: skip
+        self.config, self.dist, self.family, self.dataset, self.held = config, dist, family, dataset, held
         self.device, self.identities, self.examples = device, identities, examples
         self.mode, self.mode_reason = mode, mode_reason
         self.out = Path(config.out)
@@ -192,6 +193,7 @@ class _FlowRun:
             Path(config.base).expanduser(), subfolder=family.denoiser_key, local_files_only=True,
             torch_dtype=self.weight_dtype,
         )  # fmt: skip
+        held.merge_kept(self.model)  # the teacher is base + kept adapters (before fp8 quantizes the weights)
         fp8 = config.base_dtype == "fp8"
         if not fp8:  # an fp8 base is quantized onto the device layer by layer: its full precision stays on the host
             self.model.to(device)
@@ -218,7 +220,7 @@ class _FlowRun:
             **({"fused": True} if device.type == "cuda" else {"foreach": True}),  # as the UNet trainer's
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
-        self.loss_kwargs = {"cat_weight": config.cat_weight, "mode": mode}
+        self.loss_kwargs = {"cat_weight": held.stripped_weight, "mode": mode}
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``: LoRA weights, optimizer, lr schedule, RNG, data position."""
@@ -259,9 +261,9 @@ class _FlowRun:
 
     def step(self) -> tuple[list[float], float]:
         """One optimizer step of ``grad_accum`` micro-batches of the global batch (``batch_size`` x processes):
-        the global batch's (loss, ldm, cat) and the lr it used."""
+        the global batch's (loss, ldm, cat, keep) and the lr it used."""
         config, family, dist = self.config, self.family, self.dist
-        stats = torch.zeros(3, device=self.device)
+        stats = torch.zeros(4, device=self.device)
         for _ in range(config.grad_accum):
             keys, start, n, count = self.batches.next_shard(dist)
             latents, cond, cond_stripped = self.dataset.batch(keys, self.device, self.weight_dtype)
@@ -270,14 +272,14 @@ class _FlowRun:
             whole = latents[:1].expand(n, *latents.shape[1:])
             noise, sigmas = flow_objective.sample_flow_inputs(family, whole, generator=self.noise_gen)
             rows = slice(start, start + len(keys))
+            held = self.held.groups(self.dataset, n, rows, self.noise_gen, self.device, self.weight_dtype)
             out = flow_objective.flow_cat_loss(family, self.model, latents, noise[rows], sigmas[rows], cond,
-                                               cond_stripped, **self.loss_kwargs)  # fmt: skip
+                                               cond_stripped, preserve=held, **self.loss_kwargs)  # fmt: skip
             # each rank's mean weighted by its share of the global batch: the ranks' gradients averaged below
             # are the global batch's mean (a rank left without samples computes one with weight 0)
             scale = count * dist.world / n / config.grad_accum
             (out.loss * scale).backward()
-            cat = out.cat if out.cat is not None else torch.zeros_like(out.ldm)
-            stats += torch.stack([out.loss.detach(), out.ldm, cat]) * scale
+            stats += torch.stack([out.loss.detach(), out.ldm, *self.held.terms(out)]) * scale
         if dist.world > 1:
             _average_gradients(self.trainable, dist.world)
             torch.distributed.all_reduce(stats)
@@ -293,6 +295,8 @@ class _FlowRun:
     def _record(self, step: int, values: list[float], lr: float, seconds: float, bar) -> None:
         """Refuse a non-finite loss, write the metrics line, move the progress bar."""
         self.last = {"loss": values[0], "ldm": values[1], "cat": values[2]}
+        if self.held.kept:
+            self.last["keep"] = values[3]
         if not math.isfinite(values[0]):
             lr_now = self.config.lr
             raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({lr_now}) or check the data")

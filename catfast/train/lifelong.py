@@ -40,10 +40,11 @@ def trigger_prompts_metadata(captions: list[str]) -> str:
     return json.dumps(list(dict.fromkeys(captions))[:MAX_TRIGGER_PROMPTS])
 
 
-def read_kept(paths: list[str | os.PathLike], unet) -> list[KeptAdapter]:
-    """Read and check every kept adapter against ``unet`` before anything changes: the file must parse,
-    every layer must fit (AdapterShapeError names the file, layer and shapes), and its metadata must
-    record trigger prompts. KeepError names the file and what is missing."""
+def read_kept(paths: list[str | os.PathLike], unet, component: str = "unet") -> list[KeptAdapter]:
+    """Read and check every kept adapter against the denoiser ``unet`` (``component`` "unet", or "transformer"
+    for a DiT) before anything changes: the file must parse, every layer must fit (AdapterShapeError names the
+    file, layer and shapes), and its metadata must record trigger prompts. KeepError names the file and what
+    is missing. ``unet`` None: no shape check here (``merge_kept`` checks every layer before it changes any)."""
     from catfast.adapters.formats import read_adapter
     from catfast.adapters.merge import resolve_targets
 
@@ -55,10 +56,13 @@ def read_kept(paths: list[str | os.PathLike], unet) -> list[KeptAdapter]:
         seen.add(path.resolve())
         if not path.is_file():
             raise KeepError(f"{path}: kept adapter not found")
-        adapter = read_adapter(path, models={"unet": unet})
-        resolve_targets(unet, adapter, "unet")  # shape check, before any merge
-        if adapter.components() != ["unet"]:
-            raise KeepError(f"{path}: kept adapters must be UNet-only; this one also has {adapter.components()}")
+        adapter = read_adapter(path, models={component: unet} if unet is not None else None)
+        if adapter.components() != [component]:
+            raise KeepError(
+                f"{path}: kept adapters must hold {component} layers only; this one has {adapter.components()}"
+            )
+        if unet is not None:
+            resolve_targets(unet, adapter, component)  # shape check, before any merge
         raw_prompts = adapter.metadata.get(TRIGGER_PROMPTS)
         if raw_prompts is None:
             raise KeepError(
@@ -75,9 +79,12 @@ def read_kept(paths: list[str | os.PathLike], unet) -> list[KeptAdapter]:
     return kept
 
 
-def merge_kept(unet, kept: list[KeptAdapter]) -> None:
-    """Merge every kept adapter into ``unet``'s frozen weights (in place; all were checked by `read_kept`)."""
+def merge_kept(unet, kept: list[KeptAdapter], component: str = "unet") -> None:
+    """Merge every kept adapter into the denoiser's frozen weights (in place; all were checked by `read_kept`)."""
+    import torch
+
     from catfast.adapters.merge import merge_adapter_
 
-    for k in kept:
-        merge_adapter_(unet, k.adapter, "unet")
+    with torch.no_grad():  # a DiT's transformer is merged before its LoRA is attached, its weights still trainable
+        for k in kept:
+            merge_adapter_(unet, k.adapter, component)
