@@ -240,3 +240,40 @@ def test_a_sampling_plan_sees_lora_weights_changed_in_place():
         alone = family.predict(model, latents[1:], sigmas[1:], {k: v[1:] for k, v in cond.items()})
     assert not torch.allclose(after[1:], before[1:])
     assert_rel_close(after[1:], alone, 1e-5, "row of the changed adapter")
+
+
+def test_trusted_adapter_weights_skip_the_check_until_unpatched():
+    """``trust_adapter_weights`` (a server's promise that weights change only while unpatched): the kept stacks
+    are used as they are, so an in-place change is NOT seen while the promise holds (what the promise buys: no
+    per-call check over every slot); ``unpatch_unet`` withdraws it and the next patch sees the change."""
+    from peft import LoraConfig
+
+    from catfast.integrations.patch import patch_unet, trust_adapter_weights, unpatch_unet
+    from catfast.integrations.peft_adapters import randomize_lora_
+    from catfast.integrations.row_call import planned_unet
+    from catfast.rows import RowPlan
+
+    family, model, _ = lora_transformer("tiny-flux")
+    model.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["attn.to_q"]), adapter_name="b")
+    randomize_lora_(model, seed=4, std=0.3)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, family.latent_channels(model), 8, 8, generator=g)
+    cond, sigmas, names = family.example_cond(model, 2, 7, g), torch.tensor([0.4, 0.6]), ["default", "b"]
+
+    def run():
+        with torch.no_grad(), planned_unet(model, names, purpose="sample") as call:
+            with call.plan_rows(RowPlan.build(call.slots(names), needs_grad=False)):
+                return family.predict(model, latents, sigmas, cond)
+
+    patch_unet(model)
+    trust_adapter_weights(model)
+    before = run()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B.b." in name:
+                p.mul_(3.0)
+    assert torch.equal(run(), before)  # promised unchanged: the kept stacks
+    unpatch_unet(model)
+    patch_unet(model)  # the cached stand-ins put back, without the promise
+    assert not torch.allclose(run()[1:], before[1:])
+    unpatch_unet(model)

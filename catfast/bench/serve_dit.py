@@ -9,10 +9,10 @@ pixels square (default 32: 16 x 16 latents, 64 image tokens on the tiny models).
    every resident adapter is attached to the transformer and the row-planned layers carry all of them, so
    the resident count is what can make a switch grow). "resident": lookup, pin, LRU touch (the pool side,
    also reported alone as "pool"), then what ``sample_flow_latents`` does for it before its first Euler
-   step besides encoding the prompt and drawing the noise: patching the transformer for row plans
-   (``planned_unet``: the cached patch put back, each layer re-reading its per-slot scalings), the row
-   slots and ``RowPlan.build`` for one row, and the unpatch after the run (each run pays both; a batch
-   pays them once for all its requests). "cold_host": evict, then attach from the host tier (peft
+   step besides encoding the prompt and drawing the noise: ``planned_unet`` on the transformer the pool
+   keeps patched between batches (``DitAdapterPool.ready``: a check that the patch's slots are still the
+   peft adapters), the row slots and ``RowPlan.build`` for one row. "cold_host": evict, then attach from the
+   host tier (peft
    ``add_adapter`` and a weight copy); "cold_disk": read and check the file, then attach. "run_ms": one
    1-row, 2-step sampler run with R resident (the row-planned layers stack every resident adapter's A and B
    each call). With ``--full`` R also takes 1024; attaching one adapter grows with R (about 0.3 s each at
@@ -109,6 +109,7 @@ def _engine(pipeline: Path, paths, count: int) -> tuple[Engine, torch.nn.Module]
         for i in range(count):
             engine.load_adapter(f"r{i}", paths[i % len(paths)])
             engine.pool.install(engine.pool.lookup(f"r{i}"))
+    engine.pool.ready()  # the serving state: patched for row plans, as the scheduler leaves it between batches
     return engine, plain
 
 
@@ -130,7 +131,7 @@ def _switch(pipeline, paths, resident, reps, size, log) -> dict:
         def run(peft: str) -> None:
             sample_flow_latents(engine.base, [PROMPT], adapters=[peft], seeds=[0], steps=2, height=size, width=size)
 
-        run(pool.lookup(names[0]).meta["peft"])  # the first run patches (later ones put the cached patch back)
+        run(pool.lookup(names[0]).meta["peft"])
         times = {"resident": [], "pool": [], "step": []}
         for rep in range(reps):
             name = names[0] if count == 1 else names[(rep % (count - 1)) + 1 if rep % 2 else 0]

@@ -233,6 +233,7 @@ def unpatch_unet(unet: torch.nn.Module) -> PatchReport:
         parent._modules[child] = original  # what setattr does for a child module already there, ~10x faster
     for attn, original, _ in state.attention:
         attn.set_processor(original)
+    state.holder.adapters_frozen = False  # a later patch reusing these stand-ins makes no such promise
     delattr(unet, _STATE)
     unet.__dict__[_CACHE] = state
     return state.report
@@ -243,6 +244,17 @@ def patched_lora_layers(unet: torch.nn.Module) -> list[RowLoraLayer]:
     by the patch, not a walk of the module tree (which cost serving a DiT a growing share of each run)."""
     state = getattr(_inner(unet), _STATE, None)
     return [] if state is None else [s for _, _, _, s in state.swaps if isinstance(s, RowLoraLayer)]
+
+
+def trust_adapter_weights(unet: torch.nn.Module, trusted: bool = True) -> None:
+    """Promise (or withdraw the promise) that the patched adapters' LoRA weights do not change while the
+    model stays patched, as a server's pool that attaches and detaches adapters only while unpatched can:
+    the row-planned layers then reuse their no_grad stacks of every slot's A and B without checking each
+    parameter per call (a check that grows with the resident adapters). Undone by ``unpatch_unet``."""
+    state = getattr(_inner(unet), _STATE, None)
+    if state is None:
+        raise ValueError("the model is not patched")
+    state.holder.adapters_frozen = trusted
 
 
 def patch_report(unet: torch.nn.Module) -> PatchReport | None:

@@ -23,6 +23,9 @@ class PlanHolder:
     and the sharing stage (see the module docstring)."""
 
     def __init__(self) -> None:
+        # set by a server that attaches and detaches adapters only while unpatched (patch.trust_adapter_weights):
+        # row-planned layers then keep their no_grad stacks without checking every slot's parameters per call
+        self.adapters_frozen = False
         self.set(None)
 
     def set(self, plan: RowPlan | None, prefix_groups: int = 1, twin_groups: bool = False) -> None:

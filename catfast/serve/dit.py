@@ -18,7 +18,10 @@ What differs, here:
   row's, so switching adapters re-attaches nothing. Row-planned peft layers need every attached adapter
   on the same modules, so an adapter is attached padded with rank-1 zero layers (an exactly-zero update)
   on the modules the others target; one that targets a module no resident adapter does makes the pool
-  attach the resident ones again once, with the wider padding.
+  attach the resident ones again once, with the wider padding. The transformer stays patched for row plans
+  between batches (``DitAdapterPool.ready``): a request for another resident adapter changes only the plan;
+  attaching or detaching an adapter undoes the patch first (peft edits its own layers), and the next batch
+  builds it again for the new set of adapters.
 - weights and stacks: each row has its own LoRA scale, so requests at different weights share a batch. The row
   plan gives a row one adapter, so a request stacking several (``a:0.8+b``) gets one composite peft adapter:
   the parts' LoRA factors side by side with their weights folded in (``adapters.merge.stack_layers``, exact,
@@ -48,6 +51,7 @@ from catfast.eval.flow_sampler import sample_flow_latents
 from catfast.eval.sampler import NonFiniteLatents
 from catfast.integrations.families import family_of
 from catfast.integrations.models import quiet_progress_bars
+from catfast.integrations.patch import patch_report, patch_unet, trust_adapter_weights, unpatch_unet
 from catfast.integrations.peft_adapters import attach_adapter, extract_adapter
 from catfast.serve.errors import AdapterFamilyError, AdapterLoadError, BadRequest, ServeError
 from catfast.serve.pool import AdapterPool, Entry, adapter_meta
@@ -148,10 +152,23 @@ class DitAdapterPool(AdapterPool):
             layers[name] = own[p]
         return layers, adapter_meta(adapter, own, layers)
 
+    def ready(self) -> None:
+        """Patch the transformer for row plans unless it is (it stays patched until an adapter is attached
+        or detached). Only between transformer calls."""
+        if patch_report(self.unet) is None and getattr(self.unet, "peft_config", None):
+            patch_unet(self.unet)
+            trust_adapter_weights(self.unet)  # weights change only through put/_evict, which unpatch first
+
+    def _unpatch(self) -> None:
+        """Undo the row-plan patch before peft attaches, deletes or reads its own layers."""
+        if patch_report(self.unet) is not None:
+            unpatch_unet(self.unet)
+
     def put(self, entry: Entry, slot: int) -> bool:
         """Attach ``entry`` to the transformer as the peft adapter of ``slot``; False when attaching failed
         (``entry.error`` says why, and its requests fail with AdapterLoadError). Only between transformer
         calls (``install``, from the scheduler thread)."""
+        self._unpatch()
         try:
             if not self.padding.issuperset(entry.layers):
                 self.padding |= set(entry.layers)
@@ -187,6 +204,7 @@ class DitAdapterPool(AdapterPool):
         if name is not None:
             self.stacks.move_to_end(key)
             return name
+        self._unpatch()
         layers = [(extract_adapter(self.unet, peft, COMPONENT).component(COMPONENT), w) for peft, w in key]
         adapter = LoraAdapter(
             {layer_key(COMPONENT, m): stack_layers([(own[m], w) for own, w in layers]) for m in self.padding}
@@ -201,10 +219,12 @@ class DitAdapterPool(AdapterPool):
     def drop_stacks(self, peft: str | None = None) -> None:
         """Detach the composite adapters that hold ``peft`` (None: all of them)."""
         for key in [k for k in self.stacks if peft is None or any(p == peft for p, _ in k)]:
+            self._unpatch()
             self.unet.delete_adapters([self.stacks.pop(key)])
 
     def _evict(self, entry: Entry) -> None:
         self.drop_stacks(entry.meta["peft"])
+        self._unpatch()
         self.unet.delete_adapters([entry.meta.pop("peft")])
         self.slots[entry.slot] = None
         self.resident_lru.pop(id(entry), None)
@@ -212,6 +232,7 @@ class DitAdapterPool(AdapterPool):
 
     def close(self) -> None:
         """Detach every adapter: the transformer computes what it did before the pool."""
+        self._unpatch()
         self.drop_stacks()
         for entry in [e for e in self.slots if e is not None]:
             self._evict(entry)
@@ -263,8 +284,9 @@ class DitScheduler(StepScheduler):
         width, height = jobs[0].size
         req = jobs[0].request
         prompts, adapters, seeds, scales = [], [], [], []
-        for job in jobs:
-            peft, weight = self._adapter(job)
+        peft_of = [self._adapter(job) for job in jobs]  # attaches composites of stacked adapters first
+        self.pool.ready()
+        for job, (peft, weight) in zip(jobs, peft_of):
             n = job.request.n
             prompts += [job.request.prompt] * n
             adapters += [peft] * n

@@ -16,8 +16,10 @@ from catfast.integrations.families.base import (
     DenoiserFamily,
     FlowRecipe,
     SamplingRecipe,
+    compute_dtype,
     first_output,
     pipeline_warnings,
+    text_device,
 )
 
 # diffusers' train_dreambooth_lora_flux.py's targets (its --lora_layers default list): the double blocks'
@@ -93,7 +95,9 @@ class FluxFamily(DenoiserFamily):
     def encode_prompt(self, pipe, captions: list[str], *, max_sequence_length: int | None = None) -> Cond:
         length = max_sequence_length or self.text_length(pipe)
         with pipeline_warnings(pipe):
-            embeds, pooled, _ = pipe.encode_prompt(list(captions), prompt_2=None, max_sequence_length=length)
+            embeds, pooled, _ = pipe.encode_prompt(
+                list(captions), prompt_2=None, device=text_device(pipe), max_sequence_length=length
+            )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def text_length(self, pipe) -> int:
@@ -105,7 +109,7 @@ class FluxFamily(DenoiserFamily):
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         b, _, h, w = latents.shape
         embeds = cond["prompt_embeds"]
-        dtype = model.dtype
+        dtype = compute_dtype(model)
         guidance = None
         if model.config.guidance_embeds:  # the condition's per-row value (a sampler's), else the training recipe's
             given = cond.get("guidance")

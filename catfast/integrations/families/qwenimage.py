@@ -16,8 +16,10 @@ from catfast.integrations.families.base import (
     DenoiserFamily,
     FlowRecipe,
     SamplingRecipe,
+    compute_dtype,
     first_output,
     pipeline_warnings,
+    text_device,
 )
 from catfast.integrations.families.flux import pack, unpack
 
@@ -62,7 +64,7 @@ class QwenImageFamily(DenoiserFamily):
         longest with a mask (None when no row is padded); rows of separate calls may differ in length."""
         length = max_sequence_length or self.max_sequence_length
         with pipeline_warnings(pipe):
-            embeds, mask = pipe.encode_prompt(list(captions), max_sequence_length=length)
+            embeds, mask = pipe.encode_prompt(list(captions), device=text_device(pipe), max_sequence_length=length)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
     def concat_conds(self, conds: list[Cond]) -> Cond:
@@ -103,7 +105,7 @@ class QwenImageFamily(DenoiserFamily):
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         b, _, h, w = latents.shape
-        dtype = model.dtype
+        dtype = compute_dtype(model)
         out = model(
             hidden_states=pack(latents).to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),

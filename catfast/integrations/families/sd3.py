@@ -14,8 +14,10 @@ from catfast.integrations.families.base import (
     DenoiserFamily,
     FlowRecipe,
     SamplingRecipe,
+    compute_dtype,
     first_output,
     pipeline_warnings,
+    text_device,
 )
 
 # diffusers' train_dreambooth_lora_sd3.py's default targets: the joint attention of every block, both streams
@@ -52,12 +54,17 @@ class SD3Family(DenoiserFamily):
         length = max_sequence_length or self.max_sequence_length
         with pipeline_warnings(pipe):
             embeds, _, pooled, _ = pipe.encode_prompt(
-                list(captions), None, None, do_classifier_free_guidance=False, max_sequence_length=length
+                list(captions),
+                None,
+                None,
+                device=text_device(pipe),
+                do_classifier_free_guidance=False,
+                max_sequence_length=length,
             )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
-        dtype = model.dtype
+        dtype = compute_dtype(model)
         out = model(
             hidden_states=latents.to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
