@@ -210,21 +210,28 @@ def test_adapters_with_different_targets_share_one_plan():
             assert_rel_close(mixed[i : i + 1], alone, 1e-5, f"row {i} ({name})")
 
 
-def test_a_sampling_plan_sees_lora_weights_changed_in_place():
-    """Under no_grad the stacked slot weights are kept between calls; an in-place change of a LoRA weight (a
-    training step, a reload into the same tensor) must reach the next call."""
+def _two_adapters():
+    """(family, tiny-flux with adapters "default" on every target and "b" on attn.to_q, random B; latents, cond,
+    sigmas of 2 rows; the adapter names)."""
     from peft import LoraConfig
 
     from catfast.integrations.peft_adapters import randomize_lora_
-    from catfast.integrations.row_call import planned_unet
-    from catfast.rows import RowPlan
 
     family, model, _ = lora_transformer("tiny-flux")
     model.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["attn.to_q"]), adapter_name="b")
     randomize_lora_(model, seed=4, std=0.3)
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(2, family.latent_channels(model), 8, 8, generator=g)
-    cond, sigmas, names = family.example_cond(model, 2, 7, g), torch.tensor([0.4, 0.6]), ["default", "b"]
+    return family, model, latents, family.example_cond(model, 2, 7, g), torch.tensor([0.4, 0.6]), ["default", "b"]
+
+
+def test_a_sampling_plan_sees_lora_weights_changed_in_place():
+    """Under no_grad the stacked slot weights are kept between calls; an in-place change of a LoRA weight (a
+    training step, a reload into the same tensor) must reach the next call."""
+    from catfast.integrations.row_call import planned_unet
+    from catfast.rows import RowPlan
+
+    family, model, latents, cond, sigmas, names = _two_adapters()
     with torch.no_grad(), planned_unet(model, names, purpose="sample") as call:
         plan = RowPlan.build(call.slots(names), needs_grad=False)
         with call.plan_rows(plan):
@@ -246,19 +253,11 @@ def test_trusted_adapter_weights_skip_the_check_until_unpatched():
     """``trust_adapter_weights`` (a server's promise that weights change only while unpatched): the kept stacks
     are used as they are, so an in-place change is NOT seen while the promise holds (what the promise buys: no
     per-call check over every slot); ``unpatch_unet`` withdraws it and the next patch sees the change."""
-    from peft import LoraConfig
-
     from catfast.integrations.patch import patch_unet, trust_adapter_weights, unpatch_unet
-    from catfast.integrations.peft_adapters import randomize_lora_
     from catfast.integrations.row_call import planned_unet
     from catfast.rows import RowPlan
 
-    family, model, _ = lora_transformer("tiny-flux")
-    model.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["attn.to_q"]), adapter_name="b")
-    randomize_lora_(model, seed=4, std=0.3)
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, family.latent_channels(model), 8, 8, generator=g)
-    cond, sigmas, names = family.example_cond(model, 2, 7, g), torch.tensor([0.4, 0.6]), ["default", "b"]
+    family, model, latents, cond, sigmas, names = _two_adapters()
 
     def run():
         with torch.no_grad(), planned_unet(model, names, purpose="sample") as call:
