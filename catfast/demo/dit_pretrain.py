@@ -112,16 +112,19 @@ def measure_words(pipe, encoder, *, n: int = 48, seed: int = 777, steps: int = S
 
 
 def pretrain(out, *, seed=0, steps=4000, images=20000, batch=64, lr=1e-3, overwrite=False, command=None,
-             unet_demo=None, measure=True, log=print) -> Path:  # fmt: skip
+             unet_demo=None, init=None, measure=True, log=print) -> Path:  # fmt: skip
     """Train the transformer and T5 and write the folder to ``out`` (atomically); returns its path.
-    ``unet_demo``: the UNet demo model whose VAE and CLIP are reused (default: the shipped one)."""
+    ``unet_demo``: the UNet demo model whose VAE and CLIP are reused (default: the shipped one); ``init``: an
+    earlier output whose transformer and T5 this run continues (a second stage, e.g. at a lower ``lr``)."""
     from catfast.shipped import encoder_path, model_path
 
     out = Path(out).absolute()
     check_target(out, overwrite, CatfastError)
     unet_demo = Path(unet_demo or model_path())
     torch.manual_seed(seed)
-    parts = build_parts(unet_demo, seed)
+    parts = build_parts(unet_demo, seed, init)
+    if init is not None:
+        seed = seed + 1000  # a second stage draws other batches and noise than the first
     t0 = time.perf_counter()
     latents, ids, pooled, cond_index = encode_world(parts, images, seed)
     train_dit(parts, latents, ids, pooled, cond_index, steps=steps, batch=batch, lr=lr, seed=seed, log=log)
@@ -131,6 +134,9 @@ def pretrain(out, *, seed=0, steps=4000, images=20000, batch=64, lr=1e-3, overwr
                 threads=torch.get_num_threads(), seconds=round(seconds))  # fmt: skip
     if command:
         info["command"] = command
+    if init is not None:
+        info["init"] = json.loads((Path(init) / "pretrain.json").read_text())
+        info["seconds"] += info["init"]["seconds"]
     with staged_folder(out) as tmp:
         save_folder(parts, tmp, unet_demo)
         if measure:
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to write the pipeline folder to")
     for name, default in (("seed", 0), ("steps", 4000), ("images", 20000), ("batch", 64), ("lr", 1e-3)):
         parser.add_argument(f"--{name}", type=type(default), default=default)
+    parser.add_argument("--init", default=None, help="continue the transformer and T5 of this earlier output")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-measure", action="store_true", help="skip the word-following measurement")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible)")

@@ -33,9 +33,10 @@ TEXT_LENGTH = 16  # T5 tokens: "sks, a large yellow star on a grey background" i
 COPIED = ("vae", "text_encoder", "tokenizer")  # from the UNet demo model, byte for byte
 
 
-def build_parts(unet_demo: str | os.PathLike, seed: int = 0) -> dict:
-    """FluxPipeline components (fp32): a seeded transformer (``seed``) and T5 (``seed + 1``), training mode; the
-    UNet demo folder's VAE and CLIP text encoder, frozen; the flux family's scheduler."""
+def build_parts(unet_demo: str | os.PathLike, seed: int = 0, init: str | os.PathLike | None = None) -> dict:
+    """FluxPipeline components (fp32): a seeded transformer (``seed``) and T5 (``seed + 1``), or those of the
+    earlier output ``init`` (a second stage), training mode; the UNet demo folder's VAE and CLIP text encoder,
+    frozen; the flux family's scheduler."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
@@ -44,9 +45,16 @@ def build_parts(unet_demo: str | os.PathLike, seed: int = 0) -> dict:
     t5_config = T5Config(vocab_size=len(tok2), pad_token_id=0, eos_token_id=1, **T5_CONFIG)
     vae = AutoencoderKL.from_pretrained(unet_demo / "vae", torch_dtype=torch.float32)
     clip = CLIPTextModel.from_pretrained(unet_demo / "text_encoder", torch_dtype=torch.float32)
+    if init is None:
+        transformer = seeded(seed, lambda: FAMILY.denoiser_type()(**DIT_CONFIG))
+        t5 = seeded(seed + 1, lambda: T5EncoderModel(t5_config))
+    else:
+        init = Path(init)
+        transformer = FAMILY.denoiser_type().from_pretrained(init / "transformer", torch_dtype=torch.float32)
+        t5 = T5EncoderModel.from_pretrained(init / "text_encoder_2", dtype=torch.float32)
     return dict(
-        transformer=seeded(seed, lambda: FAMILY.denoiser_type()(**DIT_CONFIG)),
-        text_encoder_2=seeded(seed + 1, lambda: T5EncoderModel(t5_config)),
+        transformer=transformer.train().requires_grad_(True),
+        text_encoder_2=t5.train().requires_grad_(True),
         tokenizer_2=tok2,
         vae=vae.eval().requires_grad_(False),
         text_encoder=clip.eval().requires_grad_(False),
