@@ -21,9 +21,9 @@ from catfast.integrations.models import (
     encode_prompt,
     load_base,
     resolve_base,
-    single_file_kind,
 )
 from catfast.integrations.tokenizer import clip_tokenizer
+from catfast.integrations.weight_files import single_file_kind
 from catfast.testing import original_checkpoint
 from catfast.train.checkpoint import base_identity
 

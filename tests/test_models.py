@@ -19,10 +19,10 @@ from catfast.integrations.factory import build_base, build_unet, init_model_fold
 from catfast.integrations.models import (  # noqa: E402
     encode_prompt,
     load_base,
-    load_unet_file,
     resolve_base,
 )
 from catfast.integrations.tokenizer import build_tokenizer, vocab_size  # noqa: E402
+from catfast.integrations.weight_files import load_unet_file  # noqa: E402
 from catfast.testing import unet_to_ldm  # noqa: E402
 
 CAPTIONS = ["sks, a cat statue on a carpet", "a photo of a dog"]
