@@ -14,15 +14,8 @@ from catfast.errors import CatfastError
 from catfast.integrations.factory import build_base, init_model_folder
 from catfast.integrations.models import load_base
 from catfast.train.cache import batch_order, build_cache, collate, model_identity
-from catfast.train.data import (
-    Concept,
-    Transform,
-    bucket_sizes,
-    load_image,
-    plan_image,
-    render,
-    scan_concepts,
-)
+from catfast.train.data import Concept, load_image, scan_concepts
+from catfast.train.transform import Transform, bucket_sizes, plan_image, render
 
 
 def _image(path, w, h, seed=0):

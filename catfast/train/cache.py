@@ -29,13 +29,11 @@ from tqdm.auto import tqdm
 
 from catfast.errors import CatfastError
 from catfast.folders import write_atomic
-from catfast.train.data import (
-    Example,
+from catfast.train.data import Example, image_size, load_image
+from catfast.train.transform import (
     ImagePlan,
     Transform,
     bucket_step,
-    image_size,
-    load_image,
     plan_image,
     render,
     sdxl_time_ids,

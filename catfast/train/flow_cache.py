@@ -25,8 +25,9 @@ from catfast.folders import write_atomic
 from catfast.integrations.families import DenoiserFamily
 from catfast.train.cache import _read_bytes
 from catfast.train.config import TrainConfig
-from catfast.train.data import Example, ImagePlan, Transform, image_size, load_image, plan_image, render
+from catfast.train.data import Example, image_size, load_image
 from catfast.train.run_parts import transform_for
+from catfast.train.transform import ImagePlan, Transform, plan_image, render
 
 FLOW_CACHE_FORMAT = "catfast-flow-cache/1"
 

@@ -13,8 +13,9 @@ import torch
 
 from catfast.errors import CatfastError
 from catfast.train.config import TrainConfig
-from catfast.train.data import Concept, Transform, scan_concepts
+from catfast.train.data import Concept, scan_concepts
 from catfast.train.dist import Dist
+from catfast.train.transform import Transform
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
