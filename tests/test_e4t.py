@@ -235,7 +235,7 @@ def test_cli_personalize_prints_time_and_refuses_in_one_line(star_png, tmp_path)
 
 def test_measure_pairs_rows_by_concept_and_seed(tmp_path):
     """The paired table subtracts CAT-300 of the SAME concept and seed (a base row: of every seed)."""
-    from catfast.e4t.measure import format_paired, read_results
+    from catfast.e4t.results import format_paired, read_results
 
     def row(concept, seed, method, steps, identity, preservation=0.9):
         kps = 2 * identity * preservation / (identity + preservation)
