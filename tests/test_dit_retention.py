@@ -98,5 +98,74 @@ def test_bad_kept_files_are_one_line_before_out_changes(flux, first, tiny, tmp_p
             train(config(flux, data, tmp_path / "out", keep=[str(keep)]), progress=False)
         assert words in str(e.value) and str(keep) in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / "out" / "config.json").exists()
-    with pytest.raises(CatfastError, match="--bank is not built for DiT bases"):
+    with pytest.raises(CatfastError, match="not a knowledge bank"):  # --bank is built: a folder that is no bank
         train(config(flux, data, tmp_path / "out", bank=str(tmp_path)), progress=False)
+
+
+@pytest.mark.parametrize("layout", ["one-call", "teacher-first"])
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-qwenimage"])
+def test_bank_rows_fused_equal_reference(name, layout):
+    """Bank rows (their own latents, noise, sigmas and captions; the true velocity as target) ride in the fused
+    step's call beside the CAT and held rows: loss, bank term and LoRA gradients equal the reference's separate
+    calls (Qwen-Image: bank captions of another length, padded with the mask)."""
+    from catfast.testing import lora_transformer
+    from catfast.train.flow_objective import BankRows, flow_cat_loss, sample_flow_inputs
+
+    family, model, _ = lora_transformer(name)
+    for pname, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
+    g = torch.Generator().manual_seed(7)
+    latents = torch.randn(2, family.latent_channels(model), 8, 8, generator=g)
+    noise, sigmas = sample_flow_inputs(family, latents, generator=g)
+    cond, stripped, extra = (family.example_cond(model, 2, 7, g) for _ in range(3))
+    bank_latents = torch.randn(3, *latents.shape[1:], generator=g)
+    bank_noise, bank_sigmas = sample_flow_inputs(family, bank_latents, generator=g)
+    length = 5 if family.name == "qwenimage" else 7  # Flux's T5 states are padded to one length
+    bank = BankRows(bank_latents, bank_noise, bank_sigmas, family.example_cond(model, 3, length, g), 0.4)
+    runs = {}
+    for mode, lay in (("reference", "one-call"), ("fused", layout)):
+        for p in model.parameters():
+            p.grad = None
+        out = flow_cat_loss(family, model, latents, noise, sigmas, cond, stripped, cat_weight=0.7,
+                            preserve=[(extra, 0.5)], bank=bank, mode=mode, layout=lay)  # fmt: skip
+        out.loss.backward()
+        runs[mode] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (ref, ref_grads), (fused, fused_grads) = runs["reference"], runs["fused"]
+    assert ref.bank > 0
+    assert_rel_close(ref.loss.detach(), ref.ldm + 0.7 * ref.cat + 0.5 * ref.preserved[0] + 0.4 * ref.bank, 1e-6, "sum")
+    assert_rel_close(fused.loss, ref.loss, 1e-5, "loss")
+    assert_rel_close(fused.bank, ref.bank, 1e-5, "bank term")
+    assert sorted(fused_grads) == sorted(ref_grads) and ref_grads
+    for n, grad in ref_grads.items():
+        assert_rel_close(fused_grads[n], grad, 1e-5, n)
+
+
+def test_bank_make_on_a_dit_and_train_with_it(flux, tmp_path):
+    from click.testing import CliRunner
+
+    from catfast.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\na blue box on a green background\n")
+    bank = tmp_path / "bank"
+    args = ["bank", "make", "--base", str(flux), "--prompts", str(prompts), "--n", "3", "--out", str(bank), "--steps",
+            "2", "--size", "32", "--threads", "1"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((bank / "manifest.json").read_text())
+    assert manifest["n"] == 3 and manifest["size"] == 32 and manifest["sampler"] == "flow-euler"
+    data = make_data(tmp_path / "toks", trigger="tok", n=2)
+    train(config(flux, data, tmp_path / "out", bank=str(bank), bank_weight=0.5), progress=False)
+    lines = metrics(tmp_path / "out")
+    assert all(r["bank"] > 0 for r in lines)  # the replayed rows' velocity error, from step 1
+    # a bank at another size, or of another pipeline: one line before OUT changes
+    small = tmp_path / "small"
+    small_args = [str(small) if a == str(bank) else "16" if a == "32" else a for a in args]
+    assert CliRunner().invoke(main, small_args).exit_code == 0
+    other = init_dit_folder("tiny-flux", tmp_path / "other", seed=1)
+    for folder, words in ((small, "catfast bank make --size"), (bank, "another base model")):
+        base = other if folder == bank else flux
+        with pytest.raises(CatfastError) as e:
+            train(config(base, data, tmp_path / "bad", bank=str(folder)), progress=False)
+        assert words in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "bad" / "config.json").exists()

@@ -116,7 +116,7 @@ def test_what_the_dit_path_does_not_build_is_refused_in_one_line(folders, data, 
     base = folders["tiny-sd3"]
     for overrides, option in (
         (dict(cuda_graphs=True), "--cuda-graphs"),
-        (dict(bank=str(tmp_path)), "--bank"),
+        (dict(bank=str(tmp_path), buckets=True), "--bank with --buckets"),
         (dict(snr_gamma=5.0), "--snr-gamma"),
         (dict(sample_every=1), "--sample-every"),
         (dict(format="kohya"), "--format kohya"),

@@ -76,18 +76,9 @@ def make_bank(
     ``steps``, CFG ``guidance``; ``batch`` rows per sampler run) and write the bank folder ``out``. The
     folder is checked before sampling (not a link or a file; empty unless ``overwrite``)."""
     from catfast.eval.sampler import sample_images
-    from catfast.folders import check_target, ensure_writable_folder, write_atomic
     from catfast.train.checkpoint import base_identity
 
-    if n < 1:
-        raise BankError(f"--n must be >= 1, got {n}")
-    if not prompts:
-        raise BankError("no prompts to sample the bank from")
-    out = Path(out)
-    check_target(out, overwrite, BankError)
-    ensure_writable_folder(out, BankError)
-    rows = [prompts[i % len(prompts)] for i in range(n)]
-    seeds = [seed + i for i in range(n)]
+    out, rows, seeds = bank_rows(prompts, n, out, seed, overwrite)
     latents = sample_images(
         base,
         rows,
@@ -99,21 +90,39 @@ def make_bank(
         output="latents",
         progress=progress,
     )
-    stacked = torch.stack(latents).float().contiguous()
-    manifest = dict(
-        format=BANK_FORMAT,
-        base=base_identity(base),
-        n=n,
-        shape=list(stacked.shape[1:]),
-        prompts=rows,
-        seeds=seeds,
-        steps=steps,
-        guidance=guidance,
-        size=base.unet.config.sample_size * base.vae_scale_factor,
-    )
+    size = base.unet.config.sample_size * base.vae_scale_factor
+    return write_bank(out, torch.stack(latents), base_identity(base), rows, seeds, steps=steps, guidance=guidance,
+                      size=size)  # fmt: skip
+
+
+def bank_rows(prompts: list[str], n: int, out, seed: int, overwrite: bool) -> tuple[Path, list[str], list[int]]:
+    """(the checked and created bank folder ``out``, each row's prompt ``prompts[i % len]``, its seed ``seed + i``)
+    for a bank of ``n`` rows; BankError for n < 1, no prompts, or a folder that may not be written (a link, a
+    file, or not empty without ``overwrite``)."""
+    from catfast.folders import check_target, ensure_writable_folder
+
+    if n < 1:
+        raise BankError(f"--n must be >= 1, got {n}")
+    if not prompts:
+        raise BankError("no prompts to sample the bank from")
+    out = Path(out)
+    check_target(out, overwrite, BankError)
+    ensure_writable_folder(out, BankError)
+    return out, [prompts[i % len(prompts)] for i in range(n)], [seed + i for i in range(n)]
+
+
+def write_bank(out: Path, latents: torch.Tensor, identity: str, prompts: list[str], seeds: list[int],
+               **sampler) -> Path:  # fmt: skip
+    """Write the bank folder ``out`` (checked and created by the caller): ``latents`` ``[N, C, h, w]`` and the
+    manifest (format, the base's ``identity``, n, shape, prompts, seeds, the ``sampler`` settings), the latents
+    first: a manifest is only there once its latents are."""
     from safetensors.torch import save
 
-    # the latents first: a manifest is only there once its latents are
+    from catfast.folders import write_atomic
+
+    stacked = latents.float().contiguous()
+    manifest = dict(format=BANK_FORMAT, base=identity, n=len(prompts), shape=list(stacked.shape[1:]), prompts=prompts,
+                    seeds=seeds, **sampler)  # fmt: skip
     for stale in (out / MANIFEST, out / LATENTS):
         stale.unlink(missing_ok=True)
     write_atomic(out / LATENTS, save({"latents": stacked}, metadata={"format": BANK_FORMAT}))
@@ -124,6 +133,16 @@ def make_bank(
 def load_bank(folder: str | os.PathLike, base) -> Bank:
     """The bank in ``folder``, checked against ``base`` (fingerprint, latent channels and size); BankError
     naming the folder and what is wrong otherwise."""
+    from catfast.train.checkpoint import base_identity
+
+    side = base.unet.config.sample_size
+    return read_bank(folder, base_identity(base), (base.unet.config.in_channels, side, side), "UNet")
+
+
+def read_bank(folder: str | os.PathLike, fingerprint: str, want: tuple[int, ...] | None, takes: str) -> Bank:
+    """The bank in ``folder``, checked: readable, consistent, finite, sampled from the base whose identity is
+    ``fingerprint``, latents of shape ``want`` per row (what the ``takes`` model trains on; None: checked by the
+    caller); BankError naming the folder and what is wrong otherwise."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BankError(f"{folder}: no such bank folder (make one with `catfast bank make`)")
@@ -155,17 +174,12 @@ def load_bank(folder: str | os.PathLike, base) -> Bank:
         )
     if not torch.isfinite(latents).all():
         raise BankError(f"{latents_path}: the bank latents hold NaN or infinite values")
-    from catfast.train.checkpoint import base_identity
-
-    fingerprint = base_identity(base)
     if manifest.get("base") != fingerprint:
         raise BankError(
             f"{folder}: this bank was sampled from another base model (identity {str(manifest.get('base'))[:12]}, "
             f"this base {fingerprint[:12]}); make a bank with this --base"
         )
-    unet = base.unet
-    side = unet.config.sample_size
-    want = (unet.config.in_channels, side, side)
-    if tuple(latents.shape[1:]) != want:
-        raise BankError(f"{folder}: bank latents are {tuple(latents.shape[1:])}, this base's UNet takes {want}")
+    if want is not None and tuple(latents.shape[1:]) != tuple(want):
+        shape = tuple(latents.shape[1:])
+        raise BankError(f"{folder}: bank latents are {shape}, this base's {takes} takes {tuple(want)}")
     return Bank(folder, latents, [str(p) for p in prompts], [int(s) for s in seeds], manifest)

@@ -1,4 +1,5 @@
-"""Held prompts of a DiT training run: `--cat-prompts` and `--keep` on the flow-matching path (docs/retention.md).
+"""Held prompts of a DiT training run: `--cat-prompts`, `--keep` and `--bank` on the flow-matching path
+(docs/retention.md).
 
 A held prompt is one the adapter must leave as the teacher (the frozen transformer) has it. Per sample and
 step, one prompt of each kind is drawn with the run's generator and becomes one more student row and one more
@@ -9,7 +10,9 @@ sigma, as the UNet's `train/retention.py` does:
   and the extra rows, ``cat = (mse(stripped) + mse(extra)) / 2``, weighted by ``cat_weight``;
 - ``--keep A[,B...]``: adapters trained before (their ``catfast.trigger_prompts`` metadata) are merged into the
   frozen weights, so the teacher is base + kept; one of their recorded prompts per sample gives the ``keep``
-  term, weighted by ``keep_weight``.
+  term, weighted by ``keep_weight``;
+- ``--bank DIR``: a knowledge bank of the base's samples (``flow_bank``): Nb rows a step on the adapter with the
+  true velocity as target (no teacher row), weighted by ``bank_weight``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from catfast.train.config import TrainConfig
+from catfast.train.flow_bank import BankReplay, check_shape, load_flow_bank
 from catfast.train.lifelong import KeptAdapter, merge_kept, read_kept
 from catfast.train.retention import extra_prompts
 
@@ -33,14 +37,26 @@ class HeldPrompts:
     kept: list[KeptAdapter] = field(default_factory=list)
     cat_weight: float = 1.0
     keep_weight: float = 1.0
+    bank: BankReplay | None = None
 
     @classmethod
     def read(cls, config: TrainConfig) -> HeldPrompts:
-        """Read ``--cat-prompts`` and the ``--keep`` files (CatfastError naming a missing or unreadable file,
-        or a kept adapter without recorded prompts or of another denoiser); whether a kept adapter's layers
-        fit the transformer is checked when it is merged, before any weight changes."""
+        """Read ``--cat-prompts``, the ``--keep`` files and the ``--bank`` folder (CatfastError naming a missing or
+        unreadable file, a kept adapter without recorded prompts or of another denoiser, a bank of another
+        base); whether a kept adapter's layers fit the transformer is checked when it is merged, before any
+        weight changes, and the bank's latent shape once the training latents are planned (``check_bank``)."""
         kept = read_kept(config.keep, None, COMPONENT) if config.keep else []
-        return cls(extra_prompts(config.cat_prompts), kept, config.cat_weight, config.keep_weight)
+        held = cls(extra_prompts(config.cat_prompts), kept, config.cat_weight, config.keep_weight)
+        if config.bank is not None:
+            bank = load_flow_bank(config.bank, config.base)
+            offset = len(held.extra) + len(held.kept_prompts)  # the bank prompts come after the held ones
+            held.bank = BankReplay(bank, config.bank_ratio, config.bank_weight, offset)
+        return held
+
+    def check_bank(self, latent_shape: tuple[int, ...]) -> None:
+        """BankError unless the bank's latents have the training latents' ``(C, h, w)`` (no bank: nothing)."""
+        if self.bank is not None:
+            check_shape(self.bank.bank, latent_shape)
 
     @property
     def kept_prompts(self) -> list[str]:
@@ -48,8 +64,9 @@ class HeldPrompts:
 
     @property
     def prompts(self) -> list[str]:
-        """Every held prompt, extra ones first: what ``build_flow_cache(prompts=)`` encodes, in this order."""
-        return self.extra + self.kept_prompts
+        """Every prompt to encode, extra ones first, then the kept adapters', then the bank's (one per bank row):
+        what ``build_flow_cache(prompts=)`` encodes, in this order."""
+        return self.extra + self.kept_prompts + (self.bank.bank.prompts if self.bank is not None else [])
 
     @property
     def stripped_weight(self) -> float:
@@ -73,13 +90,19 @@ class HeldPrompts:
             offset += len(prompts)
         return out
 
+    def bank_rows(self, family, dataset, batch: int, generator: torch.Generator, device, dtype):
+        """``flow_cat_loss``'s ``bank`` for a step of ``batch`` concept rows (None without a bank)."""
+        if self.bank is None:
+            return None
+        return self.bank.rows(family, dataset, batch, generator, device, dtype)
+
     def terms(self, out) -> list[torch.Tensor]:
-        """(cat, keep) of one ``flow_cat_loss`` output, detached: cat over the stripped and extra rows, keep
-        over the kept rows (0 where off)."""
+        """(cat, keep, bank) of one ``flow_cat_loss`` output, detached: cat over the stripped and extra rows,
+        keep over the kept rows, bank over the bank rows (0 where off)."""
         zero = torch.zeros_like(out.ldm)
         cat = out.cat if out.cat is not None else zero
         preserved = list(out.preserved)
         if self.extra:
             cat = (cat + preserved.pop(0)) / 2
         keep = preserved.pop(0) if self.kept else zero
-        return [cat, keep]
+        return [cat, keep, out.bank if out.bank is not None else zero]

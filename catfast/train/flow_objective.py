@@ -8,6 +8,7 @@ sigma (each sample its own sigma in (0, 1]):
   L_CAT  = mean_b w_b mse_b(v_{W+dW}(x_t, sigma, c-), sg(v_W(x_t, sigma, c-)))   adapter vs frozen base
   L      = L_LDM + cat_weight * L_CAT + sum_k w_k L_k
   L_k    = mean_b w_b mse_b(v_{W+dW}(x_t, sigma, p_k), sg(v_W(x_t, sigma, p_k)))   ``preserve``: more held prompts
+  L_bank = mean_j w_j mse_j(v_{W+dW}(xb_t, sigma_j, c_j), noise_j - xb_j)   ``bank`` (weight bank.weight)
 w: the family recipe's loss weighting (``compute_loss_weighting_for_sd3``; "none": 1). The base v_W is the same
 transformer with its LoRA switched off under no_grad (``families.lora_disabled``), never a second model;
 ``cat_weight == 0`` runs the plain LoRA step (one forward). The family (``integrations.families``) hides the
@@ -52,6 +53,19 @@ class FlowLossOutput:
     cat: torch.Tensor | None  # L_CAT, detached (None when cat_weight == 0)
     sigmas: torch.Tensor  # [B], the sigmas used
     preserved: tuple[torch.Tensor, ...] = ()  # L_k of each ``preserve`` group, detached
+    bank: torch.Tensor | None = None  # L_bank, detached (None without bank rows)
+
+
+@dataclass
+class BankRows:
+    """Knowledge-bank rows of one step (``catfast.train.flow_bank``): base-model samples replayed with fresh noise,
+    their own sigmas and the true velocity as target, on the adapter (no teacher row), weighted by ``weight``."""
+
+    latents: torch.Tensor  # [Nb, C, H, W], the concept latents' shape
+    noise: torch.Tensor  # [Nb, C, H, W]
+    sigmas: torch.Tensor  # [Nb]
+    cond: Cond  # Nb rows of the bank prompts' conditions
+    weight: float
 
 
 def sample_flow_inputs(
@@ -75,6 +89,7 @@ def flow_cat_loss(
     *,
     cat_weight: float = 1.0,
     preserve: Sequence[tuple[Cond, float]] = (),
+    bank: BankRows | None = None,
     mode: str = "reference",
     layout: str = "one-call",
 ) -> FlowLossOutput:
@@ -83,7 +98,9 @@ def flow_cat_loss(
     and the stripped captions (``cond_stripped`` is needed only when ``cat_weight > 0``); ``preserve``: more
     (condition of B rows, weight) groups whose prompts the adapter must leave as the base has them (extra CAT
     prompts, kept adapters' prompts: ``flow_trainer``), each one more student and one more teacher row per
-    sample in the same calls; ``mode``: one of ``MODES``; ``layout``: the fused mode's, one of ``LAYOUTS``."""
+    sample in the same calls; ``bank``: knowledge-bank rows (``BankRows``), adapter rows with the true
+    velocity as target, in the same call too; ``mode``: one of ``MODES``; ``layout``: the fused mode's, one of
+    ``LAYOUTS``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if layout not in LAYOUTS:
@@ -102,24 +119,34 @@ def flow_cat_loss(
     held = ([(cond_stripped, cat_weight)] if cat_weight > 0 else []) + list(preserve)
     if any(w < 0 for _, w in preserve):
         raise ValueError(f"preserve weights must be >= 0, got {[w for _, w in preserve]}")
-    if not held:
+    if not held and bank is None:
         pred = family.predict(model, noisy, sigmas, cond)
         ldm = _weighted_mse(pred, target, weights)
         return FlowLossOutput(loss=ldm, ldm=ldm.detach(), cat=None, sigmas=sigmas)
-    groups = [c for c, _ in held]
+    # adapter row groups: the concept, each held group's students, the bank's rows; teacher groups: each held one
+    students = [(noisy, sigmas, cond)] + [(noisy, sigmas, c) for c, _ in held]
+    if bank is not None:
+        bank_noisy, bank_target = noisy_and_target(bank.latents, bank.noise, bank.sigmas)
+        students.append((bank_noisy, bank.sigmas, bank.cond))
+    teachers = [(noisy, sigmas, c) for c, _ in held]
     if mode == "fused":
-        pred, students, teachers = _fused_predictions(family, model, noisy, sigmas, cond, groups, layout)
+        adapter_out, teacher_out = _fused_predictions(family, model, students, teachers, layout)
     else:
-        pred = family.predict(model, noisy, sigmas, cond)
+        adapter_out = [family.predict(model, *group) for group in students]
         with torch.no_grad(), lora_disabled(model):
-            teachers = [family.predict(model, noisy, sigmas, c) for c in groups]
-        students = [family.predict(model, noisy, sigmas, c) for c in groups]
-    ldm = _weighted_mse(pred, target, weights)
-    terms = [_weighted_mse(s, t.float(), weights) for s, t in zip(students, teachers)]
+            teacher_out = [family.predict(model, *group) for group in teachers]
+    ldm = _weighted_mse(adapter_out[0], target, weights)
+    terms = [_weighted_mse(s, t.float(), weights) for s, t in zip(adapter_out[1 : 1 + len(held)], teacher_out)]
     loss = ldm + sum(w * term for (_, w), term in zip(held, terms))
+    bank_term = None
+    if bank is not None:
+        bank_weights = family.flow.loss_weights(bank.sigmas.float().to(latents.device))
+        bank_term = _weighted_mse(adapter_out[-1], bank_target, bank_weights)
+        loss = loss + bank.weight * bank_term
+        bank_term = bank_term.detach()
     cat = terms[0].detach() if cat_weight > 0 else None
     preserved = tuple(t.detach() for t in terms[len(held) - len(preserve) :])
-    return FlowLossOutput(loss=loss, ldm=ldm.detach(), cat=cat, sigmas=sigmas, preserved=preserved)
+    return FlowLossOutput(loss=loss, ldm=ldm.detach(), cat=cat, sigmas=sigmas, preserved=preserved, bank=bank_term)
 
 
 def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -137,30 +164,34 @@ def noisy_and_target(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.T
     return noisy, noise.float() - latents.float()
 
 
-def _fused_predictions(family: DenoiserFamily, model, noisy, sigmas, cond: Cond, groups: list[Cond], layout: str):
-    """(adapter on c, [adapter on g for g in groups], [detached base on g]) from row-planned calls in
-    ``layout``: one-call rows ``[c | g_1 .. g_k | g_1 .. g_k]`` (adapter, adapter, base), teacher-first a no_grad
-    call of the k base groups, then one of the 1 + k adapter groups."""
-    batch, k = noisy.shape[0], len(groups)
+def _fused_predictions(family: DenoiserFamily, model, students: list[tuple], teachers: list[tuple], layout: str):
+    """(the adapter's prediction per ``students`` group, the detached base's per ``teachers`` group), each group
+    ``(x_t, sigmas, cond)``, from row-planned calls in ``layout``: one-call rows ``[students | teachers]``, the
+    teacher rows without gradients; teacher-first a no_grad call of the teacher rows, then one of the students."""
+    device = students[0][0].device
     with planned_unet(model, [], purpose="fused", error=ValueError) as call:
         active = active_adapters(model)  # read once patched: unpatched, diffusers walks the module tree for it
         if len(active) != 1:
             raise ValueError(f"fused CAT trains one adapter; the transformer has active adapters {active}")
-        adapter_slots = call.slots(active * (1 + k) * batch)
+        n_student, n_teacher = (sum(g[0].shape[0] for g in groups) for groups in (students, teachers))
+        adapter_slots = call.slots(active * n_student)
         if layout == "teacher-first":
-            plan = RowPlan.build([NO_ADAPTER] * k * batch, needs_grad=False, device=noisy.device)
-            with torch.no_grad(), call.plan_rows(plan):
-                teachers = family.predict(model, torch.cat([noisy] * k), torch.cat([sigmas] * k),
-                                          family.concat_conds(groups)).chunk(k)  # fmt: skip
-            with call.plan_rows(RowPlan.build(adapter_slots, device=noisy.device)):
-                out = family.predict(model, torch.cat([noisy] * (1 + k)), torch.cat([sigmas] * (1 + k)),
-                                     family.concat_conds([cond, *groups]))  # fmt: skip
-            pred, *students = out.chunk(1 + k)
-            return pred, students, list(teachers)
-        slots = adapter_slots + [NO_ADAPTER] * k * batch
-        plan = RowPlan.build(slots, needs_grad=[True] * (1 + k) * batch + [False] * k * batch, device=noisy.device)
-        rows = family.concat_conds([cond, *groups, *groups])
+            teacher_out = []
+            if teachers:
+                plan = RowPlan.build([NO_ADAPTER] * n_teacher, needs_grad=False, device=device)
+                with torch.no_grad(), call.plan_rows(plan):
+                    teacher_out = _call(family, model, teachers)
+            with call.plan_rows(RowPlan.build(adapter_slots, device=device)):
+                return _call(family, model, students), teacher_out
+        slots = adapter_slots + [NO_ADAPTER] * n_teacher
+        plan = RowPlan.build(slots, needs_grad=[True] * n_student + [False] * n_teacher, device=device)
         with call.plan_rows(plan):
-            out = family.predict(model, torch.cat([noisy] * (1 + 2 * k)), torch.cat([sigmas] * (1 + 2 * k)), rows)
-    pred, *rest = out.chunk(1 + 2 * k)
-    return pred, rest[:k], [t.detach() for t in rest[k:]]
+            out = _call(family, model, students + teachers)
+    return out[: len(students)], [t.detach() for t in out[len(students) :]]
+
+
+def _call(family: DenoiserFamily, model, groups: list[tuple]) -> list[torch.Tensor]:
+    """One transformer call over the rows of ``groups`` ``(x_t, sigmas, cond)``; the prediction of each group."""
+    out = family.predict(model, torch.cat([g[0] for g in groups]), torch.cat([g[1] for g in groups]),
+                         family.concat_conds([g[2] for g in groups]))  # fmt: skip
+    return list(out.split([g[0].shape[0] for g in groups]))

@@ -4,8 +4,9 @@
 (`config.dit_family`); UNet bases stay in trainer.py. One run:
 
 1. refuses, in one line naming the option, what this path does not build (`check_supported`: --cuda-graphs,
-   --bank, samples, kohya files, ...), then checks OUT as the UNet trainer does; reads the held prompts of
-   --cat-prompts and --keep (train/flow_held.py: extra CAT rows and kept adapters, as docs/retention.md);
+   samples, kohya files, ...), then checks OUT as the UNet trainer does; reads the held prompts of --cat-prompts
+   and --keep and the --bank folder (train/flow_held.py: extra CAT rows, kept adapters, bank rows, as
+   docs/retention.md);
 2. scans the concept folders (train/data.py: captions, triggers, kohya folders) and plans each image's
    variants (data.Transform: resize, crops, flips, aspect buckets) at sides that are multiples of the VAE's
    scale x the family's 2x2 patch;
@@ -25,9 +26,9 @@
    each process takes its contiguous share of a global batch of ``batch_size x world`` samples, noise and
    sigmas are drawn for the whole global batch on every rank, and the LoRA gradients are averaged in one
    all-reduce per step: W processes compute what one process with the global batch computes;
-5. writes what the UNet trainer writes: config.json, metrics.jsonl (step, loss, ldm, cat, [keep,] lr, seconds, mode),
-   loss.png, checkpoints (`catfast.train.checkpoint`: --resume continues bit for bit), and adapter.safetensors
-   in diffusers' format (``transformer.`` keys, rank and alpha in ``lora_adapter_metadata``:
+5. writes what the UNet trainer writes: config.json, metrics.jsonl (step, loss, ldm, cat, [keep, bank,] lr,
+   seconds, mode), loss.png, checkpoints (`catfast.train.checkpoint`: --resume continues bit for bit), and
+   adapter.safetensors in diffusers' format (``transformer.`` keys, rank and alpha in ``lora_adapter_metadata``:
    ``catfast.adapters.formats.write_adapter``), which ``pipe.load_lora_weights`` loads; only rank 0 writes. A
    checkpoint's lora.safetensors is that file as of its step, written into the checkpoint folder right after
    it lands (a kill between the two leaves a checkpoint that resumes but lacks it).
@@ -105,6 +106,7 @@ def train_flow(
     dist.barrier()
     if not dist.main:
         dataset, freed = build_flow_cache(folder, family, examples, config, cache_dir, device, False, held.prompts)
+    held.check_bank(tuple(dataset.entries[0].latents.shape[1:]))  # the bank rows join the concept rows' call
     identities = content_identities(SimpleNamespace(path=str(folder)), dataset.digests,
                                     [str(e.image) for e in dataset.examples])  # fmt: skip
     if resume_from is not None:
@@ -133,7 +135,8 @@ def check_supported(config: TrainConfig, family: DenoiserFamily, world: int) -> 
     refused, never ignored."""
     refused = [
         (config.cuda_graphs, "--cuda-graphs", "leave it off"),
-        (config.bank is not None, "--bank", "train without a knowledge bank (--cat-prompts and --keep are built)"),
+        (config.bank is not None and world > 1, "--bank under torchrun", "train with --bank in one process"),
+        (config.bank is not None and config.buckets, "--bank with --buckets", "the bank rows share one call: one size"),
         (config.snr_gamma is not None, "--snr-gamma (a DDPM weighting)", "the family's recipe weights the loss"),
         (config.timesteps != "uniform", f"--timesteps {config.timesteps}", "the family's recipe samples sigmas"),
         (config.mixed_precision == "fp16", "--mixed-precision fp16", "use bf16"),
@@ -261,9 +264,9 @@ class _FlowRun:
 
     def step(self) -> tuple[list[float], float]:
         """One optimizer step of ``grad_accum`` micro-batches of the global batch (``batch_size`` x processes):
-        the global batch's (loss, ldm, cat, keep) and the lr it used."""
+        the global batch's (loss, ldm, cat, keep, bank) and the lr it used."""
         config, family, dist = self.config, self.family, self.dist
-        stats = torch.zeros(4, device=self.device)
+        stats = torch.zeros(5, device=self.device)
         for _ in range(config.grad_accum):
             keys, start, n, count = self.batches.next_shard(dist)
             latents, cond, cond_stripped = self.dataset.batch(keys, self.device, self.weight_dtype)
@@ -273,8 +276,9 @@ class _FlowRun:
             noise, sigmas = flow_objective.sample_flow_inputs(family, whole, generator=self.noise_gen)
             rows = slice(start, start + len(keys))
             held = self.held.groups(self.dataset, n, rows, self.noise_gen, self.device, self.weight_dtype)
+            bank = self.held.bank_rows(family, self.dataset, len(keys), self.noise_gen, self.device, self.weight_dtype)
             out = flow_objective.flow_cat_loss(family, self.model, latents, noise[rows], sigmas[rows], cond,
-                                               cond_stripped, preserve=held, **self.loss_kwargs)  # fmt: skip
+                                               cond_stripped, preserve=held, bank=bank, **self.loss_kwargs)  # fmt: skip
             # each rank's mean weighted by its share of the global batch: the ranks' gradients averaged below
             # are the global batch's mean (a rank left without samples computes one with weight 0)
             scale = count * dist.world / n / config.grad_accum
@@ -297,6 +301,8 @@ class _FlowRun:
         self.last = {"loss": values[0], "ldm": values[1], "cat": values[2]}
         if self.held.kept:
             self.last["keep"] = values[3]
+        if self.held.bank is not None:
+            self.last["bank"] = values[4]
         if not math.isfinite(values[0]):
             lr_now = self.config.lr
             raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({lr_now}) or check the data")
