@@ -25,13 +25,13 @@ Formats (``detect_format``):
 
 Alpha survives every read, write and conversion: ``write_adapter`` stores per-layer alphas in a form
 diffusers' own ``load_lora_weights`` restores. Pure torch + safetensors (no diffusers, no peft).
-Module names of kohya files: ``catfast.adapters.kohya_names``.
+Module names of kohya files: ``catfast.adapters.kohya_names``; diffusers' LoraConfig metadata (read and written):
+``catfast.adapters.lora_config``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -46,9 +46,7 @@ from catfast.adapters.adapter import (
     LoraAdapter,
     LoraLayer,
     layer_key,
-    most_common,
     pair_problem,
-    pattern_value,
     split_key,
 )
 from catfast.adapters.kohya_names import (
@@ -58,15 +56,20 @@ from catfast.adapters.kohya_names import (
     path_to_kohya,
     split_flux_layer,
 )
+from catfast.adapters.lora_config import (
+    _BARE,
+    LORA_ADAPTER_METADATA_KEY,
+    _alpha_from_config,
+    _config_path,
+    _lora_config_metadata,
+    lora_config_kwargs,
+)
 from catfast.errors import AdapterFormatError, CatfastError
 from catfast.folders import write_atomic
 
 FORMATS = ("peft", "diffusers", "kohya")
 WRITE_FORMATS = ("diffusers", "kohya")  # "diffusers" writes the peft key style ("peft" is an alias)
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers.loaders.lora_base.LORA_WEIGHT_NAME_SAFE
-_BARE = ""  # the component of keys (and LoraConfig metadata) written without a component prefix
-PEFT_DEFAULT_ALPHA = 8  # LoraConfig().lora_alpha: what diffusers gets when metadata omits lora_alpha
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
@@ -214,28 +217,6 @@ def _load_safetensors(source: str) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, header
 
 
-def _lora_config_metadata(header: dict[str, str]) -> dict[str, dict]:
-    """diffusers' ``lora_adapter_metadata`` JSON split per component: {"unet": {"r": 4, "lora_alpha": 8, ...}}.
-    ``save_lora_weights`` prefixes the LoraConfig fields ("unet.r"); ``unet.save_lora_adapter`` does not
-    (its keys are unprefixed too): those land under "" (_BARE)."""
-    raw = header.get(LORA_ADAPTER_METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"metadata {LORA_ADAPTER_METADATA_KEY} is not valid JSON: {e}") from None
-    if not isinstance(flat, dict):
-        raise AdapterFormatError(f"metadata {LORA_ADAPTER_METADATA_KEY} must be a JSON object")
-    per_component: dict[str, dict] = {}
-    for key, value in flat.items():
-        component, _, field = key.partition(".")
-        if component not in COMPONENTS or not field:
-            component, field = _BARE, key
-        per_component.setdefault(component, {})[field] = value
-    return per_component
-
-
 def _unsupported(keys: Iterable[str]) -> None:
     for key in keys:
         for marker, what in _UNSUPPORTED.items():
@@ -318,17 +299,6 @@ def _add_layers(layers: dict[str, LoraLayer], component: str, new: dict[str, Lor
         if key in layers:  # e.g. a FLUX.1 qkv and a to_q of the same block, or bare and prefixed keys
             raise AdapterFormatError(f"two LoRA layers for module {key}")
         layers[key] = layer
-
-
-def _alpha_from_config(config: dict | None, path: str, rank: int) -> float:
-    """The alpha peft gives module ``path`` under diffusers' LoraConfig metadata (None: alpha = rank)."""
-    if not config:
-        return float(rank)
-    if config.get("use_dora"):
-        raise AdapterFormatError("DoRA adapters (use_dora in lora_adapter_metadata) are not supported")
-    alpha = float(pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
-    # rsLoRA scales by alpha / sqrt(r); keep the same scale as alpha' / r.
-    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
 def _pair(name: str, pair: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,34 +418,6 @@ def _peft_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dic
         )
         lora_metadata.update({f"{component}.{k}": v for k, v in config.items()})
     return tensors, lora_metadata
-
-
-def _config_path(component: str, path: str) -> str:
-    # peft matches target names as suffixes, so the text encoders' "encoder.layers..." fits both the
-    # flattened CLIPTextModel of transformers 5 and models that keep `text_model.`.
-    return path.removeprefix("text_model.") if component.startswith("text_encoder") else path
-
-
-def lora_config_kwargs(layers: Mapping[str, LoraLayer], *, anchored: bool = False) -> dict:
-    """peft ``LoraConfig`` arguments that give every module path in ``layers`` its rank and alpha:
-    the most common rank/alpha as defaults, the rest as exact (regex-escaped) rank/alpha patterns.
-    ``anchored``: the paths are full module names from the model's root, and each pattern matches only
-    its own module (``^`` + path), not every module whose name ends so."""
-    start = "^" if anchored else ""
-    ranks = {p: layer.rank for p, layer in layers.items()}
-    alphas = {p: _plain(layer.alpha) for p, layer in layers.items()}
-    r, lora_alpha = most_common(list(ranks.values())), most_common(list(alphas.values()))
-    return {
-        "r": r,
-        "lora_alpha": lora_alpha,
-        "rank_pattern": {start + re.escape(p): v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {start + re.escape(p): v for p, v in alphas.items() if v != lora_alpha},
-        "target_modules": sorted(layers),
-    }
-
-
-def _plain(alpha: float) -> float | int:
-    return int(alpha) if float(alpha).is_integer() else alpha
 
 
 def _kohya_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict]:

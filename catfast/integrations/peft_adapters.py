@@ -13,7 +13,7 @@ import math
 import torch
 
 from catfast.adapters.adapter import DENOISERS, LoraAdapter, LoraLayer, guess_family, layer_key
-from catfast.adapters.formats import lora_config_kwargs
+from catfast.adapters.lora_config import lora_config_kwargs
 from catfast.adapters.merge import resolve_targets
 from catfast.errors import CatfastError
 
