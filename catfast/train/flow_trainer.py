@@ -8,7 +8,7 @@
    and --keep and the --bank folder (train/flow_held.py: extra CAT rows, kept adapters, bank rows, as
    docs/retention.md);
 2. scans the concept folders (train/data.py: captions, triggers, kohya folders) and plans each image's
-   variants (data.Transform: resize, crops, flips, aspect buckets) at sides that are multiples of the VAE's
+   variants (transform.Transform: resize, crops, flips, aspect buckets) at sides that are multiples of the VAE's
    scale x the family's 2x2 patch;
 3. caches on disk, under OUT/cache (or cache_dir), one safetensors entry per image (train/flow_cache.py): its
    variants' latents ``[V, C, h, w]`` fp32 (`family.encode_latents`: a posterior sample seeded by the image's
