@@ -210,6 +210,27 @@ def test_stacked_and_weighted_adapters_share_a_batch_and_equal_diffusers(served,
     assert len(engine.scheduler.pool.stacks) >= 1  # the composite stays attached for the next request of that mix
 
 
+def test_more_stacks_in_one_batch_than_the_cache_keeps(engine, monkeypatch):
+    """Three stacked mixes in one batch with room for two composites: none is dropped while its batch needs it;
+    each request equals it alone; the cache is back to its size after the next batch."""
+    monkeypatch.setattr("catfast.serve.dit.STACK_CACHE", 2)
+    mixes = [{"star": w, "ball": 1.0} for w in (0.3, 0.6, 0.9)]
+
+    def submit(adapters):
+        return engine.submit(GenerationRequest("a red dog", adapters=adapters, size=SIDE, steps=2, seed=4))
+
+    with engine._lock:
+        batch = [submit(m) for m in mixes]
+    for h in batch:
+        h.result(60)
+    assert [h.peak_batch for h in batch] == [3, 3, 3]
+    for h, mix in zip(batch, mixes):
+        alone = submit(mix)
+        alone.result(60)
+        assert_rel_close(h.latents, alone.latents, 1e-3, str(mix))
+    assert len(engine.scheduler.pool.stacks) <= 2
+
+
 # what the UNet server refuses, refused the same way; and what only a DiT base refuses
 REFUSED = [
     ({"prompt": ""}, 400, "prompt"),

@@ -26,7 +26,8 @@ What differs, here:
   plan gives a row one adapter, so a request stacking several (``a:0.8+b``) gets one composite peft adapter:
   the parts' LoRA factors side by side with their weights folded in (``adapters.merge.stack_layers``, exact,
   rank = the summed ranks), attached once per mix and kept for the next request with the same mix
-  (``STACK_CACHE`` mixes, LRU; dropped when a part leaves the device or the padding widens).
+  (``STACK_CACHE`` mixes, LRU, more while one batch needs them; dropped when a part leaves the device or the
+  padding widens).
 - image k of a request with seed s is the pipeline's image for seed s + k (each row's noise comes from
   its own generator, as the pipeline draws it for one image).
 - an adapter file of another family (a UNet LoRA, or a transformer LoRA whose module names say another
@@ -130,6 +131,7 @@ class DitAdapterPool(AdapterPool):
         self.padding: set[str] = set()  # the modules every attached adapter targets (padded with zeros)
         self._ids = itertools.count()
         self.stacks: OrderedDict[tuple, str] = OrderedDict()  # ((peft name, weight), ...) -> composite peft name
+        self.batch_stacks: set[str] = set()  # the composites the batch being prepared uses (never dropped for room)
 
     def _read(self, path: Path) -> tuple[dict, dict]:
         adapter = read_adapter(path)
@@ -203,17 +205,20 @@ class DitAdapterPool(AdapterPool):
         name = self.stacks.get(key)
         if name is not None:
             self.stacks.move_to_end(key)
-            return name
-        self._unpatch()
-        layers = [(extract_adapter(self.unet, peft, COMPONENT).component(COMPONENT), w) for peft, w in key]
-        adapter = LoraAdapter(
-            {layer_key(COMPONENT, m): stack_layers([(own[m], w) for own, w in layers]) for m in self.padding}
-        )
-        name = f"stack_{next(self._ids)}"
-        attach_adapter(self.unet, adapter, name, component=COMPONENT)
-        self.stacks[key] = name
-        while len(self.stacks) > STACK_CACHE:
-            self.unet.delete_adapters([self.stacks.popitem(last=False)[1]])
+        else:
+            self._unpatch()
+            layers = [(extract_adapter(self.unet, peft, COMPONENT).component(COMPONENT), w) for peft, w in key]
+            adapter = LoraAdapter(
+                {layer_key(COMPONENT, m): stack_layers([(own[m], w) for own, w in layers]) for m in self.padding}
+            )
+            name = f"stack_{next(self._ids)}"
+            attach_adapter(self.unet, adapter, name, component=COMPONENT)
+            self.stacks[key] = name
+        self.batch_stacks.add(name)
+        spare = [k for k, v in self.stacks.items() if v not in self.batch_stacks]  # oldest first
+        for old in spare[: max(0, len(self.stacks) - STACK_CACHE)]:
+            self._unpatch()
+            self.unet.delete_adapters([self.stacks.pop(old)])
         return name
 
     def drop_stacks(self, peft: str | None = None) -> None:
@@ -284,6 +289,7 @@ class DitScheduler(StepScheduler):
         width, height = jobs[0].size
         req = jobs[0].request
         prompts, adapters, seeds, scales = [], [], [], []
+        self.pool.batch_stacks.clear()
         peft_of = [self._adapter(job) for job in jobs]  # attaches composites of stacked adapters first
         self.pool.ready()
         for job, (peft, weight) in zip(jobs, peft_of):
