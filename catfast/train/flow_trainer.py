@@ -97,7 +97,7 @@ def train_flow(
     device = device_for(config, dist)
     seed_everything(config.seed)
     examples = scan_examples(config)  # bad data fails before any model work
-    held = HeldPrompts.read(config)  # a bad --cat-prompts file or --keep adapter fails here too
+    held = HeldPrompts.read(config)  # a bad --cat-prompts file, --keep adapter or --bank folder fails here too
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
     # rank 0 encodes what is missing first; the other ranks then find every entry in the cache
     dataset, freed = None, []
