@@ -21,9 +21,7 @@ import contextlib
 import functools
 import logging
 import math
-import re
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,10 +32,8 @@ from catfast.errors import CatfastError
 from catfast.folders import sigterm_as_interrupt
 from catfast.integrations.models import resolve_base
 from catfast.integrations.patch import fused_blocker, patch_report, patch_unet, unpatch_unet
-from catfast.integrations.peft_adapters import add_lora
 from catfast.rows import tensor_to_device
 from catfast.train.batches import BatchStream, collate_batch
-from catfast.train.cache import build_cache
 from catfast.train.checkpoint import (
     TrainState,
     capture_rng,
@@ -72,9 +68,9 @@ from catfast.train.run_parts import (
     load_lora,
     scan_examples,
     seed_everything,
-    transform_for,
 )
 from catfast.train.schedules import lr_lambda, sample_timesteps, timestep_probs
+from catfast.train.unet_setup import _add_adapters, _build_dataset, _measures
 
 
 def train(
@@ -431,52 +427,6 @@ class _Run:
             mode_reason=self.mode_reason,
             lora=final,
         )
-
-
-# ---------------------------------------------------------------------------------------------- setup
-
-
-def _build_dataset(base, examples, config: TrainConfig, out: Path, device, dist: Dist, progress: bool):
-    """The cached latents and text embeddings. Rank 0 encodes what is missing first; the other ranks then
-    find every entry in the cache (no two processes write one entry). Encoded in fp32 whatever the
-    mixed precision (the entries are shared by runs of either); the trainer casts per batch."""
-    resolution = config.resolution or base.unet.config.sample_size * base.vae_scale_factor
-    transform = transform_for(config, resolution)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
-    dataset = None
-    if dist.main:
-        dataset = build_cache(base, examples, transform, cache_dir, device=device, progress=progress)
-    dist.barrier()
-    if not dist.main:
-        dataset = build_cache(base, examples, transform, cache_dir, device=device, progress=False)
-    return dataset
-
-
-def _add_adapters(unet, config: TrainConfig) -> tuple[list[str], dict[str, torch.nn.Parameter]]:
-    """Attach the LoRA adapter(s); returns their names and the trainable parameters by name (sorted)."""
-    count = len(config.concepts) if config.concept_adapters == "per-concept" else 1
-    names = ["default"] if count == 1 else [f"concept{i}" for i in range(count)]
-    with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        for name in names:
-            add_lora(unet, rank=config.rank, alpha=config.lora_alpha, target_modules=config.targets, adapter_name=name)
-    if len(names) > 1:
-        unet.set_adapter(names)
-    pattern = re.compile(r"\.lora_[AB]\.(" + "|".join(map(re.escape, names)) + r")\.weight$")
-    params = {n: p for n, p in sorted(unet.named_parameters()) if pattern.search(n)}
-    if not params:
-        raise CatfastError(f"no module of the UNet matches the LoRA targets {config.targets}")
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    return names, params
-
-
-def _measures(mode: str, device: torch.device, world: int) -> bool:
-    """Whether the run times both CAT step modes over its first steps (``ModeTrial``): ``measure`` asks for it;
-    ``auto`` does it on a GPU in one process (ranks timing apart could pick different modes)."""
-    return mode == "measure" or (mode == "auto" and device.type == "cuda" and world == 1)
 
 
 def _adapters(adapter_of_concept: list[str], concepts: torch.Tensor) -> list[str]:
