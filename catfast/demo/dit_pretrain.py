@@ -2,6 +2,13 @@
 
     python -m catfast.demo.dit_pretrain --out DIR
 
+The shipped model is that command (``--steps 7000``, the default: 27.5 min on the shared 2-core dev CPU, 1
+thread; its pretrain.json records the command and time). At guidance-free sampling (20 Euler steps) the shipped
+attribute encoder reads the asked-for shape, colour and background in 48%, 90% and 100% of 48 full-caption
+pictures (``measure_words``): colour and background are followed, shape weakly (chance: 20%; its stars, boxes
+and moons are blobs). A second stage (``--init`` it, ``--steps 3500 --lr 3e-4``, 16.5 min more) gave 44%, 92%
+and 100%: not shipped.
+
 Writes a complete ``FluxPipeline`` folder (model_index.json, transformer/, text_encoder/, tokenizer/,
 text_encoder_2/, tokenizer_2/, vae/, scheduler/; fp16 safetensors) and DIR/pretrain.json (the command,
 settings, seconds, and how well the model follows words). The shipped one is catfast/demo/assets/dit_model.
@@ -111,7 +118,7 @@ def measure_words(pipe, encoder, *, n: int = 48, seed: int = 777, steps: int = S
     return {**out, "n": n, "steps": steps}
 
 
-def pretrain(out, *, seed=0, steps=4000, images=20000, batch=64, lr=1e-3, overwrite=False, command=None,
+def pretrain(out, *, seed=0, steps=7000, images=20000, batch=64, lr=1e-3, overwrite=False, command=None,
              unet_demo=None, init=None, measure=True, log=print) -> Path:  # fmt: skip
     """Train the transformer and T5 and write the folder to ``out`` (atomically); returns its path.
     ``unet_demo``: the UNet demo model whose VAE and CLIP are reused (default: the shipped one); ``init``: an
@@ -152,7 +159,7 @@ def pretrain(out, *, seed=0, steps=4000, images=20000, batch=64, lr=1e-3, overwr
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to write the pipeline folder to")
-    for name, default in (("seed", 0), ("steps", 4000), ("images", 20000), ("batch", 64), ("lr", 1e-3)):
+    for name, default in (("seed", 0), ("steps", 7000), ("images", 20000), ("batch", 64), ("lr", 1e-3)):
         parser.add_argument(f"--{name}", type=type(default), default=default)
     parser.add_argument("--init", default=None, help="continue the transformer and T5 of this earlier output")
     parser.add_argument("--overwrite", action="store_true")
