@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 
 import catfast
+from catfast.bench import precision as bench_precision
 from catfast.bench import train_step as bench_step
 from catfast.bench.contestants import CONTESTANTS, LOSS_FACTOR, check_names, make_contestant
 from catfast.cli import main
@@ -121,20 +122,20 @@ def test_auto_mode_picks_fused_on_sd15_widths_where_it_can_run():
 
 
 def test_bf16_asked_without_support_says_so(monkeypatch):
-    monkeypatch.setattr(bench_step, "bf16_support", lambda device: (False, "this CPU lists neither"))
+    monkeypatch.setattr(bench_precision, "bf16_support", lambda device: (False, "this CPU lists neither"))
     with pytest.raises(CatfastError, match="bf16 asked, but this CPU lists neither"):
-        bench_step.resolve_mixed_precision("bf16", "cpu")
-    assert bench_step.resolve_mixed_precision("auto", "cpu")[0] == "no"
-    monkeypatch.setattr(bench_step, "bf16_support", lambda device: (True, "CPU flags avx512_bf16"))
-    assert bench_step.resolve_mixed_precision("bf16", "cpu")[0] == "bf16"  # asked: no timing
+        bench_precision.resolve_mixed_precision("bf16", "cpu")
+    assert bench_precision.resolve_mixed_precision("auto", "cpu")[0] == "no"
+    monkeypatch.setattr(bench_precision, "bf16_support", lambda device: (True, "CPU flags avx512_bf16"))
+    assert bench_precision.resolve_mixed_precision("bf16", "cpu")[0] == "bf16"  # asked: no timing
     # auto times both GEMMs and takes bf16 only where it is faster (the dev CPU's hidden AMX: it is not)
-    monkeypatch.setattr(bench_step, "gemm_rate", lambda dtype, device: 2e11 if dtype == torch.bfloat16 else 1e11)
-    assert bench_step.resolve_mixed_precision("auto", "cpu") == (
+    monkeypatch.setattr(bench_precision, "gemm_rate", lambda dtype, device: 2e11 if dtype == torch.bfloat16 else 1e11)
+    assert bench_precision.resolve_mixed_precision("auto", "cpu") == (
         "bf16",
         "bf16 autocast: CPU flags avx512_bf16; a bf16 GEMM ran at 200 GFLOP/s against fp32's 100",
     )
-    monkeypatch.setattr(bench_step, "gemm_rate", lambda dtype, device: 8e10 if dtype == torch.bfloat16 else 1.6e11)
-    assert bench_step.resolve_mixed_precision("auto", "cpu") == (
+    monkeypatch.setattr(bench_precision, "gemm_rate", lambda dtype, device: 8e10 if dtype == torch.bfloat16 else 1.6e11)
+    assert bench_precision.resolve_mixed_precision("auto", "cpu") == (
         "no",
         "fp32: CPU flags avx512_bf16, but a bf16 GEMM ran at 80 GFLOP/s against fp32's 160",
     )
