@@ -15,8 +15,9 @@ from catfast.adapters.formats import read_adapter
 from catfast.cli import main
 from catfast.testing import make_data, train_state
 from catfast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from catfast.train.config import DEMO_RECIPE, PAPER_RECIPE, ConceptConfig, ConfigError, TrainConfig
+from catfast.train.config import ConceptConfig, ConfigError, TrainConfig
 from catfast.train.data import Concept, scan_concepts
+from catfast.train.recipes import DEMO_RECIPE, PAPER_RECIPE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -39,7 +39,7 @@ def bank_make(base, prompts_file, n, out, seed, steps, guidance, size, batch, th
     from catfast.folders import check_target
     from catfast.integrations.models import resolve_base  # lazy: startup
     from catfast.train.bank import BankError, make_bank, read_prompts  # lazy: startup
-    from catfast.train.config import dit_family  # lazy: startup
+    from catfast.train.recipes import dit_family  # lazy: startup
 
     prompts = read_prompts(prompts_file, "--prompts file")
     check_target(out, overwrite, BankError)  # before the model loads

@@ -6,7 +6,8 @@ import click
 import tomllib
 
 from catfast.cli.base import _THREADS_HELP, _friendly, _set_threads, main
-from catfast.train.config import DEMO_RECIPE, DIT_RECIPE, PAPER_RECIPE, TrainConfig
+from catfast.train.config import TrainConfig
+from catfast.train.recipes import DEMO_RECIPE, DIT_RECIPE, PAPER_RECIPE
 
 
 def _set_option(ctx, param, values) -> dict:

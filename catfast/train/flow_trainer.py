@@ -1,7 +1,7 @@
 """`catfast train` on a diffusion transformer (Flux, SD3, Qwen-Image): the flow-matching CAT loop.
 
 `trainer.train` sends here a base whose folder is a diffusers pipeline of a flow-matching family
-(`config.dit_family`); UNet bases stay in trainer.py. One run:
+(`recipes.dit_family`); UNet bases stay in trainer.py. One run:
 
 1. refuses, in one line naming the option, what this path does not build (`check_supported`: --cuda-graphs,
    samples, kohya files, ...), then checks OUT as the UNet trainer does; reads the held prompts of --cat-prompts

@@ -45,7 +45,7 @@ from catfast.train.checkpoint import (
     run_settings,
     save_checkpoint,
 )
-from catfast.train.config import TrainConfig, dit_family
+from catfast.train.config import TrainConfig
 from catfast.train.dist import Dist, init_distributed
 from catfast.train.graphs import GraphedSteps, check_graphable, flatten_conditions, unflatten_conditions
 from catfast.train.mode_trial import ModeTrial
@@ -60,6 +60,7 @@ from catfast.train.outputs import (
     truncate_metrics,
     write_adapters,
 )
+from catfast.train.recipes import dit_family
 from catfast.train.retention import Retention
 from catfast.train.run_parts import (
     DTYPES,
