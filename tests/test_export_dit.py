@@ -213,8 +213,50 @@ def test_bad_input_one_line(made, tmp_path, tiny):
     refused(folder, r"multiples of 4 pixels", height=18)
     refused(tiny, r"--height is a DiT export option", height=16)
     qwen = init_dit_folder("tiny-qwenimage", tmp_path / "qwen")
-    refused(qwen, r"^qwenimage: cannot export to ONNX: .*aten::view_as_complex")
+    refused(qwen, r"^qwenimage: only the transformer exports to ONNX \(vae_decoder: ", components=["vae_decoder"])
     r = CliRunner().invoke(main, ["export", "onnx", "--base", str(folder), "--fp16", "--out", str(tmp_path / "y")])
     assert r.exit_code != 0 and "--fp16 is a UNet export option" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     shutil.rmtree(qwen)
+
+
+def test_qwenimage_transformer_exports_with_a_real_rotary(tmp_path):
+    """Qwen-Image's transformer (complex rotary factors in diffusers) exports with them in real arithmetic:
+    merged and with LoRA A/B as graph inputs, ORT on padded, masked text equals ``family.predict`` of the
+    (unpatched, complex) fp32 model within the export tolerance; run-onnx refuses the transformer-only export
+    in one line."""
+    from catfast.export.dit_runner import TRANSFORMER_ONLY
+
+    folder = init_dit_folder("tiny-qwenimage", tmp_path / "qwen")
+    family = family_of(folder)
+    model = load_pipe(folder).transformer
+    adapter = random_adapter({"transformer": model}, leaves=family.default_targets, seed=3)
+    path = tmp_path / "lora.safetensors"
+    write_adapter(adapter, path)
+    merged = export_onnx(folder, tmp_path / "merged", adapters=[f"lora={path}:{SCALE}"], height=SIDE, width=SIDE,
+                         max_sequence_length=TEXT)  # fmt: skip
+    assert set(merged["components"]) == {"transformer"} and merged["family"] == "qwenimage"
+    assert merged["transformer"]["inputs"] == ["hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
+                                               "timestep"]  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, family.latent_channels(model), 8, 8, generator=g)
+    cond = family.example_cond(model, 1, TEXT, generator=g)
+    cond["prompt_embeds_mask"] = torch.ones(1, TEXT, dtype=torch.long)
+    cond["prompt_embeds_mask"][0, 9:] = 0  # a 9-token caption padded to the export's 16
+    sigmas = torch.tensor([0.63])
+    with torch.no_grad():
+        want = family.predict(merged_model(folder, path), latents, sigmas, cond)
+        base = family.predict(model, latents, sigmas, cond)
+        short = {"prompt_embeds": cond["prompt_embeds"][:, :9], "prompt_embeds_mask": None}
+        unpadded = family.predict(merged_model(folder, path), latents, sigmas, short)
+    assert rel(ort_predict(tmp_path / "merged", merged, latents, sigmas, cond), want) <= TOL
+    assert rel(unpadded, want) <= TOL  # the padding is masked out: the caption alone gives the same velocity
+    assert rel(base, want) > 1e-3  # the LoRA matters
+    inputs = export_onnx(folder, tmp_path / "inputs", adapters=[f"lora={path}:{SCALE}"], adapter_inputs=True,
+                         height=SIDE, width=SIDE, max_sequence_length=TEXT)  # fmt: skip
+    feeds = load_file(tmp_path / "inputs" / inputs["adapters"][0]["weights"]["transformer"]["safetensors"])
+    assert rel(ort_predict(tmp_path / "inputs", inputs, latents, sigmas, cond, feeds), want) <= TOL
+    assert rel(ort_predict(tmp_path / "inputs", inputs, latents, sigmas, cond), base) <= TOL
+    with pytest.raises(Exception, match="holds the transformer only") as e:
+        DitOnnxPipeline.load(tmp_path / "merged")
+    assert TRANSFORMER_ONLY["qwenimage"] in str(e.value) and "\n" not in str(e.value)

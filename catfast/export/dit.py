@@ -11,13 +11,16 @@ in that order, the written graph's inputs are checked against the names, and ORT
                   guidance [B] (guidance-distilled models) -> out_hidden_states
                   sd3:  hidden_states [B, 16, H, W], encoder_hidden_states [B, 77 + L, D],
                   pooled_projections [B, P], timestep [B] (1000 sigma) -> out_hidden_states
+                  qwenimage: hidden_states [1, N, 4C] (2x2-packed), encoder_hidden_states [1, L, D],
+                  encoder_hidden_states_mask [1, L] (0: padding), timestep [1] (sigma) -> out_hidden_states
     text_encoder* input_ids [B, max_length] -> (states, pooled): Flux's CLIP (pooler_output) and T5; SD3's two
                   CLIPs (penultimate states, projected pooled) and T5
     vae_decoder   latent_sample (latents / scaling_factor + shift_factor) -> sample
 
-Exported at one latent size (``height`` x ``width`` pixels) and text length; the batch axis is dynamic.
-Qwen-Image is refused: its rotary embedding is complex-valued (``torch.polar`` / ``view_as_complex``), and
-ONNX has no complex tensors.
+Exported at one latent size (``height`` x ``width`` pixels) and text length; the batch axis is dynamic (SD3)
+or 1 (Flux, Qwen-Image: ``dit_graphs._batches``). Qwen-Image exports its transformer only, its complex rotary
+embedding computed in real arithmetic (``dit_graphs.QwenTransformerGraph``); its Qwen2.5-VL text encoder and 3D
+VAE have no ONNX export here, so the runner refuses its exports in one line.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ from catfast.export.dit_graphs import (
     _random_case,
     _transformer_graph,
     input_names_of,
+    timestep_kind,
 )
-from catfast.export.dit_runner import load_tokenizer, transformer_output
+from catfast.export.dit_runner import TRANSFORMER_ONLY, load_tokenizer, transformer_output
 from catfast.export.graphs import VaeDecoderGraph, _finalize, _io_info, _trace_to_onnx
 from catfast.export.manifest import MANIFEST, MANIFEST_FORMAT
 from catfast.export.validate import TOLERANCE, _errors, _ort_session
@@ -65,10 +69,7 @@ TEXT_ENCODERS = {
         ("text_encoder_3", "t5", "tokenizer_3"),
     ],
 }
-REFUSED = {
-    "qwenimage": "its rotary embedding (QwenEmbedRope) is complex-valued (aten::polar / aten::view_as_complex, "
-    "ComplexFloat tensors), which ONNX cannot express",
-}
+TRANSFORMER_ONLY_FAMILIES = ("qwenimage",)  # the transformer exports; the text encoder and VAE do not (dit_runner)
 CLIP_LENGTH = 77  # the CLIP tokenizers' length in both pipelines (tokenizer_max_length)
 
 
@@ -78,9 +79,7 @@ CLIP_LENGTH = 77  # the CLIP tokenizers' length in both pipelines (tokenizer_max
 def check_dit_options(family, components, *, fp16, dynamic, base_config, adapter_inputs, specs) -> list[str]:
     """The components to export; ExportError (one line) for a family that cannot export, an option only UNet
     exports have, or a component this family lacks."""
-    if family.name in REFUSED:
-        raise ExportError(f"{family.name}: cannot export to ONNX: {REFUSED[family.name]}")
-    if family.name not in TEXT_ENCODERS:
+    if family.name not in TEXT_ENCODERS and family.name not in TRANSFORMER_ONLY_FAMILIES:
         raise ExportError(f"{family.name}: no ONNX export for this family")
     for flag, given in (("--fp16", fp16), ("--dynamic", dynamic), ("--base-config", base_config)):
         if given:
@@ -90,6 +89,14 @@ def check_dit_options(family, components, *, fp16, dynamic, base_config, adapter
             )
     if adapter_inputs and not specs:
         raise ExportError("--adapter-inputs needs at least one --adapter (its layers become the graph's LoRA inputs)")
+    if family.name in TRANSFORMER_ONLY_FAMILIES:
+        others = [c for c in components or () if c != "transformer"]
+        if others:
+            raise ExportError(
+                f"{family.name}: only the transformer exports to ONNX ({others[0]}: {TRANSFORMER_ONLY[family.name]}); "
+                "use --components transformer"
+            )
+        return ["transformer"]
     every = ["transformer", *(c for c, _, _ in TEXT_ENCODERS[family.name]), "vae_decoder"]
     chosen = list(dict.fromkeys(components or every))
     bad = [c for c in chosen if c not in every]
@@ -172,13 +179,13 @@ def export_dit_onnx(
                 f"{component}: exported and validated in {entries[component]['export_seconds']:.1f} s, ORT vs torch "
                 f"max rel err {v['max_rel_err']:.2e} (tolerance {v['tolerance']:.0e})"
             )
-        for name in ["scheduler", *(t for _, _, t in TEXT_ENCODERS[family.name])]:
+        for name in ["scheduler", *(t for _, _, t in TEXT_ENCODERS.get(family.name, []))]:
             if (folder / name).is_dir():
                 shutil.copytree(folder / name, tmp / name)
         transformer_spec = {
             "inputs": input_names_of(_transformer_graph(family, model)),
             "packing": "2x2" if family.packs_latents else "none",
-            "timestep": "sigma" if family.name == "flux" else "1000*sigma",
+            "timestep": timestep_kind(family),
             "text_length": text_len,
             "batch": "dynamic" if _batches(family)[0] != 1 else 1,
         }
@@ -213,7 +220,7 @@ def export_dit_onnx(
                 "height": height,
                 "width": width,
                 "vae_scale_factor": factor,
-                "scaling_factor": pipe.vae.config.scaling_factor,
+                "scaling_factor": getattr(pipe.vae.config, "scaling_factor", None),
                 "shift_factor": getattr(pipe.vae.config, "shift_factor", None) or 0.0,
             },
             "text": {
@@ -225,7 +232,7 @@ def export_dit_onnx(
                         "tokenizer": tok,
                         "max_length": length if kind == "t5" else CLIP_LENGTH,
                     }
-                    for c, kind, tok in TEXT_ENCODERS[family.name]
+                    for c, kind, tok in TEXT_ENCODERS.get(family.name, [])
                 ],
             },
         }
@@ -258,7 +265,7 @@ def _export_transformer(family, model, loaded, tmp, opset, adapter_inputs, exter
     if not adapter_inputs:
         for spec, adapter in loaded:
             merge_adapter_(exported, adapter, "transformer", spec.scale)
-    graph = _transformer_graph(family, exported)
+    graph = _transformer_graph(family, exported, side, text_len)
     lora_specs = lora_input_specs(exported, [a for _, a in loaded], "transformer") if adapter_inputs else []
     batches = _batches(family)
     latents, sigmas, cond = _random_case(family, model, batches[0], side, text_len, seed=0)

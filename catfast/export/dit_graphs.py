@@ -54,6 +54,65 @@ class SD3TransformerGraph(torch.nn.Module):
         )[0]
 
 
+class QwenTransformerGraph(torch.nn.Module):
+    """QwenImageTransformer2DModel at one image size and text length, its rotary embedding in real arithmetic.
+
+    diffusers computes Qwen-Image's rotary factors as complex numbers (``QwenEmbedRope``: ``torch.polar``) and
+    applies them with ``view_as_complex``; ONNX has no complex tensors. Here the factors of the export's size
+    are computed once (``prepare``) and kept as real ``cos`` / ``sin`` constants, and while the graph runs the
+    rotation of each interleaved pair is ``(a cos - b sin, a sin + b cos)``, the same product in real numbers
+    (equal to the complex path bit for bit in fp32 on the tiny model). Text states are padded to the export's
+    length with ``encoder_hidden_states_mask`` 0, which the joint attention masks out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.rope = None  # (image (cos, sin), text (cos, sin)), each [S, head_dim]
+        self.side = None
+
+    def prepare(self, side: tuple[int, int], text_len: int) -> QwenTransformerGraph:
+        """Compute the rotary factors for latents of ``side`` (h, w) and ``text_len`` text tokens."""
+        h, w = side
+        self.side = (h, w)
+        image, text = self.model.pos_embed([(1, h // 2, w // 2)], device="cpu", max_txt_seq_len=text_len)
+        self.rope = tuple(
+            (f.real.repeat_interleave(2, -1).contiguous(), f.imag.repeat_interleave(2, -1).contiguous())
+            for f in (image, text)
+        )
+        return self
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep):
+        import diffusers.models.transformers.transformer_qwenimage as qwen  # lazy: diffusers
+
+        if self.rope is None:
+            raise RuntimeError("QwenTransformerGraph.prepare(side, text_len) first")
+        h, w = self.side
+        complex_apply, rope_forward = qwen.apply_rotary_emb_qwen, self.model.pos_embed.forward
+        qwen.apply_rotary_emb_qwen = _real_rotary
+        self.model.pos_embed.forward = lambda *args, **kwargs: self.rope
+        try:
+            return self.model(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_mask=encoder_hidden_states_mask,
+                timestep=timestep,
+                img_shapes=[[(1, h // 2, w // 2)]] * hidden_states.shape[0],
+                return_dict=False,
+            )[0]
+        finally:
+            qwen.apply_rotary_emb_qwen = complex_apply
+            self.model.pos_embed.forward = rope_forward
+
+
+def _real_rotary(x: torch.Tensor, freqs, use_real: bool = False, use_real_unbind_dim: int = -1) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb_qwen`` for ``x`` ``[B, S, H, D]`` with real factors ``(cos, sin)``
+    ``[S, D]`` (each pair's angle repeated): the complex product of interleaved pairs, in fp32."""
+    cos, sin = (f[:, None] for f in freqs)
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
 class ClipGraph(torch.nn.Module):
     """CLIPTextModel: input_ids -> last_hidden_state, pooler_output (Flux uses the pooled output)."""
 
@@ -119,14 +178,19 @@ def _exportable(model: torch.nn.Module) -> torch.nn.Module:
 def _batches(family) -> tuple[int, int]:
     """The batch the transformer is traced at, and the validation runs' batches. Flux's trace bakes the batch
     into its rotary reshape (``apply_rotary_emb``'s ``x.reshape(*x.shape[:-1], -1, 2)``: a batch-2 trace fails
-    at batch 1 in ORT), so Flux is exported at a fixed batch of 1 (the runner calls it per row); SD3's batch is
-    dynamic (traced at 2, proven at 2 and 1)."""
-    return (1, 1) if family.name == "flux" else (2, 1)
+    at batch 1 in ORT), and Qwen-Image's rotary is the same reshape, so both are exported at a fixed batch of 1
+    (the runner calls it per row); SD3's batch is dynamic (traced at 2, proven at 2 and 1)."""
+    return (2, 1) if family.name == "sd3" else (1, 1)
 
 
-def _transformer_graph(family, model) -> torch.nn.Module:
+def _transformer_graph(family, model, side: tuple[int, int] | None = None, text_len: int | None = None):
+    """The family's transformer wrapper; Qwen-Image's with its rotary factors for ``side`` and ``text_len``
+    (without them: only its input names can be read)."""
     if family.name == "flux":
         return (FluxTransformerGraph if model.config.guidance_embeds else FluxTransformerNoGuidanceGraph)(model)
+    if family.name == "qwenimage":
+        graph = QwenTransformerGraph(model)
+        return graph.prepare(side, text_len) if side is not None else graph
     return SD3TransformerGraph(model)
 
 
@@ -138,9 +202,14 @@ def _random_case(family, model, batch: int, side: tuple[int, int], text_len: int
     return latents, sigmas, family.example_cond(model, batch, text_len, generator=g)
 
 
+def timestep_kind(family) -> str:
+    """What the graph's ``timestep`` input holds: sigma (Flux, Qwen-Image) or 1000 sigma (SD3)."""
+    return "1000*sigma" if family.name == "sd3" else "sigma"
+
+
 def _feeds(spec_inputs: list[str], family, latents, sigmas, cond) -> dict[str, np.ndarray]:
     """The graph's named inputs for one case, built as the runner builds them."""
     spec = {"inputs": spec_inputs, "packing": "2x2" if family.packs_latents else "none"}
-    spec["timestep"] = "sigma" if family.name == "flux" else "1000*sigma"
+    spec["timestep"] = timestep_kind(family)
     np_cond = {k: v.numpy() for k, v in cond.items()}
     return transformer_feeds(spec, latents.numpy(), sigmas.numpy(), np_cond, family.flow.guidance)

@@ -56,17 +56,27 @@ def image_ids(height: int, width: int) -> np.ndarray:
     return ids.reshape(-1, 3)
 
 
+# families whose export holds the transformer alone, and why
+TRANSFORMER_ONLY = {"qwenimage": "no ONNX export of its Qwen2.5-VL text encoder and 3D VAE is built"}
+
+
 def transformer_feeds(spec: dict, latents: np.ndarray, sigmas: np.ndarray, cond: dict, guidance: float) -> dict:
     """The transformer graph's inputs, by name, for ``latents`` ``[B, C, H, W]`` at ``sigmas`` ``[B]`` with
-    ``cond`` (``prompt_embeds``, ``pooled_prompt_embeds``); ``spec`` is the manifest's ``transformer`` entry."""
+    ``cond`` (``prompt_embeds``, and ``pooled_prompt_embeds`` or Qwen-Image's ``prompt_embeds_mask``); ``spec`` is the
+    manifest's ``transformer`` entry."""
     b, _, h, w = latents.shape
     embeds = cond["prompt_embeds"].astype(np.float32)
     sigmas = np.asarray(sigmas, np.float32).reshape(b)
     feeds = {
         "encoder_hidden_states": embeds,
-        "pooled_projections": cond["pooled_prompt_embeds"].astype(np.float32),
         "timestep": sigmas if spec["timestep"] == "sigma" else sigmas * np.float32(1000),
     }
+    if "pooled_projections" in spec["inputs"]:
+        feeds["pooled_projections"] = cond["pooled_prompt_embeds"].astype(np.float32)
+    if "encoder_hidden_states_mask" in spec["inputs"]:  # Qwen-Image: 1 for a caption token, 0 for padding
+        mask = cond.get("prompt_embeds_mask")
+        mask = np.ones(embeds.shape[:2], np.int64) if mask is None else mask.astype(np.int64)
+        feeds["encoder_hidden_states_mask"] = mask
     if spec["packing"] == "2x2":
         feeds["hidden_states"] = pack(latents.astype(np.float32))
         feeds["img_ids"] = image_ids(h, w)
@@ -186,6 +196,12 @@ class DitOnnxPipeline:
     def load(cls, model_dir: str | os.PathLike, provider: str | None = None) -> DitOnnxPipeline:
         folder = Path(model_dir)
         manifest = read_manifest(folder)
+        if manifest["family"] in TRANSFORMER_ONLY:
+            raise ModelLoadError(
+                f"{folder}: a {manifest['family']} export holds the transformer only "
+                f"({TRANSFORMER_ONLY[manifest['family']]}), so run-onnx cannot draw with it; feed the graph your own "
+                "text states (its manifest names the inputs), or sample with catfast's torch sampler"
+            )
         wanted = ["transformer", "vae_decoder", *(e["component"] for e in manifest["text"]["encoders"])]
         missing = [c for c in wanted if c not in manifest["components"]]
         if missing:
