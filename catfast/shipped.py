@@ -29,6 +29,14 @@ def dit_model_path(root: str | os.PathLike | None = None) -> Path:
     return Path(root or ASSETS) / "dit_model"
 
 
+def dit_adapters_path(root: str | os.PathLike | None = None) -> Path:
+    """The DiT demo base's shipped adapters (catfast/demo/dit_adapters.py made them)."""
+    return Path(root or ASSETS) / "dit_adapters"
+
+
+DIT_DEMO_SIDE = 32  # pixels: the DiT demo base's native size (a FluxPipeline folder does not record one)
+
+
 def encoder_path(root: str | os.PathLike | None = None) -> Path:
     return Path(root or ASSETS) / "encoder.safetensors"
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,32 @@ def test_unknown_demo_model_is_refused_before_any_work(tmp_path):
     with pytest.raises(CatfastError, match="unknown demo model 'sd3'; choose one of unet, dit"):
         prepare(tmp_path / "out", False, None, "sd3")
     assert not (tmp_path / "out").exists()
+
+
+def test_serve_demo_dit_answers_with_its_three_shipped_adapters():
+    """`catfast serve --base demo-dit`: the shipped DiT base at its 32 px, its three adapters registered; a request
+    on an adapter, a stacked one and a base one in one batch, each equal to it alone (pixels within 1)."""
+    from catfast.demo.adapters import CONCEPTS
+    from catfast.serve.cli import build_app
+    from catfast.serve.requests import GenerationRequest
+
+    engine, _ = build_app("demo-dit", device="cpu")
+    try:
+        assert engine.native_size == 32 and sorted(a.name for a in engine.adapters()) == sorted(CONCEPTS)
+
+        def submit(adapters):
+            return engine.submit(GenerationRequest("sks, a star", adapters=adapters, steps=3, seed=2))
+
+        asks = [{"striped-star": 1.0}, {"tiger-ball": 0.5, "toy-box": 0.5}, {}]
+        with engine._lock:  # noqa: SLF001 - hold the step thread so that the three share a batch
+            mixed = [submit(a) for a in asks]
+        for handle, adapters in zip(mixed, asks):
+            got = handle.result(120)
+            alone = submit(adapters).result(120)
+            assert got[0].size == (32, 32)
+            diff = np.abs(np.asarray(got[0], dtype=float) - np.asarray(alone[0], dtype=float)).max()
+            assert diff <= 1, (adapters, diff)  # PNG rounding of equal latents
+        images = [np.asarray(h.result(1)[0], dtype=float) for h in mixed]
+        assert np.abs(images[0] - images[2]).max() > 10  # the adapter changes the picture
+    finally:
+        engine.close()

@@ -141,9 +141,8 @@ def score_adapters(
     {identity_accuracy (the share of trigger pictures in which the shipped encoder reads the concept's
     shape, colour and pattern), identity (similarity to the concept's five pictures), preservation, kps,
     identity_accuracy_per_prompt}; pictures[name] = {"base", "without", "with": PIL images, prompt-major}."""
-    from catfast.demo.encoder import concept_accuracy, load_encoder  # lazy: cost
+    from catfast.demo.encoder import load_encoder  # lazy: cost
     from catfast.demo.run import SAMPLE, sample_blocks  # lazy: cost
-    from catfast.eval.kps import kps_scores  # lazy: cost
     from catfast.integrations.models import load_base  # lazy: cost
     from catfast.integrations.peft_adapters import attach_adapter  # lazy: cost
     from catfast.shipped import encoder_path  # lazy: cost
@@ -160,25 +159,31 @@ def score_adapters(
         blocks.append(((name, "with"), name, prompts, trigger))
     images = sample_blocks(base, blocks, pairs, sample_steps or SAMPLE["steps"], progress)
     pictures = {name: {block: images[(name, block)] for block in ("base", "without", "with")} for name in paths}
-    scores = {}
-    for name in paths:
-        fields, shown = CONCEPTS[name][1], pictures[name]
-        refs = encoder.embed_images([world.render(s) for s in concept_scenes(fields)])
-        emb = {k: encoder.embed_images(v) for k, v in shown.items()}
-        total = kps_scores(emb["base"], emb["without"], emb["with"], None, groups, reference_emb=refs)["total"]
-        prompts = class_prompts(fields["shape"])
-        per_prompt = {
-            prompt: round(concept_accuracy(encoder, [im for im, g in zip(shown["with"], groups) if g == p], fields), 4)
-            for p, prompt in enumerate(prompts)
-        }
-        scores[name] = dict(
-            identity_accuracy=round(concept_accuracy(encoder, shown["with"], fields), 4),
-            identity=round(total["identity"], 4),
-            preservation=round(total["preservation"], 4),
-            kps=round(total["kps"], 4),
-            identity_accuracy_per_prompt=per_prompt,
-        )
-    return scores, pictures
+    return {name: score_pictures(encoder, name, pictures[name], groups) for name in paths}, pictures
+
+
+def score_pictures(encoder, name: str, shown: dict, groups: list[int]) -> dict:
+    """Adapter ``name``'s scores (``score_adapters``) from its pictures ``shown`` ({"base", "without", "with": PIL
+    images, prompt-major}; ``groups``: each picture's prompt index)."""
+    from catfast.demo.encoder import concept_accuracy  # lazy: cost
+    from catfast.eval.kps import kps_scores  # lazy: cost
+
+    fields = CONCEPTS[name][1]
+    refs = encoder.embed_images([world.render(s) for s in concept_scenes(fields)])
+    emb = {k: encoder.embed_images(v) for k, v in shown.items()}
+    total = kps_scores(emb["base"], emb["without"], emb["with"], None, groups, reference_emb=refs)["total"]
+    prompts = class_prompts(fields["shape"])
+    per_prompt = {
+        prompt: round(concept_accuracy(encoder, [im for im, g in zip(shown["with"], groups) if g == p], fields), 4)
+        for p, prompt in enumerate(prompts)
+    }
+    return dict(
+        identity_accuracy=round(concept_accuracy(encoder, shown["with"], fields), 4),
+        identity=round(total["identity"], 4),
+        preservation=round(total["preservation"], 4),
+        kps=round(total["kps"], 4),
+        identity_accuracy_per_prompt=per_prompt,
+    )
 
 
 SCORING = dict(

@@ -42,7 +42,7 @@ from catfast.integrations.weight_files import (
     load_unet_file,
     single_file_kind,
 )
-from catfast.shipped import check_assets, model_path
+from catfast.shipped import check_assets, dit_model_path, model_path
 
 
 @dataclass
@@ -197,6 +197,7 @@ def _load_component(folder: Path, name: str, dtype: torch.dtype):
 
 
 DEMO_BASE = "demo"
+DEMO_DIT_BASE = "demo-dit"  # the shipped Flux-style DiT demo base (catfast/demo/assets/dit_model)
 
 
 def quiet_progress_bars() -> None:
@@ -217,9 +218,9 @@ def base_location(spec: str | os.PathLike) -> str | os.PathLike:
     (a local folder that is itself called demo: pass ``./demo``). Every command that takes a base
     (train, cat-step, eval kps, export onnx, serve) resolves it here; the shipped files are checked against
     their manifest first (a damaged install says so instead of failing somewhere in diffusers)."""
-    if os.fspath(spec) == DEMO_BASE:
+    if os.fspath(spec) in (DEMO_BASE, DEMO_DIT_BASE):
         check_assets()
-        return model_path()
+        return model_path() if os.fspath(spec) == DEMO_BASE else dit_model_path()
     return spec
 
 

@@ -60,7 +60,8 @@ def build_app(
         max_steps=max_steps,
     )
     engine.start()
-    name = "catfast-demo" if base == "demo" else os.path.basename(os.path.normpath(base))
+    demo_names = {"demo": "catfast-demo", "demo-dit": "catfast-demo-dit"}
+    name = demo_names.get(base) or os.path.basename(os.path.normpath(base))
     return engine, create_app(engine, api_key=api_key, adapters_dir=adapters, model_name=name)
 
 
@@ -70,7 +71,8 @@ def build_app(
     default="demo",
     show_default=True,
     help="Base model: a diffusers folder (a UNet model, or a FLUX.1 / SD3 / Qwen-Image pipeline), a single-file "
-    "SD1.5/SDXL checkpoint (.safetensors), or 'demo' (the shipped model).",
+    "SD1.5/SDXL checkpoint (.safetensors), 'demo' (the shipped model) or 'demo-dit' (the shipped Flux-style model, "
+    "32 px; with its three shipped adapters).",
 )
 @click.option("--base-config", default=None, help="The diffusers folder that completes a UNet-only --base file.")
 @click.option(
@@ -78,7 +80,7 @@ def build_app(
     type=click.Path(file_okay=False),
     default=None,
     help="Folder of adapters: each *.safetensors is registered by its stem, and POST /v1/adapters reads only "
-    "from it. Default: the shipped demo adapters with --base demo, none otherwise.",
+    "from it. Default: the shipped demo adapters with --base demo or demo-dit, none otherwise.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from catfast.demo.adapters import adapters_dir as shipped
-from catfast.integrations.models import BaseModel, load_base
+from catfast.integrations.models import DEMO_DIT_BASE, BaseModel, base_location, load_base
 from catfast.serve.errors import BadRequest, Cancelled, EngineFailure, NonFiniteOutput, ServeError
 from catfast.serve.pool import AdapterInfo, AdapterPool
 from catfast.serve.requests import (
@@ -31,6 +31,7 @@ from catfast.serve.requests import (
 )
 from catfast.serve.scan import SUFFIX, adapter_file, folder_entries, one_line
 from catfast.serve.scheduler import Job, StepScheduler
+from catfast.shipped import DIT_DEMO_SIDE, dit_adapters_path
 
 log = logging.getLogger("catfast.serve")
 
@@ -43,6 +44,8 @@ def default_adapters_dir(base, adapters_dir):
     (what ``catfast serve`` and the Ray deployment serve by default)."""
     if adapters_dir is None and base == "demo":
         return str(shipped())
+    if adapters_dir is None and base == DEMO_DIT_BASE:
+        return str(dit_adapters_path())
     return adapters_dir
 
 
@@ -97,6 +100,9 @@ class Engine:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from catfast.serve.dit import flow_family  # lazy: `catfast --help` imports this module's package
 
+        demo_dit = base == DEMO_DIT_BASE
+        if demo_dit:  # the shipped DiT demo base: its folder, checked against the manifest
+            base = str(base_location(base))
         self.family = flow_family(base)  # a diffusion transformer's family (catfast.serve.dit), None for a UNet
         self.device = device
         self.timeout_s = float(timeout_s)
@@ -124,7 +130,8 @@ class Engine:
             self.pool = DitAdapterPool(self.unet, self.family, num_slots=max_resident, host_cache=host_cache)
             self.scheduler = DitScheduler(self.base, self.pool, self.family, **limits)
             factor = self.base.vae_scale_factor
-            self.native_size = int(self.base.default_sample_size * factor)
+            # a FluxPipeline folder records no size: the pipeline's default (512 px), the DiT demo's 32
+            self.native_size = DIT_DEMO_SIDE if demo_dit else int(self.base.default_sample_size * factor)
             self._multiple = factor * 2
             self._why_multiple = f": the VAE's factor {factor} x the {self.family.name} transformer's 2x2 patches"
         self._ids = 0
