@@ -86,7 +86,7 @@ def test_dit_demo_end_to_end_small(tmp_path):
         assert any(".transformer_blocks." in k for k in keys)
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["settings"]["model"] == "dit" and saved["settings"]["sample"]["guidance"] is None
-    assert saved["settings"]["train"]["rank"] == 16
+    assert saved["settings"]["train"]["rank"] == 16 and saved["settings"]["train"]["resolution"] == 32
     # the trainings differ only in the CAT term: so do their adapters
     from safetensors.torch import load_file
 

@@ -156,12 +156,12 @@ def run_demo(
     t0 = time.perf_counter()
     out, model, encoder, references = prepare(out, overwrite, assets, model_kind)
     sample = _sample_blocks if model_kind == "unet" else dit_run.sample_blocks
+    # a FluxPipeline folder records no native size (the pipeline's default is 512 px): the world's
+    extra = {} if model_kind == "unet" else {"resolution": world.SIDE}
     results: dict = {}
     adapters: dict[str, Path] = {}
     for method in METHODS:
         log(f"training {'plain LoRA (cat_weight 0)' if method == 'plain' else 'CAT (cat_weight 1)'}: {steps} steps")
-        # a FluxPipeline folder has no native size (the pipeline's default is 512 px): the world's
-        extra = {} if model_kind == "unet" else {"resolution": world.SIDE}
         result = _train(method, model, out / "concept", out, seed, steps, progress, **extra)
         adapters[method] = result.adapters[world.TRIGGER]
         results[method] = {"train_seconds": round(result.seconds, 1)}
@@ -178,7 +178,7 @@ def run_demo(
             seed=seed,
             seeds=seeds,
             prompts=list(prompts),
-            train={**TRAIN, "steps": steps},
+            train={**TRAIN, "steps": steps, **extra},
             sample={**(SAMPLE if model_kind == "unet" else dit_run.SAMPLE), "steps": sample_steps},
             model=model_kind,
         ),
