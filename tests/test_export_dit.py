@@ -1,5 +1,5 @@
 """ONNX export of the diffusion transformers (catfast/export/dit.py) and the DiT ORT runner (export/dit_runner.py)
-on tiny-flux and tiny-sd3, in real ONNX Runtime, with catfast's PyTorch paths as the oracle.
+on tiny-flux, tiny-sd3 and tiny-qwenimage, in real ONNX Runtime, with catfast's PyTorch paths as the oracle.
 
 A LoRA on the family's default targets (random non-zero B, alpha != rank) is merged at scale 0.8, or fed as
 graph inputs. Checks: the manifest (family, named inputs, packing, schedule); ORT on the runner's by-name feeds
@@ -34,7 +34,7 @@ from catfast.testing import random_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NAMES = ["tiny-flux", "tiny-sd3"]
+NAMES = ["tiny-flux", "tiny-sd3", "tiny-qwenimage"]
 SIDE, TEXT, SCALE = 16, 16, 0.8  # pixels (8x8 latents, 16 image tokens), T5 tokens, LoRA scale
 TOL = 1e-4  # catfast.export.validate.TOLERANCE["fp32"], the UNet export's bound
 INPUTS = {
@@ -48,6 +48,7 @@ INPUTS = {
         "guidance",
     ],  # fmt: skip
     "tiny-sd3": ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
+    "tiny-qwenimage": ["hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep"],
 }
 
 
@@ -96,7 +97,8 @@ def case(folder, seed=5):
     family, model = family_of(folder), load_pipe(folder).transformer
     g = torch.Generator().manual_seed(seed)
     text = TEXT + (77 if family.name == "sd3" else 0)
-    return torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.63]), family.example_cond(model, 1, text, generator=g)
+    latents = torch.randn(1, family.latent_channels(model), 8, 8, generator=g)
+    return latents, torch.tensor([0.63]), family.example_cond(model, 1, text, generator=g)
 
 
 def rel(a, b) -> float:
@@ -110,7 +112,7 @@ def test_manifest_names_inputs_layout_and_schedule(made, name):
     assert manifest["family"] == name.removeprefix("tiny-") and manifest["mode"] == "merged"
     assert manifest["transformer"]["inputs"] == INPUTS[name]
     assert [i["name"] for i in manifest["components"]["transformer"]["inputs"]] == INPUTS[name]
-    assert manifest["transformer"]["packing"] == ("2x2" if name == "tiny-flux" else "none")
+    assert manifest["transformer"]["packing"] == ("none" if name == "tiny-sd3" else "2x2")
     assert manifest["latent"]["height"] == manifest["latent"]["width"] == 8
     assert (export / manifest["scheduler"]).is_file()
     encoders = {e["component"] for e in manifest["text"]["encoders"]}
@@ -170,7 +172,13 @@ def test_runner_latents_equal_sample_flow_latents(made, name):
     family = family_of(folder)
     with torch.no_grad():
         cond = family.encode_prompt(pipe, [prompt], max_sequence_length=TEXT)
-    for key, value in runner.encode([prompt]).items():
+    encoded = runner.encode([prompt])
+    if family.name == "qwenimage":  # the runner pads the caption's states to the export's text length, mask 0
+        n = cond["prompt_embeds"].shape[1]
+        assert encoded.pop("prompt_embeds_mask")[0].tolist() == [1] * n + [0] * (TEXT - n)
+        assert not encoded["prompt_embeds"][:, n:].any()
+        encoded["prompt_embeds"] = encoded["prompt_embeds"][:, :n]
+    for key, value in encoded.items():
         assert rel(torch.from_numpy(value), cond[key]) <= TOL, key
     # its schedule is flow_sampling_scheduler's
     recipe = manifest["sampler"]
@@ -178,7 +186,8 @@ def test_runner_latents_equal_sample_flow_latents(made, name):
                                     max_shift=recipe["max_shift"])  # fmt: skip
     np.testing.assert_allclose(flow_sigmas(runner.scheduler_config, steps, 16, flow_sigmas=recipe["flow_sigmas"],
                                            max_shift=recipe["max_shift"]), sched.sigmas.numpy(), rtol=1e-6)  # fmt: skip
-    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    noise = torch.randn((1, manifest["latent"]["channels"], 8, 8), generator=torch.Generator().manual_seed(seed))
+    noise = noise.numpy()
     got = runner(prompt, steps=steps, latents=noise, output="latent")
     err = rel(torch.from_numpy(got), want)
     print(f"{name}: runner vs sample_flow_latents rel err {err:.2e}")
@@ -213,50 +222,21 @@ def test_bad_input_one_line(made, tmp_path, tiny):
     refused(folder, r"multiples of 4 pixels", height=18)
     refused(tiny, r"--height is a DiT export option", height=16)
     qwen = init_dit_folder("tiny-qwenimage", tmp_path / "qwen")
-    refused(qwen, r"^qwenimage: only the transformer exports to ONNX \(vae_decoder: ", components=["vae_decoder"])
+    refused(qwen, r"'text_encoder_2' is not a qwenimage component", components=["text_encoder_2"])
     r = CliRunner().invoke(main, ["export", "onnx", "--base", str(folder), "--fp16", "--out", str(tmp_path / "y")])
     assert r.exit_code != 0 and "--fp16 is a UNet export option" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     shutil.rmtree(qwen)
 
 
-def test_qwenimage_transformer_exports_with_a_real_rotary(tmp_path):
-    """Qwen-Image's transformer (complex rotary factors in diffusers) exports with them in real arithmetic:
-    merged and with LoRA A/B as graph inputs, ORT on padded, masked text equals ``family.predict`` of the
-    (unpatched, complex) fp32 model within the export tolerance; run-onnx refuses the transformer-only export
-    in one line."""
-    from catfast.export.dit_runner import TRANSFORMER_ONLY
-
-    folder = init_dit_folder("tiny-qwenimage", tmp_path / "qwen")
-    family = family_of(folder)
-    model = load_pipe(folder).transformer
-    adapter = random_adapter({"transformer": model}, leaves=family.default_targets, seed=3)
-    path = tmp_path / "lora.safetensors"
-    write_adapter(adapter, path)
-    merged = export_onnx(folder, tmp_path / "merged", adapters=[f"lora={path}:{SCALE}"], height=SIDE, width=SIDE,
-                         max_sequence_length=TEXT)  # fmt: skip
-    assert set(merged["components"]) == {"transformer"} and merged["family"] == "qwenimage"
-    assert merged["transformer"]["inputs"] == ["hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
-                                               "timestep"]  # fmt: skip
-    g = torch.Generator().manual_seed(5)
-    latents = torch.randn(1, family.latent_channels(model), 8, 8, generator=g)
-    cond = family.example_cond(model, 1, TEXT, generator=g)
-    cond["prompt_embeds_mask"] = torch.ones(1, TEXT, dtype=torch.long)
-    cond["prompt_embeds_mask"][0, 9:] = 0  # a 9-token caption padded to the export's 16
-    sigmas = torch.tensor([0.63])
+def test_qwenimage_padded_masked_text_equals_the_caption_alone(made):
+    """Qwen-Image's export pads captions to its text length with mask 0: ORT on a 9-token caption padded to 16
+    equals ``family.predict`` of the merged model on the caption alone, unpadded (the complex rotary of diffusers,
+    the real one in the graph)."""
+    folder, adapter, export, manifest = made["tiny-qwenimage"]
+    latents, sigmas, cond = case(folder, seed=9)
+    cond["prompt_embeds_mask"][0, 9:] = 0
+    alone = {"prompt_embeds": cond["prompt_embeds"][:, :9], "prompt_embeds_mask": None}
     with torch.no_grad():
-        want = family.predict(merged_model(folder, path), latents, sigmas, cond)
-        base = family.predict(model, latents, sigmas, cond)
-        short = {"prompt_embeds": cond["prompt_embeds"][:, :9], "prompt_embeds_mask": None}
-        unpadded = family.predict(merged_model(folder, path), latents, sigmas, short)
-    assert rel(ort_predict(tmp_path / "merged", merged, latents, sigmas, cond), want) <= TOL
-    assert rel(unpadded, want) <= TOL  # the padding is masked out: the caption alone gives the same velocity
-    assert rel(base, want) > 1e-3  # the LoRA matters
-    inputs = export_onnx(folder, tmp_path / "inputs", adapters=[f"lora={path}:{SCALE}"], adapter_inputs=True,
-                         height=SIDE, width=SIDE, max_sequence_length=TEXT)  # fmt: skip
-    feeds = load_file(tmp_path / "inputs" / inputs["adapters"][0]["weights"]["transformer"]["safetensors"])
-    assert rel(ort_predict(tmp_path / "inputs", inputs, latents, sigmas, cond, feeds), want) <= TOL
-    assert rel(ort_predict(tmp_path / "inputs", inputs, latents, sigmas, cond), base) <= TOL
-    with pytest.raises(Exception, match="holds the transformer only") as e:
-        DitOnnxPipeline.load(tmp_path / "merged")
-    assert TRANSFORMER_ONLY["qwenimage"] in str(e.value) and "\n" not in str(e.value)
+        want = family_of(folder).predict(merged_model(folder, adapter), latents, sigmas, alone)
+    assert rel(ort_predict(export, manifest, latents, sigmas, cond), want) <= TOL

@@ -17,10 +17,14 @@ in that order, the written graph's inputs are checked against the names, and ORT
                   CLIPs (penultimate states, projected pooled) and T5
     vae_decoder   latent_sample (latents / scaling_factor + shift_factor) -> sample
 
+    text_encoder  qwenimage: input_ids, attention_mask [B, drop + L] (the chat template, right-padded) -> the last
+                  hidden states (the runner drops the template's ``drop`` states and the padding)
+    vae_decoder   qwenimage: latent_sample (latents x std + mean, per channel) -> sample (one video frame)
+
 Exported at one latent size (``height`` x ``width`` pixels) and text length; the batch axis is dynamic (SD3)
-or 1 (Flux, Qwen-Image: ``dit_graphs._batches``). Qwen-Image exports its transformer only, its complex rotary
-embedding computed in real arithmetic (``dit_graphs.QwenTransformerGraph``); its Qwen2.5-VL text encoder and 3D
-VAE have no ONNX export here, so the runner refuses its exports in one line.
+or 1 (Flux, Qwen-Image: ``dit_graphs._batches``). Qwen-Image's complex rotary embedding is computed in real
+arithmetic (``dit_graphs.QwenTransformerGraph``); its captions are padded to the export's text length with
+``encoder_hidden_states_mask`` 0.
 """
 
 from __future__ import annotations
@@ -43,17 +47,20 @@ from catfast.errors import ExportError
 from catfast.export.adapter_files import _check_labels, _write_adapter_feeds
 from catfast.export.adapter_inputs import LoraInputsGraph, adapter_feeds, detach_lora_inputs, lora_input_specs
 from catfast.export.dit_graphs import (
+    CLIP_LENGTH,
     TEXT_GRAPHS,
-    T5Graph,
+    QwenVaeDecoderGraph,
     _batches,
     _exportable,
     _feeds,
     _random_case,
+    _template,
+    _token_length,
     _transformer_graph,
     input_names_of,
     timestep_kind,
 )
-from catfast.export.dit_runner import TRANSFORMER_ONLY, load_tokenizer, transformer_output
+from catfast.export.dit_runner import load_tokenizer, transformer_output
 from catfast.export.graphs import VaeDecoderGraph, _finalize, _io_info, _trace_to_onnx
 from catfast.export.manifest import MANIFEST, MANIFEST_FORMAT
 from catfast.export.validate import TOLERANCE, _errors, _ort_session
@@ -68,9 +75,8 @@ TEXT_ENCODERS = {
         ("text_encoder_2", "clip_penultimate", "tokenizer_2"),
         ("text_encoder_3", "t5", "tokenizer_3"),
     ],
+    "qwenimage": [("text_encoder", "qwen_vl", "tokenizer")],
 }
-TRANSFORMER_ONLY_FAMILIES = ("qwenimage",)  # the transformer exports; the text encoder and VAE do not (dit_runner)
-CLIP_LENGTH = 77  # the CLIP tokenizers' length in both pipelines (tokenizer_max_length)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -79,7 +85,7 @@ CLIP_LENGTH = 77  # the CLIP tokenizers' length in both pipelines (tokenizer_max
 def check_dit_options(family, components, *, fp16, dynamic, base_config, adapter_inputs, specs) -> list[str]:
     """The components to export; ExportError (one line) for a family that cannot export, an option only UNet
     exports have, or a component this family lacks."""
-    if family.name not in TEXT_ENCODERS and family.name not in TRANSFORMER_ONLY_FAMILIES:
+    if family.name not in TEXT_ENCODERS:
         raise ExportError(f"{family.name}: no ONNX export for this family")
     for flag, given in (("--fp16", fp16), ("--dynamic", dynamic), ("--base-config", base_config)):
         if given:
@@ -89,14 +95,6 @@ def check_dit_options(family, components, *, fp16, dynamic, base_config, adapter
             )
     if adapter_inputs and not specs:
         raise ExportError("--adapter-inputs needs at least one --adapter (its layers become the graph's LoRA inputs)")
-    if family.name in TRANSFORMER_ONLY_FAMILIES:
-        others = [c for c in components or () if c != "transformer"]
-        if others:
-            raise ExportError(
-                f"{family.name}: only the transformer exports to ONNX ({others[0]}: {TRANSFORMER_ONLY[family.name]}); "
-                "use --components transformer"
-            )
-        return ["transformer"]
     every = ["transformer", *(c for c, _, _ in TEXT_ENCODERS[family.name]), "vae_decoder"]
     chosen = list(dict.fromkeys(components or every))
     bad = [c for c in chosen if c not in every]
@@ -179,7 +177,7 @@ def export_dit_onnx(
                 f"{component}: exported and validated in {entries[component]['export_seconds']:.1f} s, ORT vs torch "
                 f"max rel err {v['max_rel_err']:.2e} (tolerance {v['tolerance']:.0e})"
             )
-        for name in ["scheduler", *(t for _, _, t in TEXT_ENCODERS.get(family.name, []))]:
+        for name in ["scheduler", *(t for _, _, t in TEXT_ENCODERS[family.name])]:
             if (folder / name).is_dir():
                 shutil.copytree(folder / name, tmp / name)
         transformer_spec = {
@@ -222,6 +220,9 @@ def export_dit_onnx(
                 "vae_scale_factor": factor,
                 "scaling_factor": getattr(pipe.vae.config, "scaling_factor", None),
                 "shift_factor": getattr(pipe.vae.config, "shift_factor", None) or 0.0,
+                # Qwen-Image: per-channel normalisation instead (latents x std + mean before the decoder)
+                **({"mean": list(pipe.vae.config.latents_mean), "std": list(pipe.vae.config.latents_std)}
+                   if family.name == "qwenimage" else {}),  # fmt: skip
             },
             "text": {
                 "max_sequence_length": length,
@@ -230,10 +231,11 @@ def export_dit_onnx(
                         "component": c,
                         "kind": kind,
                         "tokenizer": tok,
-                        "max_length": length if kind == "t5" else CLIP_LENGTH,
+                        "max_length": _token_length(pipe, kind, length),
                     }
-                    for c, kind, tok in TEXT_ENCODERS.get(family.name, [])
+                    for c, kind, tok in TEXT_ENCODERS[family.name]
                 ],
+                **_template(pipe),
             },
         }
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -349,7 +351,7 @@ def _export_other(pipe, folder, family, component, tmp, opset, side, length) -> 
     """A text encoder or the VAE decoder: trace, check, and compare ORT with torch at batch 2 and 1."""
     if component == "vae_decoder":
         source = pipe.vae
-        graph = VaeDecoderGraph(source)
+        graph = (QwenVaeDecoderGraph if family.name == "qwenimage" else VaeDecoderGraph)(source)
     else:
         kind = next(k for c, k, _ in TEXT_ENCODERS[family.name] if c == component)
         source = getattr(pipe, component)
@@ -359,7 +361,8 @@ def _export_other(pipe, folder, family, component, tmp, opset, side, length) -> 
     exported = copy.deepcopy(graph)
     _exportable(exported)
     tokenizer = next((t for c, _, t in TEXT_ENCODERS[family.name] if c == component), None)
-    max_length = length if component != "vae_decoder" and graph.__class__ is T5Graph else CLIP_LENGTH
+    kind = next((k for c, k, _ in TEXT_ENCODERS[family.name] if c == component), None)
+    max_length = _token_length(pipe, kind, length)
 
     def example(batch: int, seed: int) -> dict[str, torch.Tensor]:
         if component == "vae_decoder":
@@ -367,8 +370,11 @@ def _export_other(pipe, folder, family, component, tmp, opset, side, length) -> 
             return {"latent_sample": torch.randn(batch, family.latent_channels(pipe.transformer), *side, generator=g)}
         tok = load_tokenizer(folder / tokenizer, max_length)
         prompts = ["a photo of a cat sitting on a carpet", "", "a red car on a street at night"]
-        ids = [e.ids for e in tok.encode_batch([prompts[(seed + i) % 3] for i in range(batch)])]
-        return {"input_ids": torch.tensor(ids, dtype=torch.int64)}
+        encoded = tok.encode_batch([prompts[(seed + i) % 3] for i in range(batch)])
+        case = {"input_ids": torch.tensor([e.ids for e in encoded], dtype=torch.int64)}
+        if "attention_mask" in names:
+            case["attention_mask"] = torch.tensor([e.attention_mask for e in encoded], dtype=torch.int64)
+        return case
 
     axes = {n: {0: "batch"} for n in names + outputs}
     raw = tmp / f".raw-{component}"

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from catfast.export.dit_runner import transformer_feeds
+from catfast.integrations.families import FAMILIES
 
 
 class FluxTransformerGraph(torch.nn.Module):
@@ -55,42 +56,29 @@ class SD3TransformerGraph(torch.nn.Module):
 
 
 class QwenTransformerGraph(torch.nn.Module):
-    """QwenImageTransformer2DModel at one image size and text length, its rotary embedding in real arithmetic.
-
-    diffusers computes Qwen-Image's rotary factors as complex numbers (``QwenEmbedRope``: ``torch.polar``) and
-    applies them with ``view_as_complex``; ONNX has no complex tensors. Here the factors of the export's size
-    are computed once (``prepare``) and kept as real ``cos`` / ``sin`` constants, and while the graph runs the
-    rotation of each interleaved pair is ``(a cos - b sin, a sin + b cos)``, the same product in real numbers
-    (equal to the complex path bit for bit in fp32 on the tiny model). Text states are padded to the export's
-    length with ``encoder_hidden_states_mask`` 0, which the joint attention masks out."""
+    """QwenImageTransformer2DModel at one image size and text length, its rotary embedding in real arithmetic
+    (diffusers computes it in complex numbers, which ONNX cannot express): the factors of the export's size are
+    computed once (``prepare``) and applied by the family's ``real_rotary`` while the graph runs (equal to the
+    complex path in fp32). Text states are padded to the export's length with ``encoder_hidden_states_mask`` 0,
+    which the joint attention masks out."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.rope = None  # (image (cos, sin), text (cos, sin)), each [S, head_dim]
+        self.factors = None
         self.side = None
 
     def prepare(self, side: tuple[int, int], text_len: int) -> QwenTransformerGraph:
         """Compute the rotary factors for latents of ``side`` (h, w) and ``text_len`` text tokens."""
-        h, w = side
-        self.side = (h, w)
-        image, text = self.model.pos_embed([(1, h // 2, w // 2)], device="cpu", max_txt_seq_len=text_len)
-        self.rope = tuple(
-            (f.real.repeat_interleave(2, -1).contiguous(), f.imag.repeat_interleave(2, -1).contiguous())
-            for f in (image, text)
-        )
+        self.side = side
+        self.factors = FAMILIES["qwenimage"].real_rotary_factors(self.model, side, text_len)
         return self
 
     def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep):
-        import diffusers.models.transformers.transformer_qwenimage as qwen  # lazy: diffusers
-
-        if self.rope is None:
+        if self.factors is None:
             raise RuntimeError("QwenTransformerGraph.prepare(side, text_len) first")
         h, w = self.side
-        complex_apply, rope_forward = qwen.apply_rotary_emb_qwen, self.model.pos_embed.forward
-        qwen.apply_rotary_emb_qwen = _real_rotary
-        self.model.pos_embed.forward = lambda *args, **kwargs: self.rope
-        try:
+        with FAMILIES["qwenimage"].real_rotary(self.model, self.factors):
             return self.model(
                 hidden_states=hidden_states,
                 encoder_hidden_states=encoder_hidden_states,
@@ -99,18 +87,6 @@ class QwenTransformerGraph(torch.nn.Module):
                 img_shapes=[[(1, h // 2, w // 2)]] * hidden_states.shape[0],
                 return_dict=False,
             )[0]
-        finally:
-            qwen.apply_rotary_emb_qwen = complex_apply
-            self.model.pos_embed.forward = rope_forward
-
-
-def _real_rotary(x: torch.Tensor, freqs, use_real: bool = False, use_real_unbind_dim: int = -1) -> torch.Tensor:
-    """diffusers' ``apply_rotary_emb_qwen`` for ``x`` ``[B, S, H, D]`` with real factors ``(cos, sin)``
-    ``[S, D]`` (each pair's angle repeated): the complex product of interleaved pairs, in fp32."""
-    cos, sin = (f[:, None] for f in freqs)
-    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 class ClipGraph(torch.nn.Module):
@@ -144,7 +120,38 @@ class T5Graph(ClipGraph):
         return self.model(input_ids, return_dict=True).last_hidden_state
 
 
-TEXT_GRAPHS = {"clip": ClipGraph, "clip_penultimate": ClipPenultimateGraph, "t5": T5Graph}
+class QwenTextGraph(torch.nn.Module):
+    """Qwen-Image's Qwen2.5-VL text model as its pipeline reads it: ``input_ids`` and ``attention_mask`` (the
+    chat-template prompt, right-padded) -> the last hidden states; the runner drops the template's prefix and
+    the padding (``QwenImagePipeline._get_qwen_prompt_embeds``). Causal attention: padding after a caption
+    leaves the caption's states as they are."""
+
+    output_names = ["last_hidden_state"]
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[-1]
+
+
+class QwenVaeDecoderGraph(torch.nn.Module):
+    """Qwen-Image's video VAE decoding one frame: ``latent_sample`` ``[B, C, H, W]`` (de-normalised: latents x std
+    + mean) -> ``sample`` ``[B, 3, 8H, 8W]``."""
+
+    output_names = ["sample"]
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample[:, :, None], return_dict=False)[0][:, :, 0]
+
+
+TEXT_GRAPHS = {"clip": ClipGraph, "clip_penultimate": ClipPenultimateGraph, "t5": T5Graph, "qwen_vl": QwenTextGraph}
 
 
 def input_names_of(graph: torch.nn.Module) -> list[str]:
@@ -167,7 +174,14 @@ class _ManualRMSNorm(torch.nn.Module):
 
 
 def _exportable(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` (a copy, changed in place) with every torch.nn.RMSNorm instance swapped for `_ManualRMSNorm`."""
+    """``model`` (a copy, changed in place) with every torch.nn.RMSNorm instance swapped for `_ManualRMSNorm`,
+    and every "nearest-exact" ``Upsample`` by an integer factor set to "nearest" (the exporter has no symbolic for
+    aten::_upsample_nearest_exact2d; for integer factors both read source pixel floor(i / s), the same output)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Upsample) and module.mode == "nearest-exact":
+            factors = module.scale_factor if isinstance(module.scale_factor, tuple) else (module.scale_factor,)
+            if all(f is not None and float(f).is_integer() for f in factors):
+                module.mode = "nearest"
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.RMSNorm):
             parent_name, _, child = name.rpartition(".")
@@ -213,3 +227,24 @@ def _feeds(spec_inputs: list[str], family, latents, sigmas, cond) -> dict[str, n
     spec["timestep"] = timestep_kind(family)
     np_cond = {k: v.numpy() for k, v in cond.items()}
     return transformer_feeds(spec, latents.numpy(), sigmas.numpy(), np_cond, family.flow.guidance)
+
+
+CLIP_LENGTH = 77  # the CLIP tokenizers' length in the Flux and SD3 pipelines (tokenizer_max_length)
+
+
+def _token_length(pipe, kind: str | None, length: int) -> int:
+    """Tokens a text graph is traced at: T5's ``length``, CLIP's 77, Qwen2.5-VL's ``length`` plus its chat
+    template's prefix (which the pipeline drops from the states)."""
+    if kind == "t5":
+        return length
+    if kind == "qwen_vl":
+        return length + pipe.prompt_template_encode_start_idx
+    return CLIP_LENGTH
+
+
+def _template(pipe) -> dict:
+    """Qwen-Image's prompt template and the states it drops, for the runner; {} for the other families."""
+    template = getattr(pipe, "prompt_template_encode", None)
+    if template is None:
+        return {}
+    return {"template": template, "drop": pipe.prompt_template_encode_start_idx}

@@ -56,10 +56,6 @@ def image_ids(height: int, width: int) -> np.ndarray:
     return ids.reshape(-1, 3)
 
 
-# families whose export holds the transformer alone, and why
-TRANSFORMER_ONLY = {"qwenimage": "no ONNX export of its Qwen2.5-VL text encoder and 3D VAE is built"}
-
-
 def transformer_feeds(spec: dict, latents: np.ndarray, sigmas: np.ndarray, cond: dict, guidance: float) -> dict:
     """The transformer graph's inputs, by name, for ``latents`` ``[B, C, H, W]`` at ``sigmas`` ``[B]`` with
     ``cond`` (``prompt_embeds``, and ``pooled_prompt_embeds`` or Qwen-Image's ``prompt_embeds_mask``); ``spec`` is the
@@ -196,12 +192,6 @@ class DitOnnxPipeline:
     def load(cls, model_dir: str | os.PathLike, provider: str | None = None) -> DitOnnxPipeline:
         folder = Path(model_dir)
         manifest = read_manifest(folder)
-        if manifest["family"] in TRANSFORMER_ONLY:
-            raise ModelLoadError(
-                f"{folder}: a {manifest['family']} export holds the transformer only "
-                f"({TRANSFORMER_ONLY[manifest['family']]}), so run-onnx cannot draw with it; feed the graph your own "
-                "text states (its manifest names the inputs), or sample with catfast's torch sampler"
-            )
         wanted = ["transformer", "vae_decoder", *(e["component"] for e in manifest["text"]["encoders"])]
         missing = [c for c in wanted if c not in manifest["components"]]
         if missing:
@@ -234,7 +224,10 @@ class DitOnnxPipeline:
         return self.sessions[component].run(None, feeds)
 
     def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        """``prompt_embeds`` and ``pooled_prompt_embeds`` of ``prompts`` (the family pipeline's encode_prompt)."""
+        """``prompt_embeds`` and ``pooled_prompt_embeds`` (Qwen-Image: ``prompt_embeds_mask``) of ``prompts`` (the
+        family pipeline's encode_prompt)."""
+        if self.manifest["family"] == "qwenimage":
+            return self._encode_qwen(prompts)
         out = {}
         for e in self.manifest["text"]["encoders"]:
             ids = np.array([x.ids for x in self.tokenizers[e["component"]].encode_batch(list(prompts))], np.int64)
@@ -248,6 +241,23 @@ class DitOnnxPipeline:
         clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
         pooled = np.concatenate([out["text_encoder"][1], out["text_encoder_2"][1]], axis=-1)
         return {"prompt_embeds": np.concatenate([clip, t5], axis=-2), "pooled_prompt_embeds": pooled}
+
+    def _encode_qwen(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Qwen-Image's ``prompt_embeds`` ``[B, L, D]`` and ``prompt_embeds_mask`` ``[B, L]`` (L: the export's text
+        length): each prompt in the chat template, the last hidden states without the template's prefix and the
+        padding (``QwenImagePipeline._get_qwen_prompt_embeds``), padded again to L with mask 0."""
+        text = self.manifest["text"]
+        length = self.manifest["transformer"]["text_length"]
+        tokens = self.tokenizers["text_encoder"].encode_batch([text["template"].format(p) for p in prompts])
+        ids = np.array([t.ids for t in tokens], np.int64)
+        mask = np.array([t.attention_mask for t in tokens], np.int64)
+        states = self._run("text_encoder", {"input_ids": ids, "attention_mask": mask})[0]
+        embeds = np.zeros((len(prompts), length, states.shape[-1]), np.float32)
+        keep = np.zeros((len(prompts), length), np.int64)
+        for i in range(len(prompts)):
+            row = states[i][mask[i] == 1][text["drop"] :][:length]
+            embeds[i, : len(row)], keep[i, : len(row)] = row, 1
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": keep}
 
     def velocity(self, latents, sigmas, cond, guidance: float, adapter: str | None = None) -> np.ndarray:
         """The transformer's prediction ``[B, C, H, W]`` (one call per row where the graph's batch is fixed at 1)."""
@@ -282,7 +292,7 @@ class DitOnnxPipeline:
         self._adapter_feeds(adapter)  # fail early on a bad name
         guidance = recipe["guidance_default"] if guidance_scale is None else float(guidance_scale)
         negative = recipe["negative"] if negative_prompt is None else negative_prompt
-        cfg = recipe["guidance"] == "cfg" and guidance > 1.0 and negative is not None
+        cfg = recipe["guidance"] in ("cfg", "cfg_norm") and guidance > 1.0 and negative is not None
         cond = self.encode([negative, prompt] if cfg else [prompt])
         shape = (1, lat["channels"], lat["height"], lat["width"])
         if latents is None:
@@ -302,10 +312,19 @@ class DitOnnxPipeline:
             model_sigma = np.full((x_in.shape[0],), t / np.float32(n_train), np.float32)
             v = self.velocity(x_in, model_sigma, cond, guidance, adapter)
             if cfg:
-                v = v[:1] + np.float32(guidance) * (v[1:] - v[:1])
+                text = v[1:]
+                v = v[:1] + np.float32(guidance) * (text - v[:1])
+                if recipe["guidance"] == "cfg_norm":  # QwenImagePipeline: each token's velocity at the cond norm
+                    guided, norm = pack(v), np.linalg.norm(pack(text), axis=-1, keepdims=True)
+                    scaled = guided * (norm / np.linalg.norm(guided, axis=-1, keepdims=True))
+                    v = unpack(scaled.astype(np.float32), h, w)
             x = (x + (sigmas[i + 1] - sigmas[i]) * v).astype(np.float32)
         if output == "latent":
             return x
-        z = x / np.float32(lat["scaling_factor"]) + np.float32(lat["shift_factor"])
+        if "mean" in lat:  # Qwen-Image: per-channel statistics
+            mean, std = (np.asarray(lat[k], np.float32).reshape(1, -1, 1, 1) for k in ("mean", "std"))
+            z = x * std + mean
+        else:
+            z = x / np.float32(lat["scaling_factor"]) + np.float32(lat["shift_factor"])
         image = self._run("vae_decoder", {"latent_sample": z.astype(np.float32)})[0]
         return np.clip(image[0].transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0)

@@ -9,6 +9,8 @@ its mask is None when no token is padding)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from catfast.integrations.families.base import (
@@ -115,6 +117,39 @@ class QwenImageFamily(DenoiserFamily):
             return_dict=False,
         )
         return unpack(first_output(out), h, w)
+
+
+    def real_rotary_factors(self, model, side: tuple[int, int], text_len: int) -> tuple:
+        """The rotary factors of latents of ``side`` (h, w) and ``text_len`` text tokens as real ``(cos, sin)``
+        ``[S, head_dim]`` pairs (image, text): diffusers' ``QwenEmbedRope`` makes them complex (``torch.polar``),
+        which ONNX cannot express; each pair's angle is repeated for the interleaved pair it rotates."""
+        h, w = side
+        image, text = model.pos_embed([(1, h // 2, w // 2)], device="cpu", max_txt_seq_len=text_len)
+        return tuple((f.real.repeat_interleave(2, -1), f.imag.repeat_interleave(2, -1)) for f in (image, text))
+
+    @contextlib.contextmanager
+    def real_rotary(self, model, factors: tuple):
+        """Within the block ``model`` rotates queries and keys with ``factors`` (``real_rotary_factors``) in real
+        arithmetic, ``(a cos - b sin, a sin + b cos)`` per interleaved pair: the complex product diffusers computes,
+        without complex tensors (for the ONNX export, ``catfast.export.dit_graphs``)."""
+        import diffusers.models.transformers.transformer_qwenimage as qwen  # lazy: diffusers
+
+        complex_apply, rope_forward = qwen.apply_rotary_emb_qwen, model.pos_embed.forward
+        qwen.apply_rotary_emb_qwen = _real_rotary
+        model.pos_embed.forward = lambda *args, **kwargs: factors
+        try:
+            yield
+        finally:
+            qwen.apply_rotary_emb_qwen = complex_apply
+            model.pos_embed.forward = rope_forward
+
+
+def _real_rotary(x: torch.Tensor, freqs, use_real: bool = False, use_real_unbind_dim: int = -1) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb_qwen`` for ``x`` ``[B, S, H, D]`` with real factors ``(cos, sin)`` ``[S, D]``."""
+    cos, sin = (f[:, None] for f in freqs)
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 FAMILY = QwenImageFamily()
