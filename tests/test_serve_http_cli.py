@@ -61,3 +61,31 @@ def test_bad_options_are_one_line_errors(args, words):
     assert result.exit_code != 0
     assert words in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_model_dit_is_the_shipped_dit_demo_and_model_with_base_is_refused():
+    """`catfast serve --model dit` serves the shipped Flux-style demo (`--base demo-dit`): its three adapters at its
+    32 px; `--model` with another --base is a one-line error."""
+    from catfast.demo.adapters import CONCEPTS
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catfast.cli", "serve", "--model", "dit", "--port", str(port)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, proc)
+        assert sorted(a["id"] for a in httpx.get(url + "/v1/adapters").json()["data"]) == sorted(CONCEPTS)
+        r = httpx.post(url + "/v1/images/generations", json={"model": "tiger-ball", "prompt": "tiger, a ball",
+                                                               "steps": 2}, timeout=120)  # fmt: skip
+        assert r.status_code == 200 and len(r.json()["data"]) == 1
+    finally:
+        out, _ = stop_server(proc)
+    assert "catfast serve: demo-dit" in out and "Traceback" not in out
+    result = CliRunner().invoke(main, ["serve", "--model", "dit", "--base", "/some/folder"])
+    assert result.exit_code != 0 and "--model dit picks a shipped demo model" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -74,6 +74,13 @@ def build_app(
     "SD1.5/SDXL checkpoint (.safetensors), 'demo' (the shipped model) or 'demo-dit' (the shipped Flux-style model, "
     "32 px; with its three shipped adapters).",
 )
+@click.option(
+    "--model",
+    "demo_model",
+    type=click.Choice(["unet", "dit"]),
+    default=None,
+    help="The shipped demo model to serve, as `catfast demo --model`: unet = --base demo, dit = --base demo-dit.",
+)
 @click.option("--base-config", default=None, help="The diffusers folder that completes a UNet-only --base file.")
 @click.option(
     "--adapters",
@@ -114,9 +121,14 @@ def serve(**options) -> None:
         raise click.ClickException(str(e)) from None
 
 
-def _serve(*, host, port, api_key, log_level, **engine_options):
+def _serve(*, host, port, api_key, log_level, demo_model, **engine_options):
     """``catfast serve`` with its options; ``engine_options`` are ``build_app``'s (base, adapters, ...)."""
     from catfast.serve.http import run  # lazy: startup
+
+    if demo_model is not None:
+        if engine_options["base"] != "demo":
+            raise CatfastError(f"--model {demo_model} picks a shipped demo model; leave out --base, or --model")
+        engine_options["base"] = {"unet": "demo", "dit": "demo-dit"}[demo_model]
 
     if api_key is not None and not api_key.strip():
         raise CatfastError("--api-key must not be empty")
