@@ -1,6 +1,7 @@
 """No client input makes a 5xx (issue 27, "close the classes"): property tests of the request parser with
 hypothesis, and schemathesis fuzzing of a running `catfast serve` from its own OpenAPI document
-(``GET /openapi.json``), schema-valid and schema-invalid requests to every route.
+(``GET /openapi.json``), schema-valid and schema-invalid requests to every route, on the UNet demo and on the DiT
+demo (``--base demo-dit``).
 
 The invariant, checked on every answer: a 2xx, or a 4xx whose body is OpenAI's error object with a
 one-line message; never a 5xx (the engine's own failure is the one allowed 5xx, and no input here may
@@ -142,11 +143,15 @@ def test_nesting_up_to_the_bound_parses_and_past_it_is_400():
 # ------------------------------------------------------------------------------------- schemathesis
 
 
-@pytest.fixture(scope="module")
-def fuzzed(tmp_path_factory):
-    """A server whose limits keep every valid request cheap (2 steps, 2 images, sizes up to 64x64)."""
-    folder = copy_demo_adapters(tmp_path_factory.mktemp("adapters"))
-    with demo_server(folder, max_batch=2, max_queue=8, max_steps=2, timeout_s=120) as (engine, server):
+@pytest.fixture(scope="module", params=["demo", "demo-dit"])
+def fuzzed(request, tmp_path_factory):
+    """A server whose limits keep every valid request cheap (2 steps, 2 images, sizes up to 64x64), on the UNet
+    demo and on the Flux-style DiT demo (a DiT server: stacked adapters as composites, per-row weights)."""
+    from catfast.shipped import dit_adapters_path
+
+    source = dit_adapters_path() if request.param == "demo-dit" else None
+    folder = copy_demo_adapters(tmp_path_factory.mktemp("adapters"), source)
+    with demo_server(folder, request.param, max_batch=2, max_queue=8, max_steps=2, timeout_s=120) as (engine, server):
         yield engine, server
 
 

@@ -42,19 +42,21 @@ LONG_STEPS = 150  # steps of the requests whose clients leave early (the engine'
 KINDS = (("ok", 0.55), ("cancel", 0.15), ("stream_close", 0.1), ("unknown", 0.1), ("bad", 0.1))
 
 
-def copy_demo_adapters(folder: Path) -> Path:
-    """``folder`` with a copy of each shipped demo adapter (``<name>.safetensors``) in it."""
+def copy_demo_adapters(folder: Path, source: Path | None = None) -> Path:
+    """``folder`` with a copy of each shipped demo adapter (``<name>.safetensors``) in it; ``source``: the folder
+    to copy them from (default: the UNet demo's; ``catfast.shipped.dit_adapters_path()``: the DiT demo's)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in CONCEPTS:
-        shutil.copy(adapters_dir() / f"{name}.safetensors", folder / f"{name}.safetensors")
+        shutil.copy((source or adapters_dir()) / f"{name}.safetensors", folder / f"{name}.safetensors")
     return folder
 
 
 @contextlib.contextmanager
-def demo_server(folder: Path, **engine_options):
-    """(engine, server): an engine over the shipped demo model on the CPU with the adapters of ``folder``,
-    behind the HTTP app on a free loopback port; both are closed when the block ends."""
-    engine = Engine("demo", adapters_dir=folder, device="cpu", **engine_options).start()
+def demo_server(folder: Path, base: str = "demo", **engine_options):
+    """(engine, server): an engine over a shipped demo model (``base``: "demo", or "demo-dit" for the Flux-style
+    one) on the CPU with the adapters of ``folder``, behind the HTTP app on a free loopback port; both are closed
+    when the block ends."""
+    engine = Engine(base, adapters_dir=folder, device="cpu", **engine_options).start()
     try:
         with Server(create_app(engine, adapters_dir=folder)) as server:
             yield engine, server
