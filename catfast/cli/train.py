@@ -118,6 +118,13 @@ _DIT_DEFAULTS = ", ".join(f"{k.replace('_size', '')} {v:g}" for k, v in DIT_RECI
     type=click.FloatRange(min=0),
     help=f"Weight (lambda) of the CAT term; 0: plain LoRA. {_default('cat_weight')}",
 )
+@click.option(
+    "--caption-dropout",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    help="Share of concept samples whose diffusion term sees the empty caption (kohya's caption_dropout_rate; the "
+    "CAT term keeps the stripped caption): teaches the adapter's unconditional prediction the concept, which "
+    f"guidance subtracts (docs/retention.md). {_default('caption_dropout')}",
+)
 @click.option("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (e.g. 5). [default: off]")
 @click.option(
     "--timesteps",

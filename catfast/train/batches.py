@@ -38,15 +38,29 @@ class BatchStream:
         return keys[start : start + count], start, n, count
 
 
-def collate_batch(dataset, keys, device, dtype) -> dict:
-    """The cached entries ``keys`` as one batch on ``device``; text conditions cast to ``dtype``."""
-    batch = collate([dataset[k] for k in keys])
+def collate_batch(dataset, keys, device, dtype, *, empty=None, drop: list[bool] | None = None) -> dict:
+    """The cached entries ``keys`` as one batch on ``device``; text conditions cast to ``dtype``. ``drop``: per key,
+    whether its trigger caption's condition is replaced by ``empty`` (the empty caption's row: caption dropout;
+    an SDXL row keeps its own size and crop ``time_ids``)."""
+    items = [dataset[k] for k in keys]
+    if drop is not None:
+        items = [{**item, "cond": _emptied(item["cond"], empty)} if d else item for item, d in zip(items, drop)]
+    batch = collate(items)
     return {
         "latents": batch["latents"].to(device, non_blocking=True),
         "cond": _to(batch["cond"], device, dtype),
         "cond_stripped": _to(batch["cond_stripped"], device, dtype),
         "concepts": batch["concepts"],
     }
+
+
+def _emptied(cond, empty):
+    """``cond`` (one cached row: a tensor, or SDXL's dict) with the empty caption's states (and pooled embedding)."""
+    if not isinstance(cond, dict):
+        return empty.to(cond.dtype)
+    pooled = empty["added_cond_kwargs"]["text_embeds"].to(cond["added_cond_kwargs"]["text_embeds"].dtype)
+    hidden = empty["encoder_hidden_states"].to(cond["encoder_hidden_states"].dtype)
+    return {"encoder_hidden_states": hidden, "added_cond_kwargs": {**cond["added_cond_kwargs"], "text_embeds": pooled}}
 
 
 def _to(cond, device, dtype):

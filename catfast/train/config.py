@@ -104,6 +104,7 @@ class TrainConfig:
     targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     # objective
     cat_weight: float = 1.0
+    caption_dropout: float = 0.0  # share of concept rows whose LDM term sees the empty caption (kohya's rate)
     snr_gamma: float | None = None
     timesteps: str = "uniform"
     timestep_power: float = 1.0  # chain-of-forgetting: P(t) proportional to (t + 1) ** timestep_power
@@ -252,6 +253,8 @@ class TrainConfig:
             raise ConfigError(f"resolution must be >= 8 pixels, got {self.resolution}")
         if not self.targets:
             raise ConfigError("targets must name at least one module (e.g. to_q)")
+        if not (0 <= self.caption_dropout < 1):
+            raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not (0 < self.bank_ratio < 1):
             raise ConfigError(f"bank_ratio must be in (0, 1), got {self.bank_ratio}")
         if not self.cat_prompts.strip():

@@ -63,12 +63,14 @@ class FlowDataset:
         h, w = self.entries[example].latents.shape[-2:]
         return int(h), int(w)
 
-    def batch(self, keys, device, dtype) -> tuple[torch.Tensor, dict, dict]:
+    def batch(self, keys, device, dtype, replace: dict[int, int] | None = None) -> tuple[torch.Tensor, dict, dict]:
         """(latents ``[B, C, h, w]`` fp32, cond, cond_stripped) of the (example, variant) ``keys`` on
-        ``device``; floating condition tensors in ``dtype``."""
+        ``device``; floating condition tensors in ``dtype``. ``replace``: {row: index into ``prompt_conds``}, rows
+        whose trigger caption's condition is that prompt's instead (caption dropout)."""
         rows = [self.entries[e] for e, _ in keys]
         latents = torch.stack([self.entries[e].latents[v] for e, v in keys]).to(device)
-        cond = self._stack([r.cond for r in rows], device, dtype)
+        conds = [self.prompt_conds[replace[i]] if replace and i in replace else r.cond for i, r in enumerate(rows)]
+        cond = self._stack(conds, device, dtype)
         return latents, cond, self._stack([r.cond_stripped for r in rows], device, dtype)
 
     def prompt_batch(self, indices: list[int], device, dtype) -> dict:

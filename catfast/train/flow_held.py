@@ -12,7 +12,9 @@ sigma, as the UNet's `train/retention.py` does:
   frozen weights, so the teacher is base + kept; one of their recorded prompts per sample gives the ``keep``
   term, weighted by ``keep_weight``;
 - ``--bank DIR``: a knowledge bank of the base's samples (``flow_bank``): Nb rows a step on the adapter with the
-  true velocity as target (no teacher row), weighted by ``bank_weight``.
+  true velocity as target (no teacher row), weighted by ``bank_weight``;
+- ``--caption-dropout P``: each sample's diffusion term sees the empty caption with probability P (its CAT
+  term keeps the stripped caption), drawn before the sample's noise.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class HeldPrompts:
     cat_weight: float = 1.0
     keep_weight: float = 1.0
     bank: BankReplay | None = None
+    caption_dropout: float = 0.0  # share of samples whose diffusion term sees the empty caption
 
     @classmethod
     def read(cls, config: TrainConfig) -> HeldPrompts:
@@ -47,6 +50,7 @@ class HeldPrompts:
         weight changes, and the bank's latent shape once the training latents are planned (``check_bank``)."""
         kept = read_kept(config.keep, None, COMPONENT) if config.keep else []
         held = cls(extra_prompts(config.cat_prompts), kept, config.cat_weight, config.keep_weight)
+        held.caption_dropout = config.caption_dropout
         if config.bank is not None:
             bank = load_flow_bank(config.bank, config.base)
             offset = len(held.extra) + len(held.kept_prompts)  # the bank prompts come after the held ones
@@ -66,7 +70,16 @@ class HeldPrompts:
     def prompts(self) -> list[str]:
         """Every prompt to encode, extra ones first, then the kept adapters', then the bank's (one per bank row):
         what ``build_flow_cache(prompts=)`` encodes, in this order."""
-        return self.extra + self.kept_prompts + (self.bank.bank.prompts if self.bank is not None else [])
+        bank = self.bank.bank.prompts if self.bank is not None else []
+        return self.extra + self.kept_prompts + bank + ([""] if self.caption_dropout > 0 else [])
+
+    def dropped(self, n: int, rows: slice, generator: torch.Generator) -> dict[int, int] | None:
+        """Caption dropout for this rank's ``rows`` of a global batch of ``n`` samples (drawn for the whole global
+        batch on every rank): {row of this rank: the empty caption's index in ``prompts``}; None when off."""
+        if self.caption_dropout <= 0:
+            return None
+        drop = (torch.rand(n, generator=generator) < self.caption_dropout)[rows].tolist()
+        return {i: len(self.prompts) - 1 for i, d in enumerate(drop) if d}
 
     @property
     def stripped_weight(self) -> float:

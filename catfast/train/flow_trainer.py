@@ -269,12 +269,13 @@ class _FlowRun:
         stats = torch.zeros(5, device=self.device)
         for _ in range(config.grad_accum):
             keys, start, n, count = self.batches.next_shard(dist)
-            latents, cond, cond_stripped = self.dataset.batch(keys, self.device, self.weight_dtype)
+            rows = slice(start, start + len(keys))
+            dropped = self.held.dropped(n, rows, self.noise_gen)  # caption dropout (None when off)
+            latents, cond, cond_stripped = self.dataset.batch(keys, self.device, self.weight_dtype, dropped)
             # noise and sigmas drawn for the whole global batch on every rank (one batch holds one bucket's
             # shape), this rank's rows taken: W processes compute what one process with the global batch does
             whole = latents[:1].expand(n, *latents.shape[1:])
             noise, sigmas = flow_objective.sample_flow_inputs(family, whole, generator=self.noise_gen)
-            rows = slice(start, start + len(keys))
             held = self.held.groups(self.dataset, n, rows, self.noise_gen, self.device, self.weight_dtype)
             bank = self.held.bank_rows(family, self.dataset, len(keys), self.noise_gen, self.device, self.weight_dtype)
             out = flow_objective.flow_cat_loss(family, self.model, latents, noise[rows], sigmas[rows], cond,

@@ -71,7 +71,7 @@ from catfast.train.run_parts import (
     seed_everything,
 )
 from catfast.train.schedules import lr_lambda, sample_timesteps, timestep_probs
-from catfast.train.unet_setup import _add_adapters, _build_dataset, _measures
+from catfast.train.unet_setup import _add_adapters, _build_dataset, _measures, empty_caption_row
 
 
 def train(
@@ -156,6 +156,7 @@ class _Run:
         self.timestep_probs = timestep_probs(config, base.scheduler)
         self.num_timesteps = base.scheduler.config.num_train_timesteps
         self.start_step, self.epoch, self.batch_index = 0, 0, 0
+        self.empty_caption = empty_caption_row(base) if config.caption_dropout > 0 else None
         self.metrics: MetricsWriter | None = None
         self.samples: SamplePlan | None = None
         self.last: dict[str, float] = {}
@@ -315,9 +316,12 @@ class _Run:
         """This rank's next micro-batch as ``cat_loss`` inputs (latents, noise, timesteps, cond, cond_stripped on
         the device), its samples' adapters, and (count, n) for weighting its loss in the global batch."""
         keys, start, n, count = self.batches.next_shard(self.dist)
-        batch = collate_batch(self.dataset, keys, self.device, self.weight_dtype)
         # drawn for the whole global batch on every rank: W processes compute what one would
         mine = slice(start, start + len(keys))
+        drop = None
+        if self.empty_caption is not None:  # caption dropout: which samples' diffusion term sees the empty caption
+            drop = (torch.rand(n, generator=self.noise_gen) < self.config.caption_dropout)[mine].tolist()
+        batch = collate_batch(self.dataset, keys, self.device, self.weight_dtype, empty=self.empty_caption, drop=drop)
         noise = torch.randn((n, *batch["latents"].shape[1:]), generator=self.noise_gen)[mine]
         timesteps = sample_timesteps(self.timestep_probs, n, self.noise_gen, self.num_timesteps)[mine]
         inputs = dict(latents=batch["latents"], noise=tensor_to_device(noise, self.device),

@@ -58,3 +58,16 @@ def _measures(mode: str, device: torch.device, world: int) -> bool:
     """Whether the run times both CAT step modes over its first steps (``ModeTrial``): ``measure`` asks for it;
     ``auto`` does it on a GPU in one process (ranks timing apart could pick different modes)."""
     return mode == "measure" or (mode == "auto" and device.type == "cuda" and world == 1)
+
+
+def empty_caption_row(base):
+    """The empty caption's condition as one cached row (CPU, fp32, no batch axis): a ``[L, D]`` tensor, or SDXL's
+    dict with its pooled ``text_embeds`` (``time_ids`` come from each sample): what caption dropout puts in place
+    of a sample's trigger caption."""
+    side = base.unet.config.sample_size * base.vae_scale_factor
+    cond = base.encode_prompt([""], image_size=(side, side) if base.is_sdxl else None)
+    if not isinstance(cond, dict):
+        return cond[0].float().cpu()
+    pooled = cond["added_cond_kwargs"]["text_embeds"][0].float().cpu()
+    return {"encoder_hidden_states": cond["encoder_hidden_states"][0].float().cpu(),
+            "added_cond_kwargs": {"text_embeds": pooled}}  # fmt: skip
