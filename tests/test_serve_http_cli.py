@@ -17,17 +17,22 @@ pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_catfast_serve_default_demo_subprocess():
+def serve_subprocess(*args: str, **env: str) -> tuple[subprocess.Popen, str]:
+    """`python -m catfast.cli serve ARGS --port P` as a user starts it (``env`` added to the environment):
+    (the process, its loopback URL)."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CATFAST_API_KEY": "k1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "catfast.cli", "serve", "--port", str(port)],
-        env=env,
+        [sys.executable, "-m", "catfast.cli", "serve", *args, "--port", str(port)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_catfast_serve_default_demo_subprocess():
+    proc, url = serve_subprocess(CATFAST_API_KEY="k1")
     try:
         wait_for_server(url, proc)
         auth = {"Authorization": "Bearer k1"}
@@ -68,15 +73,7 @@ def test_serve_model_dit_is_the_shipped_dit_demo_and_model_with_base_is_refused(
     32 px; `--model` with another --base is a one-line error."""
     from catfast.demo.adapters import CONCEPTS
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "catfast.cli", "serve", "--model", "dit", "--port", str(port)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_subprocess("--model", "dit")
     try:
         wait_for_server(url, proc)
         assert sorted(a["id"] for a in httpx.get(url + "/v1/adapters").json()["data"]) == sorted(CONCEPTS)
