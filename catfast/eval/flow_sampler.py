@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from catfast.errors import CatfastError
-from catfast.eval.sampler import NonFiniteLatents, _row_order, nonfinite_rows, sampling_plan
+from catfast.eval.sampler import NonFiniteLatents, _row_order, nonfinite_rows, per_sample_scales, sampling_plan
 from catfast.integrations.families import family_of
 from catfast.integrations.row_call import planned_unet
 from catfast.integrations.schedulers import flow_sampling_scheduler
@@ -68,8 +68,7 @@ def sample_flow_latents(
         raise CatfastError(f"{family.name} is not a flow-matching transformer family; use catfast.eval.sampler")
     model = pipe.transformer
     configs = getattr(model, "peft_config", None) or {}
-    if not isinstance(scale, (int, float)) and len(scale) != n:
-        raise CatfastError(f"scale: one per sample ({n}), got {len(scale)}")
+    scale = per_sample_scales(scale, n)
     missing = [a for a in adapters if a is not None and a not in configs]
     if missing:
         raise CatfastError(f"the transformer has no adapter named {missing[0]!r} (it has {list(configs) or 'none'})")
@@ -173,11 +172,7 @@ def _sample(pipe, family, call, prompts, slots, seeds, *, steps, guidance, heigh
         raise NonFiniteLatents(
             f"sampling ended with NaN/Inf latents in {len(bad)} of {n} rows (prompt {prompts[bad[0]]!r}): no picture "
             f"to decode. Likely causes: guidance {guidance:g} too high, an adapter out of proportion to the base "
-            f"(LoRA scale {_scale_at(scale, bad[0]):g}), or a base model whose weights hold NaN/Inf"
+            f"(LoRA scale {scale[bad[0]]:g}), or a base model whose weights hold NaN/Inf"
         )
     return latents
 
-
-def _scale_at(scale: float | list[float], i: int) -> float:
-    """Sample ``i``'s LoRA scale (``scale`` is one for all samples or one per sample)."""
-    return float(scale) if isinstance(scale, (int, float)) else float(scale[i])

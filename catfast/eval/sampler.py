@@ -140,13 +140,23 @@ def nonfinite_rows(latents: torch.Tensor) -> list[int]:
     return (~torch.isfinite(latents).flatten(1).all(dim=1)).nonzero().flatten().tolist()
 
 
+def per_sample_scales(scale: float | list[float], n: int) -> list[float]:
+    """``n`` samples' LoRA scales from one scale for all or one per sample; CatfastError when the list does not
+    have one per sample."""
+    if isinstance(scale, (int, float)):
+        return [float(scale)] * n
+    if len(scale) != n:
+        raise CatfastError(f"scale: one per sample ({n}), got {len(scale)}")
+    return [float(x) for x in scale]
+
+
 def sampling_plan(slots: list, order: list[int], scale: float | list[float], device) -> RowPlan | None:
     """The no-grad row plan of a sampler run: rows in ``order``, each its slot (``slots[i]``) at LoRA ``scale``
     (one for every sample, or ``scale[i]`` per sample; base rows 0); None for a model without adapters
     (``slots[0] is None``: no plan, plain calls)."""
     if slots[0] is None:
         return None
-    per_sample = [float(scale)] * len(slots) if isinstance(scale, (int, float)) else [float(x) for x in scale]
+    per_sample = per_sample_scales(scale, len(slots))
     scales = [0.0 if slots[i] == NO_ADAPTER else per_sample[i] for i in order]
     row_slots = [slots[i] for i in order]
     return RowPlan.build(row_slots, scales, needs_grad=False, device=device)
