@@ -4,3 +4,27 @@ Imports nothing: the command line reads these for its defaults before anything h
 # Every attention projection (self- and cross-attention: query, key, value, output): the CAT paper's targets
 # and catfast's default, for training, benchmarks and the shipped demo adapters.
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+# A UNet's convolutions and the 1x1 projections around its transformer blocks: with the attention projections,
+# kohya's LoCon (LyCORIS' "conv_dim"). A UNet-only set: a diffusion transformer has none of conv1/conv2.
+UNET_CONVOLUTIONS = ("conv1", "conv2", "conv_shortcut", "proj_in", "proj_out")
+
+# Names ``--targets`` takes for a whole set.
+PRESETS = {"attention": ATTENTION_PROJECTIONS, "locon": ATTENTION_PROJECTIONS + UNET_CONVOLUTIONS}
+
+
+def split_targets(targets: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The names in ``targets``: a comma-separated string or a list whose items may hold commas."""
+    items = [targets] if isinstance(targets, str) else list(targets)
+    return [name.strip() for item in items for name in str(item).split(",") if name.strip()]
+
+
+def expand_targets(targets: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Target suffixes from ``targets`` (``split_targets``), each preset name (``PRESETS``) replaced by its set;
+    order kept, duplicates dropped. "locon" -> to_q, to_k, to_v, to_out.0, conv1, ..."""
+    out = []
+    for item in split_targets(targets):
+        for name in PRESETS.get(item, (item,)):
+            if name not in out:
+                out.append(name)
+    return out

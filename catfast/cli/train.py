@@ -92,6 +92,13 @@ _DIT_DEFAULTS = ", ".join(f"{k.replace('_size', '')} {v:g}" for k, v in DIT_RECI
 )
 @click.option("--rank", type=click.IntRange(min=1), help=f"LoRA rank. {_default('rank')}")
 @click.option("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha / rank. [default: rank]")
+@click.option(
+    "--targets",
+    help="LoRA target modules: comma-separated name suffixes (e.g. to_q,to_k,to_v,to_out.0) or a preset: "
+    "attention (every attention projection, the CAT paper's) or locon (also a UNet's convolutions conv1, conv2, "
+    "conv_shortcut and the proj_in/proj_out around its transformer blocks: kohya's LoCon, for objects and textures "
+    "the attention alone does not draw; docs/retention.md). [default: attention; the family's on a DiT]",
+)
 @click.option("--lr", type=float, help=f"AdamW learning rate. {_default('lr')}")
 @click.option(
     "--lr-schedule",
@@ -113,6 +120,12 @@ _DIT_DEFAULTS = ", ".join(f"{k.replace('_size', '')} {v:g}" for k, v in DIT_RECI
     "--resolution", type=click.IntRange(min=8), help="Training size in pixels. [default: the model's native size]"
 )
 @click.option("--allow-upscale", is_flag=True, default=None, help="Accept images smaller than --resolution (enlarged).")
+@click.option(
+    "--random-flip/--no-random-flip",
+    default=None,
+    help="Also train on the mirror image of every crop (kohya's --flip_aug). Off for subjects whose mirror image "
+    "is another subject: text, logos, diagonal stripes (docs/retention.md). [default: on, as the CAT paper]",
+)
 @click.option(
     "--cat-weight",
     type=click.FloatRange(min=0),

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from catfast.errors import CatfastError
-from catfast.targets import ATTENTION_PROJECTIONS
+from catfast.targets import ATTENTION_PROJECTIONS, PRESETS, expand_targets, split_targets
 from catfast.train.recipes import dit_family, recipe_for
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -101,7 +101,7 @@ class TrainConfig:
     # adapter
     rank: int | None = None  # None: the base's recipe (recipe_for)
     alpha: float | None = None  # None: alpha = rank (scale 1, as diffusers' LoRAAttnProcessor of the paper)
-    targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+    targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))  # or a preset (PRESETS)
     # objective
     cat_weight: float = 1.0
     caption_dropout: float = 0.0  # share of concept rows whose LDM term sees the empty caption (kohya's rate)
@@ -204,6 +204,12 @@ class TrainConfig:
         if filled:  # a second validate() finds nothing to fill and keeps what the first one recorded
             self._from_recipe = filled
         family = dit_family(self.base)
+        if family is not None and "locon" in split_targets(self.targets):
+            raise ConfigError(
+                f"targets 'locon' adds a UNet's convolutions; a {family.name} transformer has none (its LoRA "
+                "targets are linear layers): leave targets unset for the family's own"
+            )
+        self.targets = expand_targets(self.targets)
         if family is not None and self.targets == list(ATTENTION_PROJECTIONS):
             # the UNet default stands for "the base's default": on a DiT, the family's trainers' targets
             self.targets = list(family.default_targets)
@@ -252,7 +258,7 @@ class TrainConfig:
         if self.resolution is not None and self.resolution < 8:
             raise ConfigError(f"resolution must be >= 8 pixels, got {self.resolution}")
         if not self.targets:
-            raise ConfigError("targets must name at least one module (e.g. to_q)")
+            raise ConfigError(f"targets must name at least one module (e.g. to_q) or a preset ({', '.join(PRESETS)})")
         if not (0 <= self.caption_dropout < 1):
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not (0 < self.bank_ratio < 1):
@@ -297,7 +303,8 @@ class TrainConfig:
         line = (
             f"training with rank {self.rank} (alpha {self.lora_alpha:g}), lr {self.lr:g} ({schedule}), batch "
             f"{self.batch_size}{accum}, {self.steps} steps, cat_weight {self.cat_weight:g}, "
-            f"{len(self.concepts)} concept(s), targets {','.join(self.targets)}"
+            f"{len(self.concepts)} concept(s), targets {','.join(self.targets)}, random flip "
+            f"{'on' if self.random_flip else 'off'}"
         )
         if filled:
             given = ", ".join(f"{k} {recipe[k]:g}" for k in filled)
