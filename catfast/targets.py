@@ -5,8 +5,9 @@ Imports nothing: the command line reads these for its defaults before anything h
 # and catfast's default, for training, benchmarks and the shipped demo adapters.
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
-# A UNet's convolutions and the 1x1 projections around its transformer blocks: with the attention projections,
-# kohya's LoCon (LyCORIS' "conv_dim"). A UNet-only set: a diffusion transformer has none of conv1/conv2.
+# A UNet's resnet convolutions and the projections around its transformer blocks: with the attention projections,
+# a LoCon-style set (kohya's LoCon also adapts the down/upsampling convolutions and the feed-forward layers). A
+# UNet-only set: a diffusion transformer has no conv1/conv2.
 UNET_CONVOLUTIONS = ("conv1", "conv2", "conv_shortcut", "proj_in", "proj_out")
 
 # Names ``--targets`` takes for a whole set.

@@ -96,7 +96,7 @@ _DIT_DEFAULTS = ", ".join(f"{k.replace('_size', '')} {v:g}" for k, v in DIT_RECI
     "--targets",
     help="LoRA target modules: comma-separated name suffixes (e.g. to_q,to_k,to_v,to_out.0) or a preset: "
     "attention (every attention projection, the CAT paper's) or locon (also a UNet's convolutions conv1, conv2, "
-    "conv_shortcut and the proj_in/proj_out around its transformer blocks: kohya's LoCon, for objects and textures "
+    "conv_shortcut and the proj_in/proj_out around its transformer blocks: LoCon-style, for objects and textures "
     "the attention alone does not draw; docs/retention.md). [default: attention; the family's on a DiT]",
 )
 @click.option("--lr", type=float, help=f"AdamW learning rate. {_default('lr')}")
