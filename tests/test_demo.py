@@ -39,6 +39,19 @@ def test_world_covers_every_attribute():
     assert {s.pattern for s, _ in world.dataset(50, seed=0, patterns=True)} == set(world.PATTERNS)
 
 
+def test_a_striped_world_for_pretraining_never_shows_the_shipped_objects():
+    from catfast.demo.pretrain import concept_triples
+
+    left_out = concept_triples()
+    assert ("ball", "orange", "black") in left_out and len(left_out) == 3
+    pairs = world.dataset(600, seed=0, patterns=True, exclude=left_out)
+    assert len(pairs) == 600 and not any((s.shape, s.color, s.stripe_color) in left_out for s, _ in pairs)
+    assert 0.4 < sum(s.pattern == "striped" for s, _ in pairs) / 600 < 0.6
+    unfiltered = world.dataset(600, seed=0, patterns=True)
+    assert any((s.shape, s.color, s.stripe_color) in left_out for s, _ in unfiltered)  # the filter has work to do
+    assert world.dataset(20, seed=0, exclude=left_out) == world.dataset(20, seed=0)  # plain scenes: nothing left out
+
+
 def test_captions_describe_the_scene_in_single_tokens():
     tokenizer = build_tokenizer()
     pairs = world.dataset(200, seed=0)

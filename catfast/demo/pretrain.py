@@ -9,6 +9,9 @@ stages, 66 min in all on the 2-core dev CPU with one thread:
     python -m catfast.demo.pretrain --out stage2 --init stage1 --unet-steps 1500 --lr 5e-4
     python -m catfast.demo.pretrain --out stage3 --init stage2 --seed 1 --unet-steps 2400 --lr 5e-4 --train-text
 
+``--patterns`` makes half of the UNet's pictures striped (captions unchanged), never as the shipped adapters'
+objects: a base that knows stripes, on which those adapters draw their objects (docs/serving.md); not shipped.
+
 Writes a complete diffusers folder (model_index.json, unet/, text_encoder/, tokenizer/, vae/,
 scheduler/; fp16 safetensors) that ``load_base`` reads. Three parts:
 - text encoder: a small CLIP text model with seeded random weights; the tokenizer is catfast's offline
@@ -79,13 +82,21 @@ def build_components(seed: int = 0) -> dict:
     )
 
 
-def image_pool(n: int, seed: int, *, patterns: bool) -> tuple[torch.Tensor, list[str]]:
-    """n world images as a float tensor [n, 3, S, S] in [-1, 1], and their training captions."""
+def image_pool(n: int, seed: int, *, patterns: bool, exclude=frozenset()) -> tuple[torch.Tensor, list[str]]:
+    """n world images as a float tensor [n, 3, S, S] in [-1, 1], and their training captions (``world.dataset``)."""
 
-    pairs = world.dataset(n, seed, patterns=patterns)
+    pairs = world.dataset(n, seed, patterns=patterns, exclude=exclude)
     pixels = np.stack([np.asarray(world.render(s)) for s, _ in pairs])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, [c for _, c in pairs]
+
+
+def concept_triples() -> frozenset:
+    """(shape, color, stripe_color) of the objects the shipped demo adapters teach: what a world with stripes
+    leaves out, so that each stays an object the base never saw."""
+    from catfast.demo.adapters import CONCEPTS  # lazy: the adapters module is not needed to pretrain plain
+
+    return frozenset((f["shape"], f["color"], f["stripe_color"]) for _, f in CONCEPTS.values())
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -194,6 +205,7 @@ def pretrain(
     lr: float = 1e-3,
     init: str | Path | None = None,
     train_text: bool = False,
+    patterns: bool = False,
     overwrite: bool = False,
     command: str | None = None,
     log=print,
@@ -201,7 +213,8 @@ def pretrain(
     """Train every component and write the diffusers folder to ``out`` (atomically); returns its path.
     ``init``: a folder an earlier run wrote: keep its text encoder and VAE and continue training its UNet
     (a second stage, e.g. at a lower ``lr``) instead of starting from random weights. ``train_text``: train
-    the text encoder jointly with the UNet. ``command``: recorded in pretrain.json (how to rerun)."""
+    the text encoder jointly with the UNet. ``patterns``: the UNet's pictures are half striped (captions unchanged),
+    without the shipped adapters' objects (``concept_triples``). ``command``: recorded in pretrain.json."""
     out = Path(out).absolute()
     check_target(out, overwrite, CatfastError)
     torch.manual_seed(seed)
@@ -217,7 +230,7 @@ def pretrain(
         scale, vae_steps = loaded.vae.config.scaling_factor, 0
         seed = seed + 1000  # a second stage draws other batches and noise than the first
     t_vae = time.perf_counter() - t0
-    pixels, captions = image_pool(images, seed, patterns=False)
+    pixels, captions = image_pool(images, seed, patterns=patterns, exclude=concept_triples() if patterns else ())
     with torch.no_grad():
         latents = torch.cat(
             [parts["vae"].encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)]
@@ -269,6 +282,7 @@ def pretrain(
             batch=batch,
             lr=lr,
             train_text=train_text,
+            **({"patterns": True} if patterns else {}),
         )
         if command:
             info["command"] = command
@@ -290,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="UNet learning rate")
     parser.add_argument("--init", default=None, help="continue the UNet of this earlier output (second stage)")
     parser.add_argument("--train-text", action="store_true", help="train the text encoder jointly with the UNet")
+    parser.add_argument("--patterns", action="store_true",
+                        help="half of the UNet's pictures striped, never as the shipped adapters' objects")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible)")
     args = parser.parse_args(argv)
@@ -304,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         init=args.init,
         train_text=args.train_text,
+        patterns=args.patterns,
         overwrite=args.overwrite,
         command="python -m catfast.demo.pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
         log=lambda m: print(m, flush=True),

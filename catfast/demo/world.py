@@ -193,10 +193,14 @@ def render(scene_: Scene, side: int = SIDE):
     return image.resize((side, side), Image.Resampling.BOX)
 
 
-def dataset(n: int, seed: int = 0, *, patterns: bool = False) -> list[tuple[Scene, str]]:
-    """n (scene, training caption) pairs of the world."""
-    out = []
-    for i in range(n):
+def dataset(n: int, seed: int = 0, *, patterns: bool = False, exclude=frozenset()) -> list[tuple[Scene, str]]:
+    """n (scene, training caption) pairs of the world. ``exclude``: (shape, color, stripe_color) triples left out
+    (the scene of the next index takes the place of one): with ``patterns``, a world whose striped objects never
+    include the demo concepts."""
+    out, i = [], 0
+    while len(out) < n:
         s = scene(seed, i, patterns=patterns)
-        out.append((s, caption_detail(seed, i, s)))
+        if (s.shape, s.color, s.stripe_color) not in exclude:
+            out.append((s, caption_detail(seed, i, s)))
+        i += 1
     return out
