@@ -204,12 +204,13 @@ class TrainConfig:
         if filled:  # a second validate() finds nothing to fill and keeps what the first one recorded
             self._from_recipe = filled
         family = dit_family(self.base)
-        if family is not None and "locon" in split_targets(self.targets):
+        named = split_targets(self.targets)
+        if family is not None and "locon" in named:
             raise ConfigError(
                 f"targets 'locon' adds a UNet's convolutions; a {family.name} transformer has none (its LoRA "
                 "targets are linear layers): leave targets unset for the family's own"
             )
-        self.targets = expand_targets(self.targets)
+        self.targets = expand_targets(named)
         if family is not None and self.targets == list(ATTENTION_PROJECTIONS):
             # the UNet default stands for "the base's default": on a DiT, the family's trainers' targets
             self.targets = list(family.default_targets)

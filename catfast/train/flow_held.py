@@ -49,8 +49,8 @@ class HeldPrompts:
         base); whether a kept adapter's layers fit the transformer is checked when it is merged, before any
         weight changes, and the bank's latent shape once the training latents are planned (``check_bank``)."""
         kept = read_kept(config.keep, None, COMPONENT) if config.keep else []
-        held = cls(extra_prompts(config.cat_prompts), kept, config.cat_weight, config.keep_weight)
-        held.caption_dropout = config.caption_dropout
+        held = cls(extra_prompts(config.cat_prompts), kept, config.cat_weight, config.keep_weight,
+                   caption_dropout=config.caption_dropout)  # fmt: skip
         if config.bank is not None:
             bank = load_flow_bank(config.bank, config.base)
             offset = len(held.extra) + len(held.kept_prompts)  # the bank prompts come after the held ones
