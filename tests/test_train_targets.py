@@ -84,3 +84,12 @@ def test_a_dit_base_refuses_the_unet_preset_in_one_line(tmp_path):
     config = TrainConfig(base=str(folder), data=str(tmp_path), trigger="sks", out=str(tmp_path / "o"))
     config.validate()  # unset: the family's own targets
     assert config.targets != list(ATTENTION_PROJECTIONS) and "conv1" not in config.targets
+
+
+def test_targets_that_match_no_module_are_one_line_errors(tiny, data, tmp_path):
+    args = ["train", "--no-progress", "--threads", "1", "--base", tiny, "--data", data, "--trigger", "sks",
+            "--out", tmp_path / "run", "--steps", 1, "--targets", "to_zz,conv_zz"]  # fmt: skip
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: no module of the UNet2DConditionModel matches the LoRA targets to_zz,conv_zz")

@@ -172,6 +172,13 @@ def add_lora(
         raise CatfastError(f"LoRA rank must be >= 1, got {rank}")
     if adapter_name in (getattr(model, "peft_config", None) or {}):
         raise CatfastError(f"the model already has an adapter named {adapter_name!r}")
+    suffixes = tuple("." + t for t in target_modules)
+    if not any(name in target_modules or name.endswith(suffixes) for name, _ in model.named_modules()):
+        # peft's own check raises NoMatchingPeftModuleError with a traceback for what is a user's typo
+        raise CatfastError(
+            f"no module of the {type(model).__name__} matches the LoRA targets {','.join(target_modules)} "
+            "(suffixes of module names, e.g. to_q, or a preset: attention, locon)"
+        )
     model.requires_grad_(False)
     model.add_adapter(
         LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True),
