@@ -86,10 +86,19 @@ def test_a_dit_base_refuses_the_unet_preset_in_one_line(tmp_path):
     assert config.targets != list(ATTENTION_PROJECTIONS) and "conv1" not in config.targets
 
 
-def test_targets_that_match_no_module_are_one_line_errors(tiny, data, tmp_path):
+@pytest.mark.parametrize(
+    "targets, named",
+    [
+        ("to_zz,conv_zz", "match the LoRA target(s) to_zz,conv_zz"),
+        ("attention,to_zz", "matches the LoRA target(s) to_zz"),
+    ],
+)
+def test_targets_that_match_no_module_are_one_line_errors_before_out_changes(tiny, data, tmp_path, targets, named):
+    # a typo beside a valid name (to_q,to_zz) is refused too: peft would train to_q and skip to_zz silently
     args = ["train", "--no-progress", "--threads", "1", "--base", tiny, "--data", data, "--trigger", "sks",
-            "--out", tmp_path / "run", "--steps", 1, "--targets", "to_zz,conv_zz"]  # fmt: skip
+            "--out", tmp_path / "run", "--steps", 1, "--targets", targets]  # fmt: skip
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     last = r.output.strip().splitlines()[-1]
-    assert last.startswith("Error: no module of the UNet2DConditionModel matches the LoRA targets to_zz,conv_zz")
+    assert last.startswith(f"Error: no module of the UNet2DConditionModel {named} (suffixes"), last
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before OUT was started

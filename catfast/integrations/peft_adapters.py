@@ -172,19 +172,27 @@ def add_lora(
         raise CatfastError(f"LoRA rank must be >= 1, got {rank}")
     if adapter_name in (getattr(model, "peft_config", None) or {}):
         raise CatfastError(f"the model already has an adapter named {adapter_name!r}")
-    suffixes = tuple("." + t for t in target_modules)
-    if not any(name in target_modules or name.endswith(suffixes) for name, _ in model.named_modules()):
-        # peft's own check raises NoMatchingPeftModuleError with a traceback for what is a user's typo
-        raise CatfastError(
-            f"no module of the {type(model).__name__} matches the LoRA targets {','.join(target_modules)} "
-            "(suffixes of module names, e.g. to_q, or a preset: attention, locon)"
-        )
+    check_targets(model, target_modules)
     model.requires_grad_(False)
     model.add_adapter(
         LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True),
         adapter_name=adapter_name,
     )
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def check_targets(model: torch.nn.Module, target_modules: tuple[str, ...] | list[str]) -> None:
+    """CatfastError naming every LoRA target that matches no module of ``model`` (a target matches a module
+    whose name equals it or ends with "." + it, as peft's ``target_modules``). peft itself raises (with a
+    traceback) only when no target matches, and silently skips a typo beside a valid name."""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        which = "matches" if len(unmatched) == 1 else "match"
+        raise CatfastError(
+            f"no module of the {type(model).__name__} {which} the LoRA target(s) {','.join(unmatched)} "
+            "(suffixes of module names, e.g. to_q, or a preset: attention, locon)"
+        )
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from catfast.errors import CatfastError
 from catfast.folders import sigterm_as_interrupt
 from catfast.integrations.models import resolve_base
 from catfast.integrations.patch import fused_blocker, patch_report, patch_unet, unpatch_unet
+from catfast.integrations.peft_adapters import check_targets
 from catfast.rows import tensor_to_device
 from catfast.train.batches import BatchStream, collate_batch
 from catfast.train.checkpoint import (
@@ -121,6 +122,7 @@ def _train(
     identities = content_identities(base, dataset.digests, [str(e.image) for e in dataset.examples])
     # --cat-prompts / --bank / --keep: inputs checked (and kept adapters merged) before OUT changes; None: off
     retention = Retention.prepare(config, base, device, DTYPES[config.mixed_precision])
+    check_targets(base.unet, config.targets)  # a typo in --targets fails before OUT changes
     if resume_from is not None:
         check_identities(resume_from, identities)
     else:  # every input check passed: only now is an earlier run's output replaced and config.json written
