@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,7 +68,7 @@ from catfast.train.dist import Dist
 from catfast.train.flow_cache import FlowDataset, build_flow_cache
 from catfast.train.flow_held import HeldPrompts
 from catfast.train.lifelong import TRIGGER_PROMPTS, trigger_prompts_metadata
-from catfast.train.outputs import METRICS, MetricsWriter, prepare_out, start_out, truncate_metrics
+from catfast.train.outputs import METRICS, MetricsWriter, log_step, prepare_out, start_out, truncate_metrics
 from catfast.train.run_parts import DTYPES, TrainResult, device_for, load_lora, scan_examples, seed_everything
 from catfast.train.schedules import lr_lambda
 
@@ -298,22 +297,15 @@ class _FlowRun:
         return stats.tolist(), lr  # the one host sync per step
 
     def _record(self, step: int, values: list[float], lr: float, seconds: float, bar) -> None:
-        """Refuse a non-finite loss, write the metrics line, move the progress bar."""
+        """Refuse a non-finite loss, write the metrics line, move the progress bar (``log_step``)."""
         self.last = {"loss": values[0], "ldm": values[1], "cat": values[2]}
         if self.held.kept:
             self.last["keep"] = values[3]
         if self.held.bank is not None:
             self.last["bank"] = values[4]
-        if not math.isfinite(values[0]):
-            lr_now = self.config.lr
-            raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({lr_now}) or check the data")
-        if self.metrics is not None:  # rank 0
-            record = {"step": step, **self.last, "lr": lr, "seconds": round(seconds, 6), "mode": self.mode}
-            if step == self.start_step + 1:
-                record["mode_reason"] = self.mode_reason
-            self.metrics.write(record)
-        bar.set_postfix(loss=f"{values[0]:.4f}", ldm=f"{values[1]:.4f}", cat=f"{values[2]:.2e}", refresh=False)
-        bar.update(1)
+        reason = self.mode_reason if step == self.start_step + 1 else None
+        log_step(self.metrics, bar, step, self.last, lr=lr, seconds=seconds, mode=self.mode, reason=reason,
+                 config_lr=self.config.lr)  # fmt: skip
 
     def checkpoint(self, step: int) -> None:
         """Save a checkpoint after ``step`` (its lora.safetensors right after), redraw loss.png."""

@@ -99,6 +99,25 @@ class MetricsWriter:
         self.file.close()
 
 
+def log_step(metrics: MetricsWriter | None, bar, step: int, last: dict[str, float], *, lr: float, seconds: float,
+             mode: str, reason: str | None, config_lr: float, check_finite: bool = True) -> None:  # fmt: skip
+    """One finished step (``lr``: the step's, ``config_lr``: the run's setting, which the error names): CatfastError
+    when ``check_finite`` and the loss (``last["loss"]``) is not finite; the
+    metrics line (rank 0: ``metrics`` not None; ``reason``: why this ``mode``, on the lines that carry it); the
+    progress bar moved (None: no bar)."""
+    loss = last["loss"]
+    if check_finite and not math.isfinite(loss):
+        raise CatfastError(f"the loss is {loss} at step {step}; lower the lr ({config_lr}) or check the data")
+    if metrics is not None:
+        record = {"step": step, **last, "lr": lr, "seconds": round(seconds, 6), "mode": mode}
+        if reason is not None:
+            record["mode_reason"] = reason
+        metrics.write(record)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.4f}", ldm=f"{last['ldm']:.4f}", cat=f"{last['cat']:.2e}", refresh=False)
+        bar.update(1)
+
+
 def truncate_metrics(path: Path, step: int) -> list[float]:
     """Drop the lines of steps after ``step`` (a killed run went past its last checkpoint); returns the
     losses of the remaining lines."""

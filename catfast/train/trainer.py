@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from catfast.errors import CatfastError
 from catfast.folders import sigterm_as_interrupt
 from catfast.integrations.models import resolve_base
 from catfast.integrations.patch import fused_blocker, patch_report, patch_unet, unpatch_unet
@@ -55,6 +53,7 @@ from catfast.train.outputs import (
     METRICS,
     MetricsWriter,
     SamplePlan,
+    log_step,
     prepare_out,
     start_out,
     trained_adapters,
@@ -367,22 +366,15 @@ class _Run:
 
     def _record(self, step: int, values: list[float], lr: float, seconds: float, bar) -> None:
         """Refuse a non-finite loss (outside fp16, whose scaler skips such steps), write the metrics line
-        and move the progress bar."""
-        config = self.config
+        and move the progress bar (``log_step``)."""
         self.last = {"loss": values[0], "ldm": values[1], "cat": values[2]}
         if self.retention is not None:
             self.last.update(keep=values[3], bank=values[4])
-        if not math.isfinite(values[0]) and config.mixed_precision != "fp16":
-            raise CatfastError(f"the loss is {values[0]} at step {step}; lower the lr ({config.lr}) or check the data")
-        if self.metrics is not None:
-            record = {"step": step, **self.last, "lr": lr, "seconds": round(seconds, 6), "mode": self.mode}
-            if step == self.start_step + 1 or self.announce_mode:  # why (config.mode "auto" decides per run)
-                record["mode_reason"] = self.mode_reason
-                self.announce_mode = False
-            self.metrics.write(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{values[0]:.4f}", ldm=f"{values[1]:.4f}", cat=f"{values[2]:.2e}", refresh=False)
-            bar.update(1)
+        reason = None
+        if step == self.start_step + 1 or self.announce_mode:  # why (config.mode "auto" decides per run)
+            reason, self.announce_mode = self.mode_reason, False
+        log_step(self.metrics, bar, step, self.last, lr=lr, seconds=seconds, mode=self.mode, reason=reason,
+                 config_lr=self.config.lr, check_finite=self.config.mixed_precision != "fp16")  # fmt: skip
 
     def checkpoint(self, step: int) -> None:
         """Save a checkpoint after ``step`` (rank 0), redraw loss.png, and hold every rank until it is written."""
