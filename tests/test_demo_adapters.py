@@ -65,3 +65,23 @@ def test_each_adapter_draws_its_striped_object_with_the_trigger():
                                          seed=0, steps=20)  # fmt: skip
                 # measured 6 of 8 (the rank-4 file it replaced: 0 of 8)
                 assert concept_accuracy(encoder, tuned, fields) >= 0.5
+
+
+def test_the_script_trains_on_another_base_with_a_recipe_and_records_both(tmp_path, capsys):
+    from catfast.demo.adapters import main
+    from catfast.shipped import model_path
+
+    recipe = '{"steps": 2, "rank": 2, "targets": "attention"}'
+    main(["--out", str(tmp_path), "--only", "toy-box", "--base", str(model_path()), "--recipe", recipe])
+    entry = json.loads((tmp_path / RECORD).read_text())["adapters"]["toy-box"]
+    assert {layer.rank for layer in read_adapter(tmp_path / "toy-box.safetensors").layers.values()} == {2}
+    assert entry["train"]["steps"] == 2 and entry["train"]["targets"] == "attention" and entry["train"]["rank"] == 2
+    assert entry["base"] == entry["scores"]["base"] == str(model_path().absolute())
+    assert "--recipe" in entry["command"] and "toy-box" in entry["command"]
+    for bad, said in (('{"lrx": 1}', "unknown training setting(s) lrx"), ("[1]", "JSON object"), ("{", "not JSON")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path), "--recipe", bad])
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--base", str(tmp_path)])
+    assert "not a diffusers model folder" in capsys.readouterr().err

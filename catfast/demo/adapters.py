@@ -14,12 +14,17 @@ Trained in fp32 on the CPU and stored in fp16, diffusers (peft-key) format (~104
 (``score_adapters``: identity accuracy, identity, preservation, KPS). Rebuild (or ``--score-only``) with::
 
     OMP_NUM_THREADS=1 python -m catfast.demo.adapters [--out DIR] [--only NAME] [--score-only] [--grid PNG]
+
+``--base DIR`` trains and scores on another model folder, ``--recipe JSON`` changes the training settings (the
+striped-base runs of docs/serving.md); each adapter's entry records the command that trained it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,9 +93,17 @@ def write_concept(folder: Path, trigger: str, fields: dict, n: int = IMAGES, col
 
 
 def train_one(
-    name: str, out: Path, work: Path, *, seed: int = SEED, progress: bool = False, recipe: dict | None = None
+    name: str,
+    out: Path,
+    work: Path,
+    *,
+    seed: int = SEED,
+    progress: bool = False,
+    recipe: dict | None = None,
+    base: Path | None = None,
 ) -> dict:
-    """Train adapter ``name`` of CONCEPTS with the demo's settings and write out/<name>.safetensors (fp16)."""
+    """Train adapter ``name`` of CONCEPTS with the demo's settings and write out/<name>.safetensors (fp16).
+    ``recipe``: TrainConfig fields over RECIPES[name]; ``base``: another model folder than the shipped one."""
     from catfast.demo.run import TRAIN as DEMO_TRAIN  # lazy: cost (serving imports this module for adapters_dir)
     from catfast.train.config import TrainConfig  # lazy: cost
     from catfast.train.trainer import train  # lazy: cost
@@ -101,7 +114,7 @@ def train_one(
     data = work / name / "data"
     write_concept(data, trigger, fields, images, colour_every)
     config = TrainConfig(
-        base=str(model_path()),
+        base=str(base or model_path()),
         data=str(data),
         trigger=trigger,
         out=str(work / name / "run"),
@@ -138,7 +151,12 @@ def class_prompts(shape: str) -> tuple[str, ...]:
 
 
 def score_adapters(
-    paths: dict[str, Path], *, seeds: int = 8, sample_steps: int | None = None, progress: bool = False
+    paths: dict[str, Path],
+    *,
+    seeds: int = 8,
+    sample_steps: int | None = None,
+    progress: bool = False,
+    base: Path | None = None,
 ) -> tuple[dict, dict]:
     """Score shipped-style adapter files (name of ``CONCEPTS`` -> file) as ``catfast demo`` scores its
     adapters, in one batched sampler run on the demo model: per adapter, its concept's class prompts
@@ -146,14 +164,15 @@ def score_adapters(
     the adapter with it (DDIM, the demo's steps and guidance 5). Returns (scores, pictures): scores[name] =
     {identity_accuracy (the share of trigger pictures in which the shipped encoder reads the concept's
     shape, colour and pattern), identity (similarity to the concept's five pictures), preservation, kps,
-    identity_accuracy_per_prompt}; pictures[name] = {"base", "without", "with": PIL images, prompt-major}."""
+    identity_accuracy_per_prompt}; pictures[name] = {"base", "without", "with": PIL images, prompt-major}.
+    ``base``: score on (and against) another model folder than the shipped one."""
     from catfast.demo.encoder import load_encoder  # lazy: cost
     from catfast.demo.run import SAMPLE, sample_blocks  # lazy: cost
     from catfast.integrations.models import load_base  # lazy: cost
     from catfast.integrations.peft_adapters import attach_adapter  # lazy: cost
     from catfast.shipped import encoder_path  # lazy: cost
 
-    base, encoder = load_base(model_path()), load_encoder(encoder_path())
+    base, encoder = load_base(base or model_path()), load_encoder(encoder_path())
     pairs = [(p, s) for p in range(len(class_prompts(world.CLASS_SHAPE))) for s in range(seeds)]
     groups = [p for p, _ in pairs]
     blocks = []  # (key, adapter or None, prompts, trigger or None), as run.sample_blocks takes them
@@ -197,17 +216,20 @@ SCORING = dict(
 )
 
 
-def score_record(record: dict, folder: Path, names: list[str], grid: Path | None = None, log=print) -> None:
-    """Score the adapter files ``names`` in ``folder`` (``score_adapters``) into ``record["adapters"][name]``
-    (identity_accuracy, identity, preservation, kps, and identity accuracy per prompt); ``grid``: also write
+def score_record(
+    record: dict, folder: Path, names: list[str], grid: Path | None = None, log=print, base: Path | None = None
+) -> None:
+    """Score the adapter files ``names`` in ``folder`` (``score_adapters`` on ``base``) into
+    ``record["adapters"][name]`` (identity_accuracy, identity, preservation, kps, and identity accuracy per
+    prompt); ``grid``: also write
     a PNG of each adapter's trigger pictures on its first two prompts (rows) over the seeds."""
     from catfast.eval.grids import save_grid  # lazy: cost
     from catfast.eval.kps import with_trigger  # lazy: cost
 
     log(f"scoring {', '.join(names)} ...")
-    scores, pictures = score_adapters({name: folder / f"{name}.safetensors" for name in names})
+    scores, pictures = score_adapters({name: folder / f"{name}.safetensors" for name in names}, base=base)
     for name in names:
-        record["adapters"].setdefault(name, {})["scores"] = scores[name]
+        record["adapters"].setdefault(name, {})["scores"] = {**scores[name], **({"base": str(base)} if base else {})}
         log(f"  {name}: identity accuracy {scores[name]['identity_accuracy']}, preservation "
             f"{scores[name]['preservation']}")  # fmt: skip
     from catfast.demo.run import SAMPLE  # lazy: cost
@@ -223,6 +245,25 @@ def score_record(record: dict, folder: Path, names: list[str], grid: Path | None
         save_grid(cells, len(labels), seeds, grid, labels=labels, col_labels=[f"seed {s}" for s in range(seeds)])
 
 
+def _recipe(text: str) -> dict:
+    """``--recipe``: a JSON object whose keys are TrainConfig fields (or ``images``, ``colour_every``)."""
+    import dataclasses
+
+    from catfast.train.config import TrainConfig  # lazy: cost
+
+    try:
+        recipe = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(recipe, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object of training settings")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | {"images", "colour_every"}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown training setting(s) {', '.join(unknown)}")
+    return recipe
+
+
 def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Train the shipped demo adapters (catfast/demo/adapters.py).")
@@ -231,11 +272,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--score-only", action="store_true", help="Score the files in --out; train nothing.")
     parser.add_argument("--grid", help="Also write a PNG of each adapter's trigger pictures here.")
+    parser.add_argument("--base", help="Train and score on this diffusers model folder. [default: the shipped model]")
+    parser.add_argument(
+        "--recipe",
+        type=_recipe,
+        default={},
+        help='JSON object of training settings over each adapter\'s recipe, e.g. \'{"lr": 0.002, "cat_weight": 2}\'',
+    )
     args = parser.parse_args(argv)
+    if args.base is not None and not (Path(args.base) / "model_index.json").is_file():
+        parser.error(f"--base {args.base}: not a diffusers model folder (no model_index.json)")
+    base = Path(args.base).absolute() if args.base else None
     out = Path(args.out)
     record_path = out / RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record["command"] = "OMP_NUM_THREADS=1 python -m catfast.demo.adapters"
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join([record["command"], *map(shlex.quote, given)])  # each adapter's own, with its options
     record.setdefault("adapters", {})
     names = args.only or list(CONCEPTS)
 
@@ -246,10 +299,12 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="catfast-demo-adapters-") as tmp:
             for name in names:
                 print(f"training {name} ...", flush=True)
-                record["adapters"][name] = train_one(name, out, Path(tmp), seed=args.seed)
+                trained = train_one(name, out, Path(tmp), seed=args.seed, recipe=args.recipe, base=base)
+                record["adapters"][name] = {**trained, "command": command, **({"base": str(base)} if base else {})}
                 print(f"  {record['adapters'][name]['train_seconds']} s", flush=True)
                 save()
-    score_record(record, out, names, Path(args.grid) if args.grid else None, log=lambda m: print(m, flush=True))
+    grid = Path(args.grid) if args.grid else None
+    score_record(record, out, names, grid, log=lambda m: print(m, flush=True), base=base)
     save()
 
 
