@@ -221,8 +221,8 @@ def score_record(
 ) -> None:
     """Score the adapter files ``names`` in ``folder`` (``score_adapters`` on ``base``) into
     ``record["adapters"][name]`` (identity_accuracy, identity, preservation, kps, and identity accuracy per
-    prompt); ``grid``: also write
-    a PNG of each adapter's trigger pictures on its first two prompts (rows) over the seeds."""
+    prompt); ``grid``: also write a PNG of each adapter's trigger pictures on its first two prompts (rows) over
+    the seeds."""
     from catfast.eval.grids import save_grid  # lazy: cost
     from catfast.eval.kps import with_trigger  # lazy: cost
 

@@ -101,10 +101,9 @@ class MetricsWriter:
 
 def log_step(metrics: MetricsWriter | None, bar, step: int, last: dict[str, float], *, lr: float, seconds: float,
              mode: str, reason: str | None, config_lr: float, check_finite: bool = True) -> None:  # fmt: skip
-    """One finished step (``lr``: the step's, ``config_lr``: the run's setting, which the error names): CatfastError
-    when ``check_finite`` and the loss (``last["loss"]``) is not finite; the
-    metrics line (rank 0: ``metrics`` not None; ``reason``: why this ``mode``, on the lines that carry it); the
-    progress bar moved (None: no bar)."""
+    """One finished step: a CatfastError naming ``config_lr`` (the run's setting) when ``check_finite`` and the
+    loss (``last["loss"]``) is not finite; the metrics line with the step's ``lr`` (rank 0: ``metrics`` not None;
+    ``reason``: why this ``mode``, on the lines that carry it); the progress bar moved (None: no bar)."""
     loss = last["loss"]
     if check_finite and not math.isfinite(loss):
         raise CatfastError(f"the loss is {loss} at step {step}; lower the lr ({config_lr}) or check the data")
