@@ -78,7 +78,14 @@ def test_the_script_trains_on_another_base_with_a_recipe_and_records_both(tmp_pa
     assert entry["train"]["steps"] == 2 and entry["train"]["targets"] == "attention" and entry["train"]["rank"] == 2
     assert entry["base"] == entry["scores"]["base"] == str(model_path().absolute())
     assert "--recipe" in entry["command"] and "toy-box" in entry["command"]
-    for bad, said in (('{"lrx": 1}', "unknown training setting(s) lrx"), ("[1]", "JSON object"), ("{", "not JSON")):
+    for bad, said in (
+        ('{"lrx": 1}', "unknown training setting(s) lrx"),
+        ("[1]", "JSON object"),
+        ("{", "not JSON"),
+        ('{"lr": NaN}', "lr must be a finite number"),  # json.loads reads NaN: the run's own check refuses it
+        ('{"rank": "x"}', "a setting of the wrong type"),
+        ('{"images": 0}', "images must be a whole number >= 1"),
+    ):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path), "--recipe", bad])
         assert said in capsys.readouterr().err

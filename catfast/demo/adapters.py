@@ -46,6 +46,8 @@ CONCEPTS = {
 }
 SEED = 0  # training seed of every adapter
 IMAGES = 5  # training pictures per concept
+# Recipe keys that shape the training folder (``write_concept``), not the TrainConfig, with their defaults.
+DATA_SETTINGS = {"images": IMAGES, "colour_every": 0}
 # Each adapter's recipe on top of the demo's (run.TRAIN: lr 1e-3, batch 4, 300 steps). striped-star is the
 # demo's rank 16: at rank 4 its trigger pictures were textures (identity accuracy 0.125; 0.8 at rank 16).
 # toy-box is LoCon (the convolutions too) without mirror images: flips mirror its diagonal stripes, and with
@@ -109,7 +111,7 @@ def train_one(
     from catfast.train.trainer import train  # lazy: cost
 
     recipe = {**DEMO_TRAIN, **RECIPES[name], **(recipe or {})}
-    images, colour_every = recipe.pop("images", IMAGES), recipe.pop("colour_every", 0)
+    images, colour_every = (recipe.pop(key, default) for key, default in DATA_SETTINGS.items())
     trigger, fields = CONCEPTS[name]
     data = work / name / "data"
     write_concept(data, trigger, fields, images, colour_every)
@@ -246,10 +248,11 @@ def score_record(
 
 
 def _recipe(text: str) -> dict:
-    """``--recipe``: a JSON object whose keys are TrainConfig fields (or ``images``, ``colour_every``)."""
+    """``--recipe``: a JSON object whose keys are TrainConfig fields (or ``DATA_SETTINGS``), with values that
+    TrainConfig's own checks accept (no NaN, no wrong types): refused before any adapter trains."""
     import dataclasses
 
-    from catfast.train.config import TrainConfig  # lazy: cost
+    from catfast.train.config import ConfigError, TrainConfig  # lazy: cost
 
     try:
         recipe = json.loads(text)
@@ -257,10 +260,20 @@ def _recipe(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
     if not isinstance(recipe, dict):
         raise argparse.ArgumentTypeError("must be a JSON object of training settings")
-    known = {f.name for f in dataclasses.fields(TrainConfig)} | {"images", "colour_every"}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(DATA_SETTINGS)
     unknown = sorted(set(recipe) - known)
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown training setting(s) {', '.join(unknown)}")
+    for key in DATA_SETTINGS:
+        if key in recipe and (type(recipe[key]) is not int or recipe[key] < (key == "images")):
+            raise argparse.ArgumentTypeError(f"{key} must be a whole number >= {int(key == 'images')}")
+    settings = {k: v for k, v in recipe.items() if k not in DATA_SETTINGS}
+    try:  # the run's own checks, on a stand-in base and folders (validate reads neither)
+        TrainConfig(base="demo", data=".", trigger="sks", out=".", **settings).validate()
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"a setting of the wrong type ({e})") from None
     return recipe
 
 

@@ -206,8 +206,6 @@ class _FlowRun:
             self.model.to(device)
             log.info("%s", report.line())
         self.params = {n: p for n, p in sorted(self.model.named_parameters()) if p.requires_grad}
-        if not self.params:
-            raise CatfastError(f"no module of the {family.name} transformer matches the LoRA targets {config.targets}")
         for p in self.params.values():  # half frozen transformer, fp32 LoRA (peft's cast_training_params)
             p.data = p.data.float()
         if config.gradient_checkpointing:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from catfast.errors import CatfastError
 from catfast.integrations.peft_adapters import add_lora
 from catfast.train.cache import build_cache
 from catfast.train.config import TrainConfig
@@ -45,8 +44,6 @@ def _add_adapters(unet, config: TrainConfig) -> tuple[list[str], dict[str, torch
         unet.set_adapter(names)
     pattern = re.compile(r"\.lora_[AB]\.(" + "|".join(map(re.escape, names)) + r")\.weight$")
     params = {n: p for n, p in sorted(unet.named_parameters()) if pattern.search(n)}
-    if not params:
-        raise CatfastError(f"no module of the UNet matches the LoRA targets {config.targets}")
     for p in unet.parameters():
         p.requires_grad_(False)
     for p in params.values():
