@@ -143,8 +143,9 @@ def test_shipped_model_follows_its_captions():
         h: sum(int(probs[h][i].argmax()) == HEADS[h].index(getattr(s, h)) for i, s in enumerate(scenes)) / 24
         for h in ("shape", "color", "background")
     }
-    # measured: 21/24, 24/24, 24/24 here (0.98, 1.0, 0.98 on 48 other captions); the model before the text
-    # encoder was trained got 0.83, 0.65, 0.63 on those 48
+    # measured: 24/24 for each here (44, 45, 47 of the 48 captions of world.dataset(48, seed=7)); the model
+    # before the striped stages 21/24, 24/24, 24/24 (45, 44, 47 of 48); before its text encoder was trained,
+    # 0.83, 0.65, 0.63 on 48 other captions
     assert hits["shape"] >= 0.75 and hits["color"] >= 0.85 and hits["background"] >= 0.85, hits
 
 

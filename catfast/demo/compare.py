@@ -35,7 +35,7 @@ from catfast.demo import world
 from catfast.demo.adapters import CONCEPTS, concept_scenes
 from catfast.demo.adapters import write_concept as write_other
 from catfast.demo.encoder import concept_accuracy
-from catfast.demo.run import PROMPTS, SAMPLE, TRAIN, diversity, prepare, sample_blocks
+from catfast.demo.run import PROMPTS, SAMPLE, TRAIN, UNET_EXTRA, diversity, prepare, sample_blocks
 from catfast.errors import CatfastError
 from catfast.eval.grids import save_grid
 from catfast.eval.kps import harmonic_mean, kps_scores, with_trigger
@@ -75,7 +75,7 @@ def _config(name: str, model: Path, data: Path, trigger: str, out: Path, seed: i
         seed=seed,
         checkpoint_every=0,
         device="cpu",
-        **{**TRAIN, "steps": steps, **overrides},
+        **{**TRAIN, **UNET_EXTRA, "steps": steps, **overrides},
     )
 
 
@@ -145,7 +145,7 @@ def run_compare(
             seeds=seeds,
             methods=methods,
             prompts=list(PROMPTS),
-            train={**TRAIN, "steps": steps},
+            train={**TRAIN, **UNET_EXTRA, "steps": steps},
             sample={**SAMPLE, "steps": sample_steps},
             bank=dict(n=BANK_N, prompts=BANK_PROMPTS, ratio=0.2, weight=0.1),
         ),

@@ -2,15 +2,20 @@
 
     python -m catfast.demo.pretrain --out DIR
 
-The shipped model (catfast/demo/assets/model; its pretrain.json records each stage) was made in three
-stages, 66 min in all on the 2-core dev CPU with one thread:
+The shipped model (catfast/demo/assets/model; its pretrain.json records each stage) was made in five
+stages: the first three 66 min on the 2-core dev CPU with one thread, the last two 11 min with two:
 
     python -m catfast.demo.pretrain --out stage1                                   # VAE, then UNet
     python -m catfast.demo.pretrain --out stage2 --init stage1 --unet-steps 1500 --lr 5e-4
     python -m catfast.demo.pretrain --out stage3 --init stage2 --seed 1 --unet-steps 2400 --lr 5e-4 --train-text
+    python -m catfast.demo.pretrain --out stage4 --init stage3 --seed 2 --unet-steps 600 --lr 3e-4 --train-text \
+        --patterns --threads 2
+    python -m catfast.demo.pretrain --out stage5 --init stage4 --seed 3 --unet-steps 900 --lr 2e-4 --train-text \
+        --patterns --threads 2
 
 ``--patterns`` makes half of the UNet's pictures striped (captions unchanged), never as the shipped adapters'
-objects: a base that knows stripes, on which those adapters draw their objects (docs/serving.md); not shipped.
+objects: a base that knows stripes. On stage 3 (plain objects only) no recipe made the ball and box adapters
+draw their objects (identity accuracy 0.0); on stage 5 they do (docs/serving.md).
 
 Writes a complete diffusers folder (model_index.json, unet/, text_encoder/, tokenizer/, vae/,
 scheduler/; fp16 safetensors) that ``load_base`` reads. Three parts:
