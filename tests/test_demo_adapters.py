@@ -30,7 +30,7 @@ SAMPLES = 4  # sampling seeds per prompt
 PRESERVATION_BEFORE = {"striped-star": 0.8375, "tiger-ball": 0.8976, "toy-box": 0.8512}
 
 
-def test_files_are_small_fp16_diffusers_and_recorded_with_scores():
+def test_files_are_small_fp16_diffusers_and_recorded_with_scores(tmp_path):
     record = json.loads((adapters_dir() / RECORD).read_text())
     assert sorted(record["adapters"]) == sorted(CONCEPTS)
     for name, (trigger, fields) in CONCEPTS.items():
@@ -46,6 +46,9 @@ def test_files_are_small_fp16_diffusers_and_recorded_with_scores():
         entry = record["adapters"][name]
         assert entry["trigger"] == trigger and entry["object"] == fields and entry["seed"] == TRAINING_SEEDS[name]
         assert entry["train"]["rank"] == RECIPES[name]["rank"]
+        if RECIPES[name].get("other_colours"):  # the prompts themselves are recorded, not the run's temp file
+            prompts = write_colour_prompts(tmp_path / f"{name}.txt", fields).read_text().splitlines()
+            assert entry["train"]["cat_prompts"] == prompts and entry["train"]["other_colours"] is True
         scores = entry["scores"]
         assert set(scores["identity_accuracy_per_prompt"]) == set(class_prompts(fields["shape"]))
         for key in ("identity_accuracy", "identity", "preservation", "kps"):
@@ -100,6 +103,9 @@ def test_the_script_trains_on_another_base_with_a_recipe_and_records_both(tmp_pa
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--base", str(tmp_path)])
     assert "not a diffusers model folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # was a traceback from the file reader
+        main(["--out", str(tmp_path / "none"), "--score-only", "--only", "tiger-ball"])
+    assert "has no tiger-ball.safetensors to score" in capsys.readouterr().err
 
 
 def test_colour_prompts_leave_out_the_concepts_colour_and_the_scored_ones(tmp_path):

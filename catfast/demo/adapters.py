@@ -139,8 +139,11 @@ def train_one(
     trigger, fields = CONCEPTS[name]
     data = work / name / "data"
     write_concept(data, trigger, fields, images, colour_every)
+    recorded = dict(recipe)  # the settings as ADAPTERS.json shows them: the CAT prompts themselves, not a temp file
     if other_colours:
-        recipe["cat_prompts"] = str(write_colour_prompts(work / name / "cat-prompts.txt", fields))
+        prompts = write_colour_prompts(work / name / "cat-prompts.txt", fields)
+        recipe["cat_prompts"] = str(prompts)
+        recorded.update(other_colours=True, cat_prompts=prompts.read_text().splitlines())
     config = TrainConfig(
         base=str(base or model_path()),
         data=str(data),
@@ -164,7 +167,7 @@ def train_one(
         object=fields,
         seed=seed,
         cat_weight=config.cat_weight,
-        train={k: v for k, v in recipe.items() if k != "cat_weight"},
+        train={k: v for k, v in recorded.items() if k != "cat_weight"},
         train_seconds=round(time.perf_counter() - t0, 1),
         dtype="float16",
         format="diffusers",
@@ -338,13 +341,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--base {args.base}: not a diffusers model folder (no model_index.json)")
     base = Path(args.base).absolute() if args.base else None
     out = Path(args.out)
+    names = args.only or list(CONCEPTS)
+    missing = [f"{name}.safetensors" for name in names if not (out / f"{name}.safetensors").is_file()]
+    if args.score_only and missing:
+        parser.error(f"--score-only: {out} has no {', '.join(missing)} to score")
     record_path = out / RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record["command"] = "OMP_NUM_THREADS=1 python -m catfast.demo.adapters"
     given = sys.argv[1:] if argv is None else argv
     command = " ".join([record["command"], *map(shlex.quote, given)])  # each adapter's own, with its options
     record.setdefault("adapters", {})
-    names = args.only or list(CONCEPTS)
 
     def save() -> None:
         write_atomic(record_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())

@@ -51,7 +51,7 @@ PROMPTS = (
 )
 # rank 16: at rank 4 the adapters were under-trained at this budget and guidance 5 turned their trigger rows
 # into textures (identity 0.820); rank 16 at the same 300 steps gave 0.904 +- 0.014 with CAT's preservation
-# unchanged (training seeds 0-2, docs/retention.md "Identity")
+# unchanged (training seeds 0-2, on the earlier demo base of plain objects; docs/retention.md "Identity")
 TRAIN = dict(rank=16, lr=1e-3, steps=300, batch_size=4, crop_variants=1, max_grad_norm=1.0)
 # The UNet demo trains without mirror images: on the demo base, which has seen striped objects, they mirror the
 # concept's diagonal stripes, and CAT's identity accuracy was 0.075 with them against 0.65 without (training
