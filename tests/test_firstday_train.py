@@ -85,18 +85,22 @@ def test_a_checkpoint_written_before_params_safetensors_still_resumes(tmp_path):
 
 def test_defaults_follow_the_base():
     demo = TrainConfig.load(None, dict(base="demo", data="d", trigger="t", out="o"))
-    assert {k: getattr(demo, k) for k in DEMO_RECIPE} == DEMO_RECIPE == dict(rank=16, lr=1e-3, batch_size=4, steps=300)
+    assert {k: getattr(demo, k) for k in DEMO_RECIPE} == DEMO_RECIPE
+    assert DEMO_RECIPE == dict(rank=16, lr=1e-3, batch_size=4, steps=300, random_flip=False)
     other = TrainConfig.load(None, dict(base="models/sd15", data="d", trigger="t", out="o"))
     assert {k: getattr(other, k) for k in PAPER_RECIPE} == PAPER_RECIPE
     given = TrainConfig.load(None, dict(base="demo", data="d", trigger="t", out="o", rank=4, lr=5e-4))
     assert (given.rank, given.lr, given.batch_size, given.steps) == (4, 5e-4, 4, 300)
     assert "rank 4 (alpha 4), lr 0.0005" in given.describe() and "batch_size 4, steps 300" in given.describe()
+    assert "random_flip off" in given.describe() and other.random_flip is True  # the paper's: on
+    flipped = TrainConfig.load(None, dict(base="demo", data="d", trigger="t", out="o", random_flip=True))
+    assert flipped.random_flip is True and "random_flip" not in flipped.describe().split("defaults from")[1]
 
 
 def test_the_demo_trains_with_the_recipe_that_base_demo_defaults_to():
-    from catfast.demo.run import TRAIN
+    from catfast.demo.run import TRAIN, UNET_EXTRA
 
-    assert {k: TRAIN[k] for k in DEMO_RECIPE} == DEMO_RECIPE
+    assert {k: {**TRAIN, **UNET_EXTRA}[k] for k in DEMO_RECIPE} == DEMO_RECIPE
 
 
 def test_train_says_what_it_trains_with_before_it_starts(data, tmp_path):

@@ -124,7 +124,8 @@ _DIT_DEFAULTS = ", ".join(f"{k.replace('_size', '')} {v:g}" for k, v in DIT_RECI
     "--random-flip/--no-random-flip",
     default=None,
     help="Also train on the mirror image of every crop (kohya's --flip_aug). Off for subjects whose mirror image "
-    "is another subject: text, logos, diagonal stripes (docs/retention.md). [default: on, as the CAT paper]",
+    "is another subject: text, logos, diagonal stripes (docs/retention.md). [default: on, as the CAT paper; off on "
+    "--base demo, whose objects have diagonal stripes]",
 )
 @click.option(
     "--cat-weight",

@@ -136,7 +136,7 @@ class TrainConfig:
     # data
     resolution: int | None = None  # None: the UNet's native size
     center_crop: bool = False
-    random_flip: bool = True
+    random_flip: bool | None = None  # None: the base's recipe (recipe_for): off on the demo base, else on
     crop_variants: int = 4
     buckets: bool = False
     prepend_trigger: bool = False
@@ -308,7 +308,7 @@ class TrainConfig:
             f"{'on' if self.random_flip else 'off'}"
         )
         if filled:
-            given = ", ".join(f"{k} {recipe[k]:g}" for k in filled)
+            given = ", ".join(f"{k} {_shown(recipe[k])}" for k in filled)
             line += f"; defaults from {name}: {given} (flags, --set or --config override them)"
         return line
 
@@ -384,6 +384,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _resolved(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _shown(value: Any) -> str:
+    """A recipe value as ``describe`` prints it: numbers in %g, booleans on/off."""
+    return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
 
 
 def _convert(key: str, value: Any, kind: str, source: str) -> Any:
