@@ -21,9 +21,12 @@ def test_dit_base_is_a_small_flux_pipeline_reusing_the_unet_demo_parts():
     config = json.loads((folder / "transformer" / "config.json").read_text())
     assert config["num_layers"] >= 1 and config["num_single_layers"] >= 1  # double- and single-stream blocks
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 10 * 2**20  # <= 10 MB in fp16
-    for name in ("vae", "text_encoder", "tokenizer"):  # the UNet demo's, byte for byte
+    # the UNet demo's parts, byte for byte: its VAE and tokenizer, and its text encoder of the first three stages
+    # (the UNet demo trained its weights on in the two striped stages: same config, other weights)
+    for name in ("vae", "text_encoder", "tokenizer"):
         for mine in (folder / name).iterdir():
-            assert mine.read_bytes() == (model_path() / name / mine.name).read_bytes(), mine
+            same = mine.read_bytes() == (model_path() / name / mine.name).read_bytes()
+            assert same or (name, mine.name) == ("text_encoder", "model.safetensors"), mine
     manifest = json.loads((ASSETS / "MANIFEST.json").read_text())
     assert "dit_model/transformer/diffusion_pytorch_model.safetensors" in manifest
     info = json.loads((folder / "pretrain.json").read_text())

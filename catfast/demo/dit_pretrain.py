@@ -16,8 +16,9 @@ settings, seconds, and how well the model follows words). The shipped one is cat
 - transformer: ``FluxTransformer2DModel`` (``DIT_CONFIG``: 2 double-stream and 2 single-stream blocks, 4 heads
   x 32, rotary 8 + 12 + 12), on the UNet demo's 8-channel 8x8 latents packed 2x2 into 16 tokens of 32; no
   guidance embedding (FLUX.1-schnell style: nothing to distil it from, so sampling runs no CFG rows).
-- VAE, CLIP text encoder and tokenizer: the UNet demo model's (catfast/demo/assets/model), copied unchanged
-  and kept frozen; CLIP's pooled output is the transformer's ``pooled_projections``.
+- VAE, CLIP text encoder and tokenizer: the UNet demo model's of its first three stages, copied unchanged and
+  kept frozen (read from the shipped DiT folder, which holds them: the UNet demo's text encoder trained on in
+  its two striped stages); CLIP's pooled output is the transformer's ``pooled_projections``.
 - T5 (``text_encoder_2``): a tiny ``T5EncoderModel`` (``T5_CONFIG``) over factory_dit's offline T5 vocabulary
   (every world word is one token), trained jointly with the transformer, with ``TEXT_LENGTH`` tokens per
   caption (its tokenizer's ``model_max_length``, which ``FluxFamily.text_length`` reads: FLUX.1's 512 padded
@@ -121,13 +122,14 @@ def measure_words(pipe, encoder, *, n: int = 48, seed: int = 777, steps: int = S
 def pretrain(out, *, seed=0, steps=7000, images=20000, batch=64, lr=1e-3, overwrite=False, command=None,
              unet_demo=None, init=None, measure=True, log=print) -> Path:  # fmt: skip
     """Train the transformer and T5 and write the folder to ``out`` (atomically); returns its path.
-    ``unet_demo``: the UNet demo model whose VAE and CLIP are reused (default: the shipped one); ``init``: an
+    ``unet_demo``: the folder whose VAE, CLIP and tokenizer are reused (default: the shipped DiT folder's, the
+    UNet demo's of its first three stages); ``init``: an
     earlier output whose transformer and T5 this run continues (a second stage, e.g. at a lower ``lr``)."""
-    from catfast.shipped import encoder_path, model_path
+    from catfast.shipped import dit_model_path, encoder_path
 
     out = Path(out).absolute()
     check_target(out, overwrite, CatfastError)
-    unet_demo = Path(unet_demo or model_path())
+    unet_demo = Path(unet_demo or dit_model_path())
     torch.manual_seed(seed)
     parts = build_parts(unet_demo, seed, init)
     if init is not None:
