@@ -58,7 +58,8 @@ SCORED_COLOURS = ("red", "white")
 # mirror the diagonal stripes: the star with them 0.075 against 0.65 without) and with other-colour CAT
 # prompts. Figures: identity accuracy / preservation on sampling seeds 0-7 at training seed 0 unless said;
 # the runs are in benchmarks/results/striped-base-adapter-recipes-cpu-dev-2core.jsonl.
-# - striped-star: 450 steps at lr 1.5e-3: 0.80 / 0.899 (training seed 1: 0.575); the demo's 300 steps 0.725.
+# - striped-star: 450 steps at lr 1.5e-3: 0.80 / 0.899 (training seeds 1, 2: 0.575, 0.40); the demo's 300 steps
+#   0.725.
 # - tiger-ball: attention only, 600 steps at lr 2e-3, cat_weight 2: 0.825 / 0.909; over training seeds 0-4
 #   0.70-0.875 (mean 0.775).
 # - toy-box: LoCon (the convolutions too), 600 steps, cat_weight 2, min-SNR weighting (gamma 5): training seed 2
