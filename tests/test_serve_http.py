@@ -215,7 +215,7 @@ def test_adapters_added_and_removed_while_serving(client, engine, folder):
     r = client.post("/v1/adapters", json={"name": "tiger2", "path": "sub-tiger.safetensors"})
     assert r.status_code == 201, r.text
     info = r.json()
-    assert info["id"] == "tiger2" and info["rank"] == 4 and info["path"] == "sub-tiger.safetensors"
+    assert info["id"] == "tiger2" and info["rank"] == 16 and info["path"] == "sub-tiger.safetensors"
     assert info["triggers"] == ["tiger"]
     assert "tiger2" in [a["id"] for a in client.get("/v1/adapters").json()["data"]]
 
