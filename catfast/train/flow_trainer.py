@@ -30,8 +30,8 @@
    seconds, mode), loss.png, checkpoints (`catfast.train.checkpoint`: --resume continues bit for bit), and
    adapter.safetensors in diffusers' format (``transformer.`` keys, rank and alpha in ``lora_adapter_metadata``:
    ``catfast.adapters.formats.write_adapter``), which ``pipe.load_lora_weights`` loads; only rank 0 writes. A
-   checkpoint's lora.safetensors is that file as of its step, written into the checkpoint folder right after
-   it lands (a kill between the two leaves a checkpoint that resumes but lacks it).
+   checkpoint's lora.safetensors is that file as of its step, written with the checkpoint's other files before
+   the folder lands (as the UNet trainer's).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from types import SimpleNamespace
 import torch
 from tqdm.auto import tqdm
 
+from catfast.adapters.adapter import LoraAdapter
 from catfast.adapters.formats import write_adapter
 from catfast.errors import CatfastError
 from catfast.integrations.families import DenoiserFamily
@@ -306,7 +307,8 @@ class _FlowRun:
                  config_lr=self.config.lr)  # fmt: skip
 
     def checkpoint(self, step: int) -> None:
-        """Save a checkpoint after ``step`` (its lora.safetensors right after), redraw loss.png."""
+        """Save a checkpoint after ``step`` (its lora.safetensors inside, written before the folder lands), redraw
+        loss.png."""
         config = self.config
         state = TrainState(
             step=step,
@@ -320,28 +322,28 @@ class _FlowRun:
             settings=run_settings(config, self.dist.world),
             config_hash=config.result_hash(),
             identities=self.identities,
+            adapters={"lora.safetensors": (self.adapter(step), "diffusers")} if self.dist.main else {},
         )
         if self.dist.main:
-            folder = save_checkpoint(self.out / "checkpoints", state, keep=config.keep_checkpoints)
-            self.write_adapter(folder / "lora.safetensors", step)
+            save_checkpoint(self.out / "checkpoints", state, keep=config.keep_checkpoints)
             self.metrics.plot(self.out / "loss.png")
         self.dist.barrier()  # no rank runs ahead of a checkpoint that may be resumed from
 
-    def write_adapter(self, path: Path, step: int) -> None:
-        """The LoRA as of ``step`` at ``path``: `write_dit_adapter` with the run's triggers and captions."""
+    def adapter(self, step: int) -> LoraAdapter:
+        """The LoRA as of ``step`` (`dit_adapter`) with the run's triggers and captions in its metadata."""
         metadata = {
             "catfast.triggers": json.dumps([c.trigger for c in self.config.concepts]),
             "catfast.steps": str(step),
             "catfast.family": self.family.name,
             TRIGGER_PROMPTS: trigger_prompts_metadata([e.caption for e in self.examples]),
         }
-        write_dit_adapter(self.model, path, metadata)
+        return dit_adapter(self.model, metadata)
 
     def finish(self, total: float, rate: float | None) -> TrainResult:
         """Write adapter.safetensors and the final loss.png (rank 0); the run's result."""
         path, adapters = self.out / ADAPTER, {}
         if self.dist.main:
-            self.write_adapter(path, self.config.steps)
+            write_adapter(self.adapter(self.config.steps), path, "diffusers", overwrite=True)
             self.metrics.plot(self.out / "loss.png")
             self.metrics.close()
             adapters = {c.trigger: path for c in self.config.concepts}
@@ -375,10 +377,9 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
 # ------------------------------------------------------------------------------------------------ adapter
 
 
-def write_dit_adapter(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """``model``'s LoRA at ``path`` in the diffusers format (``transformer.<module>.lora_A.weight`` keys; rank,
-    alpha and targets in ``lora_adapter_metadata``, which ``load_lora_weights`` restores), plus ``metadata``,
-    written atomically (``catfast.adapters.formats.write_adapter``)."""
+def dit_adapter(model: torch.nn.Module, metadata: dict[str, str]) -> LoraAdapter:
+    """``model``'s LoRA (diffusers-format keys ``transformer.<module>.lora_A.weight`` when written; rank, alpha and
+    targets in ``lora_adapter_metadata``, which ``load_lora_weights`` restores), plus ``metadata``."""
     adapter = extract_adapter(model)
     adapter.metadata.update(metadata)
-    write_adapter(adapter, path, "diffusers", overwrite=True)
+    return adapter
