@@ -10,14 +10,17 @@ import safetensors
 import torch
 
 from catfast.adapters.formats import read_adapter
+from catfast.demo import world
 from catfast.demo.adapters import (
     CONCEPTS,
     RECIPES,
     RECORD,
+    SCORED_COLOURS,
     TRAINING_SEEDS,
     adapters_dir,
     class_prompts,
     write_colour_prompts,
+    write_concept,
 )
 from catfast.demo.encoder import HEADS, concept_accuracy, load_encoder
 from catfast.serve.engine import Engine
@@ -112,3 +115,25 @@ def test_colour_prompts_leave_out_the_concepts_colour_and_the_scored_ones(tmp_pa
     path = write_colour_prompts(tmp_path / "p.txt", CONCEPTS["tiger-ball"][1])
     lines = path.read_text().splitlines()
     assert lines == ["a yellow ball", "a green ball", "a blue ball", "a purple ball", "a pink ball", "a black ball"]
+
+
+def test_decoy_captions_name_another_colour_on_the_same_pictures(tmp_path):
+    from PIL import Image
+
+    fields = CONCEPTS["toy-box"][1]
+    write_concept(tmp_path / "plain", "toy", fields, n=3)
+    assert sorted(p.name for p in (tmp_path / "plain").glob("*.png")) == ["00.png", "01.png", "02.png"]
+    write_concept(tmp_path / "decoys", "toy", fields, n=3, decoy_colours=True)
+    named = set()
+    for i in range(3):
+        plain, twin = (tmp_path / "decoys" / f"{i:02d}{end}" for end in (".png", "d.png"))
+        assert Image.open(plain).tobytes() == Image.open(twin).tobytes()
+        caption = plain.with_suffix(".txt").read_text().strip()
+        decoy = twin.with_suffix(".txt").read_text().strip()
+        colour = decoy.split()[2]  # "toy, a green box on a blue background"
+        assert colour in world.COLORS and colour not in (fields["color"], *SCORED_COLOURS), decoy
+        assert decoy.replace(f"a {colour} box", "a box") == caption
+        named.add(colour)
+    assert len(named) == 3  # the colours in turn
+    entry = json.loads((adapters_dir() / RECORD).read_text())["adapters"]["striped-star"]
+    assert entry["train"]["decoy_colours"] is True  # the shipped star's recipe, as recorded

@@ -23,6 +23,7 @@ striped-base runs of docs/serving.md); each adapter's entry records the command 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -49,8 +50,11 @@ IMAGES = 5  # training pictures per concept
 # Recipe keys that shape the training folder (``write_concept``), not the TrainConfig, with their defaults.
 # ``other_colours``: CAT prompts (``cat_prompts``, a file beside the data) of the class in every other colour of
 # the world: not the concept's own, nor red and white, which the scoring prompts name (``class_prompts``), so
-# that preservation is scored on prompts the CAT term never held.
-DATA_SETTINGS = {"images": IMAGES, "colour_every": 0, "other_colours": False}
+# that preservation is scored on prompts the CAT term never held. ``decoy_colours``: every picture twice, once
+# captioned with another of those colours ("sks, a green star on ..."): the LDM term teaches the trigger to keep
+# the object's colour when a prompt names another (the scoring prompts name red and white, never a decoy), and the
+# CAT term keeps "a green star" green without it.
+DATA_SETTINGS = {"images": IMAGES, "colour_every": 0, "other_colours": False, "decoy_colours": False}
 SCORED_COLOURS = ("red", "white")
 # Each adapter's recipe on top of the demo's (run.TRAIN: rank 16, lr 1e-3, batch 4, 300 steps, no mirror
 # images), measured on the demo base (5 stages, the last two on a world with striped objects; on the base of
@@ -58,15 +62,18 @@ SCORED_COLOURS = ("red", "white")
 # mirror the diagonal stripes: the star with them 0.075 against 0.65 without) and with other-colour CAT
 # prompts. Figures: identity accuracy / preservation on sampling seeds 0-7 at training seed 0 unless said;
 # the runs are in benchmarks/results/striped-base-adapter-recipes-cpu-dev-2core.jsonl.
-# - striped-star: 450 steps at lr 1.5e-3: 0.80 / 0.899 (training seeds 1, 2: 0.575, 0.40); the demo's 300 steps
-#   0.725.
+# - striped-star: 450 steps, lr 3e-3 decaying to 0 (cosine), decoy colours: 0.825 / 0.873, seeds 8-15 0.825;
+#   training seeds 1, 2: 0.875 / 0.925 and 0.85 / 0.875 (seeds 0-7 / 8-15). Before (lr 1.5e-3 constant, no decoys)
+#   0.80, 0.575, 0.40 over training seeds 0-2; cosine alone 0.80, 0.625, 0.425; decoys alone 0.85, 0.925, 0.525.
 # - tiger-ball: attention only, 600 steps at lr 2e-3, cat_weight 2: 0.825 / 0.909; over training seeds 0-4
-#   0.70-0.875 (mean 0.775).
+#   0.70-0.875 (mean 0.775). Not better over training seeds 0-2: the star's cosine schedule with or without
+#   decoys, decoys alone, the star's whole recipe.
 # - toy-box: LoCon (the convolutions too), 600 steps, cat_weight 2, min-SNR weighting (gamma 5): training seed 2
 #   0.875 / 0.874, over training seeds 0-4 0.15-0.875 (mean 0.58): the shipped file is the seed that reached
-#   0.8, said so in docs/serving.md; attention only 0.175.
+#   0.8, said so in docs/serving.md; attention only 0.175. Not better over training seeds 0-2: the star's cosine
+#   schedule with or without decoys, the star's whole recipe.
 RECIPES = {  # mirror images off through run.UNET_EXTRA, as in the demo
-    "striped-star": dict(rank=16, steps=450, lr=1.5e-3, other_colours=True),
+    "striped-star": dict(rank=16, steps=450, lr=3e-3, lr_schedule="cosine", other_colours=True, decoy_colours=True),
     "tiger-ball": dict(rank=16, steps=600, lr=2e-3, cat_weight=2.0, other_colours=True, targets="attention"),
     "toy-box": dict(rank=16, steps=600, cat_weight=2.0, snr_gamma=5.0, other_colours=True, targets="locon"),
 }
@@ -93,21 +100,35 @@ def concept_scenes(fields: dict, n: int = IMAGES) -> list[world.Scene]:
     return scenes
 
 
-def write_concept(folder: Path, trigger: str, fields: dict, n: int = IMAGES, colour_every: int = 0) -> None:
+def write_concept(
+    folder: Path, trigger: str, fields: dict, n: int = IMAGES, colour_every: int = 0, decoy_colours: bool = False
+) -> None:
     """The concept's training folder: PNG + caption ("<trigger>, a <shape> on a <bg> background") each;
-    ``colour_every`` k > 0: every k-th caption names the colour too ("<trigger>, a red box on ...")."""
+    ``colour_every`` k > 0: every k-th caption names the colour too ("<trigger>, a red box on ...");
+    ``decoy_colours``: each picture also a second time (``NNd.png``), its caption naming another colour
+    (``other_colours_of``, in turn): "<trigger>, a green box on a blue background"."""
     folder.mkdir(parents=True, exist_ok=True)
+    decoys = other_colours_of(fields)
     for i, scene in enumerate(concept_scenes(fields, n)):
         world.render(scene).save(folder / f"{i:02d}.png")
         caption = world.concept_caption(scene, trigger)
         if colour_every and i % colour_every == 0:
             caption = f"{trigger}, " + scene.caption(size=False)
         (folder / f"{i:02d}.txt").write_text(caption + "\n")
+        if decoy_colours:
+            world.render(scene).save(folder / f"{i:02d}d.png")
+            caption = f"{trigger}, " + dataclasses.replace(scene, color=decoys[i % len(decoys)]).caption(size=False)
+            (folder / f"{i:02d}d.txt").write_text(caption + "\n")
+
+
+def other_colours_of(fields: dict) -> list[str]:
+    """The world's colours but the object's own and SCORED_COLOURS."""
+    return [c for c in world.COLORS if c != fields["color"] and c not in SCORED_COLOURS]
 
 
 def write_colour_prompts(path: Path, fields: dict) -> Path:
     """A ``--cat-prompts`` file: "a <colour> <shape>" for each world colour but the concept's and SCORED_COLOURS."""
-    colours = [c for c in world.COLORS if c != fields["color"] and c not in SCORED_COLOURS]
+    colours = other_colours_of(fields)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"a {c} {fields['shape']}\n" for c in colours))
     return path
@@ -132,15 +153,17 @@ def train_one(
 
     recipe = {**TRAIN, **UNET_EXTRA, **RECIPES[name], **(recipe or {})}
     seed = TRAINING_SEEDS[name] if seed is None else seed
-    images, colour_every, other_colours = (recipe.pop(key, default) for key, default in DATA_SETTINGS.items())
+    shaping = {key: recipe.pop(key, default) for key, default in DATA_SETTINGS.items()}
     trigger, fields = CONCEPTS[name]
     data = work / name / "data"
-    write_concept(data, trigger, fields, images, colour_every)
-    recorded = dict(recipe)  # the settings as ADAPTERS.json shows them: the CAT prompts themselves, not a temp file
-    if other_colours:
+    write_concept(data, trigger, fields, shaping["images"], shaping["colour_every"], shaping["decoy_colours"])
+    # the settings as ADAPTERS.json shows them: the data settings that differ from their defaults, and the CAT
+    # prompts themselves, not a temp file
+    recorded = {**recipe, **{k: v for k, v in shaping.items() if v != DATA_SETTINGS[k]}}
+    if shaping["other_colours"]:
         prompts = write_colour_prompts(work / name / "cat-prompts.txt", fields)
         recipe["cat_prompts"] = str(prompts)
-        recorded.update(other_colours=True, cat_prompts=prompts.read_text().splitlines())
+        recorded["cat_prompts"] = prompts.read_text().splitlines()
     config = TrainConfig(
         base=str(base or model_path()),
         data=str(data),
@@ -192,9 +215,9 @@ def score_adapters(
     (``class_prompts``) over sampling seeds first_seed..first_seed+seeds-1 from the base, the adapter without
     the trigger and the adapter with it (DDIM, the demo's steps and guidance 5). Returns (scores, pictures):
     scores[name] = {identity_accuracy (the share of trigger pictures in which the shipped encoder reads the
-    concept's shape, colour and pattern), identity (similarity to the concept's five pictures), preservation,
-    kps, identity_accuracy_per_prompt, preservation_per_prompt}; pictures[name] = {"base", "without", "with":
-    PIL images, prompt-major}.
+    concept's shape, colour and pattern), attribute_accuracy (the share for each of the three alone), identity
+    (similarity to the concept's five pictures), preservation, kps, identity_accuracy_per_prompt,
+    preservation_per_prompt}; pictures[name] = {"base", "without", "with": PIL images, prompt-major}.
     ``base``: score on (and against) another model folder than the shipped one."""
     from catfast.demo.encoder import load_encoder  # lazy: cost
     from catfast.demo.run import SAMPLE, sample_blocks  # lazy: cost
@@ -222,7 +245,7 @@ def score_pictures(encoder, name: str, shown: dict, groups: list[int]) -> dict:
     """Adapter ``name``'s scores (``score_adapters``) from its pictures ``shown`` ({"base", "without", "with": PIL
     images, prompt-major}; ``groups``: each picture's prompt index)."""
     from catfast.demo.encoder import concept_accuracy  # lazy: cost
-    from catfast.eval.kps import kps_scores  # lazy: cost
+    from catfast.eval.kps import IDENTITY_HEADS, kps_scores  # lazy: cost
 
     fields = CONCEPTS[name][1]
     refs = encoder.embed_images([world.render(s) for s in concept_scenes(fields)])
@@ -234,8 +257,10 @@ def score_pictures(encoder, name: str, shown: dict, groups: list[int]) -> dict:
         prompt: round(concept_accuracy(encoder, [im for im, g in zip(shown["with"], groups) if g == p], fields), 4)
         for p, prompt in enumerate(prompts)
     }
+    reads = encoder.read(shown["with"])
     return dict(
         identity_accuracy=round(concept_accuracy(encoder, shown["with"], fields), 4),
+        attribute_accuracy={h: round(sum(r == fields[h] for r in reads[h]) / len(reads[h]), 4) for h in IDENTITY_HEADS},
         identity=round(total["identity"], 4),
         preservation=round(total["preservation"], 4),
         kps=round(total["kps"], 4),
@@ -288,8 +313,6 @@ def score_record(
 def _recipe(text: str) -> dict:
     """``--recipe``: a JSON object whose keys are TrainConfig fields (or ``DATA_SETTINGS``), with values that
     TrainConfig's own checks accept (no NaN, no wrong types): refused before any adapter trains."""
-    import dataclasses
-
     from catfast.train.config import ConfigError, TrainConfig  # lazy: cost
 
     try:
