@@ -32,8 +32,10 @@ def test_bounded_load_with_cancellations_and_disconnects():
     assert report["final_request_ok"]
     # RSS after the load vs after the warm-up, same process; measured +10..40 MiB on the dev CPU
     assert report["rss_growth_mib"] < 150, report
-    # no request waited far longer than the others to start: p99 1.38 s, p50 0.88 s measured (1 thread)
-    assert report["wait_s"]["p99"] <= 3 * report["wait_s"]["p50"], report
+    # no request started after one that arrived later (cancellations and rejections never start); the waits
+    # are reported (p99 1.38-1.78 s, p50 0.88-1.08 s measured, 1 thread), not bounded: their ratio depends on the
+    # order in which the clients' threads reach the server (test_mixed_burst_starts_in_order_of_arrival)
+    assert report["overtaken"] == [], report
 
 
 def test_a_request_waiting_for_a_device_slot_is_not_overtaken():

@@ -10,9 +10,9 @@ Kinds of request (drawn per request from ``seed``):
 - "unknown": an unknown adapter (must be 404); "bad": an invalid size (must be 400).
 
 The report counts outcomes, lists any 5xx ("server_errors") and answers that do not fit their kind
-("unexpected"), gives the wait of the requests that started (submission to start: p50, p99, max), and
-after the load checks that the engine is idle, no adapter is held, a new request is
-answered, and how far the process's resident memory grew from after the warm-up.
+("unexpected"), gives the wait of the requests that started (submission to start: p50, p99, max) and those
+started after a later arrival ("overtaken"), and after the load checks that the engine is idle, no adapter is
+held, a new request is answered, and how far the process's resident memory grew from after the warm-up.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def run_load(
             idle_after = time.perf_counter() - t_idle
             with engine._lock:
                 held = [e.name for e in engine.pool.entries.values() if e.running or e.queued]
-                waits = [w for _, _, w in engine.scheduler.admissions]
+                starts = list(engine.scheduler.admissions)
             with httpx.Client(base_url=url, timeout=300) as c:
                 final = c.post(
                     "/v1/images/generations", json={"model": "striped-star", "prompt": "sks, a star", "steps": 2}
@@ -272,7 +272,8 @@ def run_load(
             "p50": round(statistics.median(ok_s), 3) if ok_s else None,
             "p95": round(ok_s[int(0.95 * (len(ok_s) - 1))], 3) if ok_s else None,
         },
-        **_waits(waits),
+        **_waits([w for _, _, w in starts]),
+        "overtaken": overtaken([i for i, _, _ in starts]),
         "idle_after_s": round(idle_after, 2),
         "after": {"queue_depth": stats["queue_depth"], "running": stats["running"], "held_entries": held},
         "final_request_ok": final.status_code == 200,
@@ -290,6 +291,17 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def overtaken(order: list[int]) -> list[int]:
+    """The requests (ids in order of arrival) that started after a request that arrived later; ``order``: the
+    ids in order of their starts."""
+    late, latest = [], -1
+    for i in order:
+        if i < latest:
+            late.append(i)
+        latest = max(latest, i)
+    return sorted(late)
 
 
 def _waits(waits: list[float]) -> dict:
@@ -346,9 +358,6 @@ def run_fairness(
             wall = time.perf_counter() - t0
             starts = list(engine.scheduler.admissions)
     waits = [w for _, _, w in starts]
-    order = [i for i, _, _ in starts]
-    # a request is overtaken when one that arrived after it started first
-    overtaken = sorted({a for k, a in enumerate(order) if any(b > a for b in order[:k])})
     return {
         "requests": requests,
         "max_batch": max_batch,
@@ -358,7 +367,7 @@ def run_fairness(
         "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
         "started": len(starts),
         **_waits(waits),
-        "overtaken": overtaken,
+        "overtaken": overtaken([i for i, _, _ in starts]),
         "wall_s": round(wall, 2),
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
     }
