@@ -110,13 +110,14 @@ def write_concept(
     folder.mkdir(parents=True, exist_ok=True)
     decoys = other_colours_of(fields)
     for i, scene in enumerate(concept_scenes(fields, n)):
-        world.render(scene).save(folder / f"{i:02d}.png")
+        picture = world.render(scene)
+        picture.save(folder / f"{i:02d}.png")
         caption = world.concept_caption(scene, trigger)
         if colour_every and i % colour_every == 0:
             caption = f"{trigger}, " + scene.caption(size=False)
         (folder / f"{i:02d}.txt").write_text(caption + "\n")
         if decoy_colours:
-            world.render(scene).save(folder / f"{i:02d}d.png")
+            picture.save(folder / f"{i:02d}d.png")
             caption = f"{trigger}, " + dataclasses.replace(scene, color=decoys[i % len(decoys)]).caption(size=False)
             (folder / f"{i:02d}d.txt").write_text(caption + "\n")
 
@@ -244,8 +245,7 @@ def score_adapters(
 def score_pictures(encoder, name: str, shown: dict, groups: list[int]) -> dict:
     """Adapter ``name``'s scores (``score_adapters``) from its pictures ``shown`` ({"base", "without", "with": PIL
     images, prompt-major}; ``groups``: each picture's prompt index)."""
-    from catfast.demo.encoder import concept_accuracy  # lazy: cost
-    from catfast.eval.kps import IDENTITY_HEADS, kps_scores  # lazy: cost
+    from catfast.eval.kps import IDENTITY_HEADS, identity_accuracy, kps_scores  # lazy: cost
 
     fields = CONCEPTS[name][1]
     refs = encoder.embed_images([world.render(s) for s in concept_scenes(fields)])
@@ -253,13 +253,13 @@ def score_pictures(encoder, name: str, shown: dict, groups: list[int]) -> dict:
     scores = kps_scores(emb["base"], emb["without"], emb["with"], None, groups, reference_emb=refs)
     total = scores["total"]
     prompts = class_prompts(fields["shape"])
+    reads = encoder.read(shown["with"])  # once: the total, each prompt's share and each attribute's come from it
     per_prompt = {
-        prompt: round(concept_accuracy(encoder, [im for im, g in zip(shown["with"], groups) if g == p], fields), 4)
+        prompt: round(identity_accuracy({h: [r for r, g in zip(reads[h], groups) if g == p] for h in reads}, fields), 4)
         for p, prompt in enumerate(prompts)
     }
-    reads = encoder.read(shown["with"])
     return dict(
-        identity_accuracy=round(concept_accuracy(encoder, shown["with"], fields), 4),
+        identity_accuracy=round(identity_accuracy(reads, fields), 4),
         attribute_accuracy={h: round(sum(r == fields[h] for r in reads[h]) / len(reads[h]), 4) for h in IDENTITY_HEADS},
         identity=round(total["identity"], 4),
         preservation=round(total["preservation"], 4),
